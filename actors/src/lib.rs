@@ -1,0 +1,1 @@
+//! Per-rank supervision tree (ractor). Empty until the multi-rank work lands.

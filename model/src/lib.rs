@@ -1,0 +1,25 @@
+//! phalanx-model: everything a rank computes with and nothing it talks over.
+//!
+//! GPT (nanoGPT architecture) and Llama-style models written directly against libtorch
+//! with every parameter a view into one flat f32 buffer, so that parameters, gradients
+//! and optimizer state move as single contiguous buffers (what the data plane and the
+//! checkpointer need). Also: AdamW on flat buffers, the LR schedule, tokenizers, token
+//! datasets and the deterministic, world-size-independent sampler.
+//!
+//! No async code and no networking here (see DESIGN.md's layout table).
+
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod gpt;
+pub mod optim;
+pub mod prepare;
+pub mod sampler;
+pub mod tokenizer;
+pub mod trainer;
+
+pub use config::{Arch, ModelConfig};
+pub use error::ModelError;
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

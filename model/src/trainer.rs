@@ -1,0 +1,129 @@
+//! One rank's training state and step: micro-batch forward/backward with accumulation into the
+//! parameters' gradients, the flat gradient buffer, clipping and the AdamW update.
+
+use crate::data::TokenFile;
+use crate::gpt::Gpt;
+use crate::optim::{AdamW, OptimConfig};
+use crate::sampler::{mix64, Sampler};
+use tch::{Device, Kind, Tensor};
+
+/// Samples are windows of `block + 1` tokens at stride `block`, shifted by an offset in
+/// `[0, block)` that changes every epoch so that windows do not always start at the same tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct Windows {
+    pub block: usize,
+    pub seed: u64,
+}
+
+impl Windows {
+    /// Samples in a token file of `len` tokens: windows that fit for any epoch offset.
+    pub fn count(&self, len: usize) -> u64 {
+        if len < 2 * self.block + 1 {
+            return 0;
+        }
+        ((len - self.block) / self.block) as u64
+    }
+
+    pub fn offset(&self, epoch: u64) -> usize {
+        (mix64(self.seed ^ mix64(epoch).rotate_left(17)) % self.block as u64) as usize
+    }
+
+    /// Inputs and targets [ids.len(), block] for the given sample ids.
+    pub fn batch(&self, tokens: &TokenFile, epoch: u64, ids: &[u64], device: Device) -> (Tensor, Tensor) {
+        let off = self.offset(epoch);
+        let t = self.block;
+        let mut buf = Vec::with_capacity(ids.len() * (t + 1));
+        for &id in ids {
+            tokens.extend_window(off + id as usize * t, t + 1, &mut buf);
+        }
+        let all = Tensor::from_slice(&buf)
+            .view([ids.len() as i64, t as i64 + 1])
+            .to_device(device);
+        (all.narrow(1, 0, t as i64), all.narrow(1, 1, t as i64))
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    /// Mean loss over the micro-batches this rank computed.
+    pub loss: f64,
+    pub grad_norm: f64,
+}
+
+pub struct Trainer {
+    pub model: Gpt,
+    pub opt: AdamW,
+    pub optim: OptimConfig,
+    /// Steps committed so far (the next step to run).
+    pub step: u64,
+}
+
+impl Trainer {
+    pub fn new(model: Gpt, optim: OptimConfig) -> Self {
+        let opt = AdamW::new(&model.params.flat, model.params.n_decay());
+        Trainer {
+            model,
+            opt,
+            optim,
+            step: 0,
+        }
+    }
+
+    /// Forward and backward of the given micro-batches, accumulating into the gradients. Each
+    /// micro-batch's mean loss is weighted by `1 / total_micro_batches` (the count over all
+    /// ranks), so that summing the ranks' gradients gives the global-batch mean exactly however
+    /// unevenly the micro-batches are split. Returns the mean loss of these micro-batches.
+    pub fn accumulate(&mut self, batches: &[(Tensor, Tensor)], total_micro_batches: usize) -> f64 {
+        let scale = 1.0 / total_micro_batches as f64;
+        let mut sum = Tensor::zeros([], (Kind::Float, self.model.device()));
+        for (x, y) in batches {
+            let loss = self.model.loss(x, y, true);
+            (&loss * scale).backward();
+            sum += loss.detach();
+        }
+        sum.double_value(&[]) / batches.len().max(1) as f64
+    }
+
+    /// The accumulated gradients as one flat buffer (what a data-parallel rank allreduces).
+    pub fn flat_grads(&mut self) -> &mut Tensor {
+        self.model.params.flat_grads()
+    }
+
+    /// Clips the flat gradients in place, applies AdamW at the scheduled learning rate and
+    /// clears the gradients. Returns the gradient norm before clipping.
+    pub fn apply(&mut self, lr: f64) -> f64 {
+        let grads = self.model.params.flat_grads();
+        let norm = AdamW::clip(grads, self.optim.grad_clip);
+        let grads = grads.shallow_clone();
+        self.opt.step(&self.model.params.flat, &grads, lr, &self.optim);
+        self.model.params.zero_grads();
+        self.step += 1;
+        norm
+    }
+
+    /// Single-process step: all micro-batches of the global batch on this process.
+    pub fn train_step(&mut self, batches: &[(Tensor, Tensor)], lr: f64) -> StepStats {
+        let loss = self.accumulate(batches, batches.len());
+        let grad_norm = self.apply(lr);
+        StepStats { loss, grad_norm }
+    }
+
+    /// Mean loss over fixed validation windows (the same windows every time it is called).
+    pub fn evaluate(&self, val: &TokenFile, win: Windows, batches: usize, micro_batch: usize) -> Option<f64> {
+        let n = win.count(val.len());
+        if n == 0 || batches == 0 {
+            return None;
+        }
+        let s = Sampler::new(win.seed ^ 0x7A1, n, micro_batch.min(n as usize), micro_batch.min(n as usize)).ok()?;
+        let mut total = 0.0;
+        tch::no_grad(|| {
+            for b in 0..batches as u64 {
+                let (epoch, step) = s.locate(b);
+                let ids = s.micro_batch_ids(epoch, step, 0);
+                let (x, y) = win.batch(val, epoch, &ids, self.model.device());
+                total += self.model.loss(&x, &y, false).double_value(&[]);
+            }
+        });
+        Some(total / batches as f64)
+    }
+}
