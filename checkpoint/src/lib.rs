@@ -1,0 +1,330 @@
+//! phalanx-checkpoint: the on-disk format of models and checkpoints.
+//!
+//! A checkpoint is a folder holding safetensors files, JSON side files and `manifest.json`,
+//! which lists every file with its size and SHA-256. It is written under a temporary name,
+//! fsynced, and renamed into place, so a checkpoint is either complete and verifiable or not
+//! there at all (invariant C-1 in docs/semantics.md). Loading verifies every file first.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{dir} does not exist; pass the folder of a saved model (a run's `model/` or `checkpoints/step-N/`)")]
+    NotFound { dir: PathBuf },
+    #[error("{dir} has no {MANIFEST}: it is not a phalanx checkpoint, or its write never finished; use another checkpoint")]
+    NoManifest { dir: PathBuf },
+    #[error("{path}: invalid manifest ({reason}); the checkpoint is corrupt, use an earlier one")]
+    BadManifest { path: PathBuf, reason: String },
+    #[error("{path} is missing; the checkpoint is incomplete, use an earlier one")]
+    MissingFile { path: PathBuf },
+    #[error("{path} is {actual} bytes but the manifest says {expected}: the file is truncated or corrupt; use an earlier checkpoint")]
+    SizeMismatch {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("{path} does not match its SHA-256 in the manifest: the file is corrupt; use an earlier checkpoint")]
+    ChecksumMismatch { path: PathBuf },
+    #[error("{path}: {reason}")]
+    BadTensor { path: PathBuf, reason: String },
+    #[error("checkpoint format {found} is not supported (this build reads format {FORMAT}); use a matching phalanx version")]
+    Format { found: u32 },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
+    let path = path.to_path_buf();
+    move |source| CheckpointError::Io { op, path, source }
+}
+
+/// A named f32 tensor in host memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorData {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub step: u64,
+    pub created_unix_ms: u64,
+    pub files: Vec<FileEntry>,
+}
+
+/// What goes into a checkpoint: tensor files and JSON side files, by file name.
+#[derive(Debug, Default)]
+pub struct Contents {
+    pub tensors: BTreeMap<String, Vec<TensorData>>,
+    pub json: BTreeMap<String, serde_json::Value>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn encode_tensors(ts: &[TensorData]) -> Result<Vec<u8>, String> {
+    let bytes: Vec<Vec<u8>> = ts
+        .iter()
+        .map(|t| t.data.iter().flat_map(|f| f.to_le_bytes()).collect())
+        .collect();
+    let views = ts
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| format!("tensor {}: {e}", t.name))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    safetensors::serialize(views, None).map_err(|e| e.to_string())
+}
+
+fn decode_tensors(bytes: &[u8]) -> Result<Vec<TensorData>, String> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(format!("tensor {name} is {:?}, expected F32", view.dtype()));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push(TensorData {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).map_err(io("create", path))?;
+    f.write_all(bytes).map_err(io("write", path))?;
+    f.sync_all().map_err(io("fsync", path))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync", dir))
+}
+
+/// Writes `contents` as the checkpoint `dir`, replacing an older one of that name only once the
+/// new one is complete.
+pub fn save(dir: &Path, step: u64, contents: &Contents) -> Result<Manifest> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io("remove", &tmp))?;
+    }
+    std::fs::create_dir(&tmp).map_err(io("create", &tmp))?;
+    let mut files = Vec::new();
+    let mut put = |file: &str, bytes: Vec<u8>| -> Result<()> {
+        write_synced(&tmp.join(file), &bytes)?;
+        files.push(FileEntry {
+            name: file.to_string(),
+            bytes: bytes.len() as u64,
+            sha256: hex(&Sha256::digest(&bytes)),
+        });
+        Ok(())
+    };
+    for (file, ts) in &contents.tensors {
+        let bytes = encode_tensors(ts).map_err(|reason| CheckpointError::BadTensor {
+            path: dir.join(file),
+            reason,
+        })?;
+        put(file, bytes)?;
+    }
+    for (file, v) in &contents.json {
+        put(file, serde_json::to_vec_pretty(v).expect("JSON value serializes"))?;
+    }
+    let manifest = Manifest {
+        format: FORMAT,
+        step,
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        files,
+    };
+    // The manifest is written last: a folder without one is an unfinished write.
+    write_synced(
+        &tmp.join(MANIFEST),
+        &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"),
+    )?;
+    sync_dir(&tmp)?;
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).map_err(io("rename", dir))?;
+        std::fs::rename(&tmp, dir).map_err(io("rename", &tmp))?;
+        std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+    } else {
+        std::fs::rename(&tmp, dir).map_err(io("rename", &tmp))?;
+    }
+    sync_dir(parent)?;
+    Ok(manifest)
+}
+
+/// Reads the manifest and checks every file's size and checksum. Returns the manifest and the
+/// verified bytes of every file.
+pub fn verify(dir: &Path) -> Result<(Manifest, BTreeMap<String, Vec<u8>>)> {
+    if !dir.is_dir() {
+        return Err(CheckpointError::NotFound {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let mpath = dir.join(MANIFEST);
+    if !mpath.is_file() {
+        return Err(CheckpointError::NoManifest {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let raw = std::fs::read(&mpath).map_err(io("read", &mpath))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&raw).map_err(|e| CheckpointError::BadManifest {
+            path: mpath.clone(),
+            reason: e.to_string(),
+        })?;
+    if manifest.format != FORMAT {
+        return Err(CheckpointError::Format {
+            found: manifest.format,
+        });
+    }
+    let mut out = BTreeMap::new();
+    for f in &manifest.files {
+        if f.name.contains('/') || f.name.contains("..") {
+            return Err(CheckpointError::BadManifest {
+                path: mpath.clone(),
+                reason: format!("file name {:?} leaves the checkpoint folder", f.name),
+            });
+        }
+        let path = dir.join(&f.name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CheckpointError::MissingFile { path })
+            }
+            Err(e) => return Err(io("read", &path)(e)),
+        };
+        if bytes.len() as u64 != f.bytes {
+            return Err(CheckpointError::SizeMismatch {
+                path,
+                actual: bytes.len() as u64,
+                expected: f.bytes,
+            });
+        }
+        if hex(&Sha256::digest(&bytes)) != f.sha256 {
+            return Err(CheckpointError::ChecksumMismatch { path });
+        }
+        out.insert(f.name.clone(), bytes);
+    }
+    Ok((manifest, out))
+}
+
+/// Verifies and loads a checkpoint.
+pub fn load(dir: &Path) -> Result<(Manifest, Contents)> {
+    let (manifest, files) = verify(dir)?;
+    let mut contents = Contents::default();
+    for (name, bytes) in files {
+        let path = dir.join(&name);
+        if name.ends_with(".safetensors") {
+            let ts = decode_tensors(&bytes)
+                .map_err(|reason| CheckpointError::BadTensor { path, reason })?;
+            contents.tensors.insert(name, ts);
+        } else if name.ends_with(".json") {
+            let v = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::BadTensor {
+                path,
+                reason: format!("invalid JSON: {e}"),
+            })?;
+            contents.json.insert(name, v);
+        }
+    }
+    Ok((manifest, contents))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Contents {
+        let mut c = Contents::default();
+        c.tensors.insert(
+            "model.safetensors".into(),
+            vec![
+                TensorData { name: "a".into(), shape: vec![2, 3], data: (0..6).map(|i| i as f32 * 0.5).collect() },
+                TensorData { name: "b".into(), shape: vec![1], data: vec![f32::MIN_POSITIVE] },
+            ],
+        );
+        c.json.insert("model.json".into(), serde_json::json!({"n_layer": 2}));
+        c
+    }
+
+    #[test]
+    fn round_trip_is_exact() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("model");
+        save(&dir, 7, &sample()).unwrap();
+        let (m, c) = load(&dir).unwrap();
+        assert_eq!(m.step, 7);
+        assert_eq!(c.tensors, sample().tensors);
+        assert_eq!(c.json, sample().json);
+        // Saving again over it replaces it whole.
+        save(&dir, 8, &sample()).unwrap();
+        assert_eq!(load(&dir).unwrap().0.step, 8);
+        let leftovers: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temporary folders left behind");
+    }
+
+    // C-1: a damaged checkpoint is refused with the file named, never loaded.
+    #[test]
+    fn truncated_corrupt_and_missing_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("m");
+        save(&dir, 1, &sample()).unwrap();
+        let f = dir.join("model.safetensors");
+        let bytes = std::fs::read(&f).unwrap();
+        std::fs::write(&f, &bytes[..bytes.len() - 3]).unwrap();
+        assert!(matches!(load(&dir), Err(CheckpointError::SizeMismatch { .. })));
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        std::fs::write(&f, &flipped).unwrap();
+        assert!(matches!(load(&dir), Err(CheckpointError::ChecksumMismatch { .. })));
+        std::fs::remove_file(&f).unwrap();
+        assert!(matches!(load(&dir), Err(CheckpointError::MissingFile { .. })));
+        std::fs::remove_file(dir.join(MANIFEST)).unwrap();
+        assert!(matches!(load(&dir), Err(CheckpointError::NoManifest { .. })));
+        assert!(matches!(load(&d.path().join("nope")), Err(CheckpointError::NotFound { .. })));
+    }
+}

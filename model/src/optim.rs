@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
     /// Peak learning rate, reached at the end of warmup.
     pub lr: f64,
@@ -72,13 +72,18 @@ impl AdamW {
     /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
     pub fn clip(grads: &mut Tensor, max_norm: f64) -> f64 {
         let norm = grads.norm().double_value(&[]);
+        Self::clip_with_norm(grads, norm, max_norm);
+        norm
+    }
+
+    /// `clip` when the norm is already known.
+    pub fn clip_with_norm(grads: &mut Tensor, norm: f64, max_norm: f64) {
         if max_norm > 0.0 {
             let coef = max_norm / (norm + 1e-6);
             if coef < 1.0 {
                 let _ = grads.g_mul_scalar_(coef);
             }
         }
-        norm
     }
 
     pub fn step(&mut self, params: &Tensor, grads: &Tensor, lr: f64, c: &OptimConfig) {

@@ -39,7 +39,7 @@ impl Windows {
         let all = Tensor::from_slice(&buf)
             .view([ids.len() as i64, t as i64 + 1])
             .to_device(device);
-        (all.narrow(1, 0, t as i64), all.narrow(1, 1, t as i64))
+        (all.narrow(1, 0, t as i64).contiguous(), all.narrow(1, 1, t as i64).contiguous())
     }
 }
 
@@ -89,22 +89,28 @@ impl Trainer {
         self.model.params.flat_grads()
     }
 
-    /// Clips the flat gradients in place, applies AdamW at the scheduled learning rate and
-    /// clears the gradients. Returns the gradient norm before clipping.
-    pub fn apply(&mut self, lr: f64) -> f64 {
-        let grads = self.model.params.flat_grads();
-        let norm = AdamW::clip(grads, self.optim.grad_clip);
-        let grads = grads.shallow_clone();
+    /// Clips the flat gradients, applies AdamW at learning rate `lr`, clears the gradients and
+    /// counts the step. A non-finite gradient is refused: the gradients are cleared, parameters
+    /// and optimizer state stay as they were, and `None` is returned (the caller decides whether
+    /// the step is skipped or redone). Returns the gradient norm before clipping.
+    pub fn apply_checked(&mut self, lr: f64) -> Option<f64> {
+        let mut grads = self.model.params.flat_grads().shallow_clone();
+        let norm = grads.norm().double_value(&[]);
+        if !norm.is_finite() {
+            self.model.params.zero_grads();
+            return None;
+        }
+        AdamW::clip_with_norm(&mut grads, norm, self.optim.grad_clip);
         self.opt.step(&self.model.params.flat, &grads, lr, &self.optim);
         self.model.params.zero_grads();
         self.step += 1;
-        norm
+        Some(norm)
     }
 
     /// Single-process step: all micro-batches of the global batch on this process.
     pub fn train_step(&mut self, batches: &[(Tensor, Tensor)], lr: f64) -> StepStats {
         let loss = self.accumulate(batches, batches.len());
-        let grad_norm = self.apply(lr);
+        let grad_norm = self.apply_checked(lr).unwrap_or(f64::NAN);
         StepStats { loss, grad_norm }
     }
 

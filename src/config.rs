@@ -1,0 +1,455 @@
+//! The job configuration: a TOML file plus `section.key=value` overrides, checked against the
+//! documented reference (configs/reference.toml) so that a misspelt key is an error that names
+//! the key it was probably meant to be.
+
+use phalanx_model::config::{Arch, ModelConfig};
+use phalanx_model::optim::OptimConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The documented reference config; its keys are the only keys accepted.
+pub const REFERENCE: &str = include_str!("../configs/reference.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("unknown key `{key}` in {origin}{hint}; every key is listed in configs/reference.toml")]
+    UnknownKey {
+        key: String,
+        origin: String,
+        hint: String,
+    },
+    #[error("override {0:?} is not of the form section.key=value (e.g. train.max_steps=100)")]
+    BadOverride(String),
+    #[error("invalid value {key} = {value}: {reason}")]
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dir: "data/shakespeare-char".into(),
+        }
+    }
+}
+
+/// A preset plus optional per-field overrides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    pub preset: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<Arch>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_layer: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_head: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_embd: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlp_hidden: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f64>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            preset: "tiny".into(),
+            arch: None,
+            n_layer: None,
+            n_head: None,
+            n_embd: None,
+            block_size: None,
+            dropout: None,
+            bias: None,
+            mlp_hidden: None,
+            rope_theta: None,
+            norm_eps: None,
+        }
+    }
+}
+
+impl ModelSection {
+    /// The preset with the overrides applied and the dataset's vocabulary size.
+    pub fn resolve(&self, vocab_size: usize) -> Result<ModelConfig, phalanx_model::ModelError> {
+        let mut c = ModelConfig::preset(&self.preset)?;
+        c.arch = self.arch.unwrap_or(c.arch);
+        c.n_layer = self.n_layer.unwrap_or(c.n_layer);
+        c.n_head = self.n_head.unwrap_or(c.n_head);
+        c.n_embd = self.n_embd.unwrap_or(c.n_embd);
+        c.block_size = self.block_size.unwrap_or(c.block_size);
+        c.dropout = self.dropout.unwrap_or(c.dropout);
+        c.bias = self.bias.unwrap_or(c.bias);
+        c.mlp_hidden = self.mlp_hidden.unwrap_or(c.mlp_hidden);
+        c.rope_theta = self.rope_theta.unwrap_or(c.rope_theta);
+        c.norm_eps = self.norm_eps.unwrap_or(c.norm_eps);
+        c.vocab_size = vocab_size;
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub global_batch: usize,
+    pub micro_batch: usize,
+    pub max_steps: u64,
+    pub seed: u64,
+    pub threads: usize,
+    pub device: String,
+    pub eval_interval: u64,
+    pub eval_batches: usize,
+    pub log_interval: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            global_batch: 16,
+            micro_batch: 16,
+            max_steps: 2000,
+            seed: 1337,
+            threads: 0,
+            device: "auto".into(),
+            eval_interval: 500,
+            eval_batches: 50,
+            log_interval: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    pub dir: PathBuf,
+    pub checkpoint_interval: u64,
+    pub progress: bool,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        RunSection {
+            dir: "runs/default".into(),
+            checkpoint_interval: 0,
+            progress: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub data: DataConfig,
+    pub model: ModelSection,
+    pub train: TrainSection,
+    pub optim: OptimConfig,
+    pub run: RunSection,
+}
+
+/// Dotted paths of every key in a table (tables themselves are not keys).
+fn key_paths(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (k, v) in t {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(sub) => key_paths(sub, &path, out),
+            _ => out.push(path),
+        }
+    }
+}
+
+fn known_keys() -> Vec<String> {
+    let t: toml::Table = REFERENCE.parse().expect("configs/reference.toml parses");
+    let mut out = Vec::new();
+    key_paths(&t, "", &mut out);
+    out
+}
+
+fn known_sections() -> Vec<String> {
+    let t: toml::Table = REFERENCE.parse().expect("configs/reference.toml parses");
+    t.keys().cloned().collect()
+}
+
+/// The closest valid key: the same key name in another section first, else the nearest spelling.
+pub fn suggest(key: &str, known: &[String]) -> Option<String> {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    if let Some(k) = known.iter().find(|k| k.rsplit('.').next() == Some(leaf)) {
+        return Some(k.clone());
+    }
+    known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(key, k), k))
+        .filter(|(d, k)| *d <= (k.len() / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k.clone())
+}
+
+fn check_keys(t: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    let known = known_keys();
+    let sections = known_sections();
+    let mut keys = Vec::new();
+    key_paths(t, "", &mut keys);
+    for (k, v) in t {
+        if !v.is_table() && sections.contains(k) {
+            return Err(ConfigError::Parse {
+                origin: origin.into(),
+                message: format!("`{k}` must be a table ([{k}]), not a value"),
+            });
+        }
+    }
+    for k in keys {
+        if !known.contains(&k) {
+            let hint = suggest(&k, &known)
+                .map(|s| format!(" — did you mean `{s}`?"))
+                .unwrap_or_default();
+            return Err(ConfigError::UnknownKey {
+                key: k,
+                origin: origin.into(),
+                hint,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Parses `value` as a TOML value; a bare word that is not TOML is taken as a string.
+fn parse_value(value: &str) -> toml::Value {
+    format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()))
+}
+
+pub fn apply_override(t: &mut toml::Table, spec: &str) -> Result<(), ConfigError> {
+    let (key, value) = spec
+        .split_once('=')
+        .ok_or_else(|| ConfigError::BadOverride(spec.into()))?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::BadOverride(spec.into()));
+    }
+    let mut cur = t;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::BadOverride(spec.into()))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), parse_value(value.trim()));
+    Ok(())
+}
+
+impl TrainConfig {
+    /// Reads a config file (or none: the defaults) and applies `section.key=value` overrides.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                let t: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: p.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                check_keys(&t, &p.display().to_string())?;
+                (t, p.display().to_string())
+            }
+            None => (toml::Table::new(), "defaults".to_string()),
+        };
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let origin = if overrides.is_empty() {
+            origin
+        } else {
+            format!("{origin} with overrides")
+        };
+        check_keys(&table, &origin)?;
+        // Through text, so that a type error is shown with the offending line.
+        let text = toml::to_string(&table).expect("a table serializes");
+        let cfg: TrainConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            origin,
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Range checks that the types alone do not express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad<T: std::fmt::Display>(key: &str, v: T, reason: &str) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                value: v.to_string(),
+                reason: reason.into(),
+            })
+        }
+        let t = &self.train;
+        let o = &self.optim;
+        if t.micro_batch == 0 {
+            return bad("train.micro_batch", 0, "must be at least 1");
+        }
+        if t.global_batch == 0 || t.global_batch % t.micro_batch != 0 {
+            return bad(
+                "train.global_batch",
+                t.global_batch,
+                &format!("must be a positive multiple of train.micro_batch = {}", t.micro_batch),
+            );
+        }
+        if t.max_steps == 0 {
+            return bad("train.max_steps", 0, "must be at least 1");
+        }
+        if t.threads > 4096 {
+            return bad("train.threads", t.threads, "must be between 0 (one per core) and 4096");
+        }
+        if !["auto", "cpu", "cuda"].contains(&t.device.as_str()) {
+            return bad("train.device", &t.device, "use \"auto\", \"cpu\" or \"cuda\"");
+        }
+        if t.eval_batches == 0 {
+            return bad("train.eval_batches", 0, "must be at least 1");
+        }
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return bad("optim.lr", o.lr, "must be a positive number");
+        }
+        if !(o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            return bad("optim.min_lr", o.min_lr, "must be between 0 and optim.lr");
+        }
+        if o.decay_steps < o.warmup_steps {
+            return bad(
+                "optim.decay_steps",
+                o.decay_steps,
+                &format!("must be at least optim.warmup_steps = {}", o.warmup_steps),
+            );
+        }
+        for (k, b) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(k, b, "must be in [0, 1)");
+            }
+        }
+        if !(o.eps > 0.0) {
+            return bad("optim.eps", o.eps, "must be > 0");
+        }
+        if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
+            return bad("optim.weight_decay", o.weight_decay, "must be >= 0");
+        }
+        if !(o.grad_clip >= 0.0 && o.grad_clip.is_finite()) {
+            return bad("optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)");
+        }
+        // The model's own checks need the vocabulary; check the preset and shape now anyway.
+        self.model
+            .resolve(1)
+            .map_err(|e| ConfigError::Invalid {
+                key: "model".into(),
+                value: self.model.preset.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_is_complete_and_valid() {
+        let c: TrainConfig = toml::from_str(REFERENCE).unwrap();
+        c.validate().unwrap();
+        // Every field of the config struct is documented in the reference.
+        let mut full = TrainConfig::default();
+        full.model.arch = Some(Arch::Gpt);
+        full.model.n_layer = Some(1);
+        full.model.n_head = Some(1);
+        full.model.n_embd = Some(1);
+        full.model.block_size = Some(1);
+        full.model.dropout = Some(0.0);
+        full.model.bias = Some(false);
+        full.model.mlp_hidden = Some(0);
+        full.model.rope_theta = Some(1.0);
+        full.model.norm_eps = Some(1.0);
+        let t: toml::Table = toml::Table::try_from(&full).unwrap();
+        let mut keys = Vec::new();
+        key_paths(&t, "", &mut keys);
+        let known = known_keys();
+        for k in keys {
+            assert!(known.contains(&k), "{k} is not documented in configs/reference.toml");
+        }
+        // The reference's values are the defaults.
+        assert_eq!(c.train, TrainSection::default());
+        assert_eq!(c.optim, OptimConfig::default());
+        assert_eq!(c.run, RunSection::default());
+    }
+
+    #[test]
+    fn shipped_configs_load() {
+        for f in ["configs/shakespeare-char.toml", "configs/shakespeare-gpt2.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            TrainConfig::load(Some(&p), &[]).unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_keys_name_the_closest_key() {
+        let mut t = toml::Table::new();
+        apply_override(&mut t, "train.max_step=5").unwrap();
+        let e = check_keys(&t, "x").unwrap_err().to_string();
+        assert!(e.contains("did you mean `train.max_steps`"), "{e}");
+        let mut t = toml::Table::new();
+        apply_override(&mut t, "train.lr=0.1").unwrap();
+        let e = check_keys(&t, "x").unwrap_err().to_string();
+        assert!(e.contains("`optim.lr`"), "{e}");
+    }
+
+    #[test]
+    fn overrides_types_and_ranges() {
+        let c = TrainConfig::load(None, &["train.max_steps=7".into(), "train.device=cpu".into()]).unwrap();
+        assert_eq!(c.train.max_steps, 7);
+        assert_eq!(c.train.device, "cpu");
+        let e = TrainConfig::load(None, &["train.max_steps=abc".into()]).unwrap_err().to_string();
+        assert!(e.contains("max_steps"), "{e}");
+        let e = TrainConfig::load(None, &["optim.lr=-1".into()]).unwrap_err().to_string();
+        assert!(e.contains("optim.lr"), "{e}");
+        let e = TrainConfig::load(None, &["train.global_batch=10".into(), "train.micro_batch=4".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("multiple"), "{e}");
+        assert!(TrainConfig::load(None, &["nonsense".into()]).is_err());
+        let e = TrainConfig::load(None, &["model.preset=huge".into()]).unwrap_err().to_string();
+        assert!(e.contains("tiny"), "{e}");
+    }
+}

@@ -1,0 +1,91 @@
+//! Saving and loading a model (and its optimizer state) through the checkpoint format.
+
+use anyhow::{bail, Context, Result};
+use phalanx_checkpoint::{Contents, TensorData};
+use phalanx_model::config::ModelConfig;
+use phalanx_model::gpt::Gpt;
+use phalanx_model::tokenizer::Tokenizer;
+use phalanx_model::trainer::Trainer;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::Device;
+
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIM_FILE: &str = "optimizer.safetensors";
+pub const MODEL_JSON: &str = "model.json";
+
+/// `model.json`: how to rebuild the model and its tokenizer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub model: ModelConfig,
+    pub tokenizer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<String>,
+    pub step: u64,
+    pub adam_t: u64,
+}
+
+fn flat_tensor(name: &str, t: &tch::Tensor) -> Result<TensorData> {
+    let data = Vec::<f32>::try_from(&t.to_device(Device::Cpu))?;
+    Ok(TensorData {
+        name: name.into(),
+        shape: vec![data.len()],
+        data,
+    })
+}
+
+pub fn save(dir: &Path, trainer: &Trainer, tokenizer: &str, vocab: Option<String>) -> Result<()> {
+    let mut c = Contents::default();
+    let params = trainer
+        .model
+        .params
+        .export()
+        .into_iter()
+        .map(|(name, shape, data)| TensorData { name, shape, data })
+        .collect();
+    c.tensors.insert(MODEL_FILE.into(), params);
+    c.tensors.insert(
+        OPTIM_FILE.into(),
+        vec![flat_tensor("exp_avg", &trainer.opt.m)?, flat_tensor("exp_avg_sq", &trainer.opt.v)?],
+    );
+    let info = ModelInfo {
+        model: trainer.model.cfg.clone(),
+        tokenizer: tokenizer.into(),
+        vocab,
+        step: trainer.step,
+        adam_t: trainer.opt.t,
+    };
+    c.json.insert(MODEL_JSON.into(), serde_json::to_value(info)?);
+    phalanx_checkpoint::save(dir, trainer.step, &c)
+        .with_context(|| format!("cannot save the model to {}", dir.display()))?;
+    Ok(())
+}
+
+/// Loads a saved model for inference: verifies the checkpoint, rebuilds model and tokenizer.
+pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
+    let (_, contents) = phalanx_checkpoint::load(dir)?;
+    let Some(info) = contents.json.get(MODEL_JSON) else {
+        bail!("{} has no {MODEL_JSON}: it is not a phalanx model", dir.display());
+    };
+    let info: ModelInfo = serde_json::from_value(info.clone())
+        .with_context(|| format!("{}/{MODEL_JSON} is invalid", dir.display()))?;
+    let Some(params) = contents.tensors.get(MODEL_FILE) else {
+        bail!("{} has no {MODEL_FILE}: it is not a phalanx model", dir.display());
+    };
+    let model = Gpt::new(&info.model, device, 0)?;
+    let tensors: Vec<_> = params
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.data.clone()))
+        .collect();
+    model.params.import(&tensors)?;
+    let tok = Tokenizer::from_meta(&info.tokenizer, info.vocab.as_deref())?;
+    if tok.vocab_size() != info.model.vocab_size {
+        bail!(
+            "{}: tokenizer has {} tokens but the model {}; the model file is inconsistent",
+            dir.display(),
+            tok.vocab_size(),
+            info.model.vocab_size
+        );
+    }
+    Ok((model, tok, info))
+}

@@ -1,0 +1,79 @@
+//! The run directory: metrics.jsonl, events.jsonl and report.json.
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+pub struct RunDir {
+    pub dir: PathBuf,
+    metrics: BufWriter<File>,
+    events: BufWriter<File>,
+    start: Instant,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl RunDir {
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create run directory {}", dir.display()))?;
+        let open = |name: &str| -> Result<BufWriter<File>> {
+            let p = dir.join(name);
+            Ok(BufWriter::new(
+                File::create(&p).with_context(|| format!("cannot create {}", p.display()))?,
+            ))
+        };
+        Ok(RunDir {
+            dir: dir.to_path_buf(),
+            metrics: open("metrics.jsonl")?,
+            events: open("events.jsonl")?,
+            start: Instant::now(),
+        })
+    }
+
+    pub fn metric(&mut self, v: Value) -> Result<()> {
+        serde_json::to_writer(&mut self.metrics, &v)?;
+        self.metrics.write_all(b"\n")?;
+        Ok(())
+    }
+
+    /// One event line: its kind, wall-clock and run-relative time, and `fields`.
+    pub fn event(&mut self, kind: &str, fields: Value) -> Result<()> {
+        let mut v = json!({
+            "kind": kind,
+            "unix_ms": unix_ms(),
+            "t_ms": self.start.elapsed().as_millis() as u64,
+        });
+        if let (Some(o), Value::Object(f)) = (v.as_object_mut(), fields) {
+            o.extend(f);
+        }
+        serde_json::to_writer(&mut self.events, &v)?;
+        self.events.write_all(b"\n")?;
+        self.events.flush()?;
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.metrics.flush()?;
+        self.events.flush()?;
+        Ok(())
+    }
+
+    pub fn write_report(&mut self, report: &Value) -> Result<()> {
+        self.flush()?;
+        let p = self.dir.join("report.json");
+        let tmp = self.dir.join("report.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(report)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("cannot write {}", p.display()))?;
+        Ok(())
+    }
+}
