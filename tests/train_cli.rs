@@ -1,0 +1,113 @@
+//! `phalanx prepare`, `train`, `sample` and `checkpoint verify` as a user runs them.
+
+mod common;
+use common::*;
+
+#[test]
+fn prepare_train_sample_end_to_end() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path());
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["tokenizer"], "char");
+    assert_eq!(meta["split"], "whole-files");
+    let run_dir = d.path().join("run");
+    let r = train(d.path(), &small(&data, &run_dir));
+    assert!(r.ok(), "train failed: {}", r.stderr());
+
+    let metrics = read_jsonl(&run_dir.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 30);
+    for (i, m) in metrics.iter().enumerate() {
+        assert_eq!(m["step"], i as u64);
+        for k in ["loss", "lr", "tokens_per_s", "step_ms", "world_size", "generation"] {
+            assert!(m.get(k).is_some(), "metrics line lacks {k}: {m}");
+        }
+    }
+    let first = metrics[0]["loss"].as_f64().unwrap();
+    let last = metrics[29]["loss"].as_f64().unwrap();
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+
+    let events = read_jsonl(&run_dir.join("events.jsonl"));
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"run_started"));
+    assert_eq!(kinds.last(), Some(&"run_finished"));
+    assert!(kinds.contains(&"eval"));
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["status"], "completed");
+    assert_eq!(report["steps"], 30);
+    assert!(report["final_val_loss"].as_f64().unwrap() > 0.0);
+    assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
+
+    let model = run_dir.join("model");
+    let v = run(&["checkpoint", "verify", model.to_str().unwrap()], d.path());
+    assert!(v.ok(), "{}", v.stderr());
+    let s = run(
+        &["sample", "--checkpoint", model.to_str().unwrap(), "--prompt", "ALL:", "--max-new-tokens", "40", "--device", "cpu"],
+        d.path(),
+    );
+    assert!(s.ok(), "{}", s.stderr());
+    let text = s.stdout();
+    assert!(text.starts_with("ALL:") && text.chars().count() >= 44, "{text:?}");
+}
+
+#[test]
+fn same_seed_same_run() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path());
+    let losses = |name: &str| {
+        let run_dir = d.path().join(name);
+        let mut o = small(&data, &run_dir);
+        o.push("train.max_steps=8".into());
+        let r = train(d.path(), &o);
+        assert!(r.ok(), "{}", r.stderr());
+        read_jsonl(&run_dir.join("metrics.jsonl"))
+            .iter()
+            .map(|m| m["loss"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(losses("a"), losses("b"));
+}
+
+#[test]
+fn ctrl_c_stops_after_saving() {
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path());
+    let run_dir = d.path().join("run");
+    let mut o = small(&data, &run_dir);
+    o.push("train.max_steps=100000".into());
+    let cfg = config_file(d.path());
+    let child = bin()
+        .arg("train")
+        .arg("--config")
+        .arg(&cfg)
+        .args(&o)
+        .current_dir(d.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = run_dir.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // metrics.jsonl is buffered: wait until training has clearly begun.
+    while std::fs::metadata(&metrics).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["status"], "interrupted");
+    let steps = report["steps"].as_u64().unwrap();
+    assert!(steps > 0 && steps < 100000);
+    assert_eq!(read_jsonl(&metrics).len() as u64, steps);
+    let v = run(&["checkpoint", "verify", run_dir.join("model").to_str().unwrap()], d.path());
+    assert!(v.ok(), "{}", v.stderr());
+}
