@@ -18,10 +18,11 @@ fn bare_loop(cfg: &TrainConfig, steps: u64) -> Result<f64> {
     let vs = nn::VarStore::new(model.device());
     for spec in &model.params.specs {
         let group = if spec.decay { 0 } else { 1 };
-        let _ = vs
-            .root()
-            .set_group(group)
-            .add(&spec.name, model.params.get(&spec.name).shallow_clone(), true);
+        let _ = vs.root().set_group(group).add(
+            &spec.name.replace('.', "_"),
+            model.params.get(&spec.name).shallow_clone(),
+            true,
+        );
     }
     let o = &cfg.optim;
     let mut opt = nn::AdamW {
@@ -68,7 +69,11 @@ pub fn run(cfg: &TrainConfig, steps: u64, runs: usize) -> Result<()> {
     for r in 0..runs {
         // Alternate the order so that neither side always runs on a warmer machine.
         let mut one = |first_full: bool| -> Result<()> {
-            for which in if first_full { [true, false] } else { [false, true] } {
+            for which in if first_full {
+                [true, false]
+            } else {
+                [false, true]
+            } {
                 if which {
                     let out = train::run(&cfg, &stop, false)?;
                     full.push(out.report["tokens_per_s"].as_f64().unwrap_or(0.0));

@@ -20,7 +20,9 @@ pub enum ConfigError {
     },
     #[error("config {origin}: {message}")]
     Parse { origin: String, message: String },
-    #[error("unknown key `{key}` in {origin}{hint}; every key is listed in configs/reference.toml")]
+    #[error(
+        "unknown key `{key}` in {origin}{hint}; every key is listed in configs/reference.toml"
+    )]
     UnknownKey {
         key: String,
         origin: String,
@@ -269,7 +271,10 @@ pub fn apply_override(t: &mut toml::Table, spec: &str) -> Result<(), ConfigError
             .as_table_mut()
             .ok_or_else(|| ConfigError::BadOverride(spec.into()))?;
     }
-    cur.insert(parts[parts.len() - 1].to_string(), parse_value(value.trim()));
+    cur.insert(
+        parts[parts.len() - 1].to_string(),
+        parse_value(value.trim()),
+    );
     Ok(())
 }
 
@@ -282,10 +287,12 @@ impl TrainConfig {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                let t: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-                    origin: p.display().to_string(),
-                    message: e.to_string(),
-                })?;
+                let t: toml::Table =
+                    text.parse()
+                        .map_err(|e: toml::de::Error| ConfigError::Parse {
+                            origin: p.display().to_string(),
+                            message: e.to_string(),
+                        })?;
                 check_keys(&t, &p.display().to_string())?;
                 (t, p.display().to_string())
             }
@@ -328,17 +335,28 @@ impl TrainConfig {
             return bad(
                 "train.global_batch",
                 t.global_batch,
-                &format!("must be a positive multiple of train.micro_batch = {}", t.micro_batch),
+                &format!(
+                    "must be a positive multiple of train.micro_batch = {}",
+                    t.micro_batch
+                ),
             );
         }
         if t.max_steps == 0 {
             return bad("train.max_steps", 0, "must be at least 1");
         }
         if t.threads > 4096 {
-            return bad("train.threads", t.threads, "must be between 0 (one per core) and 4096");
+            return bad(
+                "train.threads",
+                t.threads,
+                "must be between 0 (one per core) and 4096",
+            );
         }
         if !["auto", "cpu", "cuda"].contains(&t.device.as_str()) {
-            return bad("train.device", &t.device, "use \"auto\", \"cpu\" or \"cuda\"");
+            return bad(
+                "train.device",
+                &t.device,
+                "use \"auto\", \"cpu\" or \"cuda\"",
+            );
         }
         if t.eval_batches == 0 {
             return bad("train.eval_batches", 0, "must be at least 1");
@@ -361,23 +379,25 @@ impl TrainConfig {
                 return bad(k, b, "must be in [0, 1)");
             }
         }
-        if !(o.eps > 0.0) {
+        if o.eps.is_nan() || o.eps <= 0.0 {
             return bad("optim.eps", o.eps, "must be > 0");
         }
         if !(o.weight_decay >= 0.0 && o.weight_decay.is_finite()) {
             return bad("optim.weight_decay", o.weight_decay, "must be >= 0");
         }
         if !(o.grad_clip >= 0.0 && o.grad_clip.is_finite()) {
-            return bad("optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)");
+            return bad(
+                "optim.grad_clip",
+                o.grad_clip,
+                "must be >= 0 (0 = no clipping)",
+            );
         }
         // The model's own checks need the vocabulary; check the preset and shape now anyway.
-        self.model
-            .resolve(1)
-            .map_err(|e| ConfigError::Invalid {
-                key: "model".into(),
-                value: self.model.preset.clone(),
-                reason: e.to_string(),
-            })?;
+        self.model.resolve(1).map_err(|e| ConfigError::Invalid {
+            key: "model".into(),
+            value: self.model.preset.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(())
     }
 }
@@ -407,7 +427,10 @@ mod tests {
         key_paths(&t, "", &mut keys);
         let known = known_keys();
         for k in keys {
-            assert!(known.contains(&k), "{k} is not documented in configs/reference.toml");
+            assert!(
+                known.contains(&k),
+                "{k} is not documented in configs/reference.toml"
+            );
         }
         // The reference's values are the defaults.
         assert_eq!(c.train, TrainSection::default());
@@ -417,7 +440,10 @@ mod tests {
 
     #[test]
     fn shipped_configs_load() {
-        for f in ["configs/shakespeare-char.toml", "configs/shakespeare-gpt2.toml"] {
+        for f in [
+            "configs/shakespeare-char.toml",
+            "configs/shakespeare-gpt2.toml",
+        ] {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
             TrainConfig::load(Some(&p), &[]).unwrap();
         }
@@ -437,19 +463,32 @@ mod tests {
 
     #[test]
     fn overrides_types_and_ranges() {
-        let c = TrainConfig::load(None, &["train.max_steps=7".into(), "train.device=cpu".into()]).unwrap();
+        let c = TrainConfig::load(
+            None,
+            &["train.max_steps=7".into(), "train.device=cpu".into()],
+        )
+        .unwrap();
         assert_eq!(c.train.max_steps, 7);
         assert_eq!(c.train.device, "cpu");
-        let e = TrainConfig::load(None, &["train.max_steps=abc".into()]).unwrap_err().to_string();
-        assert!(e.contains("max_steps"), "{e}");
-        let e = TrainConfig::load(None, &["optim.lr=-1".into()]).unwrap_err().to_string();
-        assert!(e.contains("optim.lr"), "{e}");
-        let e = TrainConfig::load(None, &["train.global_batch=10".into(), "train.micro_batch=4".into()])
+        let e = TrainConfig::load(None, &["train.max_steps=abc".into()])
             .unwrap_err()
             .to_string();
+        assert!(e.contains("max_steps"), "{e}");
+        let e = TrainConfig::load(None, &["optim.lr=-1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("optim.lr"), "{e}");
+        let e = TrainConfig::load(
+            None,
+            &["train.global_batch=10".into(), "train.micro_batch=4".into()],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("multiple"), "{e}");
         assert!(TrainConfig::load(None, &["nonsense".into()]).is_err());
-        let e = TrainConfig::load(None, &["model.preset=huge".into()]).unwrap_err().to_string();
+        let e = TrainConfig::load(None, &["model.preset=huge".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("tiny"), "{e}");
     }
 }

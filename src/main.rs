@@ -18,7 +18,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(name = "phalanx", version, about = "Fault-tolerant, elastic pretraining of GPT-style models")]
+#[command(
+    name = "phalanx",
+    version,
+    about = "Fault-tolerant, elastic pretraining of GPT-style models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -232,7 +236,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (m, files) = phalanx_checkpoint::verify(dir)?;
             match what {
                 CheckpointCmd::Verify { .. } => {
-                    println!("{}: OK, step {}, {} files verified", dir.display(), m.step, files.len())
+                    println!(
+                        "{}: OK, step {}, {} files verified",
+                        dir.display(),
+                        m.step,
+                        files.len()
+                    )
                 }
                 CheckpointCmd::Inspect { .. } => {
                     println!("{}", serde_json::to_string_pretty(&m)?);

@@ -46,7 +46,10 @@ pub fn save(dir: &Path, trainer: &Trainer, tokenizer: &str, vocab: Option<String
     c.tensors.insert(MODEL_FILE.into(), params);
     c.tensors.insert(
         OPTIM_FILE.into(),
-        vec![flat_tensor("exp_avg", &trainer.opt.m)?, flat_tensor("exp_avg_sq", &trainer.opt.v)?],
+        vec![
+            flat_tensor("exp_avg", &trainer.opt.m)?,
+            flat_tensor("exp_avg_sq", &trainer.opt.v)?,
+        ],
     );
     let info = ModelInfo {
         model: trainer.model.cfg.clone(),
@@ -55,7 +58,8 @@ pub fn save(dir: &Path, trainer: &Trainer, tokenizer: &str, vocab: Option<String
         step: trainer.step,
         adam_t: trainer.opt.t,
     };
-    c.json.insert(MODEL_JSON.into(), serde_json::to_value(info)?);
+    c.json
+        .insert(MODEL_JSON.into(), serde_json::to_value(info)?);
     phalanx_checkpoint::save(dir, trainer.step, &c)
         .with_context(|| format!("cannot save the model to {}", dir.display()))?;
     Ok(())
@@ -65,12 +69,18 @@ pub fn save(dir: &Path, trainer: &Trainer, tokenizer: &str, vocab: Option<String
 pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
     let (_, contents) = phalanx_checkpoint::load(dir)?;
     let Some(info) = contents.json.get(MODEL_JSON) else {
-        bail!("{} has no {MODEL_JSON}: it is not a phalanx model", dir.display());
+        bail!(
+            "{} has no {MODEL_JSON}: it is not a phalanx model",
+            dir.display()
+        );
     };
     let info: ModelInfo = serde_json::from_value(info.clone())
         .with_context(|| format!("{}/{MODEL_JSON} is invalid", dir.display()))?;
     let Some(params) = contents.tensors.get(MODEL_FILE) else {
-        bail!("{} has no {MODEL_FILE}: it is not a phalanx model", dir.display());
+        bail!(
+            "{} has no {MODEL_FILE}: it is not a phalanx model",
+            dir.display()
+        );
     };
     let model = Gpt::new(&info.model, device, 0)?;
     let tensors: Vec<_> = params

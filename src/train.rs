@@ -72,7 +72,12 @@ pub fn setup(cfg: &TrainConfig) -> Result<Setup> {
             mcfg.block_size
         );
     }
-    let sampler = Sampler::new(cfg.train.seed, n, cfg.train.global_batch, cfg.train.micro_batch)?;
+    let sampler = Sampler::new(
+        cfg.train.seed,
+        n,
+        cfg.train.global_batch,
+        cfg.train.micro_batch,
+    )?;
     let model = Gpt::new(&mcfg, device, cfg.train.seed as i64)?;
     let trainer = Trainer::new(model, cfg.optim.clone());
     Ok(Setup {
@@ -123,8 +128,10 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         ProgressBar::with_draw_target(Some(cfg.train.max_steps), ProgressDrawTarget::hidden())
     };
     pb.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
     );
     let eval = |trainer: &Trainer| {
         trainer.evaluate(&ds.val, win, cfg.train.eval_batches, cfg.train.micro_batch)
@@ -153,7 +160,14 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         let t0 = Instant::now();
         let (epoch, s) = sampler.locate(step);
         let batches: Vec<_> = (0..mbs)
-            .map(|mb| win.batch(&ds.train, epoch, &sampler.micro_batch_ids(epoch, s, mb), device))
+            .map(|mb| {
+                win.batch(
+                    &ds.train,
+                    epoch,
+                    &sampler.micro_batch_ids(epoch, s, mb),
+                    device,
+                )
+            })
             .collect();
         let loss = trainer.accumulate(&batches, mbs);
         let applied = trainer.apply_checked(lr);
@@ -164,10 +178,15 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
             skipped += 1;
             trainer.step += 1;
             warn!(step, loss, "non-finite loss or gradient: step skipped");
-            rd.event("step_skipped", json!({"step": step, "loss": loss.to_string(),
-                "reason": "non-finite loss or gradient"}))?;
+            rd.event(
+                "step_skipped",
+                json!({"step": step, "loss": loss.to_string(),
+                "reason": "non-finite loss or gradient"}),
+            )?;
             if skipped >= 10 {
-                anyhow::bail!("{skipped} steps had non-finite gradients; lower optim.lr or check the data");
+                anyhow::bail!(
+                    "{skipped} steps had non-finite gradients; lower optim.lr or check the data"
+                );
             }
             continue;
         };
@@ -183,32 +202,64 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         pb.set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
         pb.inc(1);
         if !progress && cfg.train.log_interval > 0 && (step + 1) % cfg.train.log_interval == 0 {
-            info!(step = step + 1, loss = format!("{loss:.4}"), tokens_per_s = format!("{tps:.0}"), lr);
+            info!(
+                step = step + 1,
+                loss = format!("{loss:.4}"),
+                tokens_per_s = format!("{tps:.0}"),
+                lr
+            );
         }
         if cfg.run.checkpoint_interval > 0 && trainer.step % cfg.run.checkpoint_interval == 0 {
-            let dir = cfg.run.dir.join("checkpoints").join(format!("step-{}", trainer.step));
+            let dir = cfg
+                .run
+                .dir
+                .join("checkpoints")
+                .join(format!("step-{}", trainer.step));
             let t = Instant::now();
             model_io::save(&dir, &trainer, &ds.meta.tokenizer, ds.meta.vocab.clone())?;
-            rd.event("checkpoint", json!({"step": trainer.step, "dir": dir,
-                "stall_ms": t.elapsed().as_secs_f64() * 1e3}))?;
+            rd.event(
+                "checkpoint",
+                json!({"step": trainer.step, "dir": dir,
+                "stall_ms": t.elapsed().as_secs_f64() * 1e3}),
+            )?;
         }
     }
     pb.finish_and_clear();
     if interrupted {
-        warn!(step = trainer.step, "interrupted: saving the model and the report");
+        warn!(
+            step = trainer.step,
+            "interrupted: saving the model and the report"
+        );
         rd.event("interrupted", json!({"step": trainer.step}))?;
     }
     if trainer.step > 0 {
         if let Some(v) = eval(&trainer) {
             last_val = Some(v);
-            info!(step = trainer.step, val_loss = format!("{v:.4}"), "validation");
+            info!(
+                step = trainer.step,
+                val_loss = format!("{v:.4}"),
+                "validation"
+            );
             rd.event("eval", json!({"step": trainer.step, "val_loss": v}))?;
         }
     }
     let model_dir = cfg.run.dir.join("model");
-    model_io::save(&model_dir, &trainer, &ds.meta.tokenizer, ds.meta.vocab.clone())?;
-    let measured: Vec<f64> = step_secs.iter().skip(step_secs.len().min(10)).copied().collect();
-    let mut m = if measured.is_empty() { step_secs.clone() } else { measured };
+    model_io::save(
+        &model_dir,
+        &trainer,
+        &ds.meta.tokenizer,
+        ds.meta.vocab.clone(),
+    )?;
+    let measured: Vec<f64> = step_secs
+        .iter()
+        .skip(step_secs.len().min(10))
+        .copied()
+        .collect();
+    let mut m = if measured.is_empty() {
+        step_secs.clone()
+    } else {
+        measured
+    };
     let med = median(&mut m);
     let wall_s = wall.elapsed().as_secs_f64();
     let report = json!({
@@ -229,7 +280,13 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         "model_dir": model_dir,
         "faults": [],
     });
-    rd.event("run_finished", json!({"status": report["status"], "steps": trainer.step}))?;
+    rd.event(
+        "run_finished",
+        json!({"status": report["status"], "steps": trainer.step}),
+    )?;
     rd.write_report(&report)?;
-    Ok(Outcome { report, interrupted })
+    Ok(Outcome {
+        report,
+        interrupted,
+    })
 }

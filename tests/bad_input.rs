@@ -9,18 +9,26 @@ fn prepare_non_utf8_file_is_named() {
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("latin1.txt");
     std::fs::write(&f, b"ROMEO:\nO caf\xe9!\n").unwrap();
-    run(&["prepare", "--input", f.to_str().unwrap(), "--out", "o"], d.path())
-        .assert_user_error("latin1.txt is not UTF-8");
+    run(
+        &["prepare", "--input", f.to_str().unwrap(), "--out", "o"],
+        d.path(),
+    )
+    .assert_user_error("latin1.txt is not UTF-8");
 }
 
 #[test]
 fn prepare_empty_folder_and_missing_path() {
     let d = tempfile::tempdir().unwrap();
     std::fs::create_dir(d.path().join("empty")).unwrap();
-    run(&["prepare", "--input", "empty", "--out", "o"], d.path()).assert_user_error("no .txt files");
-    run(&["prepare", "--input", "nope", "--out", "o"], d.path()).assert_user_error("does not exist");
-    run(&["prepare", "--input", "empty", "--val-fraction", "1.5"], d.path())
-        .assert_user_error("--val-fraction");
+    run(&["prepare", "--input", "empty", "--out", "o"], d.path())
+        .assert_user_error("no .txt files");
+    run(&["prepare", "--input", "nope", "--out", "o"], d.path())
+        .assert_user_error("does not exist");
+    run(
+        &["prepare", "--input", "empty", "--val-fraction", "1.5"],
+        d.path(),
+    )
+    .assert_user_error("--val-fraction");
 }
 
 #[test]
@@ -89,7 +97,11 @@ fn cuda_without_gpu_is_refused() {
 #[test]
 fn sample_from_missing_or_truncated_model() {
     let d = tempfile::tempdir().unwrap();
-    run(&["sample", "--checkpoint", "nope", "--prompt", "A"], d.path()).assert_user_error("does not exist");
+    run(
+        &["sample", "--checkpoint", "nope", "--prompt", "A"],
+        d.path(),
+    )
+    .assert_user_error("does not exist");
     let data = dataset(d.path());
     let run_dir = d.path().join("run");
     let mut o = small(&data, &run_dir);
@@ -98,11 +110,16 @@ fn sample_from_missing_or_truncated_model() {
     let model = run_dir.join("model");
     let m = model.to_str().unwrap();
     // A character the model never saw.
-    run(&["sample", "--checkpoint", m, "--prompt", "\u{263A}"], d.path()).assert_user_error("not in the model's character vocabulary");
+    run(
+        &["sample", "--checkpoint", m, "--prompt", "\u{263A}"],
+        d.path(),
+    )
+    .assert_user_error("not in the model's character vocabulary");
     let f = model.join("model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     run(&["sample", "--checkpoint", m, "--prompt", "A"], d.path()).assert_user_error("truncated");
     std::fs::remove_file(model.join("manifest.json")).unwrap();
-    run(&["sample", "--checkpoint", m, "--prompt", "A"], d.path()).assert_user_error("not a phalanx checkpoint");
+    run(&["sample", "--checkpoint", m, "--prompt", "A"], d.path())
+        .assert_user_error("not a phalanx checkpoint");
 }

@@ -19,7 +19,14 @@ fn prepare_train_sample_end_to_end() {
     assert_eq!(metrics.len(), 30);
     for (i, m) in metrics.iter().enumerate() {
         assert_eq!(m["step"], i as u64);
-        for k in ["loss", "lr", "tokens_per_s", "step_ms", "world_size", "generation"] {
+        for k in [
+            "loss",
+            "lr",
+            "tokens_per_s",
+            "step_ms",
+            "world_size",
+            "generation",
+        ] {
             assert!(m.get(k).is_some(), "metrics line lacks {k}: {m}");
         }
     }
@@ -44,12 +51,25 @@ fn prepare_train_sample_end_to_end() {
     let v = run(&["checkpoint", "verify", model.to_str().unwrap()], d.path());
     assert!(v.ok(), "{}", v.stderr());
     let s = run(
-        &["sample", "--checkpoint", model.to_str().unwrap(), "--prompt", "ALL:", "--max-new-tokens", "40", "--device", "cpu"],
+        &[
+            "sample",
+            "--checkpoint",
+            model.to_str().unwrap(),
+            "--prompt",
+            "ALL:",
+            "--max-new-tokens",
+            "40",
+            "--device",
+            "cpu",
+        ],
         d.path(),
     );
     assert!(s.ok(), "{}", s.stderr());
     let text = s.stdout();
-    assert!(text.starts_with("ALL:") && text.chars().count() >= 44, "{text:?}");
+    assert!(
+        text.starts_with("ALL:") && text.chars().count() >= 44,
+        "{text:?}"
+    );
 }
 
 #[test]
@@ -92,7 +112,10 @@ fn ctrl_c_stops_after_saving() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     // metrics.jsonl is buffered: wait until training has clearly begun.
     while std::fs::metadata(&metrics).map(|m| m.len()).unwrap_or(0) == 0 {
-        assert!(std::time::Instant::now() < deadline, "training never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training never started"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let st = std::process::Command::new("kill")
@@ -101,13 +124,25 @@ fn ctrl_c_stops_after_saving() {
         .unwrap();
     assert!(st.success());
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["status"], "interrupted");
     let steps = report["steps"].as_u64().unwrap();
     assert!(steps > 0 && steps < 100000);
     assert_eq!(read_jsonl(&metrics).len() as u64, steps);
-    let v = run(&["checkpoint", "verify", run_dir.join("model").to_str().unwrap()], d.path());
+    let v = run(
+        &[
+            "checkpoint",
+            "verify",
+            run_dir.join("model").to_str().unwrap(),
+        ],
+        d.path(),
+    );
     assert!(v.ok(), "{}", v.stderr());
 }

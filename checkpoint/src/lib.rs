@@ -141,9 +141,15 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Writes `contents` as the checkpoint `dir`, replacing an older one of that name only once the
 /// new one is complete.
 pub fn save(dir: &Path, step: u64, contents: &Contents) -> Result<Manifest> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io("create", parent))?;
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("checkpoint");
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io("remove", &tmp))?;
@@ -167,7 +173,10 @@ pub fn save(dir: &Path, step: u64, contents: &Contents) -> Result<Manifest> {
         put(file, bytes)?;
     }
     for (file, v) in &contents.json {
-        put(file, serde_json::to_vec_pretty(v).expect("JSON value serializes"))?;
+        put(
+            file,
+            serde_json::to_vec_pretty(v).expect("JSON value serializes"),
+        )?;
     }
     let manifest = Manifest {
         format: FORMAT,
@@ -282,11 +291,20 @@ mod tests {
         c.tensors.insert(
             "model.safetensors".into(),
             vec![
-                TensorData { name: "a".into(), shape: vec![2, 3], data: (0..6).map(|i| i as f32 * 0.5).collect() },
-                TensorData { name: "b".into(), shape: vec![1], data: vec![f32::MIN_POSITIVE] },
+                TensorData {
+                    name: "a".into(),
+                    shape: vec![2, 3],
+                    data: (0..6).map(|i| i as f32 * 0.5).collect(),
+                },
+                TensorData {
+                    name: "b".into(),
+                    shape: vec![1],
+                    data: vec![f32::MIN_POSITIVE],
+                },
             ],
         );
-        c.json.insert("model.json".into(), serde_json::json!({"n_layer": 2}));
+        c.json
+            .insert("model.json".into(), serde_json::json!({"n_layer": 2}));
         c
     }
 
@@ -315,16 +333,31 @@ mod tests {
         let f = dir.join("model.safetensors");
         let bytes = std::fs::read(&f).unwrap();
         std::fs::write(&f, &bytes[..bytes.len() - 3]).unwrap();
-        assert!(matches!(load(&dir), Err(CheckpointError::SizeMismatch { .. })));
+        assert!(matches!(
+            load(&dir),
+            Err(CheckpointError::SizeMismatch { .. })
+        ));
         let mut flipped = bytes.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         std::fs::write(&f, &flipped).unwrap();
-        assert!(matches!(load(&dir), Err(CheckpointError::ChecksumMismatch { .. })));
+        assert!(matches!(
+            load(&dir),
+            Err(CheckpointError::ChecksumMismatch { .. })
+        ));
         std::fs::remove_file(&f).unwrap();
-        assert!(matches!(load(&dir), Err(CheckpointError::MissingFile { .. })));
+        assert!(matches!(
+            load(&dir),
+            Err(CheckpointError::MissingFile { .. })
+        ));
         std::fs::remove_file(dir.join(MANIFEST)).unwrap();
-        assert!(matches!(load(&dir), Err(CheckpointError::NoManifest { .. })));
-        assert!(matches!(load(&d.path().join("nope")), Err(CheckpointError::NotFound { .. })));
+        assert!(matches!(
+            load(&dir),
+            Err(CheckpointError::NoManifest { .. })
+        ));
+        assert!(matches!(
+            load(&d.path().join("nope")),
+            Err(CheckpointError::NotFound { .. })
+        ));
     }
 }

@@ -24,7 +24,9 @@ pub enum ModelError {
     EmptyInput { path: PathBuf },
     #[error("{path} does not exist; check the --input path")]
     MissingInput { path: PathBuf },
-    #[error("the input text is empty ({files} file(s), 0 characters); pass files with text in them")]
+    #[error(
+        "the input text is empty ({files} file(s), 0 characters); pass files with text in them"
+    )]
     EmptyText { files: usize },
     #[error(
         "no input given and no default corpus found (looked in {looked}); pass --input PATH \
@@ -48,7 +50,9 @@ pub enum ModelError {
     UnknownDevice(String),
     #[error("unknown model preset {name:?}; valid presets: {valid}")]
     UnknownPreset { name: String, valid: String },
-    #[error("the prompt contains {ch:?}, which is not in the model's character vocabulary; remove it")]
+    #[error(
+        "the prompt contains {ch:?}, which is not in the model's character vocabulary; remove it"
+    )]
     UnknownChar { ch: char },
     #[error("token {token} is outside the vocabulary of size {vocab_size}")]
     TokenOutOfRange { token: u32, vocab_size: usize },

@@ -82,12 +82,10 @@ impl Params {
     /// Allocates every .grad once so that backward accumulates into it in place and gradients
     /// can be written back even before the first backward.
     fn materialize_grads(&self) {
-        let zero = self
-            .views
-            .iter()
-            .map(|v| v.sum(Kind::Float))
-            .fold(Tensor::zeros([], (Kind::Float, self.flat.device())), |a, b| a + b)
-            * 0.0;
+        let zero = self.views.iter().map(|v| v.sum(Kind::Float)).fold(
+            Tensor::zeros([], (Kind::Float, self.flat.device())),
+            |a, b| a + b,
+        ) * 0.0;
         zero.backward();
     }
 
@@ -133,8 +131,7 @@ impl Params {
     pub fn flat_grads(&mut self) -> &mut Tensor {
         tch::no_grad(|| {
             for (s, v) in self.specs.iter().zip(&self.views) {
-                let _ = self
-                    .grads
+                self.grads
                     .narrow(0, s.offset, s.numel)
                     .copy_(&v.grad().view([-1]));
             }
@@ -146,7 +143,8 @@ impl Params {
     pub fn set_flat_grads(&self, flat: &Tensor) {
         tch::no_grad(|| {
             for (s, v) in self.specs.iter().zip(&self.views) {
-                let _ = v.grad().copy_(&flat.narrow(0, s.offset, s.numel).view(s.shape.as_slice()));
+                v.grad()
+                    .copy_(&flat.narrow(0, s.offset, s.numel).view(s.shape.as_slice()));
             }
         });
     }
@@ -178,12 +176,14 @@ impl Params {
     /// Loads parameters by name; every parameter must be present with its shape.
     pub fn import(&self, tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<()> {
         for (s, v) in self.specs.iter().zip(&self.views) {
-            let (_, shape, data) = tensors.iter().find(|(n, _, _)| *n == s.name).ok_or_else(|| {
-                ModelError::Parameter {
-                    name: s.name.clone(),
-                    reason: "missing from the model file".into(),
-                }
-            })?;
+            let (_, shape, data) =
+                tensors
+                    .iter()
+                    .find(|(n, _, _)| *n == s.name)
+                    .ok_or_else(|| ModelError::Parameter {
+                        name: s.name.clone(),
+                        reason: "missing from the model file".into(),
+                    })?;
             let want: Vec<usize> = s.shape.iter().map(|&d| d as usize).collect();
             if *shape != want || data.len() != s.numel as usize {
                 return Err(ModelError::Parameter {
@@ -193,7 +193,7 @@ impl Params {
             }
             tch::no_grad(|| {
                 let t = Tensor::from_slice(data).view(s.shape.as_slice());
-                let _ = v.shallow_clone().copy_(&t);
+                v.shallow_clone().copy_(&t);
             });
         }
         Ok(())
@@ -218,8 +218,16 @@ fn defs(cfg: &ModelConfig) -> Vec<(String, Vec<i64>, Init)> {
     let mut p = |name: String, shape: Vec<i64>, init: Init| d.push((name, shape, init));
     match cfg.arch {
         Arch::Gpt => {
-            p("transformer.wte.weight".into(), vec![v, c], Init::Normal(std));
-            p("transformer.wpe.weight".into(), vec![cfg.block_size as i64, c], Init::Normal(std));
+            p(
+                "transformer.wte.weight".into(),
+                vec![v, c],
+                Init::Normal(std),
+            );
+            p(
+                "transformer.wpe.weight".into(),
+                vec![cfg.block_size as i64, c],
+                Init::Normal(std),
+            );
             for l in 0..cfg.n_layer {
                 let h = format!("transformer.h.{l}");
                 for (ln, _) in [("ln_1", ()), ("ln_2", ())] {
@@ -235,7 +243,11 @@ fn defs(cfg: &ModelConfig) -> Vec<(String, Vec<i64>, Init)> {
                     ("mlp.c_proj", c, 4 * c, proj_std),
                 ];
                 for (name, out, inp, s) in lin {
-                    p(format!("{h}.{name}.weight"), vec![out, inp], Init::Normal(s));
+                    p(
+                        format!("{h}.{name}.weight"),
+                        vec![out, inp],
+                        Init::Normal(s),
+                    );
                     if cfg.bias {
                         p(format!("{h}.{name}.bias"), vec![out], Init::Zeros);
                     }
@@ -248,18 +260,42 @@ fn defs(cfg: &ModelConfig) -> Vec<(String, Vec<i64>, Init)> {
         }
         Arch::Llama => {
             let hdn = cfg.llama_hidden() as i64;
-            p("tok_embeddings.weight".into(), vec![v, c], Init::Normal(std));
+            p(
+                "tok_embeddings.weight".into(),
+                vec![v, c],
+                Init::Normal(std),
+            );
             for l in 0..cfg.n_layer {
                 let h = format!("layers.{l}");
                 p(format!("{h}.attention_norm.weight"), vec![c], Init::Ones);
                 for w in ["wq", "wk", "wv"] {
-                    p(format!("{h}.attention.{w}.weight"), vec![c, c], Init::Normal(std));
+                    p(
+                        format!("{h}.attention.{w}.weight"),
+                        vec![c, c],
+                        Init::Normal(std),
+                    );
                 }
-                p(format!("{h}.attention.wo.weight"), vec![c, c], Init::Normal(proj_std));
+                p(
+                    format!("{h}.attention.wo.weight"),
+                    vec![c, c],
+                    Init::Normal(proj_std),
+                );
                 p(format!("{h}.ffn_norm.weight"), vec![c], Init::Ones);
-                p(format!("{h}.feed_forward.w1.weight"), vec![hdn, c], Init::Normal(std));
-                p(format!("{h}.feed_forward.w2.weight"), vec![c, hdn], Init::Normal(proj_std));
-                p(format!("{h}.feed_forward.w3.weight"), vec![hdn, c], Init::Normal(std));
+                p(
+                    format!("{h}.feed_forward.w1.weight"),
+                    vec![hdn, c],
+                    Init::Normal(std),
+                );
+                p(
+                    format!("{h}.feed_forward.w2.weight"),
+                    vec![c, hdn],
+                    Init::Normal(proj_std),
+                );
+                p(
+                    format!("{h}.feed_forward.w3.weight"),
+                    vec![hdn, c],
+                    Init::Normal(std),
+                );
             }
             p("norm.weight".into(), vec![c], Init::Ones);
             p("output.weight".into(), vec![v, c], Init::Normal(std));
@@ -331,9 +367,13 @@ impl Gpt {
 
     fn split_heads(&self, x: &Tensor, b: i64, t: i64) -> Tensor {
         let h = self.cfg.n_head as i64;
-        x.view([b, t, h, self.cfg.head_dim() as i64]).transpose(1, 2)
+        x.view([b, t, h, self.cfg.head_dim() as i64])
+            .transpose(1, 2)
     }
 
+    // `x = x + f(x)`, not `x += f(x)`: `+=` on a tch tensor is an in-place add, which would
+    // overwrite a value autograd saved for the backward pass.
+    #[allow(clippy::assign_op_pattern)]
     fn forward_gpt(&self, idx: &Tensor, train: bool) -> Tensor {
         let (b, t) = idx.size2().expect("idx is [B, T]");
         let c = self.cfg.n_embd as i64;
@@ -351,7 +391,10 @@ impl Gpt {
             )
         };
         let lin = |x: &Tensor, name: &str| {
-            x.linear(self.p(&format!("{name}.weight")), self.opt_p(&format!("{name}.bias")))
+            x.linear(
+                self.p(&format!("{name}.weight")),
+                self.opt_p(&format!("{name}.bias")),
+            )
         };
         for l in 0..self.cfg.n_layer {
             let h = format!("transformer.h.{l}");
@@ -383,6 +426,7 @@ impl Gpt {
         Tensor::cat(&[&x1 * &cos - &x2 * &sin, &x1 * &sin + &x2 * &cos], -1)
     }
 
+    #[allow(clippy::assign_op_pattern)]
     fn forward_llama(&self, idx: &Tensor, train: bool) -> Tensor {
         let (b, t) = idx.size2().expect("idx is [B, T]");
         let c = self.cfg.n_embd as i64;
@@ -417,9 +461,13 @@ impl Gpt {
     pub fn loss(&self, x: &Tensor, y: &Tensor, train: bool) -> Tensor {
         let logits = self.forward(x, train);
         let v = self.cfg.vocab_size as i64;
-        logits
-            .view([-1, v])
-            .cross_entropy_loss(&y.view([-1]), None::<Tensor>, tch::Reduction::Mean, -100, 0.0)
+        logits.view([-1, v]).cross_entropy_loss(
+            &y.view([-1]),
+            None::<Tensor>,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        )
     }
 
     /// Autoregressive sampling with temperature and optional top-k.
@@ -449,7 +497,10 @@ impl Gpt {
                         let floor = vals.select(0, k - 1);
                         logits = logits.masked_fill(&logits.lt_tensor(&floor), f64::NEG_INFINITY);
                     }
-                    logits.softmax(-1, Kind::Float).multinomial(1, false).squeeze_dim(0)
+                    logits
+                        .softmax(-1, Kind::Float)
+                        .multinomial(1, false)
+                        .squeeze_dim(0)
                 };
                 toks.push(next.int64_value(&[]));
             }
@@ -469,12 +520,19 @@ mod tests {
             n_layer: 2,
             n_head: 2,
             n_embd: 32,
-            ..ModelConfig::preset(if arch == Arch::Gpt { "tiny" } else { "llama-tiny" }).unwrap()
+            ..ModelConfig::preset(if arch == Arch::Gpt {
+                "tiny"
+            } else {
+                "llama-tiny"
+            })
+            .unwrap()
         }
     }
 
     fn batch() -> (Tensor, Tensor) {
-        let x = Tensor::arange(2 * 16, (Kind::Int64, Device::Cpu)).remainder(37).view([2, 16]);
+        let x = Tensor::arange(2 * 16, (Kind::Int64, Device::Cpu))
+            .remainder(37)
+            .view([2, 16]);
         let y = (&x + 1).remainder(37);
         (x, y)
     }
@@ -488,7 +546,14 @@ mod tests {
             let g = m.params.flat_grads().copy();
             assert!(g.abs().sum(Kind::Float).double_value(&[]) > 0.0);
             m.params.zero_grads();
-            assert_eq!(m.params.flat_grads().abs().sum(Kind::Float).double_value(&[]), 0.0);
+            assert_eq!(
+                m.params
+                    .flat_grads()
+                    .abs()
+                    .sum(Kind::Float)
+                    .double_value(&[]),
+                0.0
+            );
             m.params.set_flat_grads(&g);
             let back = m.params.flat_grads().copy();
             assert!(back.equal(&g), "round trip changed the gradient ({arch:?})");
@@ -525,7 +590,9 @@ mod tests {
             let x2 = x.copy();
             let _ = x2.narrow(1, 15, 1).fill_(0);
             let b = m.forward(&x2, false);
-            assert!(a.narrow(1, 0, 15).allclose(&b.narrow(1, 0, 15), 1e-6, 1e-6, false));
+            assert!(a
+                .narrow(1, 0, 15)
+                .allclose(&b.narrow(1, 0, 15), 1e-6, 1e-6, false));
         }
     }
 
@@ -534,7 +601,10 @@ mod tests {
         let mut c = ModelConfig::preset("gpt2-124m").unwrap();
         c.vocab_size = 50257;
         // nanoGPT reports 124.44M parameters for GPT-2 small including positions.
-        let n: i64 = defs(&c).iter().map(|(_, s, _)| s.iter().product::<i64>()).sum();
+        let n: i64 = defs(&c)
+            .iter()
+            .map(|(_, s, _)| s.iter().product::<i64>())
+            .sum();
         assert_eq!(n, 124_439_808);
     }
 }

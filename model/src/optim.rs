@@ -92,7 +92,9 @@ impl AdamW {
         tch::no_grad(|| {
             let mut p = params.shallow_clone();
             if c.weight_decay != 0.0 && self.n_decay > 0 {
-                let _ = p.narrow(0, 0, self.n_decay).g_mul_scalar_(1.0 - lr * c.weight_decay);
+                let _ = p
+                    .narrow(0, 0, self.n_decay)
+                    .g_mul_scalar_(1.0 - lr * c.weight_decay);
             }
             let _ = self.m.lerp_(grads, 1.0 - c.beta1);
             let _ = self.v.g_mul_scalar_(c.beta2);

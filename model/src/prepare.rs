@@ -91,10 +91,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for p in entries {
         if p.is_dir() {
             walk(&p, out)?;
-        } else if p
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("txt"))
-        {
+        } else if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt")) {
             out.push(p);
         }
     }
@@ -154,7 +151,15 @@ fn split_docs(docs: Vec<Doc>, fraction: f64) -> (Vec<Doc>, Vec<Doc>, &'static st
     let total: usize = docs.iter().map(|d| d.text.len()).sum();
     let target = (total as f64 * fraction).ceil() as usize;
     let mut order: Vec<usize> = (0..docs.len()).collect();
-    order.sort_by_key(|&i| Sha256::digest(docs[i].path.file_name().unwrap_or_default().as_encoded_bytes()));
+    order.sort_by_key(|&i| {
+        Sha256::digest(
+            docs[i]
+                .path
+                .file_name()
+                .unwrap_or_default()
+                .as_encoded_bytes(),
+        )
+    });
     let mut is_val = vec![false; docs.len()];
     let mut held = 0;
     for &i in &order {
@@ -329,7 +334,13 @@ mod tests {
         let vocab = r.meta.vocab.clone().unwrap();
         assert!(!vocab.contains('\r') && !vocab.contains('\u{feff}'));
         // Every file is wholly in one split.
-        let val: u64 = r.meta.sources.iter().filter(|s| s.split == "val").map(|s| s.tokens).sum();
+        let val: u64 = r
+            .meta
+            .sources
+            .iter()
+            .filter(|s| s.split == "val")
+            .map(|s| s.tokens)
+            .sum();
         assert_eq!(val, r.meta.val_tokens);
         assert!(val > 0 && r.meta.train_tokens > 0);
         let ds = Dataset::open(&out).unwrap();

@@ -57,7 +57,10 @@ pub fn permute(seed: u64, epoch: u64, position: u64, n: u64) -> u64 {
 /// Micro-batches `[0, m)` split over `world` ranks as contiguous runs; the first `m % world`
 /// ranks get one more. Every rank gets at least one when `world <= m`.
 pub fn split_even(m: usize, world: usize, rank: usize) -> Range<usize> {
-    assert!(world > 0 && rank < world, "rank {rank} outside world {world}");
+    assert!(
+        world > 0 && rank < world,
+        "rank {rank} outside world {world}"
+    );
     let base = m / world;
     let extra = m % world;
     let start = rank * base + rank.min(extra);
@@ -65,7 +68,12 @@ pub fn split_even(m: usize, world: usize, rank: usize) -> Range<usize> {
 }
 
 impl Sampler {
-    pub fn new(seed: u64, num_samples: u64, global_batch: usize, micro_batch: usize) -> Result<Self> {
+    pub fn new(
+        seed: u64,
+        num_samples: u64,
+        global_batch: usize,
+        micro_batch: usize,
+    ) -> Result<Self> {
         let bad = |key: &str, value: usize, reason: String| {
             Err(ModelError::InvalidValue {
                 key: key.into(),

@@ -77,7 +77,12 @@ impl Tokenizer {
         match self {
             Tokenizer::Char { index, .. } => text
                 .chars()
-                .map(|c| index.get(&c).copied().ok_or(ModelError::UnknownChar { ch: c }))
+                .map(|c| {
+                    index
+                        .get(&c)
+                        .copied()
+                        .ok_or(ModelError::UnknownChar { ch: c })
+                })
                 .collect(),
             Tokenizer::Gpt2(bpe) => Ok(bpe.encode_ordinary(text)),
         }

@@ -29,7 +29,13 @@ impl Windows {
     }
 
     /// Inputs and targets [ids.len(), block] for the given sample ids.
-    pub fn batch(&self, tokens: &TokenFile, epoch: u64, ids: &[u64], device: Device) -> (Tensor, Tensor) {
+    pub fn batch(
+        &self,
+        tokens: &TokenFile,
+        epoch: u64,
+        ids: &[u64],
+        device: Device,
+    ) -> (Tensor, Tensor) {
         let off = self.offset(epoch);
         let t = self.block;
         let mut buf = Vec::with_capacity(ids.len() * (t + 1));
@@ -39,7 +45,10 @@ impl Windows {
         let all = Tensor::from_slice(&buf)
             .view([ids.len() as i64, t as i64 + 1])
             .to_device(device);
-        (all.narrow(1, 0, t as i64).contiguous(), all.narrow(1, 1, t as i64).contiguous())
+        (
+            all.narrow(1, 0, t as i64).contiguous(),
+            all.narrow(1, 1, t as i64).contiguous(),
+        )
     }
 }
 
@@ -101,7 +110,8 @@ impl Trainer {
             return None;
         }
         AdamW::clip_with_norm(&mut grads, norm, self.optim.grad_clip);
-        self.opt.step(&self.model.params.flat, &grads, lr, &self.optim);
+        self.opt
+            .step(&self.model.params.flat, &grads, lr, &self.optim);
         self.model.params.zero_grads();
         self.step += 1;
         Some(norm)
@@ -115,12 +125,24 @@ impl Trainer {
     }
 
     /// Mean loss over fixed validation windows (the same windows every time it is called).
-    pub fn evaluate(&self, val: &TokenFile, win: Windows, batches: usize, micro_batch: usize) -> Option<f64> {
+    pub fn evaluate(
+        &self,
+        val: &TokenFile,
+        win: Windows,
+        batches: usize,
+        micro_batch: usize,
+    ) -> Option<f64> {
         let n = win.count(val.len());
         if n == 0 || batches == 0 {
             return None;
         }
-        let s = Sampler::new(win.seed ^ 0x7A1, n, micro_batch.min(n as usize), micro_batch.min(n as usize)).ok()?;
+        let s = Sampler::new(
+            win.seed ^ 0x7A1,
+            n,
+            micro_batch.min(n as usize),
+            micro_batch.min(n as usize),
+        )
+        .ok()?;
         let mut total = 0.0;
         tch::no_grad(|| {
             for b in 0..batches as u64 {
@@ -131,5 +153,63 @@ impl Trainer {
             }
         });
         Some(total / batches as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+
+    fn trainer() -> Trainer {
+        let cfg = ModelConfig {
+            vocab_size: 23,
+            block_size: 8,
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 16,
+            ..ModelConfig::preset("tiny").unwrap()
+        };
+        Trainer::new(
+            Gpt::new(&cfg, Device::Cpu, 5).unwrap(),
+            OptimConfig::default(),
+        )
+    }
+
+    // D-3: weighting each micro-batch by 1/total gives the full-batch mean gradient, whether the
+    // micro-batches run in one process or are split 3 + 1 over two "ranks" and summed.
+    #[test]
+    fn accumulation_equals_the_full_batch_gradient() {
+        let x = Tensor::arange(4 * 8, (Kind::Int64, Device::Cpu))
+            .remainder(23)
+            .view([4, 8]);
+        let y = (&x * 7 + 3).remainder(23);
+        let mut full = trainer();
+        full.accumulate(&[(x.copy(), y.copy())], 1);
+        let g_full = full.flat_grads().copy();
+
+        let mb: Vec<_> = (0..4)
+            .map(|i| (x.narrow(0, i, 1), y.narrow(0, i, 1)))
+            .collect();
+        let mut a = trainer();
+        a.accumulate(&mb[..3], 4);
+        let mut b = trainer();
+        b.accumulate(&mb[3..], 4);
+        let summed = a.flat_grads().copy() + b.flat_grads().copy();
+        assert!(summed.allclose(&g_full, 1e-5, 1e-6, false));
+    }
+
+    // T-2: a non-finite gradient leaves parameters and optimizer state untouched.
+    #[test]
+    fn non_finite_gradient_is_not_applied() {
+        let mut t = trainer();
+        let before = t.model.params.flat.copy();
+        let mut g = t.model.params.flat.zeros_like();
+        let _ = g.fill_(f64::NAN);
+        t.model.params.set_flat_grads(&g);
+        assert!(t.apply_checked(1e-3).is_none());
+        assert!(t.model.params.flat.equal(&before));
+        assert_eq!(t.opt.t, 0);
+        assert_eq!(t.step, 0);
     }
 }

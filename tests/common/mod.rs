@@ -38,7 +38,11 @@ impl Run {
 }
 
 pub fn run(args: &[&str], cwd: &Path) -> Run {
-    let out = bin().args(args).current_dir(cwd).output().expect("phalanx runs");
+    let out = bin()
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .expect("phalanx runs");
     Run { out }
 }
 
@@ -46,13 +50,20 @@ pub fn run(args: &[&str], cwd: &Path) -> Run {
 pub fn dataset(dir: &Path) -> PathBuf {
     let src = dir.join("plays");
     std::fs::create_dir_all(&src).unwrap();
-    let line = "FIRST CITIZEN:\nBefore we proceed any further, hear me speak.\n\nALL:\nSpeak, speak.\n\n";
+    let line =
+        "FIRST CITIZEN:\nBefore we proceed any further, hear me speak.\n\nALL:\nSpeak, speak.\n\n";
     for (i, name) in ["coriolanus", "tempest", "lear"].iter().enumerate() {
         std::fs::write(src.join(format!("{name}.txt")), line.repeat(150 + 40 * i)).unwrap();
     }
     let out = dir.join("data");
     let r = run(
-        &["prepare", "--input", src.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &[
+            "prepare",
+            "--input",
+            src.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
         dir,
     );
     assert!(r.ok(), "prepare failed: {}", r.stderr());
@@ -88,7 +99,11 @@ pub fn config_file(dir: &Path) -> PathBuf {
 
 pub fn train(dir: &Path, extra: &[String]) -> Run {
     let cfg = config_file(dir);
-    let mut args = vec!["train".to_string(), "--config".into(), cfg.display().to_string()];
+    let mut args = vec![
+        "train".to_string(),
+        "--config".into(),
+        cfg.display().to_string(),
+    ];
     args.extend(extra.iter().cloned());
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     run(&a, dir)
