@@ -1,1 +1,16 @@
-//! Coordinator, membership, detectors, data-plane transport and collectives. Empty until the control-plane and data-plane work lands.
+//! phalanx-runtime: everything between ranks, and nothing that computes.
+//!
+//! - `coordinator`: membership, generations, failure and straggler detection as pure decision
+//!   functions, and the gRPC service around them.
+//! - `dataplane`: the transport between ranks (UCX; an in-process one for tests) and the
+//!   fault-aware collectives on it.
+//!
+//! No libtorch and no actors here (see DESIGN.md's layout table).
+
+pub mod coordinator;
+pub mod dataplane;
+pub mod error;
+pub mod ids;
+
+pub use error::RuntimeError;
+pub use ids::{Generation, Rank, Step};

@@ -1,0 +1,1247 @@
+//! The coordinator's decision core: membership, generations, failure, hang and straggler
+//! detection, spare promotion and the split-brain guard, with no I/O.
+//!
+//! Inputs are events applied to `State` (`register`, `session_opened`, `session_closed`,
+//! `heartbeat`, `report_fault`, `scale`, `drain`); the one decision function is
+//! `decide(now, &State, &CoreConfig) -> Decision`, which says what to do and why. `apply`
+//! carries a decision out on the state. Time is always passed in, so tests inject it.
+
+use crate::error::RuntimeError;
+use crate::ids::{Generation, Rank, Step};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+pub type MemberId = u64;
+
+/// Detection and policy settings. Defaults and the reason for each are in docs/control-plane.md.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoreConfig {
+    pub heartbeat_interval: Duration,
+    /// A member with no heartbeat for this long is hung (or stopped, or partitioned).
+    pub heartbeat_timeout: Duration,
+    /// After a coordinator restart, journaled members get this long to re-register.
+    pub rejoin_grace: Duration,
+    /// Below this many active ranks the job stops instead of shrinking.
+    pub min_world: usize,
+    /// The most ranks a generation may have (micro-batches per global batch).
+    pub max_world: usize,
+    /// A rank whose step counter has not moved for max(hang_floor, hang_k x its median step
+    /// time) while training is hung even if its heartbeats still arrive.
+    pub hang_floor: Duration,
+    pub hang_k: f64,
+    pub straggler: StragglerConfig,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            heartbeat_interval: Duration::from_millis(200),
+            heartbeat_timeout: Duration::from_millis(1500),
+            rejoin_grace: Duration::from_secs(10),
+            min_world: 1,
+            max_world: usize::MAX,
+            hang_floor: Duration::from_secs(10),
+            hang_k: 10.0,
+            straggler: StragglerConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StragglerConfig {
+    /// Step times (per rank) over which medians are taken.
+    pub window: usize,
+    /// Slow means: own median > ratio x the median of the other ranks' medians ...
+    pub ratio: f64,
+    /// ... and slower by at least this much (so that 1 ms steps do not flap on noise).
+    pub min_excess: Duration,
+    /// Consecutive slow steps before a rank is flagged.
+    pub flag_after: u32,
+    /// Consecutive normal steps before a flagged rank is cleared.
+    pub unflag_after: u32,
+    /// Evict a flagged straggler when a spare can replace it or the world stays >= min_world.
+    pub evict: bool,
+}
+
+impl Default for StragglerConfig {
+    fn default() -> Self {
+        StragglerConfig {
+            window: 8,
+            ratio: 1.5,
+            min_excess: Duration::from_millis(5),
+            flag_after: 5,
+            unflag_after: 10,
+            evict: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Active,
+    Spare,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// In the current generation (it has a rank).
+    Active,
+    /// Registered and waiting: a hot spare or a joiner.
+    Spare,
+    /// Crashed or hung: fenced out, never to return under this id.
+    Dead,
+    /// Removed on purpose (straggler, drain, scale-down of a spare): fenced out.
+    Evicted,
+}
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub id: MemberId,
+    pub host: String,
+    pub pid: u32,
+    pub addr: Vec<u8>,
+    pub role: Role,
+    pub state: MemberState,
+    pub rank: Option<Rank>,
+    pub connected: bool,
+    pub last_heartbeat: Instant,
+    pub last_progress: Instant,
+    pub step: Step,
+    pub collective_seq: u64,
+    pub phase: String,
+    pub last_step_time: Duration,
+    /// Recent compute times (seconds), newest last.
+    pub step_times: VecDeque<f64>,
+    pub slow_streak: u32,
+    pub normal_streak: u32,
+    pub straggler: bool,
+    /// Current-generation members that reported this one in a failed collective.
+    pub suspected_by: BTreeSet<MemberId>,
+    pub drain_requested: bool,
+    /// Set for members restored from the journal until they re-register.
+    pub rejoin_deadline: Option<Instant>,
+    /// When a crash was first observed (stream closed), for detection latency.
+    pub closed_at: Option<Instant>,
+}
+
+impl Member {
+    fn new(id: MemberId, now: Instant, req: &Registration) -> Self {
+        Member {
+            id,
+            host: req.host.clone(),
+            pid: req.pid,
+            addr: req.addr.clone(),
+            role: req.role,
+            state: MemberState::Spare,
+            rank: None,
+            connected: false,
+            last_heartbeat: now,
+            last_progress: now,
+            step: Step(0),
+            collective_seq: 0,
+            phase: "idle".into(),
+            last_step_time: Duration::ZERO,
+            step_times: VecDeque::new(),
+            slow_streak: 0,
+            normal_streak: 0,
+            straggler: false,
+            suspected_by: BTreeSet::new(),
+            drain_requested: false,
+            rejoin_deadline: None,
+            closed_at: None,
+        }
+    }
+
+    pub fn median_step_time(&self) -> Option<f64> {
+        median(self.step_times.iter().copied().collect())
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        matches!(self.state, MemberState::Dead | MemberState::Evicted)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mid = v.len() / 2;
+    let (_, m, _) = v.select_nth_unstable_by(mid, f64::total_cmp);
+    Some(*m)
+}
+
+/// What a process asks for when it registers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registration {
+    pub job_id: String,
+    pub host: String,
+    pub pid: u32,
+    pub addr: Vec<u8>,
+    pub role: Role,
+    pub config_hash: String,
+    /// Rejoin after a coordinator restart: the id, generation and rank it held.
+    pub rejoin: Option<(MemberId, Generation, Rank)>,
+    pub committed_step: Step,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registered {
+    pub id: MemberId,
+    pub rejoined: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeartbeatMsg {
+    pub generation: Generation,
+    pub step: Step,
+    pub collective_seq: u64,
+    pub phase: String,
+    pub last_step_time: Duration,
+    pub last_compute_time: Duration,
+}
+
+/// A straggler flag raised or cleared by a heartbeat, with the figures behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlagChange {
+    Flagged {
+        id: MemberId,
+        own_ms: f64,
+        peers_ms: f64,
+        slow_steps: u32,
+    },
+    Cleared {
+        id: MemberId,
+        own_ms: f64,
+        peers_ms: f64,
+    },
+}
+
+/// Why a member leaves the current generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Removal {
+    /// Its session stream closed (process died, connection reset).
+    Crashed,
+    /// No heartbeat within the timeout (stopped, hung, or partitioned).
+    Silent { silent_for: Duration },
+    /// Heartbeats arrive but the step counter does not move.
+    Stalled { stalled_for: Duration },
+    /// A majority of the other ranks reported it in failed collectives.
+    Reported { by: Vec<MemberId> },
+    /// Re-registration after a coordinator restart did not come in time.
+    NotRejoined,
+    Straggler { own_ms: f64, peers_ms: f64 },
+    Drained,
+    /// Scale-down: it goes back to being a spare.
+    ScaledDown,
+}
+
+impl Removal {
+    /// Failures (as opposed to removals on purpose) fence the member out for good.
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Removal::Crashed
+                | Removal::Silent { .. }
+                | Removal::Stalled { .. }
+                | Removal::Reported { .. }
+                | Removal::NotRejoined
+        )
+    }
+
+    /// Failures the coordinator infers from silence, which a partition of the coordinator
+    /// itself would also produce.
+    fn is_silence(&self) -> bool {
+        matches!(self, Removal::Silent { .. } | Removal::NotRejoined)
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Removal::Crashed => "session stream closed (process exited or connection reset)".into(),
+            Removal::Silent { silent_for } => {
+                format!("no heartbeat for {} ms", silent_for.as_millis())
+            }
+            Removal::Stalled { stalled_for } => {
+                format!("no progress for {} ms", stalled_for.as_millis())
+            }
+            Removal::Reported { by } => format!("reported by members {by:?}"),
+            Removal::NotRejoined => "did not re-register after a coordinator restart".into(),
+            Removal::Straggler { own_ms, peers_ms } => format!(
+                "straggler: median step {own_ms:.1} ms vs {peers_ms:.1} ms for the other ranks"
+            ),
+            Removal::Drained => "drained on request".into(),
+            Removal::ScaledDown => "scaled down; back to spare".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Regroup {
+    pub generation: Generation,
+    /// Members of the new generation in rank order.
+    pub ranks: Vec<MemberId>,
+    pub removed: Vec<(MemberId, Removal)>,
+    pub promoted: Vec<MemberId>,
+    /// The highest step any survivor committed; the new generation resumes there.
+    pub resume_step: Step,
+    /// Members that must fetch the committed state, and the new rank to fetch it from.
+    pub heal: Vec<(MemberId, Rank)>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Steady,
+    Regroup(Regroup),
+    /// Something is wrong but acting would be unsafe; keep the generation and say why.
+    Hold { reason: String },
+    /// Not enough ranks to go on: stop the job cleanly.
+    Halt { reason: String },
+}
+
+/// The coordinator's whole state. The durable part is journaled (see `journal`).
+#[derive(Debug, Clone)]
+pub struct State {
+    pub job_id: String,
+    pub config_hash: String,
+    pub generation: Generation,
+    pub committed_step: Step,
+    pub target_world: usize,
+    pub members: HashMap<MemberId, Member>,
+    /// The current generation's members, in rank order.
+    pub ranks: Vec<MemberId>,
+    pub next_id: MemberId,
+    /// Median of the ranks' median step times, refreshed by `refresh_reference`.
+    pub reference_step_time: Option<f64>,
+    /// Set once the job has stopped (Halt).
+    pub halted: Option<String>,
+}
+
+impl State {
+    pub fn new(job_id: &str, target_world: usize) -> Self {
+        State {
+            job_id: job_id.into(),
+            config_hash: String::new(),
+            generation: Generation(0),
+            committed_step: Step(0),
+            target_world,
+            members: HashMap::new(),
+            ranks: Vec::new(),
+            next_id: 1,
+            reference_step_time: None,
+            halted: None,
+        }
+    }
+
+    pub fn world(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn member(&self, id: MemberId) -> Result<&Member, RuntimeError> {
+        self.members
+            .get(&id)
+            .ok_or(RuntimeError::UnknownMember { member: id })
+    }
+
+    fn member_mut(&mut self, id: MemberId) -> Result<&mut Member, RuntimeError> {
+        self.members
+            .get_mut(&id)
+            .ok_or(RuntimeError::UnknownMember { member: id })
+    }
+
+    /// Healthy waiting members that can be promoted, oldest first.
+    fn available_spares(&self, now: Instant, cfg: &CoreConfig) -> Vec<MemberId> {
+        let mut v: Vec<MemberId> = self
+            .members
+            .values()
+            .filter(|m| {
+                m.state == MemberState::Spare
+                    && m.connected
+                    && now.saturating_duration_since(m.last_heartbeat) <= cfg.heartbeat_timeout
+            })
+            .map(|m| m.id)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn register(
+        &mut self,
+        now: Instant,
+        req: Registration,
+        cfg: &CoreConfig,
+    ) -> Result<Registered, RuntimeError> {
+        if req.job_id != self.job_id {
+            return Err(RuntimeError::WrongJob {
+                got: req.job_id,
+                want: self.job_id.clone(),
+            });
+        }
+        if self.config_hash.is_empty() {
+            self.config_hash = req.config_hash.clone();
+        } else if req.config_hash != self.config_hash {
+            return Err(RuntimeError::ConfigMismatch {
+                got: req.config_hash,
+                want: self.config_hash.clone(),
+            });
+        }
+        if let Some((id, generation, rank)) = req.rejoin {
+            if let Some(m) = self.members.get_mut(&id) {
+                if m.is_fenced() {
+                    return Err(RuntimeError::Fenced {
+                        member: id,
+                        generation: self.generation,
+                    });
+                }
+                if m.rejoin_deadline.is_some() {
+                    let same_place = generation == self.generation
+                        && (m.state != MemberState::Active || m.rank == Some(rank));
+                    if !same_place {
+                        return Err(RuntimeError::StaleGeneration {
+                            got: generation,
+                            current: self.generation,
+                        });
+                    }
+                    m.rejoin_deadline = None;
+                    m.last_heartbeat = now;
+                    m.last_progress = now;
+                    m.addr = req.addr;
+                    m.pid = req.pid;
+                    if req.committed_step > m.step {
+                        m.step = req.committed_step;
+                    }
+                    return Ok(Registered { id, rejoined: true });
+                }
+            }
+            // An id this coordinator does not know (its journal was lost): a new member.
+        }
+        let _ = cfg;
+        let id = self.next_id;
+        self.next_id += 1;
+        self.members.insert(id, Member::new(id, now, &req));
+        Ok(Registered {
+            id,
+            rejoined: false,
+        })
+    }
+
+    pub fn session_opened(&mut self, now: Instant, id: MemberId) -> Result<(), RuntimeError> {
+        let generation = self.generation;
+        let m = self.member_mut(id)?;
+        if m.is_fenced() {
+            return Err(RuntimeError::Fenced {
+                member: id,
+                generation,
+            });
+        }
+        m.connected = true;
+        m.closed_at = None;
+        m.last_heartbeat = now;
+        Ok(())
+    }
+
+    /// The session stream ended or errored: for a rank this is a crash signal.
+    pub fn session_closed(&mut self, now: Instant, id: MemberId) {
+        if let Some(m) = self.members.get_mut(&id) {
+            m.connected = false;
+            if m.closed_at.is_none() {
+                m.closed_at = Some(now);
+            }
+            if m.state == MemberState::Spare {
+                m.state = MemberState::Dead;
+            }
+        }
+    }
+
+    /// Applies a heartbeat. Heartbeats of fenced members and of generations this member does not
+    /// belong to are refused (G-1): the caller closes that session with the error.
+    pub fn heartbeat(
+        &mut self,
+        now: Instant,
+        id: MemberId,
+        hb: &HeartbeatMsg,
+        cfg: &CoreConfig,
+    ) -> Result<Option<FlagChange>, RuntimeError> {
+        let generation = self.generation;
+        let reference = self.reference_step_time;
+        let world = self.ranks.len();
+        let m = self.member_mut(id)?;
+        if m.is_fenced() {
+            return Err(RuntimeError::Fenced {
+                member: id,
+                generation,
+            });
+        }
+        if hb.generation > generation {
+            return Err(RuntimeError::InvalidMessage {
+                what: format!(
+                    "heartbeat for generation {} but the job is at {generation}",
+                    hb.generation
+                ),
+            });
+        }
+        m.last_heartbeat = now;
+        if hb.generation < generation || m.state != MemberState::Active {
+            // Liveness only: the member has not yet acted on the newest assignment.
+            return Ok(None);
+        }
+        let advanced = hb.step > m.step || hb.collective_seq > m.collective_seq;
+        let stepped = hb.step > m.step;
+        if advanced {
+            m.last_progress = now;
+        }
+        m.step = m.step.max(hb.step);
+        m.collective_seq = m.collective_seq.max(hb.collective_seq);
+        m.phase.clone_from(&hb.phase);
+        m.last_step_time = hb.last_step_time;
+        if !stepped {
+            return Ok(None);
+        }
+        let t = if hb.last_compute_time > Duration::ZERO {
+            hb.last_compute_time
+        } else {
+            hb.last_step_time
+        };
+        m.step_times.push_back(t.as_secs_f64());
+        while m.step_times.len() > cfg.straggler.window {
+            m.step_times.pop_front();
+        }
+        let (Some(own_median), Some(peers)) = (m.median_step_time(), reference) else {
+            return Ok(None);
+        };
+        if world < 2 || m.step_times.len() < cfg.straggler.window.min(3) {
+            return Ok(None);
+        }
+        // Each step is judged on its own against the robust peer reference, and only K slow
+        // steps in a row flag: one spike, or a rank slow every other step, never gets there.
+        let own = t.as_secs_f64();
+        let s = &cfg.straggler;
+        let slow = own > s.ratio * peers && own - peers > s.min_excess.as_secs_f64();
+        if slow {
+            m.slow_streak += 1;
+            m.normal_streak = 0;
+        } else {
+            m.normal_streak += 1;
+            m.slow_streak = 0;
+        }
+        if !m.straggler && m.slow_streak >= s.flag_after {
+            m.straggler = true;
+            return Ok(Some(FlagChange::Flagged {
+                id,
+                own_ms: own * 1e3,
+                peers_ms: peers * 1e3,
+                slow_steps: m.slow_streak,
+            }));
+        }
+        if m.straggler && m.normal_streak >= s.unflag_after {
+            m.straggler = false;
+            return Ok(Some(FlagChange::Cleared {
+                id,
+                own_ms: own_median * 1e3,
+                peers_ms: peers * 1e3,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Recomputes the peer reference for straggler detection: the median of the active ranks'
+    /// median step times. Done once per tick, not per heartbeat, so a heartbeat costs O(window).
+    /// A straggler is compared with this median of all ranks; with at least 3 ranks one slow rank
+    /// cannot move it far, and with 2 ranks the median is the faster one's.
+    pub fn refresh_reference(&mut self) {
+        let meds: Vec<f64> = self
+            .ranks
+            .iter()
+            .filter_map(|id| self.members.get(id))
+            .filter_map(Member::median_step_time)
+            .collect();
+        self.reference_step_time = if meds.len() == 2 {
+            meds.iter().copied().reduce(f64::min)
+        } else {
+            median(meds)
+        };
+    }
+
+    /// A current rank reports a collective failure naming `suspect`.
+    pub fn report_fault(
+        &mut self,
+        reporter: MemberId,
+        generation: Generation,
+        suspect: Rank,
+    ) -> Result<(), RuntimeError> {
+        if generation != self.generation {
+            return Err(RuntimeError::StaleGeneration {
+                got: generation,
+                current: self.generation,
+            });
+        }
+        let r = self.member(reporter)?;
+        if r.state != MemberState::Active {
+            return Err(RuntimeError::Fenced {
+                member: reporter,
+                generation: self.generation,
+            });
+        }
+        let Some(&sid) = self.ranks.get(suspect.0 as usize) else {
+            return Err(RuntimeError::InvalidMessage {
+                what: format!("suspect rank {suspect} is outside world {}", self.ranks.len()),
+            });
+        };
+        if sid != reporter {
+            self.member_mut(sid)?.suspected_by.insert(reporter);
+        }
+        Ok(())
+    }
+
+    pub fn scale(&mut self, target: usize, cfg: &CoreConfig) -> Result<(), RuntimeError> {
+        if target == 0 || target < cfg.min_world || target > cfg.max_world {
+            return Err(RuntimeError::InvalidRequest {
+                what: format!(
+                    "target world {target} is outside [{}, {}] (min_world .. micro-batches per step)",
+                    cfg.min_world.max(1),
+                    cfg.max_world
+                ),
+            });
+        }
+        self.target_world = target;
+        Ok(())
+    }
+
+    pub fn drain(&mut self, rank: Rank, cfg: &CoreConfig) -> Result<(), RuntimeError> {
+        let Some(&id) = self.ranks.get(rank.0 as usize) else {
+            return Err(RuntimeError::InvalidRequest {
+                what: format!("rank {rank} is not in the current world of {}", self.ranks.len()),
+            });
+        };
+        let draining = self
+            .ranks
+            .iter()
+            .filter(|i| self.members.get(i).is_some_and(|m| m.drain_requested))
+            .count();
+        if self.ranks.len() - draining <= cfg.min_world.max(1) {
+            return Err(RuntimeError::InvalidRequest {
+                what: format!(
+                    "draining rank {rank} would leave fewer than min_world = {} ranks",
+                    cfg.min_world.max(1)
+                ),
+            });
+        }
+        self.member_mut(id)?.drain_requested = true;
+        self.target_world = self.target_world.saturating_sub(1).max(1);
+        Ok(())
+    }
+
+    /// Marks the journaled members as waiting to re-register (after a coordinator restart).
+    pub fn await_rejoin(&mut self, now: Instant, cfg: &CoreConfig) {
+        for m in self.members.values_mut() {
+            if !m.is_fenced() {
+                m.connected = false;
+                m.rejoin_deadline = Some(now + cfg.rejoin_grace);
+                m.last_heartbeat = now;
+                m.last_progress = now;
+            }
+        }
+    }
+}
+
+/// Why a current rank has failed, if it has.
+fn failure(now: Instant, m: &Member, world: usize, cfg: &CoreConfig) -> Option<Removal> {
+    if let Some(deadline) = m.rejoin_deadline {
+        return (now > deadline).then_some(Removal::NotRejoined);
+    }
+    if !m.connected {
+        return Some(Removal::Crashed);
+    }
+    let silent_for = now.saturating_duration_since(m.last_heartbeat);
+    if silent_for > cfg.heartbeat_timeout {
+        return Some(Removal::Silent { silent_for });
+    }
+    if m.phase == "training" {
+        let limit = m
+            .median_step_time()
+            .map(|t| Duration::from_secs_f64(t * cfg.hang_k))
+            .unwrap_or(Duration::ZERO)
+            .max(cfg.hang_floor);
+        let stalled_for = now.saturating_duration_since(m.last_progress);
+        if stalled_for > limit {
+            return Some(Removal::Stalled { stalled_for });
+        }
+    }
+    // A strict majority of the other ranks saw it fail in a collective.
+    if world > 1 && m.suspected_by.len() * 2 > world - 1 {
+        return Some(Removal::Reported {
+            by: m.suspected_by.iter().copied().collect(),
+        });
+    }
+    None
+}
+
+/// The decision: what the coordinator should do now, and why.
+pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
+    if s.halted.is_some() {
+        return Decision::Steady;
+    }
+    if s.ranks.is_empty() {
+        return form_first(now, s, cfg);
+    }
+    let world = s.ranks.len();
+    let mut removed: Vec<(MemberId, Removal)> = Vec::new();
+    for &id in &s.ranks {
+        let Some(m) = s.members.get(&id) else { continue };
+        if let Some(f) = failure(now, m, world, cfg) {
+            removed.push((id, f));
+        } else if m.drain_requested {
+            removed.push((id, Removal::Drained));
+        }
+    }
+    // Split-brain guard: if most of the world went silent at once, the coordinator is more
+    // likely the one cut off; evicting them would leave it with a minority. Crashes seen as
+    // stream resets are not ambiguous and do not count.
+    let silent = removed.iter().filter(|(_, r)| r.is_silence()).count();
+    if silent * 2 > world {
+        return Decision::Hold {
+            reason: format!(
+                "{silent} of {world} ranks are silent at once; refusing to evict a majority \
+                 (split-brain guard) until they return or an operator intervenes"
+            ),
+        };
+    }
+    let mut spares = s.available_spares(now, cfg);
+    let failed = removed.iter().filter(|(_, r)| r.is_failure()).count();
+    // Stragglers go only when that keeps the job at or above min_world, or a spare replaces them.
+    if cfg.straggler.evict {
+        for &id in &s.ranks {
+            let Some(m) = s.members.get(&id) else { continue };
+            if !m.straggler || removed.iter().any(|(r, _)| *r == id) {
+                continue;
+            }
+            let survivors = world - removed.len();
+            let replaceable = spares.len() > removed.len().saturating_sub(failed);
+            if replaceable || survivors > cfg.min_world.max(1) {
+                let peers = s.reference_step_time.unwrap_or(0.0) * 1e3;
+                let own = m.median_step_time().unwrap_or(0.0) * 1e3;
+                removed.push((
+                    id,
+                    Removal::Straggler {
+                        own_ms: own,
+                        peers_ms: peers,
+                    },
+                ));
+            }
+        }
+    }
+    let mut survivors: Vec<MemberId> = s
+        .ranks
+        .iter()
+        .copied()
+        .filter(|id| !removed.iter().any(|(r, _)| r == id))
+        .collect();
+    let target = s.target_world.min(cfg.max_world).max(1);
+    // Scale down: the highest ranks go back to being spares.
+    while survivors.len() > target {
+        let id = survivors.pop().expect("non-empty");
+        removed.push((id, Removal::ScaledDown));
+    }
+    let want = target.saturating_sub(survivors.len());
+    spares.truncate(want);
+    if removed.is_empty() && spares.is_empty() {
+        return Decision::Steady;
+    }
+    let new_world = survivors.len() + spares.len();
+    if new_world < cfg.min_world.max(1) {
+        return Decision::Halt {
+            reason: format!(
+                "{} rank(s) left ({}) and no spare: below min_world = {}",
+                new_world,
+                removed
+                    .iter()
+                    .map(|(id, r)| format!("member {id}: {}", r.describe()))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                cfg.min_world.max(1)
+            ),
+        };
+    }
+    let resume_step = survivors
+        .iter()
+        .filter_map(|id| s.members.get(id))
+        .map(|m| m.step)
+        .max()
+        .unwrap_or(s.committed_step)
+        .max(s.committed_step);
+    // The leader holds the committed state: the survivor with the highest step, lowest rank.
+    let leader = survivors
+        .iter()
+        .position(|id| s.members.get(id).is_some_and(|m| m.step == resume_step));
+    let mut ranks = survivors.clone();
+    ranks.extend(spares.iter().copied());
+    let heal = match leader {
+        Some(l) => ranks
+            .iter()
+            .enumerate()
+            .filter(|(i, id)| {
+                *i != l && (spares.contains(id) || s.members.get(id).is_some_and(|m| m.step < resume_step))
+            })
+            .map(|(_, id)| (*id, Rank(l as u32)))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut why: Vec<String> = removed
+        .iter()
+        .map(|(id, r)| format!("member {id} out: {}", r.describe()))
+        .collect();
+    if !spares.is_empty() {
+        why.push(format!("promoted {spares:?}"));
+    }
+    Decision::Regroup(Regroup {
+        generation: Generation(s.generation.0 + 1),
+        ranks,
+        removed,
+        promoted: spares,
+        resume_step,
+        heal,
+        reason: why.join("; "),
+    })
+}
+
+/// The first generation forms when `target_world` members that asked to be active are connected.
+fn form_first(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
+    let mut ready: Vec<MemberId> = s
+        .members
+        .values()
+        .filter(|m| {
+            m.state == MemberState::Spare
+                && m.role == Role::Active
+                && m.connected
+                && now.saturating_duration_since(m.last_heartbeat) <= cfg.heartbeat_timeout
+        })
+        .map(|m| m.id)
+        .collect();
+    let target = s.target_world.min(cfg.max_world).max(1);
+    if ready.len() < target {
+        return Decision::Steady;
+    }
+    ready.sort_unstable();
+    ready.truncate(target);
+    Decision::Regroup(Regroup {
+        generation: Generation(s.generation.0 + 1),
+        reason: format!("first generation: {} ranks registered", ready.len()),
+        promoted: ready.clone(),
+        ranks: ready,
+        removed: Vec::new(),
+        resume_step: s.committed_step,
+        heal: Vec::new(),
+    })
+}
+
+/// Carries out a decision. Returns the generation in force afterwards.
+pub fn apply(s: &mut State, d: &Decision) -> Generation {
+    match d {
+        Decision::Steady | Decision::Hold { .. } => {}
+        Decision::Halt { reason } => s.halted = Some(reason.clone()),
+        Decision::Regroup(r) => {
+            for (id, why) in &r.removed {
+                if let Some(m) = s.members.get_mut(id) {
+                    m.rank = None;
+                    m.state = match why {
+                        Removal::ScaledDown => MemberState::Spare,
+                        w if w.is_failure() => MemberState::Dead,
+                        _ => MemberState::Evicted,
+                    };
+                    m.straggler = false;
+                    m.drain_requested = false;
+                }
+            }
+            for (i, id) in r.ranks.iter().enumerate() {
+                if let Some(m) = s.members.get_mut(id) {
+                    m.state = MemberState::Active;
+                    m.rank = Some(Rank(i as u32));
+                    m.suspected_by.clear();
+                    m.slow_streak = 0;
+                    m.normal_streak = 0;
+                    m.step = r.resume_step.max(m.step);
+                }
+            }
+            s.ranks = r.ranks.clone();
+            s.generation = r.generation;
+            s.committed_step = r.resume_step;
+        }
+    }
+    s.generation
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(role: Role) -> Registration {
+        Registration {
+            job_id: "job".into(),
+            host: "h".into(),
+            pid: 1,
+            addr: vec![1, 2, 3],
+            role,
+            config_hash: "c".into(),
+            rejoin: None,
+            committed_step: Step(0),
+        }
+    }
+
+    /// A job with `n` active ranks in generation 1, plus `spares` connected spares.
+    fn job(now: Instant, n: usize, spares: usize, cfg: &CoreConfig) -> State {
+        let mut s = State::new("job", n);
+        for _ in 0..n {
+            let r = s.register(now, reg(Role::Active), cfg).unwrap();
+            s.session_opened(now, r.id).unwrap();
+        }
+        let d = decide(now, &s, cfg);
+        assert!(matches!(d, Decision::Regroup(_)), "{d:?}");
+        apply(&mut s, &d);
+        for _ in 0..spares {
+            let r = s.register(now, reg(Role::Spare), cfg).unwrap();
+            s.session_opened(now, r.id).unwrap();
+        }
+        assert_eq!(s.generation, Generation(1));
+        s
+    }
+
+    fn beat(s: &mut State, now: Instant, id: MemberId, step: u64, ms: u64, cfg: &CoreConfig) -> Option<FlagChange> {
+        let hb = HeartbeatMsg {
+            generation: s.generation,
+            step: Step(step),
+            collective_seq: step,
+            phase: "training".into(),
+            last_step_time: Duration::from_millis(ms),
+            last_compute_time: Duration::from_millis(ms),
+        };
+        s.heartbeat(now, id, &hb, cfg).unwrap()
+    }
+
+    fn all_beat(s: &mut State, now: Instant, step: u64, cfg: &CoreConfig) {
+        let ids: Vec<_> = s.members.values().filter(|m| !m.is_fenced()).map(|m| m.id).collect();
+        for id in ids {
+            beat(s, now, id, step, 50, cfg);
+        }
+    }
+
+    fn regroup(d: Decision) -> Regroup {
+        match d {
+            Decision::Regroup(r) => r,
+            other => panic!("expected a regroup, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_generation_waits_for_the_target_world() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = State::new("job", 2);
+        let a = s.register(t, reg(Role::Active), &cfg).unwrap().id;
+        s.session_opened(t, a).unwrap();
+        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
+        let b = s.register(t, reg(Role::Active), &cfg).unwrap().id;
+        s.session_opened(t, b).unwrap();
+        let r = regroup(decide(t, &s, &cfg));
+        assert_eq!((r.generation, r.ranks), (Generation(1), vec![a, b]));
+    }
+
+    // A closed stream is a crash, seen at once (no timeout), and the survivors regroup.
+    #[test]
+    fn crash_is_detected_immediately() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 3, 0, &cfg);
+        let dead = s.ranks[1];
+        s.session_closed(t, dead);
+        let r = regroup(decide(t, &s, &cfg));
+        assert_eq!(r.generation, Generation(2));
+        assert_eq!(r.removed, vec![(dead, Removal::Crashed)]);
+        assert_eq!(r.ranks.len(), 2);
+        apply(&mut s, &Decision::Regroup(r));
+        assert_eq!(s.members[&dead].state, MemberState::Dead);
+    }
+
+    // A stopped rank sends nothing: it is caught by the heartbeat deadline, not before.
+    #[test]
+    fn hang_is_detected_at_the_heartbeat_timeout() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 3, 0, &cfg);
+        let hung = s.ranks[2];
+        let later = t + cfg.heartbeat_timeout;
+        for &id in &s.ranks.clone() {
+            if id != hung {
+                beat(&mut s, later, id, 1, 50, &cfg);
+            }
+        }
+        assert_eq!(decide(later, &s, &cfg), Decision::Steady);
+        let r = regroup(decide(later + Duration::from_millis(1), &s, &cfg));
+        assert!(matches!(r.removed[..], [(id, Removal::Silent { .. })] if id == hung));
+    }
+
+    #[test]
+    fn stalled_progress_is_a_hang_even_with_heartbeats() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 2, 0, &cfg);
+        let stuck = s.ranks[0];
+        let mut now = t;
+        for step in 1..=20 {
+            now = t + Duration::from_millis(50 * step);
+            all_beat(&mut s, now, step, &cfg);
+        }
+        // The stuck rank keeps heartbeating at step 20; the other goes on.
+        let mut step = 20;
+        while now < t + Duration::from_secs(12) {
+            now += Duration::from_millis(200);
+            step += 1;
+            beat(&mut s, now, stuck, 20, 50, &cfg);
+            let other = s.ranks[1];
+            beat(&mut s, now, other, step, 50, &cfg);
+        }
+        let r = regroup(decide(now, &s, &cfg));
+        assert!(matches!(r.removed[..], [(id, Removal::Stalled { .. })] if id == stuck));
+    }
+
+    fn run_steps(s: &mut State, t: &mut Instant, from: u64, n: u64, slow: Option<(MemberId, u64)>, cfg: &CoreConfig) -> Vec<FlagChange> {
+        let mut flags = Vec::new();
+        for step in from..from + n {
+            *t += Duration::from_millis(100);
+            s.refresh_reference();
+            let spares: Vec<_> = s.members.values().filter(|m| m.state == MemberState::Spare).map(|m| m.id).collect();
+            for id in spares {
+                beat(s, *t, id, 0, 0, cfg);
+            }
+            for id in s.ranks.clone() {
+                let ms = match slow {
+                    Some((sid, ms)) if sid == id => ms,
+                    _ => 50 + (id * 7 + step) % 5, // a little noise
+                };
+                flags.extend(beat(s, *t, id, step, ms, cfg));
+            }
+        }
+        flags
+    }
+
+    #[test]
+    fn straggler_onset_eviction_with_spare_and_recovery() {
+        let cfg = CoreConfig::default();
+        let mut t = Instant::now();
+        let mut s = job(t, 4, 1, &cfg);
+        let slow = s.ranks[3];
+        assert!(run_steps(&mut s, &mut t, 1, 20, None, &cfg).is_empty());
+        let flags = run_steps(&mut s, &mut t, 21, 12, Some((slow, 200)), &cfg);
+        assert!(matches!(flags[..], [FlagChange::Flagged { id, .. }] if id == slow), "{flags:?}");
+        // With a spare, the straggler is replaced and the world stays 4.
+        let r = regroup(decide(t, &s, &cfg));
+        assert!(matches!(r.removed[..], [(id, Removal::Straggler { .. })] if id == slow));
+        assert_eq!(r.ranks.len(), 4);
+        assert_eq!(r.promoted.len(), 1);
+
+        // Recovery: without eviction, the flag clears after enough normal steps.
+        let cfg2 = CoreConfig {
+            straggler: StragglerConfig { evict: false, ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(decide(t, &s, &cfg2), Decision::Steady);
+        let flags = run_steps(&mut s, &mut t, 33, 30, None, &cfg2);
+        assert!(matches!(flags[..], [FlagChange::Cleared { id, .. }] if id == slow), "{flags:?}");
+    }
+
+    // A rank that alternates slow and normal steps never gets K slow steps in a row.
+    #[test]
+    fn flapping_rank_is_not_flagged() {
+        let cfg = CoreConfig::default();
+        let mut t = Instant::now();
+        let mut s = job(t, 4, 0, &cfg);
+        let flappy = s.ranks[0];
+        let mut flags = run_steps(&mut s, &mut t, 1, 10, None, &cfg);
+        for k in 0..20 {
+            let slow = if k % 2 == 0 { Some((flappy, 300)) } else { None };
+            flags.extend(run_steps(&mut s, &mut t, 11 + k, 1, slow, &cfg));
+        }
+        assert!(flags.is_empty(), "{flags:?}");
+    }
+
+    // Without a spare, a straggler is kept when evicting it would go below min_world.
+    #[test]
+    fn straggler_kept_at_the_min_world_floor() {
+        let cfg = CoreConfig { min_world: 3, ..Default::default() };
+        let mut t = Instant::now();
+        let mut s = job(t, 3, 0, &cfg);
+        let slow = s.ranks[0];
+        run_steps(&mut s, &mut t, 1, 20, None, &cfg);
+        run_steps(&mut s, &mut t, 21, 12, Some((slow, 200)), &cfg);
+        assert!(s.members[&slow].straggler);
+        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
+    }
+
+    #[test]
+    fn spare_is_promoted_and_healed_from_the_leader() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 3, 1, &cfg);
+        all_beat(&mut s, t, 7, &cfg);
+        let spare = *s.members.values().find(|m| m.state == MemberState::Spare).map(|m| &m.id).unwrap();
+        let dead = s.ranks[0];
+        s.session_closed(t, dead);
+        let r = regroup(decide(t, &s, &cfg));
+        assert_eq!(r.ranks.len(), 3);
+        assert_eq!(r.promoted, vec![spare]);
+        assert_eq!(r.resume_step, Step(7));
+        assert_eq!(r.heal, vec![(spare, Rank(0))]);
+        apply(&mut s, &Decision::Regroup(r));
+        assert_eq!(s.members[&spare].rank, Some(Rank(2)));
+    }
+
+    #[test]
+    fn shrink_stops_at_min_world() {
+        let cfg = CoreConfig { min_world: 2, ..Default::default() };
+        let t = Instant::now();
+        let mut s = job(t, 3, 0, &cfg);
+        let a = s.ranks[0];
+        s.session_closed(t, a);
+        let d = decide(t, &s, &cfg);
+        apply(&mut s, &d);
+        assert_eq!(s.world(), 2);
+        let b = s.ranks[0];
+        s.session_closed(t, b);
+        match decide(t, &s, &cfg) {
+            Decision::Halt { reason } => assert!(reason.contains("min_world = 2"), "{reason}"),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn split_brain_majority_silence_is_held() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 5, 0, &cfg);
+        let later = t + cfg.heartbeat_timeout + Duration::from_millis(10);
+        // Only two of five ranks are heard from.
+        for &id in &s.ranks.clone()[..2] {
+            beat(&mut s, later, id, 1, 50, &cfg);
+        }
+        match decide(later, &s, &cfg) {
+            Decision::Hold { reason } => assert!(reason.contains("split-brain"), "{reason}"),
+            d => panic!("{d:?}"),
+        }
+        // Crashes seen as closed streams are not ambiguous: three of five crashing regroups.
+        let mut s = job(t, 5, 0, &cfg);
+        for &id in &s.ranks.clone()[..3] {
+            s.session_closed(t, id);
+        }
+        assert_eq!(regroup(decide(t, &s, &cfg)).ranks.len(), 2);
+    }
+
+    // G-1: a fenced member's heartbeats and reports are refused; generations only increase.
+    #[test]
+    fn stale_generation_is_refused() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 3, 0, &cfg);
+        let hung = s.ranks[2];
+        let later = t + cfg.heartbeat_timeout * 2;
+        for &id in &s.ranks.clone()[..2] {
+            beat(&mut s, later, id, 1, 50, &cfg);
+        }
+        let d = decide(later, &s, &cfg);
+        let g = apply(&mut s, &d);
+        assert_eq!(g, Generation(2));
+        // The hung rank wakes up and heartbeats for generation 1.
+        let hb = HeartbeatMsg { generation: Generation(1), step: Step(1), ..Default::default() };
+        assert!(matches!(s.heartbeat(later, hung, &hb, &cfg), Err(RuntimeError::Fenced { .. })));
+        assert!(matches!(s.session_opened(later, hung), Err(RuntimeError::Fenced { .. })));
+        let alive = s.ranks[0];
+        assert!(matches!(
+            s.report_fault(alive, Generation(1), Rank(1)),
+            Err(RuntimeError::StaleGeneration { .. })
+        ));
+        let future = HeartbeatMsg { generation: Generation(9), ..Default::default() };
+        assert!(s.heartbeat(later, alive, &future, &cfg).is_err());
+    }
+
+    #[test]
+    fn majority_of_fault_reports_evicts_the_suspect() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 4, 0, &cfg);
+        let (a, b, c, d) = (s.ranks[0], s.ranks[1], s.ranks[2], s.ranks[3]);
+        s.report_fault(a, Generation(1), Rank(3)).unwrap();
+        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
+        s.report_fault(b, Generation(1), Rank(3)).unwrap();
+        let r = regroup(decide(t, &s, &cfg));
+        assert!(matches!(&r.removed[..], [(id, Removal::Reported { by })] if *id == d && by.len() == 2));
+        let _ = c;
+    }
+
+    #[test]
+    fn rejoin_after_restart_keeps_the_generation() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 2, 0, &cfg);
+        let (a, b) = (s.ranks[0], s.ranks[1]);
+        // The coordinator restarts from its journal.
+        s.await_rejoin(t, &cfg);
+        let mut ra = reg(Role::Active);
+        ra.rejoin = Some((a, Generation(1), Rank(0)));
+        assert!(s.register(t, ra, &cfg).unwrap().rejoined);
+        s.session_opened(t, a).unwrap();
+        let mut rb = reg(Role::Active);
+        rb.rejoin = Some((b, Generation(1), Rank(1)));
+        assert!(s.register(t, rb, &cfg).unwrap().rejoined);
+        s.session_opened(t, b).unwrap();
+        assert_eq!(decide(t + Duration::from_secs(1), &s, &cfg), Decision::Steady);
+        assert_eq!(s.generation, Generation(1));
+        // A member that never comes back is removed once the grace has passed.
+        let mut s2 = job(t, 2, 0, &cfg);
+        s2.await_rejoin(t, &cfg);
+        let mut ra = reg(Role::Active);
+        ra.rejoin = Some((s2.ranks[0], Generation(1), Rank(0)));
+        s2.register(t, ra, &cfg).unwrap();
+        s2.session_opened(t, s2.ranks[0]).unwrap();
+        let late = t + cfg.rejoin_grace + Duration::from_millis(1);
+        let first = s2.ranks[0];
+        beat(&mut s2, late, first, 1, 50, &cfg);
+        let r = regroup(decide(late, &s2, &cfg));
+        assert_eq!(r.removed[0].1, Removal::NotRejoined);
+    }
+
+    #[test]
+    fn scale_and_drain_bounds() {
+        let cfg = CoreConfig { max_world: 8, ..Default::default() };
+        let t = Instant::now();
+        let mut s = job(t, 2, 2, &cfg);
+        assert!(s.scale(0, &cfg).is_err());
+        assert!(s.scale(9, &cfg).is_err());
+        s.scale(4, &cfg).unwrap();
+        let r = regroup(decide(t, &s, &cfg));
+        assert_eq!(r.ranks.len(), 4);
+        assert_eq!(r.heal.len(), 2);
+        apply(&mut s, &Decision::Regroup(r));
+        s.drain(Rank(3), &cfg).unwrap();
+        let r = regroup(decide(t, &s, &cfg));
+        assert_eq!(r.ranks.len(), 3);
+        assert_eq!(r.removed[0].1, Removal::Drained);
+        apply(&mut s, &Decision::Regroup(r));
+        // The last rank cannot be drained.
+        let mut one = job(t, 1, 0, &cfg);
+        assert!(one.drain(Rank(0), &cfg).is_err());
+        assert!(s.drain(Rank(7), &cfg).is_err());
+    }
+
+    #[test]
+    fn wrong_job_and_config_are_refused() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 1, 0, &cfg);
+        let mut r = reg(Role::Spare);
+        r.job_id = "other".into();
+        assert!(matches!(s.register(t, r, &cfg), Err(RuntimeError::WrongJob { .. })));
+        let mut r = reg(Role::Spare);
+        r.config_hash = "different".into();
+        assert!(matches!(s.register(t, r, &cfg), Err(RuntimeError::ConfigMismatch { .. })));
+    }
+}

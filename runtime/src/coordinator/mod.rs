@@ -1,0 +1,6 @@
+//! Coordinator: membership, generations, detection.
+//!
+//! `core` is the I/O-free decision logic; `journal` makes its durable part survive a crash;
+//! `service` is the thin gRPC shell; `client` is the rank side of the session.
+
+pub mod core;

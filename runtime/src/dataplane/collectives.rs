@@ -1,0 +1,725 @@
+//! Collectives over any [`Transport`]: ring allreduce (reduce-scatter + allgather, chunked and
+//! pipelined), reduce-scatter, allgather, pipelined chain broadcast, dissemination barrier, and
+//! striped point-to-point transfer of large buffers.
+//!
+//! Every collective is a *schedule*: the ordered list of chunk messages this rank sends and
+//! receives, each send naming the receive it depends on. One engine runs every schedule with a
+//! window of `window` sends and `window` receives in flight, so memory is bounded and the next
+//! step of the ring starts on a chunk as soon as that chunk arrives (the pipeline). Sends and
+//! most receives touch the caller's buffer directly (zero copy); only the reduce-scatter's
+//! receives land in staging buffers (`window` of `chunk_bytes` each), to be added in.
+
+use super::transport::*;
+use crate::error::RuntimeError;
+use crate::ids::Rank;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Duration;
+
+/// Tuning of the collectives. Defaults and the reasons for them: docs/dataplane.md.
+#[derive(Debug, Clone)]
+pub struct CollConfig {
+    /// Bytes per message. Large enough to amortise the per-message cost, small enough that a
+    /// ring step pipelines.
+    pub chunk_bytes: usize,
+    /// Sends and receives in flight per schedule.
+    pub window: usize,
+    /// An operation fails when no message completes for this long (a stopped or partitioned
+    /// peer makes no progress; a slow but live one does).
+    pub timeout: Duration,
+}
+
+impl Default for CollConfig {
+    fn default() -> Self {
+        CollConfig {
+            chunk_bytes: 1 << 20,
+            window: 4,
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SendItem {
+    to: Rank,
+    slot: u32,
+    range: Range<usize>,
+    /// Index of the receive that must have landed (and been reduced) first.
+    dep: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Receive straight into the buffer.
+    Direct,
+    /// Receive into staging, then add into the buffer.
+    Reduce,
+}
+
+#[derive(Debug, Clone)]
+struct RecvItem {
+    from: Rank,
+    slot: u32,
+    range: Range<usize>,
+    action: Action,
+}
+
+#[derive(Debug, Default)]
+struct Schedule {
+    sends: Vec<SendItem>,
+    recvs: Vec<RecvItem>,
+    /// How many peers send to this rank at once (scales the receive window).
+    sources: usize,
+}
+
+fn chunks(r: Range<usize>, chunk: usize) -> impl Iterator<Item = Range<usize>> {
+    let chunk = chunk.max(1);
+    (r.start..r.end)
+        .step_by(chunk)
+        .map(move |s| s..(s + chunk).min(r.end))
+}
+
+fn byte_range(elems: Range<usize>, size: usize) -> Range<usize> {
+    elems.start * size..elems.end * size
+}
+
+/// The ring schedule of rank `r` in a world of `n` over `len` elements of `elem` bytes.
+/// Segment `k` ends up reduced on rank `k` (its owner); the reduce-scatter passes it around the
+/// ring starting at `k + 1`, each rank adding its own values, so segment `k` is summed in the
+/// order `k+1, k+2, ..., k`. The allgather then ships the owner's bytes to everyone, which is
+/// why every rank ends with bitwise the same result (P-2).
+fn ring_schedule(n: usize, r: usize, len: usize, elem: usize, chunk: usize, rs: bool, ag: bool) -> Schedule {
+    let mut s = Schedule { sources: 1, ..Default::default() };
+    if n < 2 {
+        return s;
+    }
+    let seg = |k: usize| byte_range(part(len, n, k % n), elem);
+    let right = Rank(((r + 1) % n) as u32);
+    let left = Rank(((r + n - 1) % n) as u32);
+    // Chunk boundaries must fall on element boundaries.
+    let chunk = (chunk / elem).max(1) * elem;
+    let mut prev: Vec<usize> = Vec::new();
+    if rs {
+        for step in 0..n - 1 {
+            for (c, range) in chunks(seg(r + 2 * n - 1 - step), chunk).enumerate() {
+                let dep = if step == 0 { None } else { Some(prev[c]) };
+                let slot = s.sends.len() as u32;
+                s.sends.push(SendItem { to: right, slot, range, dep });
+            }
+            prev.clear();
+            for range in chunks(seg(r + 2 * n - 2 - step), chunk) {
+                prev.push(s.recvs.len());
+                let slot = s.recvs.len() as u32;
+                s.recvs.push(RecvItem { from: left, slot, range, action: Action::Reduce });
+            }
+        }
+    }
+    for step in 0..if ag { n - 1 } else { 0 } {
+        for (c, range) in chunks(seg(r + n - step), chunk).enumerate() {
+            let dep = if step == 0 && !rs { None } else { Some(prev[c]) };
+            let slot = s.sends.len() as u32;
+            s.sends.push(SendItem { to: right, slot, range, dep });
+        }
+        prev.clear();
+        for range in chunks(seg(r + 2 * n - 1 - step), chunk) {
+            prev.push(s.recvs.len());
+            let slot = s.recvs.len() as u32;
+            s.recvs.push(RecvItem { from: left, slot, range, action: Action::Direct });
+        }
+    }
+    s
+}
+
+/// A chain from `root`: each rank receives every chunk from its predecessor straight into its
+/// buffer and forwards it to its successor as soon as it has landed.
+fn chain_schedule(n: usize, r: usize, root: usize, len: usize, chunk: usize) -> Schedule {
+    let mut s = Schedule { sources: 1, ..Default::default() };
+    if n < 2 {
+        return s;
+    }
+    let pos = (r + n - root) % n;
+    let next = Rank(((r + 1) % n) as u32);
+    let prev = Rank(((r + n - 1) % n) as u32);
+    for (c, range) in chunks(0..len, chunk).enumerate() {
+        if pos > 0 {
+            s.recvs.push(RecvItem { from: prev, slot: c as u32, range: range.clone(), action: Action::Direct });
+        }
+        if pos < n - 1 {
+            let dep = (pos > 0).then_some(c);
+            s.sends.push(SendItem { to: next, slot: c as u32, range, dep });
+        }
+    }
+    s
+}
+
+/// Dissemination barrier: round `k` signals `r + 2^k` and waits for `r - 2^k`; after
+/// `ceil(log2 n)` rounds every rank has (transitively) heard from every other.
+fn barrier_schedule(n: usize, r: usize) -> Schedule {
+    let mut s = Schedule { sources: 1, ..Default::default() };
+    let mut d = 1;
+    let mut k = 0u32;
+    while d < n {
+        s.sends.push(SendItem {
+            to: Rank(((r + d) % n) as u32),
+            slot: k,
+            range: 0..0,
+            dep: k.checked_sub(1).map(|p| p as usize),
+        });
+        s.recvs.push(RecvItem { from: Rank(((r + n - d) % n) as u32), slot: k, range: 0..0, action: Action::Direct });
+        d *= 2;
+        k += 1;
+    }
+    s
+}
+
+/// The sender side of a striped transfer: stripe `index` of `senders.len()` stripes of `len`.
+fn stripe_send_schedule(to: Rank, index: usize, stripes: usize, len: usize, chunk: usize) -> Schedule {
+    let mut s = Schedule { sources: 1, ..Default::default() };
+    for (c, range) in chunks(part(len, stripes, index), chunk).enumerate() {
+        s.sends.push(SendItem { to, slot: c as u32, range, dep: None });
+    }
+    s
+}
+
+/// The receiver side: every sender's stripe, interleaved chunk by chunk so all senders stream
+/// at once.
+fn stripe_recv_schedule(senders: &[Rank], len: usize, chunk: usize) -> Schedule {
+    let mut s = Schedule { sources: senders.len().max(1), ..Default::default() };
+    let per: Vec<Vec<Range<usize>>> = (0..senders.len())
+        .map(|i| chunks(part(len, senders.len(), i), chunk).collect())
+        .collect();
+    let most = per.iter().map(Vec::len).max().unwrap_or(0);
+    for c in 0..most {
+        for (i, from) in senders.iter().enumerate() {
+            if let Some(range) = per[i].get(c) {
+                s.recvs.push(RecvItem { from: *from, slot: c as u32, range: range.clone(), action: Action::Direct });
+            }
+        }
+    }
+    s
+}
+
+#[derive(Clone, Copy)]
+enum Posted {
+    Send,
+    Recv(usize),
+}
+
+/// Runs one schedule to completion on the attached buffer.
+fn run<T: Transport>(t: &mut T, op: &'static str, seq: u16, s: &Schedule, cfg: &CollConfig) -> Result<(), RuntimeError> {
+    if s.sends.len() as u64 > MAX_SLOTS as u64 || s.recvs.len() as u64 > MAX_SLOTS as u64 {
+        return Err(RuntimeError::InvalidArgument {
+            op,
+            reason: format!(
+                "{} messages exceed the {MAX_SLOTS} a collective may use; raise chunk_bytes (now {})",
+                s.sends.len().max(s.recvs.len()),
+                cfg.chunk_bytes
+            ),
+        });
+    }
+    let window = cfg.window.max(1);
+    let recv_window = window * s.sources.max(1);
+    let mut posted: HashMap<ReqId, Posted> = HashMap::new();
+    let mut landed = vec![false; s.recvs.len()];
+    let (mut next_send, mut next_recv) = (0, 0);
+    let (mut sends_out, mut recvs_out, mut sends_done, mut recvs_done) = (0, 0, 0, 0);
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut to_reduce: Vec<(usize, Vec<u8>)> = Vec::new();
+    loop {
+        // Adds staged chunks whose region no send is reading any more.
+        let mut i = 0;
+        while i < to_reduce.len() {
+            let idx = to_reduce[i].0;
+            let range = s.recvs[idx].range.clone();
+            if t.busy(&range, true) {
+                i += 1;
+                continue;
+            }
+            let (idx, staged) = to_reduce.swap_remove(i);
+            add_f32(t.region_mut(range)?, &staged);
+            pool.push(staged);
+            landed[idx] = true;
+            recvs_done += 1;
+        }
+        while next_recv < s.recvs.len() && recvs_out < recv_window {
+            let it = &s.recvs[next_recv];
+            let key = MsgKey { seq, slot: it.slot };
+            let id = match it.action {
+                Action::Direct => {
+                    if t.busy(&it.range, true) {
+                        break;
+                    }
+                    t.recv_region(it.from, key, it.range.clone())?
+                }
+                Action::Reduce => {
+                    let mut b = pool.pop().unwrap_or_default();
+                    b.resize(it.range.len(), 0);
+                    t.recv_owned(it.from, key, b)?
+                }
+            };
+            posted.insert(id, Posted::Recv(next_recv));
+            next_recv += 1;
+            recvs_out += 1;
+        }
+        while next_send < s.sends.len() && sends_out < window {
+            let it = &s.sends[next_send];
+            if it.dep.is_some_and(|d| !landed[d]) || t.busy(&it.range, false) {
+                break;
+            }
+            let id = t.send_region(it.to, MsgKey { seq, slot: it.slot }, it.range.clone())?;
+            posted.insert(id, Posted::Send);
+            next_send += 1;
+            sends_out += 1;
+        }
+        if sends_done == s.sends.len() && recvs_done == s.recvs.len() {
+            return Ok(());
+        }
+        let c = t.wait_any(op, cfg.timeout)?;
+        match posted.remove(&c.id) {
+            Some(Posted::Send) => {
+                sends_out -= 1;
+                sends_done += 1;
+            }
+            Some(Posted::Recv(idx)) => {
+                recvs_out -= 1;
+                match c.buf {
+                    Some(staged) => to_reduce.push((idx, staged)),
+                    None => {
+                        landed[idx] = true;
+                        recvs_done += 1;
+                    }
+                }
+            }
+            // A completion this schedule did not post (e.g. an owned buffer the transport
+            // hands back late): nothing to account.
+            None => {}
+        }
+    }
+}
+
+/// The collectives of one group, over one transport.
+pub struct Collectives<T: Transport> {
+    t: T,
+    cfg: CollConfig,
+    seq: u16,
+}
+
+impl<T: Transport> Collectives<T> {
+    pub fn new(t: T, cfg: CollConfig) -> Self {
+        Collectives { t, cfg, seq: 0 }
+    }
+
+    pub fn transport(&self) -> &T {
+        &self.t
+    }
+
+    pub fn config(&self) -> &CollConfig {
+        &self.cfg
+    }
+
+    pub fn rank(&self) -> Rank {
+        self.t.rank()
+    }
+
+    pub fn world(&self) -> u32 {
+        self.t.world()
+    }
+
+    fn next_seq(&mut self) -> u16 {
+        // Sequence 0 is reserved for control messages.
+        self.seq = self.seq.checked_add(1).unwrap_or(1);
+        self.seq
+    }
+
+    fn with_buf(&mut self, op: &'static str, buf: OpBuf, s: &Schedule) -> (OpBuf, Result<(), RuntimeError>) {
+        let seq = self.next_seq();
+        if let Err(e) = self.t.attach(buf) {
+            return (OpBuf::None, Err(e));
+        }
+        let res = run(&mut self.t, op, seq, s, &self.cfg);
+        (self.t.detach(), res)
+    }
+
+    fn run_f32(&mut self, op: &'static str, buf: &mut Vec<f32>, s: Schedule) -> Result<(), RuntimeError> {
+        let (back, res) = self.with_buf(op, OpBuf::F32(std::mem::take(buf)), &s);
+        if let OpBuf::F32(v) = back {
+            *buf = v;
+        }
+        res
+    }
+
+    fn run_bytes(&mut self, op: &'static str, buf: &mut Vec<u8>, s: Schedule) -> Result<(), RuntimeError> {
+        let (back, res) = self.with_buf(op, OpBuf::Bytes(std::mem::take(buf)), &s);
+        if let OpBuf::Bytes(v) = back {
+            *buf = v;
+        }
+        res
+    }
+
+    fn me(&self) -> (usize, usize) {
+        (self.t.world() as usize, self.t.rank().0 as usize)
+    }
+
+    /// Sums `buf` elementwise over all ranks, in place. Every rank ends with bitwise identical
+    /// values. Extra memory: `window` staging chunks (`window * chunk_bytes`).
+    pub fn allreduce(&mut self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
+        let (n, r) = self.me();
+        let s = ring_schedule(n, r, buf.len(), 4, self.cfg.chunk_bytes, true, true);
+        self.run_f32("allreduce", buf, s)
+    }
+
+    /// Sums `buf` over all ranks and leaves this rank's segment of the sum (returned, in
+    /// elements: part `rank` of `world` near-equal parts) in place; the rest of `buf` holds
+    /// partial sums.
+    pub fn reduce_scatter(&mut self, buf: &mut Vec<f32>) -> Result<Range<usize>, RuntimeError> {
+        let (n, r) = self.me();
+        let s = ring_schedule(n, r, buf.len(), 4, self.cfg.chunk_bytes, true, false);
+        self.run_f32("reduce_scatter", buf, s)?;
+        Ok(part(buf.len(), n, r))
+    }
+
+    /// Every rank contributes its segment (`part(len, world, rank)`) of `buf`; afterwards every
+    /// rank holds all segments.
+    pub fn allgather(&mut self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
+        let (n, r) = self.me();
+        let s = ring_schedule(n, r, buf.len(), 4, self.cfg.chunk_bytes, false, true);
+        self.run_f32("allgather", buf, s)
+    }
+
+    /// Copies `root`'s `buf` into every rank's `buf` (same length everywhere).
+    pub fn broadcast(&mut self, buf: &mut Vec<u8>, root: Rank) -> Result<(), RuntimeError> {
+        let (n, r) = self.me();
+        if root.0 as usize >= n {
+            return Err(RuntimeError::InvalidArgument {
+                op: "broadcast",
+                reason: format!("root {root} is not a rank of a world of {n}"),
+            });
+        }
+        let s = chain_schedule(n, r, root.0 as usize, buf.len(), self.cfg.chunk_bytes);
+        self.run_bytes("broadcast", buf, s)
+    }
+
+    /// Returns once every rank has entered the barrier.
+    pub fn barrier(&mut self) -> Result<(), RuntimeError> {
+        let (n, r) = self.me();
+        self.run_bytes("barrier", &mut Vec::new(), barrier_schedule(n, r))
+    }
+
+    /// Sends this rank's stripe of `buf` to `to`; `senders` lists, in the same order on every
+    /// participant, the ranks that each send one stripe of the same buffer.
+    pub fn send_striped(&mut self, to: Rank, senders: &[Rank], buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
+        let me = self.t.rank();
+        let Some(index) = senders.iter().position(|s| *s == me) else {
+            return Err(RuntimeError::InvalidArgument {
+                op: "send_striped",
+                reason: format!("rank {me} is not among the senders {senders:?}"),
+            });
+        };
+        let s = stripe_send_schedule(to, index, senders.len(), buf.len(), self.cfg.chunk_bytes);
+        self.run_bytes("send_striped", buf, s)
+    }
+
+    /// Receives `buf.len()` bytes from `senders`, each sending one stripe.
+    pub fn recv_striped(&mut self, senders: &[Rank], buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
+        if senders.is_empty() {
+            return Err(RuntimeError::InvalidArgument {
+                op: "recv_striped",
+                reason: "no senders".into(),
+            });
+        }
+        let s = stripe_recv_schedule(senders, buf.len(), self.cfg.chunk_bytes);
+        self.run_bytes("recv_striped", buf, s)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::dataplane::inproc::{InProcNet, InProcTransport};
+    use crate::ids::Generation;
+
+    pub(crate) fn cfg(chunk: usize) -> CollConfig {
+        CollConfig { chunk_bytes: chunk, window: 3, timeout: Duration::from_secs(5) }
+    }
+
+    /// Runs `f` on `n` in-process ranks, one thread each, and returns their results in rank
+    /// order.
+    fn ranks<R: Send>(n: u32, chunk: usize, f: impl Fn(&mut Collectives<InProcTransport>) -> R + Sync) -> Vec<R> {
+        let net = InProcNet::new(n);
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..n)
+                .map(|r| {
+                    let ep = net.endpoint(Rank(r), Generation(1));
+                    let f = &f;
+                    sc.spawn(move || f(&mut Collectives::new(ep, cfg(chunk))))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Values whose sum depends on the order of addition, so a wrong order shows.
+    pub(crate) fn input(rank: u32, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                let x = ((i as u32).wrapping_mul(2654435761) ^ rank.wrapping_mul(40503)) % 10007;
+                (x as f32 - 5000.0) * 10f32.powi((i % 7) as i32 - 3) + rank as f32 * 0.1
+            })
+            .collect()
+    }
+
+    /// The sequential reference of the ring's sum: element `i` of segment `k` is added in rank
+    /// order `k+1, ..., n-1, 0, ..., k`.
+    pub(crate) fn reference(n: u32, len: usize) -> Vec<f32> {
+        let ins: Vec<Vec<f32>> = (0..n).map(|r| input(r, len)).collect();
+        let n = n as usize;
+        let mut out = vec![0f32; len];
+        for k in 0..n {
+            for i in part(len, n, k) {
+                let mut acc = ins[(k + 1) % n][i];
+                for j in 2..=n {
+                    acc += ins[(k + j) % n][i];
+                }
+                out[i] = acc;
+            }
+        }
+        out
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    const LENS: [usize; 7] = [0, 1, 2, 7, 13, 64, 1031];
+
+    /// P-2: every rank gets exactly the reference sum, for world sizes 1..=8, odd sizes, sizes
+    /// not divisible by the world, zero length, and chunks of 1, 3 and many elements.
+    #[test]
+    fn allreduce_matches_reference_bitwise() {
+        for n in 1..=8u32 {
+            for len in LENS {
+                for chunk in [4, 12, 256, 1 << 20] {
+                    let want = bits(&reference(n, len));
+                    let got = ranks(n, chunk, |c| {
+                        let mut b = input(c.rank().0, len);
+                        c.allreduce(&mut b).unwrap();
+                        bits(&b)
+                    });
+                    for (r, g) in got.iter().enumerate() {
+                        assert_eq!(g, &want, "n={n} len={len} chunk={chunk} rank={r}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reference_order_matters_so_the_test_can_fail() {
+        let (n, len) = (5, 1031);
+        let ins: Vec<Vec<f32>> = (0..n).map(|r| input(r, len)).collect();
+        let naive: Vec<f32> = (0..len).map(|i| ins.iter().map(|v| v[i]).sum()).collect();
+        assert_ne!(bits(&naive), bits(&reference(n, len)));
+    }
+
+    #[test]
+    fn reduce_scatter_and_allgather_match_reference() {
+        for n in 1..=8u32 {
+            for len in LENS {
+                let want = reference(n, len);
+                let got = ranks(n, 12, |c| {
+                    let mut b = input(c.rank().0, len);
+                    let seg = c.reduce_scatter(&mut b).unwrap();
+                    let mine = b[seg.clone()].to_vec();
+                    // Allgather of the reduced segments must rebuild the full sum.
+                    let mut g = vec![f32::NAN; len];
+                    g[seg.clone()].copy_from_slice(&mine);
+                    c.allgather(&mut g).unwrap();
+                    (seg, mine, g)
+                });
+                for (r, (seg, mine, g)) in got.into_iter().enumerate() {
+                    assert_eq!(seg, part(len, n as usize, r));
+                    assert_eq!(bits(&mine), bits(&want[seg]), "n={n} len={len} rank={r}");
+                    assert_eq!(bits(&g), bits(&want), "n={n} len={len} rank={r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_from_every_root() {
+        for n in 1..=8u32 {
+            for len in [0usize, 1, 5, 100, 1027] {
+                for root in 0..n {
+                    let got = ranks(n, 16, |c| {
+                        let mut b: Vec<u8> = if c.rank().0 == root {
+                            (0..len).map(|i| (i * 7 + root as usize) as u8).collect()
+                        } else {
+                            vec![0xEE; len]
+                        };
+                        c.broadcast(&mut b, Rank(root)).unwrap();
+                        b
+                    });
+                    let want: Vec<u8> = (0..len).map(|i| (i * 7 + root as usize) as u8).collect();
+                    assert!(got.iter().all(|g| *g == want), "n={n} len={len} root={root}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn barrier_and_repeated_mixed_collectives() {
+        for n in 1..=8u32 {
+            let got = ranks(n, 8, |c| {
+                let mut out = Vec::new();
+                for it in 0..5 {
+                    c.barrier().unwrap();
+                    let mut b = input(c.rank().0 + it, 33);
+                    c.allreduce(&mut b).unwrap();
+                    out.push(bits(&b));
+                }
+                out
+            });
+            assert!(got.iter().all(|g| *g == got[0]), "n={n}");
+        }
+    }
+
+    #[test]
+    fn striped_transfer_from_several_senders() {
+        for n in 2..=6u32 {
+            for len in [0usize, 1, 9, 4097] {
+                let state: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+                let senders: Vec<Rank> = (1..n).map(Rank).collect();
+                let got = ranks(n, 64, |c| {
+                    if c.rank() == Rank(0) {
+                        let mut b = vec![0u8; len];
+                        c.recv_striped(&senders, &mut b).unwrap();
+                        Some(b)
+                    } else {
+                        let mut b = state.clone();
+                        c.send_striped(Rank(0), &senders, &mut b).unwrap();
+                        None
+                    }
+                });
+                assert_eq!(got[0].as_deref(), Some(&state[..]), "n={n} len={len}");
+            }
+        }
+    }
+
+    /// P-3: a dead member turns into `PeerFailed` naming it on every survivor, and the group
+    /// stays broken.
+    #[test]
+    fn dead_peer_fails_every_survivor_with_its_rank() {
+        let net = InProcNet::new(4);
+        let got: Vec<_> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4u32)
+                .map(|r| {
+                    let ep = net.endpoint(Rank(r), Generation(3));
+                    let net = net.clone();
+                    sc.spawn(move || {
+                        let mut c = Collectives::new(ep, cfg(64));
+                        if r == 2 {
+                            net.kill(Rank(2));
+                            return None;
+                        }
+                        let mut b = vec![1.0f32; 1000];
+                        let first = c.allreduce(&mut b).unwrap_err();
+                        let again = c.allreduce(&mut b).unwrap_err();
+                        Some((first, again))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (first, again) in got.into_iter().flatten() {
+            assert!(matches!(first, RuntimeError::PeerFailed { rank: Rank(2), .. }), "{first}");
+            assert!(matches!(again, RuntimeError::GroupBroken { .. }), "{again}");
+        }
+    }
+
+    /// P-3: a silent (stopped) member turns into an error on every survivor within the timeout.
+    #[test]
+    fn silent_peer_times_out_within_the_deadline() {
+        let net = InProcNet::new(3);
+        let timeout = Duration::from_millis(300);
+        let got: Vec<_> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..2u32)
+                .map(|r| {
+                    let ep = net.endpoint(Rank(r), Generation(1));
+                    sc.spawn(move || {
+                        let mut c = Collectives::new(ep, CollConfig { timeout, ..cfg(64) });
+                        let t0 = std::time::Instant::now();
+                        let e = c.allreduce(&mut vec![1.0f32; 100]).unwrap_err();
+                        (e, t0.elapsed())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (e, took) in got {
+            assert!(matches!(e, RuntimeError::Timeout { .. } | RuntimeError::PeerFailed { .. }), "{e}");
+            assert!(took < timeout + Duration::from_millis(200), "{took:?}");
+        }
+    }
+
+    /// P-1: messages of another generation are dropped and counted, never delivered.
+    #[test]
+    fn stale_generation_messages_are_dropped() {
+        let net = InProcNet::new(2);
+        let key = MsgKey { seq: 1, slot: 0 };
+        // A message from generation 4 that would otherwise match rank 0's first receive.
+        net.inject(Rank(0), Rank(1), tag(KIND_DATA, Generation(4), Rank(1), key), vec![0xFF; 40]);
+        let got = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..2u32)
+                .map(|r| {
+                    let ep = net.endpoint(Rank(r), Generation(5));
+                    sc.spawn(move || {
+                        let mut c = Collectives::new(ep, cfg(1 << 20));
+                        let mut b = input(r, 20);
+                        c.allreduce(&mut b).unwrap();
+                        (bits(&b), c.transport().dropped_stale())
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        });
+        assert_eq!(got[0].0, bits(&reference(2, 20)));
+        assert_eq!(got[1].0, got[0].0);
+        assert_eq!(got[0].1, 1);
+    }
+
+    /// Bad input: a wrong-length message or a malformed control message is an error naming the
+    /// sender, not a panic or a hang.
+    #[test]
+    fn wrong_length_and_malformed_messages_are_errors() {
+        let got = ranks(2, 1 << 20, |c| {
+            let len = if c.rank().0 == 0 { 10 } else { 12 };
+            c.allreduce(&mut vec![1.0f32; len]).unwrap_err()
+        });
+        assert!(
+            got.iter().any(|e| matches!(e, RuntimeError::MessageLength { .. })),
+            "{got:?}"
+        );
+        let net = InProcNet::new(2);
+        let abort = tag(KIND_CTRL, Generation(1), Rank(1), MsgKey { seq: 0, slot: SLOT_ABORT });
+        net.inject(Rank(0), Rank(1), abort, vec![1, 2, 3]);
+        let mut c = Collectives::new(net.endpoint(Rank(0), Generation(1)), cfg(64));
+        let e = c.allreduce(&mut vec![1.0f32; 8]).unwrap_err();
+        assert!(matches!(e, RuntimeError::MalformedMessage { from: Rank(1), .. }), "{e}");
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let got = ranks(2, 64, |c| {
+            let root = c.broadcast(&mut vec![0u8; 4], Rank(9)).unwrap_err();
+            let stripe = c.send_striped(Rank(0), &[Rank(5)], &mut vec![0u8; 4]).unwrap_err();
+            (root, stripe)
+        });
+        for (a, b) in got {
+            assert!(matches!(a, RuntimeError::InvalidArgument { .. }));
+            assert!(matches!(b, RuntimeError::InvalidArgument { .. }));
+        }
+        // Too many chunks for the tag's slot field.
+        let got = ranks(2, 1, |c| c.broadcast(&mut vec![0u8; (MAX_SLOTS as usize) + 1], Rank(0)).unwrap_err());
+        assert!(got.iter().all(|e| matches!(e, RuntimeError::InvalidArgument { .. })));
+    }
+}

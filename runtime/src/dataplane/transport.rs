@@ -1,0 +1,445 @@
+//! The transport contract the collectives run on, and the wire format shared by every transport.
+//!
+//! A transport moves byte messages between the ranks of one group (one generation). The
+//! collectives post sends and receives and wait for completions; a transport never blocks
+//! longer than the timeout it is given and turns a dead or silent peer into an error.
+//!
+//! Zero copy: an operation *attaches* its buffer to the transport, and sends and receives name
+//! byte ranges of it. While a range is in flight the transport refuses to hand it out
+//! (`region`/`region_mut`) and refuses overlapping posts, so the collectives cannot race the
+//! network even by mistake; they ask [`Transport::busy`] first and defer instead.
+
+use crate::error::RuntimeError;
+use crate::ids::{Generation, Rank};
+use std::ops::Range;
+use std::time::Duration;
+
+/// Identifies one posted operation until it completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReqId(pub u64);
+
+/// What a message belongs to within a generation: the collective's sequence number and the
+/// message's index within that collective's schedule between one pair of ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MsgKey {
+    pub seq: u16,
+    pub slot: u32,
+}
+
+/// The buffer an operation works on. `F32` keeps the caller's `Vec<f32>` (no conversion copy);
+/// the transport sees it as bytes.
+#[derive(Debug, Default)]
+pub enum OpBuf {
+    #[default]
+    None,
+    F32(Vec<f32>),
+    Bytes(Vec<u8>),
+}
+
+impl OpBuf {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            OpBuf::None => &[],
+            OpBuf::F32(v) => f32_bytes(v),
+            OpBuf::Bytes(v) => v,
+        }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            OpBuf::None => &mut [],
+            OpBuf::F32(v) => f32_bytes_mut(v),
+            OpBuf::Bytes(v) => v,
+        }
+    }
+}
+
+pub(crate) fn f32_bytes(v: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+pub(crate) fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(v)
+}
+
+/// A completed operation: receives into owned buffers give the buffer back, as do owned sends.
+#[derive(Debug)]
+pub struct Completion {
+    pub id: ReqId,
+    pub buf: Option<Vec<u8>>,
+}
+
+/// One group's point-to-point messaging. Implemented by UCX (`ucx.rs`) and in-process
+/// (`inproc.rs`, for tests of the algorithms).
+pub trait Transport {
+    fn rank(&self) -> Rank;
+    fn world(&self) -> u32;
+    fn generation(&self) -> Generation;
+
+    /// Hands the operation's buffer to the transport. At most one buffer is attached.
+    fn attach(&mut self, buf: OpBuf) -> Result<(), RuntimeError>;
+    /// Takes the buffer back. Anything still in flight is cancelled first; after a failure the
+    /// contents are unspecified.
+    fn detach(&mut self) -> OpBuf;
+    /// The attached bytes of `r`, if no receive into them is in flight.
+    fn region(&self, r: Range<usize>) -> Result<&[u8], RuntimeError>;
+    /// The attached bytes of `r` for writing, if nothing touching them is in flight.
+    fn region_mut(&mut self, r: Range<usize>) -> Result<&mut [u8], RuntimeError>;
+    /// True when an in-flight operation overlaps `r` in a way that forbids `write` (or reading,
+    /// when `write` is false).
+    fn busy(&self, r: &Range<usize>, write: bool) -> bool;
+
+    fn send_region(&mut self, to: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError>;
+    fn recv_region(&mut self, from: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError>;
+    /// Sends an owned buffer (small control messages).
+    fn send_owned(&mut self, to: Rank, key: MsgKey, buf: Vec<u8>) -> Result<ReqId, RuntimeError>;
+    /// Receives exactly `buf.len()` bytes into an owned buffer (staging for reductions).
+    fn recv_owned(&mut self, from: Rank, key: MsgKey, buf: Vec<u8>) -> Result<ReqId, RuntimeError>;
+
+    /// Waits until one posted operation completes. Fails with `Timeout` when nothing completes
+    /// within `timeout`, with `PeerFailed` when a peer dies or another member reports a failure.
+    /// After an error the group is broken for good: every later call fails with `GroupBroken`.
+    fn wait_any(&mut self, op: &'static str, timeout: Duration) -> Result<Completion, RuntimeError>;
+
+    /// Messages of another generation (or otherwise not addressed to this group) dropped so far.
+    fn dropped_stale(&self) -> u64;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire format
+// ---------------------------------------------------------------------------------------------
+
+/// Message kinds, the top two bits of a tag.
+pub const KIND_DATA: u64 = 0;
+pub const KIND_CTRL: u64 = 1;
+
+pub const GEN_BITS: u32 = 14;
+pub const SRC_BITS: u32 = 12;
+pub const SEQ_BITS: u32 = 16;
+pub const SLOT_BITS: u32 = 20;
+
+const SLOT_SHIFT: u32 = 0;
+const SEQ_SHIFT: u32 = SLOT_BITS;
+const SRC_SHIFT: u32 = SEQ_SHIFT + SEQ_BITS;
+const GEN_SHIFT: u32 = SRC_SHIFT + SRC_BITS;
+const KIND_SHIFT: u32 = GEN_SHIFT + GEN_BITS;
+
+/// The largest world a tag can address.
+pub const MAX_WORLD: u32 = 1 << SRC_BITS;
+/// The most messages one collective may exchange between one pair of ranks.
+pub const MAX_SLOTS: u32 = 1 << SLOT_BITS;
+
+pub const KIND_MASK: u64 = 0b11 << KIND_SHIFT;
+pub const GEN_MASK: u64 = ((1 << GEN_BITS) - 1) << GEN_SHIFT;
+pub const SRC_MASK: u64 = ((1 << SRC_BITS) - 1) << SRC_SHIFT;
+pub const FULL_MASK: u64 = u64::MAX;
+
+/// The generation as it appears in a tag (its low bits). Full generations travel in the
+/// connection handshake and in control messages; the tag bits drop stray messages cheaply.
+pub fn gen_bits(g: Generation) -> u64 {
+    (g.0 & ((1 << GEN_BITS) - 1)) << GEN_SHIFT
+}
+
+/// Packs a tag. Callers guarantee `src < MAX_WORLD` and `slot < MAX_SLOTS` (checked when the
+/// group is built and when a schedule is planned).
+pub fn tag(kind: u64, g: Generation, src: Rank, key: MsgKey) -> u64 {
+    debug_assert!(src.0 < MAX_WORLD && key.slot < MAX_SLOTS);
+    (kind << KIND_SHIFT)
+        | gen_bits(g)
+        | ((src.0 as u64) << SRC_SHIFT)
+        | ((key.seq as u64) << SEQ_SHIFT)
+        | ((key.slot as u64 & ((1 << SLOT_BITS) - 1)) << SLOT_SHIFT)
+}
+
+/// The fields of a tag, for diagnostics and for the stale-message sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TagFields {
+    pub kind: u64,
+    pub gen_low: u64,
+    pub src: u32,
+    pub key: MsgKey,
+}
+
+pub fn untag(t: u64) -> TagFields {
+    TagFields {
+        kind: t >> KIND_SHIFT,
+        gen_low: (t & GEN_MASK) >> GEN_SHIFT,
+        src: ((t & SRC_MASK) >> SRC_SHIFT) as u32,
+        key: MsgKey {
+            seq: ((t >> SEQ_SHIFT) & ((1 << SEQ_BITS) - 1)) as u16,
+            slot: ((t >> SLOT_SHIFT) & ((1 << SLOT_BITS) - 1)) as u32,
+        },
+    }
+}
+
+/// Probe patterns `(tag, mask)` that together match every message whose tag is *not* of kind
+/// data/control in generation `g`: one pattern per generation bit (that bit differs from `g`'s)
+/// plus one for the invalid kinds. Tag matching cannot say "not equal"; a set of single-bit
+/// patterns can.
+pub fn stale_patterns(g: Generation) -> Vec<(u64, u64)> {
+    let mine = gen_bits(g);
+    let mut v = Vec::with_capacity(GEN_BITS as usize + 1);
+    for b in 0..GEN_BITS {
+        let bit = 1u64 << (GEN_SHIFT + b);
+        v.push((!mine & bit, bit));
+    }
+    let high = 1u64 << (KIND_SHIFT + 1);
+    v.push((high, high));
+    v
+}
+
+/// Control messages: the connection handshake and the abort that spreads a failure to every
+/// member. 24 bytes, little endian: magic, kind, rank/subject, world, full generation.
+pub const CTRL_LEN: usize = 24;
+const CTRL_MAGIC: u32 = 0x5048_5831; // "PHX1"
+
+/// Reserved slots of control messages (sequence number 0, never used by a collective).
+pub const SLOT_HELLO: u32 = 0;
+pub const SLOT_ABORT: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ctrl {
+    /// Sent once on every connection: who I am, in which group.
+    Hello { rank: Rank, world: u32, generation: Generation },
+    /// The sender saw a failure; `subject` names the failed rank, or `None` for a timeout.
+    Abort { subject: Option<Rank>, generation: Generation, timeout: bool },
+}
+
+pub fn encode_ctrl(c: &Ctrl) -> Vec<u8> {
+    let mut b = Vec::with_capacity(CTRL_LEN);
+    b.extend_from_slice(&CTRL_MAGIC.to_le_bytes());
+    let (kind, a, w, g) = match *c {
+        Ctrl::Hello { rank, world, generation } => (1u32, rank.0, world, generation.0),
+        Ctrl::Abort { subject, generation, timeout } => {
+            let kind = if timeout { 3 } else { 2 };
+            (kind, subject.map_or(u32::MAX, |r| r.0), 0, generation.0)
+        }
+    };
+    b.extend_from_slice(&kind.to_le_bytes());
+    b.extend_from_slice(&a.to_le_bytes());
+    b.extend_from_slice(&w.to_le_bytes());
+    b.extend_from_slice(&g.to_le_bytes());
+    b
+}
+
+/// Parses a control message; every malformed input is an error string, never a panic.
+pub fn decode_ctrl(b: &[u8]) -> Result<Ctrl, String> {
+    if b.len() != CTRL_LEN {
+        return Err(format!("control message of {} bytes, expected {CTRL_LEN}", b.len()));
+    }
+    let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    if u(0) != CTRL_MAGIC {
+        return Err(format!("bad magic {:#010x} (not a phalanx peer, or another version)", u(0)));
+    }
+    let mut g = [0u8; 8];
+    g.copy_from_slice(&b[16..24]);
+    let generation = Generation(u64::from_le_bytes(g));
+    match u(4) {
+        1 => Ok(Ctrl::Hello { rank: Rank(u(8)), world: u(12), generation }),
+        k @ (2 | 3) => Ok(Ctrl::Abort {
+            subject: (u(8) != u32::MAX).then_some(Rank(u(8))),
+            generation,
+            timeout: k == 3,
+        }),
+        k => Err(format!("unknown control kind {k}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bookkeeping shared by the transports
+// ---------------------------------------------------------------------------------------------
+
+/// The ranges of the attached buffer that posted operations read (sends) or write (receives).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    ops: Vec<(ReqId, Range<usize>, bool)>,
+}
+
+fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+impl InFlight {
+    /// A new read conflicts with in-flight writes; a new write with anything in flight.
+    pub fn busy(&self, r: &Range<usize>, write: bool) -> bool {
+        self.ops
+            .iter()
+            .any(|(_, o, w)| (write || *w) && overlaps(o, r))
+    }
+
+    pub fn add(&mut self, id: ReqId, r: Range<usize>, write: bool) {
+        if !r.is_empty() {
+            self.ops.push((id, r, write));
+        }
+    }
+
+    pub fn remove(&mut self, id: ReqId) {
+        self.ops.retain(|(i, _, _)| *i != id);
+    }
+
+    pub fn clear(&mut self) {
+        self.ops.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// Checks a range against the attached length and the in-flight set before a post.
+pub fn check_range(
+    op: &'static str,
+    len: usize,
+    inflight: &InFlight,
+    r: &Range<usize>,
+    write: bool,
+) -> Result<(), RuntimeError> {
+    if r.start > r.end || r.end > len {
+        return Err(RuntimeError::InvalidArgument {
+            op,
+            reason: format!("range {r:?} outside the {len}-byte buffer"),
+        });
+    }
+    if inflight.busy(r, write) {
+        return Err(RuntimeError::InvalidArgument {
+            op,
+            reason: format!("range {r:?} overlaps an operation in flight"),
+        });
+    }
+    Ok(())
+}
+
+/// `dst[i] += src[i]` over f32 values stored as native-endian bytes. Every rank reduces a
+/// given chunk in the same order (the ring's), and only the chunk's owner's result is kept,
+/// so the sum is bitwise identical everywhere.
+pub fn add_f32(dst: &mut [u8], src: &[u8]) {
+    debug_assert_eq!(dst.len(), src.len());
+    match (
+        bytemuck::try_cast_slice_mut::<u8, f32>(dst),
+        bytemuck::try_cast_slice::<u8, f32>(src),
+    ) {
+        (Ok(d), Ok(s)) => {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d += *s;
+            }
+        }
+        // Misaligned staging memory: same arithmetic, byte-wise loads.
+        (Err(_), _) | (_, Err(_)) => {
+            for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
+                let v = f32::from_ne_bytes([d[0], d[1], d[2], d[3]])
+                    + f32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
+                d.copy_from_slice(&v.to_ne_bytes());
+            }
+        }
+    }
+}
+
+/// Part `i` of `len` items split into `parts` contiguous parts whose sizes differ by at most
+/// one (the first `len % parts` get one more).
+pub fn part(len: usize, parts: usize, i: usize) -> Range<usize> {
+    let base = len / parts;
+    let extra = len % parts;
+    let start = i * base + i.min(extra);
+    start..start + base + usize::from(i < extra)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_round_trips_every_field() {
+        let key = MsgKey { seq: 0xBEEF, slot: MAX_SLOTS - 1 };
+        let t = tag(KIND_CTRL, Generation(0x3FFF + 7), Rank(MAX_WORLD - 1), key);
+        let f = untag(t);
+        assert_eq!(f.kind, KIND_CTRL);
+        assert_eq!(f.gen_low, (0x3FFF + 7) & 0x3FFF);
+        assert_eq!(f.src, MAX_WORLD - 1);
+        assert_eq!(f.key, key);
+    }
+
+    /// P-1: a stale-generation tag is matched by some sweep pattern; a current one by none.
+    #[test]
+    fn stale_patterns_match_exactly_other_generations() {
+        let key = MsgKey { seq: 3, slot: 9 };
+        let matches = |t: u64, g: Generation| {
+            stale_patterns(g)
+                .iter()
+                .any(|&(pt, m)| t & m == pt & m)
+        };
+        for g in [0u64, 1, 5, 0x3FFF, 1 << 20] {
+            let g = Generation(g);
+            for kind in [KIND_DATA, KIND_CTRL] {
+                assert!(!matches(tag(kind, g, Rank(2), key), g));
+                for other in [g.0 + 1, g.0 ^ 0x2000, g.0.wrapping_sub(1)] {
+                    assert!(matches(tag(kind, Generation(other), Rank(2), key), g));
+                }
+            }
+            assert!(matches(tag(KIND_DATA, g, Rank(2), key) | (1 << 63), g));
+        }
+    }
+
+    #[test]
+    fn ctrl_round_trips_and_rejects_garbage() {
+        for c in [
+            Ctrl::Hello { rank: Rank(3), world: 4, generation: Generation(77) },
+            Ctrl::Abort { subject: Some(Rank(2)), generation: Generation(9), timeout: false },
+            Ctrl::Abort { subject: None, generation: Generation(9), timeout: true },
+        ] {
+            assert_eq!(decode_ctrl(&encode_ctrl(&c)).unwrap(), c);
+        }
+        let good = encode_ctrl(&Ctrl::Hello { rank: Rank(1), world: 2, generation: Generation(1) });
+        for n in 0..good.len() {
+            assert!(decode_ctrl(&good[..n]).is_err(), "truncated to {n} accepted");
+        }
+        let mut bad = good.clone();
+        bad[0] ^= 1;
+        assert!(decode_ctrl(&bad).unwrap_err().contains("magic"));
+        let mut bad = good;
+        bad[4] = 9;
+        assert!(decode_ctrl(&bad).unwrap_err().contains("kind"));
+    }
+
+    #[test]
+    fn parts_cover_exactly_and_differ_by_at_most_one() {
+        for len in 0..40 {
+            for parts in 1..9 {
+                let mut next = 0;
+                for i in 0..parts {
+                    let r = part(len, parts, i);
+                    assert_eq!(r.start, next);
+                    assert!(r.len() == len / parts || r.len() == len / parts + 1);
+                    next = r.end;
+                }
+                assert_eq!(next, len);
+            }
+        }
+    }
+
+    #[test]
+    fn inflight_blocks_conflicting_access_only() {
+        let mut f = InFlight::default();
+        f.add(ReqId(1), 0..10, false);
+        f.add(ReqId(2), 20..30, true);
+        assert!(!f.busy(&(5..8), false), "two reads do not conflict");
+        assert!(f.busy(&(5..8), true));
+        assert!(f.busy(&(25..26), false));
+        assert!(!f.busy(&(10..20), true));
+        f.remove(ReqId(2));
+        assert!(!f.busy(&(25..26), true));
+    }
+
+    #[test]
+    fn add_f32_aligned_and_misaligned_agree() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.37).collect();
+        let b: Vec<f32> = (0..37).map(|i| 1.0 / (i as f32 + 1.0)).collect();
+        let mut d1 = f32_bytes(&a).to_vec();
+        add_f32(&mut d1, f32_bytes(&b));
+        let mut raw = vec![0u8; 37 * 4 + 1];
+        raw[1..].copy_from_slice(f32_bytes(&a));
+        add_f32(&mut raw[1..], f32_bytes(&b));
+        assert_eq!(d1, raw[1..]);
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_eq!(d1, f32_bytes(&want));
+    }
+}

@@ -1,0 +1,77 @@
+//! The one error type of the runtime crate.
+
+use crate::ids::{Generation, Rank};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    // --- data plane ---
+    /// A peer died, was stopped, or is unreachable: the collective cannot complete.
+    #[error("peer rank {rank} failed during {op}: {reason}")]
+    PeerFailed {
+        rank: Rank,
+        op: &'static str,
+        reason: String,
+    },
+    /// An operation did not complete within its deadline.
+    #[error("{op} timed out after {after:?} (generation {generation}); a peer may be hung or partitioned")]
+    Timeout {
+        op: &'static str,
+        after: Duration,
+        generation: Generation,
+    },
+    /// A peer sent bytes that are not a valid message of this group.
+    #[error("malformed message from rank {from} during {op}: {reason}; the peer runs another phalanx version or is not a member of this group")]
+    MalformedMessage {
+        from: Rank,
+        op: &'static str,
+        reason: String,
+    },
+    /// A message of the wrong size arrived: the ranks called the collective with different
+    /// buffer lengths.
+    #[error("{op}: rank {from} sent {got} bytes where {expected} were expected; every rank must pass a buffer of the same length")]
+    MessageLength {
+        from: Rank,
+        op: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// An earlier failure broke the group; nothing more can run on it.
+    #[error("{op}: the data-plane group of generation {generation} is broken ({cause}); tear it down and build the next generation")]
+    GroupBroken {
+        op: &'static str,
+        generation: Generation,
+        cause: String,
+    },
+    /// A caller passed an argument the data plane cannot act on.
+    #[error("{op}: {reason}")]
+    InvalidArgument { op: &'static str, reason: String },
+    /// The UCX library refused an operation (initialisation, endpoint creation, ...).
+    #[error("UCX {op} failed: {reason}; check UCX_TLS / UCX_NET_DEVICES (docs/dataplane.md)")]
+    Transport { op: &'static str, reason: String },
+    /// The address exchange before a group is built failed.
+    #[error("bootstrap via {addr} failed: {reason}")]
+    Bootstrap { addr: String, reason: String },
+
+    // --- control plane ---
+    #[error("member {member} is not registered with this coordinator; register again")]
+    UnknownMember { member: u64 },
+    #[error("job id {got:?} does not match this coordinator's job {want:?}; point the worker at its own job's coordinator")]
+    WrongJob { got: String, want: String },
+    #[error("config hash {got} differs from the job's {want}: this worker's model config or dataset is not the job's; start it with the job's config")]
+    ConfigMismatch { got: String, want: String },
+    #[error("member {member} was fenced out of the job (now at generation {generation}); restart the process to join as a new spare")]
+    Fenced { member: u64, generation: Generation },
+    #[error("stale generation {got}: the job is at generation {current}")]
+    StaleGeneration { got: Generation, current: Generation },
+    #[error("invalid message: {what}")]
+    InvalidMessage { what: String },
+    #[error("refused: {what}")]
+    InvalidRequest { what: String },
+    #[error("coordinator journal {path}: {reason}")]
+    Journal { path: String, reason: String },
+    #[error("cannot reach the coordinator at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("coordinator answered {code}: {message}")]
+    Rpc { code: String, message: String },
+}
