@@ -62,6 +62,9 @@ struct RecvItem {
     slot: u32,
     range: Range<usize>,
     action: Action,
+    /// Index of a send reading the same bytes that must complete before this receive may
+    /// overwrite them.
+    after: Option<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -99,18 +102,24 @@ fn ring_schedule(n: usize, r: usize, len: usize, elem: usize, chunk: usize, rs: 
     // Chunk boundaries must fall on element boundaries.
     let chunk = (chunk / elem).max(1) * elem;
     let mut prev: Vec<usize> = Vec::new();
+    // rs_sends[step][c]: the reduce-scatter send that reads the bytes the allgather's receive
+    // of the same step and chunk will overwrite.
+    let mut rs_sends: Vec<Vec<usize>> = Vec::new();
     if rs {
         for step in 0..n - 1 {
+            let mut these = Vec::new();
             for (c, range) in chunks(seg(r + 2 * n - 1 - step), chunk).enumerate() {
                 let dep = if step == 0 { None } else { Some(prev[c]) };
                 let slot = s.sends.len() as u32;
+                these.push(s.sends.len());
                 s.sends.push(SendItem { to: right, slot, range, dep });
             }
+            rs_sends.push(these);
             prev.clear();
             for range in chunks(seg(r + 2 * n - 2 - step), chunk) {
                 prev.push(s.recvs.len());
                 let slot = s.recvs.len() as u32;
-                s.recvs.push(RecvItem { from: left, slot, range, action: Action::Reduce });
+                s.recvs.push(RecvItem { from: left, slot, range, action: Action::Reduce, after: None });
             }
         }
     }
@@ -121,10 +130,11 @@ fn ring_schedule(n: usize, r: usize, len: usize, elem: usize, chunk: usize, rs: 
             s.sends.push(SendItem { to: right, slot, range, dep });
         }
         prev.clear();
-        for range in chunks(seg(r + 2 * n - 1 - step), chunk) {
+        for (c, range) in chunks(seg(r + 2 * n - 1 - step), chunk).enumerate() {
             prev.push(s.recvs.len());
             let slot = s.recvs.len() as u32;
-            s.recvs.push(RecvItem { from: left, slot, range, action: Action::Direct });
+            let after = rs_sends.get(step).map(|v| v[c]);
+            s.recvs.push(RecvItem { from: left, slot, range, action: Action::Direct, after });
         }
     }
     s
@@ -142,7 +152,7 @@ fn chain_schedule(n: usize, r: usize, root: usize, len: usize, chunk: usize) -> 
     let prev = Rank(((r + n - 1) % n) as u32);
     for (c, range) in chunks(0..len, chunk).enumerate() {
         if pos > 0 {
-            s.recvs.push(RecvItem { from: prev, slot: c as u32, range: range.clone(), action: Action::Direct });
+            s.recvs.push(RecvItem { from: prev, slot: c as u32, range: range.clone(), action: Action::Direct, after: None });
         }
         if pos < n - 1 {
             let dep = (pos > 0).then_some(c);
@@ -165,7 +175,13 @@ fn barrier_schedule(n: usize, r: usize) -> Schedule {
             range: 0..0,
             dep: k.checked_sub(1).map(|p| p as usize),
         });
-        s.recvs.push(RecvItem { from: Rank(((r + n - d) % n) as u32), slot: k, range: 0..0, action: Action::Direct });
+        s.recvs.push(RecvItem {
+            from: Rank(((r + n - d) % n) as u32),
+            slot: k,
+            range: 0..0,
+            action: Action::Direct,
+            after: None,
+        });
         d *= 2;
         k += 1;
     }
@@ -192,7 +208,7 @@ fn stripe_recv_schedule(senders: &[Rank], len: usize, chunk: usize) -> Schedule 
     for c in 0..most {
         for (i, from) in senders.iter().enumerate() {
             if let Some(range) = per[i].get(c) {
-                s.recvs.push(RecvItem { from: *from, slot: c as u32, range: range.clone(), action: Action::Direct });
+                s.recvs.push(RecvItem { from: *from, slot: c as u32, range: range.clone(), action: Action::Direct, after: None });
             }
         }
     }
@@ -201,7 +217,7 @@ fn stripe_recv_schedule(senders: &[Rank], len: usize, chunk: usize) -> Schedule 
 
 #[derive(Clone, Copy)]
 enum Posted {
-    Send,
+    Send(usize),
     Recv(usize),
 }
 
@@ -221,6 +237,7 @@ fn run<T: Transport>(t: &mut T, op: &'static str, seq: u16, s: &Schedule, cfg: &
     let recv_window = window * s.sources.max(1);
     let mut posted: HashMap<ReqId, Posted> = HashMap::new();
     let mut landed = vec![false; s.recvs.len()];
+    let mut sent = vec![false; s.sends.len()];
     let (mut next_send, mut next_recv) = (0, 0);
     let (mut sends_out, mut recvs_out, mut sends_done, mut recvs_done) = (0, 0, 0, 0);
     let mut pool: Vec<Vec<u8>> = Vec::new();
@@ -243,6 +260,9 @@ fn run<T: Transport>(t: &mut T, op: &'static str, seq: u16, s: &Schedule, cfg: &
         }
         while next_recv < s.recvs.len() && recvs_out < recv_window {
             let it = &s.recvs[next_recv];
+            if it.after.is_some_and(|i| !sent[i]) {
+                break;
+            }
             let key = MsgKey { seq, slot: it.slot };
             let id = match it.action {
                 Action::Direct => {
@@ -267,7 +287,7 @@ fn run<T: Transport>(t: &mut T, op: &'static str, seq: u16, s: &Schedule, cfg: &
                 break;
             }
             let id = t.send_region(it.to, MsgKey { seq, slot: it.slot }, it.range.clone())?;
-            posted.insert(id, Posted::Send);
+            posted.insert(id, Posted::Send(next_send));
             next_send += 1;
             sends_out += 1;
         }
@@ -276,7 +296,8 @@ fn run<T: Transport>(t: &mut T, op: &'static str, seq: u16, s: &Schedule, cfg: &
         }
         let c = t.wait_any(op, cfg.timeout)?;
         match posted.remove(&c.id) {
-            Some(Posted::Send) => {
+            Some(Posted::Send(i)) => {
+                sent[i] = true;
                 sends_out -= 1;
                 sends_done += 1;
             }
