@@ -334,6 +334,10 @@ impl<T: Transport> Collectives<T> {
         &self.t
     }
 
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.t
+    }
+
     pub fn config(&self) -> &CollConfig {
         &self.cfg
     }

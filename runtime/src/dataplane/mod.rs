@@ -4,12 +4,18 @@
 //! - [`collectives`]: ring allreduce, reduce-scatter, allgather, broadcast, barrier, striped
 //!   point-to-point, over any transport.
 //! - [`inproc`]: an in-process transport for fast tests of the algorithms.
+//! - [`ucx`]: the UCX transport and [`UcxGroup`], the handle the runtime uses.
+//! - [`bootstrap`]: address exchange until the control plane does it.
 //!
 //! Invariants P-1.. are in docs/semantics.md ("Data plane"); settings in docs/dataplane.md.
 
+pub mod bootstrap;
 pub mod collectives;
 pub mod inproc;
 pub mod transport;
+pub mod ucx;
 
 pub use collectives::{CollConfig, Collectives};
+pub use bootstrap::{AddressExchange, BootstrapServer, TcpBootstrap};
 pub use transport::Transport;
+pub use ucx::{UcxConfig, UcxGroup, UcxStats};

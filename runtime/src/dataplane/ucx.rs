@@ -1,0 +1,1120 @@
+//! The UCX transport: one OS thread owns the UCP context, worker and endpoints of a group; the
+//! rest of the runtime talks to it through [`UcxGroup`] over channels. UCX objects never leave
+//! that thread (the raw handles make the transport `!Send`, so the compiler enforces it).
+//!
+//! A group is one generation: building the next generation builds a new worker with a new
+//! address, so a fenced-out rank that wakes up still holds endpoints to workers that no longer
+//! exist and cannot reach the new group at all (P-1); tags carry the generation's low bits as
+//! well, and a sweep drops and counts anything of another generation that reaches a worker.
+//!
+//! Failure handling: endpoints use `UCP_ERR_HANDLING_MODE_PEER` with UCX keepalive; a failed
+//! endpoint, a failed request or a wait without progress for `timeout` breaks the group, and the
+//! rank that notices tells every other member with an abort message so that all of them fail
+//! within milliseconds rather than each waiting out its own deadline (P-3).
+//!
+//! This is the only module of the workspace with `unsafe` code: the UCP C API.
+#![allow(unsafe_code)]
+
+use super::bootstrap::AddressExchange;
+use super::collectives::{CollConfig, Collectives};
+use super::inproc::abort_error;
+use super::transport::*;
+use crate::error::RuntimeError;
+use crate::ids::{Generation, Rank};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::ops::Range;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use ucx_rs::sys;
+
+/// Settings of a UCX group. Defaults and their reasons: docs/dataplane.md.
+#[derive(Debug, Clone)]
+pub struct UcxConfig {
+    pub coll: CollConfig,
+    /// UCX keepalive interval, unless `UCX_KEEPALIVE_INTERVAL` is set in the environment.
+    pub keepalive: Duration,
+    /// Bound on building the group: address exchange plus the handshake with every peer.
+    pub connect_timeout: Duration,
+}
+
+impl Default for UcxConfig {
+    fn default() -> Self {
+        UcxConfig {
+            coll: CollConfig::default(),
+            keepalive: Duration::from_millis(200),
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Counters a group reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UcxStats {
+    /// Messages of another generation (or malformed tags) dropped by the sweep.
+    pub dropped_stale: u64,
+}
+
+fn status_str(s: sys::ucs_status_t) -> String {
+    format!("{} ({s})", ucx_rs::status_string(s))
+}
+
+fn ucx_err(op: &'static str, s: sys::ucs_status_t) -> RuntimeError {
+    RuntimeError::Transport { op, reason: status_str(s) }
+}
+
+/// Called by UCX (on the owning thread, inside `ucp_worker_progress`) when an endpoint fails.
+unsafe extern "C" fn on_ep_error(arg: *mut c_void, _ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
+    // SAFETY: `arg` is the address of one `Cell<sys::ucs_status_t>` of `UcxTransport::failed`, a boxed slice
+    // that outlives every endpoint (endpoints are closed before it is dropped), and the callback
+    // runs on the thread that owns the transport, so the `Cell` is never shared.
+    let cell = unsafe { &*(arg as *const Cell<sys::ucs_status_t>) };
+    cell.set(status);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ReqKind {
+    /// A send or receive a collective posted.
+    Data,
+    /// Receive of a stale message, only to remove it.
+    Drain,
+    /// Handshake and abort messages.
+    Ctrl,
+}
+
+struct Req {
+    ptr: *mut c_void,
+    recv: bool,
+    kind: ReqKind,
+    peer: Rank,
+    expected: usize,
+    owned: Option<Vec<u8>>,
+}
+
+enum SendSource {
+    Region(Range<usize>),
+    Owned(Vec<u8>),
+}
+
+enum RecvTarget {
+    Region(Range<usize>),
+    Owned(Vec<u8>),
+}
+
+/// The UCP objects of one group, owned by one thread.
+pub struct UcxTransport {
+    context: sys::ucp_context_h,
+    worker: sys::ucp_worker_h,
+    efd: Option<i32>,
+    eps: Vec<sys::ucp_ep_h>,
+    /// Per-rank status set by `on_ep_error` (0 = healthy).
+    failed: Box<[Cell<sys::ucs_status_t>]>,
+    rank: Rank,
+    world: u32,
+    generation: Generation,
+    buf: OpBuf,
+    inflight: InFlight,
+    reqs: HashMap<ReqId, Req>,
+    next_id: u64,
+    broken: Option<String>,
+    /// Set when a request could not be retired after a failure: UCX may still write the
+    /// attached buffer, so it is never handed back (it is leaked instead).
+    poisoned: bool,
+    dropped: u64,
+    abort_recv: Option<(ReqId, Vec<u8>)>,
+    last_sweep: Instant,
+}
+
+const CTRL_SLOT_BUF: usize = 64;
+
+impl UcxTransport {
+    /// Creates the context and worker, exchanges addresses, connects to every peer and checks
+    /// each peer's handshake (same generation, expected rank, same world).
+    pub fn connect(
+        rank: Rank,
+        world: u32,
+        generation: Generation,
+        cfg: &UcxConfig,
+        exchange: &mut dyn AddressExchange,
+    ) -> Result<Self, RuntimeError> {
+        if world == 0 || world > MAX_WORLD || rank.0 >= world {
+            return Err(RuntimeError::InvalidArgument {
+                op: "connect",
+                reason: format!("rank {rank} of world {world} (worlds of 1..={MAX_WORLD})"),
+            });
+        }
+        let deadline = Instant::now() + cfg.connect_timeout;
+        let (context, worker) = init(cfg)?;
+        let mut t = UcxTransport {
+            context,
+            worker,
+            efd: None,
+            eps: vec![std::ptr::null_mut(); world as usize],
+            failed: (0..world).map(|_| Cell::new(0)).collect(),
+            rank,
+            world,
+            generation,
+            buf: OpBuf::None,
+            inflight: InFlight::default(),
+            reqs: HashMap::new(),
+            next_id: 0,
+            broken: None,
+            poisoned: false,
+            dropped: 0,
+            abort_recv: None,
+            last_sweep: Instant::now(),
+        };
+        let mut efd: i32 = -1;
+        // SAFETY: `t.worker` is a live worker created with UCP_FEATURE_WAKEUP; `efd` is a valid
+        // out-pointer.
+        if unsafe { sys::ucp_worker_get_efd(t.worker, &mut efd) } == sys::ucs_status_t_UCS_OK {
+            t.efd = Some(efd);
+        }
+        let local = t.address()?;
+        let table = exchange.exchange(rank, world, generation, &local, cfg.connect_timeout)?;
+        if table.len() != world as usize {
+            return Err(RuntimeError::Bootstrap {
+                addr: "address exchange".into(),
+                reason: format!("{} addresses for a world of {world}", table.len()),
+            });
+        }
+        for (r, addr) in table.iter().enumerate() {
+            if r as u32 != rank.0 {
+                t.connect_ep(Rank(r as u32), addr)?;
+            }
+        }
+        t.handshake(deadline)?;
+        t.post_abort_recv()?;
+        Ok(t)
+    }
+
+    fn address(&self) -> Result<Vec<u8>, RuntimeError> {
+        let mut addr: *mut sys::ucp_address_t = std::ptr::null_mut();
+        let mut len: usize = 0;
+        // SAFETY: live worker, valid out-pointers.
+        let st = unsafe { sys::ucp_worker_get_address(self.worker, &mut addr, &mut len) };
+        if st != sys::ucs_status_t_UCS_OK {
+            return Err(ucx_err("worker_get_address", st));
+        }
+        // SAFETY: UCX returned `len` readable bytes at `addr`, valid until released below.
+        let v = unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.to_vec();
+        // SAFETY: `addr` came from ucp_worker_get_address on this worker and is released once.
+        unsafe { sys::ucp_worker_release_address(self.worker, addr) };
+        Ok(v)
+    }
+
+    fn connect_ep(&mut self, peer: Rank, addr: &[u8]) -> Result<(), RuntimeError> {
+        if addr.is_empty() {
+            return Err(RuntimeError::Bootstrap {
+                addr: "address exchange".into(),
+                reason: format!("rank {peer} published an empty worker address"),
+            });
+        }
+        // SAFETY: an all-zero ucp_ep_params_t is the documented "no fields set" value.
+        let mut p: sys::ucp_ep_params_t = unsafe { std::mem::zeroed() };
+        p.field_mask = (sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
+            | sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
+            | sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
+        p.address = addr.as_ptr() as *const sys::ucp_address_t;
+        p.err_mode = sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER;
+        p.err_handler.cb = Some(on_ep_error);
+        p.err_handler.arg = &self.failed[peer.0 as usize] as *const Cell<sys::ucs_status_t> as *mut c_void;
+        let mut ep: sys::ucp_ep_h = std::ptr::null_mut();
+        // SAFETY: live worker; `p` is fully initialised and `addr` outlives the call (UCX copies
+        // what it needs); the error-handler argument outlives the endpoint (see on_ep_error).
+        let st = unsafe { sys::ucp_ep_create(self.worker, &p, &mut ep) };
+        if st != sys::ucs_status_t_UCS_OK {
+            return Err(RuntimeError::PeerFailed {
+                rank: peer,
+                op: "connect",
+                reason: format!("cannot create an endpoint to its address: {}", status_str(st)),
+            });
+        }
+        self.eps[peer.0 as usize] = ep;
+        Ok(())
+    }
+
+    /// Every rank sends `Hello` to every other and checks what it receives: this also wires up
+    /// every endpoint, so keepalive watches all peers, not only ring neighbours.
+    fn handshake(&mut self, deadline: Instant) -> Result<(), RuntimeError> {
+        let hello = encode_ctrl(&Ctrl::Hello { rank: self.rank, world: self.world, generation: self.generation });
+        let key = MsgKey { seq: 0, slot: SLOT_HELLO };
+        let mut recvs = HashMap::new();
+        for r in 0..self.world {
+            if r == self.rank.0 {
+                continue;
+            }
+            let id = self.post_recv_raw(
+                Rank(r),
+                tag(KIND_CTRL, self.generation, Rank(r), key),
+                FULL_MASK,
+                RecvTarget::Owned(vec![0u8; CTRL_SLOT_BUF]),
+                ReqKind::Ctrl,
+            )?;
+            recvs.insert(id, Rank(r));
+            self.post_send_raw(Rank(r), tag(KIND_CTRL, self.generation, self.rank, key), SendSource::Owned(hello.clone()), ReqKind::Ctrl)?;
+        }
+        while !recvs.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let c = self.wait_inner("connect", left, true)?;
+            let Some(from) = recvs.remove(&c.id) else { continue };
+            let bytes = c.buf.unwrap_or_default();
+            match decode_ctrl(&bytes) {
+                Ok(Ctrl::Hello { rank, world, generation })
+                    if rank == from && world == self.world && generation == self.generation => {}
+                Ok(other) => {
+                    return Err(self.fail(RuntimeError::MalformedMessage {
+                        from,
+                        op: "connect",
+                        reason: format!(
+                            "handshake {other:?} does not match rank {from} of world {} in generation {}",
+                            self.world, self.generation
+                        ),
+                    }))
+                }
+                Err(reason) => return Err(self.fail(RuntimeError::MalformedMessage { from, op: "connect", reason })),
+            }
+        }
+        Ok(())
+    }
+
+    fn post_abort_recv(&mut self) -> Result<(), RuntimeError> {
+        let t = tag(KIND_CTRL, self.generation, Rank(0), MsgKey { seq: 0, slot: SLOT_ABORT });
+        let id = self.post_recv_raw(
+            self.rank,
+            t,
+            FULL_MASK & !SRC_MASK,
+            RecvTarget::Owned(vec![0u8; CTRL_SLOT_BUF]),
+            ReqKind::Ctrl,
+        )?;
+        self.abort_recv = Some((id, Vec::new()));
+        Ok(())
+    }
+
+    fn id(&mut self) -> ReqId {
+        self.next_id += 1;
+        ReqId(self.next_id)
+    }
+
+    fn check_open(&self, op: &'static str) -> Result<(), RuntimeError> {
+        match &self.broken {
+            Some(cause) => Err(RuntimeError::GroupBroken { op, generation: self.generation, cause: cause.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    fn check_peer(&self, op: &'static str, peer: Rank) -> Result<sys::ucp_ep_h, RuntimeError> {
+        match self.eps.get(peer.0 as usize) {
+            Some(ep) if !ep.is_null() => Ok(*ep),
+            _ => Err(RuntimeError::InvalidArgument {
+                op,
+                reason: format!("peer {peer} is not another live member of a world of {}", self.world),
+            }),
+        }
+    }
+
+    fn region_ptr(&mut self, r: &Range<usize>) -> *mut u8 {
+        // `r` was checked against the buffer's length by the caller.
+        self.buf.bytes_mut()[r.clone()].as_mut_ptr()
+    }
+
+    fn post_send_raw(&mut self, to: Rank, t: u64, src: SendSource, kind: ReqKind) -> Result<ReqId, RuntimeError> {
+        let ep = self.check_peer("send", to)?;
+        let (ptr, len, owned) = match src {
+            SendSource::Region(r) => {
+                let len = r.len();
+                (self.region_ptr(&r) as *const u8, len, None)
+            }
+            SendSource::Owned(v) => (v.as_ptr(), v.len(), Some(v)),
+        };
+        // SAFETY: an all-zero ucp_request_param_t means "no optional fields".
+        let mut p: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
+        // Always get a request back, so completion is handled in exactly one place.
+        p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        // SAFETY: `ep` is a live endpoint of this worker; `ptr..ptr+len` stays valid and unwritten
+        // until the request completes: owned buffers are kept in `self.reqs`, regions are in the
+        // in-flight set (no writer is handed out) and the attached buffer is not released while
+        // requests are outstanding (`detach` retires them, or leaks the buffer).
+        let sp = unsafe { sys::ucp_tag_send_nbx(ep, ptr as *const c_void, len, t, &p) };
+        let req = ucx_rs::decode_status_ptr(sp).map_err(|st| RuntimeError::PeerFailed {
+            rank: to,
+            op: "send",
+            reason: status_str(st),
+        })?;
+        let id = self.id();
+        match req {
+            Some(ptr) => {
+                self.reqs.insert(id, Req { ptr, recv: false, kind, peer: to, expected: len, owned });
+            }
+            // NO_IMM_CMPL makes this unreachable in UCX 1.22; handled for other versions.
+            None => {
+                let done = std::ptr::null_mut();
+                self.reqs.insert(id, Req { ptr: done, recv: false, kind, peer: to, expected: len, owned });
+            }
+        }
+        Ok(id)
+    }
+
+    fn post_recv_raw(
+        &mut self,
+        from: Rank,
+        t: u64,
+        mask: u64,
+        target: RecvTarget,
+        kind: ReqKind,
+    ) -> Result<ReqId, RuntimeError> {
+        let (ptr, len, owned) = match target {
+            RecvTarget::Region(r) => {
+                let len = r.len();
+                (self.region_ptr(&r), len, None)
+            }
+            RecvTarget::Owned(mut v) => (v.as_mut_ptr(), v.len(), Some(v)),
+        };
+        // SAFETY: see post_send_raw.
+        let mut p: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
+        p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+        // SAFETY: live worker; `ptr..ptr+len` is exclusively reserved for UCX until the request
+        // completes (owned buffers are held in `self.reqs`; regions are in the in-flight set as
+        // writes, so nothing else reads or writes them; the attached buffer outlives them).
+        let sp = unsafe { sys::ucp_tag_recv_nbx(self.worker, ptr as *mut c_void, len, t, mask, &p) };
+        let req = ucx_rs::decode_status_ptr(sp).map_err(|st| ucx_err("tag_recv", st))?;
+        let id = self.id();
+        let ptr = req.unwrap_or(std::ptr::null_mut());
+        self.reqs.insert(id, Req { ptr, recv: true, kind, peer: from, expected: len, owned });
+        Ok(id)
+    }
+
+    fn progress(&mut self) -> bool {
+        let mut any = false;
+        // SAFETY: live worker, called from its owning thread.
+        while unsafe { sys::ucp_worker_progress(self.worker) } != 0 {
+            any = true;
+        }
+        any
+    }
+
+    /// Polls every request once; returns the first that completed, with its status and length.
+    fn poll_reqs(&mut self) -> Option<(ReqId, Req, sys::ucs_status_t, usize)> {
+        let mut done = None;
+        for (id, r) in &self.reqs {
+            let (st, len) = if r.ptr.is_null() {
+                (sys::ucs_status_t_UCS_OK, r.expected)
+            } else if r.recv {
+                let mut info = sys::ucp_tag_recv_info_t::default();
+                // SAFETY: `r.ptr` is a live receive request of this worker; `info` is valid.
+                let st = unsafe { sys::ucp_tag_recv_request_test(r.ptr, &mut info) };
+                (st, info.length)
+            } else {
+                // SAFETY: `r.ptr` is a live, not yet freed request of this worker.
+                (unsafe { sys::ucp_request_check_status(r.ptr) }, r.expected)
+            };
+            if st != sys::ucs_status_t_UCS_INPROGRESS {
+                done = Some((*id, st, len));
+                break;
+            }
+        }
+        let (id, st, len) = done?;
+        let r = self.reqs.remove(&id)?;
+        if !r.ptr.is_null() {
+            // SAFETY: the request completed and is freed exactly once.
+            unsafe { sys::ucp_request_free(r.ptr) };
+        }
+        self.inflight.remove(id);
+        Some((id, r, st, len))
+    }
+}
+
+const SPIN: Duration = Duration::from_micros(50);
+const SWEEP_EVERY: Duration = Duration::from_millis(10);
+/// Scratch size for draining stale messages; longer ones are truncated, which drops them too.
+const DRAIN_BUF: usize = 64 * 1024;
+
+impl UcxTransport {
+    /// The one wait loop: progress, endpoint failures, aborts from peers, completions, the
+    /// stale-message sweep, the deadline, and sleeping on the worker's event fd when idle.
+    fn wait_inner(&mut self, op: &'static str, timeout: Duration, connecting: bool) -> Result<Completion, RuntimeError> {
+        self.check_open(op)?;
+        let deadline = Instant::now() + timeout;
+        let mut last_activity = Instant::now();
+        loop {
+            let mut active = self.progress();
+            if let Some(r) = self.failed.iter().position(|c| c.get() != 0) {
+                let st = self.failed[r].get();
+                return Err(self.fail(RuntimeError::PeerFailed {
+                    rank: Rank(r as u32),
+                    op,
+                    reason: format!("UCX reported the endpoint failed: {}", status_str(st)),
+                }));
+            }
+            while let Some((id, req, st, len)) = self.poll_reqs() {
+                active = true;
+                match (req.kind, req.recv) {
+                    (ReqKind::Drain, _) => {}
+                    (ReqKind::Ctrl, false) => {
+                        if st != sys::ucs_status_t_UCS_OK && connecting {
+                            return Err(self.fail(RuntimeError::PeerFailed {
+                                rank: req.peer,
+                                op,
+                                reason: format!("handshake send failed: {}", status_str(st)),
+                            }));
+                        }
+                    }
+                    (ReqKind::Ctrl, true) if self.abort_recv.as_ref().is_some_and(|(a, _)| *a == id) => {
+                        self.abort_recv = None;
+                        let bytes = req.owned.unwrap_or_default();
+                        let parsed = if st == sys::ucs_status_t_UCS_OK {
+                            decode_ctrl(&bytes[..len.min(bytes.len())])
+                        } else {
+                            Err(format!("abort message not received: {}", status_str(st)))
+                        };
+                        match parsed {
+                            Ok(Ctrl::Abort { subject, generation, timeout: to }) if generation == self.generation => {
+                                // The reporter is not in the payload; the subject is what matters.
+                                let e = abort_error(op, Rank(u32::MAX), subject, to, self.generation, timeout);
+                                return Err(self.fail(e));
+                            }
+                            Ok(_) => {
+                                self.dropped += 1;
+                                self.post_abort_recv()?;
+                            }
+                            Err(reason) => {
+                                return Err(self.fail(RuntimeError::MalformedMessage {
+                                    from: Rank(u32::MAX),
+                                    op,
+                                    reason: format!("control message: {reason}"),
+                                }))
+                            }
+                        }
+                    }
+                    (_, recv) => {
+                        if st == sys::ucs_status_t_UCS_ERR_MESSAGE_TRUNCATED {
+                            return Err(self.fail(RuntimeError::MalformedMessage {
+                                from: req.peer,
+                                op,
+                                reason: format!(
+                                    "message longer than the {} bytes expected; every rank must pass a buffer of the same length",
+                                    req.expected
+                                ),
+                            }));
+                        }
+                        if st != sys::ucs_status_t_UCS_OK {
+                            return Err(self.fail(RuntimeError::PeerFailed {
+                                rank: req.peer,
+                                op,
+                                reason: format!("{} failed: {}", if recv { "receive" } else { "send" }, status_str(st)),
+                            }));
+                        }
+                        if recv && len != req.expected && req.kind == ReqKind::Data {
+                            return Err(self.fail(RuntimeError::MessageLength {
+                                from: req.peer,
+                                op,
+                                expected: req.expected,
+                                got: len,
+                            }));
+                        }
+                        let mut buf = req.owned;
+                        if let (Some(b), true) = (buf.as_mut(), req.kind == ReqKind::Ctrl) {
+                            b.truncate(len);
+                        }
+                        return Ok(Completion { id, buf });
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
+                self.sweep();
+                self.last_sweep = now;
+            }
+            if now >= deadline {
+                let e = RuntimeError::Timeout { op, after: timeout, generation: self.generation };
+                return Err(self.fail(e));
+            }
+            if active {
+                last_activity = now;
+                continue;
+            }
+            if now.duration_since(last_activity) < SPIN {
+                continue;
+            }
+            self.sleep((deadline - now).min(Duration::from_millis(1)));
+        }
+    }
+
+    /// Sleeps until the worker has an event or `max` passes.
+    fn sleep(&mut self, max: Duration) {
+        let Some(fd) = self.efd else {
+            std::thread::yield_now();
+            return;
+        };
+        // SAFETY: live worker created with UCP_FEATURE_WAKEUP, on its owning thread.
+        let st = unsafe { sys::ucp_worker_arm(self.worker) };
+        if st != sys::ucs_status_t_UCS_OK {
+            // UCS_ERR_BUSY: events are pending, go and progress them.
+            return;
+        }
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let ms = max.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: `pfd` is one valid pollfd; `fd` is the worker's event fd, open while the worker
+        // lives. An EINTR or error return only ends the sleep early.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+
+    /// Removes every unexpected message whose tag is not of this generation (or of an invalid
+    /// kind), counting each (P-1).
+    fn sweep(&mut self) {
+        for (t, m) in stale_patterns(self.generation) {
+            loop {
+                let mut info = sys::ucp_tag_recv_info_t::default();
+                // SAFETY: live worker; `info` is a valid out-pointer; remove=1 hands the message
+                // to us, and it is received (and so released) right below.
+                let msg = unsafe { sys::ucp_tag_probe_nb(self.worker, t, m, 1, &mut info) };
+                if msg.is_null() {
+                    break;
+                }
+                self.dropped += 1;
+                let mut scratch = vec![0u8; DRAIN_BUF.min(info.length.max(1))];
+                // SAFETY: see post_recv_raw: a zeroed param is "no optional fields".
+                let mut p: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
+                p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
+                // SAFETY: `msg` came from ucp_tag_probe_nb(remove=1) and is received once;
+                // `scratch` is held in `self.reqs` until the request completes.
+                let sp = unsafe {
+                    sys::ucp_tag_msg_recv_nbx(self.worker, scratch.as_mut_ptr() as *mut c_void, scratch.len(), msg, &p)
+                };
+                if let Ok(Some(ptr)) = ucx_rs::decode_status_ptr(sp) {
+                    let id = self.id();
+                    let peer = Rank(untag(info.sender_tag).src);
+                    self.reqs.insert(
+                        id,
+                        Req { ptr, recv: true, kind: ReqKind::Drain, peer, expected: scratch.len(), owned: Some(scratch) },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Breaks the group: tells every live peer, then retires every request so that UCX no
+    /// longer touches our buffers. Returns `err` for the caller to report.
+    fn fail(&mut self, err: RuntimeError) -> RuntimeError {
+        if self.broken.is_some() {
+            return err;
+        }
+        self.broken = Some(err.to_string());
+        let (subject, timeout) = match &err {
+            RuntimeError::PeerFailed { rank, .. } => (Some(*rank).filter(|r| r.0 < self.world), false),
+            RuntimeError::Timeout { .. } => (None, true),
+            RuntimeError::MalformedMessage { from, .. } | RuntimeError::MessageLength { from, .. } => {
+                (Some(*from).filter(|r| r.0 < self.world), false)
+            }
+            _ => (None, false),
+        };
+        let abort = encode_ctrl(&Ctrl::Abort { subject, generation: self.generation, timeout });
+        let t = tag(KIND_CTRL, self.generation, self.rank, MsgKey { seq: 0, slot: SLOT_ABORT });
+        let mut sent = Vec::new();
+        for r in 0..self.world {
+            let alive = self.failed[r as usize].get() == 0;
+            if r != self.rank.0 && alive && !self.eps[r as usize].is_null() {
+                if let Ok(id) = self.post_send_raw(Rank(r), t, SendSource::Owned(abort.clone()), ReqKind::Ctrl) {
+                    sent.push(id);
+                }
+            }
+        }
+        // Give the aborts a moment to leave before the endpoints are closed under them.
+        let until = Instant::now() + Duration::from_millis(50);
+        while sent.iter().any(|id| self.reqs.contains_key(id)) && Instant::now() < until {
+            self.progress();
+            while self.poll_reqs().is_some() {}
+        }
+        self.retire();
+        err
+    }
+
+    /// Cancels receives and force-closes every endpoint (which completes every outstanding
+    /// send), then waits a bounded time for all requests to report completion.
+    fn retire(&mut self) {
+        for r in self.reqs.values() {
+            if r.recv && !r.ptr.is_null() {
+                // SAFETY: live request of this worker, not yet freed.
+                unsafe { sys::ucp_request_cancel(self.worker, r.ptr) };
+            }
+        }
+        let mut closing = Vec::new();
+        for ep in self.eps.iter_mut() {
+            if ep.is_null() {
+                continue;
+            }
+            // SAFETY: zeroed param = no optional fields; then request a forced close.
+            let mut p: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
+            p.op_attr_mask = sys::ucp_op_attr_t_UCP_OP_ATTR_FIELD_FLAGS;
+            p.flags = sys::ucp_ep_close_flags_t_UCP_EP_CLOSE_FLAG_FORCE;
+            // SAFETY: `*ep` is a live endpoint, closed exactly once (nulled right after).
+            let sp = unsafe { sys::ucp_ep_close_nbx(*ep, &p) };
+            if let Ok(Some(req)) = ucx_rs::decode_status_ptr(sp) {
+                closing.push(req);
+            }
+            *ep = std::ptr::null_mut();
+        }
+        let until = Instant::now() + Duration::from_millis(500);
+        loop {
+            self.progress();
+            while self.poll_reqs().is_some() {}
+            closing.retain(|&req| {
+                // SAFETY: live close request, freed once when done.
+                let st = unsafe { sys::ucp_request_check_status(req) };
+                if st != sys::ucs_status_t_UCS_INPROGRESS {
+                    // SAFETY: completed request, freed exactly once.
+                    unsafe { sys::ucp_request_free(req) };
+                    false
+                } else {
+                    true
+                }
+            });
+            if (self.reqs.is_empty() && closing.is_empty()) || Instant::now() >= until {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        if !self.reqs.is_empty() || !closing.is_empty() {
+            // UCX may still write into the attached buffer or an owned one: keep all of them
+            // until the worker is destroyed in Drop, and never hand the buffer back.
+            self.poisoned = true;
+            for req in closing {
+                self.reqs.insert(
+                    ReqId(u64::MAX - self.reqs.len() as u64),
+                    Req { ptr: req, recv: false, kind: ReqKind::Ctrl, peer: self.rank, expected: 0, owned: None },
+                );
+            }
+        }
+        self.inflight.clear();
+        self.abort_recv = None;
+    }
+}
+
+impl Drop for UcxTransport {
+    fn drop(&mut self) {
+        if self.broken.is_none() {
+            // Orderly teardown: flush what we sent to peers that may still be receiving it.
+            let mut closing = Vec::new();
+            for ep in self.eps.iter_mut().filter(|e| !e.is_null()) {
+                // SAFETY: zeroed param = flush-close with no optional fields.
+                let p: sys::ucp_request_param_t = unsafe { std::mem::zeroed() };
+                // SAFETY: live endpoint, closed once, nulled right after.
+                let sp = unsafe { sys::ucp_ep_close_nbx(*ep, &p) };
+                match ucx_rs::decode_status_ptr(sp) {
+                    Ok(Some(req)) => closing.push((req, *ep)),
+                    _ => *ep = std::ptr::null_mut(),
+                }
+            }
+            let until = Instant::now() + Duration::from_secs(1);
+            while !closing.is_empty() && Instant::now() < until {
+                self.progress();
+                closing.retain(|&(req, _)| {
+                    // SAFETY: live close request of this worker.
+                    let st = unsafe { sys::ucp_request_check_status(req) };
+                    if st != sys::ucs_status_t_UCS_INPROGRESS {
+                        // SAFETY: completed request, freed exactly once.
+                        unsafe { sys::ucp_request_free(req) };
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            for (req, _) in closing {
+                // SAFETY: a close that did not finish in time: let UCX free it when it does;
+                // the worker is destroyed below, which releases everything it owns.
+                unsafe { sys::ucp_request_free(req) };
+            }
+            for ep in self.eps.iter_mut() {
+                *ep = std::ptr::null_mut();
+            }
+            self.broken = Some("closed".into());
+        } else {
+            self.retire();
+        }
+        // Requests still held (only after a failed retire) belong to the worker; it frees them.
+        self.reqs.clear();
+        // SAFETY: every endpoint is closed; the worker and then the context are destroyed once,
+        // on the owning thread. Buffers UCX might have touched are dropped only after this.
+        unsafe {
+            sys::ucp_worker_destroy(self.worker);
+            sys::ucp_cleanup(self.context);
+        }
+    }
+}
+
+/// Creates the UCP context (tag matching + wakeup) and a single-threaded worker.
+fn init(cfg: &UcxConfig) -> Result<(sys::ucp_context_h, sys::ucp_worker_h), RuntimeError> {
+    let mut config: *mut sys::ucp_config_t = std::ptr::null_mut();
+    // SAFETY: NULL prefix and file mean "UCX_ from the environment"; valid out-pointer.
+    let st = unsafe { sys::ucp_config_read(std::ptr::null(), std::ptr::null(), &mut config) };
+    if st != sys::ucs_status_t_UCS_OK {
+        return Err(ucx_err("config_read", st));
+    }
+    if std::env::var_os("UCX_KEEPALIVE_INTERVAL").is_none() {
+        let v = CString::new(format!("{}ms", cfg.keepalive.as_millis().max(1))).unwrap_or_default();
+        // SAFETY: `config` is live; both strings are NUL-terminated and outlive the call.
+        let st = unsafe { sys::ucp_config_modify(config, c"KEEPALIVE_INTERVAL".as_ptr(), v.as_ptr()) };
+        if st != sys::ucs_status_t_UCS_OK {
+            // SAFETY: `config` is released exactly once.
+            unsafe { sys::ucp_config_release(config) };
+            return Err(ucx_err("config_modify(KEEPALIVE_INTERVAL)", st));
+        }
+    }
+    // SAFETY: zeroed params = no optional fields.
+    let mut p: sys::ucp_params_t = unsafe { std::mem::zeroed() };
+    p.field_mask = sys::ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64;
+    p.features = (sys::ucp_feature_UCP_FEATURE_TAG | sys::ucp_feature_UCP_FEATURE_WAKEUP) as u64;
+    let mut ctx: sys::ucp_context_h = std::ptr::null_mut();
+    // SAFETY: `p` and `config` are valid; ucp_init is a static inline, this is its real entry.
+    let st = unsafe { sys::ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &p, config, &mut ctx) };
+    // SAFETY: `config` is released exactly once, after ucp_init_version copied it.
+    unsafe { sys::ucp_config_release(config) };
+    if st != sys::ucs_status_t_UCS_OK {
+        return Err(ucx_err("init", st));
+    }
+    // SAFETY: zeroed params = no optional fields.
+    let mut wp: sys::ucp_worker_params_t = unsafe { std::mem::zeroed() };
+    wp.field_mask = sys::ucp_worker_params_field_UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
+    wp.thread_mode = sys::ucs_thread_mode_t_UCS_THREAD_MODE_SINGLE;
+    let mut worker: sys::ucp_worker_h = std::ptr::null_mut();
+    // SAFETY: live context, valid params and out-pointer.
+    let st = unsafe { sys::ucp_worker_create(ctx, &wp, &mut worker) };
+    if st != sys::ucs_status_t_UCS_OK {
+        // SAFETY: the context is cleaned up once; no worker exists.
+        unsafe { sys::ucp_cleanup(ctx) };
+        return Err(ucx_err("worker_create", st));
+    }
+    Ok((ctx, worker))
+}
+
+impl Transport for UcxTransport {
+    fn rank(&self) -> Rank {
+        self.rank
+    }
+    fn world(&self) -> u32 {
+        self.world
+    }
+    fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    fn attach(&mut self, buf: OpBuf) -> Result<(), RuntimeError> {
+        if !matches!(self.buf, OpBuf::None) {
+            return Err(RuntimeError::InvalidArgument { op: "attach", reason: "a buffer is already attached".into() });
+        }
+        self.buf = buf;
+        // Each operation starts with a clean unexpected queue: whatever of another generation
+        // arrived since the last one is dropped now, not only while waiting.
+        self.progress();
+        self.sweep();
+        self.last_sweep = Instant::now();
+        Ok(())
+    }
+
+    fn detach(&mut self) -> OpBuf {
+        if self.reqs.values().any(|r| r.kind == ReqKind::Data) && self.broken.is_none() {
+            // The collective gave up with operations in flight (an error outside wait_any):
+            // the peers are mid-schedule, so the group cannot continue.
+            let e = RuntimeError::GroupBroken {
+                op: "detach",
+                generation: self.generation,
+                cause: "an operation was abandoned with messages in flight".into(),
+            };
+            let _ = self.fail(e);
+        }
+        if self.poisoned {
+            return OpBuf::None;
+        }
+        std::mem::take(&mut self.buf)
+    }
+
+    fn region(&self, r: Range<usize>) -> Result<&[u8], RuntimeError> {
+        check_range("region", self.buf.bytes().len(), &self.inflight, &r, false)?;
+        Ok(&self.buf.bytes()[r])
+    }
+
+    fn region_mut(&mut self, r: Range<usize>) -> Result<&mut [u8], RuntimeError> {
+        check_range("region_mut", self.buf.bytes().len(), &self.inflight, &r, true)?;
+        Ok(&mut self.buf.bytes_mut()[r])
+    }
+
+    fn busy(&self, r: &Range<usize>, write: bool) -> bool {
+        self.inflight.busy(r, write)
+    }
+
+    fn send_region(&mut self, to: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError> {
+        self.check_open("send")?;
+        check_range("send", self.buf.bytes().len(), &self.inflight, &r, false)?;
+        let t = tag(KIND_DATA, self.generation, self.rank, key);
+        let id = self.post_send_raw(to, t, SendSource::Region(r.clone()), ReqKind::Data)?;
+        self.inflight.add(id, r, false);
+        Ok(id)
+    }
+
+    fn recv_region(&mut self, from: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError> {
+        self.check_open("recv")?;
+        self.check_peer("recv", from)?;
+        check_range("recv", self.buf.bytes().len(), &self.inflight, &r, true)?;
+        let t = tag(KIND_DATA, self.generation, from, key);
+        let id = self.post_recv_raw(from, t, FULL_MASK, RecvTarget::Region(r.clone()), ReqKind::Data)?;
+        self.inflight.add(id, r, true);
+        Ok(id)
+    }
+
+    fn send_owned(&mut self, to: Rank, key: MsgKey, buf: Vec<u8>) -> Result<ReqId, RuntimeError> {
+        self.check_open("send")?;
+        let t = tag(KIND_DATA, self.generation, self.rank, key);
+        self.post_send_raw(to, t, SendSource::Owned(buf), ReqKind::Data)
+    }
+
+    fn recv_owned(&mut self, from: Rank, key: MsgKey, buf: Vec<u8>) -> Result<ReqId, RuntimeError> {
+        self.check_open("recv")?;
+        self.check_peer("recv", from)?;
+        let t = tag(KIND_DATA, self.generation, from, key);
+        self.post_recv_raw(from, t, FULL_MASK, RecvTarget::Owned(buf), ReqKind::Data)
+    }
+
+    fn wait_any(&mut self, op: &'static str, timeout: Duration) -> Result<Completion, RuntimeError> {
+        self.wait_inner(op, timeout, false)
+    }
+
+    fn dropped_stale(&self) -> u64 {
+        self.dropped
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The handle: a thread that owns the transport, and channels to it
+// ---------------------------------------------------------------------------------------------
+
+enum Cmd {
+    Allreduce(Vec<f32>),
+    ReduceScatter(Vec<f32>),
+    Allgather(Vec<f32>),
+    Broadcast(Vec<u8>, Rank),
+    Barrier,
+    SendStriped(Rank, Vec<Rank>, Vec<u8>),
+    RecvStriped(Vec<Rank>, Vec<u8>),
+    /// Test hook: send raw bytes with a raw tag to a peer (stale or malformed traffic).
+    Raw(Rank, u64, Vec<u8>),
+    Stats,
+}
+
+enum Reply {
+    Connected(Result<(), RuntimeError>),
+    F32(Vec<f32>, Result<Option<Range<usize>>, RuntimeError>),
+    Bytes(Vec<u8>, Result<(), RuntimeError>),
+    Stats(UcxStats),
+}
+
+/// One rank's membership in one generation's UCX group. Dropping it tears the group down on
+/// this rank; the next generation is a new `UcxGroup` in the same process.
+pub struct UcxGroup {
+    tx: Option<mpsc::Sender<Cmd>>,
+    rx: mpsc::Receiver<Reply>,
+    thread: Option<JoinHandle<()>>,
+    rank: Rank,
+    world: u32,
+    generation: Generation,
+}
+
+fn gone(op: &'static str, generation: Generation) -> RuntimeError {
+    RuntimeError::GroupBroken { op, generation, cause: "the data-plane thread has exited".into() }
+}
+
+impl UcxGroup {
+    /// Builds this rank's side of the group: a thread with its own UCP context and worker,
+    /// addresses exchanged through `exchange`, endpoints and handshake to every peer.
+    pub fn connect(
+        rank: Rank,
+        world: u32,
+        generation: Generation,
+        cfg: UcxConfig,
+        mut exchange: Box<dyn AddressExchange>,
+    ) -> Result<Self, RuntimeError> {
+        let (tx, cmd_rx) = mpsc::channel::<Cmd>();
+        let (reply_tx, rx) = mpsc::channel::<Reply>();
+        let thread = std::thread::Builder::new()
+            .name(format!("ucx-g{generation}-r{rank}"))
+            .spawn(move || {
+                let t = match UcxTransport::connect(rank, world, generation, &cfg, exchange.as_mut()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = reply_tx.send(Reply::Connected(Err(e)));
+                        return;
+                    }
+                };
+                if reply_tx.send(Reply::Connected(Ok(()))).is_err() {
+                    return;
+                }
+                serve(Collectives::new(t, cfg.coll), cmd_rx, reply_tx);
+            })
+            .map_err(|e| RuntimeError::Transport { op: "spawn", reason: e.to_string() })?;
+        let g = UcxGroup { tx: Some(tx), rx, thread: Some(thread), rank, world, generation };
+        match g.rx.recv() {
+            Ok(Reply::Connected(Ok(()))) => Ok(g),
+            Ok(Reply::Connected(Err(e))) => Err(e),
+            _ => Err(gone("connect", generation)),
+        }
+    }
+
+    pub fn rank(&self) -> Rank {
+        self.rank
+    }
+    pub fn world(&self) -> u32 {
+        self.world
+    }
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    fn call(&self, op: &'static str, cmd: Cmd) -> Result<Reply, RuntimeError> {
+        let tx = self.tx.as_ref().ok_or_else(|| gone(op, self.generation))?;
+        tx.send(cmd).map_err(|_| gone(op, self.generation))?;
+        self.rx.recv().map_err(|_| gone(op, self.generation))
+    }
+
+    fn f32_op(&self, op: &'static str, buf: &mut Vec<f32>, mk: fn(Vec<f32>) -> Cmd) -> Result<Option<Range<usize>>, RuntimeError> {
+        match self.call(op, mk(std::mem::take(buf)))? {
+            Reply::F32(b, res) => {
+                *buf = b;
+                res
+            }
+            _ => Err(gone(op, self.generation)),
+        }
+    }
+
+    fn bytes_op(&self, op: &'static str, cmd: Cmd, buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
+        match self.call(op, cmd)? {
+            Reply::Bytes(b, res) => {
+                *buf = b;
+                res
+            }
+            _ => Err(gone(op, self.generation)),
+        }
+    }
+
+    /// See [`Collectives::allreduce`]. After an error `buf` may be empty or hold partial sums.
+    pub fn allreduce(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
+        self.f32_op("allreduce", buf, Cmd::Allreduce).map(|_| ())
+    }
+
+    pub fn reduce_scatter(&self, buf: &mut Vec<f32>) -> Result<Range<usize>, RuntimeError> {
+        self.f32_op("reduce_scatter", buf, Cmd::ReduceScatter)?
+            .ok_or_else(|| gone("reduce_scatter", self.generation))
+    }
+
+    pub fn allgather(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
+        self.f32_op("allgather", buf, Cmd::Allgather).map(|_| ())
+    }
+
+    pub fn broadcast(&self, buf: &mut Vec<u8>, root: Rank) -> Result<(), RuntimeError> {
+        let b = std::mem::take(buf);
+        self.bytes_op("broadcast", Cmd::Broadcast(b, root), buf)
+    }
+
+    pub fn barrier(&self) -> Result<(), RuntimeError> {
+        self.bytes_op("barrier", Cmd::Barrier, &mut Vec::new())
+    }
+
+    pub fn send_striped(&self, to: Rank, senders: &[Rank], buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
+        let b = std::mem::take(buf);
+        self.bytes_op("send_striped", Cmd::SendStriped(to, senders.to_vec(), b), buf)
+    }
+
+    pub fn recv_striped(&self, senders: &[Rank], buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
+        let b = std::mem::take(buf);
+        self.bytes_op("recv_striped", Cmd::RecvStriped(senders.to_vec(), b), buf)
+    }
+
+    /// Sends raw bytes under a raw tag, bypassing the collectives: for fault-injection tests
+    /// (stale generations, malformed control messages).
+    pub fn send_raw(&self, to: Rank, raw_tag: u64, bytes: Vec<u8>) -> Result<(), RuntimeError> {
+        self.bytes_op("send_raw", Cmd::Raw(to, raw_tag, bytes), &mut Vec::new())
+    }
+
+    pub fn stats(&self) -> Result<UcxStats, RuntimeError> {
+        match self.call("stats", Cmd::Stats)? {
+            Reply::Stats(s) => Ok(s),
+            _ => Err(gone("stats", self.generation)),
+        }
+    }
+}
+
+impl Drop for UcxGroup {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop; it then closes endpoints and the worker.
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(mut c: Collectives<UcxTransport>, rx: mpsc::Receiver<Cmd>, tx: mpsc::Sender<Reply>) {
+    while let Ok(cmd) = rx.recv() {
+        let reply = match cmd {
+            Cmd::Allreduce(mut b) => {
+                let r = c.allreduce(&mut b).map(|_| None);
+                Reply::F32(b, r)
+            }
+            Cmd::ReduceScatter(mut b) => {
+                let r = c.reduce_scatter(&mut b).map(Some);
+                Reply::F32(b, r)
+            }
+            Cmd::Allgather(mut b) => {
+                let r = c.allgather(&mut b).map(|_| None);
+                Reply::F32(b, r)
+            }
+            Cmd::Broadcast(mut b, root) => {
+                let r = c.broadcast(&mut b, root);
+                Reply::Bytes(b, r)
+            }
+            Cmd::Barrier => Reply::Bytes(Vec::new(), c.barrier()),
+            Cmd::SendStriped(to, senders, mut b) => {
+                let r = c.send_striped(to, &senders, &mut b);
+                Reply::Bytes(b, r)
+            }
+            Cmd::RecvStriped(senders, mut b) => {
+                let r = c.recv_striped(&senders, &mut b);
+                Reply::Bytes(b, r)
+            }
+            Cmd::Raw(to, t, bytes) => {
+                let r = c.transport_mut().send_raw(to, t, bytes);
+                Reply::Bytes(Vec::new(), r)
+            }
+            Cmd::Stats => Reply::Stats(UcxStats { dropped_stale: c.transport().dropped_stale() }),
+        };
+        if tx.send(reply).is_err() {
+            break;
+        }
+    }
+}
+
+impl UcxTransport {
+    /// Posts a raw-tagged send and waits (briefly) for it to leave.
+    fn send_raw(&mut self, to: Rank, raw_tag: u64, bytes: Vec<u8>) -> Result<(), RuntimeError> {
+        self.check_open("send_raw")?;
+        let id = self.post_send_raw(to, raw_tag, SendSource::Owned(bytes), ReqKind::Ctrl)?;
+        let until = Instant::now() + Duration::from_secs(2);
+        while self.reqs.contains_key(&id) && Instant::now() < until {
+            self.progress();
+            // Only retire this request; others belong to no collective right now except the
+            // standing abort receive, which poll_reqs would hand out: keep polling narrowly.
+            if let Some(r) = self.reqs.get(&id) {
+                // SAFETY: live send request of this worker.
+                let st = unsafe { sys::ucp_request_check_status(r.ptr) };
+                if st != sys::ucs_status_t_UCS_INPROGRESS {
+                    if let Some(r) = self.reqs.remove(&id) {
+                        // SAFETY: completed request, freed exactly once.
+                        unsafe { sys::ucp_request_free(r.ptr) };
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

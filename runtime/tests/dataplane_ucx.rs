@@ -1,0 +1,186 @@
+//! The UCX transport with real UCX transfers (shared memory / TCP on loopback, whatever
+//! `UCX_TLS` selects), ranks as threads of one process: every collective against a sequential
+//! reference, and bad input. Process-level faults are in `dataplane_faults.rs`.
+
+use phalanx_runtime::dataplane::transport::{part, tag, Ctrl, MsgKey, encode_ctrl, KIND_CTRL, KIND_DATA, SLOT_ABORT};
+use phalanx_runtime::dataplane::{BootstrapServer, CollConfig, TcpBootstrap, UcxConfig, UcxGroup};
+use phalanx_runtime::{Generation, Rank, RuntimeError};
+use std::time::Duration;
+
+fn cfg(chunk: usize) -> UcxConfig {
+    UcxConfig {
+        coll: CollConfig { chunk_bytes: chunk, window: 4, timeout: Duration::from_secs(5) },
+        connect_timeout: Duration::from_secs(20),
+        ..UcxConfig::default()
+    }
+}
+
+/// Runs `f` on `n` UCX ranks (threads), each with its own UCP context and worker.
+fn ucx_ranks<R: Send>(n: u32, g: u64, c: UcxConfig, f: impl Fn(UcxGroup) -> R + Sync) -> Vec<R> {
+    let srv = BootstrapServer::bind("127.0.0.1:0").unwrap();
+    let at = srv.local_addr().to_string();
+    std::thread::scope(|sc| {
+        let s = sc.spawn(|| srv.serve(n, Generation(g), Duration::from_secs(20)));
+        let hs: Vec<_> = (0..n)
+            .map(|r| {
+                let (at, c, f) = (at.clone(), c.clone(), &f);
+                sc.spawn(move || {
+                    let boot = Box::new(TcpBootstrap { server: at });
+                    let grp = UcxGroup::connect(Rank(r), n, Generation(g), c, boot).unwrap();
+                    f(grp)
+                })
+            })
+            .collect();
+        let out = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        s.join().unwrap().unwrap();
+        out
+    })
+}
+
+fn input(rank: u32, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let x = ((i as u32).wrapping_mul(2654435761) ^ rank.wrapping_mul(40503)) % 10007;
+            (x as f32 - 5000.0) * 10f32.powi((i % 7) as i32 - 3) + rank as f32 * 0.1
+        })
+        .collect()
+}
+
+/// The ring's order of addition: segment k is summed over ranks k+1, ..., k.
+fn reference(n: u32, len: usize) -> Vec<u32> {
+    let ins: Vec<Vec<f32>> = (0..n).map(|r| input(r, len)).collect();
+    let n = n as usize;
+    let mut out = vec![0f32; len];
+    for k in 0..n {
+        for i in part(len, n, k) {
+            let mut acc = ins[(k + 1) % n][i];
+            for j in 2..=n {
+                acc += ins[(k + j) % n][i];
+            }
+            out[i] = acc;
+        }
+    }
+    out.iter().map(|x| x.to_bits()).collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// P-2 over UCX: allreduce, reduce-scatter, allgather, broadcast, barrier and striped transfer
+/// give the reference result, bitwise, on every rank (odd sizes, several chunks per segment).
+#[test]
+fn ucx_collectives_match_the_reference() {
+    let n = 4;
+    let lens = [0usize, 1, 3, 1001, 300_007];
+    let got = ucx_ranks(n, 1, cfg(64 * 1024), |g| {
+        let r = g.rank().0;
+        let mut out = Vec::new();
+        for &len in &lens {
+            let mut b = input(r, len);
+            g.allreduce(&mut b).unwrap();
+            out.push(bits(&b));
+            let mut b = input(r, len);
+            let seg = g.reduce_scatter(&mut b).unwrap();
+            let mut full = vec![f32::NAN; len];
+            full[seg.clone()].copy_from_slice(&b[seg]);
+            g.allgather(&mut full).unwrap();
+            out.push(bits(&full));
+        }
+        g.barrier().unwrap();
+        let mut bc: Vec<u8> = if r == 2 { (0..777_777).map(|i| (i % 253) as u8).collect() } else { vec![0; 777_777] };
+        g.broadcast(&mut bc, Rank(2)).unwrap();
+        let state: Vec<u8> = (0..1_000_003).map(|i| (i % 241) as u8).collect();
+        let senders = [Rank(1), Rank(2), Rank(3)];
+        let striped = if r == 0 {
+            let mut b = vec![0u8; state.len()];
+            g.recv_striped(&senders, &mut b).unwrap();
+            b == state
+        } else {
+            g.send_striped(Rank(0), &senders, &mut state.clone()).unwrap();
+            true
+        };
+        (out, bc, striped, g.stats().unwrap().dropped_stale)
+    });
+    for (r, (out, bc, striped, dropped)) in got.into_iter().enumerate() {
+        for (i, &len) in lens.iter().enumerate() {
+            let want = reference(n, len);
+            assert_eq!(out[2 * i], want, "allreduce len={len} rank={r}");
+            assert_eq!(out[2 * i + 1], want, "reduce_scatter+allgather len={len} rank={r}");
+        }
+        assert!(bc.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8), "broadcast rank={r}");
+        assert!(striped, "striped transfer");
+        assert_eq!(dropped, 0);
+    }
+}
+
+/// P-1 over UCX: a message tagged with another generation is dropped and counted, and the
+/// collective that follows is still exact.
+#[test]
+fn ucx_drops_stale_generation_messages() {
+    let got = ucx_ranks(2, 9, cfg(1 << 20), |g| {
+        let r = g.rank().0;
+        if r == 1 {
+            // Looks like the first message of the next allreduce, but from generation 8.
+            let stale = tag(KIND_DATA, Generation(8), Rank(1), MsgKey { seq: 1, slot: 0 });
+            g.send_raw(Rank(0), stale, vec![0xAB; 64]).unwrap();
+            // Also a message with an invalid kind.
+            g.send_raw(Rank(0), tag(KIND_DATA, Generation(9), Rank(1), MsgKey { seq: 1, slot: 0 }) | (1 << 63), vec![1; 8])
+                .unwrap();
+        }
+        g.barrier().unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let mut b = input(r, 16);
+        g.allreduce(&mut b).unwrap();
+        (bits(&b), g.stats().unwrap().dropped_stale)
+    });
+    assert_eq!(got[0].0, reference(2, 16));
+    assert_eq!(got[1].0, reference(2, 16));
+    assert_eq!(got[0].1, 2, "rank 0 dropped both stray messages");
+}
+
+/// Bad input over UCX: different buffer lengths on different ranks, and a malformed abort
+/// message, are errors on every rank; nothing panics or hangs.
+#[test]
+fn ucx_bad_input_is_an_error_not_a_hang() {
+    let got = ucx_ranks(3, 1, cfg(1 << 20), |g| {
+        let len = if g.rank().0 == 1 { 1000 } else { 1004 };
+        let t0 = std::time::Instant::now();
+        let e = g.allreduce(&mut vec![1.0f32; len]).unwrap_err();
+        (e, t0.elapsed())
+    });
+    for (e, took) in &got {
+        assert!(took < &Duration::from_secs(3), "{took:?}");
+        assert!(
+            matches!(
+                e,
+                RuntimeError::MessageLength { .. } | RuntimeError::MalformedMessage { .. } | RuntimeError::PeerFailed { .. }
+            ),
+            "{e}"
+        );
+    }
+    assert!(got.iter().any(|(e, _)| matches!(e, RuntimeError::MessageLength { .. } | RuntimeError::MalformedMessage { .. })));
+
+    let got = ucx_ranks(2, 4, cfg(1 << 20), |g| {
+        if g.rank().0 == 1 {
+            let abort = tag(KIND_CTRL, Generation(4), Rank(1), MsgKey { seq: 0, slot: SLOT_ABORT });
+            let mut bad = encode_ctrl(&Ctrl::Abort { subject: None, generation: Generation(4), timeout: false });
+            bad[0] ^= 0xFF;
+            g.send_raw(Rank(0), abort, bad).unwrap();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        Some(g.allreduce(&mut vec![1.0f32; 8]).unwrap_err())
+    });
+    let e = got[0].as_ref().unwrap();
+    assert!(matches!(e, RuntimeError::MalformedMessage { .. }), "{e}");
+}
+
+#[test]
+fn unreachable_bootstrap_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let c = UcxConfig { connect_timeout: Duration::from_millis(500), ..UcxConfig::default() };
+    let boot = Box::new(TcpBootstrap { server: format!("127.0.0.1:{port}") });
+    let e = UcxGroup::connect(Rank(0), 2, Generation(1), c, boot).err().unwrap();
+    assert!(matches!(e, RuntimeError::Bootstrap { .. }), "{e}");
+}
