@@ -165,6 +165,113 @@ impl Default for RunSection {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorSection {
+    pub job_id: String,
+    pub bind: String,
+    pub token: String,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    pub rejoin_grace_ms: u64,
+    pub min_world: usize,
+    pub hang_timeout_floor_ms: u64,
+    pub hang_k: f64,
+    pub straggler_window: usize,
+    pub straggler_ratio: f64,
+    pub straggler_min_excess_ms: u64,
+    pub straggler_flag_after: u32,
+    pub straggler_unflag_after: u32,
+    pub evict_stragglers: bool,
+    pub keepalive_interval_ms: u64,
+    pub keepalive_timeout_ms: u64,
+    pub tick_ms: u64,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_ca: String,
+}
+
+impl Default for CoordinatorSection {
+    fn default() -> Self {
+        CoordinatorSection {
+            job_id: "phalanx".into(),
+            bind: "127.0.0.1:7070".into(),
+            token: String::new(),
+            heartbeat_interval_ms: 200,
+            heartbeat_timeout_ms: 1500,
+            rejoin_grace_ms: 10_000,
+            min_world: 1,
+            hang_timeout_floor_ms: 10_000,
+            hang_k: 10.0,
+            straggler_window: 8,
+            straggler_ratio: 1.5,
+            straggler_min_excess_ms: 5,
+            straggler_flag_after: 5,
+            straggler_unflag_after: 10,
+            evict_stragglers: true,
+            keepalive_interval_ms: 1000,
+            keepalive_timeout_ms: 1000,
+            tick_ms: 50,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_ca: String::new(),
+        }
+    }
+}
+
+impl CoordinatorSection {
+    /// The token from PHALANX_JOB_TOKEN, else from the config; None when neither sets one.
+    pub fn token(&self) -> Option<String> {
+        std::env::var("PHALANX_JOB_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| (!self.token.is_empty()).then(|| self.token.clone()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, v: String, reason: &str| {
+            Err(ConfigError::Invalid {
+                key: format!("coordinator.{key}"),
+                value: v,
+                reason: reason.into(),
+            })
+        };
+        if self.job_id.is_empty() || self.job_id.len() > 128 {
+            return bad("job_id", self.job_id.clone(), "must be 1 to 128 characters");
+        }
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_timeout_ms < 2 * self.heartbeat_interval_ms {
+            return bad(
+                "heartbeat_timeout_ms",
+                self.heartbeat_timeout_ms.to_string(),
+                "must be at least twice heartbeat_interval_ms (> 0), or every late heartbeat evicts a rank",
+            );
+        }
+        if self.tick_ms == 0 || self.keepalive_interval_ms == 0 || self.keepalive_timeout_ms == 0 {
+            return bad("tick_ms", self.tick_ms.to_string(), "tick_ms and keepalive_*_ms must be > 0");
+        }
+        if self.min_world == 0 {
+            return bad("min_world", "0".into(), "must be at least 1");
+        }
+        if !(self.straggler_ratio > 1.0 && self.straggler_ratio.is_finite()) {
+            return bad("straggler_ratio", self.straggler_ratio.to_string(), "must be a number > 1");
+        }
+        if self.straggler_window == 0 || self.straggler_flag_after == 0 || self.straggler_unflag_after == 0 {
+            return bad(
+                "straggler_window",
+                self.straggler_window.to_string(),
+                "straggler_window, straggler_flag_after and straggler_unflag_after must be > 0",
+            );
+        }
+        if !(self.hang_k > 0.0 && self.hang_k.is_finite()) {
+            return bad("hang_k", self.hang_k.to_string(), "must be a positive number");
+        }
+        if self.tls_cert.is_empty() != self.tls_key.is_empty() {
+            return bad("tls_cert", self.tls_cert.clone(), "tls_cert and tls_key go together");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -173,6 +280,7 @@ pub struct TrainConfig {
     pub train: TrainSection,
     pub optim: OptimConfig,
     pub run: RunSection,
+    pub coordinator: CoordinatorSection,
 }
 
 /// Dotted paths of every key in a table (tables themselves are not keys).
@@ -392,6 +500,7 @@ impl TrainConfig {
                 "must be >= 0 (0 = no clipping)",
             );
         }
+        self.coordinator.validate()?;
         // The model's own checks need the vocabulary; check the preset and shape now anyway.
         self.model.resolve(1).map_err(|e| ConfigError::Invalid {
             key: "model".into(),
@@ -436,6 +545,7 @@ mod tests {
         assert_eq!(c.train, TrainSection::default());
         assert_eq!(c.optim, OptimConfig::default());
         assert_eq!(c.run, RunSection::default());
+        assert_eq!(c.coordinator, CoordinatorSection::default());
     }
 
     #[test]

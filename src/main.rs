@@ -1,10 +1,13 @@
 //! The `phalanx` command line.
 
 mod bench;
+mod bench_collectives;
 mod config;
+mod control;
 mod model_io;
 mod run_dir;
 mod sample;
+mod sim_rank;
 mod train;
 
 use anyhow::{Context, Result};
@@ -86,6 +89,69 @@ enum Cmd {
         #[command(subcommand)]
         what: CheckpointCmd,
     },
+    /// Run the job's coordinator (membership, generations, failure detection).
+    Coordinator {
+        /// Address to listen on (port 0 picks a free port; the first stdout line names it).
+        #[arg(long)]
+        bind: Option<String>,
+        /// Job config; its [coordinator] section sets detection and policy.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Active ranks the job runs with (hot spares wait beyond this).
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+        /// Run directory for events.jsonl and the coordinator journal. Default: the config's run.dir.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Overrides: section.key=value (e.g. coordinator.heartbeat_timeout_ms=1000).
+        overrides: Vec<String>,
+    },
+    /// Show the job's ranks as the coordinator sees them.
+    Status {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        json: bool,
+        /// CA certificate (PEM) to verify a TLS coordinator.
+        #[arg(long, default_value = "")]
+        tls_ca: String,
+    },
+    /// Ask the coordinator to run the job with N active ranks.
+    Scale {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        target: u32,
+        #[arg(long, default_value = "")]
+        tls_ca: String,
+    },
+    /// Ask the coordinator to remove one rank at the next step boundary.
+    Drain {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        rank: u32,
+        #[arg(long, default_value = "")]
+        tls_ca: String,
+    },
+    /// A simulated rank (control-plane tests and benchmarks): a real session, no training.
+    #[command(hide = true)]
+    SimRank {
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long)]
+        spare: bool,
+        #[arg(long, default_value_t = 50)]
+        step_ms: u64,
+        #[arg(long, default_value = "phalanx")]
+        job_id: String,
+        #[arg(long, default_value = "sim")]
+        config_hash: String,
+        #[arg(long, default_value_t = 30)]
+        give_up_s: u64,
+        #[arg(long, default_value = "")]
+        tls_ca: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -99,6 +165,23 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
         overrides: Vec<String>,
+    },
+    /// Collectives over UCX between N local processes, reported like nccl-tests.
+    Collectives {
+        #[arg(long, default_value_t = 4)]
+        world: usize,
+        #[arg(long, value_enum, default_value = "allreduce")]
+        op: bench_collectives::Op,
+        /// Buffer sizes in bytes, with K/M/G (binary) suffixes.
+        #[arg(long, default_value = "1K,1M,16M,64M")]
+        sizes: String,
+        #[command(flatten)]
+        tuning: bench_collectives::Tuning,
+        /// Internal: run as one rank, registering with this bootstrap server.
+        #[arg(long, hide = true)]
+        worker_of: Option<String>,
+        #[arg(long, hide = true, default_value_t = 0)]
+        rank: u32,
     },
 }
 
@@ -228,6 +311,93 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = TrainConfig::load(Some(&config), &overrides)?;
             bench::run(&cfg, steps.max(20), runs.max(1))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Collectives {
+                    world,
+                    op,
+                    sizes,
+                    tuning,
+                    worker_of,
+                    rank,
+                },
+        } => {
+            match worker_of {
+                Some(addr) => bench_collectives::worker(&addr, rank, world as u32, op, &sizes, &tuning)?,
+                None => bench_collectives::run(world, op, &sizes, &tuning)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Coordinator {
+            bind,
+            config,
+            world,
+            run_dir,
+            overrides,
+        } => {
+            let cfg = TrainConfig::load(config.as_deref(), &overrides)?;
+            let max_world = cfg.train.global_batch / cfg.train.micro_batch.max(1);
+            if world == 0 || world > max_world {
+                anyhow::bail!(
+                    "--world {world}: a job needs 1 to {max_world} ranks (the micro-batches in a \
+                     global batch: train.global_batch / train.micro_batch)"
+                );
+            }
+            control::run_coordinator(
+                &cfg.coordinator,
+                &control::CoordinatorArgs {
+                    bind,
+                    world,
+                    max_world,
+                    run_dir: run_dir.unwrap_or(cfg.run.dir.clone()),
+                },
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status {
+            coordinator,
+            json,
+            tls_ca,
+        } => {
+            control::status(&coordinator, &tls_ca, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Scale {
+            coordinator,
+            target,
+            tls_ca,
+        } => {
+            control::admin_scale(&coordinator, &tls_ca, target)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Drain {
+            coordinator,
+            rank,
+            tls_ca,
+        } => {
+            control::admin_drain(&coordinator, &tls_ca, rank)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::SimRank {
+            coordinator,
+            spare,
+            step_ms,
+            job_id,
+            config_hash,
+            give_up_s,
+            tls_ca,
+        } => {
+            let code = sim_rank::run(&sim_rank::SimArgs {
+                url: coordinator,
+                tls_ca,
+                spare,
+                step_ms,
+                job_id,
+                config_hash,
+                give_up: std::time::Duration::from_secs(give_up_s),
+            })?;
+            Ok(ExitCode::from(code as u8))
         }
         Cmd::Checkpoint { what } => {
             let dir = match &what {

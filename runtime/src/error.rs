@@ -75,3 +75,24 @@ pub enum RuntimeError {
     #[error("coordinator answered {code}: {message}")]
     Rpc { code: String, message: String },
 }
+
+/// The one mapping from runtime errors to gRPC statuses.
+impl From<RuntimeError> for tonic::Status {
+    fn from(e: RuntimeError) -> Self {
+        use tonic::Status;
+        let msg = e.to_string();
+        match e {
+            RuntimeError::UnknownMember { .. } => Status::not_found(msg),
+            RuntimeError::WrongJob { .. }
+            | RuntimeError::ConfigMismatch { .. }
+            | RuntimeError::Fenced { .. }
+            | RuntimeError::StaleGeneration { .. } => Status::failed_precondition(msg),
+            RuntimeError::InvalidMessage { .. }
+            | RuntimeError::InvalidRequest { .. }
+            | RuntimeError::InvalidArgument { .. } => Status::invalid_argument(msg),
+            RuntimeError::Timeout { .. } => Status::deadline_exceeded(msg),
+            RuntimeError::Connect { .. } | RuntimeError::PeerFailed { .. } => Status::unavailable(msg),
+            _ => Status::internal(msg),
+        }
+    }
+}

@@ -128,7 +128,7 @@ pub struct Member {
 }
 
 impl Member {
-    fn new(id: MemberId, now: Instant, req: &Registration) -> Self {
+    pub(crate) fn new(id: MemberId, now: Instant, req: &Registration) -> Self {
         Member {
             id,
             host: req.host.clone(),
@@ -405,6 +405,10 @@ impl State {
                         });
                     }
                     m.rejoin_deadline = None;
+                    // Counted as connected until its session opens: the heartbeat deadline, not
+                    // a missing stream, decides if it never does.
+                    m.connected = true;
+                    m.closed_at = None;
                     m.last_heartbeat = now;
                     m.last_progress = now;
                     m.addr = req.addr;

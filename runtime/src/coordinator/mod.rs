@@ -1,6 +1,9 @@
 //! Coordinator: membership, generations, detection.
 //!
 //! `core` is the I/O-free decision logic; `journal` makes its durable part survive a crash;
-//! `service` is the thin gRPC shell; `client` is the rank side of the session.
+//! `service` is the thin gRPC shell; `client` is the rank and admin side.
 
+pub mod client;
 pub mod core;
+pub mod journal;
+pub mod service;

@@ -1,0 +1,727 @@
+//! The coordinator's gRPC service: a thin shell around `core`.
+//!
+//! `run(opts, listener, shutdown)` serves until `shutdown` resolves, so tests bind port 0. All
+//! decisions are taken by `core::decide` in one loop that runs every tick and at once when a
+//! session closes (a crash) or a fault is reported; every decision is written to events.jsonl.
+
+use super::core::{
+    apply, decide, CoreConfig, Decision, FlagChange, HeartbeatMsg, MemberId, MemberState,
+    Registration, Removal, Role, State,
+};
+use super::journal::{Journal, JournalState};
+use crate::error::RuntimeError;
+use crate::ids::{Generation, Rank, Step};
+use parking_lot::Mutex;
+use phalanx_proto::pb;
+use phalanx_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::fs::File;
+use std::future::Future;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::Stream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+/// Limits on what a client may send; anything larger is refused before it is decoded.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+const MAX_ADDR_BYTES: usize = 16 * 1024;
+const MAX_TEXT: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct ServiceOpts {
+    pub job_id: String,
+    /// Required on every RPC as `authorization: Bearer <token>` when set. Never logged.
+    pub token: Option<String>,
+    pub core: CoreConfig,
+    pub target_world: usize,
+    pub journal: Option<PathBuf>,
+    pub events: Option<PathBuf>,
+    /// How often the decision loop runs when nothing wakes it.
+    pub tick: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+impl ServiceOpts {
+    pub fn new(job_id: &str, target_world: usize) -> Self {
+        ServiceOpts {
+            job_id: job_id.into(),
+            token: None,
+            core: CoreConfig::default(),
+            target_world,
+            journal: None,
+            events: None,
+            tick: Duration::from_millis(50),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(1),
+            tls: None,
+        }
+    }
+}
+
+type DirectiveTx = mpsc::Sender<Result<pb::Directive, Status>>;
+
+pub struct Shared {
+    state: Mutex<State>,
+    cfg: CoreConfig,
+    sessions: Mutex<HashMap<MemberId, DirectiveTx>>,
+    events: Mutex<Option<BufWriter<File>>>,
+    journal: Option<Journal>,
+    wake: Notify,
+    last_hold: Mutex<Option<String>>,
+    last_reference: Mutex<Instant>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn role_of(r: i32) -> Result<Role, Status> {
+    match pb::Role::try_from(r) {
+        Ok(pb::Role::Active) => Ok(Role::Active),
+        Ok(pb::Role::Spare) => Ok(Role::Spare),
+        _ => Err(Status::invalid_argument("role must be ROLE_ACTIVE or ROLE_SPARE")),
+    }
+}
+
+impl Shared {
+    /// One structured event: tracing and a line of events.jsonl.
+    pub fn event(&self, kind: &str, fields: Value) {
+        info!(target: "phalanx::coordinator", kind, %fields);
+        let mut v = json!({"kind": kind, "unix_ms": unix_ms()});
+        if let (Some(o), Value::Object(f)) = (v.as_object_mut(), fields) {
+            o.extend(f);
+        }
+        if let Some(w) = self.events.lock().as_mut() {
+            // An event log that cannot be written must not stop the job; say so once per line.
+            if serde_json::to_writer(&mut *w, &v).is_err()
+                || w.write_all(b"\n").is_err()
+                || w.flush().is_err()
+            {
+                warn!("cannot write events.jsonl");
+            }
+        }
+    }
+
+    fn save_journal(&self, st: &State) {
+        if let Some(j) = &self.journal {
+            if let Err(e) = j.save(&JournalState::of(st)) {
+                warn!(error = %e, "journal write failed");
+                self.event("journal_error", json!({"error": e.to_string()}));
+            }
+        }
+    }
+
+    fn send(&self, id: MemberId, d: pb::directive::Kind) {
+        if let Some(tx) = self.sessions.lock().get(&id) {
+            // Never block the decision loop on a slow rank: a full queue means it is not reading.
+            let _ = tx.try_send(Ok(pb::Directive { kind: Some(d) }));
+        }
+    }
+
+    fn assign_for(st: &State, id: MemberId, heal: &[(MemberId, Rank)]) -> Option<pb::Assign> {
+        let m = st.members.get(&id)?;
+        let rank = m.rank?;
+        let peers = st
+            .ranks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, pid)| {
+                st.members.get(pid).map(|p| pb::Peer {
+                    rank: i as u32,
+                    member_id: p.id,
+                    host: p.host.clone(),
+                    dataplane_address: p.addr.clone(),
+                })
+            })
+            .collect();
+        Some(pb::Assign {
+            generation: st.generation.0,
+            world: st.ranks.len() as u32,
+            rank: rank.0,
+            peers,
+            resume_step: st.committed_step.0,
+            heal_from: heal.iter().find(|(h, _)| *h == id).map(|(_, r)| r.0),
+        })
+    }
+
+    /// Runs the decision function once and carries out what it says.
+    pub fn step(&self, now: Instant) {
+        let mut st = self.state.lock();
+        {
+            let mut last = self.last_reference.lock();
+            if now.saturating_duration_since(*last) >= Duration::from_millis(500) {
+                st.refresh_reference();
+                *last = now;
+            }
+        }
+        let d = decide(now, &st, &self.cfg);
+        match &d {
+            Decision::Steady => *self.last_hold.lock() = None,
+            Decision::Hold { reason } => {
+                let mut last = self.last_hold.lock();
+                if last.as_deref() != Some(reason) {
+                    warn!(%reason, "holding");
+                    self.event("hold", json!({"generation": st.generation, "reason": reason}));
+                    *last = Some(reason.clone());
+                }
+            }
+            Decision::Halt { reason } => {
+                apply(&mut st, &d);
+                self.save_journal(&st);
+                self.event("halt", json!({"generation": st.generation, "reason": reason}));
+                let ids: Vec<MemberId> = st.members.keys().copied().collect();
+                for id in ids {
+                    self.send(
+                        id,
+                        pb::directive::Kind::Shutdown(pb::Shutdown {
+                            reason: reason.clone(),
+                        }),
+                    );
+                }
+            }
+            Decision::Regroup(r) => {
+                for (id, why) in &r.removed {
+                    let Some(m) = st.members.get(id) else { continue };
+                    // Detection latency: from the first sign of the fault to this decision.
+                    let since = match why {
+                        Removal::Crashed => m.closed_at,
+                        Removal::Silent { .. } => Some(m.last_heartbeat),
+                        Removal::Stalled { .. } => Some(m.last_progress),
+                        _ => None,
+                    };
+                    self.event(
+                        if why.is_failure() { "rank_failed" } else { "rank_removed" },
+                        json!({
+                            "member": id, "rank": m.rank, "host": m.host, "pid": m.pid,
+                            "generation": st.generation, "reason": why.describe(),
+                            "cause": format!("{why:?}").split([' ', '{']).next().unwrap_or("").to_lowercase(),
+                            "detect_ms": since.map(|t| now.saturating_duration_since(t).as_secs_f64() * 1e3),
+                        }),
+                    );
+                }
+                apply(&mut st, &d);
+                self.save_journal(&st);
+                self.event(
+                    "generation",
+                    json!({
+                        "generation": r.generation, "world": r.ranks.len(),
+                        "members": r.ranks, "promoted": r.promoted,
+                        "resume_step": r.resume_step, "heal": r.heal, "reason": r.reason,
+                    }),
+                );
+                for (id, why) in &r.removed {
+                    let kind = match why {
+                        Removal::ScaledDown | Removal::Drained => {
+                            pb::directive::Kind::Drain(pb::DrainNow {
+                                generation: r.generation.0,
+                            })
+                        }
+                        _ => pb::directive::Kind::Evict(pb::Evict {
+                            generation: r.generation.0,
+                            reason: why.describe(),
+                        }),
+                    };
+                    self.send(*id, kind);
+                }
+                for &id in &r.ranks {
+                    if let Some(a) = Self::assign_for(&st, id, &r.heal) {
+                        self.send(id, pb::directive::Kind::Assign(a));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Svc {
+    shared: Arc<Shared>,
+}
+
+fn check_text(what: &str, s: &str) -> Result<(), Status> {
+    if s.len() > MAX_TEXT {
+        return Err(Status::invalid_argument(format!(
+            "{what} is {} bytes; at most {MAX_TEXT}",
+            s.len()
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Coordinator for Svc {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = req.into_inner();
+        check_text("job_id", &r.job_id)?;
+        check_text("host", &r.host)?;
+        check_text("config_hash", &r.config_hash)?;
+        if r.dataplane_address.len() > MAX_ADDR_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "dataplane_address is {} bytes; at most {MAX_ADDR_BYTES}",
+                r.dataplane_address.len()
+            )));
+        }
+        if r.capabilities.len() > 64 {
+            return Err(Status::invalid_argument("at most 64 capabilities"));
+        }
+        let role = role_of(r.role)?;
+        let rejoin = (r.member_id != 0).then_some((
+            r.member_id,
+            Generation(r.generation),
+            Rank(r.rank),
+        ));
+        let reg = Registration {
+            job_id: r.job_id,
+            host: r.host.clone(),
+            pid: r.pid,
+            addr: r.dataplane_address,
+            role,
+            config_hash: r.config_hash,
+            rejoin,
+            committed_step: Step(r.committed_step),
+        };
+        let sh = &self.shared;
+        let mut st = sh.state.lock();
+        let out = match st.register(Instant::now(), reg, &sh.cfg) {
+            Ok(o) => o,
+            Err(e) => {
+                sh.event(
+                    "register_refused",
+                    json!({"host": r.host, "pid": r.pid, "error": e.to_string()}),
+                );
+                return Err(e.into());
+            }
+        };
+        sh.save_journal(&st);
+        sh.event(
+            if out.rejoined { "rejoined" } else { "registered" },
+            json!({"member": out.id, "host": r.host, "pid": r.pid,
+                   "role": format!("{role:?}").to_lowercase(), "generation": st.generation}),
+        );
+        Ok(Response::new(pb::RegisterResponse {
+            member_id: out.id,
+            generation: st.generation.0,
+            heartbeat_interval_ms: sh.cfg.heartbeat_interval.as_millis() as u32,
+            heartbeat_timeout_ms: sh.cfg.heartbeat_timeout.as_millis() as u32,
+            rejoined: out.rejoined,
+        }))
+    }
+
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::Directive, Status>> + Send>>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::RankMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(5), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 5 s of opening the session"))??;
+        let id = match first {
+            Some(pb::RankMessage {
+                msg: Some(pb::rank_message::Msg::Hello(h)),
+            }) => h.member_id,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be `hello` with the member id from Register",
+                ))
+            }
+        };
+        let sh = self.shared.clone();
+        let (tx, rx) = mpsc::channel(64);
+        {
+            let mut st = sh.state.lock();
+            st.session_opened(Instant::now(), id)?;
+            sh.sessions.lock().insert(id, tx.clone());
+            // A rank that reconnects into the generation it holds hears it again (idempotent).
+            if st.members.get(&id).is_some_and(|m| m.state == MemberState::Active) {
+                if let Some(a) = Shared::assign_for(&st, id, &[]) {
+                    let _ = tx.try_send(Ok(pb::Directive {
+                        kind: Some(pb::directive::Kind::Assign(a)),
+                    }));
+                }
+            }
+        }
+        sh.event("session_opened", json!({"member": id}));
+        sh.wake.notify_one();
+        tokio::spawn(async move {
+            let err = loop {
+                match inbound.message().await {
+                    Ok(Some(msg)) => {
+                        if let Err(e) = handle_message(&sh, id, msg) {
+                            let status: Status = e.into();
+                            let _ = tx.try_send(Err(status.clone()));
+                            break Some(status.message().to_string());
+                        }
+                    }
+                    Ok(None) => break None,
+                    // Unknown, Cancelled and Unavailable all mean the transport broke.
+                    Err(status) => break Some(format!("{:?}: {}", status.code(), status.message())),
+                }
+            };
+            let now = Instant::now();
+            {
+                let mut st = sh.state.lock();
+                st.session_closed(now, id);
+                let mut sessions = sh.sessions.lock();
+                if sessions.get(&id).is_some_and(|t| t.same_channel(&tx)) {
+                    sessions.remove(&id);
+                }
+            }
+            sh.event("session_closed", json!({"member": id, "error": err}));
+            sh.wake.notify_one();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report_fault(
+        &self,
+        req: Request<pb::FaultReport>,
+    ) -> Result<Response<pb::FaultAck>, Status> {
+        let r = req.into_inner();
+        check_text("kind", &r.kind)?;
+        let sh = &self.shared;
+        let generation = {
+            let mut st = sh.state.lock();
+            st.report_fault(r.member_id, Generation(r.generation), Rank(r.suspect_rank))?;
+            st.generation
+        };
+        sh.event(
+            "fault_reported",
+            json!({"reporter": r.member_id, "generation": r.generation, "suspect_rank": r.suspect_rank,
+                   "fault": r.kind, "detail": r.detail.chars().take(MAX_TEXT).collect::<String>(), "step": r.step}),
+        );
+        sh.wake.notify_one();
+        Ok(Response::new(pb::FaultAck {
+            generation: generation.0,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let st = self.shared.state.lock();
+        let now = Instant::now();
+        let mut ranks: Vec<pb::RankStatus> = st
+            .members
+            .values()
+            .map(|m| {
+                let mut flags = Vec::new();
+                if m.straggler {
+                    flags.push("straggler".to_string());
+                }
+                if m.drain_requested {
+                    flags.push("draining".into());
+                }
+                if !m.suspected_by.is_empty() {
+                    flags.push(format!("suspected_by={}", m.suspected_by.len()));
+                }
+                if m.rejoin_deadline.is_some() {
+                    flags.push("awaiting_rejoin".into());
+                }
+                pb::RankStatus {
+                    member_id: m.id,
+                    rank: m.rank.map(|r| r.0),
+                    host: m.host.clone(),
+                    role: match m.role {
+                        Role::Active => pb::Role::Active,
+                        Role::Spare => pb::Role::Spare,
+                    } as i32,
+                    state: format!("{:?}", m.state).to_lowercase(),
+                    step: m.step.0,
+                    last_step_time_us: m.last_step_time.as_micros() as u32,
+                    heartbeat_age_ms: now.saturating_duration_since(m.last_heartbeat).as_millis()
+                        as u64,
+                    flags,
+                    pid: m.pid,
+                }
+            })
+            .collect();
+        ranks.sort_by_key(|r| (r.rank.unwrap_or(u32::MAX), r.member_id));
+        Ok(Response::new(pb::StatusResponse {
+            job_id: st.job_id.clone(),
+            generation: st.generation.0,
+            committed_step: st
+                .ranks
+                .iter()
+                .filter_map(|id| st.members.get(id))
+                .map(|m| m.step.0)
+                .max()
+                .unwrap_or(st.committed_step.0),
+            world: st.ranks.len() as u32,
+            target_world: st.target_world as u32,
+            ranks,
+        }))
+    }
+
+    async fn scale(
+        &self,
+        req: Request<pb::ScaleRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let target = req.into_inner().target_world as usize;
+        let sh = &self.shared;
+        let generation = {
+            let mut st = sh.state.lock();
+            if let Err(e) = st.scale(target, &sh.cfg) {
+                sh.event("scale_refused", json!({"target_world": target, "error": e.to_string()}));
+                return Err(e.into());
+            }
+            sh.save_journal(&st);
+            st.generation
+        };
+        sh.event("scale", json!({"target_world": target}));
+        sh.wake.notify_one();
+        Ok(Response::new(pb::AdminResponse {
+            message: format!("target world set to {target}"),
+            generation: generation.0,
+        }))
+    }
+
+    async fn drain(
+        &self,
+        req: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let rank = Rank(req.into_inner().rank);
+        let sh = &self.shared;
+        let generation = {
+            let mut st = sh.state.lock();
+            if let Err(e) = st.drain(rank, &sh.cfg) {
+                sh.event("drain_refused", json!({"rank": rank, "error": e.to_string()}));
+                return Err(e.into());
+            }
+            st.generation
+        };
+        sh.event("drain", json!({"rank": rank}));
+        sh.wake.notify_one();
+        Ok(Response::new(pb::AdminResponse {
+            message: format!("rank {rank} will leave at the next step boundary"),
+            generation: generation.0,
+        }))
+    }
+}
+
+fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(), RuntimeError> {
+    let hb = match msg.msg {
+        Some(pb::rank_message::Msg::Heartbeat(hb)) => hb,
+        Some(pb::rank_message::Msg::Hello(_)) => {
+            return Err(RuntimeError::InvalidMessage {
+                what: "hello sent twice on one session".into(),
+            })
+        }
+        None => {
+            return Err(RuntimeError::InvalidMessage {
+                what: "empty session message".into(),
+            })
+        }
+    };
+    if hb.phase.len() > MAX_TEXT {
+        return Err(RuntimeError::InvalidMessage {
+            what: "phase is too long".into(),
+        });
+    }
+    let msg = HeartbeatMsg {
+        generation: Generation(hb.generation),
+        step: Step(hb.step),
+        collective_seq: hb.collective_seq,
+        phase: hb.phase,
+        last_step_time: Duration::from_micros(hb.last_step_time_us as u64),
+        last_compute_time: Duration::from_micros(hb.last_compute_time_us as u64),
+    };
+    let flag = sh.state.lock().heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
+    match flag {
+        Some(FlagChange::Flagged {
+            id,
+            own_ms,
+            peers_ms,
+            slow_steps,
+        }) => sh.event(
+            "straggler_flagged",
+            json!({"member": id, "step_ms": own_ms, "peers_step_ms": peers_ms, "slow_steps": slow_steps}),
+        ),
+        Some(FlagChange::Cleared {
+            id,
+            own_ms,
+            peers_ms,
+        }) => sh.event(
+            "straggler_cleared",
+            json!({"member": id, "step_ms": own_ms, "peers_step_ms": peers_ms}),
+        ),
+        None => {}
+    }
+    if flag.is_some() {
+        sh.wake.notify_one();
+    }
+    Ok(())
+}
+
+/// Checks the job token on every RPC. Constant-time comparison; the token is never logged.
+#[derive(Clone)]
+pub struct Auth {
+    token: Option<Arc<str>>,
+    shared: Arc<Shared>,
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.token else {
+            return Ok(req);
+        };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.strip_prefix("Bearer "));
+        match got {
+            Some(g) if ct_eq(g.as_bytes(), token.as_bytes()) => Ok(req),
+            _ => {
+                self.shared.event(
+                    "auth_refused",
+                    json!({"reason": if got.is_some() { "wrong token" } else { "missing token" },
+                           "peer": req.remote_addr().map(|a| a.to_string())}),
+                );
+                Err(Status::unauthenticated(
+                    "missing or wrong job token: set PHALANX_JOB_TOKEN to the job's token",
+                ))
+            }
+        }
+    }
+}
+
+/// Builds the shared state: a fresh job, or the journaled one after a restart.
+pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
+    let now = Instant::now();
+    let journal = opts.journal.clone().map(Journal::new);
+    let restored = match &journal {
+        Some(j) => j.load()?,
+        None => None,
+    };
+    let events = match &opts.events {
+        Some(p) => {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| RuntimeError::Journal {
+                    path: p.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| RuntimeError::Journal {
+                    path: p.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            Some(BufWriter::new(f))
+        }
+        None => None,
+    };
+    let (state, was_restored) = match restored {
+        Some(js) if js.job_id == opts.job_id => {
+            let mut s = js.restore(now);
+            s.await_rejoin(now, &opts.core);
+            (s, true)
+        }
+        Some(js) => {
+            return Err(RuntimeError::Journal {
+                path: opts
+                    .journal
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                reason: format!(
+                    "it belongs to job {:?}, not {:?}; use another journal path",
+                    js.job_id, opts.job_id
+                ),
+            })
+        }
+        None => (State::new(&opts.job_id, opts.target_world), false),
+    };
+    let generation = state.generation;
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+        cfg: opts.core.clone(),
+        sessions: Mutex::new(HashMap::new()),
+        events: Mutex::new(events),
+        journal,
+        wake: Notify::new(),
+        last_hold: Mutex::new(None),
+        last_reference: Mutex::new(now),
+    });
+    shared.event(
+        if was_restored { "coordinator_restarted" } else { "coordinator_started" },
+        json!({"job": opts.job_id, "generation": generation, "target_world": opts.target_world}),
+    );
+    Ok(shared)
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves.
+pub async fn run(
+    opts: ServiceOpts,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RuntimeError> {
+    let shared = load_shared(&opts)?;
+    let ticker = {
+        let sh = shared.clone();
+        let tick = opts.tick;
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval(tick);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = iv.tick() => {}
+                    _ = sh.wake.notified() => {}
+                }
+                sh.step(Instant::now());
+            }
+        })
+    };
+    let server = CoordinatorServer::new(Svc {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let auth = Auth {
+        token: opts.token.as_deref().map(Arc::from),
+        shared: shared.clone(),
+    };
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(opts.keepalive_interval))
+        .http2_keepalive_timeout(Some(opts.keepalive_timeout))
+        .tcp_nodelay(true);
+    if let Some(tls) = opts.tls.clone() {
+        builder = builder.tls_config(tls).map_err(|e| RuntimeError::InvalidRequest {
+            what: format!("TLS configuration: {e}"),
+        })?;
+    }
+    let res = builder
+        .add_service(InterceptedService::new(server, auth))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    ticker.abort();
+    shared.event("coordinator_stopped", json!({}));
+    res.map_err(|e| RuntimeError::Connect {
+        url: "listener".into(),
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,216 @@
+//! `phalanx coordinator`, `phalanx status`, and the simulated rank used by the control-plane
+//! tests and benchmarks.
+
+use crate::config::CoordinatorSection;
+use anyhow::{bail, Context, Result};
+use phalanx_proto::pb;
+use phalanx_runtime::coordinator::client::{self, ClientOpts};
+use phalanx_runtime::coordinator::core::{CoreConfig, StragglerConfig};
+use phalanx_runtime::coordinator::service::{self, ServiceOpts};
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+pub fn core_config(c: &CoordinatorSection, max_world: usize) -> CoreConfig {
+    CoreConfig {
+        heartbeat_interval: ms(c.heartbeat_interval_ms),
+        heartbeat_timeout: ms(c.heartbeat_timeout_ms),
+        rejoin_grace: ms(c.rejoin_grace_ms),
+        min_world: c.min_world,
+        max_world,
+        hang_floor: ms(c.hang_timeout_floor_ms),
+        hang_k: c.hang_k,
+        straggler: StragglerConfig {
+            window: c.straggler_window,
+            ratio: c.straggler_ratio,
+            min_excess: ms(c.straggler_min_excess_ms),
+            flag_after: c.straggler_flag_after,
+            unflag_after: c.straggler_unflag_after,
+            evict: c.evict_stragglers,
+        },
+    }
+}
+
+fn read(p: &str, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(p).with_context(|| format!("cannot read {what} {p}"))
+}
+
+pub fn server_tls(c: &CoordinatorSection) -> Result<Option<ServerTlsConfig>> {
+    if c.tls_cert.is_empty() {
+        return Ok(None);
+    }
+    let id = Identity::from_pem(
+        read(&c.tls_cert, "coordinator.tls_cert")?,
+        read(&c.tls_key, "coordinator.tls_key")?,
+    );
+    Ok(Some(ServerTlsConfig::new().identity(id)))
+}
+
+pub fn client_tls(ca: &str, url: &str) -> Result<Option<ClientTlsConfig>> {
+    if ca.is_empty() {
+        if url.starts_with("https://") {
+            bail!("{url} uses TLS: pass --tls-ca (or coordinator.tls_ca) with the CA certificate");
+        }
+        return Ok(None);
+    }
+    let host = url
+        .split("://")
+        .nth(1)
+        .and_then(|r| r.split([':', '/']).next())
+        .unwrap_or("localhost");
+    Ok(Some(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(ca, "TLS CA")?))
+            .domain_name(host),
+    ))
+}
+
+pub struct CoordinatorArgs {
+    pub bind: Option<String>,
+    pub world: usize,
+    pub max_world: usize,
+    pub run_dir: PathBuf,
+}
+
+pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let bind = a.bind.clone().unwrap_or_else(|| c.bind.clone());
+        let listener = tokio::net::TcpListener::bind(&bind)
+            .await
+            .with_context(|| format!("cannot listen on {bind}; pick another --bind address"))?;
+        let addr = listener.local_addr()?;
+        let mut opts = ServiceOpts::new(&c.job_id, a.world);
+        opts.token = c.token();
+        opts.core = core_config(c, a.max_world);
+        opts.journal = Some(a.run_dir.join("coordinator-journal.json"));
+        opts.events = Some(a.run_dir.join("events.jsonl"));
+        opts.tick = ms(c.tick_ms);
+        opts.keepalive_interval = ms(c.keepalive_interval_ms);
+        opts.keepalive_timeout = ms(c.keepalive_timeout_ms);
+        opts.tls = server_tls(c)?;
+        // The first line on stdout is the address, so that a launcher (or a test) that asked
+        // for port 0 learns the port.
+        println!("phalanx coordinator listening on {addr}");
+        std::io::stdout().flush()?;
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        service::run(opts, listener, shutdown).await?;
+        Ok(())
+    })
+}
+
+pub fn client_opts(url: &str, tls_ca: &str) -> Result<ClientOpts> {
+    let mut o = ClientOpts::new(url);
+    o.tls = client_tls(tls_ca, url)?;
+    Ok(o)
+}
+
+pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
+    let opts = client_opts(url, tls_ca)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let s = rt.block_on(async {
+        let mut c = client::connect(&opts).await?;
+        let r = c
+            .status(client::request(pb::StatusRequest {}, &opts))
+            .await
+            .map_err(client::status_error)?;
+        Ok::<_, anyhow::Error>(r.into_inner())
+    })?;
+    if as_json {
+        let ranks: Vec<_> = s
+            .ranks
+            .iter()
+            .map(|r| {
+                json!({"member": r.member_id, "rank": r.rank, "host": r.host, "pid": r.pid,
+                       "role": role_name(r.role), "state": r.state, "step": r.step,
+                       "step_ms": r.last_step_time_us as f64 / 1e3,
+                       "heartbeat_age_ms": r.heartbeat_age_ms, "flags": r.flags})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "job": s.job_id, "generation": s.generation, "step": s.committed_step,
+                "world": s.world, "target_world": s.target_world, "ranks": ranks,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "job {}  generation {}  step {}  world {}/{}",
+        s.job_id, s.generation, s.committed_step, s.world, s.target_world
+    );
+    println!(
+        "{:>5} {:>6} {:<16} {:>7} {:<8} {:>8} {:>9} {:>8}  flags",
+        "rank", "member", "host", "pid", "state", "step", "step_ms", "hb_age"
+    );
+    for r in &s.ranks {
+        println!(
+            "{:>5} {:>6} {:<16} {:>7} {:<8} {:>8} {:>9.1} {:>6}ms  {}",
+            r.rank.map_or("-".into(), |x| x.to_string()),
+            r.member_id,
+            r.host,
+            r.pid,
+            r.state,
+            r.step,
+            r.last_step_time_us as f64 / 1e3,
+            r.heartbeat_age_ms,
+            r.flags.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn role_name(r: i32) -> &'static str {
+    match pb::Role::try_from(r) {
+        Ok(pb::Role::Active) => "active",
+        Ok(pb::Role::Spare) => "spare",
+        _ => "?",
+    }
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+pub fn admin_scale(url: &str, tls_ca: &str, target: u32) -> Result<()> {
+    let opts = client_opts(url, tls_ca)?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let mut c = client::connect(&opts).await?;
+        let r = c
+            .scale(client::request(pb::ScaleRequest { target_world: target }, &opts))
+            .await
+            .map_err(client::status_error)?;
+        println!("{}", r.into_inner().message);
+        Ok(())
+    })
+}
+
+pub fn admin_drain(url: &str, tls_ca: &str, rank: u32) -> Result<()> {
+    let opts = client_opts(url, tls_ca)?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let mut c = client::connect(&opts).await?;
+        let r = c
+            .drain(client::request(pb::DrainRequest { rank }, &opts))
+            .await
+            .map_err(client::status_error)?;
+        println!("{}", r.into_inner().message);
+        Ok(())
+    })
+}

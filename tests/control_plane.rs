@@ -1,0 +1,327 @@
+//! The coordinator with real processes on loopback: `phalanx coordinator` and simulated ranks
+//! (`phalanx sim-rank`, a real control-plane session without training), killed and stopped with
+//! real signals.
+
+mod common;
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const TOKEN: &str = "s3cret-job-token";
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+/// A child process whose stdout JSON lines are collected.
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> (Proc, std::sync::mpsc::Receiver<String>) {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::null()).env("PHALANX_LOG", "warn");
+        let mut child = cmd.spawn().expect("spawn");
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    l.lock().unwrap().push(v);
+                }
+                let _ = tx.send(line);
+            }
+        });
+        (Proc { child, lines }, rx)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_line(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; got {:?}", self.lines.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Job {
+    dir: PathBuf,
+    coord: Proc,
+    addr: String,
+    ranks: Vec<Proc>,
+}
+
+fn start_coordinator(dir: &Path, bind: &str, world: usize, extra: &[&str]) -> (Proc, String) {
+    let mut cmd = common::bin();
+    cmd.args(["coordinator", "--bind", bind, "--world", &world.to_string()])
+        .arg("--run-dir")
+        .arg(dir)
+        .args(["train.global_batch=16", "train.micro_batch=1"])
+        .args(extra)
+        .env("PHALANX_JOB_TOKEN", TOKEN);
+    let (p, rx) = Proc::spawn(cmd);
+    let first = rx.recv_timeout(Duration::from_secs(20)).expect("coordinator prints its address");
+    let addr = first.rsplit(' ').next().unwrap().to_string();
+    assert!(first.contains("listening on"), "{first}");
+    (p, addr)
+}
+
+fn sim(addr: &str, spare: bool) -> Proc {
+    let mut cmd = common::bin();
+    cmd.args(["sim-rank", "--coordinator", &format!("http://{addr}"), "--step-ms", "20"])
+        .env("PHALANX_JOB_TOKEN", TOKEN);
+    if spare {
+        cmd.arg("--spare");
+    }
+    Proc::spawn(cmd).0
+}
+
+fn assigned(p: &Proc, generation: u64) -> Value {
+    p.wait_line(&format!("assign of generation {generation}"), Duration::from_secs(15), |v| {
+        v["directive"] == "assign" && v["generation"] == generation
+    })
+}
+
+impl Job {
+    fn start(world: usize, spares: usize, extra: &[&str]) -> Job {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let (coord, addr) = start_coordinator(&dir, "127.0.0.1:0", world, extra);
+        let mut ranks: Vec<Proc> = (0..world).map(|_| sim(&addr, false)).collect();
+        for r in &ranks {
+            assigned(r, 1);
+        }
+        ranks.extend((0..spares).map(|_| sim(&addr, true)));
+        Job { dir, coord, addr, ranks }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn wait_event(&self, kind: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| e["kind"] == kind) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "no {kind} event; events: {:?}", self.events());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn status(&self, token: Option<&str>) -> std::process::Output {
+        let mut cmd = common::bin();
+        cmd.args(["status", "--coordinator", &format!("http://{}", self.addr), "--json"]);
+        match token {
+            Some(t) => cmd.env("PHALANX_JOB_TOKEN", t),
+            None => cmd.env_remove("PHALANX_JOB_TOKEN"),
+        };
+        cmd.output().unwrap()
+    }
+
+    fn status_json(&self) -> Value {
+        let out = self.status(Some(TOKEN));
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// G-1: SIGKILL of a rank is seen through its closed session at once; the survivors get the
+// next generation.
+#[test]
+fn sigkill_is_detected_within_half_a_second() {
+    let job = Job::start(3, 0, &[]);
+    let victim = job.ranks[1].pid();
+    let t_kill = unix_ms();
+    signal(victim, "-KILL");
+    let ev = job.wait_event("rank_failed", Duration::from_secs(5));
+    let detect_ms = ev["unix_ms"].as_u64().unwrap() - t_kill;
+    eprintln!("SIGKILL detected in {detect_ms} ms: {ev}");
+    assert!(detect_ms < 500, "detection took {detect_ms} ms");
+    assert_eq!(ev["pid"], victim);
+    for (i, r) in job.ranks.iter().enumerate() {
+        if i != 1 {
+            let a = assigned(r, 2);
+            assert_eq!(a["world"], 2);
+        }
+    }
+    let s = job.status_json();
+    assert_eq!((s["generation"].as_u64(), s["world"].as_u64()), (Some(2), Some(2)));
+}
+
+// G-1: a stopped rank is detected by the heartbeat deadline; woken up, it is fenced, not merged.
+#[test]
+fn sigstop_is_detected_within_two_seconds_and_stays_fenced() {
+    let mut job = Job::start(3, 0, &[]);
+    let victim = job.ranks[2].pid();
+    let t_stop = unix_ms();
+    signal(victim, "-STOP");
+    let ev = job.wait_event("rank_failed", Duration::from_secs(6));
+    let detect_ms = ev["unix_ms"].as_u64().unwrap() - t_stop;
+    eprintln!("SIGSTOP detected in {detect_ms} ms: {ev}");
+    assert!(detect_ms <= 2000, "detection took {detect_ms} ms");
+    assigned(&job.ranks[0], 2);
+    signal(victim, "-CONT");
+    // The woken rank heartbeats for generation 1 and is told it is fenced out.
+    let code = job.ranks[2].wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(3), "fenced rank should exit 3: {:?}", job.ranks[2].lines.lock().unwrap());
+    let s = job.status_json();
+    assert_eq!((s["generation"].as_u64(), s["world"].as_u64()), (Some(2), Some(2)));
+}
+
+#[test]
+fn spare_is_promoted_when_a_rank_dies() {
+    let job = Job::start(2, 1, &[]);
+    job.ranks[2].wait_line("spare registered", Duration::from_secs(10), |v| v["event"] == "registered");
+    std::thread::sleep(Duration::from_millis(300));
+    signal(job.ranks[0].pid(), "-KILL");
+    let a = assigned(&job.ranks[2], 2);
+    assert_eq!(a["world"], 2);
+    assert_eq!(a["heal_from"], 0, "the spare heals from the surviving leader: {a}");
+}
+
+// Coordinator crash safety: kill -9 and restart; ranks re-register into the same generation.
+#[test]
+fn coordinator_restart_keeps_the_generation() {
+    let mut job = Job::start(2, 0, &[]);
+    let port = job.addr.rsplit(':').next().unwrap().to_string();
+    signal(job.coord.pid(), "-KILL");
+    job.coord.wait_exit(Duration::from_secs(5));
+    for r in &job.ranks {
+        r.wait_line("disconnect", Duration::from_secs(5), |v| v["event"] == "disconnected");
+    }
+    let (coord, addr) = start_coordinator(&job.dir, &format!("127.0.0.1:{port}"), 2, &[]);
+    job.coord = coord;
+    job.addr = addr;
+    for r in &job.ranks {
+        r.wait_line("rejoin", Duration::from_secs(15), |v| v["event"] == "rejoined");
+    }
+    job.wait_event("coordinator_restarted", Duration::from_secs(1));
+    // Past several heartbeat timeouts nobody is evicted and the generation is unchanged.
+    std::thread::sleep(Duration::from_millis(2500));
+    let s = job.status_json();
+    assert_eq!((s["generation"].as_u64(), s["world"].as_u64()), (Some(1), Some(2)), "{s}");
+    assert!(job.events().iter().all(|e| e["kind"] != "rank_failed"), "{:?}", job.events());
+}
+
+#[test]
+fn wrong_or_missing_token_is_refused() {
+    let job = Job::start(1, 0, &[]);
+    for token in [None, Some("not-the-job-token")] {
+        let out = job.status(token);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("Unauthenticated") && err.contains("PHALANX_JOB_TOKEN"), "{err}");
+        assert!(!err.contains("panicked"));
+    }
+    let refused: Vec<_> = job.events().into_iter().filter(|e| e["kind"] == "auth_refused").collect();
+    assert_eq!(refused.len(), 2);
+    // The token itself never reaches the event log.
+    let log = std::fs::read_to_string(job.dir.join("events.jsonl")).unwrap();
+    assert!(!log.contains(TOKEN) && !log.contains("not-the-job-token"));
+}
+
+#[test]
+fn garbage_and_oversized_messages_do_not_harm_the_job() {
+    let job = Job::start(2, 0, &[]);
+    // Raw garbage, and an HTTP/2 preface followed by garbage.
+    for payload in [&b"\x00\xffGET / HTTP/1.1\r\n\r\n not grpc"[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xde\xad\xbe\xef"] {
+        let mut s = std::net::TcpStream::connect(&job.addr).unwrap();
+        s.write_all(payload).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    // An oversized and an absurd registration, through a real gRPC client.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use phalanx_proto::pb;
+        let mut opts = phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", job.addr));
+        opts.token = Some(TOKEN.into());
+        let mut c = phalanx_runtime::coordinator::client::connect(&opts).await.unwrap();
+        let base = pb::RegisterRequest {
+            job_id: "phalanx".into(),
+            host: "h".into(),
+            role: pb::Role::Spare as i32,
+            config_hash: "sim".into(),
+            ..Default::default()
+        };
+        let huge = pb::RegisterRequest { dataplane_address: vec![7; 1 << 20], ..base.clone() };
+        let e = c.register(huge).await.unwrap_err();
+        eprintln!("oversized: {:?} {}", e.code(), e.message());
+        assert_ne!(e.code(), tonic::Code::Ok);
+        let absurd = pb::RegisterRequest { dataplane_address: vec![7; 32 * 1024], ..base.clone() };
+        let e = c.register(absurd).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        let bad_role = pb::RegisterRequest { role: 17, ..base.clone() };
+        assert_eq!(c.register(bad_role).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        let other_job = pb::RegisterRequest { job_id: "other".into(), ..base };
+        assert_eq!(c.register(other_job).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = job.status_json();
+    assert_eq!((s["generation"].as_u64(), s["world"].as_u64()), (Some(1), Some(2)), "{s}");
+    assert!(job.events().iter().all(|e| e["kind"] != "rank_failed"));
+    // The ranks are still in session.
+    assert!(s["ranks"].as_array().unwrap().iter().all(|r| r["heartbeat_age_ms"].as_u64().unwrap() < 1000));
+}
+
+#[test]
+fn bad_coordinator_address_is_a_clear_error() {
+    let out = common::bin()
+        .args(["status", "--coordinator", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach the coordinator"), "{err}");
+    let out = common::bin().args(["status", "--coordinator", "not a url"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid URL"));
+}
