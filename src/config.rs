@@ -239,7 +239,9 @@ impl CoordinatorSection {
         if self.job_id.is_empty() || self.job_id.len() > 128 {
             return bad("job_id", self.job_id.clone(), "must be 1 to 128 characters");
         }
-        if self.heartbeat_interval_ms == 0 || self.heartbeat_timeout_ms < 2 * self.heartbeat_interval_ms {
+        if self.heartbeat_interval_ms == 0
+            || self.heartbeat_timeout_ms < 2 * self.heartbeat_interval_ms
+        {
             return bad(
                 "heartbeat_timeout_ms",
                 self.heartbeat_timeout_ms.to_string(),
@@ -247,15 +249,33 @@ impl CoordinatorSection {
             );
         }
         if self.tick_ms == 0 || self.keepalive_interval_ms == 0 || self.keepalive_timeout_ms == 0 {
-            return bad("tick_ms", self.tick_ms.to_string(), "tick_ms and keepalive_*_ms must be > 0");
+            return bad(
+                "tick_ms",
+                self.tick_ms.to_string(),
+                "tick_ms and keepalive_*_ms must be > 0",
+            );
         }
         if self.min_world == 0 {
             return bad("min_world", "0".into(), "must be at least 1");
         }
         if !(self.straggler_ratio > 1.0 && self.straggler_ratio.is_finite()) {
-            return bad("straggler_ratio", self.straggler_ratio.to_string(), "must be a number > 1");
+            return bad(
+                "straggler_ratio",
+                self.straggler_ratio.to_string(),
+                "must be a number > 1",
+            );
         }
-        if self.straggler_window == 0 || self.straggler_flag_after == 0 || self.straggler_unflag_after == 0 {
+        if self.straggler_window > 64 {
+            return bad(
+                "straggler_window",
+                self.straggler_window.to_string(),
+                "must be at most 64",
+            );
+        }
+        if self.straggler_window == 0
+            || self.straggler_flag_after == 0
+            || self.straggler_unflag_after == 0
+        {
             return bad(
                 "straggler_window",
                 self.straggler_window.to_string(),
@@ -263,10 +283,18 @@ impl CoordinatorSection {
             );
         }
         if !(self.hang_k > 0.0 && self.hang_k.is_finite()) {
-            return bad("hang_k", self.hang_k.to_string(), "must be a positive number");
+            return bad(
+                "hang_k",
+                self.hang_k.to_string(),
+                "must be a positive number",
+            );
         }
         if self.tls_cert.is_empty() != self.tls_key.is_empty() {
-            return bad("tls_cert", self.tls_cert.clone(), "tls_cert and tls_key go together");
+            return bad(
+                "tls_cert",
+                self.tls_cert.clone(),
+                "tls_cert and tls_key go together",
+            );
         }
         Ok(())
     }

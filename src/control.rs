@@ -194,7 +194,12 @@ pub fn admin_scale(url: &str, tls_ca: &str, target: u32) -> Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let mut c = client::connect(&opts).await?;
         let r = c
-            .scale(client::request(pb::ScaleRequest { target_world: target }, &opts))
+            .scale(client::request(
+                pb::ScaleRequest {
+                    target_world: target,
+                },
+                &opts,
+            ))
             .await
             .map_err(client::status_error)?;
         println!("{}", r.into_inner().message);

@@ -1,6 +1,7 @@
 //! The `phalanx` command line.
 
 mod bench;
+mod bench_coordinator;
 mod bench_collectives;
 mod config;
 mod control;
@@ -183,6 +184,19 @@ enum BenchCmd {
         #[arg(long, hide = true, default_value_t = 0)]
         rank: u32,
     },
+    /// The control plane at scale: the decision core alone and the real gRPC service.
+    Coordinator {
+        /// Simulated ranks for the decision core (1 Hz heartbeats, simulated time).
+        #[arg(long, default_value_t = 100_000)]
+        ranks: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Simulated rank sessions against a real coordinator process (0 = skip).
+        #[arg(long, default_value_t = 10_000)]
+        grpc_ranks: usize,
+        #[arg(long, default_value_t = 10)]
+        grpc_seconds: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -327,6 +341,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(addr) => bench_collectives::worker(&addr, rank, world as u32, op, &sizes, &tuning)?,
                 None => bench_collectives::run(world, op, &sizes, &tuning)?,
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Coordinator {
+                    ranks,
+                    seconds,
+                    grpc_ranks,
+                    grpc_seconds,
+                },
+        } => {
+            bench_coordinator::run(ranks, seconds.max(1), grpc_ranks, grpc_seconds.max(1))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Coordinator {

@@ -67,7 +67,11 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
             job_id: a.job_id.clone(),
             host: host.clone(),
             dataplane_address: format!("sim:{}", std::process::id()).into_bytes(),
-            role: if a.spare { pb::Role::Spare } else { pb::Role::Active } as i32,
+            role: if a.spare {
+                pb::Role::Spare
+            } else {
+                pb::Role::Active
+            } as i32,
             capabilities: vec!["sim".into()],
             config_hash: a.config_hash.clone(),
             pid: std::process::id(),
@@ -79,7 +83,9 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
         let reg = match c.register(client::request(req, &opts)).await {
             Ok(r) => r.into_inner(),
             Err(s) => {
-                emit(json!({"event": "register_refused", "code": format!("{:?}", s.code()), "error": s.message()}));
+                emit(
+                    json!({"event": "register_refused", "code": format!("{:?}", s.code()), "error": s.message()}),
+                );
                 match s.code() {
                     Code::FailedPrecondition => return Ok(3),
                     Code::Unauthenticated | Code::InvalidArgument => return Ok(2),
@@ -93,24 +99,32 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
         last_contact = Instant::now();
         backoff = Duration::from_millis(100);
         member = reg.member_id;
-        emit(json!({"event": if reg.rejoined { "rejoined" } else { "registered" },
-                    "member": member, "generation": reg.generation}));
+        emit(
+            json!({"event": if reg.rejoined { "rejoined" } else { "registered" },
+                    "member": member, "generation": reg.generation}),
+        );
         let (tx, rx) = mpsc::channel(16);
         let hello = pb::RankMessage {
-            msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello { member_id: member })),
+            msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
+                member_id: member,
+            })),
         };
         tx.send(hello).await?;
         let mut inbound = match c.session(ReceiverStream::new(rx)).await {
             Ok(r) => r.into_inner(),
             Err(s) => {
-                emit(json!({"event": "session_refused", "code": format!("{:?}", s.code()), "error": s.message()}));
+                emit(
+                    json!({"event": "session_refused", "code": format!("{:?}", s.code()), "error": s.message()}),
+                );
                 if s.code() == Code::FailedPrecondition {
                     return Ok(3);
                 }
                 continue;
             }
         };
-        let mut hb = tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(10) as u64));
+        let mut hb = tokio::time::interval(Duration::from_millis(
+            reg.heartbeat_interval_ms.max(10) as u64,
+        ));
         let mut stepper = tokio::time::interval(Duration::from_millis(a.step_ms.max(1)));
         let mut assigned = reg.rejoined;
         loop {

@@ -14,11 +14,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const TOKEN: &str = "s3cret-job-token";
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success(), "kill {sig} {pid}");
 }
 
@@ -30,7 +36,9 @@ struct Proc {
 
 impl Proc {
     fn spawn(mut cmd: Command) -> (Proc, std::sync::mpsc::Receiver<String>) {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::null()).env("PHALANX_LOG", "warn");
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .env("PHALANX_LOG", "warn");
         let mut child = cmd.spawn().expect("spawn");
         let out = child.stdout.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -57,7 +65,11 @@ impl Proc {
             if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
                 return v.clone();
             }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; got {:?}", self.lines.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; got {:?}",
+                self.lines.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -97,7 +109,9 @@ fn start_coordinator(dir: &Path, bind: &str, world: usize, extra: &[&str]) -> (P
         .args(extra)
         .env("PHALANX_JOB_TOKEN", TOKEN);
     let (p, rx) = Proc::spawn(cmd);
-    let first = rx.recv_timeout(Duration::from_secs(20)).expect("coordinator prints its address");
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("coordinator prints its address");
     let addr = first.rsplit(' ').next().unwrap().to_string();
     assert!(first.contains("listening on"), "{first}");
     (p, addr)
@@ -105,8 +119,14 @@ fn start_coordinator(dir: &Path, bind: &str, world: usize, extra: &[&str]) -> (P
 
 fn sim(addr: &str, spare: bool) -> Proc {
     let mut cmd = common::bin();
-    cmd.args(["sim-rank", "--coordinator", &format!("http://{addr}"), "--step-ms", "20"])
-        .env("PHALANX_JOB_TOKEN", TOKEN);
+    cmd.args([
+        "sim-rank",
+        "--coordinator",
+        &format!("http://{addr}"),
+        "--step-ms",
+        "20",
+    ])
+    .env("PHALANX_JOB_TOKEN", TOKEN);
     if spare {
         cmd.arg("--spare");
     }
@@ -114,9 +134,11 @@ fn sim(addr: &str, spare: bool) -> Proc {
 }
 
 fn assigned(p: &Proc, generation: u64) -> Value {
-    p.wait_line(&format!("assign of generation {generation}"), Duration::from_secs(15), |v| {
-        v["directive"] == "assign" && v["generation"] == generation
-    })
+    p.wait_line(
+        &format!("assign of generation {generation}"),
+        Duration::from_secs(15),
+        |v| v["directive"] == "assign" && v["generation"] == generation,
+    )
 }
 
 impl Job {
@@ -128,7 +150,12 @@ impl Job {
             assigned(r, 1);
         }
         ranks.extend((0..spares).map(|_| sim(&addr, true)));
-        Job { dir, coord, addr, ranks }
+        Job {
+            dir,
+            coord,
+            addr,
+            ranks,
+        }
     }
 
     fn events(&self) -> Vec<Value> {
@@ -145,14 +172,23 @@ impl Job {
             if let Some(e) = self.events().into_iter().find(|e| e["kind"] == kind) {
                 return e;
             }
-            assert!(Instant::now() < deadline, "no {kind} event; events: {:?}", self.events());
+            assert!(
+                Instant::now() < deadline,
+                "no {kind} event; events: {:?}",
+                self.events()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     fn status(&self, token: Option<&str>) -> std::process::Output {
         let mut cmd = common::bin();
-        cmd.args(["status", "--coordinator", &format!("http://{}", self.addr), "--json"]);
+        cmd.args([
+            "status",
+            "--coordinator",
+            &format!("http://{}", self.addr),
+            "--json",
+        ]);
         match token {
             Some(t) => cmd.env("PHALANX_JOB_TOKEN", t),
             None => cmd.env_remove("PHALANX_JOB_TOKEN"),
@@ -162,7 +198,11 @@ impl Job {
 
     fn status_json(&self) -> Value {
         let out = self.status(Some(TOKEN));
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
@@ -193,7 +233,10 @@ fn sigkill_is_detected_within_half_a_second() {
         }
     }
     let s = job.status_json();
-    assert_eq!((s["generation"].as_u64(), s["world"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(
+        (s["generation"].as_u64(), s["world"].as_u64()),
+        (Some(2), Some(2))
+    );
 }
 
 // G-1: a stopped rank is detected by the heartbeat deadline; woken up, it is fenced, not merged.
@@ -211,20 +254,33 @@ fn sigstop_is_detected_within_two_seconds_and_stays_fenced() {
     signal(victim, "-CONT");
     // The woken rank heartbeats for generation 1 and is told it is fenced out.
     let code = job.ranks[2].wait_exit(Duration::from_secs(10));
-    assert_eq!(code, Some(3), "fenced rank should exit 3: {:?}", job.ranks[2].lines.lock().unwrap());
+    assert_eq!(
+        code,
+        Some(3),
+        "fenced rank should exit 3: {:?}",
+        job.ranks[2].lines.lock().unwrap()
+    );
     let s = job.status_json();
-    assert_eq!((s["generation"].as_u64(), s["world"].as_u64()), (Some(2), Some(2)));
+    assert_eq!(
+        (s["generation"].as_u64(), s["world"].as_u64()),
+        (Some(2), Some(2))
+    );
 }
 
 #[test]
 fn spare_is_promoted_when_a_rank_dies() {
     let job = Job::start(2, 1, &[]);
-    job.ranks[2].wait_line("spare registered", Duration::from_secs(10), |v| v["event"] == "registered");
+    job.ranks[2].wait_line("spare registered", Duration::from_secs(10), |v| {
+        v["event"] == "registered"
+    });
     std::thread::sleep(Duration::from_millis(300));
     signal(job.ranks[0].pid(), "-KILL");
     let a = assigned(&job.ranks[2], 2);
     assert_eq!(a["world"], 2);
-    assert_eq!(a["heal_from"], 0, "the spare heals from the surviving leader: {a}");
+    assert_eq!(
+        a["heal_from"], 0,
+        "the spare heals from the surviving leader: {a}"
+    );
 }
 
 // Coordinator crash safety: kill -9 and restart; ranks re-register into the same generation.
@@ -235,20 +291,32 @@ fn coordinator_restart_keeps_the_generation() {
     signal(job.coord.pid(), "-KILL");
     job.coord.wait_exit(Duration::from_secs(5));
     for r in &job.ranks {
-        r.wait_line("disconnect", Duration::from_secs(5), |v| v["event"] == "disconnected");
+        r.wait_line("disconnect", Duration::from_secs(5), |v| {
+            v["event"] == "disconnected"
+        });
     }
     let (coord, addr) = start_coordinator(&job.dir, &format!("127.0.0.1:{port}"), 2, &[]);
     job.coord = coord;
     job.addr = addr;
     for r in &job.ranks {
-        r.wait_line("rejoin", Duration::from_secs(15), |v| v["event"] == "rejoined");
+        r.wait_line("rejoin", Duration::from_secs(15), |v| {
+            v["event"] == "rejoined"
+        });
     }
     job.wait_event("coordinator_restarted", Duration::from_secs(1));
     // Past several heartbeat timeouts nobody is evicted and the generation is unchanged.
     std::thread::sleep(Duration::from_millis(2500));
     let s = job.status_json();
-    assert_eq!((s["generation"].as_u64(), s["world"].as_u64()), (Some(1), Some(2)), "{s}");
-    assert!(job.events().iter().all(|e| e["kind"] != "rank_failed"), "{:?}", job.events());
+    assert_eq!(
+        (s["generation"].as_u64(), s["world"].as_u64()),
+        (Some(1), Some(2)),
+        "{s}"
+    );
+    assert!(
+        job.events().iter().all(|e| e["kind"] != "rank_failed"),
+        "{:?}",
+        job.events()
+    );
 }
 
 #[test]
@@ -258,10 +326,17 @@ fn wrong_or_missing_token_is_refused() {
         let out = job.status(token);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains("Unauthenticated") && err.contains("PHALANX_JOB_TOKEN"), "{err}");
+        assert!(
+            err.contains("Unauthenticated") && err.contains("PHALANX_JOB_TOKEN"),
+            "{err}"
+        );
         assert!(!err.contains("panicked"));
     }
-    let refused: Vec<_> = job.events().into_iter().filter(|e| e["kind"] == "auth_refused").collect();
+    let refused: Vec<_> = job
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "auth_refused")
+        .collect();
     assert_eq!(refused.len(), 2);
     // The token itself never reaches the event log.
     let log = std::fs::read_to_string(job.dir.join("events.jsonl")).unwrap();
@@ -272,7 +347,10 @@ fn wrong_or_missing_token_is_refused() {
 fn garbage_and_oversized_messages_do_not_harm_the_job() {
     let job = Job::start(2, 0, &[]);
     // Raw garbage, and an HTTP/2 preface followed by garbage.
-    for payload in [&b"\x00\xffGET / HTTP/1.1\r\n\r\n not grpc"[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xde\xad\xbe\xef"] {
+    for payload in [
+        &b"\x00\xffGET / HTTP/1.1\r\n\r\n not grpc"[..],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xde\xad\xbe\xef",
+    ] {
         let mut s = std::net::TcpStream::connect(&job.addr).unwrap();
         s.write_all(payload).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -283,9 +361,12 @@ fn garbage_and_oversized_messages_do_not_harm_the_job() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use phalanx_proto::pb;
-        let mut opts = phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", job.addr));
+        let mut opts =
+            phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", job.addr));
         opts.token = Some(TOKEN.into());
-        let mut c = phalanx_runtime::coordinator::client::connect(&opts).await.unwrap();
+        let mut c = phalanx_runtime::coordinator::client::connect(&opts)
+            .await
+            .unwrap();
         let base = pb::RegisterRequest {
             job_id: "phalanx".into(),
             host: "h".into(),
@@ -293,24 +374,50 @@ fn garbage_and_oversized_messages_do_not_harm_the_job() {
             config_hash: "sim".into(),
             ..Default::default()
         };
-        let huge = pb::RegisterRequest { dataplane_address: vec![7; 1 << 20], ..base.clone() };
+        let huge = pb::RegisterRequest {
+            dataplane_address: vec![7; 1 << 20],
+            ..base.clone()
+        };
         let e = c.register(huge).await.unwrap_err();
         eprintln!("oversized: {:?} {}", e.code(), e.message());
         assert_ne!(e.code(), tonic::Code::Ok);
-        let absurd = pb::RegisterRequest { dataplane_address: vec![7; 32 * 1024], ..base.clone() };
+        let absurd = pb::RegisterRequest {
+            dataplane_address: vec![7; 32 * 1024],
+            ..base.clone()
+        };
         let e = c.register(absurd).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
-        let bad_role = pb::RegisterRequest { role: 17, ..base.clone() };
-        assert_eq!(c.register(bad_role).await.unwrap_err().code(), tonic::Code::InvalidArgument);
-        let other_job = pb::RegisterRequest { job_id: "other".into(), ..base };
-        assert_eq!(c.register(other_job).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+        let bad_role = pb::RegisterRequest {
+            role: 17,
+            ..base.clone()
+        };
+        assert_eq!(
+            c.register(bad_role).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        let other_job = pb::RegisterRequest {
+            job_id: "other".into(),
+            ..base
+        };
+        assert_eq!(
+            c.register(other_job).await.unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
     });
     std::thread::sleep(Duration::from_millis(500));
     let s = job.status_json();
-    assert_eq!((s["generation"].as_u64(), s["world"].as_u64()), (Some(1), Some(2)), "{s}");
+    assert_eq!(
+        (s["generation"].as_u64(), s["world"].as_u64()),
+        (Some(1), Some(2)),
+        "{s}"
+    );
     assert!(job.events().iter().all(|e| e["kind"] != "rank_failed"));
     // The ranks are still in session.
-    assert!(s["ranks"].as_array().unwrap().iter().all(|r| r["heartbeat_age_ms"].as_u64().unwrap() < 1000));
+    assert!(s["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["heartbeat_age_ms"].as_u64().unwrap() < 1000));
 }
 
 #[test]
@@ -322,6 +429,9 @@ fn bad_coordinator_address_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("cannot reach the coordinator"), "{err}");
-    let out = common::bin().args(["status", "--coordinator", "not a url"]).output().unwrap();
+    let out = common::bin()
+        .args(["status", "--coordinator", "not a url"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid URL"));
 }

@@ -25,7 +25,9 @@ impl ClientOpts {
     pub fn new(url: &str) -> Self {
         ClientOpts {
             url: url.into(),
-            token: std::env::var("PHALANX_JOB_TOKEN").ok().filter(|t| !t.is_empty()),
+            token: std::env::var("PHALANX_JOB_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
             connect_timeout: Duration::from_secs(2),
             rpc_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(1),
@@ -57,7 +59,11 @@ pub async fn connect(opts: &ClientOpts) -> Result<Client, RuntimeError> {
         reason,
     };
     let mut ep = Endpoint::from_shared(opts.url.clone())
-        .map_err(|e| err(format!("not a valid URL ({e}); use e.g. http://127.0.0.1:7070")))?
+        .map_err(|e| {
+            err(format!(
+                "not a valid URL ({e}); use e.g. http://127.0.0.1:7070"
+            ))
+        })?
         .connect_timeout(opts.connect_timeout)
         .http2_keep_alive_interval(opts.keepalive_interval)
         .keep_alive_timeout(opts.keepalive_timeout)

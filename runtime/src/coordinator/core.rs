@@ -14,6 +14,47 @@ use std::time::{Duration, Instant};
 
 pub type MemberId = u64;
 
+/// The longest straggler window; step times are kept on the stack when taking medians.
+pub const MAX_WINDOW: usize = 64;
+
+/// Member ids are small dense integers handed out by the coordinator itself, so a
+/// multiplicative hash is enough and much cheaper than SipHash on the heartbeat path.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100_0000_01B3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+pub type Members = HashMap<MemberId, Member, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// The hot part of a current rank, in rank order, so that the decision function scans a compact
+/// array instead of chasing every member every tick. Mirrors fields of `Member`; updated
+/// wherever those change (`State::sync_live`).
+#[derive(Debug, Clone, Copy)]
+pub struct Live {
+    pub id: MemberId,
+    pub last_heartbeat: Instant,
+    pub last_progress: Instant,
+    pub connected: bool,
+    pub training: bool,
+    pub straggler: bool,
+    pub drain: bool,
+    pub suspects: u32,
+    pub rejoin_deadline: Option<Instant>,
+    pub median_s: Option<f64>,
+}
+
 /// Detection and policy settings. Defaults and the reason for each are in docs/control-plane.md.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoreConfig {
@@ -115,6 +156,8 @@ pub struct Member {
     pub last_step_time: Duration,
     /// Recent compute times (seconds), newest last.
     pub step_times: VecDeque<f64>,
+    /// Median of `step_times`, kept current by `heartbeat`.
+    pub median_s: Option<f64>,
     pub slow_streak: u32,
     pub normal_streak: u32,
     pub straggler: bool,
@@ -145,6 +188,7 @@ impl Member {
             phase: "idle".into(),
             last_step_time: Duration::ZERO,
             step_times: VecDeque::new(),
+            median_s: None,
             slow_streak: 0,
             normal_streak: 0,
             straggler: false,
@@ -156,7 +200,18 @@ impl Member {
     }
 
     pub fn median_step_time(&self) -> Option<f64> {
-        median(self.step_times.iter().copied().collect())
+        // On the heartbeat path: no allocation (the window is at most MAX_WINDOW).
+        let mut buf = [0f64; MAX_WINDOW];
+        let n = self.step_times.len().min(MAX_WINDOW);
+        for (b, t) in buf.iter_mut().zip(self.step_times.iter().rev()) {
+            *b = *t;
+        }
+        if n == 0 {
+            return None;
+        }
+        let v = &mut buf[..n];
+        let (_, m, _) = v.select_nth_unstable_by(n / 2, f64::total_cmp);
+        Some(*m)
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -225,14 +280,23 @@ pub enum Removal {
     /// Its session stream closed (process died, connection reset).
     Crashed,
     /// No heartbeat within the timeout (stopped, hung, or partitioned).
-    Silent { silent_for: Duration },
+    Silent {
+        silent_for: Duration,
+    },
     /// Heartbeats arrive but the step counter does not move.
-    Stalled { stalled_for: Duration },
+    Stalled {
+        stalled_for: Duration,
+    },
     /// A majority of the other ranks reported it in failed collectives.
-    Reported { by: Vec<MemberId> },
+    Reported {
+        by: Vec<MemberId>,
+    },
     /// Re-registration after a coordinator restart did not come in time.
     NotRejoined,
-    Straggler { own_ms: f64, peers_ms: f64 },
+    Straggler {
+        own_ms: f64,
+        peers_ms: f64,
+    },
     Drained,
     /// Scale-down: it goes back to being a spare.
     ScaledDown,
@@ -296,9 +360,13 @@ pub enum Decision {
     Steady,
     Regroup(Regroup),
     /// Something is wrong but acting would be unsafe; keep the generation and say why.
-    Hold { reason: String },
+    Hold {
+        reason: String,
+    },
     /// Not enough ranks to go on: stop the job cleanly.
-    Halt { reason: String },
+    Halt {
+        reason: String,
+    },
 }
 
 /// The coordinator's whole state. The durable part is journaled (see `journal`).
@@ -309,7 +377,9 @@ pub struct State {
     pub generation: Generation,
     pub committed_step: Step,
     pub target_world: usize,
-    pub members: HashMap<MemberId, Member>,
+    pub members: Members,
+    /// Hot fields of `ranks`, index = rank.
+    pub live: Vec<Live>,
     /// The current generation's members, in rank order.
     pub ranks: Vec<MemberId>,
     pub next_id: MemberId,
@@ -327,7 +397,8 @@ impl State {
             generation: Generation(0),
             committed_step: Step(0),
             target_world,
-            members: HashMap::new(),
+            members: Members::default(),
+            live: Vec::new(),
             ranks: Vec::new(),
             next_id: 1,
             reference_step_time: None,
@@ -337,6 +408,46 @@ impl State {
 
     pub fn world(&self) -> usize {
         self.ranks.len()
+    }
+
+    fn live_of(m: &Member) -> Live {
+        Live {
+            id: m.id,
+            last_heartbeat: m.last_heartbeat,
+            last_progress: m.last_progress,
+            connected: m.connected,
+            training: m.phase == "training",
+            straggler: m.straggler,
+            drain: m.drain_requested,
+            suspects: m.suspected_by.len() as u32,
+            rejoin_deadline: m.rejoin_deadline,
+            median_s: m.median_s,
+        }
+    }
+
+    /// Copies a current rank's hot fields into `live`.
+    fn sync_live(&mut self, id: MemberId) {
+        if let Some(m) = self.members.get(&id) {
+            if let Some(r) = m.rank {
+                if m.state == MemberState::Active {
+                    if let Some(l) = self.live.get_mut(r.0 as usize) {
+                        if l.id == id {
+                            *l = Self::live_of(m);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rebuilds `live` from `ranks` (after a regroup or a restore).
+    pub fn rebuild_live(&mut self) {
+        self.live = self
+            .ranks
+            .iter()
+            .filter_map(|id| self.members.get(id))
+            .map(Self::live_of)
+            .collect();
     }
 
     fn member(&self, id: MemberId) -> Result<&Member, RuntimeError> {
@@ -416,6 +527,7 @@ impl State {
                     if req.committed_step > m.step {
                         m.step = req.committed_step;
                     }
+                    self.sync_live(id);
                     return Ok(Registered { id, rejoined: true });
                 }
             }
@@ -443,6 +555,7 @@ impl State {
         m.connected = true;
         m.closed_at = None;
         m.last_heartbeat = now;
+        self.sync_live(id);
         Ok(())
     }
 
@@ -457,11 +570,24 @@ impl State {
                 m.state = MemberState::Dead;
             }
         }
+        self.sync_live(id);
     }
 
     /// Applies a heartbeat. Heartbeats of fenced members and of generations this member does not
     /// belong to are refused (G-1): the caller closes that session with the error.
     pub fn heartbeat(
+        &mut self,
+        now: Instant,
+        id: MemberId,
+        hb: &HeartbeatMsg,
+        cfg: &CoreConfig,
+    ) -> Result<Option<FlagChange>, RuntimeError> {
+        let out = self.heartbeat_inner(now, id, hb, cfg);
+        self.sync_live(id);
+        out
+    }
+
+    fn heartbeat_inner(
         &mut self,
         now: Instant,
         id: MemberId,
@@ -509,10 +635,11 @@ impl State {
             hb.last_step_time
         };
         m.step_times.push_back(t.as_secs_f64());
-        while m.step_times.len() > cfg.straggler.window {
+        while m.step_times.len() > cfg.straggler.window.min(MAX_WINDOW) {
             m.step_times.pop_front();
         }
-        let (Some(own_median), Some(peers)) = (m.median_step_time(), reference) else {
+        m.median_s = m.median_step_time();
+        let (Some(own_median), Some(peers)) = (m.median_s, reference) else {
             return Ok(None);
         };
         if world < 2 || m.step_times.len() < cfg.straggler.window.min(3) {
@@ -555,12 +682,7 @@ impl State {
     /// A straggler is compared with this median of all ranks; with at least 3 ranks one slow rank
     /// cannot move it far, and with 2 ranks the median is the faster one's.
     pub fn refresh_reference(&mut self) {
-        let meds: Vec<f64> = self
-            .ranks
-            .iter()
-            .filter_map(|id| self.members.get(id))
-            .filter_map(Member::median_step_time)
-            .collect();
+        let meds: Vec<f64> = self.live.iter().filter_map(|l| l.median_s).collect();
         self.reference_step_time = if meds.len() == 2 {
             meds.iter().copied().reduce(f64::min)
         } else {
@@ -590,11 +712,15 @@ impl State {
         }
         let Some(&sid) = self.ranks.get(suspect.0 as usize) else {
             return Err(RuntimeError::InvalidMessage {
-                what: format!("suspect rank {suspect} is outside world {}", self.ranks.len()),
+                what: format!(
+                    "suspect rank {suspect} is outside world {}",
+                    self.ranks.len()
+                ),
             });
         };
         if sid != reporter {
             self.member_mut(sid)?.suspected_by.insert(reporter);
+            self.sync_live(sid);
         }
         Ok(())
     }
@@ -616,14 +742,13 @@ impl State {
     pub fn drain(&mut self, rank: Rank, cfg: &CoreConfig) -> Result<(), RuntimeError> {
         let Some(&id) = self.ranks.get(rank.0 as usize) else {
             return Err(RuntimeError::InvalidRequest {
-                what: format!("rank {rank} is not in the current world of {}", self.ranks.len()),
+                what: format!(
+                    "rank {rank} is not in the current world of {}",
+                    self.ranks.len()
+                ),
             });
         };
-        let draining = self
-            .ranks
-            .iter()
-            .filter(|i| self.members.get(i).is_some_and(|m| m.drain_requested))
-            .count();
+        let draining = self.live.iter().filter(|l| l.drain).count();
         if self.ranks.len() - draining <= cfg.min_world.max(1) {
             return Err(RuntimeError::InvalidRequest {
                 what: format!(
@@ -633,6 +758,7 @@ impl State {
             });
         }
         self.member_mut(id)?.drain_requested = true;
+        self.sync_live(id);
         self.target_world = self.target_world.saturating_sub(1).max(1);
         Ok(())
     }
@@ -647,43 +773,66 @@ impl State {
                 m.last_progress = now;
             }
         }
+        self.rebuild_live();
     }
 }
 
-/// Why a current rank has failed, if it has.
-fn failure(now: Instant, m: &Member, world: usize, cfg: &CoreConfig) -> Option<Removal> {
-    if let Some(deadline) = m.rejoin_deadline {
+/// Why a current rank has failed, if it has. Reads only the compact `Live` mirror, except to
+/// list the reporters of a rank that a majority reported.
+fn failure(
+    now: Instant,
+    cuts: &Cuts,
+    l: &Live,
+    s: &State,
+    world: usize,
+    cfg: &CoreConfig,
+) -> Option<Removal> {
+    if let Some(deadline) = l.rejoin_deadline {
         return (now > deadline).then_some(Removal::NotRejoined);
     }
-    if !m.connected {
+    if !l.connected {
         return Some(Removal::Crashed);
     }
-    let silent_for = now.saturating_duration_since(m.last_heartbeat);
-    if silent_for > cfg.heartbeat_timeout {
+    // Compare instants against precomputed cut-offs: this runs for every rank every tick.
+    if cuts.heartbeat.is_some_and(|c| l.last_heartbeat < c) {
+        let silent_for = now.saturating_duration_since(l.last_heartbeat);
         return Some(Removal::Silent { silent_for });
     }
-    if m.phase == "training" {
-        let limit = m
-            .median_step_time()
+    if l.training && cuts.progress.is_some_and(|c| l.last_progress < c) {
+        let stalled_for = now.saturating_duration_since(l.last_progress);
+        let limit = l
+            .median_s
             .map(|t| Duration::from_secs_f64(t * cfg.hang_k))
             .unwrap_or(Duration::ZERO)
             .max(cfg.hang_floor);
-        let stalled_for = now.saturating_duration_since(m.last_progress);
         if stalled_for > limit {
             return Some(Removal::Stalled { stalled_for });
         }
     }
     // A strict majority of the other ranks saw it fail in a collective.
-    if world > 1 && m.suspected_by.len() * 2 > world - 1 {
-        return Some(Removal::Reported {
-            by: m.suspected_by.iter().copied().collect(),
-        });
+    if world > 1 && (l.suspects as usize) * 2 > world - 1 {
+        let by = s
+            .members
+            .get(&l.id)
+            .map(|m| m.suspected_by.iter().copied().collect())
+            .unwrap_or_default();
+        return Some(Removal::Reported { by });
     }
     None
 }
 
+/// `now - timeout` for the per-rank checks (None early in the process's life).
+struct Cuts {
+    heartbeat: Option<Instant>,
+    progress: Option<Instant>,
+}
+
 /// The decision: what the coordinator should do now, and why.
 pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
+    let cuts = Cuts {
+        heartbeat: now.checked_sub(cfg.heartbeat_timeout),
+        progress: now.checked_sub(cfg.hang_floor),
+    };
     if s.halted.is_some() {
         return Decision::Steady;
     }
@@ -692,12 +841,11 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     }
     let world = s.ranks.len();
     let mut removed: Vec<(MemberId, Removal)> = Vec::new();
-    for &id in &s.ranks {
-        let Some(m) = s.members.get(&id) else { continue };
-        if let Some(f) = failure(now, m, world, cfg) {
-            removed.push((id, f));
-        } else if m.drain_requested {
-            removed.push((id, Removal::Drained));
+    for l in &s.live {
+        if let Some(f) = failure(now, &cuts, l, s, world, cfg) {
+            removed.push((l.id, f));
+        } else if l.drain {
+            removed.push((l.id, Removal::Drained));
         }
     }
     // Split-brain guard: if most of the world went silent at once, the coordinator is more
@@ -712,12 +860,20 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
             ),
         };
     }
+    let target = s.target_world.min(cfg.max_world).max(1);
+    let any_straggler = cfg.straggler.evict && s.live.iter().any(|l| l.straggler);
+    if removed.is_empty() && !any_straggler && world == target {
+        return Decision::Steady;
+    }
+    // Only now scan for spares: the steady path above stays O(world) with no allocation.
     let mut spares = s.available_spares(now, cfg);
     let failed = removed.iter().filter(|(_, r)| r.is_failure()).count();
     // Stragglers go only when that keeps the job at or above min_world, or a spare replaces them.
     if cfg.straggler.evict {
         for &id in &s.ranks {
-            let Some(m) = s.members.get(&id) else { continue };
+            let Some(m) = s.members.get(&id) else {
+                continue;
+            };
             if !m.straggler || removed.iter().any(|(r, _)| *r == id) {
                 continue;
             }
@@ -742,7 +898,6 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         .copied()
         .filter(|id| !removed.iter().any(|(r, _)| r == id))
         .collect();
-    let target = s.target_world.min(cfg.max_world).max(1);
     // Scale down: the highest ranks go back to being spares.
     while survivors.len() > target {
         let id = survivors.pop().expect("non-empty");
@@ -786,7 +941,9 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
             .iter()
             .enumerate()
             .filter(|(i, id)| {
-                *i != l && (spares.contains(id) || s.members.get(id).is_some_and(|m| m.step < resume_step))
+                *i != l
+                    && (spares.contains(id)
+                        || s.members.get(id).is_some_and(|m| m.step < resume_step))
             })
             .map(|(_, id)| (*id, Rank(l as u32)))
             .collect(),
@@ -871,6 +1028,7 @@ pub fn apply(s: &mut State, d: &Decision) -> Generation {
             s.ranks = r.ranks.clone();
             s.generation = r.generation;
             s.committed_step = r.resume_step;
+            s.rebuild_live();
         }
     }
     s.generation
@@ -911,7 +1069,14 @@ mod tests {
         s
     }
 
-    fn beat(s: &mut State, now: Instant, id: MemberId, step: u64, ms: u64, cfg: &CoreConfig) -> Option<FlagChange> {
+    fn beat(
+        s: &mut State,
+        now: Instant,
+        id: MemberId,
+        step: u64,
+        ms: u64,
+        cfg: &CoreConfig,
+    ) -> Option<FlagChange> {
         let hb = HeartbeatMsg {
             generation: s.generation,
             step: Step(step),
@@ -924,7 +1089,12 @@ mod tests {
     }
 
     fn all_beat(s: &mut State, now: Instant, step: u64, cfg: &CoreConfig) {
-        let ids: Vec<_> = s.members.values().filter(|m| !m.is_fenced()).map(|m| m.id).collect();
+        let ids: Vec<_> = s
+            .members
+            .values()
+            .filter(|m| !m.is_fenced())
+            .map(|m| m.id)
+            .collect();
         for id in ids {
             beat(s, now, id, step, 50, cfg);
         }
@@ -1009,12 +1179,24 @@ mod tests {
         assert!(matches!(r.removed[..], [(id, Removal::Stalled { .. })] if id == stuck));
     }
 
-    fn run_steps(s: &mut State, t: &mut Instant, from: u64, n: u64, slow: Option<(MemberId, u64)>, cfg: &CoreConfig) -> Vec<FlagChange> {
+    fn run_steps(
+        s: &mut State,
+        t: &mut Instant,
+        from: u64,
+        n: u64,
+        slow: Option<(MemberId, u64)>,
+        cfg: &CoreConfig,
+    ) -> Vec<FlagChange> {
         let mut flags = Vec::new();
         for step in from..from + n {
             *t += Duration::from_millis(100);
             s.refresh_reference();
-            let spares: Vec<_> = s.members.values().filter(|m| m.state == MemberState::Spare).map(|m| m.id).collect();
+            let spares: Vec<_> = s
+                .members
+                .values()
+                .filter(|m| m.state == MemberState::Spare)
+                .map(|m| m.id)
+                .collect();
             for id in spares {
                 beat(s, *t, id, 0, 0, cfg);
             }
@@ -1037,7 +1219,10 @@ mod tests {
         let slow = s.ranks[3];
         assert!(run_steps(&mut s, &mut t, 1, 20, None, &cfg).is_empty());
         let flags = run_steps(&mut s, &mut t, 21, 12, Some((slow, 200)), &cfg);
-        assert!(matches!(flags[..], [FlagChange::Flagged { id, .. }] if id == slow), "{flags:?}");
+        assert!(
+            matches!(flags[..], [FlagChange::Flagged { id, .. }] if id == slow),
+            "{flags:?}"
+        );
         // With a spare, the straggler is replaced and the world stays 4.
         let r = regroup(decide(t, &s, &cfg));
         assert!(matches!(r.removed[..], [(id, Removal::Straggler { .. })] if id == slow));
@@ -1046,12 +1231,18 @@ mod tests {
 
         // Recovery: without eviction, the flag clears after enough normal steps.
         let cfg2 = CoreConfig {
-            straggler: StragglerConfig { evict: false, ..Default::default() },
+            straggler: StragglerConfig {
+                evict: false,
+                ..Default::default()
+            },
             ..Default::default()
         };
         assert_eq!(decide(t, &s, &cfg2), Decision::Steady);
         let flags = run_steps(&mut s, &mut t, 33, 30, None, &cfg2);
-        assert!(matches!(flags[..], [FlagChange::Cleared { id, .. }] if id == slow), "{flags:?}");
+        assert!(
+            matches!(flags[..], [FlagChange::Cleared { id, .. }] if id == slow),
+            "{flags:?}"
+        );
     }
 
     // A rank that alternates slow and normal steps never gets K slow steps in a row.
@@ -1063,7 +1254,11 @@ mod tests {
         let flappy = s.ranks[0];
         let mut flags = run_steps(&mut s, &mut t, 1, 10, None, &cfg);
         for k in 0..20 {
-            let slow = if k % 2 == 0 { Some((flappy, 300)) } else { None };
+            let slow = if k % 2 == 0 {
+                Some((flappy, 300))
+            } else {
+                None
+            };
             flags.extend(run_steps(&mut s, &mut t, 11 + k, 1, slow, &cfg));
         }
         assert!(flags.is_empty(), "{flags:?}");
@@ -1072,7 +1267,10 @@ mod tests {
     // Without a spare, a straggler is kept when evicting it would go below min_world.
     #[test]
     fn straggler_kept_at_the_min_world_floor() {
-        let cfg = CoreConfig { min_world: 3, ..Default::default() };
+        let cfg = CoreConfig {
+            min_world: 3,
+            ..Default::default()
+        };
         let mut t = Instant::now();
         let mut s = job(t, 3, 0, &cfg);
         let slow = s.ranks[0];
@@ -1088,7 +1286,12 @@ mod tests {
         let t = Instant::now();
         let mut s = job(t, 3, 1, &cfg);
         all_beat(&mut s, t, 7, &cfg);
-        let spare = *s.members.values().find(|m| m.state == MemberState::Spare).map(|m| &m.id).unwrap();
+        let spare = *s
+            .members
+            .values()
+            .find(|m| m.state == MemberState::Spare)
+            .map(|m| &m.id)
+            .unwrap();
         let dead = s.ranks[0];
         s.session_closed(t, dead);
         let r = regroup(decide(t, &s, &cfg));
@@ -1102,7 +1305,10 @@ mod tests {
 
     #[test]
     fn shrink_stops_at_min_world() {
-        let cfg = CoreConfig { min_world: 2, ..Default::default() };
+        let cfg = CoreConfig {
+            min_world: 2,
+            ..Default::default()
+        };
         let t = Instant::now();
         let mut s = job(t, 3, 0, &cfg);
         let a = s.ranks[0];
@@ -1155,15 +1361,28 @@ mod tests {
         let g = apply(&mut s, &d);
         assert_eq!(g, Generation(2));
         // The hung rank wakes up and heartbeats for generation 1.
-        let hb = HeartbeatMsg { generation: Generation(1), step: Step(1), ..Default::default() };
-        assert!(matches!(s.heartbeat(later, hung, &hb, &cfg), Err(RuntimeError::Fenced { .. })));
-        assert!(matches!(s.session_opened(later, hung), Err(RuntimeError::Fenced { .. })));
+        let hb = HeartbeatMsg {
+            generation: Generation(1),
+            step: Step(1),
+            ..Default::default()
+        };
+        assert!(matches!(
+            s.heartbeat(later, hung, &hb, &cfg),
+            Err(RuntimeError::Fenced { .. })
+        ));
+        assert!(matches!(
+            s.session_opened(later, hung),
+            Err(RuntimeError::Fenced { .. })
+        ));
         let alive = s.ranks[0];
         assert!(matches!(
             s.report_fault(alive, Generation(1), Rank(1)),
             Err(RuntimeError::StaleGeneration { .. })
         ));
-        let future = HeartbeatMsg { generation: Generation(9), ..Default::default() };
+        let future = HeartbeatMsg {
+            generation: Generation(9),
+            ..Default::default()
+        };
         assert!(s.heartbeat(later, alive, &future, &cfg).is_err());
     }
 
@@ -1177,7 +1396,9 @@ mod tests {
         assert_eq!(decide(t, &s, &cfg), Decision::Steady);
         s.report_fault(b, Generation(1), Rank(3)).unwrap();
         let r = regroup(decide(t, &s, &cfg));
-        assert!(matches!(&r.removed[..], [(id, Removal::Reported { by })] if *id == d && by.len() == 2));
+        assert!(
+            matches!(&r.removed[..], [(id, Removal::Reported { by })] if *id == d && by.len() == 2)
+        );
         let _ = c;
     }
 
@@ -1197,7 +1418,10 @@ mod tests {
         rb.rejoin = Some((b, Generation(1), Rank(1)));
         assert!(s.register(t, rb, &cfg).unwrap().rejoined);
         s.session_opened(t, b).unwrap();
-        assert_eq!(decide(t + Duration::from_secs(1), &s, &cfg), Decision::Steady);
+        assert_eq!(
+            decide(t + Duration::from_secs(1), &s, &cfg),
+            Decision::Steady
+        );
         assert_eq!(s.generation, Generation(1));
         // A member that never comes back is removed once the grace has passed.
         let mut s2 = job(t, 2, 0, &cfg);
@@ -1215,7 +1439,10 @@ mod tests {
 
     #[test]
     fn scale_and_drain_bounds() {
-        let cfg = CoreConfig { max_world: 8, ..Default::default() };
+        let cfg = CoreConfig {
+            max_world: 8,
+            ..Default::default()
+        };
         let t = Instant::now();
         let mut s = job(t, 2, 2, &cfg);
         assert!(s.scale(0, &cfg).is_err());
@@ -1243,9 +1470,15 @@ mod tests {
         let mut s = job(t, 1, 0, &cfg);
         let mut r = reg(Role::Spare);
         r.job_id = "other".into();
-        assert!(matches!(s.register(t, r, &cfg), Err(RuntimeError::WrongJob { .. })));
+        assert!(matches!(
+            s.register(t, r, &cfg),
+            Err(RuntimeError::WrongJob { .. })
+        ));
         let mut r = reg(Role::Spare);
         r.config_hash = "different".into();
-        assert!(matches!(s.register(t, r, &cfg), Err(RuntimeError::ConfigMismatch { .. })));
+        assert!(matches!(
+            s.register(t, r, &cfg),
+            Err(RuntimeError::ConfigMismatch { .. })
+        ));
     }
 }

@@ -97,6 +97,7 @@ impl JournalState {
             m.step = jm.step;
             s.members.insert(jm.id, m);
         }
+        s.rebuild_live();
         s
     }
 }
@@ -187,7 +188,10 @@ mod tests {
         let r = back.restore(t);
         assert_eq!(r.generation, Generation(1));
         assert_eq!(r.ranks, s.ranks);
-        assert!(r.members.values().all(|m| m.rejoin_deadline.is_none() && !m.connected));
+        assert!(r
+            .members
+            .values()
+            .all(|m| m.rejoin_deadline.is_none() && !m.connected));
         std::fs::write(j.path(), b"{ torn").unwrap();
         assert!(j.load().unwrap_err().to_string().contains("move it away"));
     }

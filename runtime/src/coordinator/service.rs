@@ -34,6 +34,8 @@ use tracing::{info, warn};
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const MAX_ADDR_BYTES: usize = 16 * 1024;
 const MAX_TEXT: usize = 256;
+/// Worlds up to this size get the peer table inline in Assign; larger ones use GetPeers.
+pub const INLINE_PEERS_MAX: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct ServiceOpts {
@@ -92,7 +94,9 @@ fn role_of(r: i32) -> Result<Role, Status> {
     match pb::Role::try_from(r) {
         Ok(pb::Role::Active) => Ok(Role::Active),
         Ok(pb::Role::Spare) => Ok(Role::Spare),
-        _ => Err(Status::invalid_argument("role must be ROLE_ACTIVE or ROLE_SPARE")),
+        _ => Err(Status::invalid_argument(
+            "role must be ROLE_ACTIVE or ROLE_SPARE",
+        )),
     }
 }
 
@@ -131,23 +135,29 @@ impl Shared {
         }
     }
 
+    fn peer(st: &State, rank: usize) -> Option<pb::Peer> {
+        let id = st.ranks.get(rank)?;
+        st.members.get(id).map(|p| pb::Peer {
+            rank: rank as u32,
+            member_id: p.id,
+            host: p.host.clone(),
+            dataplane_address: p.addr.clone(),
+        })
+    }
+
     fn assign_for(st: &State, id: MemberId, heal: &[(MemberId, Rank)]) -> Option<pb::Assign> {
         let m = st.members.get(&id)?;
         let rank = m.rank?;
-        let peers = st
-            .ranks
-            .iter()
-            .enumerate()
-            .filter_map(|(i, pid)| {
-                st.members.get(pid).map(|p| pb::Peer {
-                    rank: i as u32,
-                    member_id: p.id,
-                    host: p.host.clone(),
-                    dataplane_address: p.addr.clone(),
-                })
-            })
-            .collect();
+        let inline = st.ranks.len() <= INLINE_PEERS_MAX;
+        let peers = if inline {
+            (0..st.ranks.len())
+                .filter_map(|r| Self::peer(st, r))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Some(pb::Assign {
+            peers_inline: inline,
             generation: st.generation.0,
             world: st.ranks.len() as u32,
             rank: rank.0,
@@ -174,14 +184,20 @@ impl Shared {
                 let mut last = self.last_hold.lock();
                 if last.as_deref() != Some(reason) {
                     warn!(%reason, "holding");
-                    self.event("hold", json!({"generation": st.generation, "reason": reason}));
+                    self.event(
+                        "hold",
+                        json!({"generation": st.generation, "reason": reason}),
+                    );
                     *last = Some(reason.clone());
                 }
             }
             Decision::Halt { reason } => {
                 apply(&mut st, &d);
                 self.save_journal(&st);
-                self.event("halt", json!({"generation": st.generation, "reason": reason}));
+                self.event(
+                    "halt",
+                    json!({"generation": st.generation, "reason": reason}),
+                );
                 let ids: Vec<MemberId> = st.members.keys().copied().collect();
                 for id in ids {
                     self.send(
@@ -194,7 +210,9 @@ impl Shared {
             }
             Decision::Regroup(r) => {
                 for (id, why) in &r.removed {
-                    let Some(m) = st.members.get(id) else { continue };
+                    let Some(m) = st.members.get(id) else {
+                        continue;
+                    };
                     // Detection latency: from the first sign of the fault to this decision.
                     let since = match why {
                         Removal::Crashed => m.closed_at,
@@ -281,11 +299,8 @@ impl Coordinator for Svc {
             return Err(Status::invalid_argument("at most 64 capabilities"));
         }
         let role = role_of(r.role)?;
-        let rejoin = (r.member_id != 0).then_some((
-            r.member_id,
-            Generation(r.generation),
-            Rank(r.rank),
-        ));
+        let rejoin =
+            (r.member_id != 0).then_some((r.member_id, Generation(r.generation), Rank(r.rank)));
         let reg = Registration {
             job_id: r.job_id,
             host: r.host.clone(),
@@ -308,9 +323,14 @@ impl Coordinator for Svc {
                 return Err(e.into());
             }
         };
-        sh.save_journal(&st);
+        // Not journaled: a registration changes no durable state. Waiting members that a
+        // restarted coordinator does not know simply register again as new members.
         sh.event(
-            if out.rejoined { "rejoined" } else { "registered" },
+            if out.rejoined {
+                "rejoined"
+            } else {
+                "registered"
+            },
             json!({"member": out.id, "host": r.host, "pid": r.pid,
                    "role": format!("{role:?}").to_lowercase(), "generation": st.generation}),
         );
@@ -332,16 +352,16 @@ impl Coordinator for Svc {
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(5), inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no hello within 5 s of opening the session"))??;
+            .map_err(|_| {
+                Status::deadline_exceeded("no hello within 5 s of opening the session")
+            })??;
         let id = match first {
             Some(pb::RankMessage {
                 msg: Some(pb::rank_message::Msg::Hello(h)),
             }) => h.member_id,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of a session must be `hello` with the member id from Register",
-                ))
-            }
+            _ => return Err(Status::invalid_argument(
+                "the first message of a session must be `hello` with the member id from Register",
+            )),
         };
         let sh = self.shared.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -350,7 +370,11 @@ impl Coordinator for Svc {
             st.session_opened(Instant::now(), id)?;
             sh.sessions.lock().insert(id, tx.clone());
             // A rank that reconnects into the generation it holds hears it again (idempotent).
-            if st.members.get(&id).is_some_and(|m| m.state == MemberState::Active) {
+            if st
+                .members
+                .get(&id)
+                .is_some_and(|m| m.state == MemberState::Active)
+            {
                 if let Some(a) = Shared::assign_for(&st, id, &[]) {
                     let _ = tx.try_send(Ok(pb::Directive {
                         kind: Some(pb::directive::Kind::Assign(a)),
@@ -372,7 +396,9 @@ impl Coordinator for Svc {
                     }
                     Ok(None) => break None,
                     // Unknown, Cancelled and Unavailable all mean the transport broke.
-                    Err(status) => break Some(format!("{:?}: {}", status.code(), status.message())),
+                    Err(status) => {
+                        break Some(format!("{:?}: {}", status.code(), status.message()))
+                    }
                 }
             };
             let now = Instant::now();
@@ -410,6 +436,39 @@ impl Coordinator for Svc {
         sh.wake.notify_one();
         Ok(Response::new(pb::FaultAck {
             generation: generation.0,
+        }))
+    }
+
+    async fn get_peers(
+        &self,
+        req: Request<pb::PeersRequest>,
+    ) -> Result<Response<pb::PeersResponse>, Status> {
+        let r = req.into_inner();
+        let st = self.shared.state.lock();
+        if r.generation != st.generation.0 {
+            return Err(RuntimeError::StaleGeneration {
+                got: Generation(r.generation),
+                current: st.generation,
+            }
+            .into());
+        }
+        let world = st.ranks.len();
+        let peers = if r.ranks.is_empty() {
+            (0..world).filter_map(|i| Shared::peer(&st, i)).collect()
+        } else {
+            r.ranks
+                .iter()
+                .map(|&i| {
+                    Shared::peer(&st, i as usize).ok_or_else(|| {
+                        Status::invalid_argument(format!("rank {i} is outside world {world}"))
+                    })
+                })
+                .collect::<Result<_, _>>()?
+        };
+        Ok(Response::new(pb::PeersResponse {
+            generation: st.generation.0,
+            world: world as u32,
+            peers,
         }))
     }
 
@@ -480,7 +539,10 @@ impl Coordinator for Svc {
         let generation = {
             let mut st = sh.state.lock();
             if let Err(e) = st.scale(target, &sh.cfg) {
-                sh.event("scale_refused", json!({"target_world": target, "error": e.to_string()}));
+                sh.event(
+                    "scale_refused",
+                    json!({"target_world": target, "error": e.to_string()}),
+                );
                 return Err(e.into());
             }
             sh.save_journal(&st);
@@ -503,7 +565,10 @@ impl Coordinator for Svc {
         let generation = {
             let mut st = sh.state.lock();
             if let Err(e) = st.drain(rank, &sh.cfg) {
-                sh.event("drain_refused", json!({"rank": rank, "error": e.to_string()}));
+                sh.event(
+                    "drain_refused",
+                    json!({"rank": rank, "error": e.to_string()}),
+                );
                 return Err(e.into());
             }
             st.generation
@@ -544,7 +609,10 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
         last_step_time: Duration::from_micros(hb.last_step_time_us as u64),
         last_compute_time: Duration::from_micros(hb.last_compute_time_us as u64),
     };
-    let flag = sh.state.lock().heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
+    let flag = sh
+        .state
+        .lock()
+        .heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
     match flag {
         Some(FlagChange::Flagged {
             id,
@@ -669,7 +737,11 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         last_reference: Mutex::new(now),
     });
     shared.event(
-        if was_restored { "coordinator_restarted" } else { "coordinator_started" },
+        if was_restored {
+            "coordinator_restarted"
+        } else {
+            "coordinator_started"
+        },
         json!({"job": opts.job_id, "generation": generation, "target_world": opts.target_world}),
     );
     Ok(shared)
@@ -710,9 +782,11 @@ pub async fn run(
         .http2_keepalive_timeout(Some(opts.keepalive_timeout))
         .tcp_nodelay(true);
     if let Some(tls) = opts.tls.clone() {
-        builder = builder.tls_config(tls).map_err(|e| RuntimeError::InvalidRequest {
-            what: format!("TLS configuration: {e}"),
-        })?;
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| RuntimeError::InvalidRequest {
+                what: format!("TLS configuration: {e}"),
+            })?;
     }
     let res = builder
         .add_service(InterceptedService::new(server, auth))
