@@ -1,0 +1,294 @@
+//! `phalanx bench collectives`: N local processes over UCX, one collective at several sizes,
+//! reported like nccl-tests (time per op, algbw, busbw; median with min/max over iterations).
+//!
+//! The parent runs the address-exchange server and spawns `phalanx bench collectives
+//! --worker-of ADDR --rank R` (hidden options) once per rank. Each worker times every iteration between a barrier and the end of the op;
+//! an iteration's time is the slowest rank's (the op is done when every rank is done).
+
+use anyhow::{anyhow, bail, Context, Result};
+use phalanx_runtime::dataplane::{BootstrapServer, CollConfig, TcpBootstrap, UcxConfig, UcxGroup};
+use phalanx_runtime::{Generation, Rank};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Op {
+    Allreduce,
+    Broadcast,
+    Allgather,
+    ReduceScatter,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Allreduce => "allreduce",
+            Op::Broadcast => "broadcast",
+            Op::Allgather => "allgather",
+            Op::ReduceScatter => "reduce-scatter",
+        }
+    }
+
+    /// nccl-tests' bus-bandwidth factor: the fraction of the data each link carries.
+    fn bus_factor(self, n: usize) -> f64 {
+        let n = n as f64;
+        match self {
+            Op::Allreduce => 2.0 * (n - 1.0) / n,
+            Op::Broadcast => 1.0,
+            Op::Allgather | Op::ReduceScatter => (n - 1.0) / n,
+        }
+    }
+}
+
+/// Tuning shared by the parent and its workers.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Tuning {
+    /// Timed iterations per size.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Message size in KiB.
+    #[arg(long, default_value_t = 1024)]
+    pub chunk_kb: usize,
+    /// Messages in flight per direction.
+    #[arg(long, default_value_t = 4)]
+    pub window: usize,
+    /// Collective deadline: fail when nothing progresses for this long.
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// Busy-poll this long without progress before sleeping on the worker's event fd.
+    #[arg(long, default_value_t = 50)]
+    pub spin_us: u64,
+}
+
+/// Parses `1K,1M,16M,64M` (binary units) into byte counts.
+pub fn parse_sizes(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|t| {
+            let t = t.trim();
+            let (num, mult) = match t.char_indices().last() {
+                Some((i, 'K' | 'k')) => (&t[..i], 1usize << 10),
+                Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+                Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+                _ => (t, 1),
+            };
+            let n: usize = num.parse().with_context(|| format!("size {t:?}: expected e.g. 1K, 16M, 4096"))?;
+            let bytes = n.checked_mul(mult).ok_or_else(|| anyhow!("size {t:?} is too large"))?;
+            if bytes % 4 != 0 {
+                bail!("size {t:?}: must be a multiple of 4 bytes (float32 elements)");
+            }
+            Ok(bytes)
+        })
+        .collect()
+}
+
+fn human(b: usize) -> String {
+    match b {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => format!("{b}"),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
+    if !(1..=64).contains(&world) {
+        bail!("--world {world}: use 1..=64 local processes");
+    }
+    let sizes_v = parse_sizes(sizes)?;
+    let iters = t.iters.max(1);
+    let srv = BootstrapServer::bind("127.0.0.1:0")?;
+    let addr = srv.local_addr().to_string();
+    let exe = std::env::current_exe().context("locating the phalanx binary")?;
+    let server = std::thread::spawn(move || srv.serve(world as u32, Generation(1), Duration::from_secs(60)));
+    let mut kids = Vec::new();
+    for r in 0..world {
+        let child = Command::new(&exe)
+            .args(["bench", "collectives", "--worker-of", &addr])
+            .args(["--rank", &r.to_string(), "--world", &world.to_string()])
+            .args(["--op", op.name(), "--sizes", sizes])
+            .args(["--iters", &iters.to_string(), "--warmup", &t.warmup.to_string()])
+            .args(["--chunk-kb", &t.chunk_kb.to_string(), "--window", &t.window.to_string()])
+            .args(["--timeout-ms", &t.timeout_ms.to_string(), "--spin-us", &t.spin_us.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning rank {r}"))?;
+        kids.push(child);
+    }
+    // times[size][iter] = slowest rank's seconds.
+    let mut times = vec![vec![0f64; iters]; sizes_v.len()];
+    let mut failures = Vec::new();
+    let mut reported = vec![0usize; sizes_v.len()];
+    for (r, mut k) in kids.into_iter().enumerate() {
+        let out = k.stdout.take().ok_or_else(|| anyhow!("rank {r}: no stdout"))?;
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            let mut f = line.split_whitespace();
+            if f.next() != Some("TIMES") {
+                // UCX's own diagnostics (e.g. UCX_PROTO_INFO=y) go to stdout: pass them on.
+                eprintln!("[rank {r}] {line}");
+                continue;
+            }
+            let si: usize = f.next().and_then(|x| x.parse().ok()).ok_or_else(|| anyhow!("bad line {line:?}"))?;
+            if std::env::var_os("PHALANX_BENCH_RAW").is_some() {
+                eprintln!("[rank {r}] {line}");
+            }
+            if let Some(c) = reported.get_mut(si) {
+                *c += 1;
+            }
+            for (i, us) in f.enumerate().take(iters) {
+                let s = us.parse::<f64>().map_err(|e| anyhow!("bad time in {line:?}: {e}"))? / 1e6;
+                if let Some(slot) = times.get_mut(si).and_then(|v| v.get_mut(i)) {
+                    *slot = slot.max(s);
+                }
+            }
+        }
+        let st = k.wait()?;
+        if !st.success() {
+            failures.push(format!("rank {r} exited with {st}"));
+        }
+    }
+    server.join().map_err(|_| anyhow!("bootstrap thread panicked"))??;
+    if let Some(si) = reported.iter().position(|&c| c != world) {
+        failures.push(format!("only {} of {world} ranks reported size {}", reported[si], human(sizes_v[si])));
+    }
+    if !failures.is_empty() {
+        bail!("benchmark failed: {}", failures.join("; "));
+    }
+    let tls = std::env::var("UCX_TLS").unwrap_or_else(|_| "(UCX default)".into());
+    println!(
+        "# phalanx bench collectives: op {} world {world} iters {iters} warmup {} chunk {} KiB window {} UCX_TLS={tls}",
+        op.name(),
+        t.warmup,
+        t.chunk_kb,
+        t.window
+    );
+    println!(
+        "# {:>8} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>10} {:>10}",
+        "size", "count(f32)", "time_med_us", "time_min_us", "time_max_us", "algbw_GB/s", "busbw_GB/s", "busbw_min", "busbw_max"
+    );
+    for (si, &size) in sizes_v.iter().enumerate() {
+        let mut v = times[si].clone();
+        let med = median(&mut v);
+        let (min, max) = (v[0], v[v.len() - 1]);
+        let alg = |s: f64| size as f64 / s / 1e9;
+        let bf = op.bus_factor(world);
+        println!(
+            "  {:>8} {:>11} {:>11.1} {:>11.1} {:>11.1} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+            human(size),
+            size / 4,
+            med * 1e6,
+            min * 1e6,
+            max * 1e6,
+            alg(med),
+            alg(med) * bf,
+            alg(max) * bf,
+            alg(min) * bf
+        );
+    }
+    Ok(())
+}
+
+/// One rank of the benchmark. Prints `TIMES <size index> <us> ...` per size; checks the
+/// result of the last iteration of every size and fails if it is wrong.
+pub fn worker(bootstrap: &str, rank: u32, world: u32, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
+    let cfg = UcxConfig {
+        coll: CollConfig {
+            chunk_bytes: t.chunk_kb.max(1) * 1024,
+            window: t.window.max(1),
+            timeout: Duration::from_millis(t.timeout_ms),
+        },
+        spin: Duration::from_micros(t.spin_us),
+        ..UcxConfig::default()
+    };
+    let boot = Box::new(TcpBootstrap { server: bootstrap.to_string() });
+    let g = UcxGroup::connect(Rank(rank), world, Generation(1), cfg, boot)?;
+    let n = world as usize;
+    for (si, size) in parse_sizes(sizes)?.into_iter().enumerate() {
+        let elems = size / 4;
+        // Small integers: every order of addition gives the exact sum, so the check is exact.
+        let fill = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = (rank + 1) as f32);
+        let mut f = vec![0f32; elems];
+        let mut b = vec![0u8; size];
+        let mut out = Vec::with_capacity(t.iters);
+        for it in 0..t.warmup + t.iters {
+            match op {
+                Op::Allreduce | Op::ReduceScatter => fill(&mut f),
+                Op::Allgather => {
+                    let seg = phalanx_runtime::dataplane::transport::part(elems, n, rank as usize);
+                    f[seg].iter_mut().for_each(|x| *x = (rank + 1) as f32);
+                }
+                Op::Broadcast => {
+                    if rank == 0 {
+                        b.iter_mut().enumerate().for_each(|(i, x)| *x = (i % 251) as u8);
+                    }
+                }
+            }
+            g.barrier()?;
+            let t0 = Instant::now();
+            match op {
+                Op::Allreduce => g.allreduce(&mut f)?,
+                Op::ReduceScatter => drop(g.reduce_scatter(&mut f)?),
+                Op::Allgather => g.allgather(&mut f)?,
+                Op::Broadcast => g.broadcast(&mut b, Rank(0))?,
+            }
+            let dt = t0.elapsed();
+            if it >= t.warmup {
+                out.push(dt.as_secs_f64() * 1e6);
+            }
+        }
+        let ok = match op {
+            Op::Allreduce => f.iter().all(|&x| x == (n * (n + 1) / 2) as f32),
+            Op::ReduceScatter => {
+                let seg = phalanx_runtime::dataplane::transport::part(elems, n, rank as usize);
+                f[seg].iter().all(|&x| x == (n * (n + 1) / 2) as f32)
+            }
+            Op::Allgather => (0..n).all(|k| {
+                let seg = phalanx_runtime::dataplane::transport::part(elems, n, k);
+                f[seg].iter().all(|&x| x == (k + 1) as f32)
+            }),
+            Op::Broadcast => b.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8),
+        };
+        if !ok {
+            bail!("rank {rank}: wrong {} result at size {}", op.name(), human(size));
+        }
+        let line: Vec<String> = out.iter().map(|us| format!("{us:.1}")).collect();
+        println!("TIMES {si} {}", line.join(" "));
+    }
+    g.barrier()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_reject_garbage() {
+        assert_eq!(parse_sizes("1K,1M,16M,64M").unwrap(), vec![1024, 1 << 20, 16 << 20, 64 << 20]);
+        assert_eq!(parse_sizes("4096").unwrap(), vec![4096]);
+        assert!(parse_sizes("3").is_err());
+        assert!(parse_sizes("1X").is_err());
+        assert!(parse_sizes("").is_err());
+    }
+
+    #[test]
+    fn bus_factors_follow_nccl_tests() {
+        assert_eq!(Op::Allreduce.bus_factor(4), 1.5);
+        assert_eq!(Op::Broadcast.bus_factor(4), 1.0);
+        assert_eq!(Op::Allgather.bus_factor(4), 0.75);
+    }
+}
