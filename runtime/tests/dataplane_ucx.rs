@@ -164,7 +164,7 @@ fn ucx_bad_input_is_an_error_not_a_hang() {
     let got = ucx_ranks(2, 4, cfg(1 << 20), |g| {
         if g.rank().0 == 1 {
             let abort = tag(KIND_CTRL, Generation(4), Rank(1), MsgKey { seq: 0, slot: SLOT_ABORT });
-            let mut bad = encode_ctrl(&Ctrl::Abort { subject: None, generation: Generation(4), timeout: false });
+            let mut bad = encode_ctrl(&Ctrl::Abort { reporter: Rank(1), subject: None, generation: Generation(4), timeout: false });
             bad[0] ^= 0xFF;
             g.send_raw(Rank(0), abort, bad).unwrap();
             return None;

@@ -155,7 +155,7 @@ impl InProcTransport {
                 | RuntimeError::MessageLength { from, .. } => (Some(*from), false),
                 _ => (None, false),
             };
-            let abort = encode_ctrl(&Ctrl::Abort { subject, generation: self.generation, timeout });
+            let abort = encode_ctrl(&Ctrl::Abort { reporter: self.rank, subject, generation: self.generation, timeout });
             let t = tag(KIND_CTRL, self.generation, self.rank, MsgKey { seq: 0, slot: SLOT_ABORT });
             for r in 0..self.net.world {
                 if r != self.rank.0 {
@@ -186,8 +186,8 @@ impl InProcTransport {
                 let env = mine.remove(i).unwrap_or_else(|| unreachable!());
                 drop(boxes);
                 return Err(match decode_ctrl(&env.data) {
-                    Ok(Ctrl::Abort { subject, generation, timeout }) if generation == self.generation => {
-                        abort_error(op, env.src, subject, timeout, self.generation, wait)
+                    Ok(Ctrl::Abort { reporter, subject, generation, timeout }) if generation == self.generation => {
+                        abort_error(op, reporter, subject, timeout, self.generation, wait)
                     }
                     Ok(Ctrl::Abort { .. }) | Ok(Ctrl::Hello { .. }) => {
                         // Another generation's abort (full generation differs): stale, drop.

@@ -6,12 +6,14 @@
 //! - [`inproc`]: an in-process transport for fast tests of the algorithms.
 //! - [`ucx`]: the UCX transport and [`UcxGroup`], the handle the runtime uses.
 //! - [`bootstrap`]: address exchange until the control plane does it.
+//! - [`liveness`]: one idle TCP connection per pair of members, so a crash is seen at once.
 //!
 //! Invariants P-1.. are in docs/semantics.md ("Data plane"); settings in docs/dataplane.md.
 
 pub mod bootstrap;
 pub mod collectives;
 pub mod inproc;
+pub mod liveness;
 pub mod transport;
 pub mod ucx;
 

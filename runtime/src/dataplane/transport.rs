@@ -201,8 +201,8 @@ pub const SLOT_ABORT: u32 = 1;
 pub enum Ctrl {
     /// Sent once on every connection: who I am, in which group.
     Hello { rank: Rank, world: u32, generation: Generation },
-    /// The sender saw a failure; `subject` names the failed rank, or `None` for a timeout.
-    Abort { subject: Option<Rank>, generation: Generation, timeout: bool },
+    /// `reporter` saw a failure; `subject` names the failed rank, or `None` for a timeout.
+    Abort { reporter: Rank, subject: Option<Rank>, generation: Generation, timeout: bool },
 }
 
 pub fn encode_ctrl(c: &Ctrl) -> Vec<u8> {
@@ -210,9 +210,9 @@ pub fn encode_ctrl(c: &Ctrl) -> Vec<u8> {
     b.extend_from_slice(&CTRL_MAGIC.to_le_bytes());
     let (kind, a, w, g) = match *c {
         Ctrl::Hello { rank, world, generation } => (1u32, rank.0, world, generation.0),
-        Ctrl::Abort { subject, generation, timeout } => {
+        Ctrl::Abort { reporter, subject, generation, timeout } => {
             let kind = if timeout { 3 } else { 2 };
-            (kind, subject.map_or(u32::MAX, |r| r.0), 0, generation.0)
+            (kind, subject.map_or(u32::MAX, |r| r.0), reporter.0, generation.0)
         }
     };
     b.extend_from_slice(&kind.to_le_bytes());
@@ -237,6 +237,7 @@ pub fn decode_ctrl(b: &[u8]) -> Result<Ctrl, String> {
     match u(4) {
         1 => Ok(Ctrl::Hello { rank: Rank(u(8)), world: u(12), generation }),
         k @ (2 | 3) => Ok(Ctrl::Abort {
+            reporter: Rank(u(12)),
             subject: (u(8) != u32::MAX).then_some(Rank(u(8))),
             generation,
             timeout: k == 3,
@@ -383,8 +384,8 @@ mod tests {
     fn ctrl_round_trips_and_rejects_garbage() {
         for c in [
             Ctrl::Hello { rank: Rank(3), world: 4, generation: Generation(77) },
-            Ctrl::Abort { subject: Some(Rank(2)), generation: Generation(9), timeout: false },
-            Ctrl::Abort { subject: None, generation: Generation(9), timeout: true },
+            Ctrl::Abort { reporter: Rank(1), subject: Some(Rank(2)), generation: Generation(9), timeout: false },
+            Ctrl::Abort { reporter: Rank(0), subject: None, generation: Generation(9), timeout: true },
         ] {
             assert_eq!(decode_ctrl(&encode_ctrl(&c)).unwrap(), c);
         }

@@ -18,6 +18,7 @@
 use super::bootstrap::AddressExchange;
 use super::collectives::{CollConfig, Collectives};
 use super::inproc::abort_error;
+use super::liveness::{decode_address, encode_address, Liveness, LivenessListener};
 use super::transport::*;
 use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank};
@@ -38,6 +39,11 @@ pub struct UcxConfig {
     pub keepalive: Duration,
     /// Bound on building the group: address exchange plus the handshake with every peer.
     pub connect_timeout: Duration,
+    /// How long the worker thread busy-polls without progress before it sleeps on the
+    /// worker's event fd.
+    pub spin: Duration,
+    /// Address the crash-detection connections listen on (this node's address on a cluster).
+    pub liveness_ip: String,
 }
 
 impl Default for UcxConfig {
@@ -46,6 +52,8 @@ impl Default for UcxConfig {
             coll: CollConfig::default(),
             keepalive: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(30),
+            spin: Duration::from_micros(50),
+            liveness_ip: "127.0.0.1".into(),
         }
     }
 }
@@ -125,6 +133,8 @@ pub struct UcxTransport {
     dropped: u64,
     abort_recv: Option<(ReqId, Vec<u8>)>,
     last_sweep: Instant,
+    spin: Duration,
+    live: Option<Liveness>,
 }
 
 const CTRL_SLOT_BUF: usize = 64;
@@ -165,6 +175,8 @@ impl UcxTransport {
             dropped: 0,
             abort_recv: None,
             last_sweep: Instant::now(),
+            spin: cfg.spin,
+            live: None,
         };
         let mut efd: i32 = -1;
         // SAFETY: `t.worker` is a live worker created with UCP_FEATURE_WAKEUP; `efd` is a valid
@@ -172,7 +184,8 @@ impl UcxTransport {
         if unsafe { sys::ucp_worker_get_efd(t.worker, &mut efd) } == sys::ucs_status_t_UCS_OK {
             t.efd = Some(efd);
         }
-        let local = t.address()?;
+        let listener = LivenessListener::bind(&cfg.liveness_ip)?;
+        let local = encode_address(listener.addr, &t.address()?);
         let table = exchange.exchange(rank, world, generation, &local, cfg.connect_timeout)?;
         if table.len() != world as usize {
             return Err(RuntimeError::Bootstrap {
@@ -180,11 +193,18 @@ impl UcxTransport {
                 reason: format!("{} addresses for a world of {world}", table.len()),
             });
         }
-        for (r, addr) in table.iter().enumerate() {
+        let mut live_addrs = Vec::with_capacity(table.len());
+        for (r, entry) in table.iter().enumerate() {
+            let (live, ucx) = decode_address(entry).map_err(|e| RuntimeError::Bootstrap {
+                addr: "address exchange".into(),
+                reason: format!("rank {r}'s address: {e}"),
+            })?;
+            live_addrs.push(live);
             if r as u32 != rank.0 {
-                t.connect_ep(Rank(r as u32), addr)?;
+                t.connect_ep(Rank(r as u32), ucx)?;
             }
         }
+        t.live = Some(Liveness::connect(listener, rank, generation, &live_addrs, deadline)?);
         t.handshake(deadline)?;
         t.post_abort_recv()?;
         Ok(t)
@@ -426,7 +446,6 @@ impl UcxTransport {
     }
 }
 
-const SPIN: Duration = Duration::from_micros(50);
 const SWEEP_EVERY: Duration = Duration::from_millis(10);
 /// Scratch size for draining stale messages; longer ones are truncated, which drops them too.
 const DRAIN_BUF: usize = 64 * 1024;
@@ -470,9 +489,8 @@ impl UcxTransport {
                             Err(format!("abort message not received: {}", status_str(st)))
                         };
                         match parsed {
-                            Ok(Ctrl::Abort { subject, generation, timeout: to }) if generation == self.generation => {
-                                // The reporter is not in the payload; the subject is what matters.
-                                let e = abort_error(op, Rank(u32::MAX), subject, to, self.generation, timeout);
+                            Ok(Ctrl::Abort { reporter, subject, generation, timeout: to }) if generation == self.generation => {
+                                let e = abort_error(op, reporter, subject, to, self.generation, timeout);
                                 return Err(self.fail(e));
                             }
                             Ok(_) => {
@@ -523,6 +541,11 @@ impl UcxTransport {
                 }
             }
             let now = Instant::now();
+            if now.duration_since(self.last_sweep) >= SWEEP_EVERY || !active {
+                if let Some((r, why)) = self.live.as_mut().and_then(|l| l.check()) {
+                    return Err(self.fail(RuntimeError::PeerFailed { rank: r, op, reason: why }));
+                }
+            }
             if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
                 self.sweep();
                 self.last_sweep = now;
@@ -535,7 +558,7 @@ impl UcxTransport {
                 last_activity = now;
                 continue;
             }
-            if now.duration_since(last_activity) < SPIN {
+            if now.duration_since(last_activity) < self.spin {
                 continue;
             }
             self.sleep((deadline - now).min(Duration::from_millis(1)));
@@ -554,11 +577,16 @@ impl UcxTransport {
             // UCS_ERR_BUSY: events are pending, go and progress them.
             return;
         }
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // The worker's events, and any liveness connection closing.
+        let mut fds = vec![libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+        for s in self.live.as_ref().map(|l| l.fds()).unwrap_or_default() {
+            fds.push(libc::pollfd { fd: s, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 });
+        }
         let ms = max.as_millis().clamp(1, i32::MAX as u128) as i32;
-        // SAFETY: `pfd` is one valid pollfd; `fd` is the worker's event fd, open while the worker
-        // lives. An EINTR or error return only ends the sleep early.
-        unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: `fds` is a valid array of pollfds of its length; the fds (the worker's event fd
+        // and the liveness sockets) stay open for the call. An EINTR or error return only ends
+        // the sleep early.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
     }
 
     /// Removes every unexpected message whose tag is not of this generation (or of an invalid
@@ -610,7 +638,7 @@ impl UcxTransport {
             }
             _ => (None, false),
         };
-        let abort = encode_ctrl(&Ctrl::Abort { subject, generation: self.generation, timeout });
+        let abort = encode_ctrl(&Ctrl::Abort { reporter: self.rank, subject, generation: self.generation, timeout });
         let t = tag(KIND_CTRL, self.generation, self.rank, MsgKey { seq: 0, slot: SLOT_ABORT });
         let mut sent = Vec::new();
         for r in 0..self.world {
@@ -695,6 +723,13 @@ impl UcxTransport {
 impl Drop for UcxTransport {
     fn drop(&mut self) {
         if self.broken.is_none() {
+            // The standing abort receive is ours to cancel, or UCX reports it leaked.
+            if let Some((id, _)) = self.abort_recv.take() {
+                if let Some(r) = self.reqs.get(&id) {
+                    // SAFETY: live receive request of this worker.
+                    unsafe { sys::ucp_request_cancel(self.worker, r.ptr) };
+                }
+            }
             // Orderly teardown: flush what we sent to peers that may still be receiving it.
             let mut closing = Vec::new();
             for ep in self.eps.iter_mut().filter(|e| !e.is_null()) {
@@ -708,8 +743,9 @@ impl Drop for UcxTransport {
                 }
             }
             let until = Instant::now() + Duration::from_secs(1);
-            while !closing.is_empty() && Instant::now() < until {
+            while !(closing.is_empty() && self.reqs.is_empty()) && Instant::now() < until {
                 self.progress();
+                while self.poll_reqs().is_some() {}
                 closing.retain(|&(req, _)| {
                     // SAFETY: live close request of this worker.
                     let st = unsafe { sys::ucp_request_check_status(req) };
@@ -753,14 +789,28 @@ fn init(cfg: &UcxConfig) -> Result<(sys::ucp_context_h, sys::ucp_worker_h), Runt
     if st != sys::ucs_status_t_UCS_OK {
         return Err(ucx_err("config_read", st));
     }
-    if std::env::var_os("UCX_KEEPALIVE_INTERVAL").is_none() {
-        let v = CString::new(format!("{}ms", cfg.keepalive.as_millis().max(1))).unwrap_or_default();
+    let keepalive = format!("{}ms", cfg.keepalive.as_millis().max(1));
+    // phalanx's defaults; a UCX_* variable in the environment always wins. Reasons: docs/dataplane.md.
+    let defaults: [(&str, &str); 3] = [
+        ("KEEPALIVE_INTERVAL", &keepalive),
+        // Without it the shared-memory transport does not offer peer-failure handling, and
+        // UCX, asked for UCP_ERR_HANDLING_MODE_PEER, falls back to TCP over loopback.
+        ("POSIX_ERROR_HANDLING", "y"),
+        // Large messages: the receiver reads the sender's pages directly (CMA, one copy)
+        // instead of copying through shared-memory bounce buffers (two copies).
+        ("RNDV_SCHEME", "get_zcopy"),
+    ];
+    for (key, value) in defaults {
+        if std::env::var_os(format!("UCX_{key}")).is_some() {
+            continue;
+        }
+        let (k, v) = (CString::new(key).unwrap_or_default(), CString::new(value).unwrap_or_default());
         // SAFETY: `config` is live; both strings are NUL-terminated and outlive the call.
-        let st = unsafe { sys::ucp_config_modify(config, c"KEEPALIVE_INTERVAL".as_ptr(), v.as_ptr()) };
+        let st = unsafe { sys::ucp_config_modify(config, k.as_ptr(), v.as_ptr()) };
         if st != sys::ucs_status_t_UCS_OK {
             // SAFETY: `config` is released exactly once.
             unsafe { sys::ucp_config_release(config) };
-            return Err(ucx_err("config_modify(KEEPALIVE_INTERVAL)", st));
+            return Err(RuntimeError::Transport { op: "config_modify", reason: format!("{key}={value}: {}", status_str(st)) });
         }
     }
     // SAFETY: zeroed params = no optional fields.
