@@ -78,6 +78,19 @@ pub struct CoordinatorArgs {
     pub run_dir: PathBuf,
 }
 
+pub fn service_opts(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<ServiceOpts> {
+    let mut opts = ServiceOpts::new(&c.job_id, a.world);
+    opts.token = c.token();
+    opts.core = core_config(c, a.max_world);
+    opts.journal = Some(a.run_dir.join("coordinator-journal.json"));
+    opts.events = Some(a.run_dir.join("events.jsonl"));
+    opts.tick = ms(c.tick_ms);
+    opts.keepalive_interval = ms(c.keepalive_interval_ms);
+    opts.keepalive_timeout = ms(c.keepalive_timeout_ms);
+    opts.tls = server_tls(c)?;
+    Ok(opts)
+}
+
 pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
@@ -86,15 +99,7 @@ pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()
             .await
             .with_context(|| format!("cannot listen on {bind}; pick another --bind address"))?;
         let addr = listener.local_addr()?;
-        let mut opts = ServiceOpts::new(&c.job_id, a.world);
-        opts.token = c.token();
-        opts.core = core_config(c, a.max_world);
-        opts.journal = Some(a.run_dir.join("coordinator-journal.json"));
-        opts.events = Some(a.run_dir.join("events.jsonl"));
-        opts.tick = ms(c.tick_ms);
-        opts.keepalive_interval = ms(c.keepalive_interval_ms);
-        opts.keepalive_timeout = ms(c.keepalive_timeout_ms);
-        opts.tls = server_tls(c)?;
+        let opts = service_opts(c, a)?;
         // The first line on stdout is the address, so that a launcher (or a test) that asked
         // for port 0 learns the port.
         println!("phalanx coordinator listening on {addr}");

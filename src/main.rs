@@ -1,15 +1,18 @@
 //! The `phalanx` command line.
 
 mod bench;
-mod bench_coordinator;
 mod bench_collectives;
+mod bench_coordinator;
 mod config;
 mod control;
+mod launch;
 mod model_io;
+mod report;
 mod run_dir;
 mod sample;
 mod sim_rank;
 mod train;
+mod worker;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -89,6 +92,33 @@ enum Cmd {
     Checkpoint {
         #[command(subcommand)]
         what: CheckpointCmd,
+    },
+    /// One rank of a job (under Slurm, PBS, mpiexec, torchrun or `phalanx launch`).
+    Worker {
+        /// The coordinator's URL. Default: http://$MASTER_ADDR:7070 when MASTER_ADDR is set.
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// Join as a hot spare.
+        #[arg(long)]
+        spare: bool,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "")]
+        tls_ca: String,
+        overrides: Vec<String>,
+    },
+    /// A local job: coordinator + N ranks (+ K hot spares) on this machine.
+    Launch {
+        #[arg(long)]
+        nproc: usize,
+        #[arg(long, default_value_t = 0)]
+        spares: usize,
+        #[arg(long)]
+        config: PathBuf,
+        /// Fault injection: SIGKILL rank RANK once step STEP is committed (STEP:RANK).
+        #[arg(long, value_name = "STEP:RANK")]
+        kill_at: Option<String>,
+        overrides: Vec<String>,
     },
     /// Run the job's coordinator (membership, generations, failure detection).
     Coordinator {
@@ -338,7 +368,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
         } => {
             match worker_of {
-                Some(addr) => bench_collectives::worker(&addr, rank, world as u32, op, &sizes, &tuning)?,
+                Some(addr) => {
+                    bench_collectives::worker(&addr, rank, world as u32, op, &sizes, &tuning)?
+                }
                 None => bench_collectives::run(world, op, &sizes, &tuning)?,
             }
             Ok(ExitCode::SUCCESS)
@@ -354,6 +386,66 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             bench_coordinator::run(ranks, seconds.max(1), grpc_ranks, grpc_seconds.max(1))?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Worker {
+            coordinator,
+            spare,
+            config,
+            tls_ca,
+            overrides,
+        } => {
+            let cfg = TrainConfig::load(Some(&config), &overrides)?;
+            let url = worker::coordinator_url(coordinator)?;
+            let run_dir = cfg.run.dir.clone();
+            std::fs::create_dir_all(&run_dir)?;
+            let code = worker::run(worker::WorkerArgs {
+                url,
+                tls_ca,
+                spare,
+                cfg,
+                run_dir,
+            })?;
+            Ok(ExitCode::from(code as u8))
+        }
+        Cmd::Launch {
+            nproc,
+            spares,
+            config,
+            kill_at,
+            overrides,
+        } => {
+            let kill = match kill_at {
+                None => None,
+                Some(s) => {
+                    let (a, b) = s
+                        .split_once(':')
+                        .context("--kill-at takes STEP:RANK, e.g. 100:1")?;
+                    Some((
+                        a.parse().context("--kill-at STEP must be a number")?,
+                        b.parse().context("--kill-at RANK must be a number")?,
+                    ))
+                }
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            let s = stop.clone();
+            ctrlc::set_handler(move || {
+                if s.swap(true, Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+            })
+            .context("cannot install the Ctrl-C handler")?;
+            let code = launch::run(
+                &launch::LaunchArgs {
+                    nproc,
+                    spares,
+                    config,
+                    overrides,
+                    kill,
+                    progress: std::io::stderr().is_terminal(),
+                },
+                stop,
+            )?;
+            Ok(ExitCode::from(code as u8))
         }
         Cmd::Coordinator {
             bind,

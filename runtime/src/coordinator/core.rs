@@ -53,6 +53,8 @@ pub struct Live {
     pub suspects: u32,
     pub rejoin_deadline: Option<Instant>,
     pub median_s: Option<f64>,
+    /// The rank finished the job and may leave without that being a fault.
+    pub done: bool,
 }
 
 /// Detection and policy settings. Defaults and the reason for each are in docs/control-plane.md.
@@ -158,6 +160,8 @@ pub struct Member {
     pub step_times: VecDeque<f64>,
     /// Median of `step_times`, kept current by `heartbeat`.
     pub median_s: Option<f64>,
+    /// The newest generation this member has heartbeated in.
+    pub progress_generation: Generation,
     pub slow_streak: u32,
     pub normal_streak: u32,
     pub straggler: bool,
@@ -189,6 +193,7 @@ impl Member {
             last_step_time: Duration::ZERO,
             step_times: VecDeque::new(),
             median_s: None,
+            progress_generation: Generation(0),
             slow_streak: 0,
             normal_streak: 0,
             straggler: false,
@@ -422,6 +427,7 @@ impl State {
             suspects: m.suspected_by.len() as u32,
             rejoin_deadline: m.rejoin_deadline,
             median_s: m.median_s,
+            done: m.phase == "done",
         }
     }
 
@@ -617,6 +623,11 @@ impl State {
             // Liveness only: the member has not yet acted on the newest assignment.
             return Ok(None);
         }
+        if m.progress_generation < generation {
+            // Joining a generation is progress: the hang clock starts now, not at registration.
+            m.progress_generation = generation;
+            m.last_progress = now;
+        }
         let advanced = hb.step > m.step || hb.collective_seq > m.collective_seq;
         let stepped = hb.step > m.step;
         if advanced {
@@ -787,6 +798,9 @@ fn failure(
     world: usize,
     cfg: &CoreConfig,
 ) -> Option<Removal> {
+    if l.done {
+        return None;
+    }
     if let Some(deadline) = l.rejoin_deadline {
         return (now > deadline).then_some(Removal::NotRejoined);
     }

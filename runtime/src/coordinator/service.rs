@@ -72,8 +72,16 @@ impl ServiceOpts {
 
 type DirectiveTx = mpsc::Sender<Result<pb::Directive, Status>>;
 
+/// Addresses published for a generation's rendezvous, by rank.
+struct Rendezvous {
+    generation: Generation,
+    addrs: Vec<Option<Vec<u8>>>,
+}
+
 pub struct Shared {
     state: Mutex<State>,
+    rendezvous: Mutex<Rendezvous>,
+    rendezvous_changed: Notify,
     cfg: CoreConfig,
     sessions: Mutex<HashMap<MemberId, DirectiveTx>>,
     events: Mutex<Option<BufWriter<File>>>,
@@ -232,6 +240,8 @@ impl Shared {
                 }
                 apply(&mut st, &d);
                 self.save_journal(&st);
+                // Waiters of the superseded generation's rendezvous must give up now.
+                self.rendezvous_changed.notify_waiters();
                 self.event(
                     "generation",
                     json!({
@@ -437,6 +447,69 @@ impl Coordinator for Svc {
         Ok(Response::new(pb::FaultAck {
             generation: generation.0,
         }))
+    }
+
+    async fn rendezvous(
+        &self,
+        req: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let deadline = req
+            .metadata()
+            .get("grpc-timeout")
+            .map(|_| Duration::from_secs(60))
+            .unwrap_or(Duration::from_secs(30));
+        let r = req.into_inner();
+        if r.address.len() > MAX_ADDR_BYTES {
+            return Err(Status::invalid_argument("address too long"));
+        }
+        let sh = &self.shared;
+        let generation = Generation(r.generation);
+        {
+            let st = sh.state.lock();
+            if generation != st.generation {
+                return Err(RuntimeError::StaleGeneration {
+                    got: generation,
+                    current: st.generation,
+                }
+                .into());
+            }
+            if st.ranks.get(r.rank as usize) != Some(&r.member_id) {
+                return Err(Status::failed_precondition(format!(
+                    "member {} is not rank {} of generation {generation}",
+                    r.member_id, r.rank
+                )));
+            }
+            let mut rv = sh.rendezvous.lock();
+            if rv.generation != generation {
+                rv.generation = generation;
+                rv.addrs = vec![None; st.ranks.len()];
+            }
+            rv.addrs[r.rank as usize] = Some(r.address);
+        }
+        sh.rendezvous_changed.notify_waiters();
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let notified = sh.rendezvous_changed.notified();
+            {
+                let current = sh.state.lock().generation;
+                if current != generation {
+                    return Err(Status::aborted(format!(
+                        "generation {generation} was superseded by {current} during the rendezvous"
+                    )));
+                }
+                let rv = sh.rendezvous.lock();
+                if rv.generation == generation && rv.addrs.iter().all(Option::is_some) {
+                    return Ok(Response::new(pb::RendezvousResponse {
+                        addresses: rv.addrs.iter().flatten().cloned().collect(),
+                    }));
+                }
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return Err(Status::deadline_exceeded(format!(
+                    "not every rank of generation {generation} published its address in time"
+                )));
+            }
+        }
     }
 
     async fn get_peers(
@@ -728,6 +801,11 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
     let generation = state.generation;
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
+        rendezvous: Mutex::new(Rendezvous {
+            generation: Generation(0),
+            addrs: Vec::new(),
+        }),
+        rendezvous_changed: Notify::new(),
         cfg: opts.core.clone(),
         sessions: Mutex::new(HashMap::new()),
         events: Mutex::new(events),

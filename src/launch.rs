@@ -1,0 +1,314 @@
+//! `phalanx launch`: a local job: the coordinator (in this process) and N (+K spare) worker
+//! processes; one progress display; a dead worker process is restarted as a new spare without
+//! stopping the others; optional fault injection; the run directory and its report.
+
+use crate::config::TrainConfig;
+use crate::control::{self, CoordinatorArgs};
+use crate::report;
+use crate::run_dir::unix_ms;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use phalanx_proto::pb;
+use phalanx_runtime::coordinator::client;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+pub struct LaunchArgs {
+    pub nproc: usize,
+    pub spares: usize,
+    pub config: PathBuf,
+    pub overrides: Vec<String>,
+    /// Fault injection: SIGKILL rank R once step S is committed.
+    pub kill: Option<(u64, u32)>,
+    pub progress: bool,
+}
+
+struct Worker {
+    child: Child,
+    spare: bool,
+    done: bool,
+    code: Option<i32>,
+}
+
+fn token() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn append_event(run_dir: &Path, kind: &str, fields: serde_json::Value) -> Result<()> {
+    let mut v = json!({"kind": kind, "unix_ms": unix_ms()});
+    if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+        o.extend(f);
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("events.jsonl"))?;
+    writeln!(f, "{v}")?;
+    Ok(())
+}
+
+pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
+    let wall = Instant::now();
+    let cfg = TrainConfig::load(Some(&a.config), &a.overrides)?;
+    let max_world = cfg.train.global_batch / cfg.train.micro_batch;
+    if a.nproc == 0 {
+        bail!("--nproc 0: a job needs at least one rank");
+    }
+    if a.nproc > max_world {
+        bail!(
+            "--nproc {}: a global batch of {} sequences in micro-batches of {} has only {max_world} \
+             micro-batches, so at most {max_world} ranks can share it; lower --nproc or raise \
+             train.global_batch",
+            a.nproc,
+            cfg.train.global_batch,
+            cfg.train.micro_batch
+        );
+    }
+    // Fail here, not in N workers at once, if the dataset or model is wrong.
+    crate::train::setup(&cfg)?;
+    let run_dir = cfg.run.dir.clone();
+    std::fs::create_dir_all(&run_dir)?;
+    for f in [
+        "metrics.jsonl",
+        "events.jsonl",
+        "report.json",
+        "coordinator-journal.json",
+    ] {
+        let _ = std::fs::remove_file(run_dir.join(f));
+    }
+    std::fs::create_dir_all(run_dir.join("logs"))?;
+    std::fs::write(run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = if cfg.train.threads == 0 {
+        (cores / a.nproc).max(1)
+    } else {
+        cfg.train.threads
+    };
+    let job_token = cfg.coordinator.token().unwrap_or_else(token);
+
+    // The coordinator, in this process.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let url = format!("http://{addr}");
+    let mut ccfg = cfg.coordinator.clone();
+    ccfg.token = job_token.clone();
+    let opts = control::service_opts(
+        &ccfg,
+        &CoordinatorArgs {
+            bind: None,
+            world: a.nproc,
+            max_world,
+            run_dir: run_dir.clone(),
+        },
+    )?;
+    let (shut_tx, shut_rx) = tokio::sync::oneshot::channel::<()>();
+    let coord = std::thread::Builder::new()
+        .name("coordinator".into())
+        .spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener)?;
+                phalanx_runtime::coordinator::service::run(opts, l, async {
+                    let _ = shut_rx.await;
+                })
+                .await?;
+                Ok(())
+            })
+        })?;
+
+    let exe = std::env::current_exe()?;
+    let spawn = |i: usize, spare: bool| -> Result<Child> {
+        let log = std::fs::File::create(run_dir.join("logs").join(format!("worker-{i}.log")))?;
+        let mut cmd = Command::new(&exe);
+        cmd.arg("worker")
+            .args(["--coordinator", &url])
+            .arg("--config")
+            .arg(&a.config)
+            .args(&a.overrides)
+            .arg(format!("train.threads={threads}"))
+            .arg(format!("run.dir={}", run_dir.display()))
+            .env("PHALANX_JOB_TOKEN", &job_token)
+            .env(
+                "PHALANX_LOG",
+                std::env::var("PHALANX_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log);
+        if spare {
+            cmd.arg("--spare");
+        }
+        cmd.spawn().context("cannot start a worker process")
+    };
+    let mut workers: Vec<Worker> = Vec::new();
+    for i in 0..a.nproc + a.spares {
+        let spare = i >= a.nproc;
+        workers.push(Worker {
+            child: spawn(i, spare)?,
+            spare,
+            done: false,
+            code: None,
+        });
+    }
+    append_event(
+        &run_dir,
+        "launch",
+        json!({"nproc": a.nproc, "spares": a.spares, "threads_per_rank": threads}),
+    )?;
+    info!(nproc = a.nproc, spares = a.spares, %url, "job started");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut copts = client::ClientOpts::new(&url);
+    copts.token = Some(job_token.clone());
+    let mut status_client = None;
+    let pb_bar = if a.progress {
+        ProgressBar::new(cfg.train.max_steps)
+    } else {
+        ProgressBar::with_draw_target(Some(cfg.train.max_steps), ProgressDrawTarget::hidden())
+    };
+    pb_bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut killed = false;
+    let mut last_status = Instant::now() - Duration::from_secs(1);
+    let mut restarts = 0usize;
+    let mut world = a.nproc as u32;
+    let mut outcome = "completed";
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            outcome = "interrupted";
+            break;
+        }
+        // Children: a finished rank is done; a dead one is replaced by a fresh spare.
+        let mut respawn = 0;
+        for w in workers.iter_mut().filter(|w| !w.done) {
+            if let Some(st) = w.child.try_wait()? {
+                w.done = true;
+                let code = st.code();
+                w.code = code;
+                append_event(
+                    &run_dir,
+                    "worker_exit",
+                    json!({"pid": w.child.id(), "code": code, "spare": w.spare}),
+                )?;
+                if code != Some(crate::worker::EXIT_DONE)
+                    && code != Some(crate::worker::EXIT_HALTED)
+                {
+                    respawn += 1;
+                }
+                if code == Some(crate::worker::EXIT_HALTED) {
+                    outcome = "halted";
+                }
+            }
+        }
+        let finished = workers.iter().filter(|w| w.code == Some(0)).count();
+        if finished > 0 && finished as u32 >= world {
+            break;
+        }
+        if outcome == "halted" {
+            break;
+        }
+        for _ in 0..respawn {
+            if restarts >= 4 * (a.nproc + a.spares) {
+                warn!("too many worker restarts; not restarting any more");
+                break;
+            }
+            restarts += 1;
+            let i = workers.len();
+            info!(worker = i, "restarting a lost worker as a spare");
+            workers.push(Worker {
+                child: spawn(i, true)?,
+                spare: true,
+                done: false,
+                code: None,
+            });
+        }
+        if workers.iter().all(|w| w.done) {
+            outcome = "failed";
+            break;
+        }
+        if last_status.elapsed() >= Duration::from_millis(200) {
+            last_status = Instant::now();
+            let st: Option<pb::StatusResponse> = rt.block_on(async {
+                if status_client.is_none() {
+                    status_client = client::connect(&copts).await.ok();
+                }
+                let c = status_client.as_mut()?;
+                c.status(client::request(pb::StatusRequest {}, &copts))
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+            });
+            if let Some(st) = st {
+                world = st.world.max(1);
+                pb_bar.set_position(st.committed_step.min(cfg.train.max_steps));
+                pb_bar.set_message(format!("generation {} | world {}", st.generation, st.world));
+                if let Some((at, rank)) = a.kill {
+                    if !killed && st.committed_step >= at {
+                        if let Some(r) = st
+                            .ranks
+                            .iter()
+                            .find(|r| r.rank == Some(rank) && r.state == "active")
+                        {
+                            killed = true;
+                            let t = unix_ms();
+                            let ok = Command::new("kill")
+                                .args(["-KILL", &r.pid.to_string()])
+                                .status()?
+                                .success();
+                            append_event(
+                                &run_dir,
+                                "fault_injected",
+                                json!({"fault": "sigkill", "rank": rank, "pid": r.pid, "step": st.committed_step, "injected_unix_ms": t, "ok": ok}),
+                            )?;
+                            pb_bar.suspend(|| {
+                                info!(
+                                    rank,
+                                    pid = r.pid,
+                                    step = st.committed_step,
+                                    "injected: SIGKILL"
+                                )
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pb_bar.finish_and_clear();
+    for w in workers.iter_mut().filter(|w| !w.done) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &w.child.id().to_string()])
+            .status();
+        let _ = w.child.wait();
+    }
+    let _ = shut_tx.send(());
+    let _ = coord.join();
+    let r = report::build(&run_dir, wall.elapsed(), outcome, cfg.train.max_steps)?;
+    std::fs::write(run_dir.join("report.json"), serde_json::to_vec_pretty(&r)?)?;
+    report::print(&r);
+    Ok(match outcome {
+        "completed" => 0,
+        "interrupted" => 130,
+        _ => 1,
+    })
+}
