@@ -458,20 +458,38 @@ fn tls_coordinator() {
     let port = addr.rsplit(':').next().unwrap();
     let url = format!("https://localhost:{port}");
     let out = common::bin()
-        .args(["status", "--coordinator", &url, "--tls-ca", cert.to_str().unwrap(), "--json"])
+        .args([
+            "status",
+            "--coordinator",
+            &url,
+            "--tls-ca",
+            cert.to_str().unwrap(),
+            "--json",
+        ])
         .env("PHALANX_JOB_TOKEN", TOKEN)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["generation"], 0);
     let out = common::bin()
-        .args(["status", "--coordinator", &format!("http://localhost:{port}")])
+        .args([
+            "status",
+            "--coordinator",
+            &format!("http://localhost:{port}"),
+        ])
         .env("PHALANX_JOB_TOKEN", TOKEN)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let out = common::bin().args(["status", "--coordinator", &url]).output().unwrap();
+    let out = common::bin()
+        .args(["status", "--coordinator", &url])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-ca"));
 }
 
@@ -482,18 +500,50 @@ fn peers_are_served_per_generation() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use phalanx_proto::pb;
-        let mut opts = phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", job.addr));
+        let mut opts =
+            phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", job.addr));
         opts.token = Some(TOKEN.into());
-        let mut c = phalanx_runtime::coordinator::client::connect(&opts).await.unwrap();
-        let all = c.get_peers(pb::PeersRequest { generation: 1, ranks: vec![] }).await.unwrap().into_inner();
+        let mut c = phalanx_runtime::coordinator::client::connect(&opts)
+            .await
+            .unwrap();
+        let all = c
+            .get_peers(pb::PeersRequest {
+                generation: 1,
+                ranks: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(all.world, 2);
         assert_eq!(all.peers.len(), 2);
-        assert!(all.peers.iter().all(|p| p.dataplane_address.starts_with(b"sim:")));
-        let one = c.get_peers(pb::PeersRequest { generation: 1, ranks: vec![1] }).await.unwrap().into_inner();
+        assert!(all
+            .peers
+            .iter()
+            .all(|p| p.dataplane_address.starts_with(b"sim:")));
+        let one = c
+            .get_peers(pb::PeersRequest {
+                generation: 1,
+                ranks: vec![1],
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(one.peers[0].rank, 1);
-        let stale = c.get_peers(pb::PeersRequest { generation: 0, ranks: vec![] }).await.unwrap_err();
+        let stale = c
+            .get_peers(pb::PeersRequest {
+                generation: 0,
+                ranks: vec![],
+            })
+            .await
+            .unwrap_err();
         assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
-        let out = c.get_peers(pb::PeersRequest { generation: 1, ranks: vec![5] }).await.unwrap_err();
+        let out = c
+            .get_peers(pb::PeersRequest {
+                generation: 1,
+                ranks: vec![5],
+            })
+            .await
+            .unwrap_err();
         assert_eq!(out.code(), tonic::Code::InvalidArgument);
     });
 }
