@@ -62,6 +62,9 @@ pub struct Tuning {
     /// Busy-poll this long without progress before sleeping on the worker's event fd.
     #[arg(long, default_value_t = 50)]
     pub spin_us: u64,
+    /// UCX endpoint error mode: `peer` (UCP_ERR_HANDLING_MODE_PEER) or `none`.
+    #[arg(long, default_value = "peer")]
+    pub err_mode: String,
 }
 
 /// Parses `1K,1M,16M,64M` (binary units) into byte counts.
@@ -75,8 +78,12 @@ pub fn parse_sizes(s: &str) -> Result<Vec<usize>> {
                 Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
                 _ => (t, 1),
             };
-            let n: usize = num.parse().with_context(|| format!("size {t:?}: expected e.g. 1K, 16M, 4096"))?;
-            let bytes = n.checked_mul(mult).ok_or_else(|| anyhow!("size {t:?} is too large"))?;
+            let n: usize = num
+                .parse()
+                .with_context(|| format!("size {t:?}: expected e.g. 1K, 16M, 4096"))?;
+            let bytes = n
+                .checked_mul(mult)
+                .ok_or_else(|| anyhow!("size {t:?} is too large"))?;
             if bytes % 4 != 0 {
                 bail!("size {t:?}: must be a multiple of 4 bytes (float32 elements)");
             }
@@ -113,16 +120,32 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
     let srv = BootstrapServer::bind("127.0.0.1:0")?;
     let addr = srv.local_addr().to_string();
     let exe = std::env::current_exe().context("locating the phalanx binary")?;
-    let server = std::thread::spawn(move || srv.serve(world as u32, Generation(1), Duration::from_secs(60)));
+    let server =
+        std::thread::spawn(move || srv.serve(world as u32, Generation(1), Duration::from_secs(60)));
     let mut kids = Vec::new();
     for r in 0..world {
         let child = Command::new(&exe)
             .args(["bench", "collectives", "--worker-of", &addr])
             .args(["--rank", &r.to_string(), "--world", &world.to_string()])
             .args(["--op", op.name(), "--sizes", sizes])
-            .args(["--iters", &iters.to_string(), "--warmup", &t.warmup.to_string()])
-            .args(["--chunk-kb", &t.chunk_kb.to_string(), "--window", &t.window.to_string()])
-            .args(["--timeout-ms", &t.timeout_ms.to_string(), "--spin-us", &t.spin_us.to_string()])
+            .args([
+                "--iters",
+                &iters.to_string(),
+                "--warmup",
+                &t.warmup.to_string(),
+            ])
+            .args([
+                "--chunk-kb",
+                &t.chunk_kb.to_string(),
+                "--window",
+                &t.window.to_string(),
+            ])
+            .args([
+                "--timeout-ms",
+                &t.timeout_ms.to_string(),
+                "--spin-us",
+                &t.spin_us.to_string(),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning rank {r}"))?;
@@ -132,17 +155,35 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
     let mut times = vec![vec![0f64; iters]; sizes_v.len()];
     let mut failures = Vec::new();
     let mut reported = vec![0usize; sizes_v.len()];
+    // Growth of the peak RSS during the iterations of each size, largest over ranks (KiB).
+    let mut mem = vec![0u64; sizes_v.len()];
     for (r, mut k) in kids.into_iter().enumerate() {
-        let out = k.stdout.take().ok_or_else(|| anyhow!("rank {r}: no stdout"))?;
+        let out = k
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("rank {r}: no stdout"))?;
         for line in BufReader::new(out).lines() {
             let line = line?;
             let mut f = line.split_whitespace();
-            if f.next() != Some("TIMES") {
+            let head = f.next();
+            if head == Some("MEM") {
+                let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
+                if let [si, kib] = v[..] {
+                    if let Some(m) = mem.get_mut(si as usize) {
+                        *m = (*m).max(kib);
+                    }
+                }
+                continue;
+            }
+            if head != Some("TIMES") {
                 // UCX's own diagnostics (e.g. UCX_PROTO_INFO=y) go to stdout: pass them on.
                 eprintln!("[rank {r}] {line}");
                 continue;
             }
-            let si: usize = f.next().and_then(|x| x.parse().ok()).ok_or_else(|| anyhow!("bad line {line:?}"))?;
+            let si: usize = f
+                .next()
+                .and_then(|x| x.parse().ok())
+                .ok_or_else(|| anyhow!("bad line {line:?}"))?;
             if std::env::var_os("PHALANX_BENCH_RAW").is_some() {
                 eprintln!("[rank {r}] {line}");
             }
@@ -150,7 +191,10 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
                 *c += 1;
             }
             for (i, us) in f.enumerate().take(iters) {
-                let s = us.parse::<f64>().map_err(|e| anyhow!("bad time in {line:?}: {e}"))? / 1e6;
+                let s = us
+                    .parse::<f64>()
+                    .map_err(|e| anyhow!("bad time in {line:?}: {e}"))?
+                    / 1e6;
                 if let Some(slot) = times.get_mut(si).and_then(|v| v.get_mut(i)) {
                     *slot = slot.max(s);
                 }
@@ -161,9 +205,15 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
             failures.push(format!("rank {r} exited with {st}"));
         }
     }
-    server.join().map_err(|_| anyhow!("bootstrap thread panicked"))??;
+    server
+        .join()
+        .map_err(|_| anyhow!("bootstrap thread panicked"))??;
     if let Some(si) = reported.iter().position(|&c| c != world) {
-        failures.push(format!("only {} of {world} ranks reported size {}", reported[si], human(sizes_v[si])));
+        failures.push(format!(
+            "only {} of {world} ranks reported size {}",
+            reported[si],
+            human(sizes_v[si])
+        ));
     }
     if !failures.is_empty() {
         bail!("benchmark failed: {}", failures.join("; "));
@@ -177,8 +227,17 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
         t.window
     );
     println!(
-        "# {:>8} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>10} {:>10}",
-        "size", "count(f32)", "time_med_us", "time_min_us", "time_max_us", "algbw_GB/s", "busbw_GB/s", "busbw_min", "busbw_max"
+        "# {:>8} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>10} {:>10} {:>13}",
+        "size",
+        "count(f32)",
+        "time_med_us",
+        "time_min_us",
+        "time_max_us",
+        "algbw_GB/s",
+        "busbw_GB/s",
+        "busbw_min",
+        "busbw_max",
+        "extra_rss_MiB"
     );
     for (si, &size) in sizes_v.iter().enumerate() {
         let mut v = times[si].clone();
@@ -187,7 +246,7 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
         let alg = |s: f64| size as f64 / s / 1e9;
         let bf = op.bus_factor(world);
         println!(
-            "  {:>8} {:>11} {:>11.1} {:>11.1} {:>11.1} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+            "  {:>8} {:>11} {:>11.1} {:>11.1} {:>11.1} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>13.1}",
             human(size),
             size / 4,
             med * 1e6,
@@ -196,7 +255,8 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
             alg(med),
             alg(med) * bf,
             alg(max) * bf,
-            alg(min) * bf
+            alg(min) * bf,
+            mem[si] as f64 / 1024.0
         );
     }
     Ok(())
@@ -204,7 +264,21 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
 
 /// One rank of the benchmark. Prints `TIMES <size index> <us> ...` per size; checks the
 /// result of the last iteration of every size and fails if it is wrong.
-pub fn worker(bootstrap: &str, rank: u32, world: u32, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
+/// This process's peak resident set (VmHWM), in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let l = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    l.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub fn worker(
+    bootstrap: &str,
+    rank: u32,
+    world: u32,
+    op: Op,
+    sizes: &str,
+    t: &Tuning,
+) -> Result<()> {
     let cfg = UcxConfig {
         coll: CollConfig {
             chunk_bytes: t.chunk_kb.max(1) * 1024,
@@ -212,9 +286,16 @@ pub fn worker(bootstrap: &str, rank: u32, world: u32, op: Op, sizes: &str, t: &T
             timeout: Duration::from_millis(t.timeout_ms),
         },
         spin: Duration::from_micros(t.spin_us),
+        peer_error_mode: match t.err_mode.as_str() {
+            "peer" => true,
+            "none" => false,
+            other => bail!("--err-mode {other:?}: use peer or none"),
+        },
         ..UcxConfig::default()
     };
-    let boot = Box::new(TcpBootstrap { server: bootstrap.to_string() });
+    let boot = Box::new(TcpBootstrap {
+        server: bootstrap.to_string(),
+    });
     let g = UcxGroup::connect(Rank(rank), world, Generation(1), cfg, boot)?;
     let n = world as usize;
     for (si, size) in parse_sizes(sizes)?.into_iter().enumerate() {
@@ -224,6 +305,10 @@ pub fn worker(bootstrap: &str, rank: u32, world: u32, op: Op, sizes: &str, t: &T
         let mut f = vec![0f32; elems];
         let mut b = vec![0u8; size];
         let mut out = Vec::with_capacity(t.iters);
+        // Touch the buffers first so that the high-water mark before the op counts them.
+        f.iter_mut().for_each(|x| *x = 1.0);
+        b.iter_mut().for_each(|x| *x = 1);
+        let hwm_before = peak_rss_kib();
         for it in 0..t.warmup + t.iters {
             match op {
                 Op::Allreduce | Op::ReduceScatter => fill(&mut f),
@@ -233,7 +318,9 @@ pub fn worker(bootstrap: &str, rank: u32, world: u32, op: Op, sizes: &str, t: &T
                 }
                 Op::Broadcast => {
                     if rank == 0 {
-                        b.iter_mut().enumerate().for_each(|(i, x)| *x = (i % 251) as u8);
+                        b.iter_mut()
+                            .enumerate()
+                            .for_each(|(i, x)| *x = (i % 251) as u8);
                     }
                 }
             }
@@ -263,10 +350,17 @@ pub fn worker(bootstrap: &str, rank: u32, world: u32, op: Op, sizes: &str, t: &T
             Op::Broadcast => b.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8),
         };
         if !ok {
-            bail!("rank {rank}: wrong {} result at size {}", op.name(), human(size));
+            bail!(
+                "rank {rank}: wrong {} result at size {}",
+                op.name(),
+                human(size)
+            );
         }
         let line: Vec<String> = out.iter().map(|us| format!("{us:.1}")).collect();
         println!("TIMES {si} {}", line.join(" "));
+        if let (Some(a), Some(z)) = (hwm_before, peak_rss_kib()) {
+            println!("MEM {si} {}", z.saturating_sub(a));
+        }
     }
     g.barrier()?;
     Ok(())
@@ -278,7 +372,10 @@ mod tests {
 
     #[test]
     fn sizes_parse_with_binary_units_and_reject_garbage() {
-        assert_eq!(parse_sizes("1K,1M,16M,64M").unwrap(), vec![1024, 1 << 20, 16 << 20, 64 << 20]);
+        assert_eq!(
+            parse_sizes("1K,1M,16M,64M").unwrap(),
+            vec![1024, 1 << 20, 16 << 20, 64 << 20]
+        );
         assert_eq!(parse_sizes("4096").unwrap(), vec![4096]);
         assert!(parse_sizes("3").is_err());
         assert!(parse_sizes("1X").is_err());

@@ -17,7 +17,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 const LEN: usize = 256 * 1024;
 
 fn now_us() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
 }
 
 fn describe(e: &RuntimeError) -> (String, String) {
@@ -25,7 +28,14 @@ fn describe(e: &RuntimeError) -> (String, String) {
         RuntimeError::PeerFailed { rank, .. } => ("PeerFailed".into(), rank.to_string()),
         RuntimeError::Timeout { .. } => ("Timeout".into(), "-".into()),
         RuntimeError::GroupBroken { .. } => ("GroupBroken".into(), "-".into()),
-        other => (format!("{other:?}").split_whitespace().next().unwrap_or("?").into(), "-".into()),
+        other => (
+            format!("{other:?}")
+                .split_whitespace()
+                .next()
+                .unwrap_or("?")
+                .into(),
+            "-".into(),
+        ),
     }
 }
 
@@ -38,7 +48,11 @@ fn run_loop(g: &UcxGroup, limit: Option<usize>) -> Result<usize, RuntimeError> {
     loop {
         buf.iter_mut().for_each(|x| *x = (g.rank().0 + 1) as f32);
         g.allreduce(&mut buf)?;
-        assert!(buf.iter().all(|&x| x == want), "wrong allreduce result in generation {}", g.generation());
+        assert!(
+            buf.iter().all(|&x| x == want),
+            "wrong allreduce result in generation {}",
+            g.generation()
+        );
         i += 1;
         if i == 1 {
             eprintln!("DP LOOPING {}", g.generation());
@@ -50,15 +64,29 @@ fn run_loop(g: &UcxGroup, limit: Option<usize>) -> Result<usize, RuntimeError> {
 }
 
 fn connect(addr: &str, rank: u32, world: u32, generation: u64) -> Result<UcxGroup, RuntimeError> {
-    let boot = Box::new(TcpBootstrap { server: addr.to_string() });
-    UcxGroup::connect(Rank(rank), world, Generation(generation), UcxConfig::default(), boot)
+    let boot = Box::new(TcpBootstrap {
+        server: addr.to_string(),
+    });
+    // PHX_ERR_MODE=none runs the same scenarios without UCX's peer error mode.
+    let cfg = UcxConfig {
+        peer_error_mode: std::env::var("PHX_ERR_MODE").as_deref() != Ok("none"),
+        ..UcxConfig::default()
+    };
+    UcxGroup::connect(Rank(rank), world, Generation(generation), cfg, boot)
 }
 
 #[test]
 fn rank_process() {
-    let Ok(spec) = std::env::var("PHX_DP_RANK") else { return };
+    let Ok(spec) = std::env::var("PHX_DP_RANK") else {
+        return;
+    };
     let f: Vec<&str> = spec.split_whitespace().collect();
-    let (addr, rank, world, generation) = (f[0], f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap());
+    let (addr, rank, world, generation) = (
+        f[0],
+        f[1].parse().unwrap(),
+        f[2].parse().unwrap(),
+        f[3].parse().unwrap(),
+    );
     let g = connect(addr, rank, world, generation).unwrap();
     let e = run_loop(&g, None).unwrap_err();
     let (kind, who) = describe(&e);
@@ -73,10 +101,17 @@ fn rank_process() {
         match c.first().copied() {
             Some("REBUILD") => {
                 drop(old.take());
-                let (r, w, gen) = (c[2].parse().unwrap(), c[3].parse().unwrap(), c[4].parse().unwrap());
+                let (r, w, gen) = (
+                    c[2].parse().unwrap(),
+                    c[3].parse().unwrap(),
+                    c[4].parse().unwrap(),
+                );
                 let g = connect(c[1], r, w, gen).unwrap();
                 match run_loop(&g, Some(200)) {
-                    Ok(k) => eprintln!("DP REBUILT_OK {gen} {k} dropped_stale={}", g.stats().unwrap().dropped_stale),
+                    Ok(k) => eprintln!(
+                        "DP REBUILT_OK {gen} {k} dropped_stale={}",
+                        g.stats().unwrap().dropped_stale
+                    ),
                     Err(e) => eprintln!("DP REBUILT_ERR {gen} {e}"),
                 }
                 old = Some(g);
@@ -131,7 +166,12 @@ struct Lines {
 
 impl Lines {
     /// Waits for the first line matching `pred` from each rank of `ranks`.
-    fn collect(&mut self, ranks: &[u32], within: Duration, pred: impl Fn(&str) -> bool) -> Vec<(u32, u128, String)> {
+    fn collect(
+        &mut self,
+        ranks: &[u32],
+        within: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<(u32, u128, String)> {
         let deadline = Instant::now() + within;
         let mut got: Vec<(u32, u128, String)> = Vec::new();
         let take = |got: &mut Vec<(u32, u128, String)>, l: &(u32, u128, String)| {
@@ -156,7 +196,10 @@ impl Lines {
                         self.pending.push(l);
                     }
                 }
-                Err(_) => panic!("ranks {ranks:?}: only {got:?} within {within:?}; other lines {:?}", self.pending),
+                Err(_) => panic!(
+                    "ranks {ranks:?}: only {got:?} within {within:?}; other lines {:?}",
+                    self.pending
+                ),
             }
         }
         got
@@ -164,15 +207,28 @@ impl Lines {
 }
 
 /// Rebuilds `survivors` (old ranks, in order) as generation `generation`; returns their lines.
-fn rebuild(ranks: &mut [Rank_], survivors: &[u32], generation: u64, lines: &mut Lines) -> Vec<(u32, u128, String)> {
+fn rebuild(
+    ranks: &mut [Rank_],
+    survivors: &[u32],
+    generation: u64,
+    lines: &mut Lines,
+) -> Vec<(u32, u128, String)> {
     let srv = BootstrapServer::bind("127.0.0.1:0").unwrap();
     let addr = srv.local_addr().to_string();
     let world = survivors.len() as u32;
-    let h = std::thread::spawn(move || srv.serve(world, Generation(generation), Duration::from_secs(30)));
+    let h = std::thread::spawn(move || {
+        srv.serve(world, Generation(generation), Duration::from_secs(30))
+    });
     for (new, old) in survivors.iter().enumerate() {
-        writeln!(ranks[*old as usize].stdin, "REBUILD {addr} {new} {world} {generation}").unwrap();
+        writeln!(
+            ranks[*old as usize].stdin,
+            "REBUILD {addr} {new} {world} {generation}"
+        )
+        .unwrap();
     }
-    let out = lines.collect(survivors, Duration::from_secs(30), |l| l.starts_with("REBUILT"));
+    let out = lines.collect(survivors, Duration::from_secs(30), |l| {
+        l.starts_with("REBUILT")
+    });
     h.join().unwrap().unwrap();
     out
 }
@@ -200,8 +256,13 @@ fn finish(ranks: Vec<Rank_>) {
 fn kill9_is_detected_by_every_survivor_within_1s_and_survivors_rebuild() {
     let (tx, rx) = mpsc::channel();
     let mut ranks = spawn(4, 1, &tx);
-    let mut lines = Lines { rx, pending: Vec::new() };
-    lines.collect(&[0, 1, 2, 3], Duration::from_secs(60), |l| l.starts_with("LOOPING"));
+    let mut lines = Lines {
+        rx,
+        pending: Vec::new(),
+    };
+    lines.collect(&[0, 1, 2, 3], Duration::from_secs(60), |l| {
+        l.starts_with("LOOPING")
+    });
     std::thread::sleep(Duration::from_millis(300));
     let t_kill = now_us();
     ranks[2].child.kill().unwrap();
@@ -213,7 +274,9 @@ fn kill9_is_detected_by_every_survivor_within_1s_and_survivors_rebuild() {
         assert_eq!((f[3], f[4]), ("PeerFailed", "2"), "rank {r}: {line}");
         assert!(took_ms < 1000.0, "rank {r} took {took_ms} ms");
     }
-    lines.collect(&[0, 1, 3], Duration::from_secs(5), |l| l == "AGAIN GroupBroken");
+    lines.collect(&[0, 1, 3], Duration::from_secs(5), |l| {
+        l == "AGAIN GroupBroken"
+    });
     for (r, _, line) in rebuild(&mut ranks, &[0, 1, 3], 2, &mut lines) {
         assert!(line.starts_with("REBUILT_OK 2 200"), "rank {r}: {line}");
     }
@@ -228,20 +291,32 @@ fn kill9_is_detected_by_every_survivor_within_1s_and_survivors_rebuild() {
 fn sigstop_times_out_within_the_deadline_and_the_woken_rank_stays_fenced() {
     let (tx, rx) = mpsc::channel();
     let mut ranks = spawn(4, 1, &tx);
-    let mut lines = Lines { rx, pending: Vec::new() };
-    lines.collect(&[0, 1, 2, 3], Duration::from_secs(60), |l| l.starts_with("LOOPING"));
+    let mut lines = Lines {
+        rx,
+        pending: Vec::new(),
+    };
+    lines.collect(&[0, 1, 2, 3], Duration::from_secs(60), |l| {
+        l.starts_with("LOOPING")
+    });
     std::thread::sleep(Duration::from_millis(300));
     let pid = ranks[1].child.id() as i32;
     let t_stop = now_us();
     // SAFETY-free: signals through the kill(1) command, no unsafe in tests.
-    assert!(Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
     let errs = lines.collect(&[0, 2, 3], Duration::from_secs(6), |l| l.starts_with("ERR"));
     for (r, t, line) in &errs {
         let took_ms = (t.saturating_sub(t_stop)) as f64 / 1000.0;
         eprintln!("SIGSTOP: rank {r} got an error after {took_ms:.1} ms: {line}");
         // The deadline counts from the last progress, which is just before the stop; the
         // margin is the wake-up granularity (1 ms) plus scheduling on a busy machine.
-        assert!(took_ms < 2200.0, "rank {r} took {took_ms} ms (deadline 2 s)");
+        assert!(
+            took_ms < 2200.0,
+            "rank {r} took {took_ms} ms (deadline 2 s)"
+        );
     }
     // Rebuild the survivors, and wake the stopped rank while the new group is running.
     let srv = BootstrapServer::bind("127.0.0.1:0").unwrap();
@@ -251,11 +326,21 @@ fn sigstop_times_out_within_the_deadline_and_the_woken_rank_stays_fenced() {
         writeln!(ranks[*old as usize].stdin, "REBUILD {addr} {new} 3 2").unwrap();
     }
     lines.collect(&[0, 2, 3], Duration::from_secs(30), |l| l == "LOOPING 2");
-    assert!(Command::new("kill").args(["-CONT", &pid.to_string()]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
     let woke = lines.collect(&[1], Duration::from_secs(10), |l| l.starts_with("ERR"));
     eprintln!("SIGCONT: rank 1 reports: {}", woke[0].2);
-    assert_eq!(woke[0].2.split_whitespace().nth(2), Some("1"), "its error is of generation 1");
-    let done = lines.collect(&[0, 2, 3], Duration::from_secs(60), |l| l.starts_with("REBUILT"));
+    assert_eq!(
+        woke[0].2.split_whitespace().nth(2),
+        Some("1"),
+        "its error is of generation 1"
+    );
+    let done = lines.collect(&[0, 2, 3], Duration::from_secs(60), |l| {
+        l.starts_with("REBUILT")
+    });
     h.join().unwrap().unwrap();
     for (r, _, line) in done {
         assert!(line.starts_with("REBUILT_OK 2 200"), "rank {r}: {line}");

@@ -2,14 +2,20 @@
 //! `UCX_TLS` selects), ranks as threads of one process: every collective against a sequential
 //! reference, and bad input. Process-level faults are in `dataplane_faults.rs`.
 
-use phalanx_runtime::dataplane::transport::{part, tag, Ctrl, MsgKey, encode_ctrl, KIND_CTRL, KIND_DATA, SLOT_ABORT};
+use phalanx_runtime::dataplane::transport::{
+    encode_ctrl, part, tag, Ctrl, MsgKey, KIND_CTRL, KIND_DATA, SLOT_ABORT,
+};
 use phalanx_runtime::dataplane::{BootstrapServer, CollConfig, TcpBootstrap, UcxConfig, UcxGroup};
 use phalanx_runtime::{Generation, Rank, RuntimeError};
 use std::time::Duration;
 
 fn cfg(chunk: usize) -> UcxConfig {
     UcxConfig {
-        coll: CollConfig { chunk_bytes: chunk, window: 4, timeout: Duration::from_secs(5) },
+        coll: CollConfig {
+            chunk_bytes: chunk,
+            window: 4,
+            timeout: Duration::from_secs(5),
+        },
         connect_timeout: Duration::from_secs(20),
         ..UcxConfig::default()
     }
@@ -88,7 +94,11 @@ fn ucx_collectives_match_the_reference() {
             out.push(bits(&full));
         }
         g.barrier().unwrap();
-        let mut bc: Vec<u8> = if r == 2 { (0..777_777).map(|i| (i % 253) as u8).collect() } else { vec![0; 777_777] };
+        let mut bc: Vec<u8> = if r == 2 {
+            (0..777_777).map(|i| (i % 253) as u8).collect()
+        } else {
+            vec![0; 777_777]
+        };
         g.broadcast(&mut bc, Rank(2)).unwrap();
         let state: Vec<u8> = (0..1_000_003).map(|i| (i % 241) as u8).collect();
         let senders = [Rank(1), Rank(2), Rank(3)];
@@ -97,7 +107,8 @@ fn ucx_collectives_match_the_reference() {
             g.recv_striped(&senders, &mut b).unwrap();
             b == state
         } else {
-            g.send_striped(Rank(0), &senders, &mut state.clone()).unwrap();
+            g.send_striped(Rank(0), &senders, &mut state.clone())
+                .unwrap();
             true
         };
         (out, bc, striped, g.stats().unwrap().dropped_stale)
@@ -106,9 +117,16 @@ fn ucx_collectives_match_the_reference() {
         for (i, &len) in lens.iter().enumerate() {
             let want = reference(n, len);
             assert_eq!(out[2 * i], want, "allreduce len={len} rank={r}");
-            assert_eq!(out[2 * i + 1], want, "reduce_scatter+allgather len={len} rank={r}");
+            assert_eq!(
+                out[2 * i + 1],
+                want,
+                "reduce_scatter+allgather len={len} rank={r}"
+            );
         }
-        assert!(bc.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8), "broadcast rank={r}");
+        assert!(
+            bc.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8),
+            "broadcast rank={r}"
+        );
         assert!(striped, "striped transfer");
         assert_eq!(dropped, 0);
     }
@@ -122,11 +140,25 @@ fn ucx_drops_stale_generation_messages() {
         let r = g.rank().0;
         if r == 1 {
             // Looks like the first message of the next allreduce, but from generation 8.
-            let stale = tag(KIND_DATA, Generation(8), Rank(1), MsgKey { seq: 1, slot: 0 });
+            let stale = tag(
+                KIND_DATA,
+                Generation(8),
+                Rank(1),
+                MsgKey { seq: 1, slot: 0 },
+            );
             g.send_raw(Rank(0), stale, vec![0xAB; 64]).unwrap();
             // Also a message with an invalid kind.
-            g.send_raw(Rank(0), tag(KIND_DATA, Generation(9), Rank(1), MsgKey { seq: 1, slot: 0 }) | (1 << 63), vec![1; 8])
-                .unwrap();
+            g.send_raw(
+                Rank(0),
+                tag(
+                    KIND_DATA,
+                    Generation(9),
+                    Rank(1),
+                    MsgKey { seq: 1, slot: 0 },
+                ) | (1 << 63),
+                vec![1; 8],
+            )
+            .unwrap();
         }
         g.barrier().unwrap();
         std::thread::sleep(Duration::from_millis(30));
@@ -154,17 +186,35 @@ fn ucx_bad_input_is_an_error_not_a_hang() {
         assert!(
             matches!(
                 e,
-                RuntimeError::MessageLength { .. } | RuntimeError::MalformedMessage { .. } | RuntimeError::PeerFailed { .. }
+                RuntimeError::MessageLength { .. }
+                    | RuntimeError::MalformedMessage { .. }
+                    | RuntimeError::PeerFailed { .. }
             ),
             "{e}"
         );
     }
-    assert!(got.iter().any(|(e, _)| matches!(e, RuntimeError::MessageLength { .. } | RuntimeError::MalformedMessage { .. })));
+    assert!(got.iter().any(|(e, _)| matches!(
+        e,
+        RuntimeError::MessageLength { .. } | RuntimeError::MalformedMessage { .. }
+    )));
 
     let got = ucx_ranks(2, 4, cfg(1 << 20), |g| {
         if g.rank().0 == 1 {
-            let abort = tag(KIND_CTRL, Generation(4), Rank(1), MsgKey { seq: 0, slot: SLOT_ABORT });
-            let mut bad = encode_ctrl(&Ctrl::Abort { reporter: Rank(1), subject: None, generation: Generation(4), timeout: false });
+            let abort = tag(
+                KIND_CTRL,
+                Generation(4),
+                Rank(1),
+                MsgKey {
+                    seq: 0,
+                    slot: SLOT_ABORT,
+                },
+            );
+            let mut bad = encode_ctrl(&Ctrl::Abort {
+                reporter: Rank(1),
+                subject: None,
+                generation: Generation(4),
+                timeout: false,
+            });
             bad[0] ^= 0xFF;
             g.send_raw(Rank(0), abort, bad).unwrap();
             return None;
@@ -178,9 +228,20 @@ fn ucx_bad_input_is_an_error_not_a_hang() {
 
 #[test]
 fn unreachable_bootstrap_is_a_clear_error() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let c = UcxConfig { connect_timeout: Duration::from_millis(500), ..UcxConfig::default() };
-    let boot = Box::new(TcpBootstrap { server: format!("127.0.0.1:{port}") });
-    let e = UcxGroup::connect(Rank(0), 2, Generation(1), c, boot).err().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let c = UcxConfig {
+        connect_timeout: Duration::from_millis(500),
+        ..UcxConfig::default()
+    };
+    let boot = Box::new(TcpBootstrap {
+        server: format!("127.0.0.1:{port}"),
+    });
+    let e = UcxGroup::connect(Rank(0), 2, Generation(1), c, boot)
+        .err()
+        .unwrap();
     assert!(matches!(e, RuntimeError::Bootstrap { .. }), "{e}");
 }

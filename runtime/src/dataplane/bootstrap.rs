@@ -41,7 +41,10 @@ pub struct TcpBootstrap {
 }
 
 fn err(addr: &str, reason: impl Into<String>) -> RuntimeError {
-    RuntimeError::Bootstrap { addr: addr.to_string(), reason: reason.into() }
+    RuntimeError::Bootstrap {
+        addr: addr.to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn read_u32(s: &mut impl Read) -> std::io::Result<u32> {
@@ -56,7 +59,8 @@ fn read_blob(s: &mut impl Read, what: &str) -> Result<Vec<u8>, String> {
         return Err(format!("{what} claims {n} bytes (at most {MAX_ADDR})"));
     }
     let mut v = vec![0u8; n];
-    s.read_exact(&mut v).map_err(|e| format!("reading {what} ({n} bytes): {e}"))?;
+    s.read_exact(&mut v)
+        .map_err(|e| format!("reading {what} ({n} bytes): {e}"))?;
     Ok(v)
 }
 
@@ -71,7 +75,10 @@ impl AddressExchange for TcpBootstrap {
     ) -> Result<Vec<Vec<u8>>, RuntimeError> {
         let addr = self.server.as_str();
         if local.len() > MAX_ADDR {
-            return Err(err(addr, format!("local address of {} bytes is too long", local.len())));
+            return Err(err(
+                addr,
+                format!("local address of {} bytes is too long", local.len()),
+            ));
         }
         let target: SocketAddr = addr
             .to_socket_addrs()
@@ -83,14 +90,19 @@ impl AddressExchange for TcpBootstrap {
         let mut s = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(err(addr, format!("no bootstrap server answered within {timeout:?}")));
+                return Err(err(
+                    addr,
+                    format!("no bootstrap server answered within {timeout:?}"),
+                ));
             }
             match TcpStream::connect_timeout(&target, left) {
                 Ok(s) => break s,
                 Err(_) => std::thread::sleep(Duration::from_millis(20).min(left)),
             }
         };
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
         let io = |e: std::io::Error| err(addr, format!("talking to the server: {e}"));
         s.set_read_timeout(Some(left)).map_err(io)?;
         s.set_write_timeout(Some(left)).map_err(io)?;
@@ -102,14 +114,21 @@ impl AddressExchange for TcpBootstrap {
         req.extend_from_slice(&(local.len() as u32).to_le_bytes());
         req.extend_from_slice(local);
         s.write_all(&req).map_err(io)?;
-        let magic = read_u32(&mut s).map_err(|e| err(addr, format!("waiting for the table: {e}")))?;
+        let magic =
+            read_u32(&mut s).map_err(|e| err(addr, format!("waiting for the table: {e}")))?;
         if magic != MAGIC {
-            return Err(err(addr, format!("bad reply magic {magic:#010x}: not a phalanx bootstrap server")));
+            return Err(err(
+                addr,
+                format!("bad reply magic {magic:#010x}: not a phalanx bootstrap server"),
+            ));
         }
         let status = read_u32(&mut s).map_err(io)?;
         if status != 0 {
             let why = read_blob(&mut s, "the error").map_err(|e| err(addr, e))?;
-            return Err(err(addr, format!("server refused: {}", String::from_utf8_lossy(&why))));
+            return Err(err(
+                addr,
+                format!("server refused: {}", String::from_utf8_lossy(&why)),
+            ));
         }
         (0..world)
             .map(|r| read_blob(&mut s, &format!("rank {r}'s address")).map_err(|e| err(addr, e)))
@@ -126,8 +145,11 @@ pub struct BootstrapServer {
 impl BootstrapServer {
     /// Binds `addr` (e.g. `127.0.0.1:0` for any free port).
     pub fn bind(addr: &str) -> Result<Self, RuntimeError> {
-        let listener = TcpListener::bind(addr).map_err(|e| err(addr, format!("cannot listen: {e}")))?;
-        let addr = listener.local_addr().map_err(|e| err(&addr_str(&listener), e.to_string()))?;
+        let listener =
+            TcpListener::bind(addr).map_err(|e| err(addr, format!("cannot listen: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| err(&addr_str(&listener), e.to_string()))?;
         Ok(BootstrapServer { listener, addr })
     }
 
@@ -138,16 +160,28 @@ impl BootstrapServer {
     /// Serves one exchange: waits for `world` ranks of `generation` (each rank once), then
     /// sends everyone the table. A connection that sends garbage is answered with an error and
     /// does not count; the whole exchange fails after `timeout`.
-    pub fn serve(&self, world: u32, generation: Generation, timeout: Duration) -> Result<(), RuntimeError> {
+    pub fn serve(
+        &self,
+        world: u32,
+        generation: Generation,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
         let a = self.addr.to_string();
         let deadline = Instant::now() + timeout;
-        self.listener.set_nonblocking(true).map_err(|e| err(&a, e.to_string()))?;
+        self.listener
+            .set_nonblocking(true)
+            .map_err(|e| err(&a, e.to_string()))?;
         let mut slots: Vec<Option<(TcpStream, Vec<u8>)>> = (0..world).map(|_| None).collect();
         let mut have = 0;
         while have < world {
             if Instant::now() >= deadline {
-                let missing: Vec<u32> = (0..world).filter(|r| slots[*r as usize].is_none()).collect();
-                return Err(err(&a, format!("ranks {missing:?} did not register within {timeout:?}")));
+                let missing: Vec<u32> = (0..world)
+                    .filter(|r| slots[*r as usize].is_none())
+                    .collect();
+                return Err(err(
+                    &a,
+                    format!("ranks {missing:?} did not register within {timeout:?}"),
+                ));
             }
             let mut s = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -157,7 +191,9 @@ impl BootstrapServer {
                 }
                 Err(e) => return Err(err(&a, format!("accept: {e}"))),
             };
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
             let _ = s.set_nonblocking(false);
             let _ = s.set_read_timeout(Some(left.min(Duration::from_secs(5))));
             match read_request(&mut s, world, generation) {
@@ -188,22 +224,31 @@ fn addr_str(l: &TcpListener) -> String {
     l.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
-fn read_request(s: &mut TcpStream, world: u32, generation: Generation) -> Result<(u32, Vec<u8>), String> {
+fn read_request(
+    s: &mut TcpStream,
+    world: u32,
+    generation: Generation,
+) -> Result<(u32, Vec<u8>), String> {
     let magic = read_u32(s).map_err(|e| format!("reading the request: {e}"))?;
     if magic != MAGIC {
         return Err(format!("bad magic {magic:#010x}"));
     }
     let mut g = [0u8; 8];
-    s.read_exact(&mut g).map_err(|e| format!("truncated request: {e}"))?;
+    s.read_exact(&mut g)
+        .map_err(|e| format!("truncated request: {e}"))?;
     let g = Generation(u64::from_le_bytes(g));
     let rank = read_u32(s).map_err(|e| format!("truncated request: {e}"))?;
     let w = read_u32(s).map_err(|e| format!("truncated request: {e}"))?;
     let bytes = read_blob(s, "the address")?;
     if g != generation {
-        return Err(format!("generation {g} registered with the server of generation {generation}"));
+        return Err(format!(
+            "generation {g} registered with the server of generation {generation}"
+        ));
     }
     if w != world || rank >= world {
-        return Err(format!("rank {rank} of world {w} registered with a server for world {world}"));
+        return Err(format!(
+            "rank {rank} of world {w} registered with a server for world {world}"
+        ));
     }
     Ok((rank, bytes))
 }
@@ -221,8 +266,16 @@ fn refuse(s: &mut TcpStream, why: &str) {
 mod tests {
     use super::*;
 
-    fn client(server: SocketAddr, rank: u32, world: u32, g: u64) -> Result<Vec<Vec<u8>>, RuntimeError> {
-        TcpBootstrap { server: server.to_string() }.exchange(
+    fn client(
+        server: SocketAddr,
+        rank: u32,
+        world: u32,
+        g: u64,
+    ) -> Result<Vec<Vec<u8>>, RuntimeError> {
+        TcpBootstrap {
+            server: server.to_string(),
+        }
+        .exchange(
             Rank(rank),
             world,
             Generation(g),
@@ -237,10 +290,15 @@ mod tests {
         let at = srv.local_addr();
         std::thread::scope(|sc| {
             let s = sc.spawn(|| srv.serve(3, Generation(7), Duration::from_secs(5)));
-            let hs: Vec<_> = (0..3).map(|r| sc.spawn(move || client(at, r, 3, 7))).collect();
+            let hs: Vec<_> = (0..3)
+                .map(|r| sc.spawn(move || client(at, r, 3, 7)))
+                .collect();
             for h in hs {
                 let t = h.join().unwrap().unwrap();
-                assert_eq!(t, vec![b"addr-0".to_vec(), b"addr-1".to_vec(), b"addr-2".to_vec()]);
+                assert_eq!(
+                    t,
+                    vec![b"addr-0".to_vec(), b"addr-1".to_vec(), b"addr-2".to_vec()]
+                );
             }
             s.join().unwrap().unwrap();
         });
@@ -270,16 +328,27 @@ mod tests {
     #[test]
     fn unreachable_server_is_a_clear_error() {
         // Bind and drop to get a port nobody listens on.
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let t0 = Instant::now();
-        let e = TcpBootstrap { server: format!("127.0.0.1:{port}") }
-            .exchange(Rank(0), 2, Generation(1), b"x", Duration::from_millis(300))
-            .unwrap_err();
+        let e = TcpBootstrap {
+            server: format!("127.0.0.1:{port}"),
+        }
+        .exchange(Rank(0), 2, Generation(1), b"x", Duration::from_millis(300))
+        .unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(2));
-        assert!(e.to_string().contains("no bootstrap server answered"), "{e}");
-        let e = TcpBootstrap { server: "not an address".into() }
-            .exchange(Rank(0), 2, Generation(1), b"x", Duration::from_millis(300))
-            .unwrap_err();
+        assert!(
+            e.to_string().contains("no bootstrap server answered"),
+            "{e}"
+        );
+        let e = TcpBootstrap {
+            server: "not an address".into(),
+        }
+        .exchange(Rank(0), 2, Generation(1), b"x", Duration::from_millis(300))
+        .unwrap_err();
         assert!(matches!(e, RuntimeError::Bootstrap { .. }), "{e}");
     }
 }

@@ -91,8 +91,19 @@ fn byte_range(elems: Range<usize>, size: usize) -> Range<usize> {
 /// ring starting at `k + 1`, each rank adding its own values, so segment `k` is summed in the
 /// order `k+1, k+2, ..., k`. The allgather then ships the owner's bytes to everyone, which is
 /// why every rank ends with bitwise the same result (P-2).
-fn ring_schedule(n: usize, r: usize, len: usize, elem: usize, chunk: usize, rs: bool, ag: bool) -> Schedule {
-    let mut s = Schedule { sources: 1, ..Default::default() };
+fn ring_schedule(
+    n: usize,
+    r: usize,
+    len: usize,
+    elem: usize,
+    chunk: usize,
+    rs: bool,
+    ag: bool,
+) -> Schedule {
+    let mut s = Schedule {
+        sources: 1,
+        ..Default::default()
+    };
     if n < 2 {
         return s;
     }
@@ -112,29 +123,55 @@ fn ring_schedule(n: usize, r: usize, len: usize, elem: usize, chunk: usize, rs: 
                 let dep = if step == 0 { None } else { Some(prev[c]) };
                 let slot = s.sends.len() as u32;
                 these.push(s.sends.len());
-                s.sends.push(SendItem { to: right, slot, range, dep });
+                s.sends.push(SendItem {
+                    to: right,
+                    slot,
+                    range,
+                    dep,
+                });
             }
             rs_sends.push(these);
             prev.clear();
             for range in chunks(seg(r + 2 * n - 2 - step), chunk) {
                 prev.push(s.recvs.len());
                 let slot = s.recvs.len() as u32;
-                s.recvs.push(RecvItem { from: left, slot, range, action: Action::Reduce, after: None });
+                s.recvs.push(RecvItem {
+                    from: left,
+                    slot,
+                    range,
+                    action: Action::Reduce,
+                    after: None,
+                });
             }
         }
     }
     for step in 0..if ag { n - 1 } else { 0 } {
         for (c, range) in chunks(seg(r + n - step), chunk).enumerate() {
-            let dep = if step == 0 && !rs { None } else { Some(prev[c]) };
+            let dep = if step == 0 && !rs {
+                None
+            } else {
+                Some(prev[c])
+            };
             let slot = s.sends.len() as u32;
-            s.sends.push(SendItem { to: right, slot, range, dep });
+            s.sends.push(SendItem {
+                to: right,
+                slot,
+                range,
+                dep,
+            });
         }
         prev.clear();
         for (c, range) in chunks(seg(r + 2 * n - 1 - step), chunk).enumerate() {
             prev.push(s.recvs.len());
             let slot = s.recvs.len() as u32;
             let after = rs_sends.get(step).map(|v| v[c]);
-            s.recvs.push(RecvItem { from: left, slot, range, action: Action::Direct, after });
+            s.recvs.push(RecvItem {
+                from: left,
+                slot,
+                range,
+                action: Action::Direct,
+                after,
+            });
         }
     }
     s
@@ -143,7 +180,10 @@ fn ring_schedule(n: usize, r: usize, len: usize, elem: usize, chunk: usize, rs: 
 /// A chain from `root`: each rank receives every chunk from its predecessor straight into its
 /// buffer and forwards it to its successor as soon as it has landed.
 fn chain_schedule(n: usize, r: usize, root: usize, len: usize, chunk: usize) -> Schedule {
-    let mut s = Schedule { sources: 1, ..Default::default() };
+    let mut s = Schedule {
+        sources: 1,
+        ..Default::default()
+    };
     if n < 2 {
         return s;
     }
@@ -152,11 +192,22 @@ fn chain_schedule(n: usize, r: usize, root: usize, len: usize, chunk: usize) -> 
     let prev = Rank(((r + n - 1) % n) as u32);
     for (c, range) in chunks(0..len, chunk).enumerate() {
         if pos > 0 {
-            s.recvs.push(RecvItem { from: prev, slot: c as u32, range: range.clone(), action: Action::Direct, after: None });
+            s.recvs.push(RecvItem {
+                from: prev,
+                slot: c as u32,
+                range: range.clone(),
+                action: Action::Direct,
+                after: None,
+            });
         }
         if pos < n - 1 {
             let dep = (pos > 0).then_some(c);
-            s.sends.push(SendItem { to: next, slot: c as u32, range, dep });
+            s.sends.push(SendItem {
+                to: next,
+                slot: c as u32,
+                range,
+                dep,
+            });
         }
     }
     s
@@ -165,7 +216,10 @@ fn chain_schedule(n: usize, r: usize, root: usize, len: usize, chunk: usize) -> 
 /// Dissemination barrier: round `k` signals `r + 2^k` and waits for `r - 2^k`; after
 /// `ceil(log2 n)` rounds every rank has (transitively) heard from every other.
 fn barrier_schedule(n: usize, r: usize) -> Schedule {
-    let mut s = Schedule { sources: 1, ..Default::default() };
+    let mut s = Schedule {
+        sources: 1,
+        ..Default::default()
+    };
     let mut d = 1;
     let mut k = 0u32;
     while d < n {
@@ -189,10 +243,24 @@ fn barrier_schedule(n: usize, r: usize) -> Schedule {
 }
 
 /// The sender side of a striped transfer: stripe `index` of `senders.len()` stripes of `len`.
-fn stripe_send_schedule(to: Rank, index: usize, stripes: usize, len: usize, chunk: usize) -> Schedule {
-    let mut s = Schedule { sources: 1, ..Default::default() };
+fn stripe_send_schedule(
+    to: Rank,
+    index: usize,
+    stripes: usize,
+    len: usize,
+    chunk: usize,
+) -> Schedule {
+    let mut s = Schedule {
+        sources: 1,
+        ..Default::default()
+    };
     for (c, range) in chunks(part(len, stripes, index), chunk).enumerate() {
-        s.sends.push(SendItem { to, slot: c as u32, range, dep: None });
+        s.sends.push(SendItem {
+            to,
+            slot: c as u32,
+            range,
+            dep: None,
+        });
     }
     s
 }
@@ -200,7 +268,10 @@ fn stripe_send_schedule(to: Rank, index: usize, stripes: usize, len: usize, chun
 /// The receiver side: every sender's stripe, interleaved chunk by chunk so all senders stream
 /// at once.
 fn stripe_recv_schedule(senders: &[Rank], len: usize, chunk: usize) -> Schedule {
-    let mut s = Schedule { sources: senders.len().max(1), ..Default::default() };
+    let mut s = Schedule {
+        sources: senders.len().max(1),
+        ..Default::default()
+    };
     let per: Vec<Vec<Range<usize>>> = (0..senders.len())
         .map(|i| chunks(part(len, senders.len(), i), chunk).collect())
         .collect();
@@ -208,7 +279,13 @@ fn stripe_recv_schedule(senders: &[Rank], len: usize, chunk: usize) -> Schedule 
     for c in 0..most {
         for (i, from) in senders.iter().enumerate() {
             if let Some(range) = per[i].get(c) {
-                s.recvs.push(RecvItem { from: *from, slot: c as u32, range: range.clone(), action: Action::Direct, after: None });
+                s.recvs.push(RecvItem {
+                    from: *from,
+                    slot: c as u32,
+                    range: range.clone(),
+                    action: Action::Direct,
+                    after: None,
+                });
             }
         }
     }
@@ -222,7 +299,13 @@ enum Posted {
 }
 
 /// Runs one schedule to completion on the attached buffer.
-fn run<T: Transport>(t: &mut T, op: &'static str, seq: u16, s: &Schedule, cfg: &CollConfig) -> Result<(), RuntimeError> {
+fn run<T: Transport>(
+    t: &mut T,
+    op: &'static str,
+    seq: u16,
+    s: &Schedule,
+    cfg: &CollConfig,
+) -> Result<(), RuntimeError> {
     if s.sends.len() as u64 > MAX_SLOTS as u64 || s.recvs.len() as u64 > MAX_SLOTS as u64 {
         return Err(RuntimeError::InvalidArgument {
             op,
@@ -356,16 +439,26 @@ impl<T: Transport> Collectives<T> {
         self.seq
     }
 
-    fn with_buf(&mut self, op: &'static str, buf: OpBuf, s: &Schedule) -> (OpBuf, Result<(), RuntimeError>) {
+    fn with_buf(
+        &mut self,
+        op: &'static str,
+        buf: OpBuf,
+        s: &Schedule,
+    ) -> (OpBuf, Result<(), RuntimeError>) {
         let seq = self.next_seq();
-        if let Err(e) = self.t.attach(buf) {
-            return (OpBuf::None, Err(e));
+        if let Err((e, buf)) = self.t.attach(buf) {
+            return (buf, Err(e));
         }
         let res = run(&mut self.t, op, seq, s, &self.cfg);
         (self.t.detach(), res)
     }
 
-    fn run_f32(&mut self, op: &'static str, buf: &mut Vec<f32>, s: Schedule) -> Result<(), RuntimeError> {
+    fn run_f32(
+        &mut self,
+        op: &'static str,
+        buf: &mut Vec<f32>,
+        s: Schedule,
+    ) -> Result<(), RuntimeError> {
         let (back, res) = self.with_buf(op, OpBuf::F32(std::mem::take(buf)), &s);
         if let OpBuf::F32(v) = back {
             *buf = v;
@@ -373,7 +466,12 @@ impl<T: Transport> Collectives<T> {
         res
     }
 
-    fn run_bytes(&mut self, op: &'static str, buf: &mut Vec<u8>, s: Schedule) -> Result<(), RuntimeError> {
+    fn run_bytes(
+        &mut self,
+        op: &'static str,
+        buf: &mut Vec<u8>,
+        s: Schedule,
+    ) -> Result<(), RuntimeError> {
         let (back, res) = self.with_buf(op, OpBuf::Bytes(std::mem::take(buf)), &s);
         if let OpBuf::Bytes(v) = back {
             *buf = v;
@@ -432,7 +530,12 @@ impl<T: Transport> Collectives<T> {
 
     /// Sends this rank's stripe of `buf` to `to`; `senders` lists, in the same order on every
     /// participant, the ranks that each send one stripe of the same buffer.
-    pub fn send_striped(&mut self, to: Rank, senders: &[Rank], buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
+    pub fn send_striped(
+        &mut self,
+        to: Rank,
+        senders: &[Rank],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RuntimeError> {
         let me = self.t.rank();
         let Some(index) = senders.iter().position(|s| *s == me) else {
             return Err(RuntimeError::InvalidArgument {
@@ -445,7 +548,11 @@ impl<T: Transport> Collectives<T> {
     }
 
     /// Receives `buf.len()` bytes from `senders`, each sending one stripe.
-    pub fn recv_striped(&mut self, senders: &[Rank], buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
+    pub fn recv_striped(
+        &mut self,
+        senders: &[Rank],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RuntimeError> {
         if senders.is_empty() {
             return Err(RuntimeError::InvalidArgument {
                 op: "recv_striped",
@@ -464,12 +571,20 @@ pub(crate) mod tests {
     use crate::ids::Generation;
 
     pub(crate) fn cfg(chunk: usize) -> CollConfig {
-        CollConfig { chunk_bytes: chunk, window: 3, timeout: Duration::from_secs(5) }
+        CollConfig {
+            chunk_bytes: chunk,
+            window: 3,
+            timeout: Duration::from_secs(5),
+        }
     }
 
     /// Runs `f` on `n` in-process ranks, one thread each, and returns their results in rank
     /// order.
-    fn ranks<R: Send>(n: u32, chunk: usize, f: impl Fn(&mut Collectives<InProcTransport>) -> R + Sync) -> Vec<R> {
+    fn ranks<R: Send>(
+        n: u32,
+        chunk: usize,
+        f: impl Fn(&mut Collectives<InProcTransport>) -> R + Sync,
+    ) -> Vec<R> {
         let net = InProcNet::new(n);
         std::thread::scope(|sc| {
             let hs: Vec<_> = (0..n)
@@ -585,7 +700,10 @@ pub(crate) mod tests {
                         b
                     });
                     let want: Vec<u8> = (0..len).map(|i| (i * 7 + root as usize) as u8).collect();
-                    assert!(got.iter().all(|g| *g == want), "n={n} len={len} root={root}");
+                    assert!(
+                        got.iter().all(|g| *g == want),
+                        "n={n} len={len} root={root}"
+                    );
                 }
             }
         }
@@ -656,7 +774,10 @@ pub(crate) mod tests {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (first, again) in got.into_iter().flatten() {
-            assert!(matches!(first, RuntimeError::PeerFailed { rank: Rank(2), .. }), "{first}");
+            assert!(
+                matches!(first, RuntimeError::PeerFailed { rank: Rank(2), .. }),
+                "{first}"
+            );
             assert!(matches!(again, RuntimeError::GroupBroken { .. }), "{again}");
         }
     }
@@ -681,7 +802,13 @@ pub(crate) mod tests {
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for (e, took) in got {
-            assert!(matches!(e, RuntimeError::Timeout { .. } | RuntimeError::PeerFailed { .. }), "{e}");
+            assert!(
+                matches!(
+                    e,
+                    RuntimeError::Timeout { .. } | RuntimeError::PeerFailed { .. }
+                ),
+                "{e}"
+            );
             assert!(took < timeout + Duration::from_millis(200), "{took:?}");
         }
     }
@@ -692,7 +819,12 @@ pub(crate) mod tests {
         let net = InProcNet::new(2);
         let key = MsgKey { seq: 1, slot: 0 };
         // A message from generation 4 that would otherwise match rank 0's first receive.
-        net.inject(Rank(0), Rank(1), tag(KIND_DATA, Generation(4), Rank(1), key), vec![0xFF; 40]);
+        net.inject(
+            Rank(0),
+            Rank(1),
+            tag(KIND_DATA, Generation(4), Rank(1), key),
+            vec![0xFF; 40],
+        );
         let got = std::thread::scope(|sc| {
             let hs: Vec<_> = (0..2u32)
                 .map(|r| {
@@ -705,7 +837,9 @@ pub(crate) mod tests {
                     })
                 })
                 .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .collect::<Vec<_>>()
         });
         assert_eq!(got[0].0, bits(&reference(2, 20)));
         assert_eq!(got[1].0, got[0].0);
@@ -721,22 +855,36 @@ pub(crate) mod tests {
             c.allreduce(&mut vec![1.0f32; len]).unwrap_err()
         });
         assert!(
-            got.iter().any(|e| matches!(e, RuntimeError::MessageLength { .. })),
+            got.iter()
+                .any(|e| matches!(e, RuntimeError::MessageLength { .. })),
             "{got:?}"
         );
         let net = InProcNet::new(2);
-        let abort = tag(KIND_CTRL, Generation(1), Rank(1), MsgKey { seq: 0, slot: SLOT_ABORT });
+        let abort = tag(
+            KIND_CTRL,
+            Generation(1),
+            Rank(1),
+            MsgKey {
+                seq: 0,
+                slot: SLOT_ABORT,
+            },
+        );
         net.inject(Rank(0), Rank(1), abort, vec![1, 2, 3]);
         let mut c = Collectives::new(net.endpoint(Rank(0), Generation(1)), cfg(64));
         let e = c.allreduce(&mut vec![1.0f32; 8]).unwrap_err();
-        assert!(matches!(e, RuntimeError::MalformedMessage { from: Rank(1), .. }), "{e}");
+        assert!(
+            matches!(e, RuntimeError::MalformedMessage { from: Rank(1), .. }),
+            "{e}"
+        );
     }
 
     #[test]
     fn bad_arguments_are_errors() {
         let got = ranks(2, 64, |c| {
             let root = c.broadcast(&mut vec![0u8; 4], Rank(9)).unwrap_err();
-            let stripe = c.send_striped(Rank(0), &[Rank(5)], &mut vec![0u8; 4]).unwrap_err();
+            let stripe = c
+                .send_striped(Rank(0), &[Rank(5)], &mut vec![0u8; 4])
+                .unwrap_err();
             (root, stripe)
         });
         for (a, b) in got {
@@ -744,7 +892,12 @@ pub(crate) mod tests {
             assert!(matches!(b, RuntimeError::InvalidArgument { .. }));
         }
         // Too many chunks for the tag's slot field.
-        let got = ranks(2, 1, |c| c.broadcast(&mut vec![0u8; (MAX_SLOTS as usize) + 1], Rank(0)).unwrap_err());
-        assert!(got.iter().all(|e| matches!(e, RuntimeError::InvalidArgument { .. })));
+        let got = ranks(2, 1, |c| {
+            c.broadcast(&mut vec![0u8; (MAX_SLOTS as usize) + 1], Rank(0))
+                .unwrap_err()
+        });
+        assert!(got
+            .iter()
+            .all(|e| matches!(e, RuntimeError::InvalidArgument { .. })));
     }
 }

@@ -119,7 +119,14 @@ impl InProcTransport {
     fn post_send(&mut self, to: Rank, key: MsgKey, data: Vec<u8>, back: Option<Vec<u8>>) -> ReqId {
         let id = self.id();
         let t = tag(KIND_DATA, self.generation, self.rank, key);
-        self.net.deliver(to, Envelope { tag: t, src: self.rank, data });
+        self.net.deliver(
+            to,
+            Envelope {
+                tag: t,
+                src: self.rank,
+                data,
+            },
+        );
         self.done.push_back(Completion { id, buf: back });
         id
     }
@@ -139,7 +146,10 @@ impl InProcTransport {
         if peer.0 >= self.net.world || peer == self.rank {
             return Err(RuntimeError::InvalidArgument {
                 op,
-                reason: format!("peer {peer} is not another member of a world of {}", self.net.world),
+                reason: format!(
+                    "peer {peer} is not another member of a world of {}",
+                    self.net.world
+                ),
             });
         }
         Ok(())
@@ -155,11 +165,31 @@ impl InProcTransport {
                 | RuntimeError::MessageLength { from, .. } => (Some(*from), false),
                 _ => (None, false),
             };
-            let abort = encode_ctrl(&Ctrl::Abort { reporter: self.rank, subject, generation: self.generation, timeout });
-            let t = tag(KIND_CTRL, self.generation, self.rank, MsgKey { seq: 0, slot: SLOT_ABORT });
+            let abort = encode_ctrl(&Ctrl::Abort {
+                reporter: self.rank,
+                subject,
+                generation: self.generation,
+                timeout,
+            });
+            let t = tag(
+                KIND_CTRL,
+                self.generation,
+                self.rank,
+                MsgKey {
+                    seq: 0,
+                    slot: SLOT_ABORT,
+                },
+            );
             for r in 0..self.net.world {
                 if r != self.rank.0 {
-                    self.net.deliver(Rank(r), Envelope { tag: t, src: self.rank, data: abort.clone() });
+                    self.net.deliver(
+                        Rank(r),
+                        Envelope {
+                            tag: t,
+                            src: self.rank,
+                            data: abort.clone(),
+                        },
+                    );
                 }
             }
             self.broken = Some(err.to_string());
@@ -170,7 +200,11 @@ impl InProcTransport {
     }
 
     /// Matches one mailbox message against the posted receives. `Ok(None)`: nothing matched.
-    fn try_match(&mut self, op: &'static str, wait: Duration) -> Result<Option<Completion>, RuntimeError> {
+    fn try_match(
+        &mut self,
+        op: &'static str,
+        wait: Duration,
+    ) -> Result<Option<Completion>, RuntimeError> {
         let mut boxes = lock(&self.net.shared.boxes);
         let mine = &mut boxes[self.rank.0 as usize];
         let mut i = 0;
@@ -186,7 +220,12 @@ impl InProcTransport {
                 let env = mine.remove(i).unwrap_or_else(|| unreachable!());
                 drop(boxes);
                 return Err(match decode_ctrl(&env.data) {
-                    Ok(Ctrl::Abort { reporter, subject, generation, timeout }) if generation == self.generation => {
+                    Ok(Ctrl::Abort {
+                        reporter,
+                        subject,
+                        generation,
+                        timeout,
+                    }) if generation == self.generation => {
                         abort_error(op, reporter, subject, timeout, self.generation, wait)
                     }
                     Ok(Ctrl::Abort { .. }) | Ok(Ctrl::Hello { .. }) => {
@@ -194,10 +233,18 @@ impl InProcTransport {
                         self.dropped += 1;
                         return Ok(None);
                     }
-                    Err(reason) => RuntimeError::MalformedMessage { from: env.src, op, reason },
+                    Err(reason) => RuntimeError::MalformedMessage {
+                        from: env.src,
+                        op,
+                        reason,
+                    },
                 });
             }
-            if let Some(p) = self.recvs.iter().position(|p| p.tag == env.tag && p.from == env.src) {
+            if let Some(p) = self
+                .recvs
+                .iter()
+                .position(|p| p.tag == env.tag && p.from == env.src)
+            {
                 let env = mine.remove(i).unwrap_or_else(|| unreachable!());
                 drop(boxes);
                 let posted = self.recvs.remove(p);
@@ -247,7 +294,11 @@ pub(crate) fn abort_error(
             reason: format!("reported by rank {reporter}"),
         },
         // The reporter only knows that nothing arrived; which peer hangs is not known.
-        None if timeout => RuntimeError::Timeout { op, after, generation },
+        None if timeout => RuntimeError::Timeout {
+            op,
+            after,
+            generation,
+        },
         None => RuntimeError::GroupBroken {
             op,
             generation,
@@ -267,12 +318,16 @@ impl Transport for InProcTransport {
         self.generation
     }
 
-    fn attach(&mut self, buf: OpBuf) -> Result<(), RuntimeError> {
+    fn attach(&mut self, buf: OpBuf) -> Result<(), (RuntimeError, OpBuf)> {
+        if let Err(e) = self.check_open("attach") {
+            return Err((e, buf));
+        }
         if !matches!(self.buf, OpBuf::None) {
-            return Err(RuntimeError::InvalidArgument {
+            let e = RuntimeError::InvalidArgument {
                 op: "attach",
                 reason: "a buffer is already attached".into(),
-            });
+            };
+            return Err((e, buf));
         }
         self.buf = buf;
         Ok(())
@@ -291,7 +346,13 @@ impl Transport for InProcTransport {
     }
 
     fn region_mut(&mut self, r: Range<usize>) -> Result<&mut [u8], RuntimeError> {
-        check_range("region_mut", self.buf.bytes().len(), &self.inflight, &r, true)?;
+        check_range(
+            "region_mut",
+            self.buf.bytes().len(),
+            &self.inflight,
+            &r,
+            true,
+        )?;
         Ok(&mut self.buf.bytes_mut()[r])
     }
 
@@ -299,7 +360,12 @@ impl Transport for InProcTransport {
         self.inflight.busy(r, write)
     }
 
-    fn send_region(&mut self, to: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError> {
+    fn send_region(
+        &mut self,
+        to: Rank,
+        key: MsgKey,
+        r: Range<usize>,
+    ) -> Result<ReqId, RuntimeError> {
         self.check_open("send")?;
         self.check_peer("send", to)?;
         check_range("send", self.buf.bytes().len(), &self.inflight, &r, false)?;
@@ -308,14 +374,24 @@ impl Transport for InProcTransport {
         Ok(self.post_send(to, key, data, None))
     }
 
-    fn recv_region(&mut self, from: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError> {
+    fn recv_region(
+        &mut self,
+        from: Rank,
+        key: MsgKey,
+        r: Range<usize>,
+    ) -> Result<ReqId, RuntimeError> {
         self.check_open("recv")?;
         self.check_peer("recv", from)?;
         check_range("recv", self.buf.bytes().len(), &self.inflight, &r, true)?;
         let id = self.id();
         self.inflight.add(id, r.clone(), true);
         let t = tag(KIND_DATA, self.generation, from, key);
-        self.recvs.push(PostedRecv { id, from, tag: t, target: Target::Region(r) });
+        self.recvs.push(PostedRecv {
+            id,
+            from,
+            tag: t,
+            target: Target::Region(r),
+        });
         Ok(id)
     }
 
@@ -330,11 +406,20 @@ impl Transport for InProcTransport {
         self.check_peer("recv", from)?;
         let id = self.id();
         let t = tag(KIND_DATA, self.generation, from, key);
-        self.recvs.push(PostedRecv { id, from, tag: t, target: Target::Owned(buf) });
+        self.recvs.push(PostedRecv {
+            id,
+            from,
+            tag: t,
+            target: Target::Owned(buf),
+        });
         Ok(id)
     }
 
-    fn wait_any(&mut self, op: &'static str, timeout: Duration) -> Result<Completion, RuntimeError> {
+    fn wait_any(
+        &mut self,
+        op: &'static str,
+        timeout: Duration,
+    ) -> Result<Completion, RuntimeError> {
         self.check_open(op)?;
         if let Some(c) = self.done.pop_front() {
             return Ok(c);
@@ -369,7 +454,11 @@ impl Transport for InProcTransport {
             let boxes = lock(&self.net.shared.boxes);
             // Unmatched messages may be waiting (for a later slot): poll those often, sleep
             // longer on an empty mailbox, where every delivery notifies.
-            let cap = if boxes[self.rank.0 as usize].is_empty() { 20 } else { 1 };
+            let cap = if boxes[self.rank.0 as usize].is_empty() {
+                20
+            } else {
+                1
+            };
             let wait = (deadline - now).min(Duration::from_millis(cap));
             drop(self.net.shared.cv.wait_timeout(boxes, wait));
         }

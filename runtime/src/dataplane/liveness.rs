@@ -44,7 +44,11 @@ pub struct Liveness {
 }
 
 fn fail(op: &'static str, peer: Rank, reason: String) -> RuntimeError {
-    RuntimeError::PeerFailed { rank: peer, op, reason }
+    RuntimeError::PeerFailed {
+        rank: peer,
+        op,
+        reason,
+    }
 }
 
 impl Liveness {
@@ -63,18 +67,34 @@ impl Liveness {
         hello[4..].copy_from_slice(&generation.0.to_le_bytes());
         for (j, addr) in addrs.iter().enumerate().skip(me.0 as usize + 1) {
             let peer = Rank(j as u32);
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-            let mut s = TcpStream::connect_timeout(addr, left)
-                .map_err(|e| fail("connect", peer, format!("liveness connection to {addr}: {e}")))?;
-            s.write_all(&hello).map_err(|e| fail("connect", peer, format!("liveness hello: {e}")))?;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            let mut s = TcpStream::connect_timeout(addr, left).map_err(|e| {
+                fail(
+                    "connect",
+                    peer,
+                    format!("liveness connection to {addr}: {e}"),
+                )
+            })?;
+            s.write_all(&hello)
+                .map_err(|e| fail("connect", peer, format!("liveness hello: {e}")))?;
             peers[j] = Some(s);
         }
-        l.listener.set_nonblocking(true).map_err(|e| fail("connect", me, e.to_string()))?;
+        l.listener
+            .set_nonblocking(true)
+            .map_err(|e| fail("connect", me, e.to_string()))?;
         let mut missing = me.0 as usize;
         while missing > 0 {
             if Instant::now() >= deadline {
-                let first = (0..me.0 as usize).find(|i| peers[*i].is_none()).unwrap_or(0);
-                return Err(fail("connect", Rank(first as u32), "never opened its liveness connection".into()));
+                let first = (0..me.0 as usize)
+                    .find(|i| peers[*i].is_none())
+                    .unwrap_or(0);
+                return Err(fail(
+                    "connect",
+                    Rank(first as u32),
+                    "never opened its liveness connection".into(),
+                ));
             }
             let mut s = match l.listener.accept() {
                 Ok((s, _)) => s,
@@ -85,7 +105,9 @@ impl Liveness {
                 Err(e) => return Err(fail("connect", me, format!("liveness accept: {e}"))),
             };
             let _ = s.set_nonblocking(false);
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
             let _ = s.set_read_timeout(Some(left));
             let mut h = [0u8; HELLO];
             if s.read_exact(&mut h).is_err() {
@@ -102,7 +124,8 @@ impl Liveness {
             missing -= 1;
         }
         for s in peers.iter().flatten() {
-            s.set_nonblocking(true).map_err(|e| fail("connect", me, e.to_string()))?;
+            s.set_nonblocking(true)
+                .map_err(|e| fail("connect", me, e.to_string()))?;
         }
         Ok(Liveness { peers })
     }
@@ -120,7 +143,11 @@ impl Liveness {
             let why = match sock.read(&mut b) {
                 Ok(0) => "its process exited (connection closed)".to_string(),
                 Ok(n) => format!("sent {n} unexpected bytes on the liveness connection"),
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => continue,
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted =>
+                {
+                    continue
+                }
                 Err(e) => format!("liveness connection failed: {e}"),
             };
             *s = None;
@@ -145,9 +172,13 @@ pub fn decode_address(b: &[u8]) -> Result<(SocketAddr, &[u8]), String> {
         return Err(format!("address of {} bytes", b.len()));
     }
     let n = u16::from_le_bytes([b[0], b[1]]) as usize;
-    let s = b.get(2..2 + n).ok_or_else(|| format!("address truncated: {} bytes, socket part {n}", b.len()))?;
+    let s = b
+        .get(2..2 + n)
+        .ok_or_else(|| format!("address truncated: {} bytes, socket part {n}", b.len()))?;
     let s = std::str::from_utf8(s).map_err(|_| "socket address is not UTF-8".to_string())?;
-    let addr = s.parse().map_err(|e| format!("socket address {s:?}: {e}"))?;
+    let addr = s
+        .parse()
+        .map_err(|e| format!("socket address {s:?}: {e}"))?;
     Ok((addr, &b[2 + n..]))
 }
 
@@ -169,7 +200,9 @@ mod tests {
     /// P-3: a peer whose connection closes (as a killed process's does) is named at once.
     #[test]
     fn closed_peer_is_detected() {
-        let ls: Vec<LivenessListener> = (0..3).map(|_| LivenessListener::bind("127.0.0.1").unwrap()).collect();
+        let ls: Vec<LivenessListener> = (0..3)
+            .map(|_| LivenessListener::bind("127.0.0.1").unwrap())
+            .collect();
         let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.addr).collect();
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut meshes: Vec<Liveness> = std::thread::scope(|sc| {
@@ -178,7 +211,10 @@ mod tests {
                 .enumerate()
                 .map(|(r, l)| {
                     let addrs = addrs.clone();
-                    sc.spawn(move || Liveness::connect(l, Rank(r as u32), Generation(1), &addrs, deadline).unwrap())
+                    sc.spawn(move || {
+                        Liveness::connect(l, Rank(r as u32), Generation(1), &addrs, deadline)
+                            .unwrap()
+                    })
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()

@@ -17,7 +17,7 @@ pub mod liveness;
 pub mod transport;
 pub mod ucx;
 
-pub use collectives::{CollConfig, Collectives};
 pub use bootstrap::{AddressExchange, BootstrapServer, TcpBootstrap};
+pub use collectives::{CollConfig, Collectives};
 pub use transport::Transport;
 pub use ucx::{UcxConfig, UcxGroup, UcxStats};

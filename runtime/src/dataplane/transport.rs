@@ -76,8 +76,9 @@ pub trait Transport {
     fn world(&self) -> u32;
     fn generation(&self) -> Generation;
 
-    /// Hands the operation's buffer to the transport. At most one buffer is attached.
-    fn attach(&mut self, buf: OpBuf) -> Result<(), RuntimeError>;
+    /// Hands the operation's buffer to the transport. At most one buffer is attached; a broken
+    /// group refuses it. On refusal the buffer comes back with the error.
+    fn attach(&mut self, buf: OpBuf) -> Result<(), (RuntimeError, OpBuf)>;
     /// Takes the buffer back. Anything still in flight is cancelled first; after a failure the
     /// contents are unspecified.
     fn detach(&mut self) -> OpBuf;
@@ -89,8 +90,18 @@ pub trait Transport {
     /// when `write` is false).
     fn busy(&self, r: &Range<usize>, write: bool) -> bool;
 
-    fn send_region(&mut self, to: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError>;
-    fn recv_region(&mut self, from: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError>;
+    fn send_region(
+        &mut self,
+        to: Rank,
+        key: MsgKey,
+        r: Range<usize>,
+    ) -> Result<ReqId, RuntimeError>;
+    fn recv_region(
+        &mut self,
+        from: Rank,
+        key: MsgKey,
+        r: Range<usize>,
+    ) -> Result<ReqId, RuntimeError>;
     /// Sends an owned buffer (small control messages).
     fn send_owned(&mut self, to: Rank, key: MsgKey, buf: Vec<u8>) -> Result<ReqId, RuntimeError>;
     /// Receives exactly `buf.len()` bytes into an owned buffer (staging for reductions).
@@ -99,7 +110,8 @@ pub trait Transport {
     /// Waits until one posted operation completes. Fails with `Timeout` when nothing completes
     /// within `timeout`, with `PeerFailed` when a peer dies or another member reports a failure.
     /// After an error the group is broken for good: every later call fails with `GroupBroken`.
-    fn wait_any(&mut self, op: &'static str, timeout: Duration) -> Result<Completion, RuntimeError>;
+    fn wait_any(&mut self, op: &'static str, timeout: Duration)
+        -> Result<Completion, RuntimeError>;
 
     /// Messages of another generation (or otherwise not addressed to this group) dropped so far.
     fn dropped_stale(&self) -> u64;
@@ -200,19 +212,42 @@ pub const SLOT_ABORT: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ctrl {
     /// Sent once on every connection: who I am, in which group.
-    Hello { rank: Rank, world: u32, generation: Generation },
+    Hello {
+        rank: Rank,
+        world: u32,
+        generation: Generation,
+    },
     /// `reporter` saw a failure; `subject` names the failed rank, or `None` for a timeout.
-    Abort { reporter: Rank, subject: Option<Rank>, generation: Generation, timeout: bool },
+    Abort {
+        reporter: Rank,
+        subject: Option<Rank>,
+        generation: Generation,
+        timeout: bool,
+    },
 }
 
 pub fn encode_ctrl(c: &Ctrl) -> Vec<u8> {
     let mut b = Vec::with_capacity(CTRL_LEN);
     b.extend_from_slice(&CTRL_MAGIC.to_le_bytes());
     let (kind, a, w, g) = match *c {
-        Ctrl::Hello { rank, world, generation } => (1u32, rank.0, world, generation.0),
-        Ctrl::Abort { reporter, subject, generation, timeout } => {
+        Ctrl::Hello {
+            rank,
+            world,
+            generation,
+        } => (1u32, rank.0, world, generation.0),
+        Ctrl::Abort {
+            reporter,
+            subject,
+            generation,
+            timeout,
+        } => {
             let kind = if timeout { 3 } else { 2 };
-            (kind, subject.map_or(u32::MAX, |r| r.0), reporter.0, generation.0)
+            (
+                kind,
+                subject.map_or(u32::MAX, |r| r.0),
+                reporter.0,
+                generation.0,
+            )
         }
     };
     b.extend_from_slice(&kind.to_le_bytes());
@@ -225,17 +260,27 @@ pub fn encode_ctrl(c: &Ctrl) -> Vec<u8> {
 /// Parses a control message; every malformed input is an error string, never a panic.
 pub fn decode_ctrl(b: &[u8]) -> Result<Ctrl, String> {
     if b.len() != CTRL_LEN {
-        return Err(format!("control message of {} bytes, expected {CTRL_LEN}", b.len()));
+        return Err(format!(
+            "control message of {} bytes, expected {CTRL_LEN}",
+            b.len()
+        ));
     }
     let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     if u(0) != CTRL_MAGIC {
-        return Err(format!("bad magic {:#010x} (not a phalanx peer, or another version)", u(0)));
+        return Err(format!(
+            "bad magic {:#010x} (not a phalanx peer, or another version)",
+            u(0)
+        ));
     }
     let mut g = [0u8; 8];
     g.copy_from_slice(&b[16..24]);
     let generation = Generation(u64::from_le_bytes(g));
     match u(4) {
-        1 => Ok(Ctrl::Hello { rank: Rank(u(8)), world: u(12), generation }),
+        1 => Ok(Ctrl::Hello {
+            rank: Rank(u(8)),
+            world: u(12),
+            generation,
+        }),
         k @ (2 | 3) => Ok(Ctrl::Abort {
             reporter: Rank(u(12)),
             subject: (u(8) != u32::MAX).then_some(Rank(u(8))),
@@ -350,7 +395,10 @@ mod tests {
 
     #[test]
     fn tag_round_trips_every_field() {
-        let key = MsgKey { seq: 0xBEEF, slot: MAX_SLOTS - 1 };
+        let key = MsgKey {
+            seq: 0xBEEF,
+            slot: MAX_SLOTS - 1,
+        };
         let t = tag(KIND_CTRL, Generation(0x3FFF + 7), Rank(MAX_WORLD - 1), key);
         let f = untag(t);
         assert_eq!(f.kind, KIND_CTRL);
@@ -363,11 +411,8 @@ mod tests {
     #[test]
     fn stale_patterns_match_exactly_other_generations() {
         let key = MsgKey { seq: 3, slot: 9 };
-        let matches = |t: u64, g: Generation| {
-            stale_patterns(g)
-                .iter()
-                .any(|&(pt, m)| t & m == pt & m)
-        };
+        let matches =
+            |t: u64, g: Generation| stale_patterns(g).iter().any(|&(pt, m)| t & m == pt & m);
         for g in [0u64, 1, 5, 0x3FFF, 1 << 20] {
             let g = Generation(g);
             for kind in [KIND_DATA, KIND_CTRL] {
@@ -383,15 +428,36 @@ mod tests {
     #[test]
     fn ctrl_round_trips_and_rejects_garbage() {
         for c in [
-            Ctrl::Hello { rank: Rank(3), world: 4, generation: Generation(77) },
-            Ctrl::Abort { reporter: Rank(1), subject: Some(Rank(2)), generation: Generation(9), timeout: false },
-            Ctrl::Abort { reporter: Rank(0), subject: None, generation: Generation(9), timeout: true },
+            Ctrl::Hello {
+                rank: Rank(3),
+                world: 4,
+                generation: Generation(77),
+            },
+            Ctrl::Abort {
+                reporter: Rank(1),
+                subject: Some(Rank(2)),
+                generation: Generation(9),
+                timeout: false,
+            },
+            Ctrl::Abort {
+                reporter: Rank(0),
+                subject: None,
+                generation: Generation(9),
+                timeout: true,
+            },
         ] {
             assert_eq!(decode_ctrl(&encode_ctrl(&c)).unwrap(), c);
         }
-        let good = encode_ctrl(&Ctrl::Hello { rank: Rank(1), world: 2, generation: Generation(1) });
+        let good = encode_ctrl(&Ctrl::Hello {
+            rank: Rank(1),
+            world: 2,
+            generation: Generation(1),
+        });
         for n in 0..good.len() {
-            assert!(decode_ctrl(&good[..n]).is_err(), "truncated to {n} accepted");
+            assert!(
+                decode_ctrl(&good[..n]).is_err(),
+                "truncated to {n} accepted"
+            );
         }
         let mut bad = good.clone();
         bad[0] ^= 1;

@@ -44,6 +44,10 @@ pub struct UcxConfig {
     pub spin: Duration,
     /// Address the crash-detection connections listen on (this node's address on a cluster).
     pub liveness_ip: String,
+    /// `UCP_ERR_HANDLING_MODE_PEER` on every endpoint. Off, UCX may use transports without
+    /// peer-failure support (CMA single-copy reads); crashes are still seen through the
+    /// liveness connections and hangs through the deadline. See docs/dataplane.md.
+    pub peer_error_mode: bool,
 }
 
 impl Default for UcxConfig {
@@ -54,6 +58,7 @@ impl Default for UcxConfig {
             connect_timeout: Duration::from_secs(30),
             spin: Duration::from_micros(50),
             liveness_ip: "127.0.0.1".into(),
+            peer_error_mode: true,
         }
     }
 }
@@ -70,7 +75,10 @@ fn status_str(s: sys::ucs_status_t) -> String {
 }
 
 fn ucx_err(op: &'static str, s: sys::ucs_status_t) -> RuntimeError {
-    RuntimeError::Transport { op, reason: status_str(s) }
+    RuntimeError::Transport {
+        op,
+        reason: status_str(s),
+    }
 }
 
 /// Called by UCX (on the owning thread, inside `ucp_worker_progress`) when an endpoint fails.
@@ -135,6 +143,7 @@ pub struct UcxTransport {
     last_sweep: Instant,
     spin: Duration,
     live: Option<Liveness>,
+    peer_mode: bool,
 }
 
 const CTRL_SLOT_BUF: usize = 64;
@@ -177,6 +186,7 @@ impl UcxTransport {
             last_sweep: Instant::now(),
             spin: cfg.spin,
             live: None,
+            peer_mode: cfg.peer_error_mode,
         };
         let mut efd: i32 = -1;
         // SAFETY: `t.worker` is a live worker created with UCP_FEATURE_WAKEUP; `efd` is a valid
@@ -204,7 +214,13 @@ impl UcxTransport {
                 t.connect_ep(Rank(r as u32), ucx)?;
             }
         }
-        t.live = Some(Liveness::connect(listener, rank, generation, &live_addrs, deadline)?);
+        t.live = Some(Liveness::connect(
+            listener,
+            rank,
+            generation,
+            &live_addrs,
+            deadline,
+        )?);
         t.handshake(deadline)?;
         t.post_abort_recv()?;
         Ok(t)
@@ -236,11 +252,17 @@ impl UcxTransport {
         let mut p: sys::ucp_ep_params_t = unsafe { std::mem::zeroed() };
         p.field_mask = (sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
             | sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
-            | sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
+            | sys::ucp_ep_params_field_UCP_EP_PARAM_FIELD_ERR_HANDLER)
+            as u64;
         p.address = addr.as_ptr() as *const sys::ucp_address_t;
-        p.err_mode = sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER;
+        p.err_mode = if self.peer_mode {
+            sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_PEER
+        } else {
+            sys::ucp_err_handling_mode_t_UCP_ERR_HANDLING_MODE_NONE
+        };
         p.err_handler.cb = Some(on_ep_error);
-        p.err_handler.arg = &self.failed[peer.0 as usize] as *const Cell<sys::ucs_status_t> as *mut c_void;
+        p.err_handler.arg =
+            &self.failed[peer.0 as usize] as *const Cell<sys::ucs_status_t> as *mut c_void;
         let mut ep: sys::ucp_ep_h = std::ptr::null_mut();
         // SAFETY: live worker; `p` is fully initialised and `addr` outlives the call (UCX copies
         // what it needs); the error-handler argument outlives the endpoint (see on_ep_error).
@@ -249,7 +271,10 @@ impl UcxTransport {
             return Err(RuntimeError::PeerFailed {
                 rank: peer,
                 op: "connect",
-                reason: format!("cannot create an endpoint to its address: {}", status_str(st)),
+                reason: format!(
+                    "cannot create an endpoint to its address: {}",
+                    status_str(st)
+                ),
             });
         }
         self.eps[peer.0 as usize] = ep;
@@ -259,8 +284,15 @@ impl UcxTransport {
     /// Every rank sends `Hello` to every other and checks what it receives: this also wires up
     /// every endpoint, so keepalive watches all peers, not only ring neighbours.
     fn handshake(&mut self, deadline: Instant) -> Result<(), RuntimeError> {
-        let hello = encode_ctrl(&Ctrl::Hello { rank: self.rank, world: self.world, generation: self.generation });
-        let key = MsgKey { seq: 0, slot: SLOT_HELLO };
+        let hello = encode_ctrl(&Ctrl::Hello {
+            rank: self.rank,
+            world: self.world,
+            generation: self.generation,
+        });
+        let key = MsgKey {
+            seq: 0,
+            slot: SLOT_HELLO,
+        };
         let mut recvs = HashMap::new();
         for r in 0..self.world {
             if r == self.rank.0 {
@@ -274,12 +306,19 @@ impl UcxTransport {
                 ReqKind::Ctrl,
             )?;
             recvs.insert(id, Rank(r));
-            self.post_send_raw(Rank(r), tag(KIND_CTRL, self.generation, self.rank, key), SendSource::Owned(hello.clone()), ReqKind::Ctrl)?;
+            self.post_send_raw(
+                Rank(r),
+                tag(KIND_CTRL, self.generation, self.rank, key),
+                SendSource::Owned(hello.clone()),
+                ReqKind::Ctrl,
+            )?;
         }
         while !recvs.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             let c = self.wait_inner("connect", left, true)?;
-            let Some(from) = recvs.remove(&c.id) else { continue };
+            let Some(from) = recvs.remove(&c.id) else {
+                continue;
+            };
             let bytes = c.buf.unwrap_or_default();
             match decode_ctrl(&bytes) {
                 Ok(Ctrl::Hello { rank, world, generation })
@@ -301,7 +340,15 @@ impl UcxTransport {
     }
 
     fn post_abort_recv(&mut self) -> Result<(), RuntimeError> {
-        let t = tag(KIND_CTRL, self.generation, Rank(0), MsgKey { seq: 0, slot: SLOT_ABORT });
+        let t = tag(
+            KIND_CTRL,
+            self.generation,
+            Rank(0),
+            MsgKey {
+                seq: 0,
+                slot: SLOT_ABORT,
+            },
+        );
         let id = self.post_recv_raw(
             self.rank,
             t,
@@ -320,7 +367,11 @@ impl UcxTransport {
 
     fn check_open(&self, op: &'static str) -> Result<(), RuntimeError> {
         match &self.broken {
-            Some(cause) => Err(RuntimeError::GroupBroken { op, generation: self.generation, cause: cause.clone() }),
+            Some(cause) => Err(RuntimeError::GroupBroken {
+                op,
+                generation: self.generation,
+                cause: cause.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -330,7 +381,10 @@ impl UcxTransport {
             Some(ep) if !ep.is_null() => Ok(*ep),
             _ => Err(RuntimeError::InvalidArgument {
                 op,
-                reason: format!("peer {peer} is not another live member of a world of {}", self.world),
+                reason: format!(
+                    "peer {peer} is not another live member of a world of {}",
+                    self.world
+                ),
             }),
         }
     }
@@ -340,7 +394,13 @@ impl UcxTransport {
         self.buf.bytes_mut()[r.clone()].as_mut_ptr()
     }
 
-    fn post_send_raw(&mut self, to: Rank, t: u64, src: SendSource, kind: ReqKind) -> Result<ReqId, RuntimeError> {
+    fn post_send_raw(
+        &mut self,
+        to: Rank,
+        t: u64,
+        src: SendSource,
+        kind: ReqKind,
+    ) -> Result<ReqId, RuntimeError> {
         let ep = self.check_peer("send", to)?;
         let (ptr, len, owned) = match src {
             SendSource::Region(r) => {
@@ -366,12 +426,32 @@ impl UcxTransport {
         let id = self.id();
         match req {
             Some(ptr) => {
-                self.reqs.insert(id, Req { ptr, recv: false, kind, peer: to, expected: len, owned });
+                self.reqs.insert(
+                    id,
+                    Req {
+                        ptr,
+                        recv: false,
+                        kind,
+                        peer: to,
+                        expected: len,
+                        owned,
+                    },
+                );
             }
             // NO_IMM_CMPL makes this unreachable in UCX 1.22; handled for other versions.
             None => {
                 let done = std::ptr::null_mut();
-                self.reqs.insert(id, Req { ptr: done, recv: false, kind, peer: to, expected: len, owned });
+                self.reqs.insert(
+                    id,
+                    Req {
+                        ptr: done,
+                        recv: false,
+                        kind,
+                        peer: to,
+                        expected: len,
+                        owned,
+                    },
+                );
             }
         }
         Ok(id)
@@ -398,11 +478,22 @@ impl UcxTransport {
         // SAFETY: live worker; `ptr..ptr+len` is exclusively reserved for UCX until the request
         // completes (owned buffers are held in `self.reqs`; regions are in the in-flight set as
         // writes, so nothing else reads or writes them; the attached buffer outlives them).
-        let sp = unsafe { sys::ucp_tag_recv_nbx(self.worker, ptr as *mut c_void, len, t, mask, &p) };
+        let sp =
+            unsafe { sys::ucp_tag_recv_nbx(self.worker, ptr as *mut c_void, len, t, mask, &p) };
         let req = ucx_rs::decode_status_ptr(sp).map_err(|st| ucx_err("tag_recv", st))?;
         let id = self.id();
         let ptr = req.unwrap_or(std::ptr::null_mut());
-        self.reqs.insert(id, Req { ptr, recv: true, kind, peer: from, expected: len, owned });
+        self.reqs.insert(
+            id,
+            Req {
+                ptr,
+                recv: true,
+                kind,
+                peer: from,
+                expected: len,
+                owned,
+            },
+        );
         Ok(id)
     }
 
@@ -453,7 +544,12 @@ const DRAIN_BUF: usize = 64 * 1024;
 impl UcxTransport {
     /// The one wait loop: progress, endpoint failures, aborts from peers, completions, the
     /// stale-message sweep, the deadline, and sleeping on the worker's event fd when idle.
-    fn wait_inner(&mut self, op: &'static str, timeout: Duration, connecting: bool) -> Result<Completion, RuntimeError> {
+    fn wait_inner(
+        &mut self,
+        op: &'static str,
+        timeout: Duration,
+        connecting: bool,
+    ) -> Result<Completion, RuntimeError> {
         self.check_open(op)?;
         let deadline = Instant::now() + timeout;
         let mut last_activity = Instant::now();
@@ -480,7 +576,9 @@ impl UcxTransport {
                             }));
                         }
                     }
-                    (ReqKind::Ctrl, true) if self.abort_recv.as_ref().is_some_and(|(a, _)| *a == id) => {
+                    (ReqKind::Ctrl, true)
+                        if self.abort_recv.as_ref().is_some_and(|(a, _)| *a == id) =>
+                    {
                         self.abort_recv = None;
                         let bytes = req.owned.unwrap_or_default();
                         let parsed = if st == sys::ucs_status_t_UCS_OK {
@@ -489,8 +587,20 @@ impl UcxTransport {
                             Err(format!("abort message not received: {}", status_str(st)))
                         };
                         match parsed {
-                            Ok(Ctrl::Abort { reporter, subject, generation, timeout: to }) if generation == self.generation => {
-                                let e = abort_error(op, reporter, subject, to, self.generation, timeout);
+                            Ok(Ctrl::Abort {
+                                reporter,
+                                subject,
+                                generation,
+                                timeout: to,
+                            }) if generation == self.generation => {
+                                let e = abort_error(
+                                    op,
+                                    reporter,
+                                    subject,
+                                    to,
+                                    self.generation,
+                                    timeout,
+                                );
                                 return Err(self.fail(e));
                             }
                             Ok(_) => {
@@ -521,7 +631,11 @@ impl UcxTransport {
                             return Err(self.fail(RuntimeError::PeerFailed {
                                 rank: req.peer,
                                 op,
-                                reason: format!("{} failed: {}", if recv { "receive" } else { "send" }, status_str(st)),
+                                reason: format!(
+                                    "{} failed: {}",
+                                    if recv { "receive" } else { "send" },
+                                    status_str(st)
+                                ),
                             }));
                         }
                         if recv && len != req.expected && req.kind == ReqKind::Data {
@@ -543,7 +657,11 @@ impl UcxTransport {
             let now = Instant::now();
             if now.duration_since(self.last_sweep) >= SWEEP_EVERY || !active {
                 if let Some((r, why)) = self.live.as_mut().and_then(|l| l.check()) {
-                    return Err(self.fail(RuntimeError::PeerFailed { rank: r, op, reason: why }));
+                    return Err(self.fail(RuntimeError::PeerFailed {
+                        rank: r,
+                        op,
+                        reason: why,
+                    }));
                 }
             }
             if now.duration_since(self.last_sweep) >= SWEEP_EVERY {
@@ -551,7 +669,11 @@ impl UcxTransport {
                 self.last_sweep = now;
             }
             if now >= deadline {
-                let e = RuntimeError::Timeout { op, after: timeout, generation: self.generation };
+                let e = RuntimeError::Timeout {
+                    op,
+                    after: timeout,
+                    generation: self.generation,
+                };
                 return Err(self.fail(e));
             }
             if active {
@@ -578,9 +700,17 @@ impl UcxTransport {
             return;
         }
         // The worker's events, and any liveness connection closing.
-        let mut fds = vec![libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+        let mut fds = vec![libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
         for s in self.live.as_ref().map(|l| l.fds()).unwrap_or_default() {
-            fds.push(libc::pollfd { fd: s, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 });
+            fds.push(libc::pollfd {
+                fd: s,
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            });
         }
         let ms = max.as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: `fds` is a valid array of pollfds of its length; the fds (the worker's event fd
@@ -609,14 +739,27 @@ impl UcxTransport {
                 // SAFETY: `msg` came from ucp_tag_probe_nb(remove=1) and is received once;
                 // `scratch` is held in `self.reqs` until the request completes.
                 let sp = unsafe {
-                    sys::ucp_tag_msg_recv_nbx(self.worker, scratch.as_mut_ptr() as *mut c_void, scratch.len(), msg, &p)
+                    sys::ucp_tag_msg_recv_nbx(
+                        self.worker,
+                        scratch.as_mut_ptr() as *mut c_void,
+                        scratch.len(),
+                        msg,
+                        &p,
+                    )
                 };
                 if let Ok(Some(ptr)) = ucx_rs::decode_status_ptr(sp) {
                     let id = self.id();
                     let peer = Rank(untag(info.sender_tag).src);
                     self.reqs.insert(
                         id,
-                        Req { ptr, recv: true, kind: ReqKind::Drain, peer, expected: scratch.len(), owned: Some(scratch) },
+                        Req {
+                            ptr,
+                            recv: true,
+                            kind: ReqKind::Drain,
+                            peer,
+                            expected: scratch.len(),
+                            owned: Some(scratch),
+                        },
                     );
                 }
             }
@@ -631,20 +774,38 @@ impl UcxTransport {
         }
         self.broken = Some(err.to_string());
         let (subject, timeout) = match &err {
-            RuntimeError::PeerFailed { rank, .. } => (Some(*rank).filter(|r| r.0 < self.world), false),
+            RuntimeError::PeerFailed { rank, .. } => {
+                (Some(*rank).filter(|r| r.0 < self.world), false)
+            }
             RuntimeError::Timeout { .. } => (None, true),
-            RuntimeError::MalformedMessage { from, .. } | RuntimeError::MessageLength { from, .. } => {
+            RuntimeError::MalformedMessage { from, .. }
+            | RuntimeError::MessageLength { from, .. } => {
                 (Some(*from).filter(|r| r.0 < self.world), false)
             }
             _ => (None, false),
         };
-        let abort = encode_ctrl(&Ctrl::Abort { reporter: self.rank, subject, generation: self.generation, timeout });
-        let t = tag(KIND_CTRL, self.generation, self.rank, MsgKey { seq: 0, slot: SLOT_ABORT });
+        let abort = encode_ctrl(&Ctrl::Abort {
+            reporter: self.rank,
+            subject,
+            generation: self.generation,
+            timeout,
+        });
+        let t = tag(
+            KIND_CTRL,
+            self.generation,
+            self.rank,
+            MsgKey {
+                seq: 0,
+                slot: SLOT_ABORT,
+            },
+        );
         let mut sent = Vec::new();
         for r in 0..self.world {
             let alive = self.failed[r as usize].get() == 0;
             if r != self.rank.0 && alive && !self.eps[r as usize].is_null() {
-                if let Ok(id) = self.post_send_raw(Rank(r), t, SendSource::Owned(abort.clone()), ReqKind::Ctrl) {
+                if let Ok(id) =
+                    self.post_send_raw(Rank(r), t, SendSource::Owned(abort.clone()), ReqKind::Ctrl)
+                {
                     sent.push(id);
                 }
             }
@@ -684,7 +845,10 @@ impl UcxTransport {
             }
             *ep = std::ptr::null_mut();
         }
-        let until = Instant::now() + Duration::from_millis(500);
+        // With peer error mode UCX completes every request of a force-closed endpoint; without
+        // it some never complete, and waiting longer would only delay the error.
+        let bound = if self.peer_mode { 500 } else { 50 };
+        let until = Instant::now() + Duration::from_millis(bound);
         loop {
             self.progress();
             while self.poll_reqs().is_some() {}
@@ -711,7 +875,14 @@ impl UcxTransport {
             for req in closing {
                 self.reqs.insert(
                     ReqId(u64::MAX - self.reqs.len() as u64),
-                    Req { ptr: req, recv: false, kind: ReqKind::Ctrl, peer: self.rank, expected: 0, owned: None },
+                    Req {
+                        ptr: req,
+                        recv: false,
+                        kind: ReqKind::Ctrl,
+                        peer: self.rank,
+                        expected: 0,
+                        owned: None,
+                    },
                 );
             }
         }
@@ -791,26 +962,35 @@ fn init(cfg: &UcxConfig) -> Result<(sys::ucp_context_h, sys::ucp_worker_h), Runt
     }
     let keepalive = format!("{}ms", cfg.keepalive.as_millis().max(1));
     // phalanx's defaults; a UCX_* variable in the environment always wins. Reasons: docs/dataplane.md.
-    let defaults: [(&str, &str); 3] = [
+    let mut defaults: Vec<(&str, &str)> = vec![
         ("KEEPALIVE_INTERVAL", &keepalive),
         // Without it the shared-memory transport does not offer peer-failure handling, and
         // UCX, asked for UCP_ERR_HANDLING_MODE_PEER, falls back to TCP over loopback.
         ("POSIX_ERROR_HANDLING", "y"),
-        // Large messages: the receiver reads the sender's pages directly (CMA, one copy)
-        // instead of copying through shared-memory bounce buffers (two copies).
-        ("RNDV_SCHEME", "get_zcopy"),
     ];
+    if !cfg.peer_error_mode {
+        // Large messages: the receiver reads the sender's pages directly (CMA, one copy).
+        // UCX offers this only without peer error mode (CMA cannot invalidate memory); with
+        // it, the scheme would turn every message eager and unbounded in memory.
+        defaults.push(("RNDV_SCHEME", "get_zcopy"));
+    }
     for (key, value) in defaults {
         if std::env::var_os(format!("UCX_{key}")).is_some() {
             continue;
         }
-        let (k, v) = (CString::new(key).unwrap_or_default(), CString::new(value).unwrap_or_default());
+        let (k, v) = (
+            CString::new(key).unwrap_or_default(),
+            CString::new(value).unwrap_or_default(),
+        );
         // SAFETY: `config` is live; both strings are NUL-terminated and outlive the call.
         let st = unsafe { sys::ucp_config_modify(config, k.as_ptr(), v.as_ptr()) };
         if st != sys::ucs_status_t_UCS_OK {
             // SAFETY: `config` is released exactly once.
             unsafe { sys::ucp_config_release(config) };
-            return Err(RuntimeError::Transport { op: "config_modify", reason: format!("{key}={value}: {}", status_str(st)) });
+            return Err(RuntimeError::Transport {
+                op: "config_modify",
+                reason: format!("{key}={value}: {}", status_str(st)),
+            });
         }
     }
     // SAFETY: zeroed params = no optional fields.
@@ -819,7 +999,9 @@ fn init(cfg: &UcxConfig) -> Result<(sys::ucp_context_h, sys::ucp_worker_h), Runt
     p.features = (sys::ucp_feature_UCP_FEATURE_TAG | sys::ucp_feature_UCP_FEATURE_WAKEUP) as u64;
     let mut ctx: sys::ucp_context_h = std::ptr::null_mut();
     // SAFETY: `p` and `config` are valid; ucp_init is a static inline, this is its real entry.
-    let st = unsafe { sys::ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &p, config, &mut ctx) };
+    let st = unsafe {
+        sys::ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &p, config, &mut ctx)
+    };
     // SAFETY: `config` is released exactly once, after ucp_init_version copied it.
     unsafe { sys::ucp_config_release(config) };
     if st != sys::ucs_status_t_UCS_OK {
@@ -851,9 +1033,16 @@ impl Transport for UcxTransport {
         self.generation
     }
 
-    fn attach(&mut self, buf: OpBuf) -> Result<(), RuntimeError> {
+    fn attach(&mut self, buf: OpBuf) -> Result<(), (RuntimeError, OpBuf)> {
+        if let Err(e) = self.check_open("attach") {
+            return Err((e, buf));
+        }
         if !matches!(self.buf, OpBuf::None) {
-            return Err(RuntimeError::InvalidArgument { op: "attach", reason: "a buffer is already attached".into() });
+            let e = RuntimeError::InvalidArgument {
+                op: "attach",
+                reason: "a buffer is already attached".into(),
+            };
+            return Err((e, buf));
         }
         self.buf = buf;
         // Each operation starts with a clean unexpected queue: whatever of another generation
@@ -887,7 +1076,13 @@ impl Transport for UcxTransport {
     }
 
     fn region_mut(&mut self, r: Range<usize>) -> Result<&mut [u8], RuntimeError> {
-        check_range("region_mut", self.buf.bytes().len(), &self.inflight, &r, true)?;
+        check_range(
+            "region_mut",
+            self.buf.bytes().len(),
+            &self.inflight,
+            &r,
+            true,
+        )?;
         Ok(&mut self.buf.bytes_mut()[r])
     }
 
@@ -895,7 +1090,12 @@ impl Transport for UcxTransport {
         self.inflight.busy(r, write)
     }
 
-    fn send_region(&mut self, to: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError> {
+    fn send_region(
+        &mut self,
+        to: Rank,
+        key: MsgKey,
+        r: Range<usize>,
+    ) -> Result<ReqId, RuntimeError> {
         self.check_open("send")?;
         check_range("send", self.buf.bytes().len(), &self.inflight, &r, false)?;
         let t = tag(KIND_DATA, self.generation, self.rank, key);
@@ -904,12 +1104,23 @@ impl Transport for UcxTransport {
         Ok(id)
     }
 
-    fn recv_region(&mut self, from: Rank, key: MsgKey, r: Range<usize>) -> Result<ReqId, RuntimeError> {
+    fn recv_region(
+        &mut self,
+        from: Rank,
+        key: MsgKey,
+        r: Range<usize>,
+    ) -> Result<ReqId, RuntimeError> {
         self.check_open("recv")?;
         self.check_peer("recv", from)?;
         check_range("recv", self.buf.bytes().len(), &self.inflight, &r, true)?;
         let t = tag(KIND_DATA, self.generation, from, key);
-        let id = self.post_recv_raw(from, t, FULL_MASK, RecvTarget::Region(r.clone()), ReqKind::Data)?;
+        let id = self.post_recv_raw(
+            from,
+            t,
+            FULL_MASK,
+            RecvTarget::Region(r.clone()),
+            ReqKind::Data,
+        )?;
         self.inflight.add(id, r, true);
         Ok(id)
     }
@@ -927,7 +1138,11 @@ impl Transport for UcxTransport {
         self.post_recv_raw(from, t, FULL_MASK, RecvTarget::Owned(buf), ReqKind::Data)
     }
 
-    fn wait_any(&mut self, op: &'static str, timeout: Duration) -> Result<Completion, RuntimeError> {
+    fn wait_any(
+        &mut self,
+        op: &'static str,
+        timeout: Duration,
+    ) -> Result<Completion, RuntimeError> {
         self.wait_inner(op, timeout, false)
     }
 
@@ -972,7 +1187,11 @@ pub struct UcxGroup {
 }
 
 fn gone(op: &'static str, generation: Generation) -> RuntimeError {
-    RuntimeError::GroupBroken { op, generation, cause: "the data-plane thread has exited".into() }
+    RuntimeError::GroupBroken {
+        op,
+        generation,
+        cause: "the data-plane thread has exited".into(),
+    }
 }
 
 impl UcxGroup {
@@ -990,20 +1209,31 @@ impl UcxGroup {
         let thread = std::thread::Builder::new()
             .name(format!("ucx-g{generation}-r{rank}"))
             .spawn(move || {
-                let t = match UcxTransport::connect(rank, world, generation, &cfg, exchange.as_mut()) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        let _ = reply_tx.send(Reply::Connected(Err(e)));
-                        return;
-                    }
-                };
+                let t =
+                    match UcxTransport::connect(rank, world, generation, &cfg, exchange.as_mut()) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            let _ = reply_tx.send(Reply::Connected(Err(e)));
+                            return;
+                        }
+                    };
                 if reply_tx.send(Reply::Connected(Ok(()))).is_err() {
                     return;
                 }
                 serve(Collectives::new(t, cfg.coll), cmd_rx, reply_tx);
             })
-            .map_err(|e| RuntimeError::Transport { op: "spawn", reason: e.to_string() })?;
-        let g = UcxGroup { tx: Some(tx), rx, thread: Some(thread), rank, world, generation };
+            .map_err(|e| RuntimeError::Transport {
+                op: "spawn",
+                reason: e.to_string(),
+            })?;
+        let g = UcxGroup {
+            tx: Some(tx),
+            rx,
+            thread: Some(thread),
+            rank,
+            world,
+            generation,
+        };
         match g.rx.recv() {
             Ok(Reply::Connected(Ok(()))) => Ok(g),
             Ok(Reply::Connected(Err(e))) => Err(e),
@@ -1027,7 +1257,12 @@ impl UcxGroup {
         self.rx.recv().map_err(|_| gone(op, self.generation))
     }
 
-    fn f32_op(&self, op: &'static str, buf: &mut Vec<f32>, mk: fn(Vec<f32>) -> Cmd) -> Result<Option<Range<usize>>, RuntimeError> {
+    fn f32_op(
+        &self,
+        op: &'static str,
+        buf: &mut Vec<f32>,
+        mk: fn(Vec<f32>) -> Cmd,
+    ) -> Result<Option<Range<usize>>, RuntimeError> {
         match self.call(op, mk(std::mem::take(buf)))? {
             Reply::F32(b, res) => {
                 *buf = b;
@@ -1070,9 +1305,18 @@ impl UcxGroup {
         self.bytes_op("barrier", Cmd::Barrier, &mut Vec::new())
     }
 
-    pub fn send_striped(&self, to: Rank, senders: &[Rank], buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
+    pub fn send_striped(
+        &self,
+        to: Rank,
+        senders: &[Rank],
+        buf: &mut Vec<u8>,
+    ) -> Result<(), RuntimeError> {
         let b = std::mem::take(buf);
-        self.bytes_op("send_striped", Cmd::SendStriped(to, senders.to_vec(), b), buf)
+        self.bytes_op(
+            "send_striped",
+            Cmd::SendStriped(to, senders.to_vec(), b),
+            buf,
+        )
     }
 
     pub fn recv_striped(&self, senders: &[Rank], buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
@@ -1136,7 +1380,9 @@ fn serve(mut c: Collectives<UcxTransport>, rx: mpsc::Receiver<Cmd>, tx: mpsc::Se
                 let r = c.transport_mut().send_raw(to, t, bytes);
                 Reply::Bytes(Vec::new(), r)
             }
-            Cmd::Stats => Reply::Stats(UcxStats { dropped_stale: c.transport().dropped_stale() }),
+            Cmd::Stats => Reply::Stats(UcxStats {
+                dropped_stale: c.transport().dropped_stale(),
+            }),
         };
         if tx.send(reply).is_err() {
             break;
