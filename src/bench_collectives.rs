@@ -60,7 +60,7 @@ pub struct Tuning {
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
     /// Busy-poll this long without progress before sleeping on the worker's event fd.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 0)]
     pub spin_us: u64,
     /// UCX endpoint error mode: `peer` (UCP_ERR_HANDLING_MODE_PEER) or `none`.
     #[arg(long, default_value = "peer")]
