@@ -328,7 +328,9 @@ pub fn worker(
             let t0 = Instant::now();
             match op {
                 Op::Allreduce => g.allreduce(&mut f)?,
-                Op::ReduceScatter => drop(g.reduce_scatter(&mut f)?),
+                Op::ReduceScatter => {
+                    g.reduce_scatter(&mut f)?;
+                }
                 Op::Allgather => g.allgather(&mut f)?,
                 Op::Broadcast => g.broadcast(&mut b, Rank(0))?,
             }

@@ -502,7 +502,7 @@ mod tests {
         let b: Vec<f32> = (0..37).map(|i| 1.0 / (i as f32 + 1.0)).collect();
         let mut d1 = f32_bytes(&a).to_vec();
         add_f32(&mut d1, f32_bytes(&b));
-        let mut raw = vec![0u8; 37 * 4 + 1];
+        let mut raw = [0u8; 37 * 4 + 1];
         raw[1..].copy_from_slice(f32_bytes(&a));
         add_f32(&mut raw[1..], f32_bytes(&b));
         assert_eq!(d1, raw[1..]);
