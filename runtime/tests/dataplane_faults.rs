@@ -301,7 +301,7 @@ fn sigstop_times_out_within_the_deadline_and_the_woken_rank_stays_fenced() {
     std::thread::sleep(Duration::from_millis(300));
     let pid = ranks[1].child.id() as i32;
     let t_stop = now_us();
-    // SAFETY-free: signals through the kill(1) command, no unsafe in tests.
+    // Signals through kill(1): the tests need no unsafe code.
     assert!(Command::new("kill")
         .args(["-STOP", &pid.to_string()])
         .status()
