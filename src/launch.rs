@@ -26,6 +26,9 @@ pub struct LaunchArgs {
     pub overrides: Vec<String>,
     /// Fault injection: SIGKILL rank R once step S is committed.
     pub kill: Option<(u64, u32)>,
+    /// Fault injection: SIGSTOP rank R once step S is committed, SIGCONT `stop_for` later.
+    pub stop_at: Option<(u64, u32)>,
+    pub stop_for: Duration,
     pub progress: bool,
 }
 
@@ -53,8 +56,20 @@ fn append_event(run_dir: &Path, kind: &str, fields: serde_json::Value) -> Result
         .create(true)
         .append(true)
         .open(run_dir.join("events.jsonl"))?;
-    writeln!(f, "{v}")?;
+    // One write per line: the coordinator appends to the same file.
+    f.write_all(format!("{v}\n").as_bytes())?;
     Ok(())
+}
+
+fn metrics_has_final(run_dir: &Path) -> bool {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .map(|t| {
+            t.lines()
+                .rev()
+                .take(4)
+                .any(|l| l.contains("\"final\":true"))
+        })
+        .unwrap_or(false)
 }
 
 pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
@@ -188,6 +203,9 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         .expect("valid template"),
     );
     let mut killed = false;
+    let mut final_seen: Option<Instant> = None;
+    let mut stopped: Option<(u32, Instant)> = None;
+    let mut stop_done = false;
     let mut last_status = Instant::now() - Duration::from_secs(1);
     let mut restarts = 0usize;
     let mut world = a.nproc as u32;
@@ -219,9 +237,18 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                 }
             }
         }
+        // Rank 0 writes the `final` metrics line after saving the model: the job is done. The
+        // other ranks leave right after it; anything still running then (spares) is stopped.
+        if final_seen.is_none() && metrics_has_final(&run_dir) {
+            final_seen = Some(Instant::now());
+        }
         let finished = workers.iter().filter(|w| w.code == Some(0)).count();
-        if finished > 0 && finished as u32 >= world {
-            break;
+        if let Some(t) = final_seen {
+            if (finished as u32 >= world) || t.elapsed() > Duration::from_secs(5) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
         }
         if outcome == "halted" {
             break;
@@ -261,6 +288,35 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                 world = st.world.max(1);
                 pb_bar.set_position(st.committed_step.min(cfg.train.max_steps));
                 pb_bar.set_message(format!("generation {} | world {}", st.generation, st.world));
+                if let Some((at, rank)) = a.stop_at {
+                    if !stop_done && stopped.is_none() && st.committed_step >= at {
+                        if let Some(r) = st
+                            .ranks
+                            .iter()
+                            .find(|r| r.rank == Some(rank) && r.state == "active")
+                        {
+                            let t = unix_ms();
+                            let ok = Command::new("kill")
+                                .args(["-STOP", &r.pid.to_string()])
+                                .status()?
+                                .success();
+                            stopped = Some((r.pid, Instant::now()));
+                            append_event(
+                                &run_dir,
+                                "fault_injected",
+                                json!({"fault": "sigstop", "rank": rank, "pid": r.pid, "step": st.committed_step, "injected_unix_ms": t, "ok": ok}),
+                            )?;
+                            pb_bar.suspend(|| {
+                                info!(
+                                    rank,
+                                    pid = r.pid,
+                                    step = st.committed_step,
+                                    "injected: SIGSTOP"
+                                )
+                            });
+                        }
+                    }
+                }
                 if let Some((at, rank)) = a.kill {
                     if !killed && st.committed_step >= at {
                         if let Some(r) = st
@@ -292,7 +348,26 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                 }
             }
         }
+        if let Some((pid, at)) = stopped {
+            if at.elapsed() >= a.stop_for {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &pid.to_string()])
+                    .status();
+                append_event(
+                    &run_dir,
+                    "fault_cleared",
+                    json!({"fault": "sigstop", "pid": pid}),
+                )?;
+                stopped = None;
+                stop_done = true;
+            }
+        }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some((pid, _)) = stopped {
+        let _ = Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status();
     }
     pb_bar.finish_and_clear();
     for w in workers.iter_mut().filter(|w| !w.done) {

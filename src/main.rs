@@ -118,6 +118,12 @@ enum Cmd {
         /// Fault injection: SIGKILL rank RANK once step STEP is committed (STEP:RANK).
         #[arg(long, value_name = "STEP:RANK")]
         kill_at: Option<String>,
+        /// Fault injection: SIGSTOP rank RANK once step STEP is committed ...
+        #[arg(long, value_name = "STEP:RANK")]
+        stop_at: Option<String>,
+        /// ... and SIGCONT it this many milliseconds later.
+        #[arg(long, default_value_t = 5000)]
+        stop_for_ms: u64,
         overrides: Vec<String>,
     },
     /// Run the job's coordinator (membership, generations, failure detection).
@@ -412,20 +418,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             spares,
             config,
             kill_at,
+            stop_at,
+            stop_for_ms,
             overrides,
         } => {
-            let kill = match kill_at {
-                None => None,
-                Some(s) => {
-                    let (a, b) = s
-                        .split_once(':')
-                        .context("--kill-at takes STEP:RANK, e.g. 100:1")?;
-                    Some((
-                        a.parse().context("--kill-at STEP must be a number")?,
-                        b.parse().context("--kill-at RANK must be a number")?,
-                    ))
-                }
+            let parse = |flag: &str, v: Option<String>| -> Result<Option<(u64, u32)>> {
+                let Some(s) = v else { return Ok(None) };
+                let (a, b) = s
+                    .split_once(':')
+                    .with_context(|| format!("{flag} takes STEP:RANK, e.g. 100:1"))?;
+                Ok(Some((
+                    a.parse()
+                        .with_context(|| format!("{flag}: STEP must be a number"))?,
+                    b.parse()
+                        .with_context(|| format!("{flag}: RANK must be a number"))?,
+                )))
             };
+            let kill = parse("--kill-at", kill_at)?;
+            let stop_at = parse("--stop-at", stop_at)?;
             let stop = Arc::new(AtomicBool::new(false));
             let s = stop.clone();
             ctrlc::set_handler(move || {
@@ -441,6 +451,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     config,
                     overrides,
                     kill,
+                    stop_at,
+                    stop_for: std::time::Duration::from_millis(stop_for_ms),
                     progress: std::io::stderr().is_terminal(),
                 },
                 stop,

@@ -592,10 +592,30 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
                     "world_size": world, "generation": generation.0, "unix_ms": unix_ms(),
                     "skipped": grad_norm.is_none(),
                 });
-                let _ = writeln!(metrics, "{line}");
+                let _ = metrics.write_all(format!("{line}\n").as_bytes());
             }
         }
-        // Done: rank 0 evaluates and saves the final model; everyone leaves together.
+        // Done: every rank records a fingerprint of its final state (G-2: they must be equal),
+        // rank 0 evaluates and saves the final model; everyone leaves together.
+        {
+            use sha2::{Digest, Sha256};
+            let t = &s.trainer;
+            let mut h = Sha256::new();
+            for x in [&t.model.params.flat, &t.opt.m, &t.opt.v] {
+                for f in tensor_vec(x) {
+                    h.update(f.to_le_bytes());
+                }
+            }
+            let fp: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(a.run_dir.join("fingerprints.jsonl"))?;
+            // One write per line: every rank appends to this file at the same moment.
+            let line = json!({"member": ctl.member, "rank": rank.0, "generation": generation.0,
+                              "step": t.step, "state_sha256": fp});
+            f.write_all(format!("{line}\n").as_bytes())?;
+        }
         let _ = group.barrier();
         if rank.0 == 0 {
             let val = s.trainer.evaluate(
@@ -610,11 +630,8 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
                 &s.ds.meta.tokenizer,
                 s.ds.meta.vocab.clone(),
             )?;
-            let _ = writeln!(
-                metrics,
-                "{}",
-                json!({"final": true, "step": s.trainer.step, "val_loss": val, "unix_ms": unix_ms()})
-            );
+            let line = json!({"final": true, "step": s.trainer.step, "val_loss": val, "unix_ms": unix_ms()});
+            let _ = metrics.write_all(format!("{line}\n").as_bytes());
         }
         // Tell the coordinator this rank is done (so its exit is not a fault), then leave.
         progress.phase.store(3, Ordering::Relaxed);

@@ -854,6 +854,10 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         return form_first(now, s, cfg);
     }
     let world = s.ranks.len();
+    // The job is over once its ranks finished: nothing to regroup or promote any more.
+    if s.live.iter().any(|l| l.done) {
+        return Decision::Steady;
+    }
     let mut removed: Vec<(MemberId, Removal)> = Vec::new();
     for l in &s.live {
         if let Some(f) = failure(now, &cuts, l, s, world, cfg) {
