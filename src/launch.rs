@@ -104,11 +104,10 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     std::fs::create_dir_all(run_dir.join("logs"))?;
     std::fs::write(run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = if cfg.train.threads == 0 {
-        (cores / a.nproc).max(1)
-    } else {
-        cfg.train.threads
-    };
+    // train.threads is the job's budget on this machine (0 = every core), shared by its ranks:
+    // oversubscribing cores makes libtorch's OpenMP teams spin against each other.
+    let budget = if cfg.train.threads == 0 { cores } else { cfg.train.threads };
+    let threads = (budget / a.nproc).max(1);
     let job_token = cfg.coordinator.token().unwrap_or_else(token);
 
     // The coordinator, in this process.
@@ -157,6 +156,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             .arg(format!("train.threads={threads}"))
             .arg(format!("run.dir={}", run_dir.display()))
             .env("PHALANX_JOB_TOKEN", &job_token)
+            .env("PHALANX_PARENT_PID", std::process::id().to_string())
             .env(
                 "PHALANX_LOG",
                 std::env::var("PHALANX_LOG").unwrap_or_else(|_| "info".into()),

@@ -379,7 +379,26 @@ fn suspect_of(e: &RuntimeError, me: Rank, world: u32) -> u32 {
     }
 }
 
+/// Under `phalanx launch`, a worker must not outlive its launcher (which also hosts the
+/// coordinator): it watches its parent and leaves when the parent is gone.
+fn watch_parent() {
+    let Some(want) = std::env::var("PHALANX_PARENT_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return;
+    };
+    std::thread::spawn(move || loop {
+        if std::os::unix::process::parent_id() != want {
+            eprintln!("phalanx worker: the launcher (pid {want}) is gone; exiting");
+            std::process::exit(1);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    });
+}
+
 pub fn run(a: WorkerArgs) -> Result<i32> {
+    watch_parent();
     let cfg = a.cfg.clone();
     let mut s = train::setup(&cfg)?;
     let meta = serde_json::to_string(&s.ds.meta.sources).unwrap_or_default();

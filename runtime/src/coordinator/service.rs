@@ -111,7 +111,14 @@ fn role_of(r: i32) -> Result<Role, Status> {
 impl Shared {
     /// One structured event: tracing and a line of events.jsonl.
     pub fn event(&self, kind: &str, fields: Value) {
-        info!(target: "phalanx::coordinator", kind, %fields);
+        // Faults and membership changes at info; routine session traffic at debug.
+        match kind {
+            "rank_failed" | "rank_removed" | "generation" | "hold" | "halt" | "auth_refused"
+            | "straggler_flagged" | "straggler_cleared" | "journal_error" => {
+                info!(target: "phalanx::coordinator", kind, %fields)
+            }
+            _ => tracing::debug!(target: "phalanx::coordinator", kind, %fields),
+        }
         let mut v = json!({"kind": kind, "unix_ms": unix_ms()});
         if let (Some(o), Value::Object(f)) = (v.as_object_mut(), fields) {
             o.extend(f);
