@@ -106,7 +106,11 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // train.threads is the job's budget on this machine (0 = every core), shared by its ranks:
     // oversubscribing cores makes libtorch's OpenMP teams spin against each other.
-    let budget = if cfg.train.threads == 0 { cores } else { cfg.train.threads };
+    let budget = if cfg.train.threads == 0 {
+        cores
+    } else {
+        cfg.train.threads
+    };
     let threads = (budget / a.nproc).max(1);
     let job_token = cfg.coordinator.token().unwrap_or_else(token);
 

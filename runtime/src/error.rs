@@ -63,7 +63,10 @@ pub enum RuntimeError {
     #[error("member {member} was fenced out of the job (now at generation {generation}); restart the process to join as a new spare")]
     Fenced { member: u64, generation: Generation },
     #[error("stale generation {got}: the job is at generation {current}")]
-    StaleGeneration { got: Generation, current: Generation },
+    StaleGeneration {
+        got: Generation,
+        current: Generation,
+    },
     #[error("invalid message: {what}")]
     InvalidMessage { what: String },
     #[error("refused: {what}")]
@@ -91,7 +94,9 @@ impl From<RuntimeError> for tonic::Status {
             | RuntimeError::InvalidRequest { .. }
             | RuntimeError::InvalidArgument { .. } => Status::invalid_argument(msg),
             RuntimeError::Timeout { .. } => Status::deadline_exceeded(msg),
-            RuntimeError::Connect { .. } | RuntimeError::PeerFailed { .. } => Status::unavailable(msg),
+            RuntimeError::Connect { .. } | RuntimeError::PeerFailed { .. } => {
+                Status::unavailable(msg)
+            }
             _ => Status::internal(msg),
         }
     }
