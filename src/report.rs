@@ -83,8 +83,13 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
         }));
     }
     let last = steps.values().next_back();
+    let halt_reason = events
+        .iter()
+        .find(|e| e["kind"] == "halt")
+        .map(|e| e["reason"].clone());
     Ok(json!({
         "status": status,
+        "halt_reason": halt_reason,
         "steps": steps.keys().next_back().map_or(0, |s| s + 1),
         "max_steps": max_steps,
         "final_train_loss": last.and_then(|m| m["loss"].as_f64()),
@@ -118,6 +123,9 @@ pub fn print(r: &Value) {
             .map_or("-".into(), |v| format!("{v:.0}")),
         r["ettr"].as_f64().unwrap_or(0.0),
     );
+    if let Some(h) = r["halt_reason"].as_str() {
+        println!("  halted: {h}");
+    }
     for f in r["faults"].as_array().into_iter().flatten() {
         println!(
             "  fault: rank {} ({}) in generation {}: detected in {} ms, next committed step after {} ms, lost steps {}, world after {}",

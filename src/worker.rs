@@ -379,6 +379,24 @@ fn suspect_of(e: &RuntimeError, me: Rank, world: u32) -> u32 {
     }
 }
 
+/// The job was halted (too few ranks left): the rank that was rank 0 saves the committed model,
+/// so that the run can be resumed or sampled, and says why next to it.
+fn save_on_halt(a: &WorkerArgs, s: &Setup, last_rank: Option<u32>, reason: &str) -> Result<()> {
+    if last_rank != Some(0) || s.trainer.step == 0 {
+        return Ok(());
+    }
+    let dir = a.run_dir.join("model");
+    model_io::save(
+        &dir,
+        &s.trainer,
+        &s.ds.meta.tokenizer,
+        s.ds.meta.vocab.clone(),
+    )?;
+    std::fs::write(a.run_dir.join("halted.txt"), format!("{reason}\n"))?;
+    warn!(step = s.trainer.step, dir = %dir.display(), "saved the committed model before stopping");
+    Ok(())
+}
+
 /// Under `phalanx launch`, a worker must not outlive its launcher (which also hosts the
 /// coordinator): it watches its parent and leaves when the parent is gone.
 fn watch_parent() {
@@ -457,6 +475,7 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
     let tokens_per_step = (cfg.train.global_batch * s.win.block) as f64;
     let device = s.trainer.model.device();
     let mut pending: Option<pb::Assign> = None;
+    let mut last_rank: Option<u32> = None;
     'generations: loop {
         progress.phase.store(0, Ordering::Relaxed);
         // Wait for an assignment newer than the generation we hold.
@@ -471,6 +490,7 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
                 }
                 Ok(Directive::Shutdown(reason)) => {
                     warn!(%reason, "shut down by the coordinator");
+                    save_on_halt(&a, &s, last_rank, &reason)?;
                     return Ok(EXIT_HALTED);
                 }
                 Err(_) => bail!("lost the control agent"),
@@ -481,6 +501,7 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         }
         let generation = Generation(assign.generation);
         let (rank, world) = (Rank(assign.rank), assign.world);
+        last_rank = Some(rank.0);
         progress.generation.store(generation.0, Ordering::Relaxed);
         let t0 = Instant::now();
         let exchange = CoordExchange {
@@ -534,6 +555,7 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
                 }
                 Ok(Directive::Shutdown(reason)) => {
                     warn!(%reason, "shut down by the coordinator");
+                    save_on_halt(&a, &s, Some(rank.0), &reason)?;
                     return Ok(EXIT_HALTED);
                 }
                 Ok(Directive::Drain) => continue 'generations,

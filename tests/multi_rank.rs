@@ -248,3 +248,108 @@ fn bad_launch_input() {
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("STEP:RANK"), "{}", r.stderr);
 }
+
+// Below min_world the job stops cleanly: the committed model is saved and the report says why.
+#[test]
+fn below_min_world_halts_with_a_saved_model() {
+    let d = tempfile::tempdir().unwrap();
+    let r = launch(
+        d.path(),
+        &[
+            "--nproc",
+            "2",
+            "--kill-at",
+            "20:1",
+            "coordinator.min_world=2",
+            "train.max_steps=400",
+            "optim.decay_steps=400",
+        ],
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert_eq!(r.report["status"], "halted", "{}", r.report);
+    assert!(
+        r.report["halt_reason"]
+            .as_str()
+            .unwrap()
+            .contains("min_world = 2"),
+        "{}",
+        r.report
+    );
+    let v = bin()
+        .args([
+            "checkpoint",
+            "verify",
+            r.run.join("model").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert!(r.run.join("halted.txt").is_file());
+}
+
+// A worker with the wrong job token, or a config that differs from the job's, is refused with
+// a clear error and does not disturb the job.
+#[test]
+fn mismatched_workers_are_refused() {
+    use std::io::BufRead;
+    let _one_at_a_time = serial();
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path());
+    let cfg = job_config(d.path(), &data);
+    let mut coord = bin()
+        .args([
+            "coordinator",
+            "--bind",
+            "127.0.0.1:0",
+            "--world",
+            "1",
+            "--config",
+        ])
+        .arg(&cfg)
+        .env("PHALANX_JOB_TOKEN", "job-token")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(coord.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
+    let worker = |token: &str, extra: &[&str]| {
+        bin()
+            .args(["worker", "--coordinator", &url, "--config"])
+            .arg(&cfg)
+            .args(extra)
+            .env("PHALANX_JOB_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let out = worker("wrong", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Unauthenticated"), "{err}");
+    // A simulated rank fixes the job's config hash; a worker with a real config differs.
+    let mut sim = bin()
+        .args(["sim-rank", "--coordinator", &url])
+        .env("PHALANX_JOB_TOKEN", "job-token")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let out = worker("job-token", &["model.n_embd=64"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("model config or dataset is not the job's"),
+        "{err}"
+    );
+    assert!(
+        sim.try_wait().unwrap().is_none(),
+        "the running rank was disturbed"
+    );
+    let _ = sim.kill();
+    let _ = coord.kill();
+    let _ = sim.wait();
+    let _ = coord.wait();
+}
