@@ -327,6 +327,8 @@ fn grpc_bench(m: usize, seconds: u64) -> Result<()> {
         );
         Ok(())
     });
+    // Close the simulated sessions first so that the coordinator can shut down.
+    rt.shutdown_timeout(Duration::from_secs(1));
     let _ = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();

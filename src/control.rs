@@ -112,6 +112,12 @@ pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
+            // A graceful shutdown waits for every session to end, and ranks keep theirs open
+            // on purpose. The journal is already on disk, so bound the wait.
+            std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_secs(2));
+                std::process::exit(0);
+            });
         };
         service::run(opts, listener, shutdown).await?;
         Ok(())
