@@ -61,6 +61,43 @@ fn append_event(run_dir: &Path, kind: &str, fields: serde_json::Value) -> Result
     Ok(())
 }
 
+/// Sends SIG`signal` to the process of `rank` (if it is active) and records the injected fault.
+fn inject(
+    run_dir: &Path,
+    st: &pb::StatusResponse,
+    rank: u32,
+    signal: &str,
+    bar: &ProgressBar,
+) -> Result<Option<u32>> {
+    let Some(r) = st
+        .ranks
+        .iter()
+        .find(|r| r.rank == Some(rank) && r.state == "active")
+    else {
+        return Ok(None);
+    };
+    let t = unix_ms();
+    let ok = Command::new("kill")
+        .args([format!("-{signal}"), r.pid.to_string()])
+        .status()?
+        .success();
+    append_event(
+        run_dir,
+        "fault_injected",
+        json!({"fault": format!("sig{}", signal.to_lowercase()), "rank": rank, "pid": r.pid,
+               "step": st.committed_step, "injected_unix_ms": t, "ok": ok}),
+    )?;
+    bar.suspend(|| {
+        info!(
+            rank,
+            pid = r.pid,
+            step = st.committed_step,
+            "injected: SIG{signal}"
+        )
+    });
+    Ok(Some(r.pid))
+}
+
 fn metrics_has_final(run_dir: &Path) -> bool {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .map(|t| {
@@ -294,60 +331,14 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                 pb_bar.set_message(format!("generation {} | world {}", st.generation, st.world));
                 if let Some((at, rank)) = a.stop_at {
                     if !stop_done && stopped.is_none() && st.committed_step >= at {
-                        if let Some(r) = st
-                            .ranks
-                            .iter()
-                            .find(|r| r.rank == Some(rank) && r.state == "active")
-                        {
-                            let t = unix_ms();
-                            let ok = Command::new("kill")
-                                .args(["-STOP", &r.pid.to_string()])
-                                .status()?
-                                .success();
-                            stopped = Some((r.pid, Instant::now()));
-                            append_event(
-                                &run_dir,
-                                "fault_injected",
-                                json!({"fault": "sigstop", "rank": rank, "pid": r.pid, "step": st.committed_step, "injected_unix_ms": t, "ok": ok}),
-                            )?;
-                            pb_bar.suspend(|| {
-                                info!(
-                                    rank,
-                                    pid = r.pid,
-                                    step = st.committed_step,
-                                    "injected: SIGSTOP"
-                                )
-                            });
+                        if let Some(pid) = inject(&run_dir, &st, rank, "STOP", &pb_bar)? {
+                            stopped = Some((pid, Instant::now()));
                         }
                     }
                 }
                 if let Some((at, rank)) = a.kill {
                     if !killed && st.committed_step >= at {
-                        if let Some(r) = st
-                            .ranks
-                            .iter()
-                            .find(|r| r.rank == Some(rank) && r.state == "active")
-                        {
-                            killed = true;
-                            let t = unix_ms();
-                            let ok = Command::new("kill")
-                                .args(["-KILL", &r.pid.to_string()])
-                                .status()?
-                                .success();
-                            append_event(
-                                &run_dir,
-                                "fault_injected",
-                                json!({"fault": "sigkill", "rank": rank, "pid": r.pid, "step": st.committed_step, "injected_unix_ms": t, "ok": ok}),
-                            )?;
-                            pb_bar.suspend(|| {
-                                info!(
-                                    rank,
-                                    pid = r.pid,
-                                    step = st.committed_step,
-                                    "injected: SIGKILL"
-                                )
-                            });
-                        }
+                        killed = inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some();
                     }
                 }
             }
