@@ -100,29 +100,32 @@ pub fn coordinator_url(arg: Option<String>) -> Result<String> {
 }
 
 /// A digest of what must be identical on every rank: model, data, batch, optimizer.
+/// SHA-256, not std's hasher, whose output may differ between builds of phalanx.
 pub fn config_hash(cfg: &TrainConfig, data_meta: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    toml::to_string(&cfg.model).unwrap_or_default().hash(&mut h);
-    toml::to_string(&cfg.train.global_batch)
-        .unwrap_or_default()
-        .hash(&mut h);
-    toml::to_string(&cfg.train.micro_batch)
-        .unwrap_or_default()
-        .hash(&mut h);
-    toml::to_string(&cfg.train.seed)
-        .unwrap_or_default()
-        .hash(&mut h);
-    toml::to_string(&cfg.optim).unwrap_or_default().hash(&mut h);
-    data_meta.hash(&mut h);
-    format!("{:016x}", h.finish())
+    use sha2::{Digest, Sha256};
+    let t = &cfg.train;
+    let parts = [
+        toml::to_string(&cfg.model).unwrap_or_default(),
+        toml::to_string(&cfg.optim).unwrap_or_default(),
+        format!("{} {} {}", t.global_batch, t.micro_batch, t.seed),
+        data_meta.to_string(),
+    ];
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Address exchange through the coordinator's Rendezvous (called on the UCX thread).
 struct CoordExchange {
     handle: tokio::runtime::Handle,
     client: Client,
-    opts: ClientOpts,
     member: u64,
 }
 
@@ -143,7 +146,6 @@ impl AddressExchange for CoordExchange {
         });
         req.set_timeout(timeout);
         let mut c = self.client.clone();
-        let _ = &self.opts;
         self.handle
             .block_on(async move { c.rendezvous(req).await })
             .map(|r| r.into_inner().addresses)
@@ -507,7 +509,6 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         let exchange = CoordExchange {
             handle: rt.handle().clone(),
             client: ctl.client.clone(),
-            opts: opts.clone(),
             member: ctl.member,
         };
         let group = match UcxGroup::connect(
@@ -603,12 +604,9 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
                 continue 'generations;
             }
             let loss = buf.pop().unwrap_or(f32::NAN) as f64;
-            let n = buf.len() as i64;
-            s.trainer
-                .model
-                .params
-                .set_flat_grads(&Tensor::from_slice(&buf).view([n]).to_device(device));
-            let grad_norm = s.trainer.apply_checked(lr);
+            let grad_norm = s
+                .trainer
+                .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
             if grad_norm.is_none() {
                 // Every rank sees the same summed gradient, so every rank skips the same step.
                 s.trainer.step += 1;

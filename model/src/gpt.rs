@@ -139,6 +139,11 @@ impl Params {
         &mut self.grads
     }
 
+    /// The flat gradient buffer itself (not refreshed from the parameters' gradients).
+    pub fn flat_grads_buffer(&self) -> Tensor {
+        self.grads.shallow_clone()
+    }
+
     /// Writes a flat gradient buffer back into the parameters' gradients.
     pub fn set_flat_grads(&self, flat: &Tensor) {
         tch::no_grad(|| {

@@ -103,7 +103,19 @@ impl Trainer {
     /// and optimizer state stay as they were, and `None` is returned (the caller decides whether
     /// the step is skipped or redone). Returns the gradient norm before clipping.
     pub fn apply_checked(&mut self, lr: f64) -> Option<f64> {
-        let mut grads = self.model.params.flat_grads().shallow_clone();
+        let grads = self.model.params.flat_grads().shallow_clone();
+        self.apply_gathered(grads, lr)
+    }
+
+    /// `apply_checked` with the gradient given as one flat buffer (e.g. the allreduced sum):
+    /// it goes straight to the optimizer, without a round trip through the parameters' grads.
+    pub fn apply_flat(&mut self, grads: &Tensor, lr: f64) -> Option<f64> {
+        let mut flat = self.model.params.flat_grads_buffer();
+        tch::no_grad(|| flat.copy_(grads));
+        self.apply_gathered(flat, lr)
+    }
+
+    fn apply_gathered(&mut self, mut grads: Tensor, lr: f64) -> Option<f64> {
         let norm = grads.norm().double_value(&[]);
         if !norm.is_finite() {
             self.model.params.zero_grads();

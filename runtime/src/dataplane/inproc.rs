@@ -341,19 +341,11 @@ impl Transport for InProcTransport {
     }
 
     fn region(&self, r: Range<usize>) -> Result<&[u8], RuntimeError> {
-        check_range("region", self.buf.bytes().len(), &self.inflight, &r, false)?;
-        Ok(&self.buf.bytes()[r])
+        super::transport::region(&self.buf, &self.inflight, r)
     }
 
     fn region_mut(&mut self, r: Range<usize>) -> Result<&mut [u8], RuntimeError> {
-        check_range(
-            "region_mut",
-            self.buf.bytes().len(),
-            &self.inflight,
-            &r,
-            true,
-        )?;
-        Ok(&mut self.buf.bytes_mut()[r])
+        super::transport::region_mut(&mut self.buf, &self.inflight, r)
     }
 
     fn busy(&self, r: &Range<usize>, write: bool) -> bool {

@@ -355,6 +355,27 @@ pub fn check_range(
     Ok(())
 }
 
+/// The checked view of `r` in an attached buffer, shared by every transport's `region`.
+pub fn region<'a>(
+    buf: &'a OpBuf,
+    inflight: &InFlight,
+    r: Range<usize>,
+) -> Result<&'a [u8], RuntimeError> {
+    check_range("region", buf.bytes().len(), inflight, &r, false)?;
+    Ok(&buf.bytes()[r])
+}
+
+/// The checked mutable view of `r` in an attached buffer, shared by every transport's
+/// `region_mut`.
+pub fn region_mut<'a>(
+    buf: &'a mut OpBuf,
+    inflight: &InFlight,
+    r: Range<usize>,
+) -> Result<&'a mut [u8], RuntimeError> {
+    check_range("region_mut", buf.bytes().len(), inflight, &r, true)?;
+    Ok(&mut buf.bytes_mut()[r])
+}
+
 /// `dst[i] += src[i]` over f32 values stored as native-endian bytes. Every rank reduces a
 /// given chunk in the same order (the ring's), and only the chunk's owner's result is kept,
 /// so the sum is bitwise identical everywhere.
