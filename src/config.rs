@@ -153,6 +153,10 @@ pub struct RunSection {
     pub dir: PathBuf,
     pub checkpoint_interval: u64,
     pub progress: bool,
+    pub watchdog_timeout_ms: u64,
+    pub max_restarts: u32,
+    pub restart_window_ms: u64,
+    pub prefetch_steps: usize,
 }
 
 impl Default for RunSection {
@@ -161,6 +165,10 @@ impl Default for RunSection {
             dir: "runs/default".into(),
             checkpoint_interval: 0,
             progress: true,
+            watchdog_timeout_ms: 60_000,
+            max_restarts: 3,
+            restart_window_ms: 60_000,
+            prefetch_steps: 2,
         }
     }
 }
@@ -464,6 +472,24 @@ impl TrainConfig {
         }
         let t = &self.train;
         let o = &self.optim;
+        let r = &self.run;
+        if r.watchdog_timeout_ms < 1000 {
+            return bad(
+                "run.watchdog_timeout_ms",
+                r.watchdog_timeout_ms,
+                "must be at least 1000: a healthy step or collective must never look stuck",
+            );
+        }
+        if r.restart_window_ms == 0 {
+            return bad("run.restart_window_ms", 0, "must be at least 1");
+        }
+        if r.prefetch_steps == 0 || r.prefetch_steps > 64 {
+            return bad(
+                "run.prefetch_steps",
+                r.prefetch_steps,
+                "must be between 1 and 64",
+            );
+        }
         if t.micro_batch == 0 {
             return bad("train.micro_batch", 0, "must be at least 1");
         }

@@ -6,7 +6,7 @@ mod bench_coordinator;
 mod config;
 mod control;
 mod launch;
-mod model_io;
+use phalanx_actors::model_io;
 mod report;
 mod run_dir;
 mod sample;
@@ -201,6 +201,25 @@ enum BenchCmd {
         steps: u64,
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Ranks (local processes): with N > 1, the per-step cost of fault tolerance, the
+        /// job under `phalanx launch` against bare ranks doing the same steps.
+        #[arg(long, default_value_t = 1)]
+        world: usize,
+        overrides: Vec<String>,
+    },
+    /// Internal: one bare rank of `bench train --world N`.
+    #[command(hide = true)]
+    TrainRank {
+        #[arg(long)]
+        bootstrap: String,
+        #[arg(long)]
+        rank: u32,
+        #[arg(long)]
+        world: u32,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
         overrides: Vec<String>,
     },
     /// Collectives over UCX between N local processes, reported like nccl-tests.
@@ -355,11 +374,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     config,
                     steps,
                     runs,
+                    world,
                     overrides,
                 },
         } => {
             let cfg = TrainConfig::load(Some(&config), &overrides)?;
-            bench::run(&cfg, steps.max(20), runs.max(1))?;
+            if world > 1 {
+                bench::run_world(&cfg, &config, &overrides, world, steps.max(20), runs.max(1))?;
+            } else {
+                bench::run(&cfg, steps.max(20), runs.max(1))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::TrainRank {
+                    bootstrap,
+                    rank,
+                    world,
+                    out,
+                    config,
+                    overrides,
+                },
+        } => {
+            let cfg = TrainConfig::load(Some(&config), &overrides)?;
+            bench::bare_rank(&cfg, &bootstrap, rank, world, &out)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench {

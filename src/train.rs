@@ -1,10 +1,10 @@
 //! `phalanx train`: single-process training with the run directory, progress and Ctrl-C.
 
 use crate::config::TrainConfig;
-use crate::model_io;
 use crate::run_dir::RunDir;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use phalanx_actors::model_io;
 use phalanx_model::data::Dataset;
 use phalanx_model::device::{device_name, resolve_device};
 use phalanx_model::gpt::Gpt;
@@ -44,14 +44,7 @@ pub fn set_threads(threads: usize) -> usize {
     n
 }
 
-/// Everything a training run needs before its first step.
-pub struct Setup {
-    pub ds: Dataset,
-    pub trainer: Trainer,
-    pub sampler: Sampler,
-    pub win: Windows,
-    pub threads: usize,
-}
+pub use phalanx_actors::Setup;
 
 pub fn setup(cfg: &TrainConfig) -> Result<Setup> {
     let threads = set_threads(cfg.train.threads);

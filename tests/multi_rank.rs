@@ -59,6 +59,10 @@ struct Launched {
 }
 
 fn launch(dir: &Path, args: &[&str]) -> Launched {
+    launch_env(dir, args, &[])
+}
+
+fn launch_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Launched {
     let _one_at_a_time = serial();
     let data = dataset(dir);
     let cfg = job_config(dir, &data);
@@ -67,6 +71,7 @@ fn launch(dir: &Path, args: &[&str]) -> Launched {
         .arg("--config")
         .arg(&cfg)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .output()
         .unwrap();
@@ -356,4 +361,120 @@ fn mismatched_workers_are_refused() {
     let _ = coord.kill();
     let _ = sim.wait();
     let _ = coord.wait();
+}
+
+fn worker_log(run: &Path, i: usize) -> String {
+    std::fs::read_to_string(run.join("logs").join(format!("worker-{i}.log"))).unwrap_or_default()
+}
+
+fn generations(run: &Path) -> std::collections::BTreeSet<u64> {
+    read_jsonl(&run.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|m| m["generation"].as_u64())
+        .collect()
+}
+
+// S-1, S-2: a data loader that panics, and a control agent that panics, are restarted in place by
+// the rank's supervisor: the job never regroups (one generation), and the replicas stay equal.
+#[test]
+fn loader_and_control_agent_restart_in_place() {
+    let d = tempfile::tempdir().unwrap();
+    let r = launch_env(
+        d.path(),
+        &["--nproc", "2", "train.max_steps=80", "optim.decay_steps=80"],
+        &[("PHALANX_TEST_FAULT", "loader-panic@20:1,control-panic@40")],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.report["status"], "completed", "{}", r.report);
+    assert_eq!(r.report["steps"], 80);
+    let (w0, w1) = (worker_log(&r.run, 0), worker_log(&r.run, 1));
+    assert!(w1.contains("data-loader failed"), "{w1}");
+    assert!(w1.contains("restarting data-loader"), "{w1}");
+    for w in [&w0, &w1] {
+        assert!(w.contains("control-agent failed"), "{w}");
+    }
+    assert_eq!(generations(&r.run).len(), 1, "no regroup expected");
+    assert_eq!(
+        r.report["faults"].as_array().map_or(0, |f| f.len()),
+        0,
+        "{}",
+        r.report
+    );
+    assert_identical_final_state(&r.run, 2);
+}
+
+// S-4, R-4: the compute actor of rank 1 panics mid-step; its supervisor restarts it (with the
+// checkpointer after it), it asks for a regroup under its own name, and the job goes on with the
+// same two members and equal replicas, at most the step in flight redone.
+#[test]
+fn compute_panic_restarts_and_rejoins() {
+    let d = tempfile::tempdir().unwrap();
+    let r = launch_env(
+        d.path(),
+        &["--nproc", "2", "train.max_steps=80", "optim.decay_steps=80"],
+        &[("PHALANX_TEST_FAULT", "compute-panic@30:1")],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.report["status"], "completed", "{}", r.report);
+    let w1 = worker_log(&r.run, 1);
+    assert!(w1.contains("compute failed"), "{w1}");
+    assert!(w1.contains("restarting compute, checkpointer"), "{w1}");
+    let events = read_jsonl(&r.run.join("events.jsonl"));
+    // The same process stays in the job: no worker exited before the end, none was restarted.
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["kind"] == "worker_exit" && e["code"] != 0),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.to_string().contains("asked for a regroup")),
+        "{events:?}"
+    );
+    assert!(generations(&r.run).len() >= 2);
+    assert_eq!(r.report["world_size_final"], 2, "{}", r.report);
+    let steps: Vec<u64> = read_jsonl(&r.run.join("metrics.jsonl"))
+        .iter()
+        .filter(|m| m["final"] != true)
+        .filter_map(|m| m["step"].as_u64())
+        .collect();
+    // Every step committed once, except at most the one in flight, done again.
+    let mut uniq = steps.clone();
+    uniq.dedup();
+    assert_eq!(uniq, (0..80).collect::<Vec<_>>());
+    assert!(steps.len() <= 81, "{steps:?}");
+    assert_identical_final_state(&r.run, 2);
+}
+
+// S-6: a compute thread stuck inside a step (it never returns) is caught by the watchdog; the
+// rank gives up (exit 5) and the job replaces it with the spare, like a crash.
+#[test]
+fn stuck_compute_gives_the_rank_up() {
+    let d = tempfile::tempdir().unwrap();
+    let r = launch_env(
+        d.path(),
+        &[
+            "--nproc",
+            "2",
+            "--spares",
+            "1",
+            "train.max_steps=200",
+            "optim.decay_steps=200",
+            "run.watchdog_timeout_ms=3000",
+        ],
+        &[("PHALANX_TEST_FAULT", "compute-hang@30:1")],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.report["status"], "completed", "{}", r.report);
+    assert_eq!(r.report["world_size_final"], 2, "{}", r.report);
+    let events = read_jsonl(&r.run.join("events.jsonl"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "worker_exit" && e["code"] == 5),
+        "the stuck rank exits with code 5: {events:?}"
+    );
+    assert_identical_final_state(&r.run, 2);
 }

@@ -55,6 +55,8 @@ pub struct Live {
     pub median_s: Option<f64>,
     /// The rank finished the job and may leave without that being a fault.
     pub done: bool,
+    /// The rank asked for a regroup (it restarted its compute and is alive).
+    pub regroup: bool,
 }
 
 /// Detection and policy settings. Defaults and the reason for each are in docs/control-plane.md.
@@ -167,6 +169,9 @@ pub struct Member {
     pub straggler: bool,
     /// Current-generation members that reported this one in a failed collective.
     pub suspected_by: BTreeSet<MemberId>,
+    /// The member restarted part of itself (its compute) and asked for a new generation
+    /// under its own name; it is alive, so reports of it failing do not evict it.
+    pub regroup_requested: bool,
     pub drain_requested: bool,
     /// Set for members restored from the journal until they re-register.
     pub rejoin_deadline: Option<Instant>,
@@ -198,6 +203,7 @@ impl Member {
             normal_streak: 0,
             straggler: false,
             suspected_by: BTreeSet::new(),
+            regroup_requested: false,
             drain_requested: false,
             rejoin_deadline: None,
             closed_at: None,
@@ -425,6 +431,7 @@ impl State {
             straggler: m.straggler,
             drain: m.drain_requested,
             suspects: m.suspected_by.len() as u32,
+            regroup: m.regroup_requested,
             rejoin_deadline: m.rejoin_deadline,
             median_s: m.median_s,
             done: m.phase == "done",
@@ -731,8 +738,12 @@ impl State {
         };
         if sid != reporter {
             self.member_mut(sid)?.suspected_by.insert(reporter);
-            self.sync_live(sid);
+        } else {
+            // A rank reporting itself lost its place in the generation's collectives (its
+            // compute restarted) but not its life: regroup, keep it.
+            self.member_mut(sid)?.regroup_requested = true;
         }
+        self.sync_live(sid);
         Ok(())
     }
 
@@ -824,7 +835,7 @@ fn failure(
         }
     }
     // A strict majority of the other ranks saw it fail in a collective.
-    if world > 1 && (l.suspects as usize) * 2 > world - 1 {
+    if world > 1 && !l.regroup && (l.suspects as usize) * 2 > world - 1 {
         let by = s
             .members
             .get(&l.id)
@@ -880,7 +891,8 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     }
     let target = s.target_world.min(cfg.max_world).max(1);
     let any_straggler = cfg.straggler.evict && s.live.iter().any(|l| l.straggler);
-    if removed.is_empty() && !any_straggler && world == target {
+    let regroup: Vec<MemberId> = s.live.iter().filter(|l| l.regroup).map(|l| l.id).collect();
+    if removed.is_empty() && !any_straggler && world == target && regroup.is_empty() {
         return Decision::Steady;
     }
     // Only now scan for spares: the steady path above stays O(world) with no allocation.
@@ -923,7 +935,7 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     }
     let want = target.saturating_sub(survivors.len());
     spares.truncate(want);
-    if removed.is_empty() && spares.is_empty() {
+    if removed.is_empty() && spares.is_empty() && regroup.is_empty() {
         return Decision::Steady;
     }
     let new_world = survivors.len() + spares.len();
@@ -973,6 +985,11 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         .collect();
     if !spares.is_empty() {
         why.push(format!("promoted {spares:?}"));
+    }
+    for id in &regroup {
+        why.push(format!(
+            "member {id} restarted its compute and asked for a regroup"
+        ));
     }
     Decision::Regroup(Regroup {
         generation: Generation(s.generation.0 + 1),
@@ -1038,6 +1055,7 @@ pub fn apply(s: &mut State, d: &Decision) -> Generation {
                     m.state = MemberState::Active;
                     m.rank = Some(Rank(i as u32));
                     m.suspected_by.clear();
+                    m.regroup_requested = false;
                     m.slow_streak = 0;
                     m.normal_streak = 0;
                     m.step = r.resume_step.max(m.step);
@@ -1418,6 +1436,26 @@ mod tests {
             matches!(&r.removed[..], [(id, Removal::Reported { by })] if *id == d && by.len() == 2)
         );
         let _ = c;
+    }
+
+    // a rank that restarted its compute reports itself; the job regroups with the same
+    // members, and the other ranks' reports of it do not evict it.
+    #[test]
+    fn self_report_regroups_without_evicting() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 3, 0, &cfg);
+        let (a, b, c) = (s.ranks[0], s.ranks[1], s.ranks[2]);
+        s.report_fault(c, Generation(1), Rank(2)).unwrap();
+        s.report_fault(a, Generation(1), Rank(2)).unwrap();
+        s.report_fault(b, Generation(1), Rank(2)).unwrap();
+        let r = regroup(decide(t, &s, &cfg));
+        assert!(r.removed.is_empty(), "{r:?}");
+        assert_eq!(r.ranks, vec![a, b, c]);
+        assert_eq!(r.generation, Generation(2));
+        assert!(r.reason.contains("asked for a regroup"), "{}", r.reason);
+        apply(&mut s, &Decision::Regroup(r));
+        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
     }
 
     #[test]

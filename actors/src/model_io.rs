@@ -1,6 +1,6 @@
 //! Saving and loading a model (and its optimizer state) through the checkpoint format.
 
-use anyhow::{bail, Context, Result};
+use crate::error::{ActorError, Result};
 use phalanx_checkpoint::{Contents, TensorData};
 use phalanx_model::config::ModelConfig;
 use phalanx_model::gpt::Gpt;
@@ -26,7 +26,7 @@ pub struct ModelInfo {
 }
 
 fn flat_tensor(name: &str, t: &tch::Tensor) -> Result<TensorData> {
-    let data = Vec::<f32>::try_from(&t.to_device(Device::Cpu))?;
+    let data = Vec::<f32>::try_from(&t.to_device(Device::Cpu).view([-1]))?;
     Ok(TensorData {
         name: name.into(),
         shape: vec![data.len()],
@@ -34,7 +34,8 @@ fn flat_tensor(name: &str, t: &tch::Tensor) -> Result<TensorData> {
     })
 }
 
-pub fn save(dir: &Path, trainer: &Trainer, tokenizer: &str, vocab: Option<String>) -> Result<()> {
+/// A copy of the model and optimizer state, ready to be written by [`write`] on any thread.
+pub fn snapshot(trainer: &Trainer, tokenizer: &str, vocab: Option<String>) -> Result<Contents> {
     let mut c = Contents::default();
     let params = trainer
         .model
@@ -58,29 +59,45 @@ pub fn save(dir: &Path, trainer: &Trainer, tokenizer: &str, vocab: Option<String
         step: trainer.step,
         adam_t: trainer.opt.t,
     };
-    c.json
-        .insert(MODEL_JSON.into(), serde_json::to_value(info)?);
-    phalanx_checkpoint::save(dir, trainer.step, &c)
-        .with_context(|| format!("cannot save the model to {}", dir.display()))?;
+    c.json.insert(
+        MODEL_JSON.into(),
+        serde_json::to_value(info).expect("ModelInfo serializes"),
+    );
+    Ok(c)
+}
+
+/// Writes a snapshot atomically (C-1): the directory is complete and verifiable, or absent.
+pub fn write(dir: &Path, step: u64, c: &Contents) -> Result<()> {
+    phalanx_checkpoint::save(dir, step, c).map_err(|source| ActorError::Save {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     Ok(())
+}
+
+pub fn save(dir: &Path, trainer: &Trainer, tokenizer: &str, vocab: Option<String>) -> Result<()> {
+    let c = snapshot(trainer, tokenizer, vocab)?;
+    write(dir, trainer.step, &c)
 }
 
 /// Loads a saved model for inference: verifies the checkpoint, rebuilds model and tokenizer.
 pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
     let (_, contents) = phalanx_checkpoint::load(dir)?;
+    let bad = |reason: String| ActorError::NotAModel {
+        path: dir.to_path_buf(),
+        reason,
+    };
     let Some(info) = contents.json.get(MODEL_JSON) else {
-        bail!(
-            "{} has no {MODEL_JSON}: it is not a phalanx model",
-            dir.display()
-        );
+        return Err(bad(format!(
+            "has no {MODEL_JSON}: it is not a phalanx model"
+        )));
     };
     let info: ModelInfo = serde_json::from_value(info.clone())
-        .with_context(|| format!("{}/{MODEL_JSON} is invalid", dir.display()))?;
+        .map_err(|e| bad(format!("{MODEL_JSON} is invalid: {e}")))?;
     let Some(params) = contents.tensors.get(MODEL_FILE) else {
-        bail!(
-            "{} has no {MODEL_FILE}: it is not a phalanx model",
-            dir.display()
-        );
+        return Err(bad(format!(
+            "has no {MODEL_FILE}: it is not a phalanx model"
+        )));
     };
     let model = Gpt::new(&info.model, device, 0)?;
     let tensors: Vec<_> = params
@@ -90,12 +107,11 @@ pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
     model.params.import(&tensors)?;
     let tok = Tokenizer::from_meta(&info.tokenizer, info.vocab.as_deref())?;
     if tok.vocab_size() != info.model.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens but the model {}; the model file is inconsistent",
-            dir.display(),
+        return Err(bad(format!(
+            "tokenizer has {} tokens but the model {}; the model file is inconsistent",
             tok.vocab_size(),
             info.model.vocab_size
-        );
+        )));
     }
     Ok((model, tok, info))
 }

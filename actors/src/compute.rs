@@ -1,0 +1,636 @@
+//! `ComputeActor`: the data-parallel training loop, on a dedicated OS thread.
+//!
+//! For each generation it gets the group from the communicator, brings every rank to the
+//! same committed state (G-2), and runs steps until the job ends or a collective fails; the
+//! step in flight is then redone in the next generation with the same global batch (G-1).
+//! libtorch never runs on a tokio worker. The model lives in [`ModelSlot`], so a restarted
+//! incarnation takes over its predecessor's state unless that state was torn mid-update.
+
+use crate::ckpt::CheckpointerMsg;
+use crate::comm::CommunicatorMsg;
+use crate::faults;
+use crate::loader::{self, panic_message};
+use crate::model_io;
+use crate::rank::{Control, Directive, Shared, EXIT_DONE, EXIT_FENCED, EXIT_HALTED};
+use crate::supervisor::{finish_reason, Heart};
+use crate::Setup;
+use phalanx_model::optim::lr_at;
+use phalanx_proto::pb;
+use phalanx_runtime::dataplane::UcxGroup;
+use phalanx_runtime::{Generation, Rank, RuntimeError};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::json;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tch::Tensor;
+use tracing::{info, warn};
+
+pub struct ComputeActor;
+
+pub struct ComputeArgs {
+    pub shared: Arc<Shared>,
+    pub heart: Heart,
+    pub incarnation: u64,
+}
+
+pub enum ComputeMsg {
+    /// The thread ended: `Ok((code, why))` the rank's work is over, `Err` it failed.
+    Ended(Result<(i32, String), String>),
+}
+
+pub struct ComputeState {
+    cancel: Arc<AtomicBool>,
+}
+
+impl Drop for ComputeState {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Actor for ComputeActor {
+    type Msg = ComputeMsg;
+    type State = ComputeState;
+    type Arguments = ComputeArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ComputeArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c = cancel.clone();
+        std::thread::Builder::new()
+            .name("phalanx-compute".into())
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Loop::new(&args.shared, &args.heart, &c, args.incarnation).run()
+                }))
+                .unwrap_or_else(|p| Err(panic_message(&p)));
+                if !c.load(Ordering::Relaxed) {
+                    let _ = myself.cast(ComputeMsg::Ended(r));
+                }
+            })?;
+        Ok(ComputeState { cancel })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: ComputeMsg,
+        _st: &mut ComputeState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ComputeMsg::Ended(Ok((code, why))) => {
+                myself.stop(Some(finish_reason(code, &why)));
+                Ok(())
+            }
+            ComputeMsg::Ended(Err(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// Holds the model while an incarnation runs and hands it back when it ends, however it
+/// ends (a panic unwinds through this guard).
+struct SlotGuard<'a> {
+    shared: &'a Shared,
+    setup: Option<Setup>,
+    torn: bool,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        let mut slot = self.shared.model.lock();
+        slot.setup = self.setup.take();
+        slot.torn = self.torn;
+        self.shared.model_back.notify_all();
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn tensor_vec(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu).view([-1])).unwrap_or_default()
+}
+
+/// SHA-256 of parameters and optimizer state: equal on every member at a commit (G-2).
+pub fn state_fingerprint(s: &Setup) -> String {
+    use sha2::{Digest, Sha256};
+    let t = &s.trainer;
+    let mut h = Sha256::new();
+    for x in [&t.model.params.flat, &t.opt.m, &t.opt.v] {
+        for f in tensor_vec(x) {
+            h.update(f.to_le_bytes());
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Brings every rank of a new generation to the committed state of the most advanced one:
+/// the ranks learn each other's step (an allreduce of one-hot steps), and if they differ the
+/// lowest-ranked holder of the highest step broadcasts parameters, optimizer state and step.
+fn sync_state(group: &UcxGroup, s: &mut Setup) -> Result<Option<u32>, RuntimeError> {
+    let world = group.world() as usize;
+    let mut steps = vec![0f32; world * 2];
+    // Steps up to 2^24 are exact in f32; split into high and low halves beyond that.
+    let st = s.trainer.step;
+    steps[group.rank().0 as usize * 2] = (st >> 20) as f32;
+    steps[group.rank().0 as usize * 2 + 1] = (st & 0xF_FFFF) as f32;
+    group.allreduce(&mut steps)?;
+    let all: Vec<u64> = (0..world)
+        .map(|r| ((steps[2 * r] as u64) << 20) | steps[2 * r + 1] as u64)
+        .collect();
+    let max = *all.iter().max().unwrap_or(&0);
+    if all.iter().all(|&x| x == max) {
+        return Ok(None);
+    }
+    let leader = all.iter().position(|&x| x == max).unwrap_or(0) as u32;
+    let t = &mut s.trainer;
+    let mut buf: Vec<u8> = Vec::new();
+    if group.rank().0 == leader {
+        let mut floats = tensor_vec(&t.model.params.flat);
+        floats.extend(tensor_vec(&t.opt.m));
+        floats.extend(tensor_vec(&t.opt.v));
+        buf = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
+        buf.extend(t.step.to_le_bytes());
+        buf.extend(t.opt.t.to_le_bytes());
+    }
+    let n = t.model.num_params() as usize;
+    let need = 3 * n * 4 + 16;
+    if group.rank().0 != leader {
+        // Every rank passes a buffer of the broadcast's size.
+        buf = vec![0u8; need];
+    }
+    group.broadcast(&mut buf, Rank(leader))?;
+    if group.rank().0 != leader {
+        if buf.len() != need {
+            return Err(RuntimeError::InvalidArgument {
+                op: "state transfer",
+                reason: format!("received {} bytes, expected {need}", buf.len()),
+            });
+        }
+        let floats: Vec<f32> = buf[..3 * n * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        tch::no_grad(|| {
+            let dev = t.model.device();
+            t.model
+                .params
+                .flat
+                .shallow_clone()
+                .copy_(&Tensor::from_slice(&floats[..n]).to_device(dev));
+            t.opt
+                .m
+                .copy_(&Tensor::from_slice(&floats[n..2 * n]).to_device(dev));
+            t.opt
+                .v
+                .copy_(&Tensor::from_slice(&floats[2 * n..]).to_device(dev));
+        });
+        let tail = &buf[3 * n * 4..];
+        t.step = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes"));
+        t.opt.t = u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes"));
+        t.model.params.zero_grads();
+    }
+    Ok(Some(leader))
+}
+
+fn suspect_of(e: &RuntimeError, me: Rank, world: u32) -> u32 {
+    match e {
+        RuntimeError::PeerFailed { rank, .. } => rank.0,
+        // A timeout does not say who; name the ring neighbour we wait on.
+        _ => (me.0 + world - 1) % world.max(1),
+    }
+}
+
+/// How a generation ended for this rank.
+enum Next {
+    /// Wait for (or take) the next assignment.
+    Regroup(Option<pb::Assign>),
+    Exit(i32, String),
+}
+
+struct Loop<'a> {
+    sh: &'a Shared,
+    heart: &'a Heart,
+    cancel: &'a AtomicBool,
+    incarnation: u64,
+}
+
+impl<'a> Loop<'a> {
+    fn new(sh: &'a Shared, heart: &'a Heart, cancel: &'a AtomicBool, incarnation: u64) -> Self {
+        Self {
+            sh,
+            heart,
+            cancel,
+            incarnation,
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.sh.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Takes the model from the slot; a torn one is rebuilt (it heals from a peer).
+    fn take_model(&self) -> Result<Option<SlotGuard<'a>>, String> {
+        let mut slot = self.sh.model.lock();
+        self.heart.busy(true);
+        while slot.setup.is_none() {
+            if self.cancelled() {
+                return Ok(None);
+            }
+            // A predecessor still holds it: wait without beating, so that a predecessor
+            // that never lets go is caught by the watchdog.
+            self.sh
+                .model_back
+                .wait_for(&mut slot, Duration::from_millis(50));
+        }
+        let mut setup = slot.setup.take();
+        let torn = slot.torn;
+        drop(slot);
+        if torn {
+            warn!("the model was torn by a failure mid-update; rebuilding it to heal from a peer");
+            setup = Some((self.sh.params.setup)()?);
+        }
+        self.heart.beat();
+        Ok(Some(SlotGuard {
+            shared: self.sh,
+            setup,
+            torn: false,
+        }))
+    }
+
+    fn run(&self) -> Result<(i32, String), String> {
+        let Some(mut guard) = self.take_model()? else {
+            return Ok((EXIT_DONE, "rank stopping".into()));
+        };
+        self.heart.busy(false);
+        let Some(ctl) = self.sh.wait_control(&|| self.cancelled()) else {
+            return Ok((EXIT_DONE, "rank stopping".into()));
+        };
+        let progress = &self.sh.progress;
+        let held = progress.generation.load(Ordering::Relaxed);
+        if held > 0 {
+            // A restarted incarnation: the old generation's collectives are lost to it. Ask
+            // for a regroup under its own name first (so the peers' reports of this rank do
+            // not evict it), then let go of the group so the peers stop waiting on it.
+            self.report_self(&ctl, held);
+            if let Some(c) = self.sh.communicator.lock().clone() {
+                let _ = c.cast(CommunicatorMsg::Release);
+            }
+        }
+        let mut next = Next::Regroup(None);
+        loop {
+            next = match next {
+                Next::Exit(code, why) => {
+                    if let Some(c) = self.sh.communicator.lock().clone() {
+                        let _ = c.cast(CommunicatorMsg::Release);
+                    }
+                    self.sh.loader.pause();
+                    return Ok((code, why));
+                }
+                Next::Regroup(pending) => {
+                    let setup = guard.setup.as_mut().expect("the model is held");
+                    self.generation(&ctl, setup, pending, &mut guard.torn)?
+                }
+            };
+        }
+    }
+
+    fn report_self(&self, ctl: &Control, generation: u64) {
+        let rank = self.sh.progress_rank();
+        let mut c = ctl.client.clone();
+        let opts = self.sh.params.client.clone();
+        let req = pb::FaultReport {
+            member_id: ctl.member,
+            generation,
+            suspect_rank: rank,
+            kind: "restarted".into(),
+            detail: format!("compute restarted (incarnation {})", self.incarnation),
+            step: self.sh.progress.step.load(Ordering::Relaxed),
+        };
+        let r = self.sh.handle.block_on(async move {
+            c.report_fault(phalanx_runtime::coordinator::client::request(req, &opts))
+                .await
+        });
+        if let Err(s) = r {
+            warn!(code = ?s.code(), msg = s.message(), "could not ask the coordinator for a regroup");
+        }
+    }
+
+    /// Waits for a directive; `None` while nothing arrived within `wait`.
+    fn directive(&self, wait: Duration) -> Result<Option<Directive>, String> {
+        let rx = self.sh.directives.lock();
+        match rx.recv_timeout(wait) {
+            Ok(d) => Ok(Some(d)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err("lost the control agent".into()),
+        }
+    }
+
+    fn save_on_halt(&self, s: &Setup, last_rank: Option<u32>, reason: &str) -> Result<(), String> {
+        if last_rank != Some(0) || s.trainer.step == 0 {
+            return Ok(());
+        }
+        let dir = self.sh.params.run_dir.join("model");
+        self.save_now(&dir, s)?;
+        std::fs::write(
+            self.sh.params.run_dir.join("halted.txt"),
+            format!("{reason}\n"),
+        )
+        .map_err(|e| e.to_string())?;
+        warn!(step = s.trainer.step, dir = %dir.display(), "saved the committed model before stopping");
+        Ok(())
+    }
+
+    /// Saves through the checkpointer and waits for it (or inline if it is down).
+    fn save_now(&self, dir: &Path, s: &Setup) -> Result<(), String> {
+        let c = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
+            .map_err(|e| e.to_string())?;
+        let step = s.trainer.step;
+        if let Some(ck) = self.sh.checkpointer.lock().clone() {
+            let d = dir.to_path_buf();
+            let r = self.sh.handle.block_on(ck.call(
+                |reply| CheckpointerMsg::Save {
+                    dir: d,
+                    step,
+                    contents: Box::new(c),
+                    reply: Some(reply),
+                },
+                Some(Duration::from_secs(120)),
+            ));
+            if let Ok(ractor::rpc::CallResult::Success(r)) = r {
+                return r;
+            }
+            // The checkpointer died with the snapshot: write a new one here.
+            let c = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
+                .map_err(|e| e.to_string())?;
+            return model_io::write(dir, step, &c).map_err(|e| e.to_string());
+        }
+        model_io::write(dir, step, &c).map_err(|e| e.to_string())
+    }
+
+    fn checkpoint_async(&self, s: &Setup) {
+        let step = s.trainer.step;
+        let Ok(c) = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
+        else {
+            return;
+        };
+        let dir = self
+            .sh
+            .params
+            .run_dir
+            .join("checkpoints")
+            .join(format!("step-{step}"));
+        if let Some(ck) = self.sh.checkpointer.lock().clone() {
+            let _ = ck.cast(CheckpointerMsg::Save {
+                dir,
+                step,
+                contents: Box::new(c),
+                reply: None,
+            });
+        }
+    }
+
+    /// One generation: wait for it, join, train until it ends.
+    fn generation(
+        &self,
+        ctl: &Control,
+        s: &mut Setup,
+        pending: Option<pb::Assign>,
+        torn: &mut bool,
+    ) -> Result<Next, String> {
+        let sh = self.sh;
+        let p = &sh.params;
+        let progress = &sh.progress;
+        progress.phase.store(0, Ordering::Relaxed);
+        self.heart.busy(false);
+        let last_rank = sh.last_rank();
+        let assign = match pending {
+            Some(a) => a,
+            None => loop {
+                if self.cancelled() {
+                    return Ok(Next::Exit(EXIT_DONE, "rank stopping".into()));
+                }
+                self.heart.beat();
+                match self.directive(Duration::from_millis(100))? {
+                    Some(Directive::Assign(x)) => break x,
+                    Some(Directive::Drain) | None => continue,
+                    Some(Directive::Evict(reason)) => {
+                        warn!(%reason, "evicted");
+                        return Ok(Next::Exit(EXIT_FENCED, format!("evicted: {reason}")));
+                    }
+                    Some(Directive::Shutdown(reason)) => {
+                        warn!(%reason, "shut down by the coordinator");
+                        self.save_on_halt(s, last_rank, &reason)?;
+                        return Ok(Next::Exit(EXIT_HALTED, format!("halted: {reason}")));
+                    }
+                }
+            },
+        };
+        if assign.generation <= progress.generation.load(Ordering::Relaxed) {
+            return Ok(Next::Regroup(None));
+        }
+        let generation = Generation(assign.generation);
+        let (rank, world) = (Rank(assign.rank), assign.world);
+        sh.set_last_rank(rank.0);
+        progress.generation.store(generation.0, Ordering::Relaxed);
+        self.heart.busy(true);
+        let t0 = Instant::now();
+        let Some(comm) = sh.communicator.lock().clone() else {
+            return Err("no communicator".into());
+        };
+        let shared_group = match sh.handle.block_on(comm.call(
+            |reply| CommunicatorMsg::Connect {
+                generation,
+                rank,
+                world,
+                reply,
+            },
+            Some(p.collective_timeout * 10),
+        )) {
+            Ok(ractor::rpc::CallResult::Success(Ok(g))) => g,
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => {
+                warn!(error = %e, %generation, "could not build the data-plane group; waiting for the next generation");
+                return Ok(Next::Regroup(None));
+            }
+            Ok(_) | Err(_) => {
+                return Err("the communicator did not answer".into());
+            }
+        };
+        let group = shared_group.lock();
+        let report = |e: &RuntimeError, step: u64| {
+            let _ = comm.cast(CommunicatorMsg::Fault(pb::FaultReport {
+                member_id: ctl.member,
+                generation: generation.0,
+                suspect_rank: suspect_of(e, rank, world),
+                kind: if matches!(e, RuntimeError::Timeout { .. }) {
+                    "timeout"
+                } else {
+                    "peer_failed"
+                }
+                .into(),
+                detail: e.to_string(),
+                step,
+            }));
+        };
+        progress.phase.store(2, Ordering::Relaxed);
+        let healed = match sync_state(&group, s) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(error = %e, "state sync failed; waiting for the next generation");
+                report(&e, s.trainer.step);
+                return Ok(Next::Regroup(None));
+            }
+        };
+        progress.step.store(s.trainer.step, Ordering::Relaxed);
+        info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed,
+              ready_ms = t0.elapsed().as_millis() as u64, incarnation = self.incarnation, "joined generation");
+        progress.phase.store(1, Ordering::Relaxed);
+        let mbs = s.sampler.micro_batches_per_step();
+        let tokens_per_step = (p.global_batch * s.win.block) as f64;
+        let device = s.trainer.model.device();
+        let plan = sh
+            .loader
+            .set_plan(world as usize, rank.0 as usize, s.trainer.step, p.max_steps);
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p.run_dir.join("metrics.jsonl"))
+            .map_err(|e| format!("cannot open {}/metrics.jsonl: {e}", p.run_dir.display()))?;
+        let mine = s
+            .sampler
+            .rank_micro_batches(world as usize, rank.0 as usize);
+        while s.trainer.step < p.max_steps {
+            self.heart.beat();
+            if self.cancelled() {
+                return Ok(Next::Exit(EXIT_DONE, "rank stopping".into()));
+            }
+            // Directives between steps: a newer generation, eviction, shutdown, drain.
+            let d = sh.directives.lock().try_recv();
+            match d {
+                Ok(Directive::Assign(x)) if x.generation > generation.0 => {
+                    return Ok(Next::Regroup(Some(x)));
+                }
+                Ok(Directive::Evict(reason)) => {
+                    warn!(%reason, "evicted");
+                    return Ok(Next::Exit(EXIT_FENCED, format!("evicted: {reason}")));
+                }
+                Ok(Directive::Shutdown(reason)) => {
+                    warn!(%reason, "shut down by the coordinator");
+                    self.save_on_halt(s, Some(rank.0), &reason)?;
+                    return Ok(Next::Exit(EXIT_HALTED, format!("halted: {reason}")));
+                }
+                Ok(Directive::Drain) => return Ok(Next::Regroup(None)),
+                Ok(_) | Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => return Err("lost the control agent".into()),
+            }
+            let step = s.trainer.step;
+            let lr = lr_at(&p.optim, step);
+            let t_step = Instant::now();
+            let batches = match sh.loader.take(plan, step, Duration::from_millis(200)) {
+                Some(b) => b,
+                None => loader::build(
+                    &sh.loader.data,
+                    &s.ds,
+                    world as usize,
+                    rank.0 as usize,
+                    step,
+                ),
+            };
+            if faults::fire("compute-hang", step, Some(rank.0), generation.0) {
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            let local_loss = s.trainer.accumulate(&batches, mbs);
+            if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
+                panic!("injected compute panic at step {step}");
+            }
+            let compute = t_step.elapsed();
+            let mut buf = tensor_vec(s.trainer.flat_grads());
+            // The global mean loss rides along as one more element of the sum.
+            buf.push((local_loss * mine.len() as f64 / mbs as f64) as f32);
+            if let Err(e) = group.allreduce(&mut buf) {
+                warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
+                s.trainer.model.params.zero_grads();
+                report(&e, step);
+                return Ok(Next::Regroup(None));
+            }
+            let loss = buf.pop().unwrap_or(f32::NAN) as f64;
+            *torn = true;
+            let grad_norm = s
+                .trainer
+                .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
+            if grad_norm.is_none() {
+                // Every rank sees the same summed gradient, so every rank skips the same step.
+                s.trainer.step += 1;
+            }
+            *torn = false;
+            let dt = t_step.elapsed();
+            progress.step.store(s.trainer.step, Ordering::Relaxed);
+            progress.seq.fetch_add(1, Ordering::Relaxed);
+            progress
+                .step_us
+                .store(dt.as_micros() as u32, Ordering::Relaxed);
+            progress
+                .compute_us
+                .store(compute.as_micros() as u32, Ordering::Relaxed);
+            progress
+                .loss_bits
+                .store((loss as f32).to_bits(), Ordering::Relaxed);
+            if rank.0 == 0 {
+                let line = json!({
+                    "step": step, "loss": loss, "lr": lr,
+                    "tokens_per_s": tokens_per_step / dt.as_secs_f64(),
+                    "step_ms": dt.as_secs_f64() * 1e3, "compute_ms": compute.as_secs_f64() * 1e3, "grad_norm": grad_norm,
+                    "world_size": world, "generation": generation.0, "unix_ms": unix_ms(),
+                    "skipped": grad_norm.is_none(), "incarnation": self.incarnation,
+                });
+                let _ = metrics.write_all(format!("{line}\n").as_bytes());
+                if p.checkpoint_interval > 0 && s.trainer.step % p.checkpoint_interval == 0 {
+                    self.checkpoint_async(s);
+                }
+            }
+        }
+        // Done: every rank records a fingerprint of its final state (G-2: they must be equal),
+        // rank 0 evaluates and saves the final model; everyone leaves together.
+        self.heart.busy(true);
+        let fp = state_fingerprint(s);
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p.run_dir.join("fingerprints.jsonl"))
+                .map_err(|e| e.to_string())?;
+            // One write per line: every rank appends to this file at the same moment.
+            let line = json!({"member": ctl.member, "rank": rank.0, "generation": generation.0,
+                              "step": s.trainer.step, "state_sha256": fp});
+            f.write_all(format!("{line}\n").as_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        let _ = group.barrier();
+        if rank.0 == 0 {
+            let val = s
+                .trainer
+                .evaluate(&s.ds.val, s.win, p.eval_batches, p.micro_batch);
+            self.save_now(&p.run_dir.join("model"), s)?;
+            let line = json!({"final": true, "step": s.trainer.step, "val_loss": val, "unix_ms": unix_ms()});
+            let _ = metrics.write_all(format!("{line}\n").as_bytes());
+        }
+        drop(group);
+        // Tell the coordinator this rank is done (so its exit is not a fault), then leave.
+        progress.phase.store(3, Ordering::Relaxed);
+        self.heart.busy(false);
+        std::thread::sleep(3 * p.heartbeat_interval.max(Duration::from_millis(50)));
+        Ok(Next::Exit(EXIT_DONE, "training complete".into()))
+    }
+}

@@ -1,0 +1,271 @@
+//! `ControlAgentActor`: the rank's session with the coordinator.
+//!
+//! Registers (re-registering under the same member id after a restart of this actor or a
+//! broken session), heartbeats the progress counters, forwards directives to the compute
+//! loop and fault reports to the coordinator, and reconnects with backoff.
+
+use crate::faults;
+use crate::rank::{Control, Directive, Shared, EXIT_REFUSED};
+use crate::supervisor::{finish_reason, Heart};
+use phalanx_proto::pb;
+use phalanx_runtime::coordinator::client;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+pub struct ControlAgentActor;
+
+pub struct ControlArgs {
+    pub shared: Arc<Shared>,
+    pub heart: Heart,
+}
+
+pub enum ControlAgentMsg {
+    /// The session task ended: `Ok(Some(reason))` the coordinator refused this worker,
+    /// `Ok(None)` it forwarded an eviction or shutdown, `Err` it panicked.
+    Ended(Result<Option<String>, String>),
+}
+
+pub struct ControlAgentState {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Actor for ControlAgentActor {
+    type Msg = ControlAgentMsg;
+    type State = ControlAgentState;
+    type Arguments = ControlArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ControlArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let inner = tokio::spawn(session(args.shared, args.heart));
+        let task = tokio::spawn(async move {
+            let r = match inner.await {
+                Ok(r) => Ok(r),
+                Err(e) if e.is_panic() => Err(format!("the session task panicked: {e}")),
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = myself.cast(ControlAgentMsg::Ended(r));
+        });
+        Ok(ControlAgentState { task })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: ControlAgentMsg,
+        _st: &mut ControlAgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ControlAgentMsg::Ended(Ok(Some(refused))) => {
+                myself.stop(Some(finish_reason(EXIT_REFUSED, &refused)));
+                Ok(())
+            }
+            // The compute loop acts on the eviction or shutdown it was sent.
+            ControlAgentMsg::Ended(Ok(None)) => Ok(()),
+            ControlAgentMsg::Ended(Err(e)) => Err(e.into()),
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        st: &mut ControlAgentState,
+    ) -> Result<(), ActorProcessingErr> {
+        st.task.abort();
+        Ok(())
+    }
+}
+
+impl Drop for ControlAgentState {
+    fn drop(&mut self) {
+        // A killed actor does not run post_stop; its session must not outlive it.
+        self.task.abort();
+    }
+}
+
+fn refusal(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unauthenticated
+            | tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+    )
+}
+
+/// An open session: kept in [`Shared`] so that a restarted agent takes it over and the
+/// coordinator sees no interruption (S-1).
+pub struct Session {
+    client: phalanx_runtime::coordinator::client::Client,
+    tx: mpsc::Sender<pb::RankMessage>,
+    inbound: tonic::Streaming<pb::Directive>,
+    heartbeat: Duration,
+}
+
+/// Registers (or re-registers under `member`) and opens the session stream.
+async fn open(
+    shared: &Shared,
+    member: &mut u64,
+    started: Instant,
+) -> Result<Session, Option<String>> {
+    let p = &shared.params;
+    let opts = &p.client;
+    let progress = &shared.progress;
+    let directives = &shared.directives_tx;
+    let mut c = match client::connect(opts).await {
+        Ok(c) => c,
+        Err(e) => {
+            if *member == 0 && started.elapsed() > Duration::from_secs(10) {
+                *shared.refused.lock() = Some(e.to_string());
+                return Err(Some(e.to_string()));
+            }
+            warn!(error = %e, "coordinator unreachable; retrying");
+            return Err(None);
+        }
+    };
+    let mut r = p.register.clone();
+    r.member_id = *member;
+    r.generation = progress.generation.load(Ordering::Relaxed);
+    r.committed_step = progress.step.load(Ordering::Relaxed);
+    let out = match c.register(client::request(r, opts)).await {
+        Ok(o) => o.into_inner(),
+        Err(s) => {
+            let msg = format!("{:?}: {}", s.code(), s.message());
+            if refusal(&s) {
+                if *member == 0 {
+                    *shared.refused.lock() = Some(msg.clone());
+                    return Err(Some(msg));
+                }
+                let _ = directives.send(Directive::Evict(msg));
+                return Err(Some(String::new()));
+            }
+            warn!(error = %msg, "registration failed; retrying");
+            return Err(None);
+        }
+    };
+    if *member == 0 {
+        info!(member = out.member_id, "registered");
+    } else {
+        info!(member = out.member_id, "re-registered");
+    }
+    *member = out.member_id;
+    *shared.control.lock() = Some(Control {
+        member: *member,
+        client: c.clone(),
+    });
+    shared.control_ready.notify_all();
+    let (tx, rx) = mpsc::channel(16);
+    let _ = tx
+        .send(pb::RankMessage {
+            msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
+                member_id: *member,
+            })),
+        })
+        .await;
+    match c.session(ReceiverStream::new(rx)).await {
+        Ok(st) => Ok(Session {
+            client: c,
+            tx,
+            inbound: st.into_inner(),
+            heartbeat: Duration::from_millis(out.heartbeat_interval_ms.max(20) as u64),
+        }),
+        Err(st) => {
+            if st.code() == tonic::Code::FailedPrecondition {
+                let _ = directives.send(Directive::Evict(st.message().to_string()));
+                return Err(Some(String::new()));
+            }
+            Err(None)
+        }
+    }
+}
+
+/// The session loop. Returns `Some(reason)` if the coordinator refused this worker.
+async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
+    let opts = shared.params.client.clone();
+    let progress = &shared.progress;
+    let directives = shared.directives_tx.clone();
+    // One agent at a time owns the fault queue and the session; a restarted agent takes
+    // them over where its predecessor left them.
+    let mut faults = shared.faults.lock().await;
+    let mut sess = shared.session.lock().await;
+    let mut member = shared.control.lock().as_ref().map_or(0, |c| c.member);
+    let mut backoff = Duration::from_millis(100);
+    let started = Instant::now();
+    loop {
+        heart.beat();
+        if sess.is_none() {
+            match open(&shared, &mut member, started).await {
+                Ok(s) => {
+                    backoff = Duration::from_millis(100);
+                    *sess = Some(s);
+                }
+                Err(Some(refused)) if refused.is_empty() => return None,
+                Err(Some(refused)) if member == 0 => return Some(refused),
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        }
+        let s = sess.as_mut().expect("opened above");
+        let mut hb = tokio::time::interval(s.heartbeat);
+        loop {
+            tokio::select! {
+                _ = hb.tick() => {
+                    heart.beat();
+                    let step = progress.step.load(Ordering::Relaxed);
+                    if faults::fire("control-panic", step, None, progress.generation.load(Ordering::Relaxed)) {
+                        panic!("injected control-agent panic at step {step}");
+                    }
+                    let m = pb::RankMessage { msg: Some(pb::rank_message::Msg::Heartbeat(pb::Heartbeat {
+                        generation: progress.generation.load(Ordering::Relaxed),
+                        step,
+                        collective_seq: progress.seq.load(Ordering::Relaxed),
+                        phase: match progress.phase.load(Ordering::Relaxed) { 1 => "training", 2 => "healing", 3 => "done", _ => "idle" }.into(),
+                        last_step_time_us: progress.step_us.load(Ordering::Relaxed),
+                        last_compute_time_us: progress.compute_us.load(Ordering::Relaxed),
+                        loss: f32::from_bits(progress.loss_bits.load(Ordering::Relaxed)),
+                        stats: None,
+                    }))};
+                    if s.tx.send(m).await.is_err() { break; }
+                }
+                Some(f) = faults.recv() => {
+                    let mut cc = s.client.clone();
+                    let o = opts.clone();
+                    tokio::spawn(async move { let _ = cc.report_fault(client::request(f, &o)).await; });
+                }
+                msg = s.inbound.message() => match msg {
+                    Ok(Some(d)) => {
+                        let d = match d.kind {
+                            Some(pb::directive::Kind::Assign(a)) => Directive::Assign(a),
+                            Some(pb::directive::Kind::Evict(e)) => Directive::Evict(e.reason),
+                            Some(pb::directive::Kind::Drain(_)) => Directive::Drain,
+                            Some(pb::directive::Kind::Shutdown(s)) => Directive::Shutdown(s.reason),
+                            _ => continue,
+                        };
+                        let stop = matches!(d, Directive::Evict(_) | Directive::Shutdown(_));
+                        if directives.send(d).is_err() || stop { return None; }
+                    }
+                    Ok(None) => break,
+                    Err(st) => {
+                        if st.code() == tonic::Code::FailedPrecondition {
+                            let _ = directives.send(Directive::Evict(st.message().to_string()));
+                            return None;
+                        }
+                        warn!(code = ?st.code(), "session with the coordinator broke; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+        *sess = None;
+        tokio::time::sleep(backoff).await;
+    }
+}

@@ -1,0 +1,46 @@
+//! The one error type of `phalanx-actors`.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    #[error("the coordinator at {url} refused this worker: {reason}")]
+    Refused { url: String, reason: String },
+
+    #[error("cannot prepare the rank: {0}")]
+    Setup(String),
+
+    #[error("{path}: {reason}")]
+    NotAModel { path: PathBuf, reason: String },
+
+    #[error("cannot save the model to {path}: {source}")]
+    Save {
+        path: PathBuf,
+        #[source]
+        source: phalanx_checkpoint::CheckpointError,
+    },
+
+    #[error(transparent)]
+    Checkpoint(#[from] phalanx_checkpoint::CheckpointError),
+
+    #[error(transparent)]
+    Model(#[from] phalanx_model::ModelError),
+
+    #[error(transparent)]
+    Runtime(#[from] phalanx_runtime::RuntimeError),
+
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot start the rank's actors: {0}; this is a bug, please report it")]
+    Spawn(String),
+}
+
+pub type Result<T, E = ActorError> = std::result::Result<T, E>;

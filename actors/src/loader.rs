@@ -1,0 +1,266 @@
+//! `DataLoaderActor`: prepares the next steps' micro-batches on its own thread.
+//!
+//! The compute loop publishes a plan (generation, world, rank, next step); the loader fills
+//! a bounded queue with that rank's micro-batches for the coming steps. Every item carries
+//! the plan it was made for and its step, so the output of a replaced plan or of a previous
+//! loader incarnation is recognised and dropped (S-2). If the loader is down or late, the
+//! compute loop builds the batch itself: the sampler is a pure function, so both give the
+//! same tensors.
+
+use crate::faults;
+use crate::rank::Shared;
+use crate::supervisor::Heart;
+use parking_lot::{Condvar, Mutex};
+use phalanx_model::data::Dataset;
+use phalanx_model::sampler::Sampler;
+use phalanx_model::trainer::Windows;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tch::{Device, Tensor};
+
+pub type Batch = Vec<(Tensor, Tensor)>;
+
+/// What to prepare. `id` changes whenever the generation or the rank's share changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub id: u64,
+    pub world: usize,
+    pub rank: usize,
+    pub next_step: u64,
+    pub max_steps: u64,
+    pub active: bool,
+}
+
+pub struct Prefetched {
+    plan: u64,
+    step: u64,
+    batch: Batch,
+}
+
+/// Where the loader reads its data: the same files, sampler and windows as the compute loop.
+#[derive(Clone)]
+pub struct LoaderData {
+    pub dir: PathBuf,
+    pub sampler: Sampler,
+    pub win: Windows,
+    pub device: Device,
+}
+
+pub struct LoaderLink {
+    plan: Mutex<Plan>,
+    changed: Condvar,
+    tx: SyncSender<Prefetched>,
+    rx: Mutex<Receiver<Prefetched>>,
+    pub data: LoaderData,
+}
+
+impl LoaderLink {
+    pub fn new(depth: usize, data: LoaderData) -> Self {
+        let (tx, rx) = mpsc::sync_channel(depth);
+        Self {
+            plan: Mutex::new(Plan::default()),
+            changed: Condvar::new(),
+            tx,
+            rx: Mutex::new(rx),
+            data,
+        }
+    }
+
+    /// A new plan from `next_step` (a new generation or share of the global batch).
+    pub fn set_plan(&self, world: usize, rank: usize, next_step: u64, max_steps: u64) -> u64 {
+        let mut p = self.plan.lock();
+        *p = Plan {
+            id: p.id + 1,
+            world,
+            rank,
+            next_step,
+            max_steps,
+            active: true,
+        };
+        self.changed.notify_all();
+        p.id
+    }
+
+    pub fn pause(&self) {
+        self.plan.lock().active = false;
+        self.changed.notify_all();
+    }
+
+    /// The batch of `step` under plan `id`, if the loader has it ready within `wait`.
+    pub fn take(&self, id: u64, step: u64, wait: Duration) -> Option<Batch> {
+        {
+            let mut p = self.plan.lock();
+            if p.id == id {
+                p.next_step = p.next_step.max(step + 1);
+            }
+        }
+        let rx = self.rx.lock();
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(item) if item.plan == id && item.step == step => return Some(item.batch),
+                // Another plan's, or a step already done (a previous incarnation's output).
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return None
+                }
+            }
+        }
+    }
+}
+
+/// The micro-batches of `rank` in `world` at `step`: the pure sampler's share.
+pub fn build(d: &LoaderData, ds: &Dataset, world: usize, rank: usize, step: u64) -> Batch {
+    let (epoch, st) = d.sampler.locate(step);
+    d.sampler
+        .rank_micro_batches(world, rank)
+        .map(|mb| {
+            d.win.batch(
+                &ds.train,
+                epoch,
+                &d.sampler.micro_batch_ids(epoch, st, mb),
+                d.device,
+            )
+        })
+        .collect()
+}
+
+pub struct DataLoaderActor;
+
+pub struct LoaderArgs {
+    pub shared: Arc<Shared>,
+    pub heart: Heart,
+}
+
+pub enum DataLoaderMsg {
+    /// The thread ended: `Err` it failed (or panicked).
+    Ended(Result<(), String>),
+}
+
+pub struct DataLoaderState {
+    cancel: Arc<AtomicBool>,
+}
+
+impl Drop for DataLoaderState {
+    fn drop(&mut self) {
+        // Killed or stopped: the thread leaves at its next check, its late output is dropped.
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Actor for DataLoaderActor {
+    type Msg = DataLoaderMsg;
+    type State = DataLoaderState;
+    type Arguments = LoaderArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: LoaderArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let c = cancel.clone();
+        std::thread::Builder::new()
+            .name("phalanx-loader".into())
+            .spawn(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&args.shared, &args.heart, &c)
+                }))
+                .unwrap_or_else(|p| Err(panic_message(&p)));
+                if !c.load(Ordering::Relaxed) {
+                    let _ = myself.cast(DataLoaderMsg::Ended(r));
+                }
+            })?;
+        Ok(DataLoaderState { cancel })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: DataLoaderMsg,
+        _st: &mut DataLoaderState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DataLoaderMsg::Ended(Ok(())) => {
+                myself.stop(Some("rank stopping".into()));
+                Ok(())
+            }
+            DataLoaderMsg::Ended(Err(e)) => Err(e.into()),
+        }
+    }
+}
+
+pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    let m = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into());
+    format!("panicked: {m}")
+}
+
+fn run(shared: &Shared, heart: &Heart, cancel: &AtomicBool) -> Result<(), String> {
+    let link = &shared.loader;
+    let ds = Dataset::open(&link.data.dir).map_err(|e| e.to_string())?;
+    let mut cursor: Option<(u64, u64)> = None;
+    loop {
+        if cancel.load(Ordering::Relaxed) || shared.stopping.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        heart.busy(false);
+        let plan = {
+            let mut p = link.plan.lock();
+            let exhausted = |p: &Plan, c: Option<(u64, u64)>| {
+                !p.active || c.is_some_and(|(id, s)| id == p.id && s >= p.max_steps)
+            };
+            if exhausted(&p, cursor) {
+                link.changed.wait_for(&mut p, Duration::from_millis(50));
+                continue;
+            }
+            *p
+        };
+        let step = match cursor {
+            Some((id, s)) if id == plan.id => s.max(plan.next_step),
+            _ => plan.next_step,
+        };
+        if step >= plan.max_steps {
+            cursor = Some((plan.id, step));
+            continue;
+        }
+        heart.busy(true);
+        if faults::fire(
+            "loader-panic",
+            step,
+            Some(plan.rank as u32),
+            shared.progress.generation.load(Ordering::Relaxed),
+        ) {
+            panic!("injected data-loader panic at step {step}");
+        }
+        let batch = build(&link.data, &ds, plan.world, plan.rank, step);
+        heart.busy(false);
+        let mut item = Prefetched {
+            plan: plan.id,
+            step,
+            batch,
+        };
+        loop {
+            match link.tx.try_send(item) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) => {
+                    if cancel.load(Ordering::Relaxed) || link.plan.lock().id != plan.id {
+                        break;
+                    }
+                    item = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(TrySendError::Disconnected(_)) => return Ok(()),
+            }
+        }
+        cursor = Some((plan.id, step + 1));
+    }
+}

@@ -1,0 +1,367 @@
+//! One rank of a multi-rank job as a supervised actor group.
+//!
+//! ```text
+//! RankSupervisor
+//!  ├─ ControlAgent   gRPC session: registers, heartbeats progress up, directives down
+//!  ├─ DataLoader     prefetches the next steps' micro-batches on its own thread
+//!  ├─ Communicator   owns the data-plane group of the current generation; reports faults
+//!  ├─ Compute        libtorch on a dedicated OS thread: heal, step, allreduce, commit
+//!  └─ Checkpointer   writes snapshots in the background
+//! ```
+//!
+//! The children share [`Shared`]: progress counters (read by the control agent for its
+//! heartbeats), the directive queue, the prefetch link, the model slot. Each child is
+//! restartable alone; what a failure of each does is in docs/semantics.md (S-1..S-9).
+
+use crate::ckpt::{CheckpointerActor, CheckpointerArgs, CheckpointerMsg};
+use crate::comm::{CommunicatorActor, CommunicatorArgs, CommunicatorMsg};
+use crate::compute::{ComputeActor, ComputeArgs};
+use crate::control::{ControlAgentActor, ControlArgs};
+use crate::error::{ActorError, Result};
+use crate::loader::{DataLoaderActor, LoaderArgs, LoaderData, LoaderLink};
+use crate::policy::{ChildSpec, Intensity, OnStuck, Strategy};
+use crate::supervisor::{ChildFactory, Heart, RankArgs, RankOutcome, RankSupervisor, StartFuture};
+use crate::Setup;
+use parking_lot::{Condvar, Mutex};
+use phalanx_model::optim::OptimConfig;
+use phalanx_proto::pb;
+use phalanx_runtime::coordinator::client::{Client, ClientOpts};
+use ractor::{Actor, ActorCell, ActorRef};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc as smpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Exit codes of a worker process, for the launcher.
+pub const EXIT_DONE: i32 = 0;
+pub const EXIT_REFUSED: i32 = 1;
+pub const EXIT_FENCED: i32 = 3;
+pub const EXIT_HALTED: i32 = 4;
+pub use crate::policy::EXIT_ESCALATED;
+
+/// Builds a fresh model, optimizer, dataset view and sampler (for a compute incarnation
+/// whose state was torn by a failure mid-update).
+pub type SetupFn = Arc<dyn Fn() -> std::result::Result<Setup, String> + Send + Sync>;
+
+/// Everything a rank needs; the binary builds it from the job's config.
+pub struct RankParams {
+    pub url: String,
+    pub client: ClientOpts,
+    pub register: pb::RegisterRequest,
+    pub setup: SetupFn,
+    pub run_dir: PathBuf,
+    pub max_steps: u64,
+    pub global_batch: usize,
+    pub micro_batch: usize,
+    pub eval_batches: usize,
+    pub optim: OptimConfig,
+    pub heartbeat_interval: Duration,
+    pub checkpoint_interval: u64,
+    pub collective_timeout: Duration,
+    /// The compute child's watchdog deadline (a step, a heal, a collective included).
+    pub watchdog: Duration,
+    pub intensity: Intensity,
+    /// Steps the data loader prepares ahead.
+    pub prefetch: usize,
+}
+
+/// Progress the compute loop publishes and the control agent heartbeats.
+#[derive(Default)]
+pub struct Progress {
+    pub step: AtomicU64,
+    pub seq: AtomicU64,
+    pub generation: AtomicU64,
+    pub step_us: AtomicU32,
+    pub compute_us: AtomicU32,
+    pub loss_bits: AtomicU32,
+    /// 0 idle, 1 training, 2 healing, 3 done.
+    pub phase: AtomicU8,
+}
+
+#[derive(Debug, Clone)]
+pub enum Directive {
+    Assign(pb::Assign),
+    Evict(String),
+    Drain,
+    Shutdown(String),
+}
+
+/// The registration, once the control agent has it.
+#[derive(Clone)]
+pub struct Control {
+    pub member: u64,
+    pub client: Client,
+}
+
+/// The model and optimizer, handed from one compute incarnation to the next. `torn` is
+/// set while an update is half-applied: a successor must not train on that state.
+pub struct ModelSlot {
+    pub setup: Option<Setup>,
+    pub torn: bool,
+}
+
+pub struct Shared {
+    pub params: RankParams,
+    pub progress: Progress,
+    pub directives_tx: smpsc::Sender<Directive>,
+    pub directives: Mutex<smpsc::Receiver<Directive>>,
+    pub faults_tx: tokio::sync::mpsc::UnboundedSender<pb::FaultReport>,
+    pub faults: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<pb::FaultReport>>,
+    pub control: Mutex<Option<Control>>,
+    pub session: tokio::sync::Mutex<Option<crate::control::Session>>,
+    pub control_ready: Condvar,
+    /// Set when the control plane refused this worker (exit 1 with this reason).
+    pub refused: Mutex<Option<String>>,
+    pub loader: LoaderLink,
+    pub model: Mutex<ModelSlot>,
+    pub model_back: Condvar,
+    pub communicator: Mutex<Option<ActorRef<CommunicatorMsg>>>,
+    pub checkpointer: Mutex<Option<ActorRef<CheckpointerMsg>>>,
+    pub handle: tokio::runtime::Handle,
+    /// The rank is stopping: threads leave at their next check.
+    pub stopping: AtomicBool,
+    /// This rank's place in the last generation it joined (`u32::MAX`: none yet).
+    pub last_rank: AtomicU32,
+}
+
+impl Shared {
+    pub fn last_rank(&self) -> Option<u32> {
+        Some(self.last_rank.load(Ordering::Relaxed)).filter(|&r| r != u32::MAX)
+    }
+
+    pub fn set_last_rank(&self, r: u32) {
+        self.last_rank.store(r, Ordering::Relaxed);
+    }
+
+    /// The rank to name in a report about this rank itself.
+    pub fn progress_rank(&self) -> u32 {
+        self.last_rank().unwrap_or(0)
+    }
+
+    /// Blocks until the control agent registered (or `stop` says to give up).
+    pub fn wait_control(&self, stop: &dyn Fn() -> bool) -> Option<Control> {
+        let mut c = self.control.lock();
+        loop {
+            if let Some(c) = c.as_ref() {
+                return Some(c.clone());
+            }
+            if stop() || self.stopping.load(Ordering::Relaxed) {
+                return None;
+            }
+            self.control_ready
+                .wait_for(&mut c, Duration::from_millis(50));
+        }
+    }
+}
+
+/// The children in start order; rest-for-one restarts follow this order.
+pub const CONTROL: usize = 0;
+pub const LOADER: usize = 1;
+pub const COMMUNICATOR: usize = 2;
+pub const COMPUTE: usize = 3;
+pub const CHECKPOINTER: usize = 4;
+
+pub fn child_specs(watchdog: Duration) -> Vec<ChildSpec> {
+    vec![
+        // S-1: the session reconnects under the same member id; nothing else restarts.
+        ChildSpec {
+            name: "control-agent",
+            strategy: Strategy::OneForOne,
+            on_stuck: OnStuck::Restart,
+            deadline: None,
+        },
+        // S-2: the loader's output is tagged, so a new one simply refills the queue.
+        ChildSpec {
+            name: "data-loader",
+            strategy: Strategy::OneForOne,
+            on_stuck: OnStuck::Restart,
+            deadline: Some(watchdog),
+        },
+        // S-3: compute borrows the communicator's group: both restart, then the checkpointer.
+        ChildSpec {
+            name: "communicator",
+            strategy: Strategy::RestForOne,
+            on_stuck: OnStuck::Restart,
+            deadline: None,
+        },
+        // S-4: a compute failure restarts compute and the checkpointer after it; a stuck
+        // compute thread cannot be cancelled and gives the rank up (S-6).
+        ChildSpec {
+            name: "compute",
+            strategy: Strategy::RestForOne,
+            on_stuck: OnStuck::EscalateRank,
+            deadline: Some(watchdog),
+        },
+        ChildSpec {
+            name: "checkpointer",
+            strategy: Strategy::OneForOne,
+            on_stuck: OnStuck::Restart,
+            deadline: None,
+        },
+    ]
+}
+
+struct Factory {
+    shared: Arc<Shared>,
+}
+
+impl ChildFactory for Factory {
+    fn start(&self, idx: usize, incarnation: u64, heart: Heart, sup: ActorCell) -> StartFuture {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let name = |n: &str| Some(format!("{n}-{incarnation}"));
+            let cell = match idx {
+                CONTROL => {
+                    let (r, _) = Actor::spawn_linked(
+                        name("control-agent"),
+                        ControlAgentActor,
+                        ControlArgs { shared, heart },
+                        sup,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    r.get_cell()
+                }
+                LOADER => {
+                    let (r, _) = Actor::spawn_linked(
+                        name("data-loader"),
+                        DataLoaderActor,
+                        LoaderArgs { shared, heart },
+                        sup,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    r.get_cell()
+                }
+                COMMUNICATOR => {
+                    let (r, _) = Actor::spawn_linked(
+                        name("communicator"),
+                        CommunicatorActor,
+                        CommunicatorArgs {
+                            shared: shared.clone(),
+                        },
+                        sup,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    *shared.communicator.lock() = Some(r.clone());
+                    r.get_cell()
+                }
+                COMPUTE => {
+                    let (r, _) = Actor::spawn_linked(
+                        name("compute"),
+                        ComputeActor,
+                        ComputeArgs {
+                            shared,
+                            heart,
+                            incarnation,
+                        },
+                        sup,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    r.get_cell()
+                }
+                CHECKPOINTER => {
+                    let (r, _) = Actor::spawn_linked(
+                        name("checkpointer"),
+                        CheckpointerActor,
+                        CheckpointerArgs {
+                            shared: shared.clone(),
+                        },
+                        sup,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                    *shared.checkpointer.lock() = Some(r.clone());
+                    r.get_cell()
+                }
+                other => return Err(format!("no child #{other}")),
+            };
+            Ok(cell)
+        })
+    }
+}
+
+/// Runs one rank to its end; returns the process exit code. `first` is the first compute
+/// incarnation's state, built by the caller before the rank registers, so that bad input (a
+/// missing dataset, a bad model config) fails before the job sees this worker.
+pub fn run(params: RankParams, first: Setup) -> Result<i32> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("phalanx-rank")
+        .enable_all()
+        .build()
+        .map_err(|source| ActorError::Io {
+            what: "cannot start the rank's async runtime".into(),
+            source,
+        })?;
+    let (dtx, drx) = smpsc::channel();
+    let (ftx, frx) = tokio::sync::mpsc::unbounded_channel();
+    let specs = child_specs(params.watchdog);
+    let intensity = params.intensity;
+    let prefetch = params.prefetch.max(1);
+    let url = params.url.clone();
+    let data = LoaderData {
+        dir: first.ds.dir.clone(),
+        sampler: first.sampler.clone(),
+        win: first.win,
+        device: first.trainer.model.device(),
+    };
+    let setup = Some(first);
+    let shared = Arc::new(Shared {
+        params,
+        progress: Progress::default(),
+        directives_tx: dtx,
+        directives: Mutex::new(drx),
+        faults_tx: ftx,
+        faults: tokio::sync::Mutex::new(frx),
+        control: Mutex::new(None),
+        session: tokio::sync::Mutex::new(None),
+        control_ready: Condvar::new(),
+        refused: Mutex::new(None),
+        loader: LoaderLink::new(prefetch, data),
+        model: Mutex::new(ModelSlot { setup, torn: false }),
+        model_back: Condvar::new(),
+        communicator: Mutex::new(None),
+        checkpointer: Mutex::new(None),
+        handle: rt.handle().clone(),
+        stopping: AtomicBool::new(false),
+        last_rank: AtomicU32::new(u32::MAX),
+    });
+    let outcome = Arc::new(Mutex::new(None::<RankOutcome>));
+    let o = outcome.clone();
+    let factory = Arc::new(Factory {
+        shared: shared.clone(),
+    });
+    rt.block_on(async move {
+        let (_sup, handle) = Actor::spawn(
+            Some(format!("rank-{}", std::process::id())),
+            RankSupervisor,
+            RankArgs {
+                specs,
+                factory,
+                intensity,
+                watchdog_tick: Duration::from_millis(100),
+                outcome: o,
+            },
+        )
+        .await
+        .map_err(|e| ActorError::Spawn(e.to_string()))?;
+        let _ = handle.await;
+        Ok::<(), ActorError>(())
+    })?;
+    shared.stopping.store(true, Ordering::Relaxed);
+    let out = outcome.lock().clone().unwrap_or(RankOutcome {
+        code: EXIT_ESCALATED,
+        reason: "the rank supervisor ended without an outcome".into(),
+        log: Vec::new(),
+    });
+    if let Some(reason) = shared.refused.lock().clone() {
+        return Err(ActorError::Refused { url, reason });
+    }
+    // Threads that are stuck (the reason the rank gives up) must not keep the process.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    Ok(out.code)
+}
