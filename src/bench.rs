@@ -156,10 +156,15 @@ pub fn run_world(
                     .arg(config)
                     .args(&args)
                     .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status()?;
-                if !out.success() {
-                    anyhow::bail!("the launched job failed ({out}); see {}", run_dir.display());
+                    .output()?;
+                if !out.status.success() {
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    let tail: Vec<&str> = err.lines().rev().take(3).collect();
+                    anyhow::bail!(
+                        "the launched job failed ({}): {}",
+                        out.status,
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
                 }
                 let mut v: Vec<f64> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?
                     .lines()

@@ -98,15 +98,25 @@ fn inject(
     Ok(Some(r.pid))
 }
 
-fn metrics_has_final(run_dir: &Path) -> bool {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .map(|t| {
-            t.lines()
-                .rev()
-                .take(4)
-                .any(|l| l.contains("\"final\":true"))
-        })
-        .unwrap_or(false)
+/// Whether rank 0 wrote its `final` metrics line. Reads only what was appended since the last
+/// call (`seen` bytes), so that a long run's growing file is not read again every tick.
+fn metrics_has_final(run_dir: &Path, seen: &mut u64) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(run_dir.join("metrics.jsonl")) else {
+        return false;
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    if len <= *seen {
+        return false;
+    }
+    // Back up a little so that a line split across two reads is still seen whole.
+    let from = seen.saturating_sub(256);
+    let mut tail = String::new();
+    if f.seek(SeekFrom::Start(from)).is_err() || f.read_to_string(&mut tail).is_err() {
+        return false;
+    }
+    *seen = len;
+    tail.contains("\"final\":true")
 }
 
 pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
@@ -245,6 +255,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     );
     let mut killed = false;
     let mut final_seen: Option<Instant> = None;
+    let mut metrics_seen = 0u64;
     let mut stopped: Option<(u32, Instant)> = None;
     let mut stop_done = false;
     let mut last_status = Instant::now() - Duration::from_secs(1);
@@ -280,7 +291,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         }
         // Rank 0 writes the `final` metrics line after saving the model: the job is done. The
         // other ranks leave right after it; anything still running then (spares) is stopped.
-        if final_seen.is_none() && metrics_has_final(&run_dir) {
+        if final_seen.is_none() && metrics_has_final(&run_dir, &mut metrics_seen) {
             final_seen = Some(Instant::now());
         }
         let finished = workers.iter().filter(|w| w.code == Some(0)).count();

@@ -17,7 +17,7 @@ use phalanx_model::trainer::Windows;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
@@ -243,23 +243,16 @@ fn run(shared: &Shared, heart: &Heart, cancel: &AtomicBool) -> Result<(), String
         }
         let batch = build(&link.data, &ds, plan.world, plan.rank, step);
         heart.busy(false);
-        let mut item = Prefetched {
+        let item = Prefetched {
             plan: plan.id,
             step,
             batch,
         };
-        loop {
-            match link.tx.try_send(item) {
-                Ok(()) => break,
-                Err(TrySendError::Full(back)) => {
-                    if cancel.load(Ordering::Relaxed) || link.plan.lock().id != plan.id {
-                        break;
-                    }
-                    item = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(TrySendError::Disconnected(_)) => return Ok(()),
-            }
+        // Blocks while the queue is full (no polling: on a shared machine every wakeup is
+        // taken from the compute threads). The consumer drops stale items, which unblocks
+        // the send after a plan change.
+        if link.tx.send(item).is_err() {
+            return Ok(());
         }
         cursor = Some((plan.id, step + 1));
     }
