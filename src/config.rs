@@ -157,6 +157,7 @@ pub struct RunSection {
     pub max_restarts: u32,
     pub restart_window_ms: u64,
     pub prefetch_steps: usize,
+    pub fingerprint_interval: u64,
 }
 
 impl Default for RunSection {
@@ -169,6 +170,7 @@ impl Default for RunSection {
             max_restarts: 3,
             restart_window_ms: 60_000,
             prefetch_steps: 2,
+            fingerprint_interval: 100,
         }
     }
 }

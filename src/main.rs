@@ -101,6 +101,10 @@ enum Cmd {
         /// Join as a hot spare.
         #[arg(long)]
         spare: bool,
+        /// When fenced out of the job (evicted while hung), exit with code 3 instead of
+        /// registering again as a spare.
+        #[arg(long)]
+        no_rejoin: bool,
         #[arg(long)]
         config: PathBuf,
         #[arg(long, default_value = "")]
@@ -435,6 +439,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Worker {
             coordinator,
             spare,
+            no_rejoin,
             config,
             tls_ca,
             overrides,
@@ -447,6 +452,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 url,
                 tls_ca,
                 spare,
+                no_rejoin,
                 cfg,
                 run_dir,
             })?;

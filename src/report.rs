@@ -82,6 +82,18 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
             "world_after": after.and_then(|m| m["world_size"].as_u64()),
         }));
     }
+    // T-2: steps skipped for a non-finite loss or gradient, and the ranks that had it.
+    let numerics: Vec<Value> = steps
+        .values()
+        .filter(|m| m["skipped"] == true)
+        .map(|m| json!({"step": m["step"], "ranks": m["nonfinite_ranks"], "action": "skipped"}))
+        .collect();
+    // Replica checks that found ranks differing from the majority (healed from it).
+    let sdc: Vec<Value> = steps
+        .values()
+        .filter(|m| m["replica_mismatch"].as_array().is_some_and(|a| !a.is_empty()))
+        .map(|m| json!({"step": m["step"], "ranks": m["replica_mismatch"], "action": "healed from the majority"}))
+        .collect();
     let last = steps.values().next_back();
     let halt_reason = events
         .iter()
@@ -101,6 +113,8 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
         "world_size_final": last.and_then(|m| m["world_size"].as_u64()),
         "generation_final": last.and_then(|m| m["generation"].as_u64()),
         "faults": faults,
+        "numerics": numerics,
+        "replica_mismatches": sdc,
         "model_dir": run_dir.join("model"),
     }))
 }
@@ -125,6 +139,18 @@ pub fn print(r: &Value) {
     );
     if let Some(h) = r["halt_reason"].as_str() {
         println!("  halted: {h}");
+    }
+    for n in r["numerics"].as_array().into_iter().flatten() {
+        println!(
+            "  bad numerics: step {} skipped (non-finite loss or gradient on ranks {})",
+            n["step"], n["ranks"]
+        );
+    }
+    for n in r["replica_mismatches"].as_array().into_iter().flatten() {
+        println!(
+            "  replicas differ after step {}: ranks {} healed from the majority",
+            n["step"], n["ranks"]
+        );
     }
     for f in r["faults"].as_array().into_iter().flatten() {
         println!(

@@ -14,14 +14,16 @@ use phalanx_proto::pb;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 
-pub use phalanx_actors::rank::{EXIT_DONE, EXIT_HALTED};
+pub use phalanx_actors::rank::{EXIT_DONE, EXIT_FENCED, EXIT_HALTED};
 
 pub struct WorkerArgs {
     pub url: String,
     pub tls_ca: String,
     pub spare: bool,
+    /// Exit (code 3) when fenced instead of registering again as a spare.
+    pub no_rejoin: bool,
     pub cfg: TrainConfig,
     pub run_dir: PathBuf,
 }
@@ -144,6 +146,7 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         optim: cfg.optim.clone(),
         heartbeat_interval: Duration::from_millis(cfg.coordinator.heartbeat_interval_ms),
         checkpoint_interval: r.checkpoint_interval,
+        fingerprint_interval: r.fingerprint_interval,
         collective_timeout: Duration::from_millis(2000),
         watchdog: Duration::from_millis(r.watchdog_timeout_ms),
         intensity: Intensity {
@@ -152,5 +155,19 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         },
         prefetch: r.prefetch_steps,
     };
-    Ok(rank::run(params, first)?)
+    // A rank fenced out of the job (evicted while hung, then woken) comes back as a spare:
+    // with fresh state, which it receives from a peer if it is promoted. Under `phalanx
+    // launch` the launcher restarts it as a new process instead.
+    let mut params = params;
+    let mut first = first;
+    loop {
+        let code = rank::run(params.clone(), first)?;
+        if code != EXIT_FENCED || std::env::var_os("PHALANX_PARENT_PID").is_some() || a.no_rejoin {
+            return Ok(code);
+        }
+        warn!("fenced out of the job; registering again as a spare");
+        first = train::setup(&cfg)?;
+        params.register.role = pb::Role::Spare as i32;
+        params.register.member_id = 0;
+    }
 }

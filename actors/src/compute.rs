@@ -153,6 +153,12 @@ fn sync_state(group: &UcxGroup, s: &mut Setup) -> Result<Option<u32>, RuntimeErr
         return Ok(None);
     }
     let leader = all.iter().position(|&x| x == max).unwrap_or(0) as u32;
+    transfer_state(group, s, leader)?;
+    Ok(Some(leader))
+}
+
+/// `leader` broadcasts parameters, optimizer state and step; every other rank takes them.
+fn transfer_state(group: &UcxGroup, s: &mut Setup, leader: u32) -> Result<(), RuntimeError> {
     let t = &mut s.trainer;
     let mut buf: Vec<u8> = Vec::new();
     if group.rank().0 == leader {
@@ -200,7 +206,59 @@ fn sync_state(group: &UcxGroup, s: &mut Setup) -> Result<Option<u32>, RuntimeErr
         t.opt.t = u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes"));
         t.model.params.zero_grads();
     }
-    Ok(Some(leader))
+    Ok(())
+}
+
+/// A 64-bit digest of parameters and optimizer state, for the periodic cross-rank comparison
+/// (fixed, so every build of phalanx computes the same value).
+pub fn quick_fingerprint(s: &Setup) -> u64 {
+    let t = &s.trainer;
+    let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
+    for x in [&t.model.params.flat, &t.opt.m, &t.opt.v] {
+        for f in tensor_vec(x) {
+            h = (h.rotate_left(5) ^ f.to_bits() as u64).wrapping_mul(0x0100_0000_01B3);
+        }
+    }
+    h ^ t.step
+}
+
+/// The ranks whose digest differs from the majority's, and the rank to heal them from. Without
+/// a strict majority the lowest rank's digest is taken as the reference.
+pub fn odd_ranks(digests: &[u64]) -> (Vec<u32>, u32) {
+    let mut counts: std::collections::BTreeMap<u64, usize> = Default::default();
+    for d in digests {
+        *counts.entry(*d).or_default() += 1;
+    }
+    let reference = counts
+        .iter()
+        .find(|(_, &c)| c * 2 > digests.len())
+        .map_or(digests.first().copied().unwrap_or(0), |(d, _)| *d);
+    let odd = (0..digests.len() as u32)
+        .filter(|&r| digests[r as usize] != reference)
+        .collect();
+    let leader = digests.iter().position(|d| *d == reference).unwrap_or(0) as u32;
+    (odd, leader)
+}
+
+/// Silent-data-corruption check: every rank's digest goes to every rank (16-bit limbs in
+/// f32 slots, exact); ranks that differ from the majority are named and healed from it.
+fn check_replicas(group: &UcxGroup, s: &mut Setup) -> Result<Vec<u32>, RuntimeError> {
+    let world = group.world() as usize;
+    let me = group.rank().0 as usize;
+    let d = quick_fingerprint(s);
+    let mut slots = vec![0f32; world * 4];
+    for i in 0..4 {
+        slots[me * 4 + i] = ((d >> (16 * i)) & 0xFFFF) as f32;
+    }
+    group.allreduce(&mut slots)?;
+    let digests: Vec<u64> = (0..world)
+        .map(|r| (0..4).fold(0u64, |acc, i| acc | ((slots[r * 4 + i] as u64) << (16 * i))))
+        .collect();
+    let (odd, leader) = odd_ranks(&digests);
+    if !odd.is_empty() {
+        transfer_state(group, s, leader)?;
+    }
+    Ok(odd)
 }
 
 fn suspect_of(e: &RuntimeError, me: Rank, world: u32) -> u32 {
@@ -506,6 +564,7 @@ impl<'a> Loop<'a> {
             .append(true)
             .open(p.run_dir.join("metrics.jsonl"))
             .map_err(|e| format!("cannot open {}/metrics.jsonl: {e}", p.run_dir.display()))?;
+        let mut late = 0u64;
         let mine = s
             .sampler
             .rank_micro_batches(world as usize, rank.0 as usize);
@@ -538,13 +597,22 @@ impl<'a> Loop<'a> {
             let t_step = Instant::now();
             let batches = match sh.loader.take(plan, step, Duration::from_millis(200)) {
                 Some(b) => b,
-                None => loader::build(
-                    &sh.loader.data,
-                    &s.ds,
-                    world as usize,
-                    rank.0 as usize,
-                    step,
-                ),
+                None => {
+                    late += 1;
+                    if late == 1 || late % 100 == 0 {
+                        warn!(
+                            step,
+                            late, "the data loader is late; building the batch here"
+                        );
+                    }
+                    loader::build(
+                        &sh.loader.data,
+                        &s.ds,
+                        world as usize,
+                        rank.0 as usize,
+                        step,
+                    )
+                }
             };
             if faults::fire("compute-hang", step, Some(rank.0), generation.0) {
                 loop {
@@ -557,24 +625,72 @@ impl<'a> Loop<'a> {
             }
             let compute = t_step.elapsed();
             let mut buf = tensor_vec(s.trainer.flat_grads());
+            if faults::fire("nan", step, Some(rank.0), generation.0) {
+                buf[0] = f32::NAN;
+            }
+            // Bad numerics are caught before the commit, and named: each rank flags its own
+            // non-finite loss or gradient in a slot of its own that rides along with the sum.
+            let local_bad = !local_loss.is_finite() || buf.iter().any(|x| !x.is_finite());
+            let n = buf.len();
             // The global mean loss rides along as one more element of the sum.
             buf.push((local_loss * mine.len() as f64 / mbs as f64) as f32);
+            buf.extend(std::iter::repeat_n(0f32, world as usize));
+            if local_bad {
+                buf[n + 1 + rank.0 as usize] = 1.0;
+            }
             if let Err(e) = group.allreduce(&mut buf) {
                 warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
                 s.trainer.model.params.zero_grads();
                 report(&e, step);
                 return Ok(Next::Regroup(None));
             }
+            let bad_ranks: Vec<u32> = buf[n + 1..]
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| **f > 0.5)
+                .map(|(r, _)| r as u32)
+                .collect();
+            buf.truncate(n + 1);
             let loss = buf.pop().unwrap_or(f32::NAN) as f64;
-            *torn = true;
-            let grad_norm = s
-                .trainer
-                .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
+            let grad_norm = if bad_ranks.is_empty() {
+                *torn = true;
+                let g = s
+                    .trainer
+                    .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
+                *torn = false;
+                g
+            } else {
+                // T-2: every rank sees the same flags and skips the same step.
+                warn!(step, ranks = ?bad_ranks, "non-finite loss or gradient; the step is skipped");
+                s.trainer.model.params.zero_grads();
+                None
+            };
             if grad_norm.is_none() {
                 // Every rank sees the same summed gradient, so every rank skips the same step.
                 s.trainer.step += 1;
             }
-            *torn = false;
+            if faults::fire("sdc", step, Some(rank.0), generation.0) {
+                // A flipped low bit in one parameter: what a bad DIMM or a silent GPU error does.
+                tch::no_grad(|| {
+                    let flat = s.trainer.model.params.flat.shallow_clone();
+                    let v = flat.double_value(&[0]) as f32;
+                    let _ = flat.get(0).fill_(f32::from_bits(v.to_bits() ^ 1) as f64);
+                });
+            }
+            let mut odd = Vec::new();
+            if p.fingerprint_interval > 0 && s.trainer.step % p.fingerprint_interval == 0 {
+                match check_replicas(&group, s) {
+                    Ok(o) => odd = o,
+                    Err(e) => {
+                        warn!(error = %e, step, "replica check failed; the step will be redone in the next generation");
+                        report(&e, step);
+                        return Ok(Next::Regroup(None));
+                    }
+                }
+                if !odd.is_empty() {
+                    warn!(step, ranks = ?odd, "replicas differ (silent data corruption): healed from the majority");
+                }
+            }
             let dt = t_step.elapsed();
             progress.step.store(s.trainer.step, Ordering::Relaxed);
             progress.seq.fetch_add(1, Ordering::Relaxed);
@@ -593,7 +709,9 @@ impl<'a> Loop<'a> {
                     "tokens_per_s": tokens_per_step / dt.as_secs_f64(),
                     "step_ms": dt.as_secs_f64() * 1e3, "compute_ms": compute.as_secs_f64() * 1e3, "grad_norm": grad_norm,
                     "world_size": world, "generation": generation.0, "unix_ms": unix_ms(),
-                    "skipped": grad_norm.is_none(), "incarnation": self.incarnation,
+                    "skipped": grad_norm.is_none(), "nonfinite_ranks": bad_ranks,
+                    "replica_mismatch": odd,
+                    "incarnation": self.incarnation,
                 });
                 let _ = metrics.write_all(format!("{line}\n").as_bytes());
                 if p.checkpoint_interval > 0 && s.trainer.step % p.checkpoint_interval == 0 {
@@ -632,5 +750,21 @@ impl<'a> Loop<'a> {
         self.heart.busy(false);
         std::thread::sleep(3 * p.heartbeat_interval.max(Duration::from_millis(50)));
         Ok(Next::Exit(EXIT_DONE, "training complete".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::odd_ranks;
+
+    // SDC-1: the odd rank out is named and the majority is the reference.
+    #[test]
+    fn odd_rank_out_is_found_by_majority() {
+        assert_eq!(odd_ranks(&[7, 7, 9, 7]), (vec![2], 0));
+        assert_eq!(odd_ranks(&[9, 7, 7]), (vec![0], 1));
+        assert_eq!(odd_ranks(&[5, 5]), (vec![], 0));
+        // No strict majority: the lowest rank is the reference.
+        assert_eq!(odd_ranks(&[1, 2]), (vec![1], 0));
+        assert_eq!(odd_ranks(&[3]), (vec![], 0));
     }
 }

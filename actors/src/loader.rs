@@ -55,6 +55,8 @@ pub struct LoaderLink {
     changed: Condvar,
     tx: SyncSender<Prefetched>,
     rx: Mutex<Receiver<Prefetched>>,
+    /// An item received before its turn.
+    ahead: Mutex<Option<Prefetched>>,
     pub data: LoaderData,
 }
 
@@ -66,6 +68,7 @@ impl LoaderLink {
             changed: Condvar::new(),
             tx,
             rx: Mutex::new(rx),
+            ahead: Mutex::new(None),
             data,
         }
     }
@@ -93,9 +96,21 @@ impl LoaderLink {
     /// The batch of `step` under plan `id`, if the loader has it ready within `wait`.
     pub fn take(&self, id: u64, step: u64, wait: Duration) -> Option<Batch> {
         {
+            // A loader that (re)starts begins at the step the compute loop waits for. Not
+            // `step + 1`: a new plan's first step would be skipped if the loader read the plan
+            // only after this.
             let mut p = self.plan.lock();
             if p.id == id {
-                p.next_step = p.next_step.max(step + 1);
+                p.next_step = p.next_step.max(step);
+            }
+        }
+        let mut ahead = self.ahead.lock();
+        if let Some(item) = ahead.take() {
+            if item.plan == id && item.step == step {
+                return Some(item.batch);
+            }
+            if item.plan == id && item.step > step {
+                *ahead = Some(item);
             }
         }
         let rx = self.rx.lock();
@@ -104,6 +119,16 @@ impl LoaderLink {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(item) if item.plan == id && item.step == step => return Some(item.batch),
+                // A later step of this plan: kept for its turn.
+                Ok(item) if item.plan == id && item.step > step => {
+                    // Keep the earliest; this step's item may still come.
+                    if ahead
+                        .as_ref()
+                        .is_none_or(|a| a.plan != id || a.step > item.step)
+                    {
+                        *ahead = Some(item);
+                    }
+                }
                 // Another plan's, or a step already done (a previous incarnation's output).
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
@@ -255,5 +280,59 @@ fn run(shared: &Shared, heart: &Heart, cancel: &AtomicBool) -> Result<(), String
             return Ok(());
         }
         cursor = Some((plan.id, step + 1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link() -> LoaderLink {
+        LoaderLink::new(
+            4,
+            LoaderData {
+                dir: PathBuf::from("unused"),
+                sampler: Sampler::new(1, 1000, 8, 4).unwrap(),
+                win: Windows { block: 8, seed: 1 },
+                device: Device::Cpu,
+            },
+        )
+    }
+
+    fn item(plan: u64, step: u64) -> Prefetched {
+        Prefetched {
+            plan,
+            step,
+            batch: vec![(
+                Tensor::from_slice(&[step as i64]),
+                Tensor::from_slice(&[0i64]),
+            )],
+        }
+    }
+
+    fn got(b: Option<Batch>) -> Option<i64> {
+        b.map(|b| b[0].0.int64_value(&[0]))
+    }
+
+    // S-2: stale output (another plan, a step already done) is dropped; a later step is kept
+    // for its turn, not thrown away; the plan's next step never runs ahead of the consumer.
+    #[test]
+    fn take_drops_stale_items_and_keeps_early_ones() {
+        let l = link();
+        let old = l.set_plan(2, 0, 0, 100);
+        l.tx.send(item(old, 5)).unwrap();
+        let id = l.set_plan(2, 0, 7, 100);
+        assert_eq!(l.plan.lock().next_step, 7);
+        l.tx.send(item(id, 6)).unwrap();
+        l.tx.send(item(id, 8)).unwrap();
+        let w = Duration::from_millis(20);
+        // Old plan's 5 and this plan's already-done 6 are dropped; 8 is early: kept.
+        assert_eq!(got(l.take(id, 7, w)), None);
+        assert_eq!(l.plan.lock().next_step, 7);
+        l.tx.send(item(id, 7)).unwrap();
+        assert_eq!(got(l.take(id, 7, w)), Some(7));
+        assert_eq!(got(l.take(id, 8, w)), Some(8));
+        assert_eq!(l.plan.lock().next_step, 8);
+        assert_eq!(got(l.take(id, 9, w)), None);
     }
 }

@@ -45,6 +45,7 @@ pub use crate::policy::EXIT_ESCALATED;
 pub type SetupFn = Arc<dyn Fn() -> std::result::Result<Setup, String> + Send + Sync>;
 
 /// Everything a rank needs; the binary builds it from the job's config.
+#[derive(Clone)]
 pub struct RankParams {
     pub url: String,
     pub client: ClientOpts,
@@ -58,6 +59,8 @@ pub struct RankParams {
     pub optim: OptimConfig,
     pub heartbeat_interval: Duration,
     pub checkpoint_interval: u64,
+    /// Every this many steps the ranks compare digests of their state (0: never).
+    pub fingerprint_interval: u64,
     pub collective_timeout: Duration,
     /// The compute child's watchdog deadline (a step, a heal, a collective included).
     pub watchdog: Duration,
