@@ -234,7 +234,25 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         "launch",
         json!({"nproc": a.nproc, "spares": a.spares, "threads_per_rank": threads}),
     )?;
+    // Operators (and `phalanx scale` / `drain` / `status`) need the address and the token: both
+    // go to the run directory, the token readable by this user only.
+    std::fs::write(run_dir.join("coordinator.url"), format!("{url}\n"))?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(run_dir.join("job-token"))?;
+        f.write_all(job_token.as_bytes())?;
+    }
     info!(nproc = a.nproc, spares = a.spares, %url, "job started");
+    info!(
+        "admin: PHALANX_JOB_TOKEN=$(cat {dir}/job-token) phalanx status --coordinator {url}   (also scale --target N, drain --rank R)",
+        dir = run_dir.display()
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

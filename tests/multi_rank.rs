@@ -662,3 +662,92 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+// Elastic: a 2-rank job grows to 4 live (`phalanx scale`; the two spares receive the state
+// striped over both holders), then rank 3 is drained (`phalanx drain`). No step is lost or done
+// twice, and the three remaining ranks end with equal state.
+#[test]
+fn scale_up_then_drain_loses_no_step() {
+    let _one_at_a_time = serial();
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path());
+    let cfg = job_config(d.path(), &data);
+    let run = d.path().join("run");
+    let mut job = KillOnDrop(
+        bin()
+            .args(["launch", "--nproc", "2", "--spares", "2", "--config"])
+            .arg(&cfg)
+            .args(["train.max_steps=2500", "optim.decay_steps=2500"])
+            .env("PHALANX_JOB_TOKEN", "elastic")
+            // The workers' "joined generation" lines say how each was healed.
+            .env("PHALANX_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| {
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_secs(secs) {
+            if what(&read_jsonl_now(&run.join("metrics.jsonl"))) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    };
+    assert!(wait_for(&|m| m.len() >= 100, 60), "training did not start");
+    let url = std::fs::read_to_string(run.join("coordinator.url")).unwrap();
+    let admin = |args: &[&str]| {
+        let out = bin()
+            .args(args)
+            .args(["--coordinator", url.trim()])
+            .env("PHALANX_JOB_TOKEN", "elastic")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    admin(&["scale", "--target", "4"]);
+    assert!(
+        wait_for(&|m| m.iter().any(|x| x["world_size"] == 4), 30),
+        "did not grow to 4"
+    );
+    admin(&["drain", "--rank", "3"]);
+    assert!(
+        wait_for(
+            &|m| {
+                let grown = m.iter().position(|x| x["world_size"] == 4);
+                grown.is_some_and(|g| m[g..].iter().any(|x| x["world_size"] == 3))
+            },
+            30
+        ),
+        "did not drain to 3"
+    );
+    let st = job.0.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["status"], "completed", "{report}");
+    // Every step committed exactly once (a resize loses no step and repeats none).
+    let mut steps: Vec<u64> = read_jsonl(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|m| m["final"] != true)
+        .filter_map(|m| m["step"].as_u64())
+        .collect();
+    steps.sort();
+    assert_eq!(steps, (0..2500).collect::<Vec<_>>());
+    let logs: String = (0..8).map(|i| worker_log(&run, i)).collect();
+    let joined: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("joined generation"))
+        .collect();
+    assert!(
+        logs.contains("Striped([0, 1])"),
+        "the joiners were not healed by striped transfer: {joined:#?}"
+    );
+    assert_identical_final_state(&run, 3);
+}

@@ -134,10 +134,22 @@ pub fn state_fingerprint(s: &Setup) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Brings every rank of a new generation to the committed state of the most advanced one:
-/// the ranks learn each other's step (an allreduce of one-hot steps), and if they differ the
-/// lowest-ranked holder of the highest step broadcasts parameters, optimizer state and step.
-fn sync_state(group: &UcxGroup, s: &mut Setup) -> Result<Option<u32>, RuntimeError> {
+/// How a rank of a new generation got the committed state, for the log (read through Debug).
+#[derive(Debug)]
+#[allow(dead_code)]
+enum Healed {
+    /// Broadcast from the one rank that held it.
+    From(u32),
+    /// Each holder sent a stripe to every rank that lacked it.
+    Striped(Vec<u32>),
+}
+
+/// Brings every rank of a new generation to the committed state of the most advanced ones:
+/// the ranks learn each other's step (an allreduce of one-hot steps); if they differ, the
+/// ranks at the highest step send parameters, optimizer state and step to the others, striped
+/// over all of them when there are several (a joiner then pulls from every holder at once),
+/// broadcast from the one otherwise.
+fn sync_state(group: &UcxGroup, s: &mut Setup) -> Result<Option<Healed>, RuntimeError> {
     let world = group.world() as usize;
     let mut steps = vec![0f32; world * 2];
     // Steps up to 2^24 are exact in f32; split into high and low halves beyond that.
@@ -152,59 +164,99 @@ fn sync_state(group: &UcxGroup, s: &mut Setup) -> Result<Option<u32>, RuntimeErr
     if all.iter().all(|&x| x == max) {
         return Ok(None);
     }
-    let leader = all.iter().position(|&x| x == max).unwrap_or(0) as u32;
-    transfer_state(group, s, leader)?;
-    Ok(Some(leader))
+    let holders: Vec<Rank> = (0..world as u32)
+        .filter(|&r| all[r as usize] == max)
+        .map(Rank)
+        .collect();
+    if holders.len() == 1 {
+        transfer_state(group, s, holders[0].0)?;
+        return Ok(Some(Healed::From(holders[0].0)));
+    }
+    let me = group.rank();
+    let need = state_len(s);
+    // One round per joiner, on every rank, so that the group's operation count stays equal.
+    let mut buf = if holders.contains(&me) {
+        state_bytes(s)
+    } else {
+        vec![0u8; need]
+    };
+    for j in (0..world as u32).map(Rank).filter(|r| !holders.contains(r)) {
+        if holders.contains(&me) {
+            group.send_striped(j, &holders, &mut buf)?;
+        } else if j == me {
+            group.recv_striped(&holders, &mut buf)?;
+        } else {
+            group.skip()?;
+        }
+    }
+    if !holders.contains(&me) {
+        load_state(s, &buf)?;
+    }
+    Ok(Some(Healed::Striped(holders.iter().map(|r| r.0).collect())))
+}
+
+fn state_len(s: &Setup) -> usize {
+    3 * s.trainer.model.num_params() as usize * 4 + 16
+}
+
+/// Parameters, optimizer moments, step and optimizer step count, little-endian.
+fn state_bytes(s: &Setup) -> Vec<u8> {
+    let t = &s.trainer;
+    let mut floats = tensor_vec(&t.model.params.flat);
+    floats.extend(tensor_vec(&t.opt.m));
+    floats.extend(tensor_vec(&t.opt.v));
+    let mut buf: Vec<u8> = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
+    buf.extend(t.step.to_le_bytes());
+    buf.extend(t.opt.t.to_le_bytes());
+    buf
+}
+
+fn load_state(s: &mut Setup, buf: &[u8]) -> Result<(), RuntimeError> {
+    let need = state_len(s);
+    if buf.len() != need {
+        return Err(RuntimeError::InvalidArgument {
+            op: "state transfer",
+            reason: format!("received {} bytes, expected {need}", buf.len()),
+        });
+    }
+    let t = &mut s.trainer;
+    let n = t.model.num_params() as usize;
+    let floats: Vec<f32> = buf[..3 * n * 4]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    tch::no_grad(|| {
+        let dev = t.model.device();
+        t.model
+            .params
+            .flat
+            .shallow_clone()
+            .copy_(&Tensor::from_slice(&floats[..n]).to_device(dev));
+        t.opt
+            .m
+            .copy_(&Tensor::from_slice(&floats[n..2 * n]).to_device(dev));
+        t.opt
+            .v
+            .copy_(&Tensor::from_slice(&floats[2 * n..]).to_device(dev));
+    });
+    let tail = &buf[3 * n * 4..];
+    t.step = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes"));
+    t.opt.t = u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes"));
+    t.model.params.zero_grads();
+    Ok(())
 }
 
 /// `leader` broadcasts parameters, optimizer state and step; every other rank takes them.
 fn transfer_state(group: &UcxGroup, s: &mut Setup, leader: u32) -> Result<(), RuntimeError> {
-    let t = &mut s.trainer;
-    let mut buf: Vec<u8> = Vec::new();
-    if group.rank().0 == leader {
-        let mut floats = tensor_vec(&t.model.params.flat);
-        floats.extend(tensor_vec(&t.opt.m));
-        floats.extend(tensor_vec(&t.opt.v));
-        buf = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
-        buf.extend(t.step.to_le_bytes());
-        buf.extend(t.opt.t.to_le_bytes());
-    }
-    let n = t.model.num_params() as usize;
-    let need = 3 * n * 4 + 16;
-    if group.rank().0 != leader {
+    let mut buf = if group.rank().0 == leader {
+        state_bytes(s)
+    } else {
         // Every rank passes a buffer of the broadcast's size.
-        buf = vec![0u8; need];
-    }
+        vec![0u8; state_len(s)]
+    };
     group.broadcast(&mut buf, Rank(leader))?;
     if group.rank().0 != leader {
-        if buf.len() != need {
-            return Err(RuntimeError::InvalidArgument {
-                op: "state transfer",
-                reason: format!("received {} bytes, expected {need}", buf.len()),
-            });
-        }
-        let floats: Vec<f32> = buf[..3 * n * 4]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        tch::no_grad(|| {
-            let dev = t.model.device();
-            t.model
-                .params
-                .flat
-                .shallow_clone()
-                .copy_(&Tensor::from_slice(&floats[..n]).to_device(dev));
-            t.opt
-                .m
-                .copy_(&Tensor::from_slice(&floats[n..2 * n]).to_device(dev));
-            t.opt
-                .v
-                .copy_(&Tensor::from_slice(&floats[2 * n..]).to_device(dev));
-        });
-        let tail = &buf[3 * n * 4..];
-        t.step = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes"));
-        t.opt.t = u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes"));
-        t.model.params.zero_grads();
+        load_state(s, &buf)?;
     }
     Ok(())
 }

@@ -547,6 +547,13 @@ impl<T: Transport> Collectives<T> {
         self.run_bytes("send_striped", buf, s)
     }
 
+    /// Takes part in a point-to-point operation between other ranks without sending or
+    /// receiving: operations are numbered per group, so a rank that sits one out must still
+    /// count it (e.g. a joiner while the state is striped to another joiner).
+    pub fn skip(&mut self) {
+        self.next_seq();
+    }
+
     /// Receives `buf.len()` bytes from `senders`, each sending one stripe.
     pub fn recv_striped(
         &mut self,

@@ -1166,6 +1166,7 @@ enum Cmd {
     Barrier,
     SendStriped(Rank, Vec<Rank>, Vec<u8>),
     RecvStriped(Vec<Rank>, Vec<u8>),
+    Skip,
     /// Test hook: send raw bytes with a raw tag to a peer (stale or malformed traffic).
     Raw(Rank, u64, Vec<u8>),
     Stats,
@@ -1322,6 +1323,11 @@ impl UcxGroup {
         )
     }
 
+    /// Counts a point-to-point operation this rank takes no part in (see `Collectives::skip`).
+    pub fn skip(&self) -> Result<(), RuntimeError> {
+        self.bytes_op("skip", Cmd::Skip, &mut Vec::new())
+    }
+
     pub fn recv_striped(&self, senders: &[Rank], buf: &mut Vec<u8>) -> Result<(), RuntimeError> {
         let b = std::mem::take(buf);
         self.bytes_op("recv_striped", Cmd::RecvStriped(senders.to_vec(), b), buf)
@@ -1371,6 +1377,10 @@ fn serve(mut c: Collectives<UcxTransport>, rx: mpsc::Receiver<Cmd>, tx: mpsc::Se
                 Reply::Bytes(b, r)
             }
             Cmd::Barrier => Reply::Bytes(Vec::new(), c.barrier()),
+            Cmd::Skip => {
+                c.skip();
+                Reply::Bytes(Vec::new(), Ok(()))
+            }
             Cmd::SendStriped(to, senders, mut b) => {
                 let r = c.send_striped(to, &senders, &mut b);
                 Reply::Bytes(b, r)
