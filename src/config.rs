@@ -129,6 +129,7 @@ pub struct TrainSection {
     pub eval_interval: u64,
     pub eval_batches: usize,
     pub log_interval: u64,
+    pub deterministic: bool,
 }
 
 impl Default for TrainSection {
@@ -143,6 +144,7 @@ impl Default for TrainSection {
             eval_interval: 500,
             eval_batches: 50,
             log_interval: 100,
+            deterministic: false,
         }
     }
 }

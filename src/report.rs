@@ -94,6 +94,7 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
         .filter(|m| m["replica_mismatch"].as_array().is_some_and(|a| !a.is_empty()))
         .map(|m| json!({"step": m["step"], "ranks": m["replica_mismatch"], "action": "healed from the majority"}))
         .collect();
+    let ledger = ledger(&metrics, &events);
     let last = steps.values().next_back();
     let halt_reason = events
         .iter()
@@ -115,8 +116,96 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
         "faults": faults,
         "numerics": numerics,
         "replica_mismatches": sdc,
+        "ledger": ledger,
         "model_dir": run_dir.join("model"),
     }))
+}
+
+/// D-1, the sample ledger: from rank 0's commit lines (step, generation, the step's sample
+/// positions in its epoch, every rank's share of micro-batches) and the coordinator's
+/// generations (the step each resumed at), whether every committed step's samples were
+/// consumed exactly once by the lineage of the final model.
+///
+/// A step committed again in a later generation that resumed at or before it was redone: the
+/// ranks that held the first commit were all lost, so the final model saw its samples once.
+/// Committed again without such a resume, it is repeated. A step whose shares do not tile the
+/// global batch, or whose positions overlap another step's in the same epoch, is a violation.
+fn ledger(metrics: &[Value], events: &[Value]) -> Value {
+    let resume: BTreeMap<u64, u64> = events
+        .iter()
+        .filter(|e| e["kind"] == "generation")
+        .filter_map(|e| Some((e["generation"].as_u64()?, e["resume_step"].as_u64()?)))
+        .collect();
+    let mut committed: BTreeMap<u64, (u64, u64, [u64; 2])> = BTreeMap::new();
+    let (mut redone, mut repeated, mut bad_shares) = (Vec::new(), Vec::new(), Vec::new());
+    let mut micro_batches = None;
+    for m in metrics.iter().filter(|m| m["final"] != true) {
+        let (Some(k), Some(g)) = (m["step"].as_u64(), m["generation"].as_u64()) else {
+            continue;
+        };
+        let (Some(epoch), Some(pos)) = (
+            m["epoch"].as_u64(),
+            m["positions"]
+                .as_array()
+                .and_then(|p| Some([p.first()?.as_u64()?, p.get(1)?.as_u64()?])),
+        ) else {
+            continue;
+        };
+        if let Some(&(g0, _, _)) = committed.get(&k) {
+            if g > g0 && resume.get(&g).is_some_and(|&r| r <= k) {
+                redone.push(k);
+            } else {
+                repeated.push(k);
+            }
+        }
+        // The shares must tile 0..micro-batches, in rank order, without gap or overlap.
+        let shares: Vec<[u64; 2]> = m["shares"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| Some([s.get(0)?.as_u64()?, s.get(1)?.as_u64()?]))
+            .collect();
+        let tiles = !shares.is_empty()
+            && shares[0][0] == 0
+            && shares
+                .windows(2)
+                .all(|w| w[0][1] == w[1][0] && w[0][0] <= w[0][1]);
+        let end = shares.last().map(|s| s[1]);
+        if !tiles || micro_batches.is_some_and(|n| Some(n) != end) {
+            bad_shares.push(k);
+        }
+        micro_batches = micro_batches.or(end);
+        committed.insert(k, (g, epoch, pos));
+    }
+    let last = committed.keys().next_back().copied();
+    let missing: Vec<u64> = last
+        .map(|l| (0..=l).filter(|k| !committed.contains_key(k)).collect())
+        .unwrap_or_default();
+    // Within an epoch, steps' sample positions must not overlap.
+    let mut overlapping = Vec::new();
+    let mut by_epoch: BTreeMap<u64, Vec<([u64; 2], u64)>> = BTreeMap::new();
+    for (k, (_, e, p)) in &committed {
+        by_epoch.entry(*e).or_default().push((*p, *k));
+    }
+    for v in by_epoch.values_mut() {
+        v.sort();
+        for w in v.windows(2) {
+            if w[1].0[0] < w[0].0[1] {
+                overlapping.push(w[1].1);
+            }
+        }
+    }
+    let samples: u64 = committed.values().map(|(_, _, p)| p[1] - p[0]).sum();
+    json!({
+        "exactly_once": missing.is_empty() && repeated.is_empty() && bad_shares.is_empty() && overlapping.is_empty(),
+        "steps": committed.len(),
+        "samples": samples,
+        "redone_steps": redone,
+        "missing_steps": missing,
+        "repeated_steps": repeated,
+        "bad_partition_steps": bad_shares,
+        "overlapping_steps": overlapping,
+    })
 }
 
 pub fn print(r: &Value) {
@@ -137,6 +226,15 @@ pub fn print(r: &Value) {
             .map_or("-".into(), |v| format!("{v:.0}")),
         r["ettr"].as_f64().unwrap_or(0.0),
     );
+    let l = &r["ledger"];
+    if l["exactly_once"] == true {
+        println!(
+            "  sample ledger: {} samples of {} committed steps consumed exactly once ({} step(s) redone after a failure)",
+            l["samples"], l["steps"], l["redone_steps"].as_array().map_or(0, |a| a.len())
+        );
+    } else if !l.is_null() {
+        println!("  sample ledger: NOT exactly once: {l}");
+    }
     if let Some(h) = r["halt_reason"].as_str() {
         println!("  halted: {h}");
     }
@@ -158,5 +256,53 @@ pub fn print(r: &Value) {
             f["rank"], f["cause"].as_str().unwrap_or(""), f["generation"], f["detection_ms"],
             f["recovery_ms"], f["lost_steps"], f["world_after"]
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ledger;
+    use serde_json::{json, Value};
+
+    fn commit(step: u64, gen: u64, world: u64) -> Value {
+        // 4 micro-batches of 4 samples per step, 10 steps per epoch.
+        let shares: Vec<[u64; 2]> = (0..world)
+            .map(|r| [r * 4 / world, (r + 1) * 4 / world])
+            .collect();
+        json!({"step": step, "generation": gen, "epoch": step / 10,
+               "positions": [(step % 10) * 16, (step % 10 + 1) * 16], "shares": shares})
+    }
+
+    fn generation(gen: u64, resume: u64) -> Value {
+        json!({"kind": "generation", "generation": gen, "resume_step": resume})
+    }
+
+    // D-1: a step redone after its first commit was lost is consumed once; across a resize the
+    // shares still tile the global batch; across the epoch boundary positions start again.
+    #[test]
+    fn ledger_accepts_redone_steps_and_resizes() {
+        let mut m: Vec<Value> = (0..6).map(|k| commit(k, 1, 4)).collect();
+        m.extend((5..14).map(|k| commit(k, 2, 3)));
+        let l = ledger(&m, &[generation(1, 0), generation(2, 5)]);
+        assert_eq!(l["exactly_once"], true, "{l}");
+        assert_eq!(l["redone_steps"], json!([5]));
+        assert_eq!(l["samples"], 14 * 16);
+    }
+
+    // D-1 violations are named: a step committed twice without a resume before it, a step
+    // missing, and shares that leave a micro-batch out.
+    #[test]
+    fn ledger_names_repeated_missing_and_partial_steps() {
+        let mut m: Vec<Value> = (0..6).map(|k| commit(k, 1, 2)).collect();
+        m.push(commit(4, 2, 2));
+        m.push(commit(7, 2, 2));
+        let mut bad = commit(8, 2, 2);
+        bad["shares"] = json!([[0, 1], [2, 4]]);
+        m.push(bad);
+        let l = ledger(&m, &[generation(1, 0), generation(2, 6)]);
+        assert_eq!(l["exactly_once"], false);
+        assert_eq!(l["repeated_steps"], json!([4]));
+        assert_eq!(l["missing_steps"], json!([6]));
+        assert_eq!(l["bad_partition_steps"], json!([8]));
     }
 }

@@ -104,7 +104,11 @@ fn watch_parent() {
 
 pub fn run(a: WorkerArgs) -> Result<i32> {
     watch_parent();
-    let cfg = a.cfg.clone();
+    let mut cfg = a.cfg.clone();
+    if cfg.train.deterministic {
+        // libtorch's reductions may group differently with another thread count.
+        cfg.train.threads = 1;
+    }
     let first = train::setup(&cfg)?;
     let meta = serde_json::to_string(&first.ds.meta.sources).unwrap_or_default();
     let hash = config_hash(&cfg, &meta);
@@ -147,6 +151,8 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         heartbeat_interval: Duration::from_millis(cfg.coordinator.heartbeat_interval_ms),
         checkpoint_interval: r.checkpoint_interval,
         fingerprint_interval: r.fingerprint_interval,
+        deterministic: cfg.train.deterministic,
+        seed: cfg.train.seed,
         collective_timeout: Duration::from_millis(2000),
         watchdog: Duration::from_millis(r.watchdog_timeout_ms),
         intensity: Intensity {

@@ -80,12 +80,22 @@ fn launch_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Launched {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(Value::Null);
+    if !report.is_null() {
+        assert_ledger_exactly_once(&report);
+    }
     Launched {
         code: out.status.code(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         report,
         run,
     }
+}
+
+/// D-1: every committed step's samples were consumed exactly once by the final model's lineage.
+fn assert_ledger_exactly_once(report: &Value) {
+    let l = &report["ledger"];
+    assert_eq!(l["exactly_once"], true, "sample ledger: {l}");
+    assert_eq!(l["steps"], report["steps"], "sample ledger: {l}");
 }
 
 /// G-2: every rank that finished holds the same parameters and optimizer state.
@@ -732,6 +742,7 @@ fn scale_up_then_drain_loses_no_step() {
     let report: Value =
         serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["status"], "completed", "{report}");
+    assert_ledger_exactly_once(&report);
     // Every step committed exactly once (a resize loses no step and repeats none).
     let mut steps: Vec<u64> = read_jsonl(&run.join("metrics.jsonl"))
         .iter()
@@ -750,4 +761,36 @@ fn scale_up_then_drain_loses_no_step() {
         "the joiners were not healed by striped transfer: {joined:#?}"
     );
     assert_identical_final_state(&run, 3);
+}
+
+// Deterministic mode: a 1-rank run, a 4-rank run and a 4-rank run with rank 1 killed at step 20
+// (shrinking to 3) end with bitwise-identical parameters and optimizer state after 60 steps.
+#[test]
+fn deterministic_mode_is_bitwise_identical_across_worlds_and_failures() {
+    let final_state = |args: &[&str]| {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = vec![
+            "train.max_steps=60",
+            "optim.decay_steps=60",
+            "train.deterministic=true",
+        ];
+        a.extend_from_slice(args);
+        let r = launch(d.path(), &a);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        let world = r.report["world_size_final"].as_u64().unwrap() as usize;
+        assert_identical_final_state(&r.run, world);
+        let fps = read_jsonl(&r.run.join("fingerprints.jsonl"));
+        (
+            fps.last().unwrap()["state_sha256"].clone(),
+            world,
+            r.report["faults"].clone(),
+        )
+    };
+    let (one, w1, _) = final_state(&["--nproc", "1"]);
+    let (four, w4, _) = final_state(&["--nproc", "4"]);
+    let (killed, wk, faults) = final_state(&["--nproc", "4", "--kill-at", "20:1"]);
+    assert_eq!((w1, w4, wk), (1, 4, 3));
+    assert_eq!(faults.as_array().map_or(0, |f| f.len()), 1, "{faults}");
+    assert_eq!(one, four, "1 rank vs 4 ranks");
+    assert_eq!(one, killed, "1 rank vs 4 ranks with a kill");
 }

@@ -321,6 +321,87 @@ fn suspect_of(e: &RuntimeError, me: Rank, world: u32) -> u32 {
     }
 }
 
+/// Deterministic mode: every micro-batch's gradient alone (dropout seeded by step and
+/// micro-batch), summed as exact fixed-point integers and encoded for an allreduce whose
+/// result does not depend on the order or grouping of the sum. Returns the local mean loss,
+/// the encoded buffer and whether any gradient or loss was non-finite.
+fn deterministic_grads(
+    s: &mut Setup,
+    batches: &[(Tensor, Tensor)],
+    mine: std::ops::Range<usize>,
+    mbs: usize,
+    step: u64,
+    seed: u64,
+) -> (f64, Vec<f32>, bool) {
+    let n = s.trainer.model.num_params() as usize;
+    let mut acc = vec![0i64; n];
+    let (mut loss, mut bad) = (0.0, false);
+    for (i, mb) in mine.enumerate() {
+        tch::manual_seed(
+            phalanx_model::sampler::mix64(seed ^ step.rotate_left(20) ^ mb as u64) as i64,
+        );
+        s.trainer.model.params.zero_grads();
+        let l = s.trainer.accumulate(&batches[i..i + 1], mbs);
+        let g = tensor_vec(s.trainer.flat_grads());
+        bad |= !l.is_finite() || g.iter().any(|x| !x.is_finite());
+        loss += l;
+        fixed::add(&mut acc, &g);
+    }
+    s.trainer.model.params.zero_grads();
+    (loss / batches.len().max(1) as f64, fixed::encode(&acc), bad)
+}
+
+/// Exact, order-independent sums of f32 gradients: fixed point with 40 fractional bits in
+/// i64, carried through an f32 allreduce as four 16-bit limbs of a biased u64. A limb sum over
+/// up to 256 ranks stays below 2^24, where f32 holds every integer exactly, so the allreduced
+/// limbs are the same whatever order the ring adds them in.
+pub mod fixed {
+    const FRAC: i32 = 40;
+    /// |gradient element| is clamped below 2^15 so that 64 micro-batches cannot overflow.
+    const LIMIT: f64 = 32767.0;
+    const BIAS: i128 = 1 << 62;
+
+    pub fn add(acc: &mut [i64], g: &[f32]) {
+        let scale = (2f64).powi(FRAC);
+        for (a, x) in acc.iter_mut().zip(g) {
+            let v = if x.is_finite() {
+                (*x as f64).clamp(-LIMIT, LIMIT)
+            } else {
+                0.0
+            };
+            *a += (v * scale).round() as i64;
+        }
+    }
+
+    pub fn encode(acc: &[i64]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(acc.len() * 4);
+        for &a in acc {
+            let u = (a as i128 + BIAS) as u64;
+            for l in 0..4 {
+                out.push(((u >> (16 * l)) & 0xFFFF) as f32);
+            }
+        }
+        out
+    }
+
+    /// The sum over `world` ranks' encodings, back to f32.
+    pub fn decode(limbs: &[f32], world: u32) -> Vec<f32> {
+        let scale = (2f64).powi(-FRAC);
+        limbs
+            .chunks_exact(4)
+            .map(|c| {
+                let total: i128 = c
+                    .iter()
+                    .enumerate()
+                    .map(|(l, v)| (*v as i128) << (16 * l))
+                    .sum::<i128>()
+                    - BIAS * world as i128;
+                (total as f64 * scale) as f32
+            })
+            .collect()
+    }
+}
+
 /// How a generation ended for this rank.
 enum Next {
     /// Wait for (or take) the next assignment.
@@ -617,6 +698,13 @@ impl<'a> Loop<'a> {
             .open(p.run_dir.join("metrics.jsonl"))
             .map_err(|e| format!("cannot open {}/metrics.jsonl: {e}", p.run_dir.display()))?;
         let mut late = 0u64;
+        let gb = p.global_batch as u64;
+        let shares: Vec<[usize; 2]> = (0..world as usize)
+            .map(|r| {
+                let m = s.sampler.rank_micro_batches(world as usize, r);
+                [m.start, m.end]
+            })
+            .collect();
         let mine = s
             .sampler
             .rank_micro_batches(world as usize, rank.0 as usize);
@@ -645,6 +733,7 @@ impl<'a> Loop<'a> {
                 Err(TryRecvError::Disconnected) => return Err("lost the control agent".into()),
             }
             let step = s.trainer.step;
+            let (epoch, st) = s.sampler.locate(step);
             let lr = lr_at(&p.optim, step);
             let t_step = Instant::now();
             let batches = match sh.loader.take(plan, step, Duration::from_millis(200)) {
@@ -671,18 +760,25 @@ impl<'a> Loop<'a> {
                     std::thread::sleep(Duration::from_secs(3600));
                 }
             }
-            let local_loss = s.trainer.accumulate(&batches, mbs);
+            let (local_loss, mut buf, local_bad) = if p.deterministic {
+                deterministic_grads(s, &batches, mine.clone(), mbs, step, p.seed)
+            } else {
+                let l = s.trainer.accumulate(&batches, mbs);
+                let b = tensor_vec(s.trainer.flat_grads());
+                let bad = !l.is_finite() || b.iter().any(|x| !x.is_finite());
+                (l, b, bad)
+            };
             if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
                 panic!("injected compute panic at step {step}");
             }
             let compute = t_step.elapsed();
-            let mut buf = tensor_vec(s.trainer.flat_grads());
-            if faults::fire("nan", step, Some(rank.0), generation.0) {
+            let nan = faults::fire("nan", step, Some(rank.0), generation.0);
+            if nan {
                 buf[0] = f32::NAN;
             }
             // Bad numerics are caught before the commit, and named: each rank flags its own
             // non-finite loss or gradient in a slot of its own that rides along with the sum.
-            let local_bad = !local_loss.is_finite() || buf.iter().any(|x| !x.is_finite());
+            let local_bad = local_bad || nan;
             let n = buf.len();
             // The global mean loss rides along as one more element of the sum.
             buf.push((local_loss * mine.len() as f64 / mbs as f64) as f32);
@@ -704,6 +800,9 @@ impl<'a> Loop<'a> {
                 .collect();
             buf.truncate(n + 1);
             let loss = buf.pop().unwrap_or(f32::NAN) as f64;
+            if p.deterministic {
+                buf = fixed::decode(&buf, world);
+            }
             let grad_norm = if bad_ranks.is_empty() {
                 *torn = true;
                 let g = s
@@ -762,6 +861,10 @@ impl<'a> Loop<'a> {
                     "step_ms": dt.as_secs_f64() * 1e3, "compute_ms": compute.as_secs_f64() * 1e3, "grad_norm": grad_norm,
                     "world_size": world, "generation": generation.0, "unix_ms": unix_ms(),
                     "skipped": grad_norm.is_none(), "nonfinite_ranks": bad_ranks,
+                    // The sample ledger (D-1): the step's sample positions in its epoch's
+                    // permutation, and the micro-batches each rank of this world computed.
+                    "epoch": epoch, "positions": [st * gb, (st + 1) * gb],
+                    "shares": &shares,
                     "replica_mismatch": odd,
                     "incarnation": self.incarnation,
                 });
@@ -808,6 +911,51 @@ impl<'a> Loop<'a> {
 #[cfg(test)]
 mod tests {
     use super::odd_ranks;
+
+    // DET-1: the fixed-point sum is the same for any grouping and order of the addends, and
+    // close to the float sum.
+    #[test]
+    fn fixed_point_sum_is_order_independent() {
+        use super::fixed;
+        let g: Vec<Vec<f32>> = (0..6)
+            .map(|i| {
+                (0..50)
+                    .map(|j| ((i * 31 + j * 7) as f32).sin() * 10f32.powi(-(j % 9)))
+                    .collect()
+            })
+            .collect();
+        // World 1: one rank sums all six; world 3: ranks sum 2 each; world 4: 2,2,1,1.
+        let run = |split: &[&[usize]]| {
+            let encs: Vec<Vec<f32>> = split
+                .iter()
+                .map(|mbs| {
+                    let mut acc = vec![0i64; 50];
+                    for &m in *mbs {
+                        fixed::add(&mut acc, &g[m]);
+                    }
+                    fixed::encode(&acc)
+                })
+                .collect();
+            // The allreduce: element-wise f32 sums, here in reverse rank order.
+            let mut sum = vec![0f32; encs[0].len()];
+            for e in encs.iter().rev() {
+                for (s, x) in sum.iter_mut().zip(e) {
+                    *s += x;
+                }
+            }
+            fixed::decode(&sum, split.len() as u32)
+        };
+        let one = run(&[&[0, 1, 2, 3, 4, 5]]);
+        let three = run(&[&[0, 1], &[2, 3], &[4, 5]]);
+        let four = run(&[&[0, 1], &[2, 3], &[4], &[5]]);
+        assert_eq!(one, three);
+        assert_eq!(one, four);
+        let float: Vec<f32> = (0..50).map(|j| g.iter().map(|v| v[j]).sum()).collect();
+        // Within the f32 sum's own rounding (addends are at most 1 in magnitude).
+        for (a, b) in one.iter().zip(&float) {
+            assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+        }
+    }
 
     // SDC-1: the odd rank out is named and the majority is the reference.
     #[test]

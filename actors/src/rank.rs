@@ -59,6 +59,10 @@ pub struct RankParams {
     pub optim: OptimConfig,
     pub heartbeat_interval: Duration,
     pub checkpoint_interval: u64,
+    /// Deterministic mode (exact fixed-point gradient sums).
+    pub deterministic: bool,
+    /// The job's seed (dropout per micro-batch in deterministic mode).
+    pub seed: u64,
     /// Every this many steps the ranks compare digests of their state (0: never).
     pub fingerprint_interval: u64,
     pub collective_timeout: Duration,
