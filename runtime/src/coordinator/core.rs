@@ -57,6 +57,8 @@ pub struct Live {
     pub done: bool,
     /// The rank asked for a regroup (it restarted its compute and is alive).
     pub regroup: bool,
+    /// When the rank first reported a failed collective in this generation.
+    pub reported_at: Option<Instant>,
 }
 
 /// Detection and policy settings. Defaults and the reason for each are in docs/control-plane.md.
@@ -172,6 +174,8 @@ pub struct Member {
     /// The member restarted part of itself (its compute) and asked for a new generation
     /// under its own name; it is alive, so reports of it failing do not evict it (R-4).
     pub regroup_requested: bool,
+    /// When this member first reported a failed collective in the current generation.
+    pub reported_at: Option<Instant>,
     pub drain_requested: bool,
     /// Set for members restored from the journal until they re-register.
     pub rejoin_deadline: Option<Instant>,
@@ -204,6 +208,7 @@ impl Member {
             straggler: false,
             suspected_by: BTreeSet::new(),
             regroup_requested: false,
+            reported_at: None,
             drain_requested: false,
             rejoin_deadline: None,
             closed_at: None,
@@ -432,6 +437,7 @@ impl State {
             drain: m.drain_requested,
             suspects: m.suspected_by.len() as u32,
             regroup: m.regroup_requested,
+            reported_at: m.reported_at,
             rejoin_deadline: m.rejoin_deadline,
             median_s: m.median_s,
             done: m.phase == "done",
@@ -711,6 +717,7 @@ impl State {
     /// A current rank reports a collective failure naming `suspect`.
     pub fn report_fault(
         &mut self,
+        now: Instant,
         reporter: MemberId,
         generation: Generation,
         suspect: Rank,
@@ -736,6 +743,9 @@ impl State {
                 ),
             });
         };
+        let r = self.member_mut(reporter)?;
+        r.reported_at.get_or_insert(now);
+        self.sync_live(reporter);
         if sid != reporter {
             self.member_mut(sid)?.suspected_by.insert(reporter);
         } else {
@@ -892,7 +902,18 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     let target = s.target_world.min(cfg.max_world).max(1);
     let any_straggler = cfg.straggler.evict && s.live.iter().any(|l| l.straggler);
     let regroup: Vec<MemberId> = s.live.iter().filter(|l| l.regroup).map(|l| l.id).collect();
-    if removed.is_empty() && !any_straggler && world == target && regroup.is_empty() {
+    // A generation most of whose ranks reported failed collectives, with no suspect agreed by a
+    // majority and nobody found dead or hung by the heartbeat deadline since, cannot make
+    // progress: every rank waits for the next generation. Regroup with the same members (R-7).
+    let reports: Vec<Instant> = s.live.iter().filter_map(|l| l.reported_at).collect();
+    let stuck = removed.is_empty()
+        && world > 1
+        && reports.len() * 2 > world
+        && reports
+            .iter()
+            .min()
+            .is_some_and(|&first| now.saturating_duration_since(first) > cfg.heartbeat_timeout);
+    if removed.is_empty() && !any_straggler && world == target && regroup.is_empty() && !stuck {
         return Decision::Steady;
     }
     // Only now scan for spares: the steady path above stays O(world) with no allocation.
@@ -935,7 +956,7 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     }
     let want = target.saturating_sub(survivors.len());
     spares.truncate(want);
-    if removed.is_empty() && spares.is_empty() && regroup.is_empty() {
+    if removed.is_empty() && spares.is_empty() && regroup.is_empty() && !stuck {
         return Decision::Steady;
     }
     let new_world = survivors.len() + spares.len();
@@ -989,6 +1010,13 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     for id in &regroup {
         why.push(format!(
             "member {id} restarted its compute and asked for a regroup"
+        ));
+    }
+    if stuck {
+        why.push(format!(
+            "{} of {world} ranks reported failed collectives with no agreed suspect and none \
+             missed the heartbeat deadline: regrouping with the same members",
+            reports.len()
         ));
     }
     Decision::Regroup(Regroup {
@@ -1056,6 +1084,7 @@ pub fn apply(s: &mut State, d: &Decision) -> Generation {
                     m.rank = Some(Rank(i as u32));
                     m.suspected_by.clear();
                     m.regroup_requested = false;
+                    m.reported_at = None;
                     m.slow_streak = 0;
                     m.normal_streak = 0;
                     m.step = r.resume_step.max(m.step);
@@ -1412,7 +1441,7 @@ mod tests {
         ));
         let alive = s.ranks[0];
         assert!(matches!(
-            s.report_fault(alive, Generation(1), Rank(1)),
+            s.report_fault(t, alive, Generation(1), Rank(1)),
             Err(RuntimeError::StaleGeneration { .. })
         ));
         let future = HeartbeatMsg {
@@ -1428,14 +1457,37 @@ mod tests {
         let t = Instant::now();
         let mut s = job(t, 4, 0, &cfg);
         let (a, b, c, d) = (s.ranks[0], s.ranks[1], s.ranks[2], s.ranks[3]);
-        s.report_fault(a, Generation(1), Rank(3)).unwrap();
+        s.report_fault(t, a, Generation(1), Rank(3)).unwrap();
         assert_eq!(decide(t, &s, &cfg), Decision::Steady);
-        s.report_fault(b, Generation(1), Rank(3)).unwrap();
+        s.report_fault(t, b, Generation(1), Rank(3)).unwrap();
         let r = regroup(decide(t, &s, &cfg));
         assert!(
             matches!(&r.removed[..], [(id, Removal::Reported { by })] if *id == d && by.len() == 2)
         );
         let _ = c;
+    }
+
+    // R-7: every rank reported a different suspect (no majority): nothing happens until the
+    // heartbeat deadline has passed with everyone alive, then the same members regroup.
+    #[test]
+    fn reports_without_a_majority_regroup_after_the_heartbeat_deadline() {
+        let cfg = CoreConfig::default();
+        let t = Instant::now();
+        let mut s = job(t, 4, 0, &cfg);
+        let ids = s.ranks.clone();
+        for (i, id) in ids.iter().enumerate() {
+            s.report_fault(t, *id, Generation(1), Rank(((i + 1) % 4) as u32))
+                .unwrap();
+        }
+        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
+        let later = t + cfg.heartbeat_timeout + Duration::from_millis(1);
+        all_beat(&mut s, later, 10, &cfg);
+        let r = regroup(decide(later, &s, &cfg));
+        assert!(r.removed.is_empty(), "{r:?}");
+        assert_eq!(r.ranks, ids);
+        assert!(r.reason.contains("no agreed suspect"), "{}", r.reason);
+        apply(&mut s, &Decision::Regroup(r));
+        assert_eq!(decide(later, &s, &cfg), Decision::Steady);
     }
 
     // R-4: a rank that restarted its compute reports itself; the job regroups with the same
@@ -1446,9 +1498,9 @@ mod tests {
         let t = Instant::now();
         let mut s = job(t, 3, 0, &cfg);
         let (a, b, c) = (s.ranks[0], s.ranks[1], s.ranks[2]);
-        s.report_fault(c, Generation(1), Rank(2)).unwrap();
-        s.report_fault(a, Generation(1), Rank(2)).unwrap();
-        s.report_fault(b, Generation(1), Rank(2)).unwrap();
+        s.report_fault(t, c, Generation(1), Rank(2)).unwrap();
+        s.report_fault(t, a, Generation(1), Rank(2)).unwrap();
+        s.report_fault(t, b, Generation(1), Rank(2)).unwrap();
         let r = regroup(decide(t, &s, &cfg));
         assert!(r.removed.is_empty(), "{r:?}");
         assert_eq!(r.ranks, vec![a, b, c]);

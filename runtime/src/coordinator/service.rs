@@ -442,7 +442,12 @@ impl Coordinator for Svc {
         let sh = &self.shared;
         let generation = {
             let mut st = sh.state.lock();
-            st.report_fault(r.member_id, Generation(r.generation), Rank(r.suspect_rank))?;
+            st.report_fault(
+                Instant::now(),
+                r.member_id,
+                Generation(r.generation),
+                Rank(r.suspect_rank),
+            )?;
             st.generation
         };
         sh.event(
