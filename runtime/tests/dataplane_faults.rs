@@ -2,7 +2,7 @@
 //!
 //! The ranks are this test binary re-executed: `rank_process` is a no-op test in the parent
 //! and the rank's main loop in a child (selected by the `PHX_DP_RANK` environment variable), so
-//! no extra binary target is needed. A rank runs allreduces in a loop with the default
+//! no extra binary target is needed. A rank runs allreduces and broadcasts in a loop with the default
 //! configuration (2 s deadline), prints one line per event on stderr (`DP ...`; libtest keeps
 //! a child test's stdout), and follows
 //! commands on stdin (`REBUILD <addr> <rank> <world> <generation>`, `EXIT`).
@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const LEN: usize = 256 * 1024;
+const BCAST_LEN: usize = 3 * 1024 * 1024 + 5;
 
 fn now_us() -> u128 {
     SystemTime::now()
@@ -39,11 +40,14 @@ fn describe(e: &RuntimeError) -> (String, String) {
     }
 }
 
-/// Runs allreduces until one fails (or `limit` succeed); checks every result.
+/// Runs allreduces, each followed by a broadcast (several chunks, root rotating, so the
+/// shared-memory window path runs too), until one fails (or `limit` rounds succeed); checks
+/// every result.
 fn run_loop(g: &UcxGroup, limit: Option<usize>) -> Result<usize, RuntimeError> {
     let n = g.world() as usize;
     let want = (n * (n + 1) / 2) as f32;
     let mut buf = vec![0f32; LEN];
+    let mut bc = vec![0u8; BCAST_LEN];
     let mut i = 0;
     loop {
         buf.iter_mut().for_each(|x| *x = (g.rank().0 + 1) as f32);
@@ -51,6 +55,16 @@ fn run_loop(g: &UcxGroup, limit: Option<usize>) -> Result<usize, RuntimeError> {
         assert!(
             buf.iter().all(|&x| x == want),
             "wrong allreduce result in generation {}",
+            g.generation()
+        );
+        let root = (i % n) as u32;
+        let fill = (i % 251) as u8;
+        bc.iter_mut()
+            .for_each(|x| *x = if g.rank().0 == root { fill } else { 0xEE });
+        g.broadcast(&mut bc, Rank(root))?;
+        assert!(
+            bc.len() == BCAST_LEN && bc.iter().all(|&x| x == fill),
+            "wrong broadcast result in generation {}",
             g.generation()
         );
         i += 1;

@@ -15,6 +15,7 @@ fn cfg(chunk: usize) -> UcxConfig {
             chunk_bytes: chunk,
             window: 4,
             timeout: Duration::from_secs(5),
+            ..CollConfig::default()
         },
         connect_timeout: Duration::from_secs(20),
         ..UcxConfig::default()
