@@ -333,6 +333,9 @@ pub fn worker(
                         b.iter_mut()
                             .enumerate()
                             .for_each(|(i, x)| *x = (i % 251) as u8);
+                    } else {
+                        // The result checked after the loop must come from the last broadcast.
+                        b.iter_mut().for_each(|x| *x = 0);
                     }
                 }
             }

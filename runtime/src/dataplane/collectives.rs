@@ -489,9 +489,16 @@ fn negotiate_window<T: Transport>(
         exchange(t, op, seq, sends, &[], timeout)?;
         Ok(yes)
     } else {
-        let offer = exchange(t, op, seq, Vec::new(), &[(root, SLOT_OFFER, OFFER_LEN)], timeout)?
-            .pop()
-            .unwrap_or_default();
+        let offer = exchange(
+            t,
+            op,
+            seq,
+            Vec::new(),
+            &[(root, SLOT_OFFER, OFFER_LEN)],
+            timeout,
+        )?
+        .pop()
+        .unwrap_or_default();
         let mapped = match (u32_at(&offer, 0), u64_at(&offer, 4)) {
             (Some(len), Some(size)) if len != u32::MAX && size == bytes as u64 => offer
                 .get(OFFER_HEAD..OFFER_HEAD + len as usize)
@@ -591,8 +598,7 @@ fn window_send<T: Transport>(
     let mut acks = vec![0usize; plan.nchunks];
     let (mut next, mut complete) = (0, 0);
     loop {
-        while next < plan.nchunks && (next < plan.slots || acks[next - plan.slots] == peers.len())
-        {
+        while next < plan.nchunks && (next < plan.slots || acks[next - plan.slots] == peers.len()) {
             t.window_put(plan.at(next), plan.range(next))?;
             for &p in &peers {
                 posted.insert(t.recv_owned(p, plan.key(next), Vec::new())?, Some(next));
@@ -623,7 +629,10 @@ fn window_receive<T: Transport>(
     let mut posted: HashMap<ReqId, Option<usize>> = HashMap::new();
     let (mut next_post, mut done) = (0, 0);
     while next_post < plan.nchunks.min(plan.slots) {
-        posted.insert(t.recv_owned(root, plan.key(next_post), vec![0u8; 8])?, Some(next_post));
+        posted.insert(
+            t.recv_owned(root, plan.key(next_post), vec![0u8; 8])?,
+            Some(next_post),
+        );
         next_post += 1;
     }
     while done < plan.nchunks || !posted.is_empty() {
@@ -644,7 +653,10 @@ fn window_receive<T: Transport>(
         posted.insert(t.send_owned(root, plan.key(ch), Vec::new())?, None);
         done += 1;
         if next_post < plan.nchunks {
-            posted.insert(t.recv_owned(root, plan.key(next_post), vec![0u8; 8])?, Some(next_post));
+            posted.insert(
+                t.recv_owned(root, plan.key(next_post), vec![0u8; 8])?,
+                Some(next_post),
+            );
             next_post += 1;
         }
     }
@@ -659,6 +671,8 @@ pub struct Collectives<T: Transport> {
     /// Per broadcast root: whether its broadcasts go through its shared-memory window (decided
     /// by [`negotiate_window`] at its first broadcast in this group).
     windows: HashMap<Rank, bool>,
+    /// Broadcasts that went through a window.
+    window_bcasts: u64,
 }
 
 impl<T: Transport> Collectives<T> {
@@ -668,6 +682,7 @@ impl<T: Transport> Collectives<T> {
             cfg,
             seq: 0,
             windows: HashMap::new(),
+            window_bcasts: 0,
         }
     }
 
@@ -687,6 +702,11 @@ impl<T: Transport> Collectives<T> {
     /// yet, i.e. no broadcast from `root` in this group so far).
     pub fn window_broadcast(&self, root: Rank) -> Option<bool> {
         self.windows.get(&root).copied()
+    }
+
+    /// Broadcasts so far that went through the root's shared-memory window.
+    pub fn window_broadcasts(&self) -> u64 {
+        self.window_bcasts
     }
 
     pub fn rank(&self) -> Rank {
@@ -822,6 +842,7 @@ impl<T: Transport> Collectives<T> {
             self.windows.insert(root, yes);
         }
         if self.windows.get(&root) == Some(&true) {
+            self.window_bcasts += 1;
             window_broadcast(&mut self.t, seq, root, len, &self.cfg)
         } else {
             let s = chain_schedule(n, r, root.0 as usize, len, self.cfg.chunk_bytes);
@@ -1081,7 +1102,10 @@ pub(crate) mod tests {
                 );
                 let fallback = windowless.is_some_and(|w| w < n);
                 for (r, (ok, paths)) in got.iter().enumerate() {
-                    assert!(ok.iter().all(|x| *x), "n={n} windowless={windowless:?} rank={r}");
+                    assert!(
+                        ok.iter().all(|x| *x),
+                        "n={n} windowless={windowless:?} rank={r}"
+                    );
                     assert!(
                         paths.iter().all(|p| *p == Some(!fallback)),
                         "n={n} windowless={windowless:?} rank={r}: {paths:?}"

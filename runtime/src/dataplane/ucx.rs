@@ -69,6 +69,8 @@ impl Default for UcxConfig {
 pub struct UcxStats {
     /// Messages of another generation (or malformed tags) dropped by the sweep.
     pub dropped_stale: u64,
+    /// Broadcasts that went through the root's shared-memory window (the rest took the chain).
+    pub window_broadcasts: u64,
 }
 
 fn status_str(s: sys::ucs_status_t) -> String {
@@ -1304,9 +1306,8 @@ impl Transport for UcxTransport {
         let mut rkey: sys::ucp_rkey_h = std::ptr::null_mut();
         // SAFETY: live endpoint; `key[16..]` is the packed rkey the peer sent (UCX validates
         // what it parses and fails on garbage); valid out-pointer.
-        let st = unsafe {
-            sys::ucp_ep_rkey_unpack(ep, key[16..].as_ptr() as *const c_void, &mut rkey)
-        };
+        let st =
+            unsafe { sys::ucp_ep_rkey_unpack(ep, key[16..].as_ptr() as *const c_void, &mut rkey) };
         if st != sys::ucs_status_t_UCS_OK {
             return false;
         }
@@ -1625,6 +1626,7 @@ fn serve(mut c: Collectives<UcxTransport>, rx: mpsc::Receiver<Cmd>, tx: mpsc::Se
             }
             Cmd::Stats => Reply::Stats(UcxStats {
                 dropped_stale: c.transport().dropped_stale(),
+                window_broadcasts: c.window_broadcasts(),
             }),
         };
         if tx.send(reply).is_err() {
