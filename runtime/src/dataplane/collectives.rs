@@ -1143,17 +1143,20 @@ pub(crate) mod tests {
     fn window_broadcast_dead_peer_fails_every_survivor() {
         for dead in [0u32, 2] {
             let net = InProcNet::new(4);
+            // Every thread is past the first broadcast before the victim dies.
+            let all = std::sync::Barrier::new(4);
             let got: Vec<_> = std::thread::scope(|sc| {
                 let hs: Vec<_> = (0..4u32)
                     .map(|r| {
                         let ep = net.endpoint(Rank(r), Generation(3));
-                        let net = net.clone();
+                        let (net, all) = (net.clone(), &all);
                         sc.spawn(move || {
                             let mut c = Collectives::new(ep, cfg(64));
                             let mut b = vec![r as u8; 4096];
                             // One broadcast decides the window path on every rank.
                             c.broadcast(&mut b, Rank(0)).unwrap();
-                            c.barrier().unwrap();
+                            assert_eq!(c.window_broadcast(Rank(0)), Some(true));
+                            all.wait();
                             if r == dead {
                                 net.kill(Rank(dead));
                                 return None;
