@@ -1,6 +1,7 @@
 //! Collectives over any [`Transport`]: ring allreduce (reduce-scatter + allgather, chunked and
-//! pipelined), reduce-scatter, allgather, pipelined chain broadcast, dissemination barrier, and
-//! striped point-to-point transfer of large buffers.
+//! pipelined), reduce-scatter, allgather, broadcast (through the root's shared-memory window
+//! when every receiver can map it, else a pipelined chain), dissemination barrier, and striped
+//! point-to-point transfer of large buffers.
 //!
 //! Every collective is a *schedule*: the ordered list of chunk messages this rank sends and
 //! receives, each send naming the receive it depends on. One engine runs every schedule with a
