@@ -65,6 +65,9 @@ pub struct Tuning {
     /// UCX endpoint error mode: `peer` (UCP_ERR_HANDLING_MODE_PEER) or `none`.
     #[arg(long, default_value = "peer")]
     pub err_mode: String,
+    /// Chunks a broadcast root stages in its shared-memory window.
+    #[arg(long, default_value_t = 8)]
+    pub bcast_slots: usize,
 }
 
 /// Parses `1K,1M,16M,64M` (binary units) into byte counts.
@@ -146,6 +149,12 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
                 "--spin-us",
                 &t.spin_us.to_string(),
             ])
+            .args([
+                "--err-mode",
+                &t.err_mode,
+                "--bcast-slots",
+                &t.bcast_slots.to_string(),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning rank {r}"))?;
@@ -220,11 +229,13 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
     }
     let tls = std::env::var("UCX_TLS").unwrap_or_else(|_| "(UCX default)".into());
     println!(
-        "# phalanx bench collectives: op {} world {world} iters {iters} warmup {} chunk {} KiB window {} UCX_TLS={tls}",
+        "# phalanx bench collectives: op {} world {world} iters {iters} warmup {} chunk {} KiB window {} bcast-slots {} err-mode {} UCX_TLS={tls}",
         op.name(),
         t.warmup,
         t.chunk_kb,
-        t.window
+        t.window,
+        t.bcast_slots,
+        t.err_mode
     );
     println!(
         "# {:>8} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>10} {:>10} {:>13}",
@@ -284,6 +295,7 @@ pub fn worker(
             chunk_bytes: t.chunk_kb.max(1) * 1024,
             window: t.window.max(1),
             timeout: Duration::from_millis(t.timeout_ms),
+            bcast_slots: t.bcast_slots.max(1),
         },
         spin: Duration::from_micros(t.spin_us),
         peer_error_mode: match t.err_mode.as_str() {
@@ -321,6 +333,9 @@ pub fn worker(
                         b.iter_mut()
                             .enumerate()
                             .for_each(|(i, x)| *x = (i % 251) as u8);
+                    } else {
+                        // The result checked after the loop must come from the last broadcast.
+                        b.iter_mut().for_each(|x| *x = 0);
                     }
                 }
             }

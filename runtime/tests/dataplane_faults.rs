@@ -2,7 +2,7 @@
 //!
 //! The ranks are this test binary re-executed: `rank_process` is a no-op test in the parent
 //! and the rank's main loop in a child (selected by the `PHX_DP_RANK` environment variable), so
-//! no extra binary target is needed. A rank runs allreduces in a loop with the default
+//! no extra binary target is needed. A rank runs allreduces and broadcasts in a loop with the default
 //! configuration (2 s deadline), prints one line per event on stderr (`DP ...`; libtest keeps
 //! a child test's stdout), and follows
 //! commands on stdin (`REBUILD <addr> <rank> <world> <generation>`, `EXIT`).
@@ -15,6 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const LEN: usize = 256 * 1024;
+const BCAST_LEN: usize = 3 * 1024 * 1024 + 5;
 
 fn now_us() -> u128 {
     SystemTime::now()
@@ -39,18 +40,35 @@ fn describe(e: &RuntimeError) -> (String, String) {
     }
 }
 
-/// Runs allreduces until one fails (or `limit` succeed); checks every result.
+/// Runs allreduces, each followed by a broadcast (several chunks, root rotating, so the
+/// shared-memory window path runs too), until one fails (or `limit` rounds succeed); checks
+/// every result.
 fn run_loop(g: &UcxGroup, limit: Option<usize>) -> Result<usize, RuntimeError> {
     let n = g.world() as usize;
     let want = (n * (n + 1) / 2) as f32;
     let mut buf = vec![0f32; LEN];
+    let mut bc = vec![0u8; BCAST_LEN];
+    // PHX_DP_OPS=broadcast: broadcasts only, all from rank 0 (a fault hits one mid-broadcast).
+    let bcast_only = std::env::var("PHX_DP_OPS").as_deref() == Ok("broadcast");
     let mut i = 0;
     loop {
-        buf.iter_mut().for_each(|x| *x = (g.rank().0 + 1) as f32);
-        g.allreduce(&mut buf)?;
+        if !bcast_only {
+            buf.iter_mut().for_each(|x| *x = (g.rank().0 + 1) as f32);
+            g.allreduce(&mut buf)?;
+            assert!(
+                buf.iter().all(|&x| x == want),
+                "wrong allreduce result in generation {}",
+                g.generation()
+            );
+        }
+        let root = if bcast_only { 0 } else { (i % n) as u32 };
+        let fill = (i % 251) as u8;
+        bc.iter_mut()
+            .for_each(|x| *x = if g.rank().0 == root { fill } else { 0xEE });
+        g.broadcast(&mut bc, Rank(root))?;
         assert!(
-            buf.iter().all(|&x| x == want),
-            "wrong allreduce result in generation {}",
+            bc.len() == BCAST_LEN && bc.iter().all(|&x| x == fill),
+            "wrong broadcast result in generation {}",
             g.generation()
         );
         i += 1;
@@ -128,6 +146,16 @@ struct Rank_ {
 
 /// Spawns `world` rank processes of `generation` and a bootstrap server for them.
 fn spawn(world: u32, generation: u64, tx: &mpsc::Sender<(u32, u128, String)>) -> Vec<Rank_> {
+    spawn_ops(world, generation, tx, "mixed")
+}
+
+/// `ops`: `mixed` (allreduce + broadcast per round) or `broadcast` (broadcasts from rank 0).
+fn spawn_ops(
+    world: u32,
+    generation: u64,
+    tx: &mpsc::Sender<(u32, u128, String)>,
+    ops: &str,
+) -> Vec<Rank_> {
     let srv = BootstrapServer::bind("127.0.0.1:0").unwrap();
     let addr = srv.local_addr().to_string();
     std::thread::spawn(move || srv.serve(world, Generation(generation), Duration::from_secs(60)));
@@ -136,6 +164,7 @@ fn spawn(world: u32, generation: u64, tx: &mpsc::Sender<(u32, u128, String)>) ->
             let mut child = Command::new(std::env::current_exe().unwrap())
                 .args(["rank_process", "--exact", "--nocapture", "--test-threads=1"])
                 .env("PHX_DP_RANK", format!("{addr} {r} {world} {generation}"))
+                .env("PHX_DP_OPS", ops)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
@@ -346,4 +375,55 @@ fn sigstop_times_out_within_the_deadline_and_the_woken_rank_stays_fenced() {
         assert!(line.starts_with("REBUILT_OK 2 200"), "rank {r}: {line}");
     }
     finish(ranks);
+}
+
+/// P-3 in the shared-memory broadcast: the root is killed, or a receiver stopped, while the
+/// ranks run nothing but 3 MiB broadcasts from rank 0 (so the fault lands mid-broadcast, with
+/// receivers copying out of the root's window). Every survivor fails: `PeerFailed` naming the
+/// root within 1 s, or an error within the 2 s deadline.
+#[test]
+fn faults_during_window_broadcasts_fail_every_survivor_in_time() {
+    for (victim, stop) in [(0u32, false), (2, true)] {
+        let (tx, rx) = mpsc::channel();
+        let ranks = spawn_ops(4, 1, &tx, "broadcast");
+        let mut lines = Lines {
+            rx,
+            pending: Vec::new(),
+        };
+        lines.collect(&[0, 1, 2, 3], Duration::from_secs(60), |l| {
+            l.starts_with("LOOPING")
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = ranks[victim as usize].child.id().to_string();
+        let signal = if stop { "-STOP" } else { "-KILL" };
+        let t0 = now_us();
+        assert!(Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap()
+            .success());
+        let survivors: Vec<u32> = (0..4).filter(|&r| r != victim).collect();
+        let errs = lines.collect(&survivors, Duration::from_secs(6), |l| l.starts_with("ERR"));
+        for (r, t, line) in &errs {
+            let took_ms = (t.saturating_sub(t0)) as f64 / 1000.0;
+            eprintln!(
+                "broadcast {signal} of rank {victim}: rank {r} after {took_ms:.1} ms: {line}"
+            );
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if stop {
+                assert!(
+                    took_ms < 2200.0,
+                    "rank {r} took {took_ms} ms (deadline 2 s)"
+                );
+                assert!(matches!(f[3], "Timeout" | "PeerFailed"), "rank {r}: {line}");
+            } else {
+                assert!(took_ms < 1000.0, "rank {r} took {took_ms} ms");
+                assert_eq!((f[3], f[4]), ("PeerFailed", "0"), "rank {r}: {line}");
+            }
+        }
+        if stop {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+        finish(ranks);
+    }
 }

@@ -1,6 +1,7 @@
 //! Collectives over any [`Transport`]: ring allreduce (reduce-scatter + allgather, chunked and
-//! pipelined), reduce-scatter, allgather, pipelined chain broadcast, dissemination barrier, and
-//! striped point-to-point transfer of large buffers.
+//! pipelined), reduce-scatter, allgather, broadcast (through the root's shared-memory window
+//! when every receiver can map it, else a pipelined chain), dissemination barrier, and striped
+//! point-to-point transfer of large buffers.
 //!
 //! Every collective is a *schedule*: the ordered list of chunk messages this rank sends and
 //! receives, each send naming the receive it depends on. One engine runs every schedule with a
@@ -27,6 +28,10 @@ pub struct CollConfig {
     /// An operation fails when no message completes for this long (a stopped or partitioned
     /// peer makes no progress; a slow but live one does).
     pub timeout: Duration,
+    /// Slots of `chunk_bytes` in the shared-memory window a broadcast root stages its data in
+    /// (when every receiver can map it): the root runs at most this many chunks ahead of the
+    /// slowest receiver.
+    pub bcast_slots: usize,
 }
 
 impl Default for CollConfig {
@@ -35,6 +40,7 @@ impl Default for CollConfig {
             chunk_bytes: 1 << 20,
             window: 4,
             timeout: Duration::from_secs(2),
+            bcast_slots: 8,
         }
     }
 }
@@ -401,16 +407,284 @@ fn run<T: Transport>(
     }
 }
 
+/// Posts owned sends and receives of small messages and waits for all of them; returns the
+/// received buffers in the order of `recvs`.
+fn exchange<T: Transport>(
+    t: &mut T,
+    op: &'static str,
+    seq: u16,
+    sends: Vec<(Rank, u32, Vec<u8>)>,
+    recvs: &[(Rank, u32, usize)],
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>, RuntimeError> {
+    let mut posted: HashMap<ReqId, Option<usize>> = HashMap::new();
+    for (i, &(from, slot, len)) in recvs.iter().enumerate() {
+        let id = t.recv_owned(from, MsgKey { seq, slot }, vec![0u8; len])?;
+        posted.insert(id, Some(i));
+    }
+    for (to, slot, b) in sends {
+        posted.insert(t.send_owned(to, MsgKey { seq, slot }, b)?, None);
+    }
+    let mut out = vec![Vec::new(); recvs.len()];
+    while !posted.is_empty() {
+        let c = t.wait_any(op, timeout)?;
+        if let Some(Some(i)) = posted.remove(&c.id) {
+            out[i] = c.buf.unwrap_or_default();
+        }
+    }
+    Ok(out)
+}
+
+/// The window offer a root sends every receiver: key length (`u32::MAX`: no window), window
+/// size, key; padded to a fixed length so that it is received like any fixed-size message.
+const OFFER_LEN: usize = 4096;
+const OFFER_HEAD: usize = 12;
+const SLOT_OFFER: u32 = 0;
+const SLOT_REPLY: u32 = 1;
+const SLOT_VERDICT: u32 = 2;
+
+fn u32_at(b: &[u8], i: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], i: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
+}
+
+/// Decides, once per root and group, whether `root`'s broadcasts go through its shared-memory
+/// window: the root offers its window, every receiver tries to map it and answers, and the
+/// root announces the verdict (yes only if every receiver mapped it), so all ranks agree.
+fn negotiate_window<T: Transport>(
+    t: &mut T,
+    seq: u16,
+    root: Rank,
+    bytes: usize,
+    timeout: Duration,
+) -> Result<bool, RuntimeError> {
+    let op = "broadcast";
+    let (n, me) = (t.world(), t.rank());
+    if me == root {
+        let key = t.window_key(bytes)?;
+        let mut offer = vec![0u8; OFFER_LEN];
+        match &key {
+            Some(k) if k.len() <= OFFER_LEN - OFFER_HEAD => {
+                offer[0..4].copy_from_slice(&(k.len() as u32).to_le_bytes());
+                offer[4..12].copy_from_slice(&(bytes as u64).to_le_bytes());
+                offer[OFFER_HEAD..OFFER_HEAD + k.len()].copy_from_slice(k);
+            }
+            _ => offer[0..4].copy_from_slice(&u32::MAX.to_le_bytes()),
+        }
+        let peers: Vec<Rank> = (0..n).map(Rank).filter(|&r| r != me).collect();
+        let sends = peers
+            .iter()
+            .map(|&p| (p, SLOT_OFFER, offer.clone()))
+            .collect();
+        let recvs: Vec<_> = peers.iter().map(|&p| (p, SLOT_REPLY, 4)).collect();
+        let replies = exchange(t, op, seq, sends, &recvs, timeout)?;
+        let yes = key.is_some() && replies.iter().all(|r| u32_at(r, 0) == Some(1));
+        let verdict = u32::from(yes).to_le_bytes().to_vec();
+        let sends = peers
+            .iter()
+            .map(|&p| (p, SLOT_VERDICT, verdict.clone()))
+            .collect();
+        exchange(t, op, seq, sends, &[], timeout)?;
+        Ok(yes)
+    } else {
+        let offer = exchange(
+            t,
+            op,
+            seq,
+            Vec::new(),
+            &[(root, SLOT_OFFER, OFFER_LEN)],
+            timeout,
+        )?
+        .pop()
+        .unwrap_or_default();
+        let mapped = match (u32_at(&offer, 0), u64_at(&offer, 4)) {
+            (Some(len), Some(size)) if len != u32::MAX && size == bytes as u64 => offer
+                .get(OFFER_HEAD..OFFER_HEAD + len as usize)
+                .is_some_and(|k| t.window_map(root, k)),
+            _ => false,
+        };
+        let reply = u32::from(mapped).to_le_bytes().to_vec();
+        let verdict = exchange(
+            t,
+            op,
+            seq,
+            vec![(root, SLOT_REPLY, reply)],
+            &[(root, SLOT_VERDICT, 4)],
+            timeout,
+        )?
+        .pop()
+        .unwrap_or_default();
+        Ok(u32_at(&verdict, 0) == Some(1))
+    }
+}
+
+/// How a window broadcast cuts `len` bytes into chunks and window slots.
+struct WindowPlan {
+    seq: u16,
+    len: usize,
+    chunk: usize,
+    slots: usize,
+    nchunks: usize,
+}
+
+impl WindowPlan {
+    fn new(seq: u16, len: usize, cfg: &CollConfig) -> Self {
+        let chunk = cfg.chunk_bytes.max(1);
+        WindowPlan {
+            seq,
+            len,
+            chunk,
+            slots: cfg.bcast_slots.max(1),
+            nchunks: len.div_ceil(chunk),
+        }
+    }
+
+    /// The bytes of chunk `c` in the buffer.
+    fn range(&self, c: usize) -> Range<usize> {
+        c * self.chunk..((c + 1) * self.chunk).min(self.len)
+    }
+
+    /// Where chunk `c` is staged in the window.
+    fn at(&self, c: usize) -> usize {
+        (c % self.slots) * self.chunk
+    }
+
+    /// The announcement (root to receiver) and acknowledgement (back) of chunk `c`.
+    fn key(&self, c: usize) -> MsgKey {
+        MsgKey {
+            seq: self.seq,
+            slot: c as u32,
+        }
+    }
+}
+
+/// Broadcast through the root's shared-memory window: the root copies chunk `c` into slot
+/// `c % slots` of its window and announces it (a message carrying the total length) to every
+/// receiver; each receiver copies the chunk straight from the root's window into its buffer and
+/// acknowledges it. A slot is rewritten only once every receiver has acknowledged its previous
+/// chunk. One copy per receiver (plus the root's one into the window), all receivers at once,
+/// instead of a chain of two copies per hop through the transport's bounce buffers.
+fn window_broadcast<T: Transport>(
+    t: &mut T,
+    seq: u16,
+    root: Rank,
+    len: usize,
+    cfg: &CollConfig,
+) -> Result<(), RuntimeError> {
+    let plan = WindowPlan::new(seq, len, cfg);
+    if t.rank() != root {
+        return window_receive(t, root, &plan, cfg.timeout);
+    }
+    // The root only waits for acknowledgements: the work is the receivers' copies, which a
+    // spinning root would slow down when ranks share cores.
+    t.patient(true);
+    let res = window_send(t, &plan, cfg.timeout);
+    t.patient(false);
+    res
+}
+
+fn window_send<T: Transport>(
+    t: &mut T,
+    plan: &WindowPlan,
+    timeout: Duration,
+) -> Result<(), RuntimeError> {
+    let me = t.rank();
+    let peers: Vec<Rank> = (0..t.world()).map(Rank).filter(|&r| r != me).collect();
+    let announce = (plan.len as u64).to_le_bytes().to_vec();
+    // Some(c): the acknowledgement of chunk c; None: an announcement.
+    let mut posted: HashMap<ReqId, Option<usize>> = HashMap::new();
+    let mut acks = vec![0usize; plan.nchunks];
+    let (mut next, mut complete) = (0, 0);
+    loop {
+        while next < plan.nchunks && (next < plan.slots || acks[next - plan.slots] == peers.len()) {
+            t.window_put(plan.at(next), plan.range(next))?;
+            for &p in &peers {
+                posted.insert(t.recv_owned(p, plan.key(next), Vec::new())?, Some(next));
+                posted.insert(t.send_owned(p, plan.key(next), announce.clone())?, None);
+            }
+            next += 1;
+        }
+        if complete == plan.nchunks && posted.is_empty() {
+            return Ok(());
+        }
+        let c = t.wait_any("broadcast", timeout)?;
+        if let Some(Some(ch)) = posted.remove(&c.id) {
+            acks[ch] += 1;
+            if acks[ch] == peers.len() {
+                complete += 1;
+            }
+        }
+    }
+}
+
+fn window_receive<T: Transport>(
+    t: &mut T,
+    root: Rank,
+    plan: &WindowPlan,
+    timeout: Duration,
+) -> Result<(), RuntimeError> {
+    // Some(c): the announcement of chunk c; None: an acknowledgement.
+    let mut posted: HashMap<ReqId, Option<usize>> = HashMap::new();
+    let (mut next_post, mut done) = (0, 0);
+    while next_post < plan.nchunks.min(plan.slots) {
+        posted.insert(
+            t.recv_owned(root, plan.key(next_post), vec![0u8; 8])?,
+            Some(next_post),
+        );
+        next_post += 1;
+    }
+    while done < plan.nchunks || !posted.is_empty() {
+        let c = t.wait_any("broadcast", timeout)?;
+        let Some(Some(ch)) = posted.remove(&c.id) else {
+            continue;
+        };
+        let got = c.buf.as_deref().and_then(|b| u64_at(b, 0)).unwrap_or(0);
+        if got != plan.len as u64 {
+            return Err(t.abort(RuntimeError::MessageLength {
+                from: root,
+                op: "broadcast",
+                expected: plan.len,
+                got: got as usize,
+            }));
+        }
+        t.window_get(root, plan.at(ch), plan.range(ch))?;
+        posted.insert(t.send_owned(root, plan.key(ch), Vec::new())?, None);
+        done += 1;
+        if next_post < plan.nchunks {
+            posted.insert(
+                t.recv_owned(root, plan.key(next_post), vec![0u8; 8])?,
+                Some(next_post),
+            );
+            next_post += 1;
+        }
+    }
+    Ok(())
+}
+
 /// The collectives of one group, over one transport.
 pub struct Collectives<T: Transport> {
     t: T,
     cfg: CollConfig,
     seq: u16,
+    /// Per broadcast root: whether its broadcasts go through its shared-memory window (decided
+    /// by [`negotiate_window`] at its first broadcast in this group).
+    windows: HashMap<Rank, bool>,
+    /// Broadcasts that went through a window.
+    window_bcasts: u64,
 }
 
 impl<T: Transport> Collectives<T> {
     pub fn new(t: T, cfg: CollConfig) -> Self {
-        Collectives { t, cfg, seq: 0 }
+        Collectives {
+            t,
+            cfg,
+            seq: 0,
+            windows: HashMap::new(),
+            window_bcasts: 0,
+        }
     }
 
     pub fn transport(&self) -> &T {
@@ -423,6 +697,17 @@ impl<T: Transport> Collectives<T> {
 
     pub fn config(&self) -> &CollConfig {
         &self.cfg
+    }
+
+    /// Whether `root`'s broadcasts go through its shared-memory window (`None`: not decided
+    /// yet, i.e. no broadcast from `root` in this group so far).
+    pub fn window_broadcast(&self, root: Rank) -> Option<bool> {
+        self.windows.get(&root).copied()
+    }
+
+    /// Broadcasts so far that went through the root's shared-memory window.
+    pub fn window_broadcasts(&self) -> u64 {
+        self.window_bcasts
     }
 
     pub fn rank(&self) -> Rank {
@@ -518,8 +803,52 @@ impl<T: Transport> Collectives<T> {
                 reason: format!("root {root} is not a rank of a world of {n}"),
             });
         }
-        let s = chain_schedule(n, r, root.0 as usize, buf.len(), self.cfg.chunk_bytes);
-        self.run_bytes("broadcast", buf, s)
+        let chunk = self.cfg.chunk_bytes.max(1);
+        if buf.len().div_ceil(chunk) > MAX_SLOTS as usize {
+            return Err(RuntimeError::InvalidArgument {
+                op: "broadcast",
+                reason: format!(
+                    "{} chunks exceed the {MAX_SLOTS} a collective may use; raise chunk_bytes (now {chunk})",
+                    buf.len().div_ceil(chunk)
+                ),
+            });
+        }
+        let negotiate = (n >= 2 && !self.windows.contains_key(&root)).then(|| self.next_seq());
+        let seq = self.next_seq();
+        let len = buf.len();
+        let (back, res) = match self.t.attach(OpBuf::Bytes(std::mem::take(buf))) {
+            Err((e, back)) => (back, Err(e)),
+            Ok(()) => {
+                let res = self.broadcast_attached(negotiate, seq, root, (n, r), len);
+                (self.t.detach(), res)
+            }
+        };
+        if let OpBuf::Bytes(v) = back {
+            *buf = v;
+        }
+        res
+    }
+
+    fn broadcast_attached(
+        &mut self,
+        negotiate: Option<u16>,
+        seq: u16,
+        root: Rank,
+        (n, r): (usize, usize),
+        len: usize,
+    ) -> Result<(), RuntimeError> {
+        let window_bytes = self.cfg.bcast_slots.max(1) * self.cfg.chunk_bytes.max(1);
+        if let Some(nseq) = negotiate {
+            let yes = negotiate_window(&mut self.t, nseq, root, window_bytes, self.cfg.timeout)?;
+            self.windows.insert(root, yes);
+        }
+        if self.windows.get(&root) == Some(&true) {
+            self.window_bcasts += 1;
+            window_broadcast(&mut self.t, seq, root, len, &self.cfg)
+        } else {
+            let s = chain_schedule(n, r, root.0 as usize, len, self.cfg.chunk_bytes);
+            run(&mut self.t, "broadcast", seq, &s, &self.cfg)
+        }
     }
 
     /// Returns once every rank has entered the barrier.
@@ -582,6 +911,7 @@ pub(crate) mod tests {
             chunk_bytes: chunk,
             window: 3,
             timeout: Duration::from_secs(5),
+            bcast_slots: 3,
         }
     }
 
@@ -712,6 +1042,144 @@ pub(crate) mod tests {
                         "n={n} len={len} root={root}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Runs `f` on `n` in-process ranks of a fabric prepared by `setup`.
+    fn ranks_on<R: Send>(
+        n: u32,
+        chunk: usize,
+        setup: impl Fn(&InProcNet),
+        f: impl Fn(&mut Collectives<InProcTransport>) -> R + Sync,
+    ) -> Vec<R> {
+        let net = InProcNet::new(n);
+        setup(&net);
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..n)
+                .map(|r| {
+                    let ep = net.endpoint(Rank(r), Generation(1));
+                    let f = &f;
+                    sc.spawn(move || f(&mut Collectives::new(ep, cfg(chunk))))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn payload(root: u32, len: usize, it: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i * 7 + root as usize * 31 + it * 13) as u8)
+            .collect()
+    }
+
+    /// The window path (every rank can map the root's window) and the chain (some rank cannot:
+    /// it stands for a rank on another node) give the same bytes, for every root, with the
+    /// window's slots reused many times over (more chunks than slots) and across collectives.
+    #[test]
+    fn broadcast_through_windows_and_fallback_to_the_chain() {
+        for windowless in [None, Some(0u32), Some(2)] {
+            for n in [2u32, 3, 5] {
+                let got = ranks_on(
+                    n,
+                    16,
+                    |net| {
+                        if let Some(w) = windowless.filter(|&w| w < n) {
+                            net.windowless(Rank(w));
+                        }
+                    },
+                    |c| {
+                        let mut out = Vec::new();
+                        for it in 0..3 {
+                            for root in 0..n {
+                                for len in [0usize, 1, 16, 47, 300] {
+                                    let mut b = if c.rank().0 == root {
+                                        payload(root, len, it)
+                                    } else {
+                                        vec![0xEE; len]
+                                    };
+                                    c.broadcast(&mut b, Rank(root)).unwrap();
+                                    out.push(b == payload(root, len, it));
+                                }
+                            }
+                            c.allreduce(&mut input(c.rank().0, 40)).unwrap();
+                        }
+                        let paths: Vec<_> = (0..n).map(|r| c.window_broadcast(Rank(r))).collect();
+                        (out, paths)
+                    },
+                );
+                let fallback = windowless.is_some_and(|w| w < n);
+                for (r, (ok, paths)) in got.iter().enumerate() {
+                    assert!(
+                        ok.iter().all(|x| *x),
+                        "n={n} windowless={windowless:?} rank={r}"
+                    );
+                    assert!(
+                        paths.iter().all(|p| *p == Some(!fallback)),
+                        "n={n} windowless={windowless:?} rank={r}: {paths:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Different lengths on root and receiver in the window path: an error, not a hang.
+    #[test]
+    fn window_broadcast_length_mismatch_is_an_error() {
+        let got = ranks(3, 16, |c| {
+            let len = if c.rank().0 == 1 { 100 } else { 96 };
+            c.broadcast(&mut vec![1u8; len], Rank(0)).unwrap_err()
+        });
+        assert!(
+            got.iter()
+                .any(|e| matches!(e, RuntimeError::MessageLength { .. })),
+            "{got:?}"
+        );
+        for e in &got {
+            assert!(
+                matches!(
+                    e,
+                    RuntimeError::MessageLength { .. } | RuntimeError::PeerFailed { .. }
+                ),
+                "{e}"
+            );
+        }
+    }
+
+    /// P-3 in the window path: a receiver or the root dies; every survivor fails naming it.
+    #[test]
+    fn window_broadcast_dead_peer_fails_every_survivor() {
+        for dead in [0u32, 2] {
+            let net = InProcNet::new(4);
+            // Every thread is past the first broadcast before the victim dies.
+            let all = std::sync::Barrier::new(4);
+            let got: Vec<_> = std::thread::scope(|sc| {
+                let hs: Vec<_> = (0..4u32)
+                    .map(|r| {
+                        let ep = net.endpoint(Rank(r), Generation(3));
+                        let (net, all) = (net.clone(), &all);
+                        sc.spawn(move || {
+                            let mut c = Collectives::new(ep, cfg(64));
+                            let mut b = vec![r as u8; 4096];
+                            // One broadcast decides the window path on every rank.
+                            c.broadcast(&mut b, Rank(0)).unwrap();
+                            assert_eq!(c.window_broadcast(Rank(0)), Some(true));
+                            all.wait();
+                            if r == dead {
+                                net.kill(Rank(dead));
+                                return None;
+                            }
+                            Some(c.broadcast(&mut b, Rank(0)).unwrap_err())
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for e in got.into_iter().flatten() {
+                assert!(
+                    matches!(e, RuntimeError::PeerFailed { rank, .. } if rank == Rank(dead)),
+                    "dead={dead}: {e}"
+                );
             }
         }
     }

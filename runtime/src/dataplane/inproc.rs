@@ -6,7 +6,7 @@
 use super::transport::*;
 use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -17,10 +17,18 @@ struct Envelope {
     data: Vec<u8>,
 }
 
+/// A shared-memory window: ranks are threads, so a window is a shared byte vector.
+type Window = Arc<Mutex<Vec<u8>>>;
+
 struct Shared {
     boxes: Mutex<Vec<VecDeque<Envelope>>>,
     dead: Mutex<Vec<bool>>,
     cv: Condvar,
+    /// Every window allocated on this fabric, by key.
+    windows: Mutex<HashMap<u64, Window>>,
+    /// Ranks that have no shared memory (as if on another node): they neither offer nor map
+    /// windows.
+    windowless: Mutex<Vec<bool>>,
 }
 
 /// The fabric the in-process ranks of one test share.
@@ -38,6 +46,8 @@ impl InProcNet {
                 boxes: Mutex::new((0..world).map(|_| VecDeque::new()).collect()),
                 dead: Mutex::new(vec![false; world as usize]),
                 cv: Condvar::new(),
+                windows: Mutex::new(HashMap::new()),
+                windowless: Mutex::new(vec![false; world as usize]),
             }),
             world,
         }
@@ -56,7 +66,23 @@ impl InProcNet {
             next_id: 1,
             broken: None,
             dropped: 0,
+            window: None,
+            mapped: HashMap::new(),
         }
+    }
+
+    /// Makes `rank` unable to offer or map shared-memory windows, as a rank on another node.
+    pub fn windowless(&self, rank: Rank) {
+        if let Some(w) = lock(&self.shared.windowless).get_mut(rank.0 as usize) {
+            *w = true;
+        }
+    }
+
+    fn has_windows(&self, rank: Rank) -> bool {
+        !lock(&self.shared.windowless)
+            .get(rank.0 as usize)
+            .copied()
+            .unwrap_or(true)
     }
 
     /// Marks `rank` dead, as a crashed process would look to its peers.
@@ -108,6 +134,10 @@ pub struct InProcTransport {
     next_id: u64,
     broken: Option<String>,
     dropped: u64,
+    /// This rank's window, with its key.
+    window: Option<(u64, Window)>,
+    /// Peers' windows this rank has mapped.
+    mapped: HashMap<Rank, Window>,
 }
 
 impl InProcTransport {
@@ -458,5 +488,78 @@ impl Transport for InProcTransport {
 
     fn dropped_stale(&self) -> u64 {
         self.dropped
+    }
+
+    fn abort(&mut self, err: RuntimeError) -> RuntimeError {
+        self.fail(err)
+    }
+
+    fn window_key(&mut self, bytes: usize) -> Result<Option<Vec<u8>>, RuntimeError> {
+        if !self.net.has_windows(self.rank) {
+            return Ok(None);
+        }
+        if let Some((key, w)) = &self.window {
+            let size = lock(w).len();
+            if size != bytes {
+                return Err(RuntimeError::InvalidArgument {
+                    op: "window_key",
+                    reason: format!("window of {size} bytes exists, {bytes} asked"),
+                });
+            }
+            return Ok(Some(key.to_le_bytes().to_vec()));
+        }
+        let w: Window = Arc::new(Mutex::new(vec![0u8; bytes]));
+        let mut all = lock(&self.net.shared.windows);
+        let key = all.len() as u64 + 1;
+        all.insert(key, w.clone());
+        self.window = Some((key, w));
+        Ok(Some(key.to_le_bytes().to_vec()))
+    }
+
+    fn window_map(&mut self, peer: Rank, key: &[u8]) -> bool {
+        if !self.net.has_windows(self.rank) {
+            return false;
+        }
+        let Ok(k) = <[u8; 8]>::try_from(key) else {
+            return false;
+        };
+        match lock(&self.net.shared.windows).get(&u64::from_le_bytes(k)) {
+            Some(w) => {
+                self.mapped.insert(peer, w.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn window_put(&mut self, at: usize, src: Range<usize>) -> Result<(), RuntimeError> {
+        self.check_open("window_put")?;
+        let Some((_, w)) = &self.window else {
+            return Err(RuntimeError::InvalidArgument {
+                op: "window_put",
+                reason: "no window".into(),
+            });
+        };
+        let mut w = lock(w);
+        check_window("window_put", at, src.len(), w.len())?;
+        let bytes = super::transport::region(&self.buf, &self.inflight, src)?;
+        w[at..at + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn window_get(&mut self, peer: Rank, at: usize, dst: Range<usize>) -> Result<(), RuntimeError> {
+        self.check_open("window_get")?;
+        let Some(w) = self.mapped.get(&peer) else {
+            return Err(RuntimeError::InvalidArgument {
+                op: "window_get",
+                reason: format!("rank {peer}'s window is not mapped"),
+            });
+        };
+        let w = lock(w);
+        check_window("window_get", at, dst.len(), w.len())?;
+        let out = super::transport::region_mut(&mut self.buf, &self.inflight, dst)?;
+        let n = out.len();
+        out.copy_from_slice(&w[at..at + n]);
+        Ok(())
     }
 }

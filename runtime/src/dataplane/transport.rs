@@ -115,6 +115,75 @@ pub trait Transport {
 
     /// Messages of another generation (or otherwise not addressed to this group) dropped so far.
     fn dropped_stale(&self) -> u64;
+
+    /// Breaks the group because of `err`, found by the collective rather than the transport
+    /// (e.g. a peer announced a different length): tells every member, as a failure seen in
+    /// [`Transport::wait_any`] would, and returns `err`.
+    fn abort(&mut self, err: RuntimeError) -> RuntimeError;
+
+    /// While on, a wait without progress naps briefly instead of yielding the core: for a rank
+    /// whose only job is to wait while its peers work (a broadcast root whose window is full),
+    /// where even yielding takes half of a core it shares with a peer. Default: off.
+    fn patient(&mut self, on: bool) {
+        let _ = on;
+    }
+
+    // Shared-memory windows (optional). A window is a region of this rank's memory, allocated
+    // once per group, that ranks on the same node map and read directly: one copy from the
+    // writer's window into the reader's buffer, instead of two through the transport's bounce
+    // buffers. The collectives order every access with messages (the writer announces what it
+    // wrote, readers acknowledge what they read), so the transport only moves bytes.
+
+    /// Allocates (first call) this rank's window of `bytes` and returns the key a peer passes to
+    /// [`Transport::window_map`], or `None` when the transport has no shared memory. Later calls
+    /// return the same window; asking for a different size is an error.
+    fn window_key(&mut self, bytes: usize) -> Result<Option<Vec<u8>>, RuntimeError> {
+        let _ = bytes;
+        Ok(None)
+    }
+
+    /// Maps `peer`'s window from its key. False when it cannot be read directly from here
+    /// (another node, a transport without shared memory, a malformed key).
+    fn window_map(&mut self, peer: Rank, key: &[u8]) -> bool {
+        let _ = (peer, key);
+        false
+    }
+
+    /// Copies the attached bytes `src` into this rank's window at offset `at`.
+    fn window_put(&mut self, at: usize, src: Range<usize>) -> Result<(), RuntimeError> {
+        let _ = (at, src);
+        Err(no_window("window_put"))
+    }
+
+    /// Copies `dst.len()` bytes of `peer`'s mapped window from offset `at` into the attached
+    /// bytes `dst`.
+    fn window_get(&mut self, peer: Rank, at: usize, dst: Range<usize>) -> Result<(), RuntimeError> {
+        let _ = (peer, at, dst);
+        Err(no_window("window_get"))
+    }
+}
+
+fn no_window(op: &'static str) -> RuntimeError {
+    RuntimeError::InvalidArgument {
+        op,
+        reason: "no shared-memory window (none allocated, or not mapped)".into(),
+    }
+}
+
+/// Checks a window access of `len` bytes at `at` against a window of `size` bytes.
+pub fn check_window(
+    op: &'static str,
+    at: usize,
+    len: usize,
+    size: usize,
+) -> Result<(), RuntimeError> {
+    match at.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(RuntimeError::InvalidArgument {
+            op,
+            reason: format!("{len} bytes at offset {at} outside the {size}-byte window"),
+        }),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

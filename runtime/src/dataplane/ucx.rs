@@ -69,6 +69,8 @@ impl Default for UcxConfig {
 pub struct UcxStats {
     /// Messages of another generation (or malformed tags) dropped by the sweep.
     pub dropped_stale: u64,
+    /// Broadcasts that went through the root's shared-memory window (the rest took the chain).
+    pub window_broadcasts: u64,
 }
 
 fn status_str(s: sys::ucs_status_t) -> String {
@@ -120,6 +122,22 @@ enum RecvTarget {
     Owned(Vec<u8>),
 }
 
+/// This rank's shared-memory window: memory UCX allocated (`ucp_mem_map` with
+/// `UCP_MEM_MAP_ALLOCATE`, from a shared-memory domain when there is one) so that peers on the
+/// same node can map it (`ucp_rkey_ptr`).
+struct LocalWindow {
+    memh: sys::ucp_mem_h,
+    addr: *mut u8,
+    len: usize,
+}
+
+/// A peer's window mapped into this process.
+struct PeerWindow {
+    rkey: sys::ucp_rkey_h,
+    ptr: *const u8,
+    len: usize,
+}
+
 /// The UCP objects of one group, owned by one thread.
 pub struct UcxTransport {
     context: sys::ucp_context_h,
@@ -145,6 +163,10 @@ pub struct UcxTransport {
     spin: Duration,
     live: Option<Liveness>,
     peer_mode: bool,
+    window: Option<LocalWindow>,
+    mapped: HashMap<Rank, PeerWindow>,
+    /// Idle waits nap instead of yielding (see `Transport::patient`).
+    patient: bool,
 }
 
 const CTRL_SLOT_BUF: usize = 64;
@@ -188,6 +210,9 @@ impl UcxTransport {
             spin: cfg.spin,
             live: None,
             peer_mode: cfg.peer_error_mode,
+            window: None,
+            mapped: HashMap::new(),
+            patient: false,
         };
         let mut efd: i32 = -1;
         // SAFETY: `t.worker` is a live worker created with UCP_FEATURE_WAKEUP; `efd` is a valid
@@ -538,9 +563,73 @@ impl UcxTransport {
     }
 }
 
+impl UcxTransport {
+    /// Destroys the rkeys of every mapped peer window (before endpoints close, as UCX asks).
+    fn unmap_peer_windows(&mut self) {
+        for (_, w) in self.mapped.drain() {
+            // SAFETY: the rkey came from ucp_ep_rkey_unpack on an endpoint that is still open
+            // (this runs before endpoints are closed) and is destroyed exactly once; nothing
+            // reads through `w.ptr` afterwards (the map entry is gone).
+            unsafe { sys::ucp_rkey_destroy(w.rkey) };
+        }
+    }
+
+    fn alloc_window(&mut self, bytes: usize) -> Option<LocalWindow> {
+        // SAFETY: an all-zero ucp_mem_map_params_t is "no optional fields".
+        let mut p: sys::ucp_mem_map_params_t = unsafe { std::mem::zeroed() };
+        p.field_mask = (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH
+            | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_FLAGS)
+            as u64;
+        p.length = bytes;
+        p.flags = sys::UCP_MEM_MAP_ALLOCATE;
+        let mut memh: sys::ucp_mem_h = std::ptr::null_mut();
+        // SAFETY: live context, valid params and out-pointer.
+        let st = unsafe { sys::ucp_mem_map(self.context, &p, &mut memh) };
+        if st != sys::ucs_status_t_UCS_OK {
+            return None;
+        }
+        // SAFETY: zeroed attributes; the field mask says what to fill.
+        let mut attr: sys::ucp_mem_attr_t = unsafe { std::mem::zeroed() };
+        attr.field_mask = (sys::ucp_mem_attr_field_UCP_MEM_ATTR_FIELD_ADDRESS
+            | sys::ucp_mem_attr_field_UCP_MEM_ATTR_FIELD_LENGTH) as u64;
+        // SAFETY: `memh` is the live handle just mapped; `attr` is a valid out-pointer.
+        let st = unsafe { sys::ucp_mem_query(memh, &mut attr) };
+        if st != sys::ucs_status_t_UCS_OK || attr.address.is_null() || attr.length < bytes {
+            // SAFETY: unmapped once, never used.
+            unsafe { sys::ucp_mem_unmap(self.context, memh) };
+            return None;
+        }
+        Some(LocalWindow {
+            memh,
+            addr: attr.address as *mut u8,
+            len: bytes,
+        })
+    }
+
+    fn pack_window_key(&self, w: &LocalWindow) -> Option<Vec<u8>> {
+        let mut buf: *mut c_void = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: live context and memory handle of it; valid out-pointers.
+        let st = unsafe { sys::ucp_rkey_pack(self.context, w.memh, &mut buf, &mut size) };
+        if st != sys::ucs_status_t_UCS_OK || buf.is_null() {
+            return None;
+        }
+        let mut key = Vec::with_capacity(16 + size);
+        key.extend_from_slice(&(w.addr as u64).to_le_bytes());
+        key.extend_from_slice(&(w.len as u64).to_le_bytes());
+        // SAFETY: UCX returned `size` readable bytes at `buf`, valid until released below.
+        key.extend_from_slice(unsafe { std::slice::from_raw_parts(buf as *const u8, size) });
+        // SAFETY: `buf` came from ucp_rkey_pack and is released once.
+        unsafe { sys::ucp_rkey_buffer_release(buf) };
+        Some(key)
+    }
+}
+
 const SWEEP_EVERY: Duration = Duration::from_millis(10);
 /// After `spin` without progress, yield the core for this long before sleeping on the fd.
 const YIELD_FOR: Duration = Duration::from_millis(5);
+/// What a patient wait sleeps instead of yielding (see `Transport::patient`).
+const PATIENT_NAP: Duration = Duration::from_micros(50);
 /// Scratch size for draining stale messages; longer ones are truncated, which drops them too.
 const DRAIN_BUF: usize = 64 * 1024;
 
@@ -689,9 +778,15 @@ impl UcxTransport {
             }
             // The worker's event fd does not fire for every shared-memory event (measured: an
             // op that sleeps on it as soon as it idles runs 4x slower), so a short idle yields
-            // the core to the peers this rank is waiting for, and only a long one sleeps.
+            // the core to the peers this rank is waiting for (or, when patient, naps: a yield
+            // still takes half a shared core from a peer doing the work), and only a long one
+            // sleeps.
             if idle < YIELD_FOR {
-                std::thread::yield_now();
+                if self.patient {
+                    std::thread::sleep(PATIENT_NAP);
+                } else {
+                    std::thread::yield_now();
+                }
                 continue;
             }
             self.sleep((deadline - now).min(Duration::from_millis(1)));
@@ -834,6 +929,8 @@ impl UcxTransport {
     /// Cancels receives and force-closes every endpoint (which completes every outstanding
     /// send), then waits a bounded time for all requests to report completion.
     fn retire(&mut self) {
+        // Mapped windows go first: UCX requires an rkey to be destroyed before its endpoint.
+        self.unmap_peer_windows();
         for r in self.reqs.values() {
             if r.recv && !r.ptr.is_null() {
                 // SAFETY: live request of this worker, not yet freed.
@@ -912,6 +1009,7 @@ impl Drop for UcxTransport {
                     unsafe { sys::ucp_request_cancel(self.worker, r.ptr) };
                 }
             }
+            self.unmap_peer_windows();
             // Orderly teardown: flush what we sent to peers that may still be receiving it.
             let mut closing = Vec::new();
             for ep in self.eps.iter_mut().filter(|e| !e.is_null()) {
@@ -954,6 +1052,12 @@ impl Drop for UcxTransport {
         }
         // Requests still held (only after a failed retire) belong to the worker; it frees them.
         self.reqs.clear();
+        if let Some(w) = self.window.take() {
+            // SAFETY: the window was mapped on this context and is unmapped once; no UCX request
+            // ever uses it (it is only read and written with plain copies), and peers that
+            // mapped it keep their own mapping of the shared pages.
+            unsafe { sys::ucp_mem_unmap(self.context, w.memh) };
+        }
         // SAFETY: every endpoint is closed; the worker and then the context are destroyed once,
         // on the owning thread. Buffers UCX might have touched are dropped only after this.
         unsafe {
@@ -1152,6 +1256,143 @@ impl Transport for UcxTransport {
     fn dropped_stale(&self) -> u64 {
         self.dropped
     }
+
+    fn abort(&mut self, err: RuntimeError) -> RuntimeError {
+        self.fail(err)
+    }
+
+    fn patient(&mut self, on: bool) {
+        self.patient = on;
+    }
+
+    fn window_key(&mut self, bytes: usize) -> Result<Option<Vec<u8>>, RuntimeError> {
+        self.check_open("window_key")?;
+        if bytes == 0 {
+            return Ok(None);
+        }
+        if self.window.is_none() {
+            self.window = self.alloc_window(bytes);
+        }
+        match &self.window {
+            None => Ok(None),
+            Some(w) if w.len != bytes => Err(RuntimeError::InvalidArgument {
+                op: "window_key",
+                reason: format!("a window of {} bytes exists, {bytes} asked", w.len),
+            }),
+            Some(w) => Ok(self.pack_window_key(w)),
+        }
+    }
+
+    fn window_map(&mut self, peer: Rank, key: &[u8]) -> bool {
+        if self.check_open("window_map").is_err() || key.len() <= 16 {
+            return false;
+        }
+        let Ok(ep) = self.check_peer("window_map", peer) else {
+            return false;
+        };
+        let (Some(addr), Some(len)) = (u64_le(key, 0), u64_le(key, 8)) else {
+            return false;
+        };
+        let Ok(len) = usize::try_from(len) else {
+            return false;
+        };
+        if len == 0 || addr.checked_add(len as u64).is_none() {
+            return false;
+        }
+        if let Some(old) = self.mapped.remove(&peer) {
+            // SAFETY: an rkey of a live endpoint, destroyed once (replaced below).
+            unsafe { sys::ucp_rkey_destroy(old.rkey) };
+        }
+        let mut rkey: sys::ucp_rkey_h = std::ptr::null_mut();
+        // SAFETY: live endpoint; `key[16..]` is the packed rkey the peer sent (UCX validates
+        // what it parses and fails on garbage); valid out-pointer.
+        let st =
+            unsafe { sys::ucp_ep_rkey_unpack(ep, key[16..].as_ptr() as *const c_void, &mut rkey) };
+        if st != sys::ucs_status_t_UCS_OK {
+            return false;
+        }
+        let (mut first, mut last): (*mut c_void, *mut c_void) =
+            (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: live rkey; valid out-pointers. ucp_rkey_ptr only translates addresses (the
+        // segment was attached when the rkey was unpacked); UCS_ERR_UNREACHABLE when no
+        // transport can map the peer's memory (another node, TCP), INVALID_ADDR when an
+        // address is outside the peer's segment.
+        let ok = unsafe {
+            sys::ucp_rkey_ptr(rkey, addr, &mut first) == sys::ucs_status_t_UCS_OK
+                && sys::ucp_rkey_ptr(rkey, addr + len as u64 - 1, &mut last)
+                    == sys::ucs_status_t_UCS_OK
+        };
+        // The whole window must be one contiguous mapping here.
+        if !ok || first.is_null() || (last as usize).wrapping_sub(first as usize) != len - 1 {
+            // SAFETY: unpacked above, destroyed once, never used.
+            unsafe { sys::ucp_rkey_destroy(rkey) };
+            return false;
+        }
+        self.mapped.insert(
+            peer,
+            PeerWindow {
+                rkey,
+                ptr: first as *const u8,
+                len,
+            },
+        );
+        true
+    }
+
+    fn window_put(&mut self, at: usize, src: Range<usize>) -> Result<(), RuntimeError> {
+        self.check_open("window_put")?;
+        let Some(w) = &self.window else {
+            return Err(RuntimeError::InvalidArgument {
+                op: "window_put",
+                reason: "no window".into(),
+            });
+        };
+        check_window("window_put", at, src.len(), w.len)?;
+        let dst = w.addr;
+        let bytes = super::transport::region(&self.buf, &self.inflight, src)?;
+        // Readers acknowledged (by message) that they are done with these bytes; their reads
+        // happen before our writes.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: `dst + at .. + len` lies inside this rank's window (checked above), memory
+        // UCX allocated for this context and keeps mapped until Drop; `bytes` is a checked view
+        // of the attached buffer (not the window, so the ranges do not overlap). Peers only read
+        // this slot after the announcement sent after this copy, and this slot's previous
+        // chunk was acknowledged by every reader, so nobody reads these bytes concurrently.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.add(at), bytes.len()) };
+        // The copy is globally visible before the announcement that follows.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn window_get(&mut self, peer: Rank, at: usize, dst: Range<usize>) -> Result<(), RuntimeError> {
+        self.check_open("window_get")?;
+        let Some(w) = self.mapped.get(&peer) else {
+            return Err(RuntimeError::InvalidArgument {
+                op: "window_get",
+                reason: format!("rank {peer}'s window is not mapped"),
+            });
+        };
+        check_window("window_get", at, dst.len(), w.len)?;
+        let src = w.ptr;
+        let out = super::transport::region_mut(&mut self.buf, &self.inflight, dst)?;
+        // The announcement that these bytes are written was received before this read.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: `src + at .. + len` lies inside the peer's window as mapped into this process
+        // (checked against the length verified with ucp_rkey_ptr at map time); the mapping lives
+        // until the rkey is destroyed, which only happens with the map entry removed. The peer
+        // wrote these bytes before announcing them and does not rewrite them until this rank
+        // acknowledges (after this copy); a faulty peer writing anyway could only change the
+        // bytes copied, not their bounds. `out` is a checked exclusive view of the attached
+        // buffer, which is private memory, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(at), out.as_mut_ptr(), out.len()) };
+        // Our reads complete before the acknowledgement that follows.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn u64_le(b: &[u8], i: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1395,6 +1636,7 @@ fn serve(mut c: Collectives<UcxTransport>, rx: mpsc::Receiver<Cmd>, tx: mpsc::Se
             }
             Cmd::Stats => Reply::Stats(UcxStats {
                 dropped_stale: c.transport().dropped_stale(),
+                window_broadcasts: c.window_broadcasts(),
             }),
         };
         if tx.send(reply).is_err() {
