@@ -29,6 +29,9 @@ pub struct LaunchArgs {
     /// Fault injection: SIGSTOP rank R once step S is committed, SIGCONT `stop_for` later.
     pub stop_at: Option<(u64, u32)>,
     pub stop_for: Duration,
+    /// Fault injection: once step S is committed, cap rank R at `slow_cpu_pct`% of a core.
+    pub slow_at: Option<(u64, u32)>,
+    pub slow_cpu_pct: u32,
     pub progress: bool,
 }
 
@@ -96,6 +99,45 @@ fn inject(
         )
     });
     Ok(Some(r.pid))
+}
+
+/// Puts `pid` (all its threads) into a new cgroup whose CPU quota is `pct`% of one core: cgroup
+/// v1's cpu controller (`cpu.cfs_quota_us`) or v2's `cpu.max`. Returns the cgroup's directory.
+fn cpu_quota(pid: u32, pct: u32) -> Result<PathBuf> {
+    let period = 100_000u64;
+    let quota = period * pct as u64 / 100;
+    let v1 = Path::new("/sys/fs/cgroup/cpu");
+    let (dir, files): (PathBuf, Vec<(&str, String)>) = if v1.join("cpu.cfs_quota_us").exists() {
+        (
+            v1.join(format!("phalanx-slow-{pid}")),
+            vec![
+                ("cpu.cfs_period_us", period.to_string()),
+                ("cpu.cfs_quota_us", quota.to_string()),
+            ],
+        )
+    } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        (
+            PathBuf::from(format!("/sys/fs/cgroup/phalanx-slow-{pid}")),
+            vec![("cpu.max", format!("{quota} {period}"))],
+        )
+    } else {
+        anyhow::bail!(
+            "no cgroup CPU controller at /sys/fs/cgroup: --slow-at needs cgroup v1's cpu or v2"
+        );
+    };
+    std::fs::create_dir_all(&dir).with_context(|| {
+        format!(
+            "cannot create {} (--slow-at needs root or a delegated cgroup)",
+            dir.display()
+        )
+    })?;
+    for (f, v) in files {
+        std::fs::write(dir.join(f), &v)
+            .with_context(|| format!("cannot write {v} to {}/{f}", dir.display()))?;
+    }
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+        .with_context(|| format!("cannot move pid {pid} into {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Whether rank 0 wrote its `final` metrics line. Reads only what was appended since the last
@@ -272,6 +314,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         .expect("valid template"),
     );
     let mut killed = false;
+    let mut slowed: Option<PathBuf> = None;
     let mut final_seen: Option<Instant> = None;
     let mut metrics_seen = 0u64;
     let mut stopped: Option<(u32, Instant)> = None;
@@ -365,6 +408,33 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                         }
                     }
                 }
+                if let Some((at, rank)) = a.slow_at {
+                    if slowed.is_none() && st.committed_step >= at {
+                        if let Some(r) = st
+                            .ranks
+                            .iter()
+                            .find(|r| r.rank == Some(rank) && r.state == "active")
+                        {
+                            let dir = cpu_quota(r.pid, a.slow_cpu_pct)?;
+                            append_event(
+                                &run_dir,
+                                "fault_injected",
+                                json!({"fault": "cpu_quota", "cpu_pct": a.slow_cpu_pct, "rank": rank,
+                                       "pid": r.pid, "step": st.committed_step,
+                                       "injected_unix_ms": unix_ms(), "ok": true}),
+                            )?;
+                            pb_bar.suspend(|| {
+                                info!(
+                                    rank,
+                                    pid = r.pid,
+                                    pct = a.slow_cpu_pct,
+                                    "injected: CPU quota"
+                                )
+                            });
+                            slowed = Some(dir);
+                        }
+                    }
+                }
                 if let Some((at, rank)) = a.kill {
                     if !killed && st.committed_step >= at {
                         killed = inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some();
@@ -399,6 +469,15 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             .args(["-TERM", &w.child.id().to_string()])
             .status();
         let _ = w.child.wait();
+    }
+    if let Some(dir) = &slowed {
+        // The cgroup can only go once its process has left it.
+        for _ in 0..50 {
+            if std::fs::remove_dir(dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     let _ = shut_tx.send(());
     let _ = coord.join();

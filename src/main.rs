@@ -128,6 +128,12 @@ enum Cmd {
         /// ... and SIGCONT it this many milliseconds later.
         #[arg(long, default_value_t = 5000)]
         stop_for_ms: u64,
+        /// Fault injection: once step STEP is committed, limit rank RANK's process to
+        /// --slow-cpu-pct percent of one core (a cgroup CPU quota): a straggler.
+        #[arg(long, value_name = "STEP:RANK")]
+        slow_at: Option<String>,
+        #[arg(long, default_value_t = 25)]
+        slow_cpu_pct: u32,
         overrides: Vec<String>,
     },
     /// Run the job's coordinator (membership, generations, failure detection).
@@ -465,6 +471,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kill_at,
             stop_at,
             stop_for_ms,
+            slow_at,
+            slow_cpu_pct,
             overrides,
         } => {
             let parse = |flag: &str, v: Option<String>| -> Result<Option<(u64, u32)>> {
@@ -481,6 +489,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let kill = parse("--kill-at", kill_at)?;
             let stop_at = parse("--stop-at", stop_at)?;
+            let slow_at = parse("--slow-at", slow_at)?;
+            if !(1..=100).contains(&slow_cpu_pct) {
+                anyhow::bail!("--slow-cpu-pct {slow_cpu_pct}: use 1..=100 (percent of one core)");
+            }
             let stop = Arc::new(AtomicBool::new(false));
             let s = stop.clone();
             ctrlc::set_handler(move || {
@@ -498,6 +510,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     kill,
                     stop_at,
                     stop_for: std::time::Duration::from_millis(stop_for_ms),
+                    slow_at,
+                    slow_cpu_pct,
                     progress: std::io::stderr().is_terminal(),
                 },
                 stop,

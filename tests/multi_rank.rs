@@ -794,3 +794,106 @@ fn deterministic_mode_is_bitwise_identical_across_worlds_and_failures() {
     assert_eq!(one, four, "1 rank vs 4 ranks");
     assert_eq!(one, killed, "1 rank vs 4 ranks with a kill");
 }
+
+/// Steps long enough (tens of ms) that a CPU quota shows against scheduling noise.
+const STRAGGLER_MODEL: [&str; 3] = ["model.n_layer=2", "model.n_embd=128", "model.block_size=64"];
+
+fn median_step_ms(run: &Path, from: u64, to: u64) -> f64 {
+    let mut v: Vec<f64> = read_jsonl(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|m| m["step"].as_u64().is_some_and(|s| (from..to).contains(&s)))
+        .filter_map(|m| m["step_ms"].as_f64())
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+// Straggler eviction: rank 2 capped at 25% of a core (a cgroup CPU quota) at step 100 is flagged
+// by the coordinator's detector and replaced by the spare; the event gives the step times that
+// triggered it, and the step time comes back to within 10% of the fault-free one.
+#[test]
+fn cpu_quota_straggler_is_replaced_by_the_spare() {
+    if std::fs::metadata("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").is_err()
+        && std::fs::metadata("/sys/fs/cgroup/cgroup.controllers").is_err()
+    {
+        panic!("this test needs a cgroup CPU controller (v1 cpu or v2) at /sys/fs/cgroup");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "--nproc",
+        "4",
+        "--spares",
+        "1",
+        "--slow-at",
+        "100:2",
+        "train.max_steps=800",
+        "optim.decay_steps=800",
+        "coordinator.evict_stragglers=true",
+    ];
+    args.extend(STRAGGLER_MODEL);
+    let r = launch(d.path(), &args);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let injected = events.iter().find(|e| e["fault"] == "cpu_quota").unwrap();
+    let removed = events
+        .iter()
+        .find(|e| e["kind"] == "rank_removed" && e["cause"] == "straggler")
+        .expect("the slowed rank is evicted as a straggler");
+    assert_eq!(
+        removed["pid"], injected["pid"],
+        "the wrong rank was evicted: {removed}"
+    );
+    assert!(
+        removed["reason"].as_str().unwrap().contains("median step"),
+        "{removed}"
+    );
+    let regroup = events
+        .iter()
+        .find(|e| e["kind"] == "generation" && e["generation"] == 2)
+        .unwrap();
+    assert_eq!(regroup["world"], 4, "the spare replaces it: {regroup}");
+    let resumed = regroup["resume_step"].as_u64().unwrap();
+    let flagged_ms =
+        removed["unix_ms"].as_u64().unwrap() - injected["injected_unix_ms"].as_u64().unwrap();
+    let slowed = median_step_ms(&r.run, injected["step"].as_u64().unwrap() + 2, resumed);
+    let (before, after) = (
+        median_step_ms(&r.run, 20, 100),
+        median_step_ms(&r.run, resumed + 50, 800),
+    );
+    eprintln!(
+        "evicted {flagged_ms} ms ({} steps) after the quota; step {before:.1} ms before, {slowed:.1} ms slowed, {after:.1} ms after",
+        resumed - injected["step"].as_u64().unwrap()
+    );
+    assert!(
+        flagged_ms < 15_000,
+        "evicted {flagged_ms} ms after the quota"
+    );
+    assert!(
+        after <= before * 1.10,
+        "step {before:.1} ms before, {after:.1} ms after"
+    );
+}
+
+// No false alarm: a fault-free 4-rank run of 500 steps on this shared machine raises no
+// straggler flag (robust peer statistics with hysteresis, a grace after each regroup).
+#[test]
+fn fault_free_run_flags_no_straggler() {
+    let d = tempfile::tempdir().unwrap();
+    let mut args = vec![
+        "--nproc",
+        "4",
+        "train.max_steps=500",
+        "optim.decay_steps=500",
+        "coordinator.evict_stragglers=true",
+    ];
+    args.extend(STRAGGLER_MODEL);
+    let r = launch(d.path(), &args);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let flags: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "straggler_flagged")
+        .collect();
+    assert!(flags.is_empty(), "{flags:?}");
+    assert_eq!(r.report["generation_final"], 1, "{}", r.report);
+}
