@@ -531,16 +531,7 @@ fn woken_worker_rejoins_as_a_spare() {
     };
     let mut a = KillOnDrop(worker("a"));
     let mut b = KillOnDrop(worker("b"));
-    let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| {
-        let t = std::time::Instant::now();
-        while t.elapsed() < std::time::Duration::from_secs(secs) {
-            if what(&read_jsonl_now(&run.join("metrics.jsonl"))) {
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        false
-    };
+    let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| metrics_until(&run, what, secs);
     assert!(wait_for(&|m| m.len() >= 30, 60), "training did not start");
     let pid = b.0.id().to_string();
     assert!(std::process::Command::new("kill")
@@ -696,16 +687,7 @@ fn scale_up_then_drain_loses_no_step() {
             .spawn()
             .unwrap(),
     );
-    let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| {
-        let t = std::time::Instant::now();
-        while t.elapsed() < std::time::Duration::from_secs(secs) {
-            if what(&read_jsonl_now(&run.join("metrics.jsonl"))) {
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        false
-    };
+    let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| metrics_until(&run, what, secs);
     assert!(wait_for(&|m| m.len() >= 100, 60), "training did not start");
     let url = std::fs::read_to_string(run.join("coordinator.url")).unwrap();
     let admin = |args: &[&str]| {
@@ -896,4 +878,16 @@ fn fault_free_run_flags_no_straggler() {
         .collect();
     assert!(flags.is_empty(), "{flags:?}");
     assert_eq!(r.report["generation_final"], 1, "{}", r.report);
+}
+
+/// Polls a running job's metrics.jsonl until `what` holds (true) or `secs` pass (false).
+fn metrics_until(run: &Path, what: &dyn Fn(&[Value]) -> bool, secs: u64) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(secs) {
+        if what(&read_jsonl_now(&run.join("metrics.jsonl"))) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
 }

@@ -9,10 +9,10 @@
 use crate::ckpt::CheckpointerMsg;
 use crate::comm::CommunicatorMsg;
 use crate::faults;
-use crate::loader::{self, panic_message};
+use crate::loader;
 use crate::model_io;
 use crate::rank::{Control, Directive, Shared, EXIT_DONE, EXIT_FENCED, EXIT_HALTED};
-use crate::supervisor::{finish_reason, Heart};
+use crate::supervisor::{finish_reason, spawn_body, Heart};
 use crate::Setup;
 use phalanx_model::optim::lr_at;
 use phalanx_proto::pb;
@@ -62,19 +62,9 @@ impl Actor for ComputeActor {
         myself: ActorRef<Self::Msg>,
         args: ComputeArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let c = cancel.clone();
-        std::thread::Builder::new()
-            .name("phalanx-compute".into())
-            .spawn(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Loop::new(&args.shared, &args.heart, &c, args.incarnation).run()
-                }))
-                .unwrap_or_else(|p| Err(panic_message(&p)));
-                if !c.load(Ordering::Relaxed) {
-                    let _ = myself.cast(ComputeMsg::Ended(r));
-                }
-            })?;
+        let cancel = spawn_body("phalanx-compute", myself, ComputeMsg::Ended, move |c| {
+            Loop::new(&args.shared, &args.heart, c, args.incarnation).run()
+        })?;
         Ok(ComputeState { cancel })
     }
 

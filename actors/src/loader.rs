@@ -9,7 +9,7 @@
 
 use crate::faults;
 use crate::rank::Shared;
-use crate::supervisor::Heart;
+use crate::supervisor::{spawn_body, Heart};
 use parking_lot::{Condvar, Mutex};
 use phalanx_model::data::Dataset;
 use phalanx_model::sampler::Sampler;
@@ -188,19 +188,9 @@ impl Actor for DataLoaderActor {
         myself: ActorRef<Self::Msg>,
         args: LoaderArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let c = cancel.clone();
-        std::thread::Builder::new()
-            .name("phalanx-loader".into())
-            .spawn(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run(&args.shared, &args.heart, &c)
-                }))
-                .unwrap_or_else(|p| Err(panic_message(&p)));
-                if !c.load(Ordering::Relaxed) {
-                    let _ = myself.cast(DataLoaderMsg::Ended(r));
-                }
-            })?;
+        let cancel = spawn_body("phalanx-loader", myself, DataLoaderMsg::Ended, move |c| {
+            run(&args.shared, &args.heart, c)
+        })?;
         Ok(DataLoaderState { cancel })
     }
 
@@ -218,15 +208,6 @@ impl Actor for DataLoaderActor {
             DataLoaderMsg::Ended(Err(e)) => Err(e.into()),
         }
     }
-}
-
-pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    let m = p
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic".into());
-    format!("panicked: {m}")
 }
 
 fn run(shared: &Shared, heart: &Heart, cancel: &AtomicBool) -> Result<(), String> {

@@ -67,6 +67,38 @@ impl Heart {
     }
 }
 
+/// Runs a child's body on its own OS thread (libtorch and blocking I/O never run on tokio
+/// workers). A panic becomes `Err`; the outcome goes to the actor as `ended(result)` unless the
+/// returned cancel flag was raised first (the actor was replaced: its late outcome is dropped).
+pub fn spawn_body<T: Send + 'static, M: ractor::Message>(
+    name: &str,
+    me: ActorRef<M>,
+    ended: fn(Result<T, String>) -> M,
+    body: impl FnOnce(&AtomicBool) -> Result<T, String> + Send + 'static,
+) -> std::io::Result<Arc<AtomicBool>> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let c = cancel.clone();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&c)))
+                .unwrap_or_else(|p| Err(panic_message(&p)));
+            if !c.load(Ordering::Relaxed) {
+                let _ = me.cast(ended(r));
+            }
+        })?;
+    Ok(cancel)
+}
+
+pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    let m = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into());
+    format!("panicked: {m}")
+}
+
 pub type StartFuture = Pin<Box<dyn Future<Output = Result<ActorCell, String>> + Send>>;
 
 /// Starts the supervisor's children: `start(i, incarnation, heart, supervisor)` spawns a
