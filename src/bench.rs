@@ -289,7 +289,12 @@ pub fn bare_rank(
         let t0 = Instant::now();
         let step = s.trainer.step;
         let lr = phalanx_model::optim::lr_at(&cfg.optim, step);
-        let batches = loader::build(&data, &s.ds, world as usize, rank as usize, step);
+        let batches = loader::build(
+            &data,
+            &s.ds,
+            s.sampler.rank_micro_batches(world as usize, rank as usize),
+            step,
+        );
         let loss = s.trainer.accumulate(&batches, mbs);
         let mut buf = Vec::<f32>::try_from(&s.trainer.flat_grads().view([-1]))?;
         buf.push(loss as f32);

@@ -193,8 +193,11 @@ pub struct CoordinatorSection {
     pub straggler_ratio: f64,
     pub straggler_min_excess_ms: u64,
     pub straggler_flag_after: u32,
+    pub straggler_severe_ratio: f64,
     pub straggler_unflag_after: u32,
+    pub straggler_clear_ratio: f64,
     pub evict_stragglers: bool,
+    pub straggler_min_gain: f64,
     pub keepalive_interval_ms: u64,
     pub keepalive_timeout_ms: u64,
     pub tick_ms: u64,
@@ -215,12 +218,15 @@ impl Default for CoordinatorSection {
             min_world: 1,
             hang_timeout_floor_ms: 10_000,
             hang_k: 10.0,
-            straggler_window: 8,
-            straggler_ratio: 1.5,
-            straggler_min_excess_ms: 5,
-            straggler_flag_after: 5,
+            straggler_window: 5,
+            straggler_ratio: 1.75,
+            straggler_min_excess_ms: 2,
+            straggler_flag_after: 3,
+            straggler_severe_ratio: 2.5,
             straggler_unflag_after: 10,
+            straggler_clear_ratio: 1.25,
             evict_stragglers: true,
+            straggler_min_gain: 0.15,
             keepalive_interval_ms: 1000,
             keepalive_timeout_ms: 1000,
             tick_ms: 50,
@@ -275,6 +281,31 @@ impl CoordinatorSection {
                 "straggler_ratio",
                 self.straggler_ratio.to_string(),
                 "must be a number > 1",
+            );
+        }
+        if !(self.straggler_severe_ratio >= self.straggler_ratio
+            && self.straggler_severe_ratio.is_finite())
+        {
+            return bad(
+                "straggler_severe_ratio",
+                self.straggler_severe_ratio.to_string(),
+                "must be a number >= straggler_ratio",
+            );
+        }
+        if !(self.straggler_clear_ratio >= 1.0
+            && self.straggler_clear_ratio <= self.straggler_ratio)
+        {
+            return bad(
+                "straggler_clear_ratio",
+                self.straggler_clear_ratio.to_string(),
+                "must be between 1 and straggler_ratio (a narrower band than the flag's)",
+            );
+        }
+        if !(0.0..1.0).contains(&self.straggler_min_gain) {
+            return bad(
+                "straggler_min_gain",
+                self.straggler_min_gain.to_string(),
+                "must be in [0, 1): the fraction of step compute time a rebalance must save",
             );
         }
         if self.straggler_window > 64 {

@@ -31,8 +31,11 @@ pub fn core_config(c: &CoordinatorSection, max_world: usize) -> CoreConfig {
             ratio: c.straggler_ratio,
             min_excess: ms(c.straggler_min_excess_ms),
             flag_after: c.straggler_flag_after,
+            severe_ratio: c.straggler_severe_ratio,
             unflag_after: c.straggler_unflag_after,
+            clear_ratio: c.straggler_clear_ratio,
             evict: c.evict_stragglers,
+            min_gain: c.straggler_min_gain,
         },
     }
 }

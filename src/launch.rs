@@ -32,6 +32,8 @@ pub struct LaunchArgs {
     /// Fault injection: once step S is committed, cap rank R at `slow_cpu_pct`% of a core.
     pub slow_at: Option<(u64, u32)>,
     pub slow_cpu_pct: u32,
+    /// ... and lift the quota this many committed steps later (0: never).
+    pub slow_steps: u64,
     pub progress: bool,
 }
 
@@ -138,6 +140,17 @@ fn cpu_quota(pid: u32, pct: u32) -> Result<PathBuf> {
     std::fs::write(dir.join("cgroup.procs"), pid.to_string())
         .with_context(|| format!("cannot move pid {pid} into {}", dir.display()))?;
     Ok(dir)
+}
+
+/// Removes the CPU limit of a cgroup made by `cpu_quota` (its process stays in it).
+fn lift_quota(dir: &Path) -> Result<()> {
+    let (file, value) = if dir.join("cpu.cfs_quota_us").exists() {
+        ("cpu.cfs_quota_us", "-1")
+    } else {
+        ("cpu.max", "max")
+    };
+    std::fs::write(dir.join(file), value)
+        .with_context(|| format!("cannot write {value} to {}/{file}", dir.display()))
 }
 
 /// Whether rank 0 wrote its `final` metrics line. Reads only what was appended since the last
@@ -314,7 +327,8 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         .expect("valid template"),
     );
     let mut killed = false;
-    let mut slowed: Option<PathBuf> = None;
+    // The quota's cgroup, the step it was applied at, and whether it has been lifted.
+    let mut slowed: Option<(PathBuf, u64, bool)> = None;
     let mut final_seen: Option<Instant> = None;
     let mut metrics_seen = 0u64;
     let mut stopped: Option<(u32, Instant)> = None;
@@ -431,8 +445,21 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                                     "injected: CPU quota"
                                 )
                             });
-                            slowed = Some(dir);
+                            slowed = Some((dir, st.committed_step, false));
                         }
+                    }
+                }
+                if let Some((dir, from, lifted)) = &mut slowed {
+                    if !*lifted && a.slow_steps > 0 && st.committed_step >= *from + a.slow_steps {
+                        lift_quota(dir)?;
+                        *lifted = true;
+                        append_event(
+                            &run_dir,
+                            "fault_cleared",
+                            json!({"fault": "cpu_quota", "step": st.committed_step,
+                                   "cleared_unix_ms": unix_ms()}),
+                        )?;
+                        pb_bar.suspend(|| info!(step = st.committed_step, "CPU quota lifted"));
                     }
                 }
                 if let Some((at, rank)) = a.kill {
@@ -470,7 +497,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             .status();
         let _ = w.child.wait();
     }
-    if let Some(dir) = &slowed {
+    if let Some((dir, _, _)) = &slowed {
         // The cgroup can only go once its process has left it.
         for _ in 0..50 {
             if std::fs::remove_dir(dir).is_ok() {

@@ -134,6 +134,9 @@ enum Cmd {
         slow_at: Option<String>,
         #[arg(long, default_value_t = 25)]
         slow_cpu_pct: u32,
+        /// ... and lift the quota once this many more steps are committed (0: never).
+        #[arg(long, default_value_t = 0)]
+        slow_steps: u64,
         overrides: Vec<String>,
     },
     /// Run the job's coordinator (membership, generations, failure detection).
@@ -473,6 +476,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stop_for_ms,
             slow_at,
             slow_cpu_pct,
+            slow_steps,
             overrides,
         } => {
             let parse = |flag: &str, v: Option<String>| -> Result<Option<(u64, u32)>> {
@@ -512,6 +516,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     stop_for: std::time::Duration::from_millis(stop_for_ms),
                     slow_at,
                     slow_cpu_pct,
+                    slow_steps,
                     progress: std::io::stderr().is_terminal(),
                 },
                 stop,

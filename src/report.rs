@@ -36,7 +36,7 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
     tps.sort_by(f64::total_cmp);
     let injected: Vec<&Value> = events
         .iter()
-        .filter(|e| e["kind"] == "fault_injected")
+        .filter(|e| e["kind"] == "fault_injected" && e["fault"] != "cpu_quota")
         .collect();
     let mut faults = Vec::new();
     for (i, e) in events
@@ -94,6 +94,36 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
         .filter(|m| m["replica_mismatch"].as_array().is_some_and(|a| !a.is_empty()))
         .map(|m| json!({"step": m["step"], "ranks": m["replica_mismatch"], "action": "healed from the majority"}))
         .collect();
+    // K-7, K-8: straggler flags, and what was done about them (replaced, or the global batch
+    // rebalanced away from them and evened out again).
+    let stragglers: Vec<Value> = events
+        .iter()
+        .filter_map(|e| match e["kind"].as_str() {
+            Some("straggler_flagged") => Some(json!({
+                "event": "flagged", "member": e["member"], "at_step": e["at_step"],
+                "mb_ms": e["mb_ms"], "peers_mb_ms": e["peers_mb_ms"], "window_mb_ms": e["window_mb_ms"],
+            })),
+            Some("straggler_cleared") => Some(json!({
+                "event": "cleared", "member": e["member"], "mb_ms": e["mb_ms"],
+                "peers_mb_ms": e["peers_mb_ms"],
+            })),
+            Some("rank_removed") if e["cause"] == "straggler" => Some(json!({
+                "event": "evicted", "member": e["member"], "rank": e["rank"], "reason": e["reason"],
+            })),
+            Some("generation")
+                if e["reason"].as_str().is_some_and(|r| {
+                    r.contains("rebalance:") || r.contains("split evenly again")
+                }) =>
+            {
+                Some(json!({
+                    "event": if e["shares"].as_array().is_some_and(|a| !a.is_empty()) { "rebalanced" } else { "evened_out" },
+                    "generation": e["generation"], "resume_step": e["resume_step"],
+                    "shares": e["shares"], "reason": e["reason"],
+                }))
+            }
+            _ => None,
+        })
+        .collect();
     let ledger = ledger(&metrics, &events);
     let last = steps.values().next_back();
     let halt_reason = events
@@ -116,6 +146,7 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
         "faults": faults,
         "numerics": numerics,
         "replica_mismatches": sdc,
+        "stragglers": stragglers,
         "ledger": ledger,
         "model_dir": run_dir.join("model"),
     }))
@@ -249,6 +280,30 @@ pub fn print(r: &Value) {
             "  replicas differ after step {}: ranks {} healed from the majority",
             n["step"], n["ranks"]
         );
+    }
+    for s in r["stragglers"].as_array().into_iter().flatten() {
+        match s["event"].as_str() {
+            Some("flagged") => println!(
+                "  straggler: member {} flagged at step {}: {:.1} ms per micro-batch vs {:.1} ms",
+                s["member"],
+                s["at_step"],
+                s["mb_ms"].as_f64().unwrap_or(0.0),
+                s["peers_mb_ms"].as_f64().unwrap_or(0.0)
+            ),
+            Some("cleared") => println!("  straggler: member {} recovered", s["member"]),
+            Some("evicted") => println!("  straggler: member {} evicted", s["member"]),
+            Some(_) => println!(
+                "  global batch split {} from step {}: micro-batches per rank {}",
+                if s["event"] == "rebalanced" {
+                    "rebalanced"
+                } else {
+                    "evened out"
+                },
+                s["resume_step"],
+                s["shares"]
+            ),
+            None => {}
+        }
     }
     for f in r["faults"].as_array().into_iter().flatten() {
         println!(

@@ -673,15 +673,28 @@ impl<'a> Loop<'a> {
             }
         };
         progress.step.store(s.trainer.step, Ordering::Relaxed);
-        info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed,
+        info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed, shares = ?assign.shares,
               ready_ms = t0.elapsed().as_millis() as u64, incarnation = self.incarnation, "joined generation");
         progress.phase.store(1, Ordering::Relaxed);
         let mbs = s.sampler.micro_batches_per_step();
         let tokens_per_step = (p.global_batch * s.win.block) as f64;
         let device = s.trainer.model.device();
+        // The coordinator's split of the global batch: even, or rebalanced away from a
+        // straggler (K-8). Any split concatenates to the same global batch (D-1).
+        let split = |r: usize| {
+            s.sampler
+                .rank_micro_batches_split(&assign.shares, world as usize, r)
+        };
+        let shares: Vec<[usize; 2]> = (0..world as usize)
+            .map(|r| {
+                let m = split(r);
+                [m.start, m.end]
+            })
+            .collect();
+        let mine = split(rank.0 as usize);
         let plan = sh
             .loader
-            .set_plan(world as usize, rank.0 as usize, s.trainer.step, p.max_steps);
+            .set_plan(rank.0 as usize, mine.clone(), s.trainer.step, p.max_steps);
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -689,15 +702,6 @@ impl<'a> Loop<'a> {
             .map_err(|e| format!("cannot open {}/metrics.jsonl: {e}", p.run_dir.display()))?;
         let mut late = 0u64;
         let gb = p.global_batch as u64;
-        let shares: Vec<[usize; 2]> = (0..world as usize)
-            .map(|r| {
-                let m = s.sampler.rank_micro_batches(world as usize, r);
-                [m.start, m.end]
-            })
-            .collect();
-        let mine = s
-            .sampler
-            .rank_micro_batches(world as usize, rank.0 as usize);
         while s.trainer.step < p.max_steps {
             self.heart.beat();
             if self.cancelled() {
@@ -736,15 +740,12 @@ impl<'a> Loop<'a> {
                             late, "the data loader is late; building the batch here"
                         );
                     }
-                    loader::build(
-                        &sh.loader.data,
-                        &s.ds,
-                        world as usize,
-                        rank.0 as usize,
-                        step,
-                    )
+                    loader::build(&sh.loader.data, &s.ds, mine.clone(), step)
                 }
             };
+            // Compute time excludes waiting for data and in collectives: it is the straggler
+            // detector's and the rebalancer's measure of this rank's speed.
+            let t_compute = Instant::now();
             if faults::fire("compute-hang", step, Some(rank.0), generation.0) {
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
@@ -761,7 +762,7 @@ impl<'a> Loop<'a> {
             if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
                 panic!("injected compute panic at step {step}");
             }
-            let compute = t_step.elapsed();
+            let compute = t_compute.elapsed();
             let nan = faults::fire("nan", step, Some(rank.0), generation.0);
             if nan {
                 buf[0] = f32::NAN;
@@ -776,7 +777,10 @@ impl<'a> Loop<'a> {
             if local_bad {
                 buf[n + 1 + rank.0 as usize] = 1.0;
             }
-            if let Err(e) = group.allreduce(&mut buf) {
+            let (t_reduce, stalled_before) = (Instant::now(), group.stalled());
+            let reduced = group.allreduce(&mut buf);
+            let mut in_collectives = t_reduce.elapsed();
+            if let Err(e) = reduced {
                 warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
                 s.trainer.model.params.zero_grads();
                 report(&e, step);
@@ -820,7 +824,10 @@ impl<'a> Loop<'a> {
             }
             let mut odd = Vec::new();
             if p.fingerprint_interval > 0 && s.trainer.step % p.fingerprint_interval == 0 {
-                match check_replicas(&group, s) {
+                let t_check = Instant::now();
+                let checked = check_replicas(&group, s);
+                in_collectives += t_check.elapsed();
+                match checked {
                     Ok(o) => odd = o,
                     Err(e) => {
                         warn!(error = %e, step, "replica check failed; the step will be redone in the next generation");
@@ -833,6 +840,12 @@ impl<'a> Loop<'a> {
                 }
             }
             let dt = t_step.elapsed();
+            // Everything but waiting in collectives: the rank's own share of the step (data,
+            // compute, optimizer, and any time it was descheduled doing those).
+            // A rank descheduled inside a collective (its CPU quota ran out there) holds its peers
+            // up as surely as a slow compute does: that part counts as its own.
+            let stalled = group.stalled().saturating_sub(stalled_before);
+            let busy = dt.saturating_sub(in_collectives) + stalled.min(in_collectives);
             progress.step.store(s.trainer.step, Ordering::Relaxed);
             progress.seq.fetch_add(1, Ordering::Relaxed);
             progress
@@ -841,6 +854,7 @@ impl<'a> Loop<'a> {
             progress
                 .compute_us
                 .store(compute.as_micros() as u32, Ordering::Relaxed);
+            progress.record_step(step, busy, mine.len());
             progress
                 .loss_bits
                 .store((loss as f32).to_bits(), Ordering::Relaxed);
@@ -848,7 +862,9 @@ impl<'a> Loop<'a> {
                 let line = json!({
                     "step": step, "loss": loss, "lr": lr,
                     "tokens_per_s": tokens_per_step / dt.as_secs_f64(),
-                    "step_ms": dt.as_secs_f64() * 1e3, "compute_ms": compute.as_secs_f64() * 1e3, "grad_norm": grad_norm,
+                    "step_ms": dt.as_secs_f64() * 1e3, "compute_ms": compute.as_secs_f64() * 1e3,
+                    "busy_ms": busy.as_secs_f64() * 1e3, "stalled_ms": stalled.as_secs_f64() * 1e3,
+                    "grad_norm": grad_norm,
                     "world_size": world, "generation": generation.0, "unix_ms": unix_ms(),
                     "skipped": grad_norm.is_none(), "nonfinite_ranks": bad_ranks,
                     // The sample ledger (D-1): the step's sample positions in its epoch's

@@ -233,6 +233,7 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
                         last_compute_time_us: progress.compute_us.load(Ordering::Relaxed),
                         loss: f32::from_bits(progress.loss_bits.load(Ordering::Relaxed)),
                         stats: None,
+                        recent: progress.take_recent(),
                     }))};
                     if s.tx.send(m).await.is_err() { break; }
                 }

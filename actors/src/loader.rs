@@ -1,11 +1,11 @@
 //! `DataLoaderActor`: prepares the next steps' micro-batches on its own thread.
 //!
-//! The compute loop publishes a plan (generation, world, rank, next step); the loader fills
-//! a bounded queue with that rank's micro-batches for the coming steps. Every item carries
-//! the plan it was made for and its step, so the output of a replaced plan or of a previous
-//! loader incarnation is recognised and dropped (S-2). If the loader is down or late, the
-//! compute loop builds the batch itself: the sampler is a pure function, so both give the
-//! same tensors.
+//! The compute loop publishes a plan (generation, rank, its micro-batches, next step); the
+//! loader fills a bounded queue with that rank's micro-batches for the coming steps. Every
+//! item carries the plan it was made for and its step, so the output of a replaced plan or of
+//! a previous loader incarnation is recognised and dropped (S-2). If the loader is down or
+//! late, the compute loop builds the batch itself: the sampler is a pure function, so both give
+//! the same tensors.
 
 use crate::faults;
 use crate::rank::Shared;
@@ -28,8 +28,10 @@ pub type Batch = Vec<(Tensor, Tensor)>;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Plan {
     pub id: u64,
-    pub world: usize,
     pub rank: usize,
+    /// The rank's micro-batches of each global batch: `[first_mb, end_mb)`.
+    pub first_mb: usize,
+    pub end_mb: usize,
     pub next_step: u64,
     pub max_steps: u64,
     pub active: bool,
@@ -74,12 +76,19 @@ impl LoaderLink {
     }
 
     /// A new plan from `next_step` (a new generation or share of the global batch).
-    pub fn set_plan(&self, world: usize, rank: usize, next_step: u64, max_steps: u64) -> u64 {
+    pub fn set_plan(
+        &self,
+        rank: usize,
+        mbs: std::ops::Range<usize>,
+        next_step: u64,
+        max_steps: u64,
+    ) -> u64 {
         let mut p = self.plan.lock();
         *p = Plan {
             id: p.id + 1,
-            world,
             rank,
+            first_mb: mbs.start,
+            end_mb: mbs.end,
             next_step,
             max_steps,
             active: true,
@@ -139,20 +148,18 @@ impl LoaderLink {
     }
 }
 
-/// The micro-batches of `rank` in `world` at `step`: the pure sampler's share.
-pub fn build(d: &LoaderData, ds: &Dataset, world: usize, rank: usize, step: u64) -> Batch {
+/// Micro-batches `mbs` of the global batch of `step`: the pure sampler's share of a rank.
+pub fn build(d: &LoaderData, ds: &Dataset, mbs: std::ops::Range<usize>, step: u64) -> Batch {
     let (epoch, st) = d.sampler.locate(step);
-    d.sampler
-        .rank_micro_batches(world, rank)
-        .map(|mb| {
-            d.win.batch(
-                &ds.train,
-                epoch,
-                &d.sampler.micro_batch_ids(epoch, st, mb),
-                d.device,
-            )
-        })
-        .collect()
+    mbs.map(|mb| {
+        d.win.batch(
+            &ds.train,
+            epoch,
+            &d.sampler.micro_batch_ids(epoch, st, mb),
+            d.device,
+        )
+    })
+    .collect()
 }
 
 pub struct DataLoaderActor;
@@ -247,7 +254,7 @@ fn run(shared: &Shared, heart: &Heart, cancel: &AtomicBool) -> Result<(), String
         ) {
             panic!("injected data-loader panic at step {step}");
         }
-        let batch = build(&link.data, &ds, plan.world, plan.rank, step);
+        let batch = build(&link.data, &ds, plan.first_mb..plan.end_mb, step);
         heart.busy(false);
         let item = Prefetched {
             plan: plan.id,
@@ -300,9 +307,9 @@ mod tests {
     #[test]
     fn take_drops_stale_items_and_keeps_early_ones() {
         let l = link();
-        let old = l.set_plan(2, 0, 0, 100);
+        let old = l.set_plan(0, 0..2, 0, 100);
         l.tx.send(item(old, 5)).unwrap();
-        let id = l.set_plan(2, 0, 7, 100);
+        let id = l.set_plan(0, 0..2, 7, 100);
         assert_eq!(l.plan.lock().next_step, 7);
         l.tx.send(item(id, 6)).unwrap();
         l.tx.send(item(id, 8)).unwrap();

@@ -84,6 +84,30 @@ pub struct Progress {
     pub loss_bits: AtomicU32,
     /// 0 idle, 1 training, 2 healing, 3 done.
     pub phase: AtomicU8,
+    /// Steps committed since the last heartbeat, for the straggler detector.
+    recent: Mutex<Vec<pb::StepTime>>,
+}
+
+/// The most step times one heartbeat carries; older ones are dropped (a heartbeat that late
+/// is a liveness problem, not a straggler one).
+const MAX_RECENT: usize = 64;
+
+impl Progress {
+    pub fn record_step(&self, step: u64, compute: Duration, micro_batches: usize) {
+        let mut r = self.recent.lock();
+        if r.len() == MAX_RECENT {
+            r.remove(0);
+        }
+        r.push(pb::StepTime {
+            step,
+            compute_us: compute.as_micros().min(u32::MAX as u128) as u32,
+            micro_batches: micro_batches as u32,
+        });
+    }
+
+    pub fn take_recent(&self) -> Vec<pb::StepTime> {
+        std::mem::take(&mut *self.recent.lock())
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -67,6 +67,17 @@ pub fn split_even(m: usize, world: usize, rank: usize) -> Range<usize> {
     start..start + base + usize::from(rank < extra)
 }
 
+/// Micro-batches `[0, m)` split as contiguous runs of the given sizes, in rank order: the
+/// uneven split a rebalanced generation uses. `counts` must sum to `m` (the coordinator builds it
+/// so); an empty `counts` means the even split.
+pub fn split_counts(m: usize, counts: &[u32], world: usize, rank: usize) -> Range<usize> {
+    if counts.len() != world || counts.iter().map(|&c| c as usize).sum::<usize>() != m {
+        return split_even(m, world, rank);
+    }
+    let start: usize = counts[..rank].iter().map(|&c| c as usize).sum();
+    start..start + counts[rank] as usize
+}
+
 impl Sampler {
     pub fn new(
         seed: u64,
@@ -157,6 +168,17 @@ impl Sampler {
         split_even(self.micro_batches_per_step(), world, rank)
     }
 
+    /// The micro-batch indices rank `rank` computes under a generation's split (`counts`
+    /// micro-batches per rank; empty for the even split).
+    pub fn rank_micro_batches_split(
+        &self,
+        counts: &[u32],
+        world: usize,
+        rank: usize,
+    ) -> Range<usize> {
+        split_counts(self.micro_batches_per_step(), counts, world, rank)
+    }
+
     /// `(seed, epoch, step, world, rank) -> sample ids`, grouped by micro-batch.
     pub fn rank_samples(&self, epoch: u64, step: u64, world: usize, rank: usize) -> Vec<Vec<u64>> {
         self.rank_micro_batches(world, rank)
@@ -205,6 +227,25 @@ mod tests {
                 prop_assert!(hi - lo <= 1 && *lo >= 1);
             }
         }
+    }
+
+    // D-1: an uneven split still concatenates to the global batch in rank order; a split that
+    // does not fit the world or the batch falls back to the even one.
+    #[test]
+    fn uneven_split_partitions_the_global_batch() {
+        let s = Sampler::new(3, 5000, 32, 2).unwrap();
+        let counts = [5u32, 5, 4, 2];
+        let joined: Vec<usize> = (0..4)
+            .flat_map(|r| s.rank_micro_batches_split(&counts, 4, r))
+            .collect();
+        assert_eq!(joined, (0..16).collect::<Vec<_>>());
+        assert_eq!(s.rank_micro_batches_split(&counts, 4, 3), 14..16);
+        assert_eq!(
+            s.rank_micro_batches_split(&[], 4, 1),
+            s.rank_micro_batches(4, 1)
+        );
+        assert_eq!(s.rank_micro_batches_split(&[9, 9, 9, 9], 4, 1), 4..8);
+        assert_eq!(s.rank_micro_batches_split(&[8, 8], 4, 1), 4..8);
     }
 
     #[test]

@@ -95,33 +95,86 @@ impl Default for CoreConfig {
     }
 }
 
+/// Straggler detection works on each rank's compute time per micro-batch (waiting for data or
+/// in collectives excluded), one sample per step, so that a rank given fewer micro-batches by a
+/// rebalance is still judged on its speed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StragglerConfig {
-    /// Step times (per rank) over which medians are taken.
+    /// Steps (per rank) over which the rank's level is taken.
     pub window: usize,
-    /// Slow means: own median > ratio x the median of the other ranks' medians ...
+    /// Slow means: own level > ratio x the median of the ranks' medians ...
     pub ratio: f64,
-    /// ... and slower by at least this much (so that 1 ms steps do not flap on noise).
+    /// ... and slower by at least this much per micro-batch (so that tiny steps do not flap).
     pub min_excess: Duration,
-    /// Consecutive slow steps before a rank is flagged.
+    /// Consecutive slow judgements (one per step) before a rank is flagged ...
     pub flag_after: u32,
-    /// Consecutive normal steps before a flagged rank is cleared.
+    /// ... or one, when its level is above this many times the reference: a rank several times
+    /// slower than its peers is no noise, and every step it keeps its share costs the job.
+    pub severe_ratio: f64,
+    /// A flagged rank is cleared after this many consecutive steps below `clear_ratio` x the
+    /// reference: a narrower band than the flag's, so a rank near the line does not flap.
     pub unflag_after: u32,
-    /// Evict a flagged straggler when a spare can replace it or the world stays >= min_world.
+    pub clear_ratio: f64,
+    /// Act on a flagged straggler: replace it with a spare, or else rebalance the global batch
+    /// away from it (or, when no rebalance helps, evict it if the world stays >= min_world).
     pub evict: bool,
+    /// Rebalance only when the predicted step time drops by at least this fraction.
+    pub min_gain: f64,
 }
 
 impl Default for StragglerConfig {
     fn default() -> Self {
         StragglerConfig {
-            window: 8,
-            ratio: 1.5,
-            min_excess: Duration::from_millis(5),
-            flag_after: 5,
+            window: 5,
+            ratio: 1.75,
+            min_excess: Duration::from_millis(2),
+            flag_after: 3,
+            severe_ratio: 2.5,
             unflag_after: 10,
+            clear_ratio: 1.25,
             evict: true,
+            min_gain: 0.15,
         }
     }
+}
+
+/// Micro-batches per rank that minimise the step's compute time, given each rank's time per
+/// micro-batch: everyone gets one, then each next micro-batch goes to the rank that would
+/// finish it first (ties to the lower rank). Optimal for identical jobs on machines of
+/// different speeds, and deterministic.
+pub fn weighted_shares(micro_batches: usize, per_mb: &[f64]) -> Vec<u32> {
+    let n = per_mb.len();
+    if n == 0 || micro_batches < n {
+        return Vec::new();
+    }
+    let mut shares = vec![1u32; n];
+    for _ in n..micro_batches {
+        let next = (0..n)
+            .min_by(|&a, &b| {
+                let fa = (shares[a] + 1) as f64 * per_mb[a];
+                let fb = (shares[b] + 1) as f64 * per_mb[b];
+                fa.total_cmp(&fb)
+            })
+            .expect("n > 0");
+        shares[next] += 1;
+    }
+    shares
+}
+
+/// The even split's shares (the first `m % world` ranks take one more).
+pub fn even_shares(micro_batches: usize, world: usize) -> Vec<u32> {
+    (0..world)
+        .map(|r| (micro_batches / world + usize::from(r < micro_batches % world)) as u32)
+        .collect()
+}
+
+/// The predicted compute time of a step: the slowest rank's share times its speed.
+pub fn makespan(shares: &[u32], per_mb: &[f64]) -> f64 {
+    shares
+        .iter()
+        .zip(per_mb)
+        .map(|(&c, &t)| c as f64 * t)
+        .fold(0.0, f64::max)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,8 +213,18 @@ pub struct Member {
     pub collective_seq: u64,
     pub phase: String,
     pub last_step_time: Duration,
-    /// Recent compute times (seconds), newest last.
+    /// Recent compute times per micro-batch (seconds), one per step, newest last.
     pub step_times: VecDeque<f64>,
+    /// The newest step whose time is in `step_times` (a heartbeat may repeat one).
+    pub last_sampled: Option<Step>,
+    /// The current generation gives this (flagged) rank a reduced share of the global batch.
+    pub rebalanced: bool,
+    /// Flags that came soon after this rank was last cleared: each doubles the normal steps
+    /// the next clear needs, so that a rank that looks fine only at a reduced share (a CPU quota
+    /// binds only under load) does not flap between split and even.
+    pub relapses: u32,
+    /// The step of the last clear.
+    pub cleared_at: Option<Step>,
     /// Median of `step_times`, kept current by `heartbeat`.
     pub median_s: Option<f64>,
     /// The newest generation this member has heartbeated in.
@@ -201,6 +264,10 @@ impl Member {
             phase: "idle".into(),
             last_step_time: Duration::ZERO,
             step_times: VecDeque::new(),
+            last_sampled: None,
+            rebalanced: false,
+            relapses: 0,
+            cleared_at: None,
             median_s: None,
             progress_generation: Generation(0),
             slow_streak: 0,
@@ -228,6 +295,76 @@ impl Member {
         let v = &mut buf[..n];
         let (_, m, _) = v.select_nth_unstable_by(n / 2, f64::total_cmp);
         Some(*m)
+    }
+
+    /// Takes one step's time per micro-batch and judges the rank against the peer reference.
+    /// The rank's level is the median of its window, so a spike, or a rank slow one step in
+    /// three, never moves it; a CPU-quota straggler is slow in bursts (the quota runs out
+    /// mid-step, then refills), and half a window of slow steps does. `flag_after` slow
+    /// judgements in a row flag; `unflag_after` steps inside the narrower `clear_ratio` band
+    /// clear.
+    fn sample(
+        &mut self,
+        step: Step,
+        per_mb: f64,
+        reference: Option<f64>,
+        world: usize,
+        cfg: &CoreConfig,
+    ) -> Option<FlagChange> {
+        let s = &cfg.straggler;
+        self.last_sampled = Some(step);
+        self.step_times.push_back(per_mb);
+        while self.step_times.len() > s.window.clamp(1, MAX_WINDOW) {
+            self.step_times.pop_front();
+        }
+        self.median_s = self.median_step_time();
+        let (Some(own), Some(peers)) = (self.median_s, reference) else {
+            return None;
+        };
+        if world < 2 || self.step_times.len() < s.window.min(3) {
+            return None;
+        }
+        let excess = own - peers > s.min_excess.as_secs_f64();
+        let slow = own > s.ratio * peers && excess;
+        let severe = own > s.severe_ratio * peers && excess;
+        let normal = !excess || own <= s.clear_ratio * peers;
+        if slow {
+            self.slow_streak += 1;
+        } else {
+            self.slow_streak = 0;
+        }
+        if normal {
+            self.normal_streak += 1;
+        } else {
+            self.normal_streak = 0;
+        }
+        // Clearing needs unflag_after normal steps, doubled for each recent relapse (at most 16x).
+        let clear_after = s.unflag_after.saturating_mul(1 << self.relapses.min(4));
+        if !self.straggler && (self.slow_streak >= s.flag_after || severe) {
+            self.straggler = true;
+            let recent = self
+                .cleared_at
+                .is_some_and(|c| step.0.saturating_sub(c.0) <= 4 * clear_after as u64);
+            self.relapses = if recent { self.relapses + 1 } else { 0 };
+            return Some(FlagChange::Flagged {
+                id: self.id,
+                own_ms: own * 1e3,
+                peers_ms: peers * 1e3,
+                slow_steps: self.slow_streak,
+                at_step: step,
+                window_ms: self.step_times.iter().map(|t| t * 1e3).collect(),
+            });
+        }
+        if self.straggler && self.normal_streak >= clear_after {
+            self.straggler = false;
+            self.cleared_at = Some(step);
+            return Some(FlagChange::Cleared {
+                id: self.id,
+                own_ms: own * 1e3,
+                peers_ms: peers * 1e3,
+            });
+        }
+        None
     }
 
     pub fn is_fenced(&self) -> bool {
@@ -272,6 +409,16 @@ pub struct HeartbeatMsg {
     pub phase: String,
     pub last_step_time: Duration,
     pub last_compute_time: Duration,
+    /// Each step computed since the previous heartbeat. Empty from a sender that reports only
+    /// the last step: then `last_compute_time` is one sample.
+    pub recent: Vec<StepSample>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepSample {
+    pub step: Step,
+    pub compute: Duration,
+    pub micro_batches: u32,
 }
 
 /// A straggler flag raised or cleared by a heartbeat, with the figures behind it.
@@ -282,6 +429,10 @@ pub enum FlagChange {
         own_ms: f64,
         peers_ms: f64,
         slow_steps: u32,
+        /// The step whose time completed the evidence, and the per-micro-batch times (ms) of
+        /// the window behind the flag, oldest first.
+        at_step: Step,
+        window_ms: Vec<f64>,
     },
     Cleared {
         id: MemberId,
@@ -349,7 +500,8 @@ impl Removal {
             Removal::Reported { by } => format!("reported by members {by:?}"),
             Removal::NotRejoined => "did not re-register after a coordinator restart".into(),
             Removal::Straggler { own_ms, peers_ms } => format!(
-                "straggler: median step {own_ms:.1} ms vs {peers_ms:.1} ms for the other ranks"
+                "straggler: {own_ms:.1} ms per micro-batch vs a median of {peers_ms:.1} ms for \
+                 the ranks"
             ),
             Removal::Drained => "drained on request".into(),
             Removal::ScaledDown => "scaled down; back to spare".into(),
@@ -362,6 +514,8 @@ pub struct Regroup {
     pub generation: Generation,
     /// Members of the new generation in rank order.
     pub ranks: Vec<MemberId>,
+    /// Micro-batches per rank; empty for the even split.
+    pub shares: Vec<u32>,
     pub removed: Vec<(MemberId, Removal)>,
     pub promoted: Vec<MemberId>,
     /// The highest step any survivor committed; the new generation resumes there.
@@ -401,6 +555,8 @@ pub struct State {
     pub next_id: MemberId,
     /// Median of the ranks' median step times, refreshed by `refresh_reference`.
     pub reference_step_time: Option<f64>,
+    /// The current generation's micro-batches per rank; empty for the even split.
+    pub shares: Vec<u32>,
     /// Set once the job has stopped (Halt).
     pub halted: Option<String>,
 }
@@ -418,6 +574,7 @@ impl State {
             ranks: Vec::new(),
             next_id: 1,
             reference_step_time: None,
+            shares: Vec::new(),
             halted: None,
         }
     }
@@ -653,54 +810,25 @@ impl State {
         if !stepped {
             return Ok(None);
         }
-        let t = if hb.last_compute_time > Duration::ZERO {
-            hb.last_compute_time
-        } else {
-            hb.last_step_time
-        };
-        m.step_times.push_back(t.as_secs_f64());
-        while m.step_times.len() > cfg.straggler.window.min(MAX_WINDOW) {
-            m.step_times.pop_front();
+        if hb.recent.is_empty() {
+            let t = if hb.last_compute_time > Duration::ZERO {
+                hb.last_compute_time
+            } else {
+                hb.last_step_time
+            };
+            return Ok(m.sample(hb.step, t.as_secs_f64(), reference, world, cfg));
         }
-        m.median_s = m.median_step_time();
-        let (Some(own_median), Some(peers)) = (m.median_s, reference) else {
-            return Ok(None);
-        };
-        if world < 2 || m.step_times.len() < cfg.straggler.window.min(3) {
-            return Ok(None);
+        let mut change = None;
+        for x in &hb.recent {
+            if m.last_sampled.is_some_and(|l| x.step <= l) {
+                continue;
+            }
+            let per_mb = x.compute.as_secs_f64() / x.micro_batches.max(1) as f64;
+            if let Some(c) = m.sample(x.step, per_mb, reference, world, cfg) {
+                change = Some(c);
+            }
         }
-        // The rank's median over its window is judged against the robust peer reference, and
-        // only K slow judgements in a row flag: a spike, or a rank slow one step in three, never
-        // moves the median. A CPU-quota straggler is slow in bursts (the quota runs out
-        // mid-step, then refills), so single steps alternate; its median does not.
-        let own = own_median;
-        let s = &cfg.straggler;
-        let slow = own > s.ratio * peers && own - peers > s.min_excess.as_secs_f64();
-        if slow {
-            m.slow_streak += 1;
-            m.normal_streak = 0;
-        } else {
-            m.normal_streak += 1;
-            m.slow_streak = 0;
-        }
-        if !m.straggler && m.slow_streak >= s.flag_after {
-            m.straggler = true;
-            return Ok(Some(FlagChange::Flagged {
-                id,
-                own_ms: own * 1e3,
-                peers_ms: peers * 1e3,
-                slow_steps: m.slow_streak,
-            }));
-        }
-        if m.straggler && m.normal_streak >= s.unflag_after {
-            m.straggler = false;
-            return Ok(Some(FlagChange::Cleared {
-                id,
-                own_ms: own_median * 1e3,
-                peers_ms: peers * 1e3,
-            }));
-        }
-        Ok(None)
+        Ok(change)
     }
 
     /// Recomputes the peer reference for straggler detection: the median of the active ranks'
@@ -903,6 +1031,8 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     }
     let target = s.target_world.min(cfg.max_world).max(1);
     let any_straggler = cfg.straggler.evict && s.live.iter().any(|l| l.straggler);
+    // A rebalanced split whose straggler is gone or recovered is evened out again.
+    let even_out = !s.shares.is_empty() && !s.live.iter().any(|l| l.straggler);
     let regroup: Vec<MemberId> = s.live.iter().filter(|l| l.regroup).map(|l| l.id).collect();
     // A generation most of whose ranks reported failed collectives, with no suspect agreed by a
     // majority and nobody found dead or hung by the heartbeat deadline since, cannot make
@@ -915,13 +1045,22 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
             .iter()
             .min()
             .is_some_and(|&first| now.saturating_duration_since(first) > cfg.heartbeat_timeout);
-    if removed.is_empty() && !any_straggler && world == target && regroup.is_empty() && !stuck {
+    if removed.is_empty()
+        && !any_straggler
+        && !even_out
+        && world == target
+        && regroup.is_empty()
+        && !stuck
+    {
         return Decision::Steady;
     }
     // Only now scan for spares: the steady path above stays O(world) with no allocation.
     let mut spares = s.available_spares(now, cfg);
     let failed = removed.iter().filter(|(_, r)| r.is_failure()).count();
-    // Stragglers go only when that keeps the job at or above min_world, or a spare replaces them.
+    // A straggler is replaced when a spare can take its place. Otherwise the global batch is
+    // rebalanced away from it (K-8); only when no rebalance helps is it evicted, and then only
+    // if the job stays at or above min_world.
+    let mut rebalance: Option<(Vec<u32>, String)> = None;
     if cfg.straggler.evict {
         for &id in &s.ranks {
             let Some(m) = s.members.get(&id) else {
@@ -932,16 +1071,28 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
             }
             let survivors = world - removed.len();
             let replaceable = spares.len() > removed.len().saturating_sub(failed);
-            if replaceable || survivors > cfg.min_world.max(1) {
-                let peers = s.reference_step_time.unwrap_or(0.0) * 1e3;
-                let own = m.median_step_time().unwrap_or(0.0) * 1e3;
-                removed.push((
-                    id,
-                    Removal::Straggler {
-                        own_ms: own,
-                        peers_ms: peers,
-                    },
-                ));
+            let peers = s.reference_step_time.unwrap_or(0.0) * 1e3;
+            let own = m.median_step_time().unwrap_or(0.0) * 1e3;
+            let evict = Removal::Straggler {
+                own_ms: own,
+                peers_ms: peers,
+            };
+            if replaceable {
+                removed.push((id, evict));
+                continue;
+            }
+            if m.rebalanced || rebalance.is_some() || !removed.is_empty() {
+                continue;
+            }
+            match plan_rebalance(s, cfg) {
+                Rebalance::Wait => {}
+                Rebalance::To(shares, why) => {
+                    rebalance = Some((shares, format!("member {id} is a straggler: {why}")));
+                }
+                Rebalance::Useless if survivors > cfg.min_world.max(1) => {
+                    removed.push((id, evict));
+                }
+                Rebalance::Useless => {}
             }
         }
     }
@@ -958,7 +1109,13 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     }
     let want = target.saturating_sub(survivors.len());
     spares.truncate(want);
-    if removed.is_empty() && spares.is_empty() && regroup.is_empty() && !stuck {
+    if removed.is_empty()
+        && spares.is_empty()
+        && regroup.is_empty()
+        && !stuck
+        && rebalance.is_none()
+        && !even_out
+    {
         return Decision::Steady;
     }
     let new_world = survivors.len() + spares.len();
@@ -1014,6 +1171,24 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
             "member {id} restarted its compute and asked for a regroup"
         ));
     }
+    // The split changes only in a generation with the same members; any other regroup evens it
+    // out (a straggler still flagged in it is rebalanced again once its times are in).
+    let same_members = removed.is_empty() && spares.is_empty();
+    let shares = match &rebalance {
+        Some((shares, reason)) if same_members => {
+            why.push(format!("rebalance: {reason}"));
+            shares.clone()
+        }
+        _ => {
+            if same_members && even_out {
+                why.push(
+                    "the straggler recovered or left: the global batch is split evenly again"
+                        .into(),
+                );
+            }
+            Vec::new()
+        }
+    };
     if stuck {
         why.push(format!(
             "{} of {world} ranks reported failed collectives with no agreed suspect and none \
@@ -1024,12 +1199,71 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     Decision::Regroup(Regroup {
         generation: Generation(s.generation.0 + 1),
         ranks,
+        shares,
         removed,
         promoted: spares,
         resume_step,
         heal,
         reason: why.join("; "),
     })
+}
+
+enum Rebalance {
+    /// Not every rank has a window of step times yet.
+    Wait,
+    /// No split is enough faster than the current one.
+    Useless,
+    To(Vec<u32>, String),
+}
+
+/// The split of the global batch that evens out the ranks' measured speeds, if it is worth a
+/// regroup: its predicted step compute time must be `min_gain` below the current split's.
+fn plan_rebalance(s: &State, cfg: &CoreConfig) -> Rebalance {
+    let world = s.live.len();
+    let m = cfg.max_world;
+    if m == usize::MAX || m <= world {
+        return Rebalance::Useless;
+    }
+    // Only flagged ranks are taken at their measured speed; the others at the reference, so
+    // that noise among healthy ranks does not tilt the split between them.
+    let Some(reference) = s.reference_step_time else {
+        return Rebalance::Wait;
+    };
+    let Some(per_mb) = s
+        .live
+        .iter()
+        .map(|l| {
+            if l.straggler {
+                l.median_s
+            } else {
+                Some(reference)
+            }
+        })
+        .collect::<Option<Vec<f64>>>()
+    else {
+        return Rebalance::Wait;
+    };
+    let current = if s.shares.len() == world {
+        s.shares.clone()
+    } else {
+        even_shares(m, world)
+    };
+    let next = weighted_shares(m, &per_mb);
+    let (before, after) = (makespan(&current, &per_mb), makespan(&next, &per_mb));
+    if next == current || after > before * (1.0 - cfg.straggler.min_gain) {
+        return Rebalance::Useless;
+    }
+    let ms: Vec<String> = per_mb.iter().map(|t| format!("{:.1}", t * 1e3)).collect();
+    Rebalance::To(
+        next.clone(),
+        format!(
+            "micro-batches per rank {current:?} -> {next:?} for [{}] ms per micro-batch; \
+             predicted compute per step {:.1} -> {:.1} ms",
+            ms.join(", "),
+            before * 1e3,
+            after * 1e3
+        ),
+    )
 }
 
 /// The first generation forms when `target_world` members that asked to be active are connected.
@@ -1056,6 +1290,7 @@ fn form_first(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         reason: format!("first generation: {} ranks registered", ready.len()),
         promoted: ready.clone(),
         ranks: ready,
+        shares: Vec::new(),
         removed: Vec::new(),
         resume_step: s.committed_step,
         heal: Vec::new(),
@@ -1092,9 +1327,18 @@ pub fn apply(s: &mut State, d: &Decision) -> Generation {
                     // A new generation starts with heals, a fresh prefetch and cold caches on
                     // joiners: its first steps are not evidence of a straggler.
                     m.step_times.clear();
+                    m.median_s = None;
                     m.step = r.resume_step.max(m.step);
                 }
             }
+            let uneven = !r.shares.is_empty();
+            for id in &r.ranks {
+                if let Some(m) = s.members.get_mut(id) {
+                    m.rebalanced = uneven && m.straggler;
+                    m.last_sampled = None;
+                }
+            }
+            s.shares = r.shares.clone();
             s.ranks = r.ranks.clone();
             s.generation = r.generation;
             s.committed_step = r.resume_step;
@@ -1154,6 +1398,34 @@ mod tests {
             phase: "training".into(),
             last_step_time: Duration::from_millis(ms),
             last_compute_time: Duration::from_millis(ms),
+            ..Default::default()
+        };
+        s.heartbeat(now, id, &hb, cfg).unwrap()
+    }
+
+    /// A heartbeat carrying several steps, each with its compute time and micro-batches.
+    fn beat_steps(
+        s: &mut State,
+        now: Instant,
+        id: MemberId,
+        steps: &[(u64, u64, u32)],
+        cfg: &CoreConfig,
+    ) -> Option<FlagChange> {
+        let last = steps.last().map_or(0, |x| x.0 + 1);
+        let hb = HeartbeatMsg {
+            generation: s.generation,
+            step: Step(last),
+            collective_seq: last,
+            phase: "training".into(),
+            recent: steps
+                .iter()
+                .map(|&(step, ms, mbs)| StepSample {
+                    step: Step(step),
+                    compute: Duration::from_millis(ms),
+                    micro_batches: mbs,
+                })
+                .collect(),
+            ..Default::default()
         };
         s.heartbeat(now, id, &hb, cfg).unwrap()
     }
@@ -1352,6 +1624,156 @@ mod tests {
             matches!(flags[..], [FlagChange::Flagged { id, .. }, ..] if id == bursty),
             "{flags:?}"
         );
+    }
+
+    // K-8: the split minimises the slowest rank's compute time; it always covers the batch.
+    #[test]
+    fn weighted_shares_are_optimal_and_cover_the_batch() {
+        assert_eq!(weighted_shares(16, &[1.0, 1.0, 1.0, 1.0]), vec![4, 4, 4, 4]);
+        assert_eq!(weighted_shares(16, &[1.0, 1.0, 1.0, 3.0]), vec![5, 5, 5, 1]);
+        assert_eq!(weighted_shares(16, &[1.0, 1.0, 1.0, 2.0]), vec![5, 5, 4, 2]);
+        assert_eq!(even_shares(10, 4), vec![3, 3, 2, 2]);
+        assert!(weighted_shares(3, &[1.0; 4]).is_empty());
+        // Brute force over every split of 8 micro-batches on 3 ranks.
+        let speeds = [[1.0, 2.0, 3.5], [0.2, 0.9, 0.25], [1.0, 1.0, 7.0]];
+        for t in speeds {
+            let w = weighted_shares(8, &t);
+            assert_eq!(w.iter().sum::<u32>(), 8);
+            let mut best = f64::MAX;
+            for a in 1..=6u32 {
+                for b in 1..=(7 - a) {
+                    best = best.min(makespan(&[a, b, 8 - a - b], &t));
+                }
+            }
+            assert!((makespan(&w, &t) - best).abs() < 1e-12, "{w:?} for {t:?}");
+        }
+    }
+
+    /// Steps `from..from+n` on every rank: each heartbeat carries `per_beat` steps with the
+    /// given compute time per micro-batch; `mbs` is each rank's share.
+    #[allow(clippy::too_many_arguments)]
+    fn run_steps_mb(
+        s: &mut State,
+        t: &mut Instant,
+        from: u64,
+        n: u64,
+        per_beat: u64,
+        slow: Option<(MemberId, u64)>,
+        mbs: &[u32],
+        cfg: &CoreConfig,
+    ) -> Vec<(u64, FlagChange)> {
+        let mut flags = Vec::new();
+        let mut step = from;
+        while step < from + n {
+            *t += Duration::from_millis(200);
+            s.refresh_reference();
+            for (r, id) in s.ranks.clone().into_iter().enumerate() {
+                let batch: Vec<(u64, u64, u32)> = (step..(step + per_beat).min(from + n))
+                    .map(|k| {
+                        let per_mb = match slow {
+                            Some((sid, ms)) if sid == id => ms,
+                            _ => 10 + (id * 7 + k) % 3,
+                        };
+                        (k, per_mb * mbs[r] as u64, mbs[r])
+                    })
+                    .collect();
+                let last = batch.last().map_or(step, |x| x.0);
+                flags.extend(beat_steps(s, *t, id, &batch, cfg).map(|f| (last, f)));
+            }
+            step += per_beat;
+        }
+        flags
+    }
+
+    // K-7: with each step's time in the heartbeat, a rank slowed 3x is flagged within 5 steps
+    // of the onset, though heartbeats come only every 4 steps.
+    #[test]
+    fn straggler_is_flagged_within_five_steps() {
+        let cfg = CoreConfig::default();
+        let mut t = Instant::now();
+        let mut s = job(t, 4, 1, &cfg);
+        let slow = s.ranks[1];
+        let even = [4, 4, 4, 4];
+        assert!(run_steps_mb(&mut s, &mut t, 0, 40, 4, None, &even, &cfg).is_empty());
+        let flags = run_steps_mb(&mut s, &mut t, 40, 20, 4, Some((slow, 33)), &even, &cfg);
+        match &flags[..] {
+            [(
+                _,
+                FlagChange::Flagged {
+                    id,
+                    at_step,
+                    window_ms,
+                    ..
+                },
+            )] => {
+                assert_eq!(*id, slow);
+                assert!(at_step.0 < 45, "flagged at step {at_step}");
+                assert!(window_ms.iter().any(|&ms| ms > 30.0), "{window_ms:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    // K-8: without a spare, a straggler's share of the global batch is cut in a generation
+    // with the same members; it stays flagged while slow per micro-batch (no flapping on its
+    // now shorter steps), and once it recovers the split is evened out again.
+    #[test]
+    fn straggler_without_spare_is_rebalanced_then_evened_out() {
+        let cfg = CoreConfig {
+            max_world: 16,
+            ..Default::default()
+        };
+        let mut t = Instant::now();
+        let mut s = job(t, 4, 0, &cfg);
+        let slow = s.ranks[3];
+        let even = [4, 4, 4, 4];
+        run_steps_mb(&mut s, &mut t, 0, 40, 4, None, &even, &cfg);
+        let flags = run_steps_mb(&mut s, &mut t, 40, 12, 4, Some((slow, 33)), &even, &cfg);
+        assert_eq!(flags.len(), 1, "{flags:?}");
+        let r = regroup(decide(t, &s, &cfg));
+        assert!(r.removed.is_empty() && r.promoted.is_empty(), "{r:?}");
+        assert_eq!(r.ranks, s.ranks);
+        assert_eq!(r.shares, vec![5, 5, 5, 1]);
+        assert!(r.reason.contains("rebalance"), "{}", r.reason);
+        apply(&mut s, &Decision::Regroup(r.clone()));
+        assert!(s.members[&slow].rebalanced && s.members[&slow].straggler);
+        // Still slow: no new regroup, the flag stays.
+        let flags = run_steps_mb(&mut s, &mut t, 52, 40, 4, Some((slow, 33)), &r.shares, &cfg);
+        assert!(flags.is_empty(), "{flags:?}");
+        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
+        // Recovered: cleared, then one regroup back to the even split.
+        let flags = run_steps_mb(&mut s, &mut t, 92, 20, 4, None, &r.shares, &cfg);
+        assert!(
+            matches!(flags[..], [(_, FlagChange::Cleared { id, .. })] if id == slow),
+            "{flags:?}"
+        );
+        let back = regroup(decide(t, &s, &cfg));
+        assert_eq!(
+            (back.ranks.clone(), back.shares.clone()),
+            (s.ranks.clone(), vec![])
+        );
+        assert!(back.reason.contains("evenly again"), "{}", back.reason);
+        apply(&mut s, &Decision::Regroup(back));
+        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
+    }
+
+    // K-8: when no split helps (one micro-batch per rank), a straggler without a spare is
+    // evicted if the job stays at or above min_world.
+    #[test]
+    fn straggler_is_evicted_when_no_rebalance_helps() {
+        let cfg = CoreConfig {
+            max_world: 4,
+            ..Default::default()
+        };
+        let mut t = Instant::now();
+        let mut s = job(t, 4, 0, &cfg);
+        let slow = s.ranks[0];
+        let one = [1, 1, 1, 1];
+        run_steps_mb(&mut s, &mut t, 0, 40, 4, None, &one, &cfg);
+        run_steps_mb(&mut s, &mut t, 40, 12, 4, Some((slow, 40)), &one, &cfg);
+        let r = regroup(decide(t, &s, &cfg));
+        assert!(matches!(r.removed[..], [(id, Removal::Straggler { .. })] if id == slow));
+        assert!(r.shares.is_empty());
     }
 
     // Without a spare, a straggler is kept when evicting it would go below min_world.

@@ -36,6 +36,9 @@ pub struct JournalState {
     pub ranks: Vec<MemberId>,
     pub members: Vec<JournalMember>,
     pub halted: Option<String>,
+    /// The current generation's split of the global batch (empty: even).
+    #[serde(default)]
+    pub shares: Vec<u32>,
 }
 
 impl JournalState {
@@ -68,6 +71,7 @@ impl JournalState {
             ranks: s.ranks.clone(),
             members,
             halted: s.halted.clone(),
+            shares: s.shares.clone(),
         }
     }
 
@@ -80,6 +84,7 @@ impl JournalState {
         s.next_id = self.next_id;
         s.ranks.clone_from(&self.ranks);
         s.halted.clone_from(&self.halted);
+        s.shares.clone_from(&self.shares);
         for jm in &self.members {
             let reg = super::core::Registration {
                 job_id: self.job_id.clone(),

@@ -6,7 +6,7 @@
 
 use super::core::{
     apply, decide, CoreConfig, Decision, FlagChange, HeartbeatMsg, MemberId, MemberState,
-    Registration, Removal, Role, State,
+    Registration, Removal, Role, State, StepSample,
 };
 use super::journal::{Journal, JournalState};
 use crate::error::RuntimeError;
@@ -34,6 +34,8 @@ use tracing::{info, warn};
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const MAX_ADDR_BYTES: usize = 16 * 1024;
 const MAX_TEXT: usize = 256;
+/// The most step times taken from one heartbeat.
+const MAX_RECENT: usize = 64;
 /// Worlds up to this size get the peer table inline in Assign; larger ones use GetPeers.
 pub const INLINE_PEERS_MAX: usize = 256;
 
@@ -179,6 +181,7 @@ impl Shared {
             peers,
             resume_step: st.committed_step.0,
             heal_from: heal.iter().find(|(h, _)| *h == id).map(|(_, r)| r.0),
+            shares: st.shares.clone(),
         })
     }
 
@@ -255,6 +258,7 @@ impl Shared {
                         "generation": r.generation, "world": r.ranks.len(),
                         "members": r.ranks, "promoted": r.promoted,
                         "resume_step": r.resume_step, "heal": r.heal, "reason": r.reason,
+                        "shares": r.shares,
                     }),
                 );
                 for (id, why) in &r.removed {
@@ -690,20 +694,33 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
         phase: hb.phase,
         last_step_time: Duration::from_micros(hb.last_step_time_us as u64),
         last_compute_time: Duration::from_micros(hb.last_compute_time_us as u64),
+        recent: hb
+            .recent
+            .iter()
+            .take(MAX_RECENT)
+            .map(|x| StepSample {
+                step: Step(x.step),
+                compute: Duration::from_micros(x.compute_us as u64),
+                micro_batches: x.micro_batches,
+            })
+            .collect(),
     };
     let flag = sh
         .state
         .lock()
         .heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
-    match flag {
+    match &flag {
         Some(FlagChange::Flagged {
             id,
             own_ms,
             peers_ms,
             slow_steps,
+            at_step,
+            window_ms,
         }) => sh.event(
             "straggler_flagged",
-            json!({"member": id, "step_ms": own_ms, "peers_step_ms": peers_ms, "slow_steps": slow_steps}),
+            json!({"member": id, "mb_ms": own_ms, "peers_mb_ms": peers_ms, "slow_steps": slow_steps,
+                   "at_step": at_step.0, "window_mb_ms": window_ms}),
         ),
         Some(FlagChange::Cleared {
             id,
@@ -711,7 +728,7 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
             peers_ms,
         }) => sh.event(
             "straggler_cleared",
-            json!({"member": id, "step_ms": own_ms, "peers_step_ms": peers_ms}),
+            json!({"member": id, "mb_ms": own_ms, "peers_mb_ms": peers_ms}),
         ),
         None => {}
     }

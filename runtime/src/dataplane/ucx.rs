@@ -26,7 +26,8 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::ops::Range;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use ucx_rs::sys;
@@ -167,6 +168,9 @@ pub struct UcxTransport {
     mapped: HashMap<Rank, PeerWindow>,
     /// Idle waits nap instead of yielding (see `Transport::patient`).
     patient: bool,
+    /// Nanoseconds this rank's waits were descheduled beyond what they asked for (see
+    /// `STALL_MIN`): time the rank itself held its peers up, not time it waited for them.
+    stalled: Arc<AtomicU64>,
 }
 
 const CTRL_SLOT_BUF: usize = 64;
@@ -213,6 +217,7 @@ impl UcxTransport {
             window: None,
             mapped: HashMap::new(),
             patient: false,
+            stalled: Arc::new(AtomicU64::new(0)),
         };
         let mut efd: i32 = -1;
         // SAFETY: `t.worker` is a live worker created with UCP_FEATURE_WAKEUP; `efd` is a valid
@@ -628,6 +633,10 @@ impl UcxTransport {
 const SWEEP_EVERY: Duration = Duration::from_millis(10);
 /// After `spin` without progress, yield the core for this long before sleeping on the fd.
 const YIELD_FOR: Duration = Duration::from_millis(5);
+/// A wait loop iteration that comes back this much later than it asked to (a yield, a nap, a
+/// poll's timeout) was descheduled: CPU contention, a cgroup CPU quota running out, a stop.
+/// Shorter gaps are the ordinary scheduling of ranks that share cores.
+const STALL_MIN: Duration = Duration::from_millis(10);
 /// What a patient wait sleeps instead of yielding (see `Transport::patient`).
 const PATIENT_NAP: Duration = Duration::from_micros(50);
 /// Scratch size for draining stale messages; longer ones are truncated, which drops them too.
@@ -645,7 +654,16 @@ impl UcxTransport {
         self.check_open(op)?;
         let deadline = Instant::now() + timeout;
         let mut last_activity = Instant::now();
+        // The previous iteration's start and how long it meant to sleep.
+        let (mut prev, mut planned) = (last_activity, Duration::ZERO);
         loop {
+            let top = Instant::now();
+            let gap = top.duration_since(prev);
+            if gap > planned + STALL_MIN {
+                self.stalled
+                    .fetch_add((gap - planned).as_nanos() as u64, Ordering::Relaxed);
+            }
+            (prev, planned) = (top, Duration::ZERO);
             let mut active = self.progress();
             if let Some(r) = self.failed.iter().position(|c| c.get() != 0) {
                 let st = self.failed[r].get();
@@ -783,13 +801,15 @@ impl UcxTransport {
             // sleeps.
             if idle < YIELD_FOR {
                 if self.patient {
+                    planned = PATIENT_NAP;
                     std::thread::sleep(PATIENT_NAP);
                 } else {
                     std::thread::yield_now();
                 }
                 continue;
             }
-            self.sleep((deadline - now).min(Duration::from_millis(1)));
+            planned = (deadline - now).min(Duration::from_millis(1));
+            self.sleep(planned);
         }
     }
 
@@ -1414,7 +1434,7 @@ enum Cmd {
 }
 
 enum Reply {
-    Connected(Result<(), RuntimeError>),
+    Connected(Result<Arc<AtomicU64>, RuntimeError>),
     F32(Vec<f32>, Result<Option<Range<usize>>, RuntimeError>),
     Bytes(Vec<u8>, Result<(), RuntimeError>),
     Stats(UcxStats),
@@ -1429,6 +1449,7 @@ pub struct UcxGroup {
     rank: Rank,
     world: u32,
     generation: Generation,
+    stalled: Arc<AtomicU64>,
 }
 
 fn gone(op: &'static str, generation: Generation) -> RuntimeError {
@@ -1462,7 +1483,10 @@ impl UcxGroup {
                             return;
                         }
                     };
-                if reply_tx.send(Reply::Connected(Ok(()))).is_err() {
+                if reply_tx
+                    .send(Reply::Connected(Ok(t.stalled.clone())))
+                    .is_err()
+                {
                     return;
                 }
                 serve(Collectives::new(t, cfg.coll), cmd_rx, reply_tx);
@@ -1478,9 +1502,14 @@ impl UcxGroup {
             rank,
             world,
             generation,
+            stalled: Arc::new(AtomicU64::new(0)),
         };
         match g.rx.recv() {
-            Ok(Reply::Connected(Ok(()))) => Ok(g),
+            Ok(Reply::Connected(Ok(stalled))) => {
+                let mut g = g;
+                g.stalled = stalled;
+                Ok(g)
+            }
             Ok(Reply::Connected(Err(e))) => Err(e),
             _ => Err(gone("connect", generation)),
         }
@@ -1491,6 +1520,11 @@ impl UcxGroup {
     }
     pub fn world(&self) -> u32 {
         self.world
+    }
+    /// Total time this rank's data-plane waits were descheduled (see `STALL_MIN`): part of its
+    /// own slowness, unlike the time it waited for peers.
+    pub fn stalled(&self) -> Duration {
+        Duration::from_nanos(self.stalled.load(Ordering::Relaxed))
     }
     pub fn generation(&self) -> Generation {
         self.generation
