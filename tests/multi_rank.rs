@@ -790,16 +790,48 @@ fn median_step_ms(run: &Path, from: u64, to: u64) -> f64 {
     v[v.len() / 2]
 }
 
-// Straggler eviction: rank 2 capped at 25% of a core (a cgroup CPU quota) at step 100 is flagged
-// by the coordinator's detector and replaced by the spare; the event gives the step times that
-// triggered it, and the step time comes back to within 10% of the fault-free one.
-#[test]
-fn cpu_quota_straggler_is_replaced_by_the_spare() {
+fn need_cgroup_cpu() {
     if std::fs::metadata("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").is_err()
         && std::fs::metadata("/sys/fs/cgroup/cgroup.controllers").is_err()
     {
         panic!("this test needs a cgroup CPU controller (v1 cpu or v2) at /sys/fs/cgroup");
     }
+}
+
+/// The step at which the CPU quota went on, and the member id of the process it went on.
+fn quota_target(events: &[Value]) -> (u64, Value) {
+    let injected = events.iter().find(|e| e["fault"] == "cpu_quota").unwrap();
+    let member = events
+        .iter()
+        .find(|e| e["kind"] == "registered" && e["pid"] == injected["pid"])
+        .unwrap()["member"]
+        .clone();
+    (injected["step"].as_u64().unwrap(), member)
+}
+
+/// K-7: the slowed rank is flagged, by name, at most 5 steps after the quota went on.
+fn assert_flagged_within_five_steps(events: &[Value]) -> Value {
+    let (at, member) = quota_target(events);
+    let flag = events
+        .iter()
+        .find(|e| e["kind"] == "straggler_flagged")
+        .expect("the slowed rank is flagged")
+        .clone();
+    assert_eq!(flag["member"], member, "the wrong rank was flagged: {flag}");
+    let flagged_at = flag["at_step"].as_u64().unwrap();
+    assert!(
+        flagged_at <= at + 5,
+        "quota at step {at}, flagged at step {flagged_at}: {flag}"
+    );
+    flag
+}
+
+// K-7: rank 2 capped at 25% of a core (a cgroup CPU quota) at step 100 is flagged by the
+// coordinator's detector within 5 steps and replaced by the spare; the event gives the step
+// times that triggered it, and the step time comes back to within 10% of the fault-free one.
+#[test]
+fn cpu_quota_straggler_is_replaced_by_the_spare() {
+    need_cgroup_cpu();
     let d = tempfile::tempdir().unwrap();
     let mut args = vec![
         "--nproc",
@@ -826,8 +858,20 @@ fn cpu_quota_straggler_is_replaced_by_the_spare() {
         "the wrong rank was evicted: {removed}"
     );
     assert!(
-        removed["reason"].as_str().unwrap().contains("median step"),
+        removed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("per micro-batch"),
         "{removed}"
+    );
+    let flag = assert_flagged_within_five_steps(&events);
+    eprintln!(
+        "flagged at step {} (quota at step {}): {:.1} ms per micro-batch vs {:.1} ms, window {}",
+        flag["at_step"],
+        injected["step"],
+        flag["mb_ms"].as_f64().unwrap(),
+        flag["peers_mb_ms"].as_f64().unwrap(),
+        flag["window_mb_ms"]
     );
     let regroup = events
         .iter()
@@ -853,6 +897,113 @@ fn cpu_quota_straggler_is_replaced_by_the_spare() {
     assert!(
         after <= before * 1.10,
         "step {before:.1} ms before, {after:.1} ms after"
+    );
+}
+
+// K-8: without a spare, rank 2 capped at 25% of a core at step 100 is flagged within 5 steps
+// and the global batch (16 micro-batches) is rebalanced away from it in a generation with the
+// same members; when the quota is lifted 250 steps later it recovers and the split evens out.
+// The same job with stragglers left alone gives the unbalanced slowed step time: the rebalanced
+// one must be at least 30% below it.
+#[test]
+fn cpu_quota_straggler_without_spare_is_rebalanced() {
+    need_cgroup_cpu();
+    let run = |act: bool| {
+        let d = tempfile::tempdir().unwrap();
+        let act = format!("coordinator.evict_stragglers={act}");
+        let mut args = vec![
+            "--nproc",
+            "4",
+            "--slow-at",
+            "100:2",
+            "--slow-steps",
+            "250",
+            "train.micro_batch=1",
+            "train.max_steps=550",
+            "optim.decay_steps=550",
+            &act,
+        ];
+        args.extend(STRAGGLER_MODEL);
+        let r = launch(d.path(), &args);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        (d, r)
+    };
+    let (_d, r) = run(true);
+    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let (at, member) = quota_target(&events);
+    let flag = assert_flagged_within_five_steps(&events);
+    let gens: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "generation")
+        .collect();
+    let members = gens[0]["members"].clone();
+    let slow_rank = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|m| *m == member)
+        .unwrap();
+    // One rebalance, the same members, fewer micro-batches for the slowed rank.
+    let split = gens[1];
+    assert_eq!(split["members"], members, "{split}");
+    let shares: Vec<u64> = split["shares"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(shares.iter().sum::<u64>(), 16, "{split}");
+    assert!(shares[slow_rank] < 4, "{split}");
+    assert!(
+        r.report["faults"].as_array().unwrap().is_empty(),
+        "{}",
+        r.report
+    );
+    // Evened out once the quota is gone, and no other regroup in between.
+    let lifted = events
+        .iter()
+        .find(|e| e["kind"] == "fault_cleared")
+        .unwrap()["step"]
+        .as_u64()
+        .unwrap();
+    let even = gens
+        .iter()
+        .find(|g| g["reason"].as_str().unwrap().contains("evenly again"))
+        .expect("the split evens out after the quota is lifted");
+    let evened_at = even["resume_step"].as_u64().unwrap();
+    assert!(evened_at > lifted, "{even}");
+    assert_eq!(gens.len(), 3, "{gens:?}");
+    assert_eq!(even["members"], members);
+    let rebalanced_from = split["resume_step"].as_u64().unwrap();
+    let fault_free = median_step_ms(&r.run, 20, at);
+    let rebalanced = median_step_ms(&r.run, rebalanced_from + 5, lifted);
+    let evened = median_step_ms(&r.run, evened_at + 5, 550);
+    let (_d0, r0) = run(false);
+    let events0 = read_jsonl(&r0.run.join("events.jsonl"));
+    let (at0, _) = quota_target(&events0);
+    let lifted0 = events0
+        .iter()
+        .find(|e| e["kind"] == "fault_cleared")
+        .unwrap()["step"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        events0.iter().filter(|e| e["kind"] == "generation").count(),
+        1,
+        "left alone, the straggler keeps its share"
+    );
+    let unbalanced = median_step_ms(&r0.run, at0 + 10, lifted0);
+    eprintln!(
+        "flagged at step {} (quota at {at}); shares {shares:?} from step {rebalanced_from}, even again \
+         from step {evened_at} (quota lifted at {lifted}); median step: fault-free {fault_free:.1} ms, \
+         unbalanced slowed {unbalanced:.1} ms, rebalanced {rebalanced:.1} ms ({:.0}% below), \
+         evened out {evened:.1} ms",
+        flag["at_step"],
+        (1.0 - rebalanced / unbalanced) * 100.0
+    );
+    assert!(
+        rebalanced <= 0.7 * unbalanced,
+        "rebalanced {rebalanced:.1} ms vs unbalanced {unbalanced:.1} ms"
     );
 }
 

@@ -730,7 +730,9 @@ impl<'a> Loop<'a> {
             let (epoch, st) = s.sampler.locate(step);
             let lr = lr_at(&p.optim, step);
             let t_step = Instant::now();
-            let batches = match sh.loader.take(plan, step, Duration::from_millis(200)) {
+            let taken = sh.loader.take(plan, step, Duration::from_millis(200));
+            let data_wait = t_step.elapsed();
+            let batches = match taken {
                 Some(b) => b,
                 None => {
                     late += 1;
@@ -842,10 +844,15 @@ impl<'a> Loop<'a> {
             let dt = t_step.elapsed();
             // Everything but waiting in collectives: the rank's own share of the step (data,
             // compute, optimizer, and any time it was descheduled doing those).
-            // A rank descheduled inside a collective (its CPU quota ran out there) holds its peers
-            // up as surely as a slow compute does: that part counts as its own.
+            // The rank's speed, for the straggler detector and the rebalancer, in two parts: its
+            // forward and backward passes, which scale with its micro-batches, and the rest of
+            // its own work (optimizer, bookkeeping) plus any time it was descheduled inside a
+            // collective (its CPU quota ran out there), which holds the peers up as surely as a
+            // slow compute does. Waiting for peers or data is in neither.
             let stalled = group.stalled().saturating_sub(stalled_before);
-            let busy = dt.saturating_sub(in_collectives) + stalled.min(in_collectives);
+            let fixed = dt
+                .saturating_sub(data_wait + compute + in_collectives)
+                .saturating_add(stalled.min(in_collectives));
             progress.step.store(s.trainer.step, Ordering::Relaxed);
             progress.seq.fetch_add(1, Ordering::Relaxed);
             progress
@@ -854,7 +861,7 @@ impl<'a> Loop<'a> {
             progress
                 .compute_us
                 .store(compute.as_micros() as u32, Ordering::Relaxed);
-            progress.record_step(step, busy, mine.len());
+            progress.record_step(step, compute, fixed, mine.len());
             progress
                 .loss_bits
                 .store((loss as f32).to_bits(), Ordering::Relaxed);
@@ -863,7 +870,7 @@ impl<'a> Loop<'a> {
                     "step": step, "loss": loss, "lr": lr,
                     "tokens_per_s": tokens_per_step / dt.as_secs_f64(),
                     "step_ms": dt.as_secs_f64() * 1e3, "compute_ms": compute.as_secs_f64() * 1e3,
-                    "busy_ms": busy.as_secs_f64() * 1e3, "stalled_ms": stalled.as_secs_f64() * 1e3,
+                    "stalled_ms": stalled.as_secs_f64() * 1e3,
                     "grad_norm": grad_norm,
                     "world_size": world, "generation": generation.0, "unix_ms": unix_ms(),
                     "skipped": grad_norm.is_none(), "nonfinite_ranks": bad_ranks,

@@ -93,7 +93,7 @@ pub struct Progress {
 const MAX_RECENT: usize = 64;
 
 impl Progress {
-    pub fn record_step(&self, step: u64, compute: Duration, micro_batches: usize) {
+    pub fn record_step(&self, step: u64, compute: Duration, fixed: Duration, micro_batches: usize) {
         let mut r = self.recent.lock();
         if r.len() == MAX_RECENT {
             r.remove(0);
@@ -101,6 +101,7 @@ impl Progress {
         r.push(pb::StepTime {
             step,
             compute_us: compute.as_micros().min(u32::MAX as u128) as u32,
+            fixed_us: fixed.as_micros().min(u32::MAX as u128) as u32,
             micro_batches: micro_batches as u32,
         });
     }

@@ -108,8 +108,9 @@ pub struct StragglerConfig {
     pub min_excess: Duration,
     /// Consecutive slow judgements (one per step) before a rank is flagged ...
     pub flag_after: u32,
-    /// ... or one, when its level is above this many times the reference: a rank several times
-    /// slower than its peers is no noise, and every step it keeps its share costs the job.
+    /// ... or at once, when its last two steps were each above this many times the reference:
+    /// a rank several times slower than its peers is no noise, and every step it keeps its
+    /// share costs the job.
     pub severe_ratio: f64,
     /// A flagged rank is cleared after this many consecutive steps below `clear_ratio` x the
     /// reference: a narrower band than the flag's, so a rank near the line does not flap.
@@ -125,11 +126,11 @@ pub struct StragglerConfig {
 impl Default for StragglerConfig {
     fn default() -> Self {
         StragglerConfig {
-            window: 5,
+            window: 6,
             ratio: 1.75,
             min_excess: Duration::from_millis(2),
             flag_after: 3,
-            severe_ratio: 2.5,
+            severe_ratio: 2.0,
             unflag_after: 10,
             clear_ratio: 1.25,
             evict: true,
@@ -326,7 +327,11 @@ impl Member {
         }
         let excess = own - peers > s.min_excess.as_secs_f64();
         let slow = own > s.ratio * peers && excess;
-        let severe = own > s.severe_ratio * peers && excess;
+        // Severe: the last two steps each several times the reference. Two such steps in a row
+        // flag at once, where the window median would wait for a third.
+        let severe_at = (s.severe_ratio * peers).max(peers + s.min_excess.as_secs_f64());
+        let severe = self.step_times.len() >= 2
+            && self.step_times.iter().rev().take(2).all(|&t| t > severe_at);
         let normal = !excess || own <= s.clear_ratio * peers;
         if slow {
             self.slow_streak += 1;
@@ -417,7 +422,11 @@ pub struct HeartbeatMsg {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepSample {
     pub step: Step,
+    /// Work that scales with the rank's micro-batches (forward and backward passes) ...
     pub compute: Duration,
+    /// ... and the rest of its own time in the step (optimizer, time descheduled in
+    /// collectives), the same whatever its share.
+    pub fixed: Duration,
     pub micro_batches: u32,
 }
 
@@ -819,11 +828,20 @@ impl State {
             return Ok(m.sample(hb.step, t.as_secs_f64(), reference, world, cfg));
         }
         let mut change = None;
+        // The fixed part is spread over the even share, so that a rank given fewer micro-batches
+        // is judged on the same scale as at its even share (D-1: shares only move work).
+        let even = if cfg.max_world == usize::MAX {
+            None
+        } else {
+            Some((cfg.max_world as f64 / world.max(1) as f64).max(1.0))
+        };
         for x in &hb.recent {
             if m.last_sampled.is_some_and(|l| x.step <= l) {
                 continue;
             }
-            let per_mb = x.compute.as_secs_f64() / x.micro_batches.max(1) as f64;
+            let mbs = x.micro_batches.max(1) as f64;
+            let per_mb =
+                x.compute.as_secs_f64() / mbs + x.fixed.as_secs_f64() / even.unwrap_or(mbs);
             if let Some(c) = m.sample(x.step, per_mb, reference, world, cfg) {
                 change = Some(c);
             }
@@ -1081,15 +1099,18 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
                 removed.push((id, evict));
                 continue;
             }
-            if m.rebalanced || rebalance.is_some() || !removed.is_empty() {
+            if rebalance.is_some() || !removed.is_empty() {
                 continue;
             }
+            // A rank already given less is planned again from the times at its new share (a
+            // CPU quota does not slow work in proportion): a better split is taken if it gains
+            // min_gain, which also keeps the split from oscillating.
             match plan_rebalance(s, cfg) {
                 Rebalance::Wait => {}
                 Rebalance::To(shares, why) => {
                     rebalance = Some((shares, format!("member {id} is a straggler: {why}")));
                 }
-                Rebalance::Useless if survivors > cfg.min_world.max(1) => {
+                Rebalance::Useless if !m.rebalanced && survivors > cfg.min_world.max(1) => {
                     removed.push((id, evict));
                 }
                 Rebalance::Useless => {}
@@ -1422,6 +1443,7 @@ mod tests {
                 .map(|&(step, ms, mbs)| StepSample {
                     step: Step(step),
                     compute: Duration::from_millis(ms),
+                    fixed: Duration::ZERO,
                     micro_batches: mbs,
                 })
                 .collect(),

@@ -701,6 +701,7 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
             .map(|x| StepSample {
                 step: Step(x.step),
                 compute: Duration::from_micros(x.compute_us as u64),
+                fixed: Duration::from_micros(x.fixed_us as u64),
                 micro_batches: x.micro_batches,
             })
             .collect(),
