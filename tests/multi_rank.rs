@@ -780,6 +780,18 @@ fn deterministic_mode_is_bitwise_identical_across_worlds_and_failures() {
 /// Steps long enough (tens of ms) that a CPU quota shows against scheduling noise.
 const STRAGGLER_MODEL: [&str; 3] = ["model.n_layer=2", "model.n_embd=128", "model.block_size=64"];
 
+/// Mean wall time per committed step over steps `[from, to)`, from the commits' timestamps, so
+/// that time lost between steps (regroups, redone steps) counts.
+fn mean_step_ms(run: &Path, from: u64, to: u64) -> f64 {
+    let mut at: std::collections::BTreeMap<u64, u64> = Default::default();
+    for m in read_jsonl(&run.join("metrics.jsonl")) {
+        if let (Some(s), Some(t)) = (m["step"].as_u64(), m["unix_ms"].as_u64()) {
+            at.insert(s, t);
+        }
+    }
+    (at[&to] - at[&from]) as f64 / (to - from) as f64
+}
+
 fn median_step_ms(run: &Path, from: u64, to: u64) -> f64 {
     let mut v: Vec<f64> = read_jsonl(&run.join("metrics.jsonl"))
         .iter()
@@ -959,24 +971,28 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
         "{}",
         r.report
     );
-    // Evened out once the quota is gone, and no other regroup in between.
+    // The job ends evenly split, with the same members throughout. While the quota is on, the
+    // rank may look fine at its small share (the quota binds only under load), be cleared, get
+    // its even share back and be flagged again: each relapse doubles the normal steps the next
+    // clear needs, which bounds the number of regroups.
     let lifted = events
         .iter()
         .find(|e| e["kind"] == "fault_cleared")
         .unwrap()["step"]
         .as_u64()
         .unwrap();
-    let even = gens
-        .iter()
-        .find(|g| g["reason"].as_str().unwrap().contains("evenly again"))
-        .expect("the split evens out after the quota is lifted");
-    let evened_at = even["resume_step"].as_u64().unwrap();
-    assert!(evened_at > lifted, "{even}");
-    assert_eq!(gens.len(), 3, "{gens:?}");
-    assert_eq!(even["members"], members);
+    let last = gens.last().unwrap();
+    assert!(
+        last["shares"].as_array().unwrap().is_empty(),
+        "the split evens out: {last}"
+    );
+    assert!(gens.iter().all(|g| g["members"] == members), "{gens:?}");
+    assert!(gens.len() <= 12, "{} generations: {gens:?}", gens.len());
+    let evened_at = last["resume_step"].as_u64().unwrap().max(lifted);
     let rebalanced_from = split["resume_step"].as_u64().unwrap();
     let fault_free = median_step_ms(&r.run, 20, at);
     let rebalanced = median_step_ms(&r.run, rebalanced_from + 5, lifted);
+    let rebalanced_mean = mean_step_ms(&r.run, rebalanced_from, lifted);
     let evened = median_step_ms(&r.run, evened_at + 5, 550);
     let (_d0, r0) = run(false);
     let events0 = read_jsonl(&r0.run.join("events.jsonl"));
@@ -993,13 +1009,16 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
         "left alone, the straggler keeps its share"
     );
     let unbalanced = median_step_ms(&r0.run, at0 + 10, lifted0);
+    let unbalanced_mean = mean_step_ms(&r0.run, at0, lifted0);
     eprintln!(
         "flagged at step {} (quota at {at}); shares {shares:?} from step {rebalanced_from}, even again \
          from step {evened_at} (quota lifted at {lifted}); median step: fault-free {fault_free:.1} ms, \
          unbalanced slowed {unbalanced:.1} ms, rebalanced {rebalanced:.1} ms ({:.0}% below), \
-         evened out {evened:.1} ms",
+         evened out {evened:.1} ms; mean step while slowed (regroups included): unbalanced \
+         {unbalanced_mean:.1} ms, rebalanced {rebalanced_mean:.1} ms; {} generations",
         flag["at_step"],
-        (1.0 - rebalanced / unbalanced) * 100.0
+        (1.0 - rebalanced / unbalanced) * 100.0,
+        gens.len()
     );
     assert!(
         rebalanced <= 0.7 * unbalanced,

@@ -1274,6 +1274,17 @@ fn plan_rebalance(s: &State, cfg: &CoreConfig) -> Rebalance {
     if next == current || after > before * (1.0 - cfg.straggler.min_gain) {
         return Rebalance::Useless;
     }
+    // A flagged rank's share only shrinks while it is flagged: at a reduced share a CPU quota
+    // may not bind, and its times there say nothing of its speed at a larger one. It grows back
+    // when the flag clears (with backoff on relapses).
+    let grows = s
+        .live
+        .iter()
+        .zip(current.iter().zip(&next))
+        .any(|(l, (c, n))| l.straggler && n > c);
+    if grows {
+        return Rebalance::Useless;
+    }
     let ms: Vec<String> = per_mb.iter().map(|t| format!("{:.1}", t * 1e3)).collect();
     Rebalance::To(
         next.clone(),
@@ -1759,8 +1770,12 @@ mod tests {
         assert!(r.reason.contains("rebalance"), "{}", r.reason);
         apply(&mut s, &Decision::Regroup(r.clone()));
         assert!(s.members[&slow].rebalanced && s.members[&slow].straggler);
+        // Looking fast at its reduced share does not win it a larger one while flagged.
+        let flags = run_steps_mb(&mut s, &mut t, 52, 3, 4, Some((slow, 5)), &r.shares, &cfg);
+        assert!(flags.is_empty(), "{flags:?}");
+        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
         // Still slow: no new regroup, the flag stays.
-        let flags = run_steps_mb(&mut s, &mut t, 52, 40, 4, Some((slow, 33)), &r.shares, &cfg);
+        let flags = run_steps_mb(&mut s, &mut t, 55, 37, 4, Some((slow, 33)), &r.shares, &cfg);
         assert!(flags.is_empty(), "{flags:?}");
         assert_eq!(decide(t, &s, &cfg), Decision::Steady);
         // Recovered: cleared, then one regroup back to the even split.
