@@ -156,6 +156,12 @@ enum Cmd {
         /// Overrides: section.key=value (e.g. coordinator.heartbeat_timeout_ms=1000).
         overrides: Vec<String>,
     },
+    /// Build the report of a run directory (written by `launch` itself; for a job run with a
+    /// separate coordinator and workers, or to rebuild it): report.json and a summary.
+    Report {
+        /// The job's run directory (run.dir), holding metrics.jsonl and events.jsonl.
+        run_dir: PathBuf,
+    },
     /// Show the job's ranks as the coordinator sees them.
     Status {
         #[arg(long)]
@@ -547,6 +553,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     run_dir: run_dir.unwrap_or(cfg.run.dir.clone()),
                 },
             )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Report { run_dir } => {
+            let r = report::from_run_dir(&run_dir)?;
+            std::fs::write(run_dir.join("report.json"), serde_json::to_vec_pretty(&r)?)?;
+            report::print(&r);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status {

@@ -15,6 +15,40 @@ fn jsonl(p: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The report of a finished or stopped run directory, without the launcher that ran it: the
+/// wall time is taken from the first to the last commit, the status from rank 0's final line.
+pub fn from_run_dir(run_dir: &Path) -> Result<Value> {
+    let path = run_dir.join("metrics.jsonl");
+    if !path.exists() {
+        anyhow::bail!(
+            "no metrics.jsonl in {}: pass a job's run directory (its run.dir)",
+            run_dir.display()
+        );
+    }
+    let metrics = jsonl(&path);
+    let times: Vec<u64> = metrics
+        .iter()
+        .filter_map(|m| m["unix_ms"].as_u64())
+        .collect();
+    let wall = match (times.iter().min(), times.iter().max()) {
+        (Some(a), Some(b)) => Duration::from_millis(b - a),
+        _ => Duration::ZERO,
+    };
+    let fin = metrics.iter().find(|m| m["final"] == true);
+    let (status, max_steps) = match fin.and_then(|m| m["step"].as_u64()) {
+        Some(s) => ("completed", s),
+        None => (
+            "incomplete",
+            metrics
+                .iter()
+                .filter_map(|m| m["step"].as_u64())
+                .max()
+                .map_or(0, |s| s + 1),
+        ),
+    };
+    build(run_dir, wall, status, max_steps)
+}
+
 pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Result<Value> {
     let metrics = jsonl(&run_dir.join("metrics.jsonl"));
     let events = jsonl(&run_dir.join("events.jsonl"));
@@ -25,7 +59,10 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
         if m["final"] == true {
             final_line = Some(m);
         } else if let Some(s) = m["step"].as_u64() {
-            steps.insert(s, m);
+            // A restated commit (D-1) carries only the ledger's fields.
+            if m["restated"] != true || !steps.contains_key(&s) {
+                steps.insert(s, m);
+            }
         }
     }
     let productive_ms: f64 = steps.values().filter_map(|m| m["step_ms"].as_f64()).sum();
@@ -183,6 +220,10 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
             continue;
         };
         if let Some(&(g0, _, _)) = committed.get(&k) {
+            if m["restated"] == true && g == g0 {
+                // Restated by the next rank 0 (D-1) and recorded already: the same commit.
+                continue;
+            }
             if g > g0 && resume.get(&g).is_some_and(|&r| r <= k) {
                 redone.push(k);
             } else {

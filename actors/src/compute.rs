@@ -404,6 +404,9 @@ struct Loop<'a> {
     heart: &'a Heart,
     cancel: &'a AtomicBool,
     incarnation: u64,
+    /// This rank's last commit as a ledger record, when it was not rank 0 (which writes the
+    /// ledger): if rank 0 died between the commit and its record, this rank restates it.
+    last_commit: std::cell::RefCell<Option<serde_json::Value>>,
 }
 
 impl<'a> Loop<'a> {
@@ -413,6 +416,7 @@ impl<'a> Loop<'a> {
             heart,
             cancel,
             incarnation,
+            last_commit: std::cell::RefCell::new(None),
         }
     }
 
@@ -676,6 +680,23 @@ impl<'a> Loop<'a> {
         info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed, shares = ?assign.shares,
               ready_ms = t0.elapsed().as_millis() as u64, incarnation = self.incarnation, "joined generation");
         progress.phase.store(1, Ordering::Relaxed);
+        // D-1: the new rank 0 restates its own last commit of an earlier generation (the old
+        // rank 0 may have died before recording it); the report ignores a restated step that
+        // was recorded already. Only a commit that is still this rank's state counts.
+        let restate = self.last_commit.borrow_mut().take();
+        if let (0, None, Some(mut rec)) = (rank.0, &healed, restate) {
+            if rec["step"].as_u64().map(|k| k + 1) == Some(s.trainer.step) {
+                rec["restated"] = json!(true);
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p.run_dir.join("metrics.jsonl"))
+                    .and_then(|mut f| f.write_all(format!("{rec}\n").as_bytes()))
+                    .map_err(|e| {
+                        format!("cannot write {}/metrics.jsonl: {e}", p.run_dir.display())
+                    })?;
+            }
+        }
         let mbs = s.sampler.micro_batches_per_step();
         let tokens_per_step = (p.global_batch * s.win.block) as f64;
         let device = s.trainer.model.device();
@@ -865,6 +886,13 @@ impl<'a> Loop<'a> {
             progress
                 .loss_bits
                 .store((loss as f32).to_bits(), Ordering::Relaxed);
+            if rank.0 != 0 {
+                *self.last_commit.borrow_mut() = Some(json!({
+                    "step": step, "generation": generation.0, "world_size": world,
+                    "epoch": epoch, "positions": [st * gb, (st + 1) * gb], "shares": &shares,
+                    "unix_ms": unix_ms(),
+                }));
+            }
             if rank.0 == 0 {
                 let line = json!({
                     "step": step, "loss": loss, "lr": lr,
