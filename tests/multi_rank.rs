@@ -852,13 +852,17 @@ fn assert_flagged_within_five_steps(events: &[Value]) -> Value {
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect();
-    // The window's last entry is the flagged step; the slowdown began at its first slow step.
-    let first_slow = window.iter().position(|&t| t > 1.75 * peers).unwrap();
+    // The window's last entry is the flagged step; the slowdown began at its first slow step
+    // under the quota.
+    let first = flagged_at + 1 - window.len() as u64;
+    let onset = (0..window.len())
+        .find(|&i| first + i as u64 >= at && window[i] > 1.75 * peers)
+        .map(|i| first + i as u64)
+        .unwrap_or_else(|| panic!("no slow step under the quota in the flag's window: {flag}"));
     assert!(
-        first_slow > 0,
+        first < at || first == onset,
         "the slowdown began before the flag's window: {flag}"
     );
-    let onset = flagged_at + 1 - (window.len() - first_slow) as u64;
     assert!(
         flagged_at - onset < 5,
         "slowed from step {onset}, flagged at step {flagged_at}: {flag}"

@@ -226,6 +226,9 @@ pub struct Member {
     pub relapses: u32,
     /// The step of the last clear.
     pub cleared_at: Option<Step>,
+    /// The level (time per micro-batch) that raised the flag: with two severe steps it is
+    /// ahead of the window median, which the first rebalance must not wait for.
+    pub flag_level: f64,
     /// Median of `step_times`, kept current by `heartbeat`.
     pub median_s: Option<f64>,
     /// The newest generation this member has heartbeated in.
@@ -269,6 +272,7 @@ impl Member {
             rebalanced: false,
             relapses: 0,
             cleared_at: None,
+            flag_level: 0.0,
             median_s: None,
             progress_generation: Generation(0),
             slow_streak: 0,
@@ -347,13 +351,20 @@ impl Member {
         let clear_after = s.unflag_after.saturating_mul(1 << self.relapses.min(4));
         if !self.straggler && (self.slow_streak >= s.flag_after || severe) {
             self.straggler = true;
+            let last_two = self
+                .step_times
+                .iter()
+                .rev()
+                .take(2)
+                .fold(f64::MAX, |a, &t| a.min(t));
+            self.flag_level = if severe { own.max(last_two) } else { own };
             let recent = self
                 .cleared_at
                 .is_some_and(|c| step.0.saturating_sub(c.0) <= 4 * clear_after as u64);
             self.relapses = if recent { self.relapses + 1 } else { 0 };
             return Some(FlagChange::Flagged {
                 id: self.id,
-                own_ms: own * 1e3,
+                own_ms: self.flag_level * 1e3,
                 peers_ms: peers * 1e3,
                 slow_steps: self.slow_streak,
                 at_step: step,
@@ -1250,12 +1261,23 @@ fn plan_rebalance(s: &State, cfg: &CoreConfig) -> Rebalance {
     let Some(reference) = s.reference_step_time else {
         return Rebalance::Wait;
     };
+    // A rank flagged on its last steps, before its median caught up, is planned at the level
+    // that flagged it; once rebalanced, at its median at the new share.
+    let flagged = |l: &Live| {
+        let m = s.members.get(&l.id)?;
+        let median = l.median_s?;
+        Some(if m.rebalanced {
+            median
+        } else {
+            median.max(m.flag_level)
+        })
+    };
     let Some(per_mb) = s
         .live
         .iter()
         .map(|l| {
             if l.straggler {
-                l.median_s
+                flagged(l)
             } else {
                 Some(reference)
             }
