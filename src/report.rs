@@ -219,11 +219,12 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
         ) else {
             continue;
         };
+        // A commit restated by the next rank 0 (D-1) only fills a step nobody recorded: if
+        // the step is recorded, it is that commit or a later redo of it.
+        if m["restated"] == true && committed.contains_key(&k) {
+            continue;
+        }
         if let Some(&(g0, _, _)) = committed.get(&k) {
-            if m["restated"] == true && g == g0 {
-                // Restated by the next rank 0 (D-1) and recorded already: the same commit.
-                continue;
-            }
             if g > g0 && resume.get(&g).is_some_and(|&r| r <= k) {
                 redone.push(k);
             } else {
