@@ -399,7 +399,14 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             outcome = "failed";
             break;
         }
-        if last_status.elapsed() >= Duration::from_millis(200) {
+        // A pending fault injection polls the coordinator 10x as often, so that it lands within
+        // a few steps of the one asked for even when steps take milliseconds.
+        let pending = (a.kill.is_some() && !killed)
+            || (a.stop_at.is_some() && !stop_done && stopped.is_none())
+            || (a.slow_at.is_some() && slowed.is_none())
+            || slowed.as_ref().is_some_and(|(_, _, lifted)| !lifted && a.slow_steps > 0);
+        let poll = Duration::from_millis(if pending { 20 } else { 200 });
+        if last_status.elapsed() >= poll {
             last_status = Instant::now();
             let st: Option<pb::StatusResponse> = rt.block_on(async {
                 if status_client.is_none() {

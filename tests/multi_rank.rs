@@ -315,23 +315,26 @@ fn mismatched_workers_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
-    let mut coord = bin()
-        .args([
-            "coordinator",
-            "--bind",
-            "127.0.0.1:0",
-            "--world",
-            "1",
-            "--config",
-        ])
-        .arg(&cfg)
-        .env("PHALANX_JOB_TOKEN", "job-token")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed on every exit of the test, a panic included.
+    let mut coord = KillOnDrop(
+        bin()
+            .args([
+                "coordinator",
+                "--bind",
+                "127.0.0.1:0",
+                "--world",
+                "1",
+                "--config",
+            ])
+            .arg(&cfg)
+            .env("PHALANX_JOB_TOKEN", "job-token")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    std::io::BufReader::new(coord.stdout.take().unwrap())
+    std::io::BufReader::new(coord.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
@@ -368,9 +371,9 @@ fn mismatched_workers_are_refused() {
         "the running rank was disturbed"
     );
     let _ = sim.kill();
-    let _ = coord.kill();
+    let _ = coord.0.kill();
     let _ = sim.wait();
-    let _ = coord.wait();
+    let _ = coord.0.wait();
 }
 
 fn worker_log(run: &Path, i: usize) -> String {
@@ -501,22 +504,25 @@ fn woken_worker_rejoins_as_a_spare() {
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
     let run = d.path().join("run");
-    let mut coord = bin()
-        .args([
-            "coordinator",
-            "--bind",
-            "127.0.0.1:0",
-            "--world",
-            "2",
-            "--config",
-        ])
-        .arg(&cfg)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed on every exit of the test, a panic included.
+    let mut coord = KillOnDrop(
+        bin()
+            .args([
+                "coordinator",
+                "--bind",
+                "127.0.0.1:0",
+                "--world",
+                "2",
+                "--config",
+            ])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    std::io::BufReader::new(coord.stdout.take().unwrap())
+    std::io::BufReader::new(coord.0.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
