@@ -160,6 +160,17 @@ pub struct RunSection {
     pub restart_window_ms: u64,
     pub prefetch_steps: usize,
     pub fingerprint_interval: u64,
+    /// What a step with a non-finite loss or gradient on any rank does (T-4).
+    pub on_nonfinite: OnNonfinite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonfinite {
+    /// The step is not applied; training goes on from the next step.
+    Skip,
+    /// Every rank goes back to the last saved checkpoint and trains on from there.
+    Rollback,
 }
 
 impl Default for RunSection {
@@ -173,6 +184,7 @@ impl Default for RunSection {
             restart_window_ms: 60_000,
             prefetch_steps: 2,
             fingerprint_interval: 100,
+            on_nonfinite: OnNonfinite::Skip,
         }
     }
 }
@@ -517,6 +529,13 @@ impl TrainConfig {
         }
         if r.restart_window_ms == 0 {
             return bad("run.restart_window_ms", 0, "must be at least 1");
+        }
+        if r.on_nonfinite == OnNonfinite::Rollback && r.checkpoint_interval == 0 {
+            return bad(
+                "run.on_nonfinite",
+                "rollback",
+                "needs run.checkpoint_interval > 0: there must be a saved model to roll back to",
+            );
         }
         if r.prefetch_steps == 0 || r.prefetch_steps > 64 {
             return bad(

@@ -404,7 +404,9 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         let pending = (a.kill.is_some() && !killed)
             || (a.stop_at.is_some() && !stop_done && stopped.is_none())
             || (a.slow_at.is_some() && slowed.is_none())
-            || slowed.as_ref().is_some_and(|(_, _, lifted)| !lifted && a.slow_steps > 0);
+            || slowed
+                .as_ref()
+                .is_some_and(|(_, _, lifted)| !lifted && a.slow_steps > 0);
         let poll = Duration::from_millis(if pending { 20 } else { 200 });
         if last_status.elapsed() >= poll {
             last_status = Instant::now();

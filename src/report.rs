@@ -58,6 +58,8 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
     for m in &metrics {
         if m["final"] == true {
             final_line = Some(m);
+        } else if m["rollback"] == true {
+            // A rollback is not a commit; the steps it undid are committed again after it.
         } else if let Some(s) = m["step"].as_u64() {
             // A restated commit (D-1) carries only the ledger's fields.
             if m["restated"] != true || !steps.contains_key(&s) {
@@ -119,12 +121,18 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
             "world_after": after.and_then(|m| m["world_size"].as_u64()),
         }));
     }
-    // T-2: steps skipped for a non-finite loss or gradient, and the ranks that had it.
-    let numerics: Vec<Value> = steps
+    // T-2, T-4: steps with a non-finite loss or gradient, the ranks that had it, and what was
+    // done: the step skipped, or every rank rolled back to the last checkpoint.
+    let mut numerics: Vec<Value> = steps
         .values()
         .filter(|m| m["skipped"] == true)
         .map(|m| json!({"step": m["step"], "ranks": m["nonfinite_ranks"], "action": "skipped"}))
         .collect();
+    numerics.extend(metrics.iter().filter(|m| m["rollback"] == true).map(|m| {
+        json!({"step": m["step"], "ranks": m["nonfinite_ranks"], "action": "rolled back",
+               "to_step": m["to_step"]})
+    }));
+    numerics.sort_by_key(|n| n["step"].as_u64());
     // Replica checks that found ranks differing from the majority (healed from it).
     let sdc: Vec<Value> = steps
         .values()
@@ -207,7 +215,21 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
     let mut committed: BTreeMap<u64, (u64, u64, [u64; 2])> = BTreeMap::new();
     let (mut redone, mut repeated, mut bad_shares) = (Vec::new(), Vec::new(), Vec::new());
     let mut micro_batches = None;
-    for m in metrics.iter().filter(|m| m["final"] != true) {
+    // T-4: the step each committed step was last committed after, by the order of the lines,
+    // and the rollbacks seen so far (line index, step rolled back to).
+    let mut line_of: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut rollbacks: Vec<(usize, u64)> = Vec::new();
+    for (i, m) in metrics
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m["final"] != true)
+    {
+        if m["rollback"] == true {
+            if let Some(to) = m["to_step"].as_u64() {
+                rollbacks.push((i, to));
+            }
+            continue;
+        }
         let (Some(k), Some(g)) = (m["step"].as_u64(), m["generation"].as_u64()) else {
             continue;
         };
@@ -225,7 +247,11 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
             continue;
         }
         if let Some(&(g0, _, _)) = committed.get(&k) {
-            if g > g0 && resume.get(&g).is_some_and(|&r| r <= k) {
+            // Rolled back past it since its last commit: the final model saw it once.
+            let rolled_back = rollbacks
+                .iter()
+                .any(|&(at, to)| at > line_of[&k] && to <= k);
+            if rolled_back || (g > g0 && resume.get(&g).is_some_and(|&r| r <= k)) {
                 redone.push(k);
             } else {
                 repeated.push(k);
@@ -249,6 +275,7 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
         }
         micro_batches = micro_batches.or(end);
         committed.insert(k, (g, epoch, pos));
+        line_of.insert(k, i);
     }
     let last = committed.keys().next_back().copied();
     let missing: Vec<u64> = last
@@ -302,7 +329,7 @@ pub fn print(r: &Value) {
     let l = &r["ledger"];
     if l["exactly_once"] == true {
         println!(
-            "  sample ledger: {} samples of {} committed steps consumed exactly once ({} step(s) redone after a failure)",
+            "  sample ledger: {} samples of {} committed steps consumed exactly once ({} step(s) redone after a failure or rollback)",
             l["samples"], l["steps"], l["redone_steps"].as_array().map_or(0, |a| a.len())
         );
     } else if !l.is_null() {
@@ -312,10 +339,17 @@ pub fn print(r: &Value) {
         println!("  halted: {h}");
     }
     for n in r["numerics"].as_array().into_iter().flatten() {
-        println!(
-            "  bad numerics: step {} skipped (non-finite loss or gradient on ranks {})",
-            n["step"], n["ranks"]
-        );
+        if n["action"] == "rolled back" {
+            println!(
+                "  bad numerics: at step {} rolled back to the checkpoint of step {} (non-finite loss or gradient on ranks {})",
+                n["step"], n["to_step"], n["ranks"]
+            );
+        } else {
+            println!(
+                "  bad numerics: step {} skipped (non-finite loss or gradient on ranks {})",
+                n["step"], n["ranks"]
+            );
+        }
     }
     for n in r["replica_mismatches"].as_array().into_iter().flatten() {
         println!(
@@ -384,6 +418,21 @@ mod tests {
         assert_eq!(l["exactly_once"], true, "{l}");
         assert_eq!(l["redone_steps"], json!([5]));
         assert_eq!(l["samples"], 14 * 16);
+    }
+
+    // T-4 + D-1: steps undone by a rollback and trained again are consumed once by the final
+    // model; a step committed twice with no rollback past it is still repeated.
+    #[test]
+    fn ledger_accepts_steps_redone_after_a_rollback() {
+        let mut m: Vec<Value> = (0..8).map(|k| commit(k, 1, 2)).collect();
+        m.push(json!({"step": 8, "generation": 1, "rollback": true, "to_step": 5}));
+        m.extend((5..12).map(|k| commit(k, 1, 2)));
+        let l = ledger(&m, &[generation(1, 0)]);
+        assert_eq!(l["exactly_once"], true, "{l}");
+        assert_eq!(l["redone_steps"], json!([5, 6, 7]));
+        m.push(commit(3, 1, 2));
+        let l = ledger(&m, &[generation(1, 0)]);
+        assert_eq!(l["repeated_steps"], json!([3]), "{l}");
     }
 
     // D-1 violations are named: a step committed twice without a resume before it, a step

@@ -151,6 +151,7 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         heartbeat_interval: Duration::from_millis(cfg.coordinator.heartbeat_interval_ms),
         checkpoint_interval: r.checkpoint_interval,
         fingerprint_interval: r.fingerprint_interval,
+        rollback_on_nonfinite: r.on_nonfinite == crate::config::OnNonfinite::Rollback,
         deterministic: cfg.train.deterministic,
         seed: cfg.train.seed,
         collective_timeout: Duration::from_millis(2000),

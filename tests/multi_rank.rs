@@ -644,6 +644,47 @@ fn nan_in_one_rank_is_skipped_and_named() {
     assert_identical_final_state(&r.run, 2);
 }
 
+// T-4 rollback: with run.on_nonfinite = "rollback", a NaN injected into rank 1's gradient at
+// step 25 sends every rank back to the newest checkpoint rank 0 saved (every 10 steps; the one of
+// step 20 unless its background write was not finished yet). The steps after it are trained
+// again, the report names rank 1, step 25 and the step rolled back to, the ledger counts the
+// redone steps once, and the job ends with equal, finite replicas.
+#[test]
+fn nan_with_rollback_returns_to_the_last_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let r = launch_env(
+        d.path(),
+        &[
+            "--nproc",
+            "2",
+            "train.max_steps=60",
+            "optim.decay_steps=60",
+            "run.checkpoint_interval=10",
+            "run.on_nonfinite=rollback",
+        ],
+        &[("PHALANX_TEST_FAULT", "nan@25:1")],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let n = &r.report["numerics"];
+    let to = n[0]["to_step"].as_u64().unwrap_or(0);
+    assert!(to == 10 || to == 20, "{n}");
+    assert_eq!(
+        *n,
+        serde_json::json!([{"step": 25, "ranks": [1], "action": "rolled back", "to_step": to}]),
+        "{}",
+        r.report
+    );
+    assert_eq!(
+        r.report["ledger"]["redone_steps"],
+        serde_json::json!((to..25).collect::<Vec<u64>>()),
+        "{}",
+        r.report
+    );
+    let l = losses(&r.run);
+    assert!(l.iter().all(|x| x.is_finite()), "{l:?}");
+    assert_identical_final_state(&r.run, 2);
+}
+
 // SDC: one bit of one parameter flipped on rank 2 after step 24; the replica check after step 30
 // finds that rank 2 differs from the majority, names it, heals it from the majority, and the
 // job ends with equal replicas.

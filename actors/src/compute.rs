@@ -407,6 +407,9 @@ struct Loop<'a> {
     /// This rank's last commit as a ledger record, when it was not rank 0 (which writes the
     /// ledger): if rank 0 died between the commit and its record, this rank restates it.
     last_commit: std::cell::RefCell<Option<serde_json::Value>>,
+    /// The step whose non-finite result last caused a rollback: if it goes bad again, it is
+    /// skipped (a rollback that replays the same data may well meet the same fault).
+    last_rollback: std::cell::Cell<Option<u64>>,
 }
 
 impl<'a> Loop<'a> {
@@ -417,7 +420,45 @@ impl<'a> Loop<'a> {
             cancel,
             incarnation,
             last_commit: std::cell::RefCell::new(None),
+            last_rollback: std::cell::Cell::new(None),
         }
+    }
+
+    /// T-4 rollback: rank 0 restores its newest complete checkpoint from before `step` and
+    /// sends that state to every rank. Returns the step the job is back at, or None when rank
+    /// 0 has no checkpoint to go back to (the step is then skipped).
+    fn rollback(
+        &self,
+        group: &UcxGroup,
+        s: &mut Setup,
+        step: u64,
+    ) -> Result<Option<u64>, RuntimeError> {
+        let mut head = vec![0u8; 16];
+        if group.rank().0 == 0 {
+            let dir = self.sh.params.run_dir.join("checkpoints");
+            match model_io::latest_checkpoint(&dir, step + 1) {
+                Some((_, path)) => match model_io::restore(&path, &mut s.trainer) {
+                    Ok(to) => {
+                        head[..8].copy_from_slice(&1u64.to_le_bytes());
+                        head[8..].copy_from_slice(&to.to_le_bytes());
+                    }
+                    Err(e) => {
+                        warn!(error = %e, path = %path.display(), "cannot roll back to this checkpoint")
+                    }
+                },
+                None => {
+                    warn!(dir = %dir.display(), step, "no complete checkpoint from before this step to roll back to")
+                }
+            }
+        }
+        group.broadcast(&mut head, Rank(0))?;
+        if head[..8] != 1u64.to_le_bytes() {
+            return Ok(None);
+        }
+        transfer_state(group, s, 0)?;
+        Ok(Some(u64::from_le_bytes(
+            head[8..].try_into().expect("8 bytes"),
+        )))
     }
 
     fn cancelled(&self) -> bool {
@@ -713,9 +754,9 @@ impl<'a> Loop<'a> {
             })
             .collect();
         let mine = split(rank.0 as usize);
-        let plan = sh
-            .loader
-            .set_plan(rank.0 as usize, mine.clone(), s.trainer.step, p.max_steps);
+        let mut plan =
+            sh.loader
+                .set_plan(rank.0 as usize, mine.clone(), s.trainer.step, p.max_steps);
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -833,6 +874,44 @@ impl<'a> Loop<'a> {
                 s.trainer.model.params.zero_grads();
                 None
             };
+            if grad_norm.is_none()
+                && p.rollback_on_nonfinite
+                && self.last_rollback.get() != Some(step)
+            {
+                // Every rank saw the same flags, so every rank takes part in the rollback.
+                *torn = true;
+                let back = self.rollback(&group, s, step);
+                match back {
+                    Ok(Some(to)) => {
+                        *torn = false;
+                        self.last_rollback.set(Some(step));
+                        warn!(step, ranks = ?bad_ranks, to, "non-finite loss or gradient; rolled back to the last checkpoint");
+                        if rank.0 == 0 {
+                            let line = json!({"step": step, "generation": generation.0,
+                                "rollback": true, "to_step": to, "nonfinite_ranks": bad_ranks,
+                                "unix_ms": unix_ms()});
+                            let _ = metrics.write_all(format!("{line}\n").as_bytes());
+                        }
+                        progress.step.store(s.trainer.step, Ordering::Relaxed);
+                        progress.seq.fetch_add(1, Ordering::Relaxed);
+                        // The loader prepared steps ahead: start it again from the step to redo.
+                        plan = sh.loader.set_plan(
+                            rank.0 as usize,
+                            mine.clone(),
+                            s.trainer.step,
+                            p.max_steps,
+                        );
+                        continue;
+                    }
+                    Ok(None) => *torn = false,
+                    Err(e) => {
+                        // The state may be half restored: heal from a peer next generation.
+                        warn!(error = %e, step, "rollback failed; the step will be redone in the next generation");
+                        report(&e, step);
+                        return Ok(Next::Regroup(None));
+                    }
+                }
+            }
             if grad_norm.is_none() {
                 // Every rank sees the same summed gradient, so every rank skips the same step.
                 s.trainer.step += 1;

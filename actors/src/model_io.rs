@@ -80,6 +80,86 @@ pub fn save(dir: &Path, trainer: &Trainer, tokenizer: &str, vocab: Option<String
     write(dir, trainer.step, &c)
 }
 
+/// Puts a saved model and its optimizer state into `trainer` (a rollback). The checkpoint is
+/// verified first and must be of the same model; returns its step.
+pub fn restore(dir: &Path, trainer: &mut Trainer) -> Result<u64> {
+    let (_, contents) = phalanx_checkpoint::load(dir)?;
+    let bad = |reason: String| ActorError::NotAModel {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let info: ModelInfo = contents
+        .json
+        .get(MODEL_JSON)
+        .ok_or_else(|| bad(format!("has no {MODEL_JSON}")))
+        .and_then(|v| {
+            serde_json::from_value(v.clone())
+                .map_err(|e| bad(format!("{MODEL_JSON} is invalid: {e}")))
+        })?;
+    if info.model != trainer.model.cfg {
+        return Err(bad("is a checkpoint of another model configuration".into()));
+    }
+    let params = contents
+        .tensors
+        .get(MODEL_FILE)
+        .ok_or_else(|| bad(format!("has no {MODEL_FILE}")))?;
+    let optim = contents
+        .tensors
+        .get(OPTIM_FILE)
+        .ok_or_else(|| bad(format!("has no {OPTIM_FILE}")))?;
+    let moment = |name: &str| {
+        optim
+            .iter()
+            .find(|t| t.name == name)
+            .filter(|t| t.data.len() as i64 == trainer.model.num_params())
+            .ok_or_else(|| bad(format!("{OPTIM_FILE} has no {name} of the model's size")))
+    };
+    let (m, v) = (moment("exp_avg")?, moment("exp_avg_sq")?);
+    let tensors: Vec<_> = params
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone(), t.data.clone()))
+        .collect();
+    trainer.model.params.import(&tensors)?;
+    let dev = trainer.model.device();
+    tch::no_grad(|| {
+        trainer
+            .opt
+            .m
+            .copy_(&tch::Tensor::from_slice(&m.data).to_device(dev));
+        trainer
+            .opt
+            .v
+            .copy_(&tch::Tensor::from_slice(&v.data).to_device(dev));
+    });
+    trainer.step = info.step;
+    trainer.opt.t = info.adam_t;
+    trainer.model.params.zero_grads();
+    Ok(info.step)
+}
+
+/// The newest complete checkpoint under `dir` (`step-N` folders) from before `step`.
+pub fn latest_checkpoint(dir: &Path, before: u64) -> Option<(u64, std::path::PathBuf)> {
+    let mut found: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .filter(|(n, _)| *n < before)
+        .collect();
+    found.sort();
+    found
+        .into_iter()
+        .rev()
+        .find(|(_, p)| phalanx_checkpoint::verify(p).is_ok())
+}
+
 /// Loads a saved model for inference: verifies the checkpoint, rebuilds model and tokenizer.
 pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
     let (_, contents) = phalanx_checkpoint::load(dir)?;

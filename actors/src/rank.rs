@@ -65,6 +65,8 @@ pub struct RankParams {
     pub seed: u64,
     /// Every this many steps the ranks compare digests of their state (0: never).
     pub fingerprint_interval: u64,
+    /// Roll back to the last saved checkpoint on a non-finite step instead of skipping it.
+    pub rollback_on_nonfinite: bool,
     pub collective_timeout: Duration,
     /// The compute child's watchdog deadline (a step, a heal, a collective included).
     pub watchdog: Duration,
