@@ -95,9 +95,10 @@ impl Default for CoreConfig {
     }
 }
 
-/// Straggler detection works on each rank's compute time per micro-batch (waiting for data or
-/// in collectives excluded), one sample per step, so that a rank given fewer micro-batches by a
-/// rebalance is still judged on its speed.
+/// Straggler detection works on each rank's own time per micro-batch, one sample per step: its
+/// forward and backward time over its micro-batches, plus the rest of its own work (optimizer,
+/// time descheduled inside collectives) over the even share. Waiting for data or for peers is
+/// not in it, and a rank given fewer micro-batches by a rebalance is judged on the same scale.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StragglerConfig {
     /// Steps (per rank) over which the rank's level is taken.
