@@ -109,7 +109,7 @@ pub struct StragglerConfig {
     pub min_excess: Duration,
     /// Consecutive slow judgements (one per step) before a rank is flagged ...
     pub flag_after: u32,
-    /// ... or at once, when its last two steps were each above this many times the reference:
+    /// ... or at once, when two of its last three steps were above this many times the reference:
     /// a rank several times slower than its peers is no noise, and every step it keeps its
     /// share costs the job.
     pub severe_ratio: f64,
@@ -332,11 +332,18 @@ impl Member {
         }
         let excess = own - peers > s.min_excess.as_secs_f64();
         let slow = own > s.ratio * peers && excess;
-        // Severe: the last two steps each several times the reference. Two such steps in a row
-        // flag at once, where the window median would wait for a third.
+        // Severe: two of the last three steps each several times the reference (a CPU quota
+        // often alternates slow and normal steps). That flags at once, where the window median
+        // would wait for more.
         let severe_at = (s.severe_ratio * peers).max(peers + s.min_excess.as_secs_f64());
-        let severe = self.step_times.len() >= 2
-            && self.step_times.iter().rev().take(2).all(|&t| t > severe_at);
+        let severe = self
+            .step_times
+            .iter()
+            .rev()
+            .take(3)
+            .filter(|&&t| t > severe_at)
+            .count()
+            >= 2;
         let normal = !excess || own <= s.clear_ratio * peers;
         if slow {
             self.slow_streak += 1;
@@ -352,13 +359,11 @@ impl Member {
         let clear_after = s.unflag_after.saturating_mul(1 << self.relapses.min(4));
         if !self.straggler && (self.slow_streak >= s.flag_after || severe) {
             self.straggler = true;
-            let last_two = self
-                .step_times
-                .iter()
-                .rev()
-                .take(2)
-                .fold(f64::MAX, |a, &t| a.min(t));
-            self.flag_level = if severe { own.max(last_two) } else { own };
+            // The level of the severe steps: the lower of the two slowest of the last three.
+            let mut last: Vec<f64> = self.step_times.iter().rev().take(3).copied().collect();
+            last.sort_by(|a, b| b.total_cmp(a));
+            let severe_level = last.get(1).copied().unwrap_or(own);
+            self.flag_level = if severe { own.max(severe_level) } else { own };
             let recent = self
                 .cleared_at
                 .is_some_and(|c| step.0.saturating_sub(c.0) <= 4 * clear_after as u64);
