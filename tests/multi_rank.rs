@@ -906,8 +906,9 @@ fn assert_flagged_within_five_steps(events: &[Value]) -> Value {
         .find(|&i| first + i as u64 >= at && window[i] > 1.75 * peers)
         .map(|i| first + i as u64)
         .unwrap_or_else(|| panic!("no slow step under the quota in the flag's window: {flag}"));
+    // A window that opens on a slow step after the quota may not hold the slowdown's start.
     assert!(
-        first < at || first == onset,
+        onset > first || first <= at,
         "the slowdown began before the flag's window: {flag}"
     );
     assert!(
