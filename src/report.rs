@@ -46,16 +46,28 @@ pub fn from_run_dir(run_dir: &Path) -> Result<Value> {
                 .map_or(0, |s| s + 1),
         ),
     };
-    build(run_dir, wall, status, max_steps)
+    let events = jsonl(&run_dir.join("events.jsonl"));
+    summarize(run_dir, &metrics, &events, wall, status, max_steps)
 }
 
 pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Result<Value> {
     let metrics = jsonl(&run_dir.join("metrics.jsonl"));
     let events = jsonl(&run_dir.join("events.jsonl"));
+    summarize(run_dir, &metrics, &events, wall, status, max_steps)
+}
+
+fn summarize(
+    run_dir: &Path,
+    metrics: &[Value],
+    events: &[Value],
+    wall: Duration,
+    status: &str,
+    max_steps: u64,
+) -> Result<Value> {
     // A step redone after a failure may appear twice; the last commit of a step counts.
     let mut steps: BTreeMap<u64, &Value> = BTreeMap::new();
     let mut final_line = None;
-    for m in &metrics {
+    for m in metrics {
         if m["final"] == true {
             final_line = Some(m);
         } else if m["rollback"] == true {
@@ -169,7 +181,7 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
             _ => None,
         })
         .collect();
-    let ledger = ledger(&metrics, &events);
+    let ledger = ledger(metrics, events);
     let last = steps.values().next_back();
     let halt_reason = events
         .iter()

@@ -310,34 +310,11 @@ fn below_min_world_halts_with_a_saved_model() {
 // a clear error and does not disturb the job.
 #[test]
 fn mismatched_workers_are_refused() {
-    use std::io::BufRead;
     let _one_at_a_time = serial();
     let d = tempfile::tempdir().unwrap();
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
-    // Killed on every exit of the test, a panic included.
-    let mut coord = KillOnDrop(
-        bin()
-            .args([
-                "coordinator",
-                "--bind",
-                "127.0.0.1:0",
-                "--world",
-                "1",
-                "--config",
-            ])
-            .arg(&cfg)
-            .env("PHALANX_JOB_TOKEN", "job-token")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    std::io::BufReader::new(coord.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
+    let (mut coord, url) = standalone_coordinator(&cfg, 1, &[("PHALANX_JOB_TOKEN", "job-token")]);
     let worker = |token: &str, extra: &[&str]| {
         bin()
             .args(["worker", "--coordinator", &url, "--config"])
@@ -498,34 +475,12 @@ fn stuck_compute_gives_the_rank_up() {
 // again as a spare by itself, and is promoted back into the job, which ends with two equal ranks.
 #[test]
 fn woken_worker_rejoins_as_a_spare() {
-    use std::io::BufRead;
     let _one_at_a_time = serial();
     let d = tempfile::tempdir().unwrap();
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
     let run = d.path().join("run");
-    // Killed on every exit of the test, a panic included.
-    let mut coord = KillOnDrop(
-        bin()
-            .args([
-                "coordinator",
-                "--bind",
-                "127.0.0.1:0",
-                "--world",
-                "2",
-                "--config",
-            ])
-            .arg(&cfg)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    std::io::BufReader::new(coord.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
+    let (coord, url) = standalone_coordinator(&cfg, 2, &[]);
     let worker = |name: &str| {
         bin()
             .args(["worker", "--coordinator", &url, "--config"])
@@ -714,6 +669,30 @@ fn corrupted_replica_is_named_and_healed() {
 }
 
 /// A child process that a failing test must not leave behind.
+/// A standalone `phalanx coordinator` on a free port, killed on every exit of the test (a panic
+/// included), and its URL.
+fn standalone_coordinator(cfg: &Path, world: u32, env: &[(&str, &str)]) -> (KillOnDrop, String) {
+    use std::io::BufRead;
+    let mut coord = KillOnDrop(
+        bin()
+            .args(["coordinator", "--bind", "127.0.0.1:0", "--world"])
+            .arg(world.to_string())
+            .arg("--config")
+            .arg(cfg)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(coord.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
+    (coord, url)
+}
+
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
@@ -878,6 +857,16 @@ fn quota_target(events: &[Value]) -> (u64, Value) {
         .unwrap()["member"]
         .clone();
     (injected["step"].as_u64().unwrap(), member)
+}
+
+/// The step at which the CPU quota was lifted (`--slow-steps`).
+fn quota_lifted(events: &[Value]) -> u64 {
+    events
+        .iter()
+        .find(|e| e["kind"] == "fault_cleared" && e["fault"] == "cpu_quota")
+        .unwrap()["step"]
+        .as_u64()
+        .unwrap()
 }
 
 /// K-7: the slowed rank is flagged, by name, within 5 steps of its first slowed step. A quota
@@ -1060,12 +1049,7 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
     // rank may look fine at its small share (the quota binds only under load), be cleared, get
     // its even share back and be flagged again: each relapse doubles the normal steps the next
     // clear needs, which bounds the number of regroups.
-    let lifted = events
-        .iter()
-        .find(|e| e["kind"] == "fault_cleared")
-        .unwrap()["step"]
-        .as_u64()
-        .unwrap();
+    let lifted = quota_lifted(&events);
     let last = gens.last().unwrap();
     assert!(
         last["shares"].as_array().unwrap().is_empty(),
@@ -1082,12 +1066,7 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
     let (_d0, r0) = run(false);
     let events0 = read_jsonl(&r0.run.join("events.jsonl"));
     let (at0, _) = quota_target(&events0);
-    let lifted0 = events0
-        .iter()
-        .find(|e| e["kind"] == "fault_cleared")
-        .unwrap()["step"]
-        .as_u64()
-        .unwrap();
+    let lifted0 = quota_lifted(&events0);
     assert_eq!(
         events0.iter().filter(|e| e["kind"] == "generation").count(),
         1,

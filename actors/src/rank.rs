@@ -26,6 +26,7 @@ use parking_lot::{Condvar, Mutex};
 use phalanx_model::optim::OptimConfig;
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client::{Client, ClientOpts};
+use phalanx_runtime::coordinator::service::MAX_RECENT_STEPS;
 use ractor::{Actor, ActorCell, ActorRef};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -90,14 +91,11 @@ pub struct Progress {
     recent: Mutex<Vec<pb::StepTime>>,
 }
 
-/// The most step times one heartbeat carries; older ones are dropped (a heartbeat that late
-/// is a liveness problem, not a straggler one).
-const MAX_RECENT: usize = 64;
-
 impl Progress {
     pub fn record_step(&self, step: u64, compute: Duration, fixed: Duration, micro_batches: usize) {
         let mut r = self.recent.lock();
-        if r.len() == MAX_RECENT {
+        // Older ones are dropped: a heartbeat that late is a liveness problem, not a straggler one.
+        if r.len() == MAX_RECENT_STEPS {
             r.remove(0);
         }
         r.push(pb::StepTime {

@@ -411,6 +411,18 @@ mod tests {
         ]
     }
 
+    /// Waits (at most 5 s) for the rank supervisor to stop and returns how it ended.
+    async fn ended(
+        h: tokio::task::JoinHandle<()>,
+        outcome: &Mutex<Option<RankOutcome>>,
+    ) -> RankOutcome {
+        tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .unwrap()
+            .unwrap();
+        outcome.lock().clone().unwrap()
+    }
+
     async fn start(
         deadline_ms: u64,
     ) -> (
@@ -466,11 +478,7 @@ mod tests {
         assert!(outcome.lock().is_none());
         // The third restart within the window escalates: the rank stops with code 5.
         child(&f, 0).cast(ToyMsg::Fail).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), h)
-            .await
-            .unwrap()
-            .unwrap();
-        let o = outcome.lock().clone().unwrap();
+        let o = ended(h, &outcome).await;
         assert_eq!(o.code, policy::EXIT_ESCALATED);
         assert!(o.reason.contains("escalating to the rank"), "{o:?}");
         assert_eq!(o.log.len(), 3, "{o:?}");
@@ -481,11 +489,7 @@ mod tests {
     async fn finished_child_stops_the_rank() {
         let (f, outcome, h) = start(60_000).await;
         child(&f, 2).cast(ToyMsg::Finish(3)).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), h)
-            .await
-            .unwrap()
-            .unwrap();
-        let o = outcome.lock().clone().unwrap();
+        let o = ended(h, &outcome).await;
         assert_eq!((o.code, o.reason.as_str()), (3, "c finished: toy done"));
     }
 
@@ -494,11 +498,7 @@ mod tests {
     async fn watchdog_turns_a_stuck_child_into_a_fault() {
         let t0 = Instant::now();
         let (_f, outcome, h) = start(200).await;
-        tokio::time::timeout(Duration::from_secs(5), h)
-            .await
-            .unwrap()
-            .unwrap();
-        let o = outcome.lock().clone().unwrap();
+        let o = ended(h, &outcome).await;
         assert_eq!(o.code, policy::EXIT_ESCALATED);
         assert!(o.reason.contains("made no progress"), "{o:?}");
         assert!(

@@ -333,17 +333,16 @@ impl Member {
         let excess = own - peers > s.min_excess.as_secs_f64();
         let slow = own > s.ratio * peers && excess;
         // Severe: two of the last three steps each several times the reference (a CPU quota
-        // often alternates slow and normal steps). That flags at once, where the window median
-        // would wait for more.
+        // often alternates slow and normal steps), i.e. the second slowest of them is. That
+        // flags at once, where the window median would wait for more.
+        let mut last3 = [f64::NEG_INFINITY; 3];
+        for (x, &t) in last3.iter_mut().zip(self.step_times.iter().rev()) {
+            *x = t;
+        }
+        last3.sort_by(|a, b| b.total_cmp(a));
+        let severe_level = last3[1];
         let severe_at = (s.severe_ratio * peers).max(peers + s.min_excess.as_secs_f64());
-        let severe = self
-            .step_times
-            .iter()
-            .rev()
-            .take(3)
-            .filter(|&&t| t > severe_at)
-            .count()
-            >= 2;
+        let severe = severe_level > severe_at;
         let normal = !excess || own <= s.clear_ratio * peers;
         if slow {
             self.slow_streak += 1;
@@ -359,10 +358,6 @@ impl Member {
         let clear_after = s.unflag_after.saturating_mul(1 << self.relapses.min(4));
         if !self.straggler && (self.slow_streak >= s.flag_after || severe) {
             self.straggler = true;
-            // The level of the severe steps: the lower of the two slowest of the last three.
-            let mut last: Vec<f64> = self.step_times.iter().rev().take(3).copied().collect();
-            last.sort_by(|a, b| b.total_cmp(a));
-            let severe_level = last.get(1).copied().unwrap_or(own);
             self.flag_level = if severe { own.max(severe_level) } else { own };
             let recent = self
                 .cleared_at

@@ -34,8 +34,8 @@ use tracing::{info, warn};
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const MAX_ADDR_BYTES: usize = 16 * 1024;
 const MAX_TEXT: usize = 256;
-/// The most step times taken from one heartbeat.
-const MAX_RECENT: usize = 64;
+/// The most step times one heartbeat carries (`Heartbeat.recent`); more are ignored.
+pub const MAX_RECENT_STEPS: usize = 64;
 /// Worlds up to this size get the peer table inline in Assign; larger ones use GetPeers.
 pub const INLINE_PEERS_MAX: usize = 256;
 
@@ -697,7 +697,7 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
         recent: hb
             .recent
             .iter()
-            .take(MAX_RECENT)
+            .take(MAX_RECENT_STEPS)
             .map(|x| StepSample {
                 step: Step(x.step),
                 compute: Duration::from_micros(x.compute_us as u64),
