@@ -124,9 +124,9 @@ pub fn state_fingerprint(s: &Setup) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// How a rank of a new generation got the committed state, for the log (read through Debug).
+/// How a rank of a new generation got the committed state (logged, and it names the lowest
+/// rank that held it).
 #[derive(Debug)]
-#[allow(dead_code)]
 enum Healed {
     /// Broadcast from the one rank that held it.
     From(u32),
@@ -405,7 +405,7 @@ struct Loop<'a> {
     cancel: &'a AtomicBool,
     incarnation: u64,
     /// This rank's last commit as a ledger record, when it was not rank 0 (which writes the
-    /// ledger): if rank 0 died between the commit and its record, this rank restates it.
+    /// ledger): if rank 0 did not record it, this rank may restate it (see `generation`).
     last_commit: std::cell::RefCell<Option<serde_json::Value>>,
     /// The step whose non-finite result last caused a rollback: if it goes bad again, it is
     /// skipped (a rollback that replays the same data may well meet the same fault).
@@ -721,23 +721,6 @@ impl<'a> Loop<'a> {
         info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed, shares = ?assign.shares,
               ready_ms = t0.elapsed().as_millis() as u64, incarnation = self.incarnation, "joined generation");
         progress.phase.store(1, Ordering::Relaxed);
-        // D-1: the new rank 0 restates its own last commit of an earlier generation (the old
-        // rank 0 may have died before recording it); the report ignores a restated step that
-        // was recorded already. Only a commit that is still this rank's state counts.
-        let restate = self.last_commit.borrow_mut().take();
-        if let (0, None, Some(mut rec)) = (rank.0, &healed, restate) {
-            if rec["step"].as_u64().map(|k| k + 1) == Some(s.trainer.step) {
-                rec["restated"] = json!(true);
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p.run_dir.join("metrics.jsonl"))
-                    .and_then(|mut f| f.write_all(format!("{rec}\n").as_bytes()))
-                    .map_err(|e| {
-                        format!("cannot write {}/metrics.jsonl: {e}", p.run_dir.display())
-                    })?;
-            }
-        }
         let mbs = s.sampler.micro_batches_per_step();
         let tokens_per_step = (p.global_batch * s.win.block) as f64;
         let device = s.trainer.model.device();
@@ -762,6 +745,27 @@ impl<'a> Loop<'a> {
             .append(true)
             .open(p.run_dir.join("metrics.jsonl"))
             .map_err(|e| format!("cannot open {}/metrics.jsonl: {e}", p.run_dir.display()))?;
+        // D-1: the lowest rank holding the committed state restates its own last commit of an
+        // earlier generation, made when it was not rank 0: rank 0, which records commits, may
+        // have died before recording it, or failed that step's allreduce after the others had
+        // finished it (it is healed then). The report ignores a restated step that was recorded
+        // already. Only a commit that is still this rank's state counts.
+        let lowest_holder = match &healed {
+            None => 0,
+            Some(Healed::From(r)) => *r,
+            Some(Healed::Striped(h)) => h.first().copied().unwrap_or(0),
+        };
+        let restate = self.last_commit.borrow_mut().take();
+        if let (true, Some(mut rec)) = (rank.0 == lowest_holder, restate) {
+            if rec["step"].as_u64().map(|k| k + 1) == Some(s.trainer.step) {
+                rec["restated"] = json!(true);
+                metrics
+                    .write_all(format!("{rec}\n").as_bytes())
+                    .map_err(|e| {
+                        format!("cannot write {}/metrics.jsonl: {e}", p.run_dir.display())
+                    })?;
+            }
+        }
         let mut late = 0u64;
         let gb = p.global_batch as u64;
         while s.trainer.step < p.max_steps {
@@ -965,29 +969,30 @@ impl<'a> Loop<'a> {
             progress
                 .loss_bits
                 .store((loss as f32).to_bits(), Ordering::Relaxed);
+            // The sample ledger (D-1): the step's sample positions in its epoch's permutation,
+            // and the micro-batches each rank of this world computed. Rank 0 writes it with the
+            // step's figures; the others keep their last one to restate (see above).
+            let mut line = json!({
+                "step": step, "generation": generation.0, "world_size": world,
+                "epoch": epoch, "positions": [st * gb, (st + 1) * gb], "shares": &shares,
+                "unix_ms": unix_ms(),
+            });
             if rank.0 != 0 {
-                *self.last_commit.borrow_mut() = Some(json!({
-                    "step": step, "generation": generation.0, "world_size": world,
-                    "epoch": epoch, "positions": [st * gb, (st + 1) * gb], "shares": &shares,
-                    "unix_ms": unix_ms(),
-                }));
-            }
-            if rank.0 == 0 {
-                let line = json!({
-                    "step": step, "loss": loss, "lr": lr,
+                *self.last_commit.borrow_mut() = Some(line);
+            } else {
+                let figures = json!({
+                    "loss": loss, "lr": lr,
                     "tokens_per_s": tokens_per_step / dt.as_secs_f64(),
                     "step_ms": dt.as_secs_f64() * 1e3, "compute_ms": compute.as_secs_f64() * 1e3,
                     "stalled_ms": stalled.as_secs_f64() * 1e3,
                     "grad_norm": grad_norm,
-                    "world_size": world, "generation": generation.0, "unix_ms": unix_ms(),
                     "skipped": grad_norm.is_none(), "nonfinite_ranks": bad_ranks,
-                    // The sample ledger (D-1): the step's sample positions in its epoch's
-                    // permutation, and the micro-batches each rank of this world computed.
-                    "epoch": epoch, "positions": [st * gb, (st + 1) * gb],
-                    "shares": &shares,
                     "replica_mismatch": odd,
                     "incarnation": self.incarnation,
                 });
+                if let (Some(l), serde_json::Value::Object(f)) = (line.as_object_mut(), figures) {
+                    l.extend(f);
+                }
                 let _ = metrics.write_all(format!("{line}\n").as_bytes());
                 if p.checkpoint_interval > 0 && s.trainer.step % p.checkpoint_interval == 0 {
                     self.checkpoint_async(s);
