@@ -36,6 +36,12 @@ pub fn core_config(c: &CoordinatorSection, max_world: usize) -> CoreConfig {
             clear_ratio: c.straggler_clear_ratio,
             evict: c.evict_stragglers,
             min_gain: c.straggler_min_gain,
+            flag_after_time: ms(c.straggler_flag_after_ms),
+            evict_after: ms(c.straggler_evict_after_ms),
+            cooldown: ms(c.straggler_cooldown_ms),
+            max_evictions: c.straggler_max_evictions,
+            eviction_window: ms(c.straggler_eviction_window_ms),
+            startup_grace: ms(c.straggler_startup_grace_ms),
         },
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::config::TrainConfig;
 use crate::control::{self, CoordinatorArgs};
+use crate::launch_load::{self, Noise, Periodic};
 use crate::report;
 use crate::run_dir::unix_ms;
 use anyhow::{bail, Context, Result};
@@ -34,6 +35,12 @@ pub struct LaunchArgs {
     pub slow_cpu_pct: u32,
     /// ... and lift the quota this many committed steps later (0: never).
     pub slow_steps: u64,
+    /// Periodic faults: SIGKILL an active rank (ranks in turn) every so often ...
+    pub kill_every: Option<Duration>,
+    /// ... restart a spare process every so often ...
+    pub restart_spare_every: Option<Duration>,
+    /// ... and a noisy neighbour taking one core in bursts.
+    pub noise: Option<Noise>,
     pub progress: bool,
 }
 
@@ -52,7 +59,7 @@ fn token() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn append_event(run_dir: &Path, kind: &str, fields: serde_json::Value) -> Result<()> {
+pub(crate) fn append_event(run_dir: &Path, kind: &str, fields: serde_json::Value) -> Result<()> {
     let mut v = json!({"kind": kind, "unix_ms": unix_ms()});
     if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
         o.extend(f);
@@ -335,6 +342,17 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     let mut stop_done = false;
     let mut last_status = Instant::now() - Duration::from_secs(1);
     let mut restarts = 0usize;
+    let started = Instant::now();
+    let mut kill_every = a.kill_every.map(|e| Periodic::new(e, started));
+    let mut spare_every = a.restart_spare_every.map(|e| Periodic::new(e, started));
+    let noise_stop = Arc::new(AtomicBool::new(false));
+    let noise = match a.noise {
+        Some(n) => Some(launch_load::start_noise(n, run_dir.clone(), noise_stop.clone())?),
+        None => None,
+    };
+    // Processes the launcher killed on purpose are restarted without counting against the
+    // limit on lost workers.
+    let mut planned = 0usize;
     let mut world = a.nproc as u32;
     let mut outcome = "completed";
     loop {
@@ -381,7 +399,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             break;
         }
         for _ in 0..respawn {
-            if restarts >= 4 * (a.nproc + a.spares) {
+            if restarts >= 4 * (a.nproc + a.spares) + planned {
                 warn!("too many worker restarts; not restarting any more");
                 break;
             }
@@ -476,6 +494,20 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                         killed = inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some();
                     }
                 }
+                let now = Instant::now();
+                if let Some(p) = kill_every.as_mut().filter(|_| st.committed_step > 0) {
+                    if p.due(now) {
+                        let rank = (p.fired - 1) % st.world.max(1);
+                        planned += usize::from(inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some());
+                    }
+                }
+                if let Some(p) = spare_every.as_mut() {
+                    if p.due(now) {
+                        if let Some(r) = st.ranks.iter().find(|r| r.state == "spare") {
+                            planned += usize::from(launch_load::restart_spare(&run_dir, r.pid)?);
+                        }
+                    }
+                }
             }
         }
         if let Some((pid, at)) = stopped {
@@ -498,6 +530,10 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         let _ = Command::new("kill")
             .args(["-CONT", &pid.to_string()])
             .status();
+    }
+    noise_stop.store(true, Ordering::SeqCst);
+    if let Some(h) = noise {
+        let _ = h.join();
     }
     pb_bar.finish_and_clear();
     for w in workers.iter_mut().filter(|w| !w.done) {

@@ -6,6 +6,7 @@ mod bench_coordinator;
 mod config;
 mod control;
 mod launch;
+mod launch_load;
 use phalanx_actors::model_io;
 mod report;
 mod run_dir;
@@ -137,6 +138,17 @@ enum Cmd {
         /// ... and lift the quota once this many more steps are committed (0: never).
         #[arg(long, default_value_t = 0)]
         slow_steps: u64,
+        /// Fault injection: SIGKILL an active rank every SECS seconds (ranks 0, 1, ... in
+        /// turn); the launcher starts a new spare process for each.
+        #[arg(long, value_name = "SECS")]
+        kill_every: Option<f64>,
+        /// Restart a spare process every SECS seconds (kill it; the launcher starts a new one):
+        /// the CPU cost of a process start beside the training ranks.
+        #[arg(long, value_name = "SECS")]
+        restart_spare_every: Option<f64>,
+        /// A noisy neighbour: a busy-loop process takes one core for BUSY_MS every PERIOD_MS.
+        #[arg(long, value_name = "BUSY_MS:PERIOD_MS")]
+        noise: Option<String>,
         overrides: Vec<String>,
     },
     /// Run the job's coordinator (membership, generations, failure detection).
@@ -483,6 +495,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             slow_at,
             slow_cpu_pct,
             slow_steps,
+            kill_every,
+            restart_spare_every,
+            noise,
             overrides,
         } => {
             let parse = |flag: &str, v: Option<String>| -> Result<Option<(u64, u32)>> {
@@ -503,6 +518,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if !(1..=100).contains(&slow_cpu_pct) {
                 anyhow::bail!("--slow-cpu-pct {slow_cpu_pct}: use 1..=100 (percent of one core)");
             }
+            let secs = |flag: &str, v: Option<f64>| -> Result<Option<std::time::Duration>> {
+                match v {
+                    None => Ok(None),
+                    Some(x) if x.is_finite() && x >= 1.0 => {
+                        Ok(Some(std::time::Duration::from_secs_f64(x)))
+                    }
+                    Some(x) => anyhow::bail!("{flag} {x}: use a number of seconds >= 1"),
+                }
+            };
+            let kill_every = secs("--kill-every", kill_every)?;
+            let restart_spare_every = secs("--restart-spare-every", restart_spare_every)?;
+            let noise = noise.as_deref().map(launch_load::Noise::parse).transpose()?;
             let stop = Arc::new(AtomicBool::new(false));
             let s = stop.clone();
             ctrlc::set_handler(move || {
@@ -523,6 +550,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     slow_at,
                     slow_cpu_pct,
                     slow_steps,
+                    kill_every,
+                    restart_spare_every,
+                    noise,
                     progress: std::io::stderr().is_terminal(),
                 },
                 stop,

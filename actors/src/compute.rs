@@ -717,6 +717,18 @@ impl<'a> Loop<'a> {
                 return Ok(Next::Regroup(None));
             }
         };
+        if s.trainer.step == 0 && assign.resume_step > 0 {
+            // K-9: nobody in this generation holds the committed state; training on would
+            // silently restart the job from step 0. The coordinator halts before this; a rank
+            // never trusts that alone.
+            let why = format!(
+                "generation {generation} resumes at step {} but no member holds a state past step \
+                 0; refusing to train from scratch",
+                assign.resume_step
+            );
+            warn!(%why, "no committed state in the group");
+            return Ok(Next::Exit(EXIT_HALTED, format!("halted: {why}")));
+        }
         progress.step.store(s.trainer.step, Ordering::Relaxed);
         info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed, shares = ?assign.shares,
               ready_ms = t0.elapsed().as_millis() as u64, incarnation = self.incarnation, "joined generation");

@@ -9,13 +9,13 @@
 use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank, Step};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-pub type MemberId = u64;
+pub use super::straggler::{FlagChange, Judge, Peers, StragglerConfig, MAX_WINDOW};
+use super::straggler::Context;
 
-/// The longest straggler window; step times are kept on the stack when taking medians.
-pub const MAX_WINDOW: usize = 64;
+pub type MemberId = u64;
 
 /// Member ids are small dense integers handed out by the coordinator itself, so a
 /// multiplicative hash is enough and much cheaper than SipHash on the heartbeat path.
@@ -52,7 +52,11 @@ pub struct Live {
     pub drain: bool,
     pub suspects: u32,
     pub rejoin_deadline: Option<Instant>,
+    /// The rank's straggler level (median of a full window), if it has one.
     pub median_s: Option<f64>,
+    /// The rank holds the job's committed state (it trained in, or was healed into, the
+    /// lineage of the committed steps).
+    pub holds_state: bool,
     /// The rank finished the job and may leave without that being a fault.
     pub done: bool,
     /// The rank asked for a regroup (it restarted its compute and is alive).
@@ -91,51 +95,6 @@ impl Default for CoreConfig {
             hang_floor: Duration::from_secs(10),
             hang_k: 10.0,
             straggler: StragglerConfig::default(),
-        }
-    }
-}
-
-/// Straggler detection works on each rank's own time per micro-batch, one sample per step: its
-/// forward and backward time over its micro-batches, plus the rest of its own work (optimizer,
-/// time descheduled inside collectives) over the even share. Waiting for data or for peers is
-/// not in it, and a rank given fewer micro-batches by a rebalance is judged on the same scale.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StragglerConfig {
-    /// Steps (per rank) over which the rank's level is taken.
-    pub window: usize,
-    /// Slow means: own level > ratio x the median of the ranks' medians ...
-    pub ratio: f64,
-    /// ... and slower by at least this much per micro-batch (so that tiny steps do not flap).
-    pub min_excess: Duration,
-    /// Consecutive slow judgements (one per step) before a rank is flagged ...
-    pub flag_after: u32,
-    /// ... or at once, when two of its last three steps were above this many times the reference:
-    /// a rank several times slower than its peers is no noise, and every step it keeps its
-    /// share costs the job.
-    pub severe_ratio: f64,
-    /// A flagged rank is cleared after this many consecutive steps below `clear_ratio` x the
-    /// reference: a narrower band than the flag's, so a rank near the line does not flap.
-    pub unflag_after: u32,
-    pub clear_ratio: f64,
-    /// Act on a flagged straggler: replace it with a spare, or else rebalance the global batch
-    /// away from it (or, when no rebalance helps, evict it if the world stays >= min_world).
-    pub evict: bool,
-    /// Rebalance only when the predicted step time drops by at least this fraction.
-    pub min_gain: f64,
-}
-
-impl Default for StragglerConfig {
-    fn default() -> Self {
-        StragglerConfig {
-            window: 6,
-            ratio: 1.75,
-            min_excess: Duration::from_millis(2),
-            flag_after: 3,
-            severe_ratio: 2.0,
-            unflag_after: 10,
-            clear_ratio: 1.25,
-            evict: true,
-            min_gain: 0.15,
         }
     }
 }
@@ -215,28 +174,13 @@ pub struct Member {
     pub collective_seq: u64,
     pub phase: String,
     pub last_step_time: Duration,
-    /// Recent compute times per micro-batch (seconds), one per step, newest last.
-    pub step_times: VecDeque<f64>,
-    /// The newest step whose time is in `step_times` (a heartbeat may repeat one).
-    pub last_sampled: Option<Step>,
-    /// The current generation gives this (flagged) rank a reduced share of the global batch.
-    pub rebalanced: bool,
-    /// Flags that came soon after this rank was last cleared: each doubles the normal steps
-    /// the next clear needs, so that a rank that looks fine only at a reduced share (a CPU quota
-    /// binds only under load) does not flap between split and even.
-    pub relapses: u32,
-    /// The step of the last clear.
-    pub cleared_at: Option<Step>,
-    /// The level (time per micro-batch) that raised the flag: with two severe steps it is
-    /// ahead of the window median, which the first rebalance must not wait for.
-    pub flag_level: f64,
-    /// Median of `step_times`, kept current by `heartbeat`.
-    pub median_s: Option<f64>,
+    /// Straggler judging: the window of step times, streaks and the flag (K-7).
+    pub judge: Judge,
+    /// The member holds the job's committed state: it trained in a generation, or was healed
+    /// into one and reported the generation's resume step since (K-9).
+    pub holds_state: bool,
     /// The newest generation this member has heartbeated in.
     pub progress_generation: Generation,
-    pub slow_streak: u32,
-    pub normal_streak: u32,
-    pub straggler: bool,
     /// Current-generation members that reported this one in a failed collective.
     pub suspected_by: BTreeSet<MemberId>,
     /// The member restarted part of itself (its compute) and asked for a new generation
@@ -268,17 +212,9 @@ impl Member {
             collective_seq: 0,
             phase: "idle".into(),
             last_step_time: Duration::ZERO,
-            step_times: VecDeque::new(),
-            last_sampled: None,
-            rebalanced: false,
-            relapses: 0,
-            cleared_at: None,
-            flag_level: 0.0,
-            median_s: None,
+            judge: Judge::default(),
+            holds_state: false,
             progress_generation: Generation(0),
-            slow_streak: 0,
-            normal_streak: 0,
-            straggler: false,
             suspected_by: BTreeSet::new(),
             regroup_requested: false,
             reported_at: None,
@@ -288,114 +224,14 @@ impl Member {
         }
     }
 
-    pub fn median_step_time(&self) -> Option<f64> {
-        // On the heartbeat path: no allocation (the window is at most MAX_WINDOW).
-        let mut buf = [0f64; MAX_WINDOW];
-        let n = self.step_times.len().min(MAX_WINDOW);
-        for (b, t) in buf.iter_mut().zip(self.step_times.iter().rev()) {
-            *b = *t;
-        }
-        if n == 0 {
-            return None;
-        }
-        let v = &mut buf[..n];
-        let (_, m, _) = v.select_nth_unstable_by(n / 2, f64::total_cmp);
-        Some(*m)
-    }
-
-    /// Takes one step's time per micro-batch and judges the rank against the peer reference.
-    /// The rank's level is the median of its window, so a spike, or a rank slow one step in
-    /// three, never moves it; a CPU-quota straggler is slow in bursts (the quota runs out
-    /// mid-step, then refills), and half a window of slow steps does. `flag_after` slow
-    /// judgements in a row flag; `unflag_after` steps inside the narrower `clear_ratio` band
-    /// clear.
-    fn sample(
-        &mut self,
-        step: Step,
-        per_mb: f64,
-        reference: Option<f64>,
-        world: usize,
-        cfg: &CoreConfig,
-    ) -> Option<FlagChange> {
-        let s = &cfg.straggler;
-        self.last_sampled = Some(step);
-        self.step_times.push_back(per_mb);
-        while self.step_times.len() > s.window.clamp(1, MAX_WINDOW) {
-            self.step_times.pop_front();
-        }
-        self.median_s = self.median_step_time();
-        let (Some(own), Some(peers)) = (self.median_s, reference) else {
-            return None;
-        };
-        if world < 2 || self.step_times.len() < s.window.min(3) {
-            return None;
-        }
-        let excess = own - peers > s.min_excess.as_secs_f64();
-        let slow = own > s.ratio * peers && excess;
-        // Severe: two of the last three steps each several times the reference (a CPU quota
-        // often alternates slow and normal steps), i.e. the second slowest of them is. That
-        // flags at once, where the window median would wait for more.
-        let mut last3 = [f64::NEG_INFINITY; 3];
-        for (x, &t) in last3.iter_mut().zip(self.step_times.iter().rev()) {
-            *x = t;
-        }
-        last3.sort_by(|a, b| b.total_cmp(a));
-        let severe_level = last3[1];
-        let severe_at = (s.severe_ratio * peers).max(peers + s.min_excess.as_secs_f64());
-        let severe = severe_level > severe_at;
-        let normal = !excess || own <= s.clear_ratio * peers;
-        if slow {
-            self.slow_streak += 1;
-        } else {
-            self.slow_streak = 0;
-        }
-        if normal {
-            self.normal_streak += 1;
-        } else {
-            self.normal_streak = 0;
-        }
-        // Clearing needs unflag_after normal steps, doubled for each recent relapse (at most 16x).
-        let clear_after = s.unflag_after.saturating_mul(1 << self.relapses.min(4));
-        if !self.straggler && (self.slow_streak >= s.flag_after || severe) {
-            self.straggler = true;
-            self.flag_level = if severe { own.max(severe_level) } else { own };
-            let recent = self
-                .cleared_at
-                .is_some_and(|c| step.0.saturating_sub(c.0) <= 4 * clear_after as u64);
-            self.relapses = if recent { self.relapses + 1 } else { 0 };
-            return Some(FlagChange::Flagged {
-                id: self.id,
-                own_ms: self.flag_level * 1e3,
-                peers_ms: peers * 1e3,
-                slow_steps: self.slow_streak,
-                at_step: step,
-                window_ms: self.step_times.iter().map(|t| t * 1e3).collect(),
-            });
-        }
-        if self.straggler && self.normal_streak >= clear_after {
-            self.straggler = false;
-            self.cleared_at = Some(step);
-            return Some(FlagChange::Cleared {
-                id: self.id,
-                own_ms: own * 1e3,
-                peers_ms: peers * 1e3,
-            });
-        }
-        None
+    /// Whether the straggler detector has flagged this member.
+    pub fn straggler(&self) -> bool {
+        self.judge.straggler
     }
 
     pub fn is_fenced(&self) -> bool {
         matches!(self.state, MemberState::Dead | MemberState::Evicted)
     }
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mid = v.len() / 2;
-    let (_, m, _) = v.select_nth_unstable_by(mid, f64::total_cmp);
-    Some(*m)
 }
 
 /// What a process asks for when it registers.
@@ -442,26 +278,6 @@ pub struct StepSample {
     pub micro_batches: u32,
 }
 
-/// A straggler flag raised or cleared by a heartbeat, with the figures behind it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum FlagChange {
-    Flagged {
-        id: MemberId,
-        own_ms: f64,
-        peers_ms: f64,
-        slow_steps: u32,
-        /// The step whose time completed the evidence, and the per-micro-batch times (ms) of
-        /// the window behind the flag, oldest first.
-        at_step: Step,
-        window_ms: Vec<f64>,
-    },
-    Cleared {
-        id: MemberId,
-        own_ms: f64,
-        peers_ms: f64,
-    },
-}
-
 /// Why a member leaves the current generation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Removal {
@@ -481,9 +297,13 @@ pub enum Removal {
     },
     /// Re-registration after a coordinator restart did not come in time.
     NotRejoined,
+    /// Slow for longer than the cheap remedies could fix; every figure is non-zero.
     Straggler {
         own_ms: f64,
         peers_ms: f64,
+        flagged_for_ms: u64,
+        /// It was still slow after the global batch was rebalanced away from it.
+        after_rebalance: bool,
     },
     Drained,
     /// Scale-down: it goes back to being a spare.
@@ -520,9 +340,20 @@ impl Removal {
             }
             Removal::Reported { by } => format!("reported by members {by:?}"),
             Removal::NotRejoined => "did not re-register after a coordinator restart".into(),
-            Removal::Straggler { own_ms, peers_ms } => format!(
+            Removal::Straggler {
+                own_ms,
+                peers_ms,
+                flagged_for_ms,
+                after_rebalance,
+            } => format!(
                 "straggler: {own_ms:.1} ms per micro-batch vs a median of {peers_ms:.1} ms for \
-                 the ranks"
+                 its peers, flagged for {:.1} s{}",
+                *flagged_for_ms as f64 / 1e3,
+                if *after_rebalance {
+                    ", still slow after a rebalance"
+                } else {
+                    ", and no rebalance helps"
+                }
             ),
             Removal::Drained => "drained on request".into(),
             Removal::ScaledDown => "scaled down; back to spare".into(),
@@ -544,6 +375,18 @@ pub struct Regroup {
     /// Members that must fetch the committed state, and the new rank to fetch it from.
     pub heal: Vec<(MemberId, Rank)>,
     pub reason: String,
+    /// The straggler action this regroup carries out, if any (at most one at a time).
+    pub straggler: Option<StragglerAct>,
+    /// When it was decided (cool-down and the eviction budget count from here).
+    pub at: Instant,
+}
+
+/// A straggler action: the cheap, reversible one first (K-10).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StragglerAct {
+    Rebalanced(MemberId),
+    Evicted(MemberId),
+    EvenedOut,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -574,12 +417,21 @@ pub struct State {
     /// The current generation's members, in rank order.
     pub ranks: Vec<MemberId>,
     pub next_id: MemberId,
-    /// Median of the ranks' median step times, refreshed by `refresh_reference`.
-    pub reference_step_time: Option<f64>,
+    /// The ranks' straggler levels at the last `refresh_reference`; empty after a regroup.
+    pub peers: Peers,
     /// The current generation's micro-batches per rank; empty for the even split.
     pub shares: Vec<u32>,
     /// Set once the job has stopped (Halt).
     pub halted: Option<String>,
+    /// The newest step any rank reported committed (K-9: the committed state).
+    pub newest_step: Step,
+    /// Hosts where a process registered recently, and until when their ranks' step times are
+    /// no evidence of a straggler.
+    pub quiet_until: HashMap<String, Instant>,
+    /// When the last straggler action was taken, and the straggler evictions of the budget's
+    /// window (K-10).
+    pub straggler_acted_at: Option<Instant>,
+    pub straggler_evictions: Vec<Instant>,
 }
 
 impl State {
@@ -594,9 +446,13 @@ impl State {
             live: Vec::new(),
             ranks: Vec::new(),
             next_id: 1,
-            reference_step_time: None,
+            peers: Peers::default(),
             shares: Vec::new(),
             halted: None,
+            newest_step: Step(0),
+            quiet_until: HashMap::new(),
+            straggler_acted_at: None,
+            straggler_evictions: Vec::new(),
         }
     }
 
@@ -611,13 +467,14 @@ impl State {
             last_progress: m.last_progress,
             connected: m.connected,
             training: m.phase == "training",
-            straggler: m.straggler,
+            straggler: m.judge.straggler,
             drain: m.drain_requested,
             suspects: m.suspected_by.len() as u32,
             regroup: m.regroup_requested,
             reported_at: m.reported_at,
             rejoin_deadline: m.rejoin_deadline,
-            median_s: m.median_s,
+            median_s: m.judge.level,
+            holds_state: m.holds_state,
             done: m.phase == "done",
         }
     }
@@ -730,7 +587,9 @@ impl State {
             }
             // An id this coordinator does not know (its journal was lost): a new member.
         }
-        let _ = cfg;
+        // Starting a worker takes a core for a while: its host's step times are no evidence.
+        self.quiet_until
+            .insert(req.host.clone(), now + cfg.straggler.startup_grace);
         let id = self.next_id;
         self.next_id += 1;
         self.members.insert(id, Member::new(id, now, &req));
@@ -792,7 +651,7 @@ impl State {
         cfg: &CoreConfig,
     ) -> Result<Option<FlagChange>, RuntimeError> {
         let generation = self.generation;
-        let reference = self.reference_step_time;
+        let resume = self.committed_step;
         let world = self.ranks.len();
         let m = self.member_mut(id)?;
         if m.is_fenced() {
@@ -824,20 +683,62 @@ impl State {
         if advanced {
             m.last_progress = now;
         }
+        // A rank reports its committed step only once it holds the generation's state: a
+        // healed joiner reports its old step until the heal is done.
+        if hb.step >= resume && (hb.step > Step(0) || resume == Step(0)) {
+            m.holds_state = true;
+        }
         m.step = m.step.max(hb.step);
         m.collective_seq = m.collective_seq.max(hb.collective_seq);
         m.phase.clone_from(&hb.phase);
         m.last_step_time = hb.last_step_time;
+        let step = m.step;
+        if step > self.newest_step {
+            self.newest_step = step;
+        }
         if !stepped {
             return Ok(None);
         }
+        self.judge_steps(now, id, hb, world, cfg)
+    }
+
+    /// Feeds each step of a heartbeat to the member's straggler judge.
+    fn judge_steps(
+        &mut self,
+        now: Instant,
+        id: MemberId,
+        hb: &HeartbeatMsg,
+        world: usize,
+        cfg: &CoreConfig,
+    ) -> Result<Option<FlagChange>, RuntimeError> {
+        let quiet_until = self
+            .members
+            .get(&id)
+            .and_then(|m| self.quiet_until.get(&m.host))
+            .copied();
+        let m = self
+            .members
+            .get(&id)
+            .ok_or(RuntimeError::UnknownMember { member: id })?;
+        let mut cx = Context {
+            now,
+            step_time: Duration::ZERO,
+            world,
+            micro_batches: 0,
+            peers: self.peers.excluding(m.judge.level_at_refresh),
+            quiet: quiet_until.is_some_and(|t| now < t),
+        };
+        let m = self.member_mut(id)?;
         if hb.recent.is_empty() {
             let t = if hb.last_compute_time > Duration::ZERO {
                 hb.last_compute_time
             } else {
                 hb.last_step_time
             };
-            return Ok(m.sample(hb.step, t.as_secs_f64(), reference, world, cfg));
+            cx.step_time = t;
+            return Ok(m
+                .judge
+                .sample(id, hb.step, t.as_secs_f64(), &cx, &cfg.straggler));
         }
         let mut change = None;
         // The fixed part is spread over the even share, so that a rank given fewer micro-batches
@@ -848,30 +749,31 @@ impl State {
             Some((cfg.max_world as f64 / world.max(1) as f64).max(1.0))
         };
         for x in &hb.recent {
-            if m.last_sampled.is_some_and(|l| x.step <= l) {
+            if m.judge.last_sampled.is_some_and(|l| x.step <= l) {
                 continue;
             }
             let mbs = x.micro_batches.max(1) as f64;
             let per_mb =
                 x.compute.as_secs_f64() / mbs + x.fixed.as_secs_f64() / even.unwrap_or(mbs);
-            if let Some(c) = m.sample(x.step, per_mb, reference, world, cfg) {
+            cx.micro_batches = x.micro_batches;
+            cx.step_time = x.compute + x.fixed;
+            if let Some(c) = m.judge.sample(id, x.step, per_mb, &cx, &cfg.straggler) {
                 change = Some(c);
             }
         }
         Ok(change)
     }
 
-    /// Recomputes the peer reference for straggler detection: the median of the active ranks'
-    /// median step times. Done once per tick, not per heartbeat, so a heartbeat costs O(window).
-    /// A straggler is compared with this median of all ranks; with at least 3 ranks one slow rank
-    /// cannot move it far, and with 2 ranks the median is the faster one's.
+    /// Recomputes the peer reference for straggler detection from the ranks' levels (full
+    /// windows of this generation only). Done once per tick, not per heartbeat, so a heartbeat
+    /// costs O(window + log world); each rank is then judged against the others' median.
     pub fn refresh_reference(&mut self) {
-        let meds: Vec<f64> = self.live.iter().filter_map(|l| l.median_s).collect();
-        self.reference_step_time = if meds.len() == 2 {
-            meds.iter().copied().reduce(f64::min)
-        } else {
-            median(meds)
-        };
+        self.peers = Peers::new(self.live.iter().filter_map(|l| l.median_s));
+        for id in &self.ranks {
+            if let Some(m) = self.members.get_mut(id) {
+                m.judge.level_at_refresh = m.judge.level;
+            }
+        }
     }
 
     /// A current rank reports a collective failure naming `suspect`.
@@ -1060,9 +962,13 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         };
     }
     let target = s.target_world.min(cfg.max_world).max(1);
-    let any_straggler = cfg.straggler.evict && s.live.iter().any(|l| l.straggler);
+    // One straggler action at a time, then a cool-down (K-10).
+    let cooling = s
+        .straggler_acted_at
+        .is_some_and(|t| now.saturating_duration_since(t) < cfg.straggler.cooldown);
+    let any_straggler = cfg.straggler.evict && !cooling && s.live.iter().any(|l| l.straggler);
     // A rebalanced split whose straggler is gone or recovered is evened out again.
-    let even_out = !s.shares.is_empty() && !s.live.iter().any(|l| l.straggler);
+    let even_out = !cooling && !s.shares.is_empty() && !s.live.iter().any(|l| l.straggler);
     let regroup: Vec<MemberId> = s.live.iter().filter(|l| l.regroup).map(|l| l.id).collect();
     // A generation most of whose ranks reported failed collectives, with no suspect agreed by a
     // majority and nobody found dead or hung by the heartbeat deadline since, cannot make
@@ -1086,48 +992,23 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     }
     // Only now scan for spares: the steady path above stays O(world) with no allocation.
     let mut spares = s.available_spares(now, cfg);
-    let failed = removed.iter().filter(|(_, r)| r.is_failure()).count();
-    // A straggler is replaced when a spare can take its place. Otherwise the global batch is
-    // rebalanced away from it (K-8); only when no rebalance helps is it evicted, and then only
-    // if the job stays at or above min_world.
+    let mut act = None;
+    // Failures and requests first: a straggler is acted on only in a tick with nothing else.
+    if any_straggler && removed.is_empty() && regroup.is_empty() && !stuck {
+        act = straggler_step(now, s, cfg, spares.len());
+    }
     let mut rebalance: Option<(Vec<u32>, String)> = None;
-    if cfg.straggler.evict {
-        for &id in &s.ranks {
-            let Some(m) = s.members.get(&id) else {
-                continue;
-            };
-            if !m.straggler || removed.iter().any(|(r, _)| *r == id) {
-                continue;
-            }
-            let survivors = world - removed.len();
-            let replaceable = spares.len() > removed.len().saturating_sub(failed);
-            let peers = s.reference_step_time.unwrap_or(0.0) * 1e3;
-            let own = m.median_step_time().unwrap_or(0.0) * 1e3;
-            let evict = Removal::Straggler {
-                own_ms: own,
-                peers_ms: peers,
-            };
-            if replaceable {
-                removed.push((id, evict));
-                continue;
-            }
-            if rebalance.is_some() || !removed.is_empty() {
-                continue;
-            }
-            // A rank already given less is planned again from the times at its new share (a
-            // CPU quota does not slow work in proportion): a better split is taken if it gains
-            // min_gain, which also keeps the split from oscillating.
-            match plan_rebalance(s, cfg) {
-                Rebalance::Wait => {}
-                Rebalance::To(shares, why) => {
-                    rebalance = Some((shares, format!("member {id} is a straggler: {why}")));
-                }
-                Rebalance::Useless if !m.rebalanced && survivors > cfg.min_world.max(1) => {
-                    removed.push((id, evict));
-                }
-                Rebalance::Useless => {}
-            }
+    let mut straggler = None;
+    match act {
+        Some(StragglerStep::Evict(id, why)) => {
+            removed.push((id, why));
+            straggler = Some(StragglerAct::Evicted(id));
         }
+        Some(StragglerStep::Rebalance(id, shares, why)) => {
+            rebalance = Some((shares, why));
+            straggler = Some(StragglerAct::Rebalanced(id));
+        }
+        None => {}
     }
     let mut survivors: Vec<MemberId> = s
         .ranks
@@ -1139,6 +1020,10 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     while survivors.len() > target {
         let id = survivors.pop().expect("non-empty");
         removed.push((id, Removal::ScaledDown));
+    }
+    // K-9: never a generation without the committed state.
+    if let Err(reason) = keep_a_holder(s, &mut removed, &mut survivors) {
+        return Decision::Halt { reason };
     }
     let want = target.saturating_sub(survivors.len());
     spares.truncate(want);
@@ -1166,32 +1051,6 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
             ),
         };
     }
-    let resume_step = survivors
-        .iter()
-        .filter_map(|id| s.members.get(id))
-        .map(|m| m.step)
-        .max()
-        .unwrap_or(s.committed_step)
-        .max(s.committed_step);
-    // The leader holds the committed state: the survivor with the highest step, lowest rank.
-    let leader = survivors
-        .iter()
-        .position(|id| s.members.get(id).is_some_and(|m| m.step == resume_step));
-    let mut ranks = survivors.clone();
-    ranks.extend(spares.iter().copied());
-    let heal = match leader {
-        Some(l) => ranks
-            .iter()
-            .enumerate()
-            .filter(|(i, id)| {
-                *i != l
-                    && (spares.contains(id)
-                        || s.members.get(id).is_some_and(|m| m.step < resume_step))
-            })
-            .map(|(_, id)| (*id, Rank(l as u32)))
-            .collect(),
-        None => Vec::new(),
-    };
     let mut why: Vec<String> = removed
         .iter()
         .map(|(id, r)| format!("member {id} out: {}", r.describe()))
@@ -1218,6 +1077,7 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
                     "the straggler recovered or left: the global batch is split evenly again"
                         .into(),
                 );
+                straggler = Some(StragglerAct::EvenedOut);
             }
             Vec::new()
         }
@@ -1229,6 +1089,7 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
             reports.len()
         ));
     }
+    let (ranks, resume_step, heal) = place(s, survivors, &spares);
     Decision::Regroup(Regroup {
         generation: Generation(s.generation.0 + 1),
         ranks,
@@ -1238,7 +1099,157 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         resume_step,
         heal,
         reason: why.join("; "),
+        straggler,
+        at: now,
     })
+}
+
+/// The new generation's ranks (survivors, then promoted spares), the step it resumes at (the
+/// highest any survivor committed), and who heals from whom: the leader is the survivor with
+/// that step, lowest rank.
+fn place(
+    s: &State,
+    survivors: Vec<MemberId>,
+    spares: &[MemberId],
+) -> (Vec<MemberId>, Step, Vec<(MemberId, Rank)>) {
+    let resume_step = survivors
+        .iter()
+        .filter_map(|id| s.members.get(id))
+        .map(|m| m.step)
+        .max()
+        .unwrap_or(s.committed_step)
+        .max(s.committed_step);
+    let leader = survivors
+        .iter()
+        .position(|id| s.members.get(id).is_some_and(|m| m.step == resume_step));
+    let mut ranks = survivors;
+    ranks.extend(spares.iter().copied());
+    let heal = match leader {
+        Some(l) => ranks
+            .iter()
+            .enumerate()
+            .filter(|(i, id)| {
+                *i != l
+                    && (spares.contains(id)
+                        || s.members.get(id).is_some_and(|m| m.step < resume_step))
+            })
+            .map(|(_, id)| (*id, Rank(l as u32)))
+            .collect(),
+        None => Vec::new(),
+    };
+    (ranks, resume_step, heal)
+}
+
+/// K-9: a job that has committed steps never forms a generation in which no member holds them.
+/// A holder removed on purpose (straggler, drain, scale-down) stays instead; if every holder
+/// failed, the job halts with the reason rather than train on from step 0.
+fn keep_a_holder(
+    s: &State,
+    removed: &mut Vec<(MemberId, Removal)>,
+    survivors: &mut Vec<MemberId>,
+) -> Result<(), String> {
+    if s.newest_step == Step(0) && s.committed_step == Step(0) {
+        return Ok(());
+    }
+    let holds = |id: &MemberId| s.members.get(id).is_some_and(|m| m.holds_state);
+    if survivors.iter().any(holds) {
+        return Ok(());
+    }
+    if let Some(i) = removed
+        .iter()
+        .position(|(id, r)| !r.is_failure() && holds(id))
+    {
+        let (id, _) = removed.remove(i);
+        // Back at its place in rank order.
+        let at = |x: &MemberId| s.ranks.iter().position(|r| r == x).unwrap_or(usize::MAX);
+        let pos = survivors
+            .iter()
+            .position(|x| at(x) > at(&id))
+            .unwrap_or(survivors.len());
+        survivors.insert(pos, id);
+        return Ok(());
+    }
+    let lost: Vec<String> = removed
+        .iter()
+        .filter(|(id, _)| holds(id))
+        .map(|(id, r)| format!("member {id}: {}", r.describe()))
+        .collect();
+    Err(format!(
+        "no member left holds the committed state (step {}): every rank that held it is gone \
+         ({}); the rest would start again from step 0. Restart the job from the newest \
+         checkpoint",
+        s.newest_step.max(s.committed_step),
+        if lost.is_empty() {
+            "none of the current ranks has reported it".to_string()
+        } else {
+            lost.join("; ")
+        }
+    ))
+}
+
+/// What to do about the flagged stragglers now: one action at most.
+enum StragglerStep {
+    Evict(MemberId, Removal),
+    Rebalance(MemberId, Vec<u32>, String),
+}
+
+/// K-10: rebalancing (cheap, reversible) comes first; a rank is evicted only once its slowness
+/// persisted past it (`Judge::persisted`), within the job's eviction budget, when a spare
+/// replaces it or the job stays at or above min_world, and never if it is the last rank that
+/// holds the committed state.
+fn straggler_step(
+    now: Instant,
+    s: &State,
+    cfg: &CoreConfig,
+    spares: usize,
+) -> Option<StragglerStep> {
+    let sc = &cfg.straggler;
+    let world = s.ranks.len();
+    let can_split = cfg.max_world != usize::MAX && cfg.max_world > world;
+    let recent = s
+        .straggler_evictions
+        .iter()
+        .filter(|&&t| now.saturating_duration_since(t) < sc.eviction_window)
+        .count();
+    let budget = (recent as u32) < sc.max_evictions;
+    let holders = s.live.iter().filter(|l| l.holds_state).count();
+    for l in s.live.iter().filter(|l| l.straggler) {
+        let m = s.members.get(&l.id)?;
+        let j = &m.judge;
+        // Without a spare, evicting a rank a split can work around only slows the job.
+        let room = spares > 0 || (!can_split && world > cfg.min_world.max(1));
+        let last_holder = m.holds_state && holders <= 1;
+        if j.persisted(now, can_split, sc) && budget && room && !last_holder {
+            let own = j.level.unwrap_or(j.flag_level);
+            let peers = s.peers.excluding(j.level_at_refresh);
+            if let Some(peers) = peers.filter(|&p| p > 0.0 && own > 0.0) {
+                let flagged_for = j
+                    .flagged_at
+                    .map_or(0, |t| now.saturating_duration_since(t).as_millis() as u64);
+                return Some(StragglerStep::Evict(
+                    l.id,
+                    Removal::Straggler {
+                        own_ms: own * 1e3,
+                        peers_ms: peers * 1e3,
+                        flagged_for_ms: flagged_for.max(1),
+                        after_rebalance: can_split,
+                    },
+                ));
+            }
+        }
+        // A rank already given less is planned again from the times at its new share (a CPU
+        // quota does not slow work in proportion): a better split is taken if it gains
+        // min_gain, which also keeps the split from oscillating.
+        if let Rebalance::To(shares, why) = plan_rebalance(s, cfg) {
+            return Some(StragglerStep::Rebalance(
+                l.id,
+                shares,
+                format!("member {} is a straggler: {why}", l.id),
+            ));
+        }
+        return None;
+    }
+    None
 }
 
 enum Rebalance {
@@ -1259,18 +1270,18 @@ fn plan_rebalance(s: &State, cfg: &CoreConfig) -> Rebalance {
     }
     // Only flagged ranks are taken at their measured speed; the others at the reference, so
     // that noise among healthy ranks does not tilt the split between them.
-    let Some(reference) = s.reference_step_time else {
+    let Some(reference) = s.peers.excluding(None) else {
         return Rebalance::Wait;
     };
     // A rank flagged on its last steps, before its median caught up, is planned at the level
     // that flagged it; once rebalanced, at its median at the new share.
     let flagged = |l: &Live| {
-        let m = s.members.get(&l.id)?;
+        let j = &s.members.get(&l.id)?.judge;
         let median = l.median_s?;
-        Some(if m.rebalanced {
+        Some(if j.rebalanced {
             median
         } else {
-            median.max(m.flag_level)
+            median.max(j.flag_level)
         })
     };
     let Some(per_mb) = s
@@ -1349,6 +1360,8 @@ fn form_first(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         removed: Vec::new(),
         resume_step: s.committed_step,
         heal: Vec::new(),
+        straggler: None,
+        at: now,
     })
 }
 
@@ -1357,157 +1370,73 @@ pub fn apply(s: &mut State, d: &Decision) -> Generation {
     match d {
         Decision::Steady | Decision::Hold { .. } => {}
         Decision::Halt { reason } => s.halted = Some(reason.clone()),
-        Decision::Regroup(r) => {
-            for (id, why) in &r.removed {
-                if let Some(m) = s.members.get_mut(id) {
-                    m.rank = None;
-                    m.state = match why {
-                        Removal::ScaledDown => MemberState::Spare,
-                        w if w.is_failure() => MemberState::Dead,
-                        _ => MemberState::Evicted,
-                    };
-                    m.straggler = false;
-                    m.drain_requested = false;
-                }
-            }
-            for (i, id) in r.ranks.iter().enumerate() {
-                if let Some(m) = s.members.get_mut(id) {
-                    m.state = MemberState::Active;
-                    m.rank = Some(Rank(i as u32));
-                    m.suspected_by.clear();
-                    m.regroup_requested = false;
-                    m.reported_at = None;
-                    m.slow_streak = 0;
-                    m.normal_streak = 0;
-                    // A new generation starts with heals, a fresh prefetch and cold caches on
-                    // joiners: its first steps are not evidence of a straggler.
-                    m.step_times.clear();
-                    m.median_s = None;
-                    m.step = r.resume_step.max(m.step);
-                }
-            }
-            let uneven = !r.shares.is_empty();
-            for id in &r.ranks {
-                if let Some(m) = s.members.get_mut(id) {
-                    m.rebalanced = uneven && m.straggler;
-                    m.last_sampled = None;
-                }
-            }
-            s.shares = r.shares.clone();
-            s.ranks = r.ranks.clone();
-            s.generation = r.generation;
-            s.committed_step = r.resume_step;
-            s.rebuild_live();
-        }
+        Decision::Regroup(r) => apply_regroup(s, r),
     }
     s.generation
+}
+
+fn apply_regroup(s: &mut State, r: &Regroup) {
+    for (id, why) in &r.removed {
+        if let Some(m) = s.members.get_mut(id) {
+            m.rank = None;
+            m.state = match why {
+                Removal::ScaledDown => MemberState::Spare,
+                w if w.is_failure() => MemberState::Dead,
+                _ => MemberState::Evicted,
+            };
+            m.judge = Judge::default();
+            m.drain_requested = false;
+        }
+    }
+    let uneven = !r.shares.is_empty();
+    for (i, id) in r.ranks.iter().enumerate() {
+        // Survivors listed for a heal only lag in what their heartbeats said; a promoted
+        // spare has nothing of the job until its heal is done.
+        let joining = r.promoted.contains(id);
+        if let Some(m) = s.members.get_mut(id) {
+            m.state = MemberState::Active;
+            m.rank = Some(Rank(i as u32));
+            m.suspected_by.clear();
+            m.regroup_requested = false;
+            m.reported_at = None;
+            // A new generation starts with heals, a fresh prefetch and cold caches on
+            // joiners: its first steps are not evidence of a straggler.
+            m.judge.restart_window();
+            m.judge.rebalanced = uneven && m.judge.straggler;
+            if joining {
+                // It holds the committed state once it reports the resume step (K-9).
+                m.holds_state = false;
+            } else {
+                m.step = r.resume_step.max(m.step);
+            }
+        }
+    }
+    match r.straggler {
+        Some(StragglerAct::Evicted(_)) => {
+            s.straggler_evictions.push(r.at);
+            s.straggler_acted_at = Some(r.at);
+        }
+        Some(_) => s.straggler_acted_at = Some(r.at),
+        None => {}
+    }
+    s.peers = Peers::default();
+    s.shares = r.shares.clone();
+    s.ranks = r.ranks.clone();
+    s.generation = r.generation;
+    s.committed_step = r.resume_step;
+    s.rebuild_live();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn reg(role: Role) -> Registration {
-        Registration {
-            job_id: "job".into(),
-            host: "h".into(),
-            pid: 1,
-            addr: vec![1, 2, 3],
-            role,
-            config_hash: "c".into(),
-            rejoin: None,
-            committed_step: Step(0),
-        }
-    }
+    use crate::coordinator::testkit::*;
 
-    /// A job with `n` active ranks in generation 1, plus `spares` connected spares.
-    fn job(now: Instant, n: usize, spares: usize, cfg: &CoreConfig) -> State {
-        let mut s = State::new("job", n);
-        for _ in 0..n {
-            let r = s.register(now, reg(Role::Active), cfg).unwrap();
-            s.session_opened(now, r.id).unwrap();
-        }
-        let d = decide(now, &s, cfg);
-        assert!(matches!(d, Decision::Regroup(_)), "{d:?}");
-        apply(&mut s, &d);
-        for _ in 0..spares {
-            let r = s.register(now, reg(Role::Spare), cfg).unwrap();
-            s.session_opened(now, r.id).unwrap();
-        }
-        assert_eq!(s.generation, Generation(1));
-        s
-    }
-
-    fn beat(
-        s: &mut State,
-        now: Instant,
-        id: MemberId,
-        step: u64,
-        ms: u64,
-        cfg: &CoreConfig,
-    ) -> Option<FlagChange> {
-        let hb = HeartbeatMsg {
-            generation: s.generation,
-            step: Step(step),
-            collective_seq: step,
-            phase: "training".into(),
-            last_step_time: Duration::from_millis(ms),
-            last_compute_time: Duration::from_millis(ms),
-            ..Default::default()
-        };
-        s.heartbeat(now, id, &hb, cfg).unwrap()
-    }
-
-    /// A heartbeat carrying several steps, each with its compute time and micro-batches.
-    fn beat_steps(
-        s: &mut State,
-        now: Instant,
-        id: MemberId,
-        steps: &[(u64, u64, u32)],
-        cfg: &CoreConfig,
-    ) -> Option<FlagChange> {
-        let last = steps.last().map_or(0, |x| x.0 + 1);
-        let hb = HeartbeatMsg {
-            generation: s.generation,
-            step: Step(last),
-            collective_seq: last,
-            phase: "training".into(),
-            recent: steps
-                .iter()
-                .map(|&(step, ms, mbs)| StepSample {
-                    step: Step(step),
-                    compute: Duration::from_millis(ms),
-                    fixed: Duration::ZERO,
-                    micro_batches: mbs,
-                })
-                .collect(),
-            ..Default::default()
-        };
-        s.heartbeat(now, id, &hb, cfg).unwrap()
-    }
-
-    fn all_beat(s: &mut State, now: Instant, step: u64, cfg: &CoreConfig) {
-        let ids: Vec<_> = s
-            .members
-            .values()
-            .filter(|m| !m.is_fenced())
-            .map(|m| m.id)
-            .collect();
-        for id in ids {
-            beat(s, now, id, step, 50, cfg);
-        }
-    }
-
-    fn regroup(d: Decision) -> Regroup {
-        match d {
-            Decision::Regroup(r) => r,
-            other => panic!("expected a regroup, got {other:?}"),
-        }
-    }
 
     #[test]
     fn first_generation_waits_for_the_target_world() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = State::new("job", 2);
         let a = s.register(t, reg(Role::Active), &cfg).unwrap().id;
@@ -1522,7 +1451,7 @@ mod tests {
     // A closed stream is a crash, seen at once (no timeout), and the survivors regroup.
     #[test]
     fn crash_is_detected_immediately() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 3, 0, &cfg);
         let dead = s.ranks[1];
@@ -1538,7 +1467,7 @@ mod tests {
     // A stopped rank sends nothing: it is caught by the heartbeat deadline, not before.
     #[test]
     fn hang_is_detected_at_the_heartbeat_timeout() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 3, 0, &cfg);
         let hung = s.ranks[2];
@@ -1555,7 +1484,7 @@ mod tests {
 
     #[test]
     fn stalled_progress_is_a_hang_even_with_heartbeats() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 2, 0, &cfg);
         let stuck = s.ranks[0];
@@ -1575,111 +1504,6 @@ mod tests {
         }
         let r = regroup(decide(now, &s, &cfg));
         assert!(matches!(r.removed[..], [(id, Removal::Stalled { .. })] if id == stuck));
-    }
-
-    fn run_steps(
-        s: &mut State,
-        t: &mut Instant,
-        from: u64,
-        n: u64,
-        slow: Option<(MemberId, u64)>,
-        cfg: &CoreConfig,
-    ) -> Vec<FlagChange> {
-        let mut flags = Vec::new();
-        for step in from..from + n {
-            *t += Duration::from_millis(100);
-            s.refresh_reference();
-            let spares: Vec<_> = s
-                .members
-                .values()
-                .filter(|m| m.state == MemberState::Spare)
-                .map(|m| m.id)
-                .collect();
-            for id in spares {
-                beat(s, *t, id, 0, 0, cfg);
-            }
-            for id in s.ranks.clone() {
-                let ms = match slow {
-                    Some((sid, ms)) if sid == id => ms,
-                    _ => 50 + (id * 7 + step) % 5, // a little noise
-                };
-                flags.extend(beat(s, *t, id, step, ms, cfg));
-            }
-        }
-        flags
-    }
-
-    #[test]
-    fn straggler_onset_eviction_with_spare_and_recovery() {
-        let cfg = CoreConfig::default();
-        let mut t = Instant::now();
-        let mut s = job(t, 4, 1, &cfg);
-        let slow = s.ranks[3];
-        assert!(run_steps(&mut s, &mut t, 1, 20, None, &cfg).is_empty());
-        let flags = run_steps(&mut s, &mut t, 21, 12, Some((slow, 200)), &cfg);
-        assert!(
-            matches!(flags[..], [FlagChange::Flagged { id, .. }] if id == slow),
-            "{flags:?}"
-        );
-        // With a spare, the straggler is replaced and the world stays 4.
-        let r = regroup(decide(t, &s, &cfg));
-        assert!(matches!(r.removed[..], [(id, Removal::Straggler { .. })] if id == slow));
-        assert_eq!(r.ranks.len(), 4);
-        assert_eq!(r.promoted.len(), 1);
-
-        // Recovery: without eviction, the flag clears after enough normal steps.
-        let cfg2 = CoreConfig {
-            straggler: StragglerConfig {
-                evict: false,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        assert_eq!(decide(t, &s, &cfg2), Decision::Steady);
-        let flags = run_steps(&mut s, &mut t, 33, 30, None, &cfg2);
-        assert!(
-            matches!(flags[..], [FlagChange::Cleared { id, .. }] if id == slow),
-            "{flags:?}"
-        );
-    }
-
-    // A rank with a slow step every third step (noise: another process, a page fault storm)
-    // never moves its window median, so it is never flagged.
-    #[test]
-    fn flapping_rank_is_not_flagged() {
-        let cfg = CoreConfig::default();
-        let mut t = Instant::now();
-        let mut s = job(t, 4, 0, &cfg);
-        let flappy = s.ranks[0];
-        let mut flags = run_steps(&mut s, &mut t, 1, 10, None, &cfg);
-        for k in 0..30 {
-            let slow = if k % 3 == 0 {
-                Some((flappy, 300))
-            } else {
-                None
-            };
-            flags.extend(run_steps(&mut s, &mut t, 11 + k, 1, slow, &cfg));
-        }
-        assert!(flags.is_empty(), "{flags:?}");
-    }
-
-    // A rank slow in bursts (every other step, as under a CPU quota) halves its throughput: its
-    // window median is slow, and it is flagged.
-    #[test]
-    fn bursty_straggler_is_flagged() {
-        let cfg = CoreConfig::default();
-        let mut t = Instant::now();
-        let mut s = job(t, 4, 0, &cfg);
-        let bursty = s.ranks[2];
-        let mut flags = run_steps(&mut s, &mut t, 1, 10, None, &cfg);
-        for k in 0..30 {
-            let slow = (k % 2 == 0).then_some((bursty, 400));
-            flags.extend(run_steps(&mut s, &mut t, 11 + k, 1, slow, &cfg));
-        }
-        assert!(
-            matches!(flags[..], [FlagChange::Flagged { id, .. }, ..] if id == bursty),
-            "{flags:?}"
-        );
     }
 
     // K-8: the split minimises the slowest rank's compute time; it always covers the batch.
@@ -1705,156 +1529,10 @@ mod tests {
         }
     }
 
-    /// Steps `from..from+n` on every rank: each heartbeat carries `per_beat` steps with the
-    /// given compute time per micro-batch; `mbs` is each rank's share.
-    #[allow(clippy::too_many_arguments)]
-    fn run_steps_mb(
-        s: &mut State,
-        t: &mut Instant,
-        from: u64,
-        n: u64,
-        per_beat: u64,
-        slow: Option<(MemberId, u64)>,
-        mbs: &[u32],
-        cfg: &CoreConfig,
-    ) -> Vec<(u64, FlagChange)> {
-        let mut flags = Vec::new();
-        let mut step = from;
-        while step < from + n {
-            *t += Duration::from_millis(200);
-            s.refresh_reference();
-            for (r, id) in s.ranks.clone().into_iter().enumerate() {
-                let batch: Vec<(u64, u64, u32)> = (step..(step + per_beat).min(from + n))
-                    .map(|k| {
-                        let per_mb = match slow {
-                            Some((sid, ms)) if sid == id => ms,
-                            _ => 10 + (id * 7 + k) % 3,
-                        };
-                        (k, per_mb * mbs[r] as u64, mbs[r])
-                    })
-                    .collect();
-                let last = batch.last().map_or(step, |x| x.0);
-                flags.extend(beat_steps(s, *t, id, &batch, cfg).map(|f| (last, f)));
-            }
-            step += per_beat;
-        }
-        flags
-    }
-
-    // K-7: with each step's time in the heartbeat, a rank slowed 3x is flagged within 5 steps
-    // of the onset, though heartbeats come only every 4 steps.
-    #[test]
-    fn straggler_is_flagged_within_five_steps() {
-        let cfg = CoreConfig::default();
-        let mut t = Instant::now();
-        let mut s = job(t, 4, 1, &cfg);
-        let slow = s.ranks[1];
-        let even = [4, 4, 4, 4];
-        assert!(run_steps_mb(&mut s, &mut t, 0, 40, 4, None, &even, &cfg).is_empty());
-        let flags = run_steps_mb(&mut s, &mut t, 40, 20, 4, Some((slow, 33)), &even, &cfg);
-        match &flags[..] {
-            [(
-                _,
-                FlagChange::Flagged {
-                    id,
-                    at_step,
-                    window_ms,
-                    ..
-                },
-            )] => {
-                assert_eq!(*id, slow);
-                assert!(at_step.0 < 45, "flagged at step {at_step}");
-                assert!(window_ms.iter().any(|&ms| ms > 30.0), "{window_ms:?}");
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    // K-8: without a spare, a straggler's share of the global batch is cut in a generation
-    // with the same members; it stays flagged while slow per micro-batch (no flapping on its
-    // now shorter steps), and once it recovers the split is evened out again.
-    #[test]
-    fn straggler_without_spare_is_rebalanced_then_evened_out() {
-        let cfg = CoreConfig {
-            max_world: 16,
-            ..Default::default()
-        };
-        let mut t = Instant::now();
-        let mut s = job(t, 4, 0, &cfg);
-        let slow = s.ranks[3];
-        let even = [4, 4, 4, 4];
-        run_steps_mb(&mut s, &mut t, 0, 40, 4, None, &even, &cfg);
-        let flags = run_steps_mb(&mut s, &mut t, 40, 12, 4, Some((slow, 33)), &even, &cfg);
-        assert_eq!(flags.len(), 1, "{flags:?}");
-        let r = regroup(decide(t, &s, &cfg));
-        assert!(r.removed.is_empty() && r.promoted.is_empty(), "{r:?}");
-        assert_eq!(r.ranks, s.ranks);
-        assert_eq!(r.shares, vec![5, 5, 5, 1]);
-        assert!(r.reason.contains("rebalance"), "{}", r.reason);
-        apply(&mut s, &Decision::Regroup(r.clone()));
-        assert!(s.members[&slow].rebalanced && s.members[&slow].straggler);
-        // Looking fast at its reduced share does not win it a larger one while flagged.
-        let flags = run_steps_mb(&mut s, &mut t, 52, 3, 4, Some((slow, 5)), &r.shares, &cfg);
-        assert!(flags.is_empty(), "{flags:?}");
-        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
-        // Still slow: no new regroup, the flag stays.
-        let flags = run_steps_mb(&mut s, &mut t, 55, 37, 4, Some((slow, 33)), &r.shares, &cfg);
-        assert!(flags.is_empty(), "{flags:?}");
-        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
-        // Recovered: cleared, then one regroup back to the even split.
-        let flags = run_steps_mb(&mut s, &mut t, 92, 20, 4, None, &r.shares, &cfg);
-        assert!(
-            matches!(flags[..], [(_, FlagChange::Cleared { id, .. })] if id == slow),
-            "{flags:?}"
-        );
-        let back = regroup(decide(t, &s, &cfg));
-        assert_eq!(
-            (back.ranks.clone(), back.shares.clone()),
-            (s.ranks.clone(), vec![])
-        );
-        assert!(back.reason.contains("evenly again"), "{}", back.reason);
-        apply(&mut s, &Decision::Regroup(back));
-        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
-    }
-
-    // K-8: when no split helps (one micro-batch per rank), a straggler without a spare is
-    // evicted if the job stays at or above min_world.
-    #[test]
-    fn straggler_is_evicted_when_no_rebalance_helps() {
-        let cfg = CoreConfig {
-            max_world: 4,
-            ..Default::default()
-        };
-        let mut t = Instant::now();
-        let mut s = job(t, 4, 0, &cfg);
-        let slow = s.ranks[0];
-        let one = [1, 1, 1, 1];
-        run_steps_mb(&mut s, &mut t, 0, 40, 4, None, &one, &cfg);
-        run_steps_mb(&mut s, &mut t, 40, 12, 4, Some((slow, 40)), &one, &cfg);
-        let r = regroup(decide(t, &s, &cfg));
-        assert!(matches!(r.removed[..], [(id, Removal::Straggler { .. })] if id == slow));
-        assert!(r.shares.is_empty());
-    }
-
-    // Without a spare, a straggler is kept when evicting it would go below min_world.
-    #[test]
-    fn straggler_kept_at_the_min_world_floor() {
-        let cfg = CoreConfig {
-            min_world: 3,
-            ..Default::default()
-        };
-        let mut t = Instant::now();
-        let mut s = job(t, 3, 0, &cfg);
-        let slow = s.ranks[0];
-        run_steps(&mut s, &mut t, 1, 20, None, &cfg);
-        run_steps(&mut s, &mut t, 21, 12, Some((slow, 200)), &cfg);
-        assert!(s.members[&slow].straggler);
-        assert_eq!(decide(t, &s, &cfg), Decision::Steady);
-    }
 
     #[test]
     fn spare_is_promoted_and_healed_from_the_leader() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 3, 1, &cfg);
         all_beat(&mut s, t, 7, &cfg);
@@ -1879,7 +1557,7 @@ mod tests {
     fn shrink_stops_at_min_world() {
         let cfg = CoreConfig {
             min_world: 2,
-            ..Default::default()
+            ..cfg()
         };
         let t = Instant::now();
         let mut s = job(t, 3, 0, &cfg);
@@ -1898,7 +1576,7 @@ mod tests {
 
     #[test]
     fn split_brain_majority_silence_is_held() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 5, 0, &cfg);
         let later = t + cfg.heartbeat_timeout + Duration::from_millis(10);
@@ -1921,7 +1599,7 @@ mod tests {
     // G-1: a fenced member's heartbeats and reports are refused; generations only increase.
     #[test]
     fn stale_generation_is_refused() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 3, 0, &cfg);
         let hung = s.ranks[2];
@@ -1960,7 +1638,7 @@ mod tests {
 
     #[test]
     fn majority_of_fault_reports_evicts_the_suspect() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 4, 0, &cfg);
         let (a, b, c, d) = (s.ranks[0], s.ranks[1], s.ranks[2], s.ranks[3]);
@@ -1978,7 +1656,7 @@ mod tests {
     // heartbeat deadline has passed with everyone alive, then the same members regroup.
     #[test]
     fn reports_without_a_majority_regroup_after_the_heartbeat_deadline() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 4, 0, &cfg);
         let ids = s.ranks.clone();
@@ -2001,7 +1679,7 @@ mod tests {
     // members, and the other ranks' reports of it do not evict it.
     #[test]
     fn self_report_regroups_without_evicting() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 3, 0, &cfg);
         let (a, b, c) = (s.ranks[0], s.ranks[1], s.ranks[2]);
@@ -2019,7 +1697,7 @@ mod tests {
 
     #[test]
     fn rejoin_after_restart_keeps_the_generation() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 2, 0, &cfg);
         let (a, b) = (s.ranks[0], s.ranks[1]);
@@ -2056,7 +1734,7 @@ mod tests {
     fn scale_and_drain_bounds() {
         let cfg = CoreConfig {
             max_world: 8,
-            ..Default::default()
+            ..cfg()
         };
         let t = Instant::now();
         let mut s = job(t, 2, 2, &cfg);
@@ -2080,7 +1758,7 @@ mod tests {
 
     #[test]
     fn wrong_job_and_config_are_refused() {
-        let cfg = CoreConfig::default();
+        let cfg = cfg();
         let t = Instant::now();
         let mut s = job(t, 1, 0, &cfg);
         let mut r = reg(Role::Spare);

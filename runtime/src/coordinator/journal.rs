@@ -22,6 +22,9 @@ pub struct JournalMember {
     pub state: MemberState,
     pub rank: Option<Rank>,
     pub step: Step,
+    /// Holds the committed state (K-9); journals written before this field: the active ranks.
+    #[serde(default)]
+    pub holds_state: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +60,7 @@ impl JournalState {
                 state: m.state,
                 rank: m.rank,
                 step: m.step,
+                holds_state: Some(m.holds_state),
             })
             .collect();
         members.sort_by_key(|m| m.id);
@@ -100,6 +104,10 @@ impl JournalState {
             m.state = jm.state;
             m.rank = jm.rank;
             m.step = jm.step;
+            m.holds_state = jm
+                .holds_state
+                .unwrap_or(jm.state == MemberState::Active && jm.rank.is_some());
+            s.newest_step = s.newest_step.max(jm.step);
             s.members.insert(jm.id, m);
         }
         s.rebuild_live();

@@ -7,3 +7,8 @@ pub mod client;
 pub mod core;
 pub mod journal;
 pub mod service;
+pub mod straggler;
+#[cfg(test)]
+mod straggler_tests;
+#[cfg(test)]
+mod testkit;

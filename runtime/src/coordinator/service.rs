@@ -569,7 +569,7 @@ impl Coordinator for Svc {
             .values()
             .map(|m| {
                 let mut flags = Vec::new();
-                if m.straggler {
+                if m.straggler() {
                     flags.push("straggler".to_string());
                 }
                 if m.drain_requested {
@@ -715,13 +715,16 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
             id,
             own_ms,
             peers_ms,
+            baseline_ms,
             slow_steps,
+            slow_for_ms,
             at_step,
             window_ms,
         }) => sh.event(
             "straggler_flagged",
-            json!({"member": id, "mb_ms": own_ms, "peers_mb_ms": peers_ms, "slow_steps": slow_steps,
-                   "at_step": at_step.0, "window_mb_ms": window_ms}),
+            json!({"member": id, "mb_ms": own_ms, "peers_mb_ms": peers_ms,
+                   "baseline_mb_ms": baseline_ms, "slow_steps": slow_steps,
+                   "slow_for_ms": slow_for_ms, "at_step": at_step.0, "window_mb_ms": window_ms}),
         ),
         Some(FlagChange::Cleared {
             id,
