@@ -37,6 +37,8 @@ pub fn core_config(c: &CoordinatorSection, max_world: usize) -> CoreConfig {
             evict: c.evict_stragglers,
             min_gain: c.straggler_min_gain,
             flag_after_time: ms(c.straggler_flag_after_ms),
+            severe_after_time: ms(c.straggler_severe_after_ms),
+            act_after: ms(c.straggler_act_after_ms),
             evict_after: ms(c.straggler_evict_after_ms),
             cooldown: ms(c.straggler_cooldown_ms),
             max_evictions: c.straggler_max_evictions,

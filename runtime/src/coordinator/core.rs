@@ -637,7 +637,7 @@ impl State {
         id: MemberId,
         hb: &HeartbeatMsg,
         cfg: &CoreConfig,
-    ) -> Result<Option<FlagChange>, RuntimeError> {
+    ) -> Result<Vec<FlagChange>, RuntimeError> {
         let out = self.heartbeat_inner(now, id, hb, cfg);
         self.sync_live(id);
         out
@@ -649,7 +649,7 @@ impl State {
         id: MemberId,
         hb: &HeartbeatMsg,
         cfg: &CoreConfig,
-    ) -> Result<Option<FlagChange>, RuntimeError> {
+    ) -> Result<Vec<FlagChange>, RuntimeError> {
         let generation = self.generation;
         let resume = self.committed_step;
         let world = self.ranks.len();
@@ -671,7 +671,7 @@ impl State {
         m.last_heartbeat = now;
         if hb.generation < generation || m.state != MemberState::Active {
             // Liveness only: the member has not yet acted on the newest assignment.
-            return Ok(None);
+            return Ok(Vec::new());
         }
         if m.progress_generation < generation {
             // Joining a generation is progress: the hang clock starts now, not at registration.
@@ -697,7 +697,7 @@ impl State {
             self.newest_step = step;
         }
         if !stepped {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         self.judge_steps(now, id, hb, world, cfg)
     }
@@ -710,7 +710,7 @@ impl State {
         hb: &HeartbeatMsg,
         world: usize,
         cfg: &CoreConfig,
-    ) -> Result<Option<FlagChange>, RuntimeError> {
+    ) -> Result<Vec<FlagChange>, RuntimeError> {
         let quiet_until = self
             .members
             .get(&id)
@@ -736,11 +736,10 @@ impl State {
                 hb.last_step_time
             };
             cx.step_time = t;
-            return Ok(m
-                .judge
-                .sample(id, hb.step, t.as_secs_f64(), &cx, &cfg.straggler));
+            let c = m.judge.sample(id, hb.step, t.as_secs_f64(), &cx, &cfg.straggler);
+            return Ok(c.into_iter().collect());
         }
-        let mut change = None;
+        let mut changes = Vec::new();
         // The fixed part is spread over the even share, so that a rank given fewer micro-batches
         // is judged on the same scale as at its even share (D-1: shares only move work).
         let even = if cfg.max_world == usize::MAX {
@@ -757,11 +756,9 @@ impl State {
                 x.compute.as_secs_f64() / mbs + x.fixed.as_secs_f64() / even.unwrap_or(mbs);
             cx.micro_batches = x.micro_batches;
             cx.step_time = x.compute + x.fixed;
-            if let Some(c) = m.judge.sample(id, x.step, per_mb, &cx, &cfg.straggler) {
-                change = Some(c);
-            }
+            changes.extend(m.judge.sample(id, x.step, per_mb, &cx, &cfg.straggler));
         }
-        Ok(change)
+        Ok(changes)
     }
 
     /// Recomputes the peer reference for straggler detection from the ranks' levels (full
@@ -1216,6 +1213,9 @@ fn straggler_step(
     for l in s.live.iter().filter(|l| l.straggler) {
         let m = s.members.get(&l.id)?;
         let j = &m.judge;
+        if !j.held(now, sc) {
+            continue;
+        }
         // Without a spare, evicting a rank a split can work around only slows the job.
         let room = spares > 0 || (!can_split && world > cfg.min_world.max(1));
         let last_holder = m.holds_state && holders <= 1;

@@ -706,40 +706,48 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
             })
             .collect(),
     };
-    let flag = sh
+    let flags = sh
         .state
         .lock()
         .heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
-    match &flag {
-        Some(FlagChange::Flagged {
+    for flag in &flags {
+        flag_event(&sh, flag);
+    }
+    if !flags.is_empty() {
+        sh.wake.notify_one();
+    }
+    Ok(())
+}
+
+/// The event of a straggler flag raised or cleared.
+fn flag_event(sh: &Shared, flag: &FlagChange) {
+    match flag {
+        FlagChange::Flagged {
             id,
             own_ms,
             peers_ms,
             baseline_ms,
             slow_steps,
             slow_for_ms,
+            severe_for_ms,
             at_step,
             window_ms,
-        }) => sh.event(
+        } => sh.event(
             "straggler_flagged",
             json!({"member": id, "mb_ms": own_ms, "peers_mb_ms": peers_ms,
                    "baseline_mb_ms": baseline_ms, "slow_steps": slow_steps,
-                   "slow_for_ms": slow_for_ms, "at_step": at_step.0, "window_mb_ms": window_ms}),
+                   "slow_for_ms": slow_for_ms, "severe_for_ms": severe_for_ms,
+                   "at_step": at_step.0, "window_mb_ms": window_ms}),
         ),
-        Some(FlagChange::Cleared {
+        FlagChange::Cleared {
             id,
             own_ms,
             peers_ms,
-        }) => sh.event(
+        } => sh.event(
             "straggler_cleared",
             json!({"member": id, "mb_ms": own_ms, "peers_mb_ms": peers_ms}),
         ),
-        None => {}
     }
-    if flag.is_some() {
-        sh.wake.notify_one();
-    }
-    Ok(())
 }
 
 /// Checks the job token on every RPC. Constant-time comparison; the token is never logged.

@@ -33,12 +33,14 @@ pub struct StragglerConfig {
     pub min_excess: Duration,
     /// Slow judgements in a row (one per step) before a rank is flagged ...
     pub flag_after: u32,
-    /// ... and whose steps together took at least this long (the rank's own time in them, so
-    /// that it does not depend on when heartbeats arrive): a shorter burst flags nobody.
+    /// ... whose own time in slow steps adds up to this (measured from the samples, so that
+    /// it does not depend on when heartbeats arrive): a shorter burst flags nobody ...
     pub flag_after_time: Duration,
-    /// Two of the last three steps above this many times the reference count as slow even
-    /// before the window median moves (a CPU quota often alternates slow and normal steps).
+    /// ... or, in steps above `severe_ratio` x the reference, to this. Two of the last three
+    /// steps that severe count as slow even before the window median moves (a CPU quota often
+    /// alternates slow and normal steps).
     pub severe_ratio: f64,
+    pub severe_after_time: Duration,
     /// A flagged rank is cleared after this many consecutive steps below `clear_ratio` x the
     /// reference: a narrower band than the flag's, so a rank near the line does not flap.
     pub unflag_after: u32,
@@ -48,6 +50,9 @@ pub struct StragglerConfig {
     pub evict: bool,
     /// Rebalance only when the predicted step time drops by at least this fraction.
     pub min_gain: f64,
+    /// A flag is acted on only once it has held this long: a short disturbance (a process
+    /// start beside the rank, a burst of contention) clears before anything changes.
+    pub act_after: Duration,
     /// A flagged rank is evicted only once it has been flagged this long and was slow again
     /// after a rebalance (or no rebalance can help it).
     pub evict_after: Duration,
@@ -68,17 +73,19 @@ impl Default for StragglerConfig {
             ratio: 1.75,
             min_excess: Duration::from_millis(2),
             flag_after: 3,
-            flag_after_time: Duration::from_millis(300),
-            severe_ratio: 2.0,
+            flag_after_time: Duration::from_millis(2000),
+            severe_ratio: 2.2,
+            severe_after_time: Duration::from_millis(300),
             unflag_after: 10,
             clear_ratio: 1.25,
             evict: true,
             min_gain: 0.15,
+            act_after: Duration::from_secs(2),
             evict_after: Duration::from_secs(8),
             cooldown: Duration::from_secs(3),
             max_evictions: 2,
             eviction_window: Duration::from_secs(1800),
-            startup_grace: Duration::from_secs(5),
+            startup_grace: Duration::from_secs(3),
         }
     }
 }
@@ -95,8 +102,9 @@ pub enum FlagChange {
         /// (worlds of 2 and 3).
         baseline_ms: Option<f64>,
         slow_steps: u32,
-        /// The rank's own time in the slow steps of the streak.
+        /// The rank's own time in the slow steps of the streak, and in its severe ones.
         slow_for_ms: u64,
+        severe_for_ms: u64,
         /// The step whose time completed the evidence, and the per-micro-batch times (ms) of
         /// the window behind the flag, oldest first.
         at_step: Step,
@@ -184,11 +192,29 @@ pub struct Context {
     pub quiet: bool,
 }
 
+/// The bars a step is measured against: the other ranks' median and, at worlds of 2 and 3,
+/// the rank's own baseline; slower by a ratio and by `min_excess`.
+struct Bar {
+    peers: f64,
+    baseline: Option<f64>,
+    small: bool,
+    min_excess: f64,
+}
+
+impl Bar {
+    fn above(&self, x: f64, ratio: f64) -> bool {
+        let slower = |than: f64| x > ratio * than && x - than > self.min_excess;
+        slower(self.peers) && (!self.small || self.baseline.is_some_and(slower))
+    }
+}
+
 /// One rank's straggler state. The window restarts with each generation; the baseline history
 /// restarts when the rank's share (or the world) changes.
 #[derive(Debug, Clone, Default)]
 pub struct Judge {
     window: VecDeque<f64>,
+    /// The rank's own time in each step of the window.
+    window_own: VecDeque<Duration>,
     history: VecDeque<f64>,
     share: Option<(usize, u32)>,
     /// The newest step whose time is in the window (a heartbeat may repeat one).
@@ -198,8 +224,9 @@ pub struct Judge {
     /// `level` at the last `Peers` refresh, to take it out of its own reference.
     pub level_at_refresh: Option<f64>,
     slow_streak: u32,
-    /// The rank's own time in the steps of the current slow streak.
+    /// The rank's own time in the slow (severe) steps of the current streak.
     slow_time: Duration,
+    severe_time: Duration,
     normal_streak: u32,
     pub straggler: bool,
     pub flagged_at: Option<Instant>,
@@ -229,10 +256,10 @@ impl Judge {
     /// baseline at an unchanged share are kept.
     pub fn restart_window(&mut self) {
         self.window.clear();
+        self.window_own.clear();
         self.level = None;
         self.level_at_refresh = None;
-        self.slow_streak = 0;
-        self.slow_time = Duration::ZERO;
+        self.end_streak();
         self.normal_streak = 0;
         self.slow_in_generation = 0;
         self.normal_in_generation = 0;
@@ -259,106 +286,38 @@ impl Judge {
         if !(per_mb.is_finite() && per_mb > 0.0) {
             return None;
         }
-        let w = cfg.window.clamp(1, MAX_WINDOW);
-        if self.share != Some((cx.world, cx.micro_batches)) {
-            // A new share is judged on its own baseline.
-            self.history.clear();
-            self.share = Some((cx.world, cx.micro_batches));
-        }
-        self.window.push_back(per_mb);
-        // The baseline is the rank's level before any slowdown: frozen while it is suspect
-        // or flagged, so that a persistent slowdown never becomes its own baseline.
-        let frozen = self.slow_streak > 0 || self.straggler;
-        while self.window.len() > w {
-            if let Some(old) = self.window.pop_front() {
-                if !frozen {
-                    self.history.push_back(old);
-                }
-            }
-        }
-        while self.history.len() > HISTORY {
-            self.history.pop_front();
-        }
-        if self.window.len() < w {
-            self.level = None;
-            return None;
-        }
-        self.level = median_of(self.window.iter());
+        self.push(per_mb, cx, cfg);
         let own = self.level?;
         let peers = cx.peers.filter(|p| p.is_finite() && *p > 0.0)?;
         if cx.world < 2 {
             return None;
         }
         if cx.quiet {
-            self.slow_streak = 0;
-            self.slow_time = Duration::ZERO;
+            self.end_streak();
             return None;
         }
-        // At worlds of 2 and 3 the peers are one or two ranks: a rank must also be slow
-        // against its own level at this share before the slowdown.
-        let baseline = if cx.world <= 3 {
-            if self.history.len() < w {
-                None
-            } else {
-                median_of(self.history.iter().rev().take(MAX_WINDOW))
-            }
-        } else {
-            None
+        let bar = Bar {
+            peers,
+            baseline: self.baseline(cx, cfg),
+            small: cx.world <= 3,
+            min_excess: cfg.min_excess.as_secs_f64(),
         };
-        let small = cx.world <= 3;
-        let slower = |x: f64, ratio: f64, than: f64| {
-            x > ratio * than && x - than > cfg.min_excess.as_secs_f64()
-        };
-        let against_self = |x: f64, ratio: f64| !small || baseline.is_some_and(|b| slower(x, ratio, b));
-        let slow = slower(own, cfg.ratio, peers) && against_self(own, cfg.ratio);
-        // Severe: two of the last three steps each several times the reference, i.e. the
-        // second slowest of them is.
-        let mut last3 = [f64::NEG_INFINITY; 3];
-        for (x, &t) in last3.iter_mut().zip(self.window.iter().rev()) {
-            *x = t;
-        }
-        last3.sort_by(|a, b| b.total_cmp(a));
-        let severe_level = last3[1];
-        let severe = slower(severe_level, cfg.severe_ratio, peers)
-            && against_self(severe_level, cfg.severe_ratio);
-        let suspect = slow || severe;
-        let normal = own - peers <= cfg.min_excess.as_secs_f64() || own <= cfg.clear_ratio * peers;
-        if suspect {
-            self.slow_streak += 1;
-            self.slow_time += cx.step_time;
-            self.slow_in_generation += 1;
+        let slow = bar.above(own, cfg.ratio);
+        let severe_level = self.second_of_last_three();
+        let severe = bar.above(severe_level, cfg.severe_ratio);
+        if slow || severe {
+            self.extend_streak(per_mb, cx, &bar, cfg);
         } else {
-            self.slow_streak = 0;
-            self.slow_time = Duration::ZERO;
+            self.end_streak();
             self.normal_in_generation += 1;
         }
+        let normal = own - peers <= bar.min_excess || own <= cfg.clear_ratio * peers;
         self.normal_streak = if normal { self.normal_streak + 1 } else { 0 };
-        let slow_for = self.slow_time;
         // Clearing needs unflag_after normal steps, doubled for each recent relapse (at most 16x).
         let clear_after = cfg.unflag_after.saturating_mul(1 << self.relapses.min(4));
-        if !self.straggler
-            && self.slow_streak >= cfg.flag_after
-            && slow_for >= cfg.flag_after_time
-        {
-            self.straggler = true;
-            self.flagged_at = Some(cx.now);
-            self.flag_level = if severe { own.max(severe_level) } else { own };
-            let recent = self
-                .cleared_at
-                .is_some_and(|c| step.0.saturating_sub(c.0) <= 4 * clear_after as u64);
-            self.relapses = if recent { self.relapses + 1 } else { 0 };
-            self.relapsed =
-                self.cleared_rebalanced && !self.rebalanced && self.normal_in_generation == 0;
-            return Some(FlagChange::Flagged {
-                id,
-                own_ms: self.flag_level * 1e3,
-                peers_ms: peers * 1e3,
-                baseline_ms: baseline.map(|b| b * 1e3),
-                slow_steps: self.slow_streak,
-                slow_for_ms: slow_for.as_millis() as u64,
-                at_step: step,
-                window_ms: self.window_ms(),
-            });
+        if !self.straggler && self.persistent(cfg) {
+            let level = if severe { own.max(severe_level) } else { own };
+            return Some(self.flag(id, step, level, &bar, cx, clear_after));
         }
         if self.straggler && self.normal_streak >= clear_after {
             self.straggler = false;
@@ -373,6 +332,146 @@ impl Judge {
             });
         }
         None
+    }
+
+    /// Adds a sample to the window; what leaves it goes to the baseline history unless the
+    /// rank is suspect or flagged (a persistent slowdown never becomes its own baseline).
+    fn push(&mut self, per_mb: f64, cx: &Context, cfg: &StragglerConfig) {
+        let w = cfg.window.clamp(1, MAX_WINDOW);
+        if self.share != Some((cx.world, cx.micro_batches)) {
+            // A new share is judged on its own baseline.
+            self.history.clear();
+            self.share = Some((cx.world, cx.micro_batches));
+        }
+        self.window.push_back(per_mb);
+        self.window_own.push_back(cx.step_time);
+        let frozen = self.slow_streak > 0 || self.straggler;
+        while self.window.len() > w {
+            self.window_own.pop_front();
+            if let Some(old) = self.window.pop_front() {
+                if !frozen {
+                    self.history.push_back(old);
+                }
+            }
+        }
+        while self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+        self.level = if self.window.len() < w {
+            None
+        } else {
+            median_of(self.window.iter())
+        };
+    }
+
+    /// At worlds of 2 and 3 the peers are one or two ranks: a rank must also be slow against
+    /// its own level at this share before the slowdown.
+    fn baseline(&self, cx: &Context, cfg: &StragglerConfig) -> Option<f64> {
+        let enough = self.history.len() >= cfg.window.clamp(1, MAX_WINDOW);
+        (cx.world <= 3 && enough)
+            .then(|| median_of(self.history.iter().rev().take(MAX_WINDOW)))
+            .flatten()
+    }
+
+    /// The second slowest of the last three steps: above the severe bar, two of three were (a
+    /// CPU quota often alternates slow and normal steps).
+    fn second_of_last_three(&self) -> f64 {
+        let mut last3 = [f64::NEG_INFINITY; 3];
+        for (x, &t) in last3.iter_mut().zip(self.window.iter().rev()) {
+            *x = t;
+        }
+        last3.sort_by(|a, b| b.total_cmp(a));
+        last3[1]
+    }
+
+    fn end_streak(&mut self) {
+        self.slow_streak = 0;
+        self.slow_time = Duration::ZERO;
+        self.severe_time = Duration::ZERO;
+    }
+
+    /// One more suspect step. Only steps that were slow (severe) themselves add to the slow
+    /// (severe) time: the window median stays slow for a few steps after a burst.
+    fn extend_streak(&mut self, per_mb: f64, cx: &Context, bar: &Bar, cfg: &StragglerConfig) {
+        self.slow_in_generation += 1;
+        if self.slow_streak > 0 {
+            self.slow_streak += 1;
+            if bar.above(per_mb, cfg.ratio) {
+                self.slow_time += cx.step_time;
+            }
+            if bar.above(per_mb, cfg.severe_ratio) {
+                self.severe_time += cx.step_time;
+            }
+            return;
+        }
+        // The streak began at the first of the slow steps that led here, not when the
+        // window's evidence caught up with them; one normal step between slow ones (a CPU
+        // quota refilling) does not end it.
+        let (mut run, mut normals) = (0u32, 0);
+        let (mut slow, mut severe) = (Duration::ZERO, Duration::ZERO);
+        for (i, (&x, &own)) in self.window.iter().zip(&self.window_own).rev().enumerate() {
+            if bar.above(x, cfg.ratio) {
+                (run, normals) = (i as u32 + 1, 0);
+                slow += own;
+                if bar.above(x, cfg.severe_ratio) {
+                    severe += own;
+                }
+            } else {
+                normals += 1;
+                if normals == 2 {
+                    break;
+                }
+            }
+        }
+        self.slow_streak = run.max(1);
+        self.slow_time = slow;
+        self.severe_time = severe;
+    }
+
+    /// Slow for `flag_after` steps, and for `flag_after_time` of them, or `severe_after_time`
+    /// when they were severe: the worse the slowdown, the sooner it is certain.
+    fn persistent(&self, cfg: &StragglerConfig) -> bool {
+        self.slow_streak >= cfg.flag_after
+            && (self.slow_time >= cfg.flag_after_time || self.severe_time >= cfg.severe_after_time)
+    }
+
+    fn flag(
+        &mut self,
+        id: u64,
+        step: Step,
+        level: f64,
+        bar: &Bar,
+        cx: &Context,
+        clear_after: u32,
+    ) -> FlagChange {
+        self.straggler = true;
+        self.flagged_at = Some(cx.now);
+        self.flag_level = level;
+        let recent = self
+            .cleared_at
+            .is_some_and(|c| step.0.saturating_sub(c.0) <= 4 * clear_after as u64);
+        self.relapses = if recent { self.relapses + 1 } else { 0 };
+        self.relapsed =
+            self.cleared_rebalanced && !self.rebalanced && self.normal_in_generation == 0;
+        FlagChange::Flagged {
+            id,
+            own_ms: level * 1e3,
+            peers_ms: bar.peers * 1e3,
+            baseline_ms: bar.baseline.map(|b| b * 1e3),
+            slow_steps: self.slow_streak,
+            slow_for_ms: self.slow_time.as_millis() as u64,
+            severe_for_ms: self.severe_time.as_millis() as u64,
+            at_step: step,
+            window_ms: self.window_ms(),
+        }
+    }
+
+    /// Flagged for at least `act_after`: slow for long enough to act on.
+    pub fn held(&self, now: Instant, cfg: &StragglerConfig) -> bool {
+        self.straggler
+            && self
+                .flagged_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= cfg.act_after)
     }
 
     /// Whether a flagged rank's slowness has lasted past the cheap remedies: slow again the

@@ -101,7 +101,7 @@ impl Sim {
                 continue;
             }
             let last = steps.last().map_or(0, |x| x.0);
-            if let Some(f) = beat_steps(&mut self.s, self.t, id, &steps, &self.cfg) {
+            for f in beat_steps(&mut self.s, self.t, id, &steps, &self.cfg) {
                 self.flags.push((last, f));
             }
         }

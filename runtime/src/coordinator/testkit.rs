@@ -54,7 +54,7 @@ pub fn beat(
     step: u64,
     ms: u64,
     cfg: &CoreConfig,
-) -> Option<FlagChange> {
+) -> Vec<FlagChange> {
     let hb = HeartbeatMsg {
         generation: s.generation,
         step: Step(step),
@@ -74,7 +74,7 @@ pub fn beat_steps(
     id: MemberId,
     steps: &[(u64, u64, u32)],
     cfg: &CoreConfig,
-) -> Option<FlagChange> {
+) -> Vec<FlagChange> {
     let last = steps.last().map_or(0, |x| x.0 + 1);
     let hb = HeartbeatMsg {
         generation: s.generation,
