@@ -347,7 +347,11 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     let mut spare_every = a.restart_spare_every.map(|e| Periodic::new(e, started));
     let noise_stop = Arc::new(AtomicBool::new(false));
     let noise = match a.noise {
-        Some(n) => Some(launch_load::start_noise(n, run_dir.clone(), noise_stop.clone())?),
+        Some(n) => Some(launch_load::start_noise(
+            n,
+            run_dir.clone(),
+            noise_stop.clone(),
+        )?),
         None => None,
     };
     // Processes the launcher killed on purpose are restarted without counting against the
@@ -498,7 +502,8 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                 if let Some(p) = kill_every.as_mut().filter(|_| st.committed_step > 0) {
                     if p.due(now) {
                         let rank = (p.fired - 1) % st.world.max(1);
-                        planned += usize::from(inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some());
+                        planned +=
+                            usize::from(inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some());
                     }
                 }
                 if let Some(p) = spare_every.as_mut() {

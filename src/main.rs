@@ -3,6 +3,7 @@
 mod bench;
 mod bench_collectives;
 mod bench_coordinator;
+mod bench_straggler;
 mod config;
 mod control;
 mod launch;
@@ -270,6 +271,19 @@ enum BenchCmd {
         #[arg(long, hide = true, default_value_t = 0)]
         rank: u32,
     },
+    /// The straggler detector's trade-off: false flags per 10,000 rank-steps under a noisy
+    /// neighbour against steps to flag a 25% CPU quota, for the defaults and two other
+    /// settings (real jobs; needs a cgroup CPU controller, i.e. root).
+    Straggler {
+        #[arg(long, default_value = "configs/shakespeare-char.toml")]
+        config: PathBuf,
+        /// Ranks of each job.
+        #[arg(long, default_value_t = 4)]
+        world: usize,
+        /// Length of each noisy run, seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// The control plane at scale: the decision core alone and the real gRPC service.
     Coordinator {
         /// Simulated ranks for the decision core (1 Hz heartbeats, simulated time).
@@ -453,6 +467,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Bench {
             what:
+                BenchCmd::Straggler {
+                    config,
+                    world,
+                    seconds,
+                },
+        } => {
+            bench_straggler::run(&config, world.max(2), seconds.max(10))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            what:
                 BenchCmd::Coordinator {
                     ranks,
                     seconds,
@@ -529,7 +554,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let kill_every = secs("--kill-every", kill_every)?;
             let restart_spare_every = secs("--restart-spare-every", restart_spare_every)?;
-            let noise = noise.as_deref().map(launch_load::Noise::parse).transpose()?;
+            let noise = noise
+                .as_deref()
+                .map(launch_load::Noise::parse)
+                .transpose()?;
             let stop = Arc::new(AtomicBool::new(false));
             let s = stop.clone();
             ctrlc::set_handler(move || {

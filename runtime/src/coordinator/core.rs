@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-pub use super::straggler::{FlagChange, Judge, Peers, StragglerConfig, MAX_WINDOW};
 use super::straggler::Context;
+pub use super::straggler::{FlagChange, Judge, Peers, StragglerConfig, MAX_WINDOW};
 
 pub type MemberId = u64;
 
@@ -736,7 +736,9 @@ impl State {
                 hb.last_step_time
             };
             cx.step_time = t;
-            let c = m.judge.sample(id, hb.step, t.as_secs_f64(), &cx, &cfg.straggler);
+            let c = m
+                .judge
+                .sample(id, hb.step, t.as_secs_f64(), &cx, &cfg.straggler);
             return Ok(c.into_iter().collect());
         }
         let mut changes = Vec::new();
@@ -1433,7 +1435,6 @@ mod tests {
 
     use crate::coordinator::testkit::*;
 
-
     #[test]
     fn first_generation_waits_for_the_target_world() {
         let cfg = cfg();
@@ -1528,7 +1529,6 @@ mod tests {
             assert!((makespan(&w, &t) - best).abs() < 1e-12, "{w:?} for {t:?}");
         }
     }
-
 
     #[test]
     fn spare_is_promoted_and_healed_from_the_leader() {

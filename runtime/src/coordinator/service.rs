@@ -711,7 +711,7 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
         .lock()
         .heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
     for flag in &flags {
-        flag_event(&sh, flag);
+        flag_event(sh, flag);
     }
     if !flags.is_empty() {
         sh.wake.notify_one();

@@ -141,11 +141,7 @@ impl Peers {
     /// taken out once: a rank is never judged against itself.
     pub fn excluding(&self, own: Option<f64>) -> Option<f64> {
         let n = self.sorted.len();
-        let skip = own.and_then(|v| {
-            self.sorted
-                .binary_search_by(|x| x.total_cmp(&v))
-                .ok()
-        });
+        let skip = own.and_then(|v| self.sorted.binary_search_by(|x| x.total_cmp(&v)).ok());
         let m = n - usize::from(skip.is_some());
         if m == 0 {
             return None;
@@ -502,6 +498,9 @@ mod tests {
         assert_eq!(two.excluding(Some(0.02)), Some(0.05));
         // Alone, or with only zero levels around: no reference at all.
         assert_eq!(Peers::new([0.04].into_iter()).excluding(Some(0.04)), None);
-        assert_eq!(Peers::new([0.0, f64::NAN].into_iter()).excluding(None), None);
+        assert_eq!(
+            Peers::new([0.0, f64::NAN].into_iter()).excluding(None),
+            None
+        );
     }
 }

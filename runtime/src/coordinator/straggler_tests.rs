@@ -8,14 +8,16 @@ use super::testkit::*;
 use crate::ids::{Rank, Step};
 use std::time::{Duration, Instant};
 
+/// Steps a rank has not reported yet: (step, compute ms, micro-batches).
+type Pending = Vec<(u64, u64, u32)>;
+
 struct Sim {
     s: State,
     t: Instant,
     cfg: CoreConfig,
     step: u64,
     last_beat: Instant,
-    /// Steps not yet reported, per member: (step, compute, micro-batches).
-    pending: Vec<(MemberId, Vec<(u64, u64, u32)>)>,
+    pending: Vec<(MemberId, Pending)>,
     flags: Vec<(u64, FlagChange)>,
     regroups: Vec<Regroup>,
     halted: Option<String>,
@@ -141,10 +143,7 @@ fn normal(id: MemberId, step: u64) -> f64 {
 }
 
 fn split(max_world: usize) -> CoreConfig {
-    CoreConfig {
-        max_world,
-        ..cfg()
-    }
+    CoreConfig { max_world, ..cfg() }
 }
 
 // K-7: a 25% CPU quota on one of 4 ranks with one micro-batch each, as measured on this
@@ -162,9 +161,21 @@ fn quota_straggler_is_flagged_within_five_steps() {
     let flagged = sim.flagged();
     assert_eq!(flagged.first().map(|f| f.1), Some(slow), "{:?}", sim.flags);
     match &sim.flags[0].1 {
-        FlagChange::Flagged { at_step, slow_steps, slow_for_ms, .. } => {
-            assert!(at_step.0 - onset < 5, "slowed from step {onset}, flagged at {at_step}");
-            assert!(*slow_steps >= 3 && *slow_for_ms >= 300, "{:?}", sim.flags[0]);
+        FlagChange::Flagged {
+            at_step,
+            slow_steps,
+            slow_for_ms,
+            ..
+        } => {
+            assert!(
+                at_step.0 - onset < 5,
+                "slowed from step {onset}, flagged at {at_step}"
+            );
+            assert!(
+                *slow_steps >= 3 && *slow_for_ms >= 300,
+                "{:?}",
+                sim.flags[0]
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -199,9 +210,21 @@ fn a_burst_shorter_than_the_time_bound_flags_nobody() {
 fn small_worlds_judge_a_rank_against_its_own_history() {
     let mut sim = Sim::new(2, 0, cfg());
     let (a, b) = (sim.s.ranks[0], sim.s.ranks[1]);
-    sim.run(200, |id, k| if id == b { 2.0 * normal(id, k) } else { normal(id, k) });
+    sim.run(200, |id, k| {
+        if id == b {
+            2.0 * normal(id, k)
+        } else {
+            normal(id, k)
+        }
+    });
     assert!(sim.flags.is_empty(), "{:?}", sim.flags);
-    sim.run(80, |id, k| if id == a { 4.0 * normal(id, k) } else { 2.0 * normal(id, k) });
+    sim.run(80, |id, k| {
+        if id == a {
+            4.0 * normal(id, k)
+        } else {
+            2.0 * normal(id, k)
+        }
+    });
     let flagged = sim.flagged();
     assert_eq!(flagged.first().map(|f| f.1), Some(a), "{:?}", sim.flags);
     match &sim.flags[0].1 {
@@ -213,7 +236,11 @@ fn small_worlds_judge_a_rank_against_its_own_history() {
             ..
         } => {
             assert!(*own_ms > 30.0 && *peers_ms > 15.0, "{:?}", sim.flags[0]);
-            assert!(baseline_ms.is_some_and(|b| b > 5.0 && b < 15.0), "{:?}", sim.flags[0]);
+            assert!(
+                baseline_ms.is_some_and(|b| b > 5.0 && b < 15.0),
+                "{:?}",
+                sim.flags[0]
+            );
             assert!(*slow_for_ms >= 300, "{:?}", sim.flags[0]);
         }
         other => panic!("{other:?}"),
@@ -263,7 +290,9 @@ fn rebalance_comes_before_eviction() {
     assert!(first.shares[1] < 4, "{first:?}");
     // Still 4x slower per micro-batch at its reduced share.
     let t0 = sim.t;
-    while sim.evictions().is_empty() && sim.t.saturating_duration_since(t0) < Duration::from_secs(30) {
+    while sim.evictions().is_empty()
+        && sim.t.saturating_duration_since(t0) < Duration::from_secs(30)
+    {
         sim.run(1, |id, k| if id == slow { 40.0 } else { normal(id, k) });
     }
     let ev = sim.evictions();
@@ -297,11 +326,19 @@ fn a_relapse_at_the_even_share_is_replaced() {
     let slow = sim.s.ranks[3];
     sim.run(60, normal);
     // Slow only with 3 or more micro-batches (a CPU quota that binds only under load).
-    let quota = move |sim_shares: u32| move |id: MemberId, k: u64| {
-        if id == slow && sim_shares >= 3 { 40.0 } else { normal(id, k) }
+    let quota = move |sim_shares: u32| {
+        move |id: MemberId, k: u64| {
+            if id == slow && sim_shares >= 3 {
+                40.0
+            } else {
+                normal(id, k)
+            }
+        }
     };
     let t0 = sim.t;
-    while sim.evictions().is_empty() && sim.t.saturating_duration_since(t0) < Duration::from_secs(60) {
+    while sim.evictions().is_empty()
+        && sim.t.saturating_duration_since(t0) < Duration::from_secs(60)
+    {
         let r = sim.s.ranks.iter().position(|&x| x == slow);
         let Some(r) = r else { break };
         let mine = sim.shares()[r];
@@ -332,8 +369,16 @@ fn without_a_spare_the_split_follows_the_straggler_and_reverts() {
     sim.run(300, normal);
     assert!(sim.evictions().is_empty(), "{:?}", sim.regroups);
     let acts: Vec<_> = sim.regroups.iter().map(|r| r.straggler).collect();
-    assert_eq!(acts.first(), Some(&Some(StragglerAct::Rebalanced(slow))), "{acts:?}");
-    assert_eq!(acts.last(), Some(&Some(StragglerAct::EvenedOut)), "{acts:?}");
+    assert_eq!(
+        acts.first(),
+        Some(&Some(StragglerAct::Rebalanced(slow))),
+        "{acts:?}"
+    );
+    assert_eq!(
+        acts.last(),
+        Some(&Some(StragglerAct::EvenedOut)),
+        "{acts:?}"
+    );
     assert!(sim.s.shares.is_empty());
     for w in sim.regroups.windows(2) {
         assert!(
@@ -362,7 +407,14 @@ fn straggler_evictions_are_budgeted() {
 // last rank that holds the committed state.
 #[test]
 fn straggler_kept_at_the_min_world_floor() {
-    let mut sim = Sim::new(3, 0, CoreConfig { min_world: 3, ..cfg() });
+    let mut sim = Sim::new(
+        3,
+        0,
+        CoreConfig {
+            min_world: 3,
+            ..cfg()
+        },
+    );
     let slow = sim.s.ranks[0];
     sim.run(60, normal);
     sim.run(300, |id, k| if id == slow { 40.0 } else { normal(id, k) });
@@ -458,6 +510,68 @@ fn a_process_start_on_the_host_is_no_evidence() {
             sim.run(1, |id, k| if id == a { 30.0 } else { normal(id, k) });
         }
         sim.run(100, normal);
-        assert_eq!(sim.flags.is_empty(), grace > Duration::ZERO, "{:?}", sim.flags);
+        assert_eq!(
+            sim.flags.is_empty(),
+            grace > Duration::ZERO,
+            "{:?}",
+            sim.flags
+        );
     }
+}
+
+// K-7: a mild slowdown (2x, as a process starting beside the rank) for 1.5 s is below both
+// time bounds; the same slowdown held for good is flagged once its slow steps add up to
+// `flag_after_time`.
+#[test]
+fn a_mild_slowdown_must_last_to_be_flagged() {
+    let mut sim = Sim::new(4, 0, cfg());
+    let a = sim.s.ranks[1];
+    sim.run(100, normal);
+    let start = sim.t;
+    while sim.t.saturating_duration_since(start) < Duration::from_millis(1500) {
+        sim.run(1, |id, k| if id == a { 20.0 } else { normal(id, k) });
+    }
+    sim.run(100, normal);
+    assert!(sim.flags.is_empty(), "{:?}", sim.flags);
+    let start = sim.t;
+    sim.run(400, |id, k| if id == a { 20.0 } else { normal(id, k) });
+    let flagged = sim.flagged();
+    assert_eq!(flagged.first().map(|f| f.1), Some(a), "{:?}", sim.flags);
+    match &sim.flags[0].1 {
+        FlagChange::Flagged {
+            slow_for_ms,
+            severe_for_ms,
+            ..
+        } => {
+            assert!(
+                *slow_for_ms >= 2000 && *severe_for_ms == 0,
+                "{:?}",
+                sim.flags[0]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(sim.t.saturating_duration_since(start) >= Duration::from_secs(2));
+}
+
+// K-10: a flag that clears before `act_after` (a disturbance of a second or so) changes
+// nothing: no rebalance, no eviction.
+#[test]
+fn a_flag_that_clears_before_act_after_changes_nothing() {
+    let mut sim = Sim::new(4, 1, split(16));
+    let a = sim.s.ranks[0];
+    sim.run(100, normal);
+    // 4x for 0.6 s: flagged (severe), then normal again.
+    let start = sim.t;
+    while sim.t.saturating_duration_since(start) < Duration::from_millis(600) {
+        sim.run(1, |id, k| if id == a { 40.0 } else { normal(id, k) });
+    }
+    sim.run(60, normal);
+    assert_eq!(sim.flagged().len(), 1, "{:?}", sim.flags);
+    assert!(
+        matches!(sim.flags.last(), Some((_, FlagChange::Cleared { .. }))),
+        "{:?}",
+        sim.flags
+    );
+    assert!(sim.regroups.is_empty(), "{:?}", sim.regroups);
 }
