@@ -382,7 +382,8 @@ pub struct Regroup {
 }
 
 /// A straggler action: the cheap, reversible one first (K-10).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", content = "member", rename_all = "snake_case")]
 pub enum StragglerAct {
     Rebalanced(MemberId),
     Evicted(MemberId),

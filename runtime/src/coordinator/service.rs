@@ -258,7 +258,7 @@ impl Shared {
                         "generation": r.generation, "world": r.ranks.len(),
                         "members": r.ranks, "promoted": r.promoted,
                         "resume_step": r.resume_step, "heal": r.heal, "reason": r.reason,
-                        "shares": r.shares,
+                        "shares": r.shares, "straggler": r.straggler,
                     }),
                 );
                 for (id, why) in &r.removed {
