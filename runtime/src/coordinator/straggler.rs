@@ -36,9 +36,9 @@ pub struct StragglerConfig {
     /// ... whose own time in slow steps adds up to this (measured from the samples, so that
     /// it does not depend on when heartbeats arrive): a shorter burst flags nobody ...
     pub flag_after_time: Duration,
-    /// ... or, in steps above `severe_ratio` x the reference, to this. Two of the last three
-    /// steps that severe count as slow even before the window median moves (a CPU quota often
-    /// alternates slow and normal steps).
+    /// ... or to this when some of them were above `severe_ratio` x the reference. Two of the
+    /// last three steps that severe count as slow even before the window median moves (a CPU
+    /// quota often alternates slow and normal steps).
     pub severe_ratio: f64,
     pub severe_after_time: Duration,
     /// A flagged rank is cleared after this many consecutive steps below `clear_ratio` x the
@@ -424,11 +424,15 @@ impl Judge {
         self.severe_time = severe;
     }
 
-    /// Slow for `flag_after` steps, and for `flag_after_time` of them, or `severe_after_time`
-    /// when they were severe: the worse the slowdown, the sooner it is certain.
+    /// Slow for `flag_after` steps, and for `flag_after_time` of them, or only
+    /// `severe_after_time` when some were severe: the worse the slowdown, the sooner it is
+    /// certain. (A CPU quota's slow steps straddle the severe bar; a process start beside the
+    /// rank seldom reaches it, and its flag clears before `act_after`.)
     fn persistent(&self, cfg: &StragglerConfig) -> bool {
+        let severe = self.severe_time > Duration::ZERO;
         self.slow_streak >= cfg.flag_after
-            && (self.slow_time >= cfg.flag_after_time || self.severe_time >= cfg.severe_after_time)
+            && (self.slow_time >= cfg.flag_after_time
+                || (severe && self.slow_time >= cfg.severe_after_time))
     }
 
     fn flag(
