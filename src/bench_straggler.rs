@@ -4,6 +4,7 @@
 //! to flag a rank capped at 25% of a core. Detection only (`evict_stragglers = false`), so that
 //! no regroup changes what is measured.
 
+use crate::report::jsonl;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -42,14 +43,6 @@ const SETTINGS: [Setting; 3] = [
 
 const QUOTA_RUNS: usize = 3;
 
-fn read_jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// Runs `phalanx launch` with `args` for at most `secs`, or until `done` holds of its events,
 /// then Ctrl-C; returns its run dir.
 fn launch(
@@ -77,7 +70,7 @@ fn launch(
         if child.try_wait()?.is_some() {
             return Ok(run_dir);
         }
-        if done(&read_jsonl(&run_dir.join("events.jsonl"))) {
+        if done(&jsonl(&run_dir.join("events.jsonl"))) {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -91,19 +84,14 @@ fn launch(
 
 /// False flags per 10,000 rank-steps, and the rank-steps, of a fault-free noisy run.
 fn noisy(config: &Path, dir: &Path, s: &Setting, world: usize, secs: u64) -> Result<(f64, u64)> {
-    let mut args: Vec<String> = ["--nproc", &world.to_string(), "--noise", "2000:10000"]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-    args.extend(common_overrides());
-    args.extend(s.overrides.iter().map(|x| x.to_string()));
+    let args = job_args(world, &["--noise", "2000:10000"], s);
     let run = launch(config, dir, &args, secs, &|_| false)?;
-    let steps = read_jsonl(&run.join("metrics.jsonl"))
+    let steps = jsonl(&run.join("metrics.jsonl"))
         .iter()
         .filter_map(|m| m["step"].as_u64())
         .max()
         .unwrap_or(0);
-    let flags = read_jsonl(&run.join("events.jsonl"))
+    let flags = jsonl(&run.join("events.jsonl"))
         .iter()
         .filter(|e| e["kind"] == "straggler_flagged")
         .count();
@@ -121,15 +109,10 @@ fn quota(
     s: &Setting,
     world: usize,
 ) -> Result<(Option<u64>, Option<u64>)> {
-    let mut args: Vec<String> = ["--nproc", &world.to_string(), "--slow-at", "100:2"]
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-    args.extend(common_overrides());
-    args.extend(s.overrides.iter().map(|x| x.to_string()));
+    let args = job_args(world, &["--slow-at", "100:2"], s);
     let flagged = |e: &[Value]| e.iter().any(|x| x["kind"] == "straggler_flagged");
     let run = launch(config, dir, &args, 60, &flagged)?;
-    let events = read_jsonl(&run.join("events.jsonl"));
+    let events = jsonl(&run.join("events.jsonl"));
     let Some(at) = events
         .iter()
         .find(|e| e["fault"] == "cpu_quota")
@@ -157,17 +140,21 @@ fn quota(
 }
 
 /// The job both runs use: the Shakespeare model a new user runs, four micro-batches, no
-/// straggler actions, long enough for the run time.
-fn common_overrides() -> Vec<String> {
-    [
-        "train.micro_batch=4",
-        "train.max_steps=1000000",
-        "optim.decay_steps=1000000",
-        "coordinator.evict_stragglers=false",
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect()
+/// straggler actions, long enough for the run time; then the fault and the setting.
+fn job_args(world: usize, fault: &[&str], s: &Setting) -> Vec<String> {
+    let nproc = world.to_string();
+    ["--nproc", nproc.as_str()]
+        .iter()
+        .chain(fault)
+        .chain(&[
+            "train.micro_batch=4",
+            "train.max_steps=1000000",
+            "optim.decay_steps=1000000",
+            "coordinator.evict_stragglers=false",
+        ])
+        .chain(s.overrides)
+        .map(|x| x.to_string())
+        .collect()
 }
 
 pub fn run(config: &Path, world: usize, secs: u64) -> Result<()> {

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-fn jsonl(p: &Path) -> Vec<Value> {
+/// The lines of a JSON-lines file that parse (a torn last line is skipped).
+pub(crate) fn jsonl(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p)
         .unwrap_or_default()
         .lines()

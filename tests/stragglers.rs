@@ -322,8 +322,9 @@ fn losing_the_last_holder_halts_instead_of_restarting_from_step_0() {
     assert!(reason.contains("holds the committed state"), "{reason}");
     let metrics = read_jsonl(&run_dir.join("metrics.jsonl"));
     let steps: Vec<u64> = metrics.iter().filter_map(|m| m["step"].as_u64()).collect();
-    let killed_at = steps.iter().copied().max().unwrap();
-    assert!(killed_at >= 30, "{steps:?}");
+    // Step k is the (k+1)-th commit; the kill comes once 30 are committed.
+    let last = steps.iter().copied().max().unwrap();
+    assert!(last + 1 >= 30, "{steps:?}");
     // Nothing committed after the kill started again below it.
     let first_drop = steps.windows(2).find(|w| w[1] + 1 < w[0]);
     assert!(first_drop.is_none(), "went back: {first_drop:?}");
