@@ -175,7 +175,8 @@ fn assert_no_restart_from_scratch(j: &Job) {
     }
 }
 
-// The 2-rank + spare job a new user runs, on a quiet machine: no generation change at all. Then
+// K-10, K-9: the 2-rank + spare job a new user runs, on a quiet machine: no generation change
+// at all. Then
 // the same job with a SIGKILL of an active rank every 60 s: exactly one generation change per
 // kill, and goodput (committed steps per second with kills / without) of at least 0.97.
 #[test]
