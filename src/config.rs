@@ -251,7 +251,7 @@ impl Default for CoordinatorSection {
             straggler_severe_after_ms: 300,
             straggler_act_after_ms: 2000,
             straggler_evict_after_ms: 8000,
-            straggler_cooldown_ms: 3000,
+            straggler_cooldown_ms: 1000,
             straggler_max_evictions: 2,
             straggler_eviction_window_ms: 1_800_000,
             straggler_startup_grace_ms: 3000,

@@ -1084,9 +1084,13 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
         (1.0 - rebalanced / unbalanced) * 100.0,
         gens.len()
     );
+    let splits: Vec<String> = gens
+        .iter()
+        .map(|g| format!("{}@{}", g["shares"], g["resume_step"]))
+        .collect();
     assert!(
         rebalanced <= 0.7 * unbalanced,
-        "rebalanced {rebalanced:.1} ms vs unbalanced {unbalanced:.1} ms"
+        "rebalanced {rebalanced:.1} ms vs unbalanced {unbalanced:.1} ms; splits {splits:?}"
     );
 }
 

@@ -82,7 +82,7 @@ impl Default for StragglerConfig {
             min_gain: 0.15,
             act_after: Duration::from_secs(2),
             evict_after: Duration::from_secs(8),
-            cooldown: Duration::from_secs(3),
+            cooldown: Duration::from_secs(1),
             max_evictions: 2,
             eviction_window: Duration::from_secs(1800),
             startup_grace: Duration::from_secs(3),
@@ -466,12 +466,13 @@ impl Judge {
         }
     }
 
-    /// Flagged for at least `act_after`: slow for long enough to act on.
+    /// Flagged for at least `act_after`, or slow again the moment a rebalance was undone (that
+    /// is persistence already): slow for long enough to act on.
     pub fn held(&self, now: Instant, cfg: &StragglerConfig) -> bool {
-        self.straggler
-            && self
-                .flagged_at
-                .is_some_and(|t| now.saturating_duration_since(t) >= cfg.act_after)
+        let long = self
+            .flagged_at
+            .is_some_and(|t| now.saturating_duration_since(t) >= cfg.act_after);
+        self.straggler && (self.relapsed || long)
     }
 
     /// Whether a flagged rank's slowness has lasted past the cheap remedies: slow again the
