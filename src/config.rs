@@ -353,6 +353,14 @@ impl CoordinatorSection {
                 "straggler_window, straggler_flag_after and straggler_unflag_after must be > 0",
             );
         }
+        if self.straggler_eviction_window_ms == 0 {
+            return bad(
+                "straggler_eviction_window_ms",
+                "0".into(),
+                "must be > 0 (the window over which straggler_max_evictions counts); set \
+                 straggler_max_evictions = 0 to never evict for slowness",
+            );
+        }
         if !(self.hang_k > 0.0 && self.hang_k.is_finite()) {
             return bad(
                 "hang_k",
