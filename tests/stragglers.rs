@@ -8,7 +8,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -24,26 +24,6 @@ fn soak() -> Duration {
         .and_then(|v| v.parse().ok())
         .unwrap_or(75u64);
     Duration::from_secs(s)
-}
-
-/// The bundled Shakespeare corpus, tokenized by characters, once per test.
-fn shakespeare(dir: &Path) -> PathBuf {
-    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/shakespeare");
-    let out = dir.join("data");
-    let r = run(
-        &[
-            "prepare",
-            "--tokenizer",
-            "char",
-            "--input",
-            corpus.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        dir,
-    );
-    assert!(r.ok(), "prepare failed: {}", r.stderr());
-    out
 }
 
 struct Job {
@@ -106,7 +86,7 @@ impl Job {
 /// `phalanx launch` of the Shakespeare config (micro-batches of 4) for `for_`, then SIGINT.
 fn launch_for(dir: &Path, args: &[&str], for_: Duration) -> Job {
     let _one_at_a_time = serial();
-    let data = shakespeare(dir);
+    let data = shakespeare_char(dir);
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shakespeare-char.toml");
     let run_dir = dir.join("run");
     let mut child = bin()
@@ -297,7 +277,7 @@ fn restarting_spares_disturb_nobody() {
 fn losing_the_last_holder_halts_instead_of_restarting_from_step_0() {
     let d = tempfile::tempdir().unwrap();
     let _one_at_a_time = serial();
-    let data = shakespeare(d.path());
+    let data = shakespeare_char(d.path());
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shakespeare-char.toml");
     let run_dir = d.path().join("run");
     let out = bin()

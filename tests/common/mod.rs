@@ -116,3 +116,23 @@ pub fn read_jsonl(p: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The bundled Shakespeare corpus, tokenized by characters, into `dir/data`.
+pub fn shakespeare_char(dir: &Path) -> PathBuf {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/shakespeare");
+    let out = dir.join("data");
+    let r = run(
+        &[
+            "prepare",
+            "--tokenizer",
+            "char",
+            "--input",
+            corpus.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        dir,
+    );
+    assert!(r.ok(), "prepare failed: {}", r.stderr());
+    out
+}
