@@ -160,6 +160,33 @@ fn lift_quota(dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot write {value} to {}/{file}", dir.display()))
 }
 
+/// The periodic faults that are due: a SIGKILL of an active rank (ranks in turn) and a spare
+/// process restarted. Returns how many processes were killed on purpose.
+fn periodic_faults(
+    run_dir: &Path,
+    st: &pb::StatusResponse,
+    kill_every: Option<&mut Periodic>,
+    spare_every: Option<&mut Periodic>,
+    bar: &ProgressBar,
+) -> Result<usize> {
+    let now = Instant::now();
+    let mut planned = 0;
+    if let Some(p) = kill_every.filter(|_| st.committed_step > 0) {
+        if p.due(now) {
+            let rank = (p.fired - 1) % st.world.max(1);
+            planned += usize::from(inject(run_dir, st, rank, "KILL", bar)?.is_some());
+        }
+    }
+    if let Some(p) = spare_every {
+        if p.due(now) {
+            if let Some(r) = st.ranks.iter().find(|r| r.state == "spare") {
+                planned += usize::from(launch_load::restart_spare(run_dir, r.pid)?);
+            }
+        }
+    }
+    Ok(planned)
+}
+
 /// Whether rank 0 wrote its `final` metrics line. Reads only what was appended since the last
 /// call (`seen` bytes), so that a long run's growing file is not read again every tick.
 fn metrics_has_final(run_dir: &Path, seen: &mut u64) -> bool {
@@ -498,21 +525,13 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                         killed = inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some();
                     }
                 }
-                let now = Instant::now();
-                if let Some(p) = kill_every.as_mut().filter(|_| st.committed_step > 0) {
-                    if p.due(now) {
-                        let rank = (p.fired - 1) % st.world.max(1);
-                        planned +=
-                            usize::from(inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some());
-                    }
-                }
-                if let Some(p) = spare_every.as_mut() {
-                    if p.due(now) {
-                        if let Some(r) = st.ranks.iter().find(|r| r.state == "spare") {
-                            planned += usize::from(launch_load::restart_spare(&run_dir, r.pid)?);
-                        }
-                    }
-                }
+                planned += periodic_faults(
+                    &run_dir,
+                    &st,
+                    kill_every.as_mut(),
+                    spare_every.as_mut(),
+                    &pb_bar,
+                )?;
             }
         }
         if let Some((pid, at)) = stopped {

@@ -941,26 +941,10 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     if s.live.iter().any(|l| l.done) {
         return Decision::Steady;
     }
-    let mut removed: Vec<(MemberId, Removal)> = Vec::new();
-    for l in &s.live {
-        if let Some(f) = failure(now, &cuts, l, s, world, cfg) {
-            removed.push((l.id, f));
-        } else if l.drain {
-            removed.push((l.id, Removal::Drained));
-        }
-    }
-    // Split-brain guard: if most of the world went silent at once, the coordinator is more
-    // likely the one cut off; evicting them would leave it with a minority. Crashes seen as
-    // stream resets are not ambiguous and do not count.
-    let silent = removed.iter().filter(|(_, r)| r.is_silence()).count();
-    if silent * 2 > world {
-        return Decision::Hold {
-            reason: format!(
-                "{silent} of {world} ranks are silent at once; refusing to evict a majority \
-                 (split-brain guard) until they return or an operator intervenes"
-            ),
-        };
-    }
+    let mut removed = match removals(now, &cuts, s, cfg) {
+        Ok(r) => r,
+        Err(reason) => return Decision::Hold { reason },
+    };
     let target = s.target_world.min(cfg.max_world).max(1);
     // One straggler action at a time, then a cool-down (K-10).
     let cooling = s
@@ -1102,6 +1086,34 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         straggler,
         at: now,
     })
+}
+
+/// The current ranks that failed or asked to leave; or why to hold when most went silent at
+/// once (split-brain guard: the coordinator is more likely the one cut off, and evicting them
+/// would leave it with a minority; crashes seen as stream resets are not ambiguous).
+fn removals(
+    now: Instant,
+    cuts: &Cuts,
+    s: &State,
+    cfg: &CoreConfig,
+) -> Result<Vec<(MemberId, Removal)>, String> {
+    let world = s.ranks.len();
+    let mut removed: Vec<(MemberId, Removal)> = Vec::new();
+    for l in &s.live {
+        if let Some(f) = failure(now, cuts, l, s, world, cfg) {
+            removed.push((l.id, f));
+        } else if l.drain {
+            removed.push((l.id, Removal::Drained));
+        }
+    }
+    let silent = removed.iter().filter(|(_, r)| r.is_silence()).count();
+    if silent * 2 > world {
+        return Err(format!(
+            "{silent} of {world} ranks are silent at once; refusing to evict a majority \
+             (split-brain guard) until they return or an operator intervenes"
+        ));
+    }
+    Ok(removed)
 }
 
 /// The new generation's ranks (survivors, then promoted spares), the step it resumes at (the
