@@ -248,7 +248,7 @@ impl Default for CoordinatorSection {
             evict_stragglers: true,
             straggler_min_gain: 0.15,
             straggler_flag_after_ms: 2000,
-            straggler_severe_after_ms: 300,
+            straggler_severe_after_ms: 200,
             straggler_act_after_ms: 2000,
             straggler_evict_after_ms: 8000,
             straggler_cooldown_ms: 1000,

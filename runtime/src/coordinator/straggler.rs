@@ -75,7 +75,7 @@ impl Default for StragglerConfig {
             flag_after: 3,
             flag_after_time: Duration::from_millis(2000),
             severe_ratio: 2.2,
-            severe_after_time: Duration::from_millis(300),
+            severe_after_time: Duration::from_millis(200),
             unflag_after: 10,
             clear_ratio: 1.25,
             evict: true,

@@ -172,7 +172,7 @@ fn quota_straggler_is_flagged_within_five_steps() {
                 "slowed from step {onset}, flagged at {at_step}"
             );
             assert!(
-                *slow_steps >= 3 && *slow_for_ms >= 300,
+                *slow_steps >= 3 && *slow_for_ms >= 200,
                 "{:?}",
                 sim.flags[0]
             );
@@ -191,13 +191,13 @@ fn a_burst_shorter_than_the_time_bound_flags_nobody() {
         sim.run(80, normal);
         let start = sim.t;
         let mut k = 0;
-        // 3x slower for 250 ms: 8 steps of 30 ms.
-        while sim.t.saturating_duration_since(start) < Duration::from_millis(250) {
+        // 3x slower for 150 ms: 5 steps of 30 ms.
+        while sim.t.saturating_duration_since(start) < Duration::from_millis(150) {
             sim.run(1, |id, s| if id == victim { 30.0 } else { normal(id, s) });
             k += 1;
         }
         sim.run(80, normal);
-        assert!(k >= 8, "{k} steps");
+        assert!(k >= 5, "{k} steps");
         assert!(sim.flags.is_empty(), "world {world}: {:?}", sim.flags);
         assert!(sim.regroups.is_empty(), "world {world}: {:?}", sim.regroups);
     }
@@ -241,7 +241,7 @@ fn small_worlds_judge_a_rank_against_its_own_history() {
                 "{:?}",
                 sim.flags[0]
             );
-            assert!(*slow_for_ms >= 300, "{:?}", sim.flags[0]);
+            assert!(*slow_for_ms >= 200, "{:?}", sim.flags[0]);
         }
         other => panic!("{other:?}"),
     }
