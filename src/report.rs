@@ -232,6 +232,7 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
     // and the rollbacks seen so far (line index, step rolled back to).
     let mut line_of: BTreeMap<u64, usize> = BTreeMap::new();
     let mut rollbacks: Vec<(usize, u64)> = Vec::new();
+    let mut restated: BTreeMap<u64, (u64, u64, [u64; 2])> = BTreeMap::new();
     for (i, m) in metrics
         .iter()
         .enumerate()
@@ -257,6 +258,13 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
         // A commit restated by the next rank 0 (D-1) only fills a step nobody recorded: if
         // the step is recorded, it is that commit or a later redo of it.
         if m["restated"] == true && committed.contains_key(&k) {
+            continue;
+        }
+        // The original of a commit restated before it: a rank 0 that was stopped, fenced and
+        // woken records the step it had committed with the others after the next rank 0
+        // restated it. One commit, whichever line came first.
+        if restated.get(&k) == Some(&(g, epoch, pos)) {
+            restated.remove(&k);
             continue;
         }
         if let Some(&(g0, _, _)) = committed.get(&k) {
@@ -289,6 +297,11 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
         micro_batches = micro_batches.or(end);
         committed.insert(k, (g, epoch, pos));
         line_of.insert(k, i);
+        if m["restated"] == true {
+            restated.insert(k, (g, epoch, pos));
+        } else {
+            restated.remove(&k);
+        }
     }
     let last = committed.keys().next_back().copied();
     let missing: Vec<u64> = last
@@ -446,6 +459,24 @@ mod tests {
         m.push(commit(3, 1, 2));
         let l = ledger(&m, &[generation(1, 0)]);
         assert_eq!(l["repeated_steps"], json!([3]), "{l}");
+    }
+
+    // D-1: rank 0 stopped after a step's allreduce, fenced, and woken records that step after
+    // the next rank 0 restated it; the late original is the same commit, not a repeat. The
+    // same line twice more is still a repeat.
+    #[test]
+    fn a_late_original_of_a_restated_commit_is_one_commit() {
+        let mut m: Vec<Value> = (0..30).map(|k| commit(k, 1, 2)).collect();
+        let mut restated = commit(30, 1, 2);
+        restated["restated"] = json!(true);
+        m.push(restated);
+        m.extend((31..40).map(|k| commit(k, 2, 1)));
+        m.push(commit(30, 1, 2));
+        let l = ledger(&m, &[generation(1, 0), generation(2, 31)]);
+        assert_eq!(l["exactly_once"], true, "{l}");
+        m.push(commit(30, 1, 2));
+        let l = ledger(&m, &[generation(1, 0), generation(2, 31)]);
+        assert_eq!(l["repeated_steps"], json!([30]), "{l}");
     }
 
     // D-1 violations are named: a step committed twice without a resume before it, a step
