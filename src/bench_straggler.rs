@@ -129,7 +129,7 @@ fn quota(
     };
     let flagged = flag["at_step"].as_u64().unwrap_or(at);
     let peers = flag["peers_mb_ms"].as_f64().unwrap_or(0.0);
-    let window: Vec<f64> = flag["window_mb_ms"]
+    let window: Vec<f64> = flag["recent_mb_ms"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_f64).collect())
         .unwrap_or_default();

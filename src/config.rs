@@ -149,6 +149,15 @@ impl Default for TrainSection {
     }
 }
 
+/// Where a rank's peers reach it (docs/dataplane.md, "Addresses"). Empty: the address of the
+/// interface that routes to the coordinator. `PHALANX_ADDRESS` / `PHALANX_SOCKET_IFNAME` win.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneSection {
+    pub address: String,
+    pub interface: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunSection {
@@ -388,6 +397,7 @@ pub struct TrainConfig {
     pub optim: OptimConfig,
     pub run: RunSection,
     pub coordinator: CoordinatorSection,
+    pub dataplane: DataplaneSection,
 }
 
 /// Dotted paths of every key in a table (tables themselves are not keys).

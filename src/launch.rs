@@ -4,6 +4,8 @@
 
 use crate::config::TrainConfig;
 use crate::control::{self, CoordinatorArgs};
+use crate::hosts::{self, SimHosts};
+use crate::launch_hosts::{HostArgs, HostFaults};
 use crate::launch_load::{self, Noise, Periodic};
 use crate::report;
 use crate::run_dir::unix_ms;
@@ -41,11 +43,15 @@ pub struct LaunchArgs {
     pub restart_spare_every: Option<Duration>,
     /// ... and a noisy neighbour taking one core in bursts.
     pub noise: Option<Noise>,
+    /// Simulated hosts and the faults across them.
+    pub hosts: HostArgs,
     pub progress: bool,
 }
 
 struct Worker {
     child: Child,
+    /// The simulated host it runs on (0 without --hosts).
+    host: usize,
     spare: bool,
     done: bool,
     code: Option<i32>,
@@ -250,8 +256,16 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     let threads = (budget / a.nproc).max(1);
     let job_token = cfg.coordinator.token().unwrap_or_else(token);
 
-    // The coordinator, in this process.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let mut host_faults = HostFaults::new(a.hosts.faults()?);
+    let sim = match a.hosts.hosts {
+        Some(h) => Some(SimHosts::create(h, "phalanx")?),
+        None => None,
+    };
+    // The coordinator, in this process; with simulated hosts, on the bridge they all reach.
+    let bind_ip = sim
+        .as_ref()
+        .map_or_else(|| "127.0.0.1".to_string(), |s| s.gateway().to_string());
+    let listener = std::net::TcpListener::bind(format!("{bind_ip}:0"))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
@@ -285,9 +299,12 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         })?;
 
     let exe = std::env::current_exe()?;
-    let spawn = |i: usize, spare: bool| -> Result<Child> {
+    let spawn = |i: usize, spare: bool, host: usize| -> Result<Child> {
         let log = std::fs::File::create(run_dir.join("logs").join(format!("worker-{i}.log")))?;
-        let mut cmd = Command::new(&exe);
+        let mut cmd = match &sim {
+            Some(s) => s.command(host, &exe),
+            None => Command::new(&exe),
+        };
         cmd.arg("worker")
             .args(["--coordinator", &url])
             .arg("--config")
@@ -309,10 +326,13 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         cmd.spawn().context("cannot start a worker process")
     };
     let mut workers: Vec<Worker> = Vec::new();
+    let n_hosts = sim.as_ref().map_or(1, |s| s.len());
     for i in 0..a.nproc + a.spares {
         let spare = i >= a.nproc;
+        let host = hosts::place(i, a.nproc, n_hosts);
         workers.push(Worker {
-            child: spawn(i, spare)?,
+            child: spawn(i, spare, host)?,
+            host,
             spare,
             done: false,
             code: None,
@@ -321,7 +341,12 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     append_event(
         &run_dir,
         "launch",
-        json!({"nproc": a.nproc, "spares": a.spares, "threads_per_rank": threads}),
+        json!({"nproc": a.nproc, "spares": a.spares, "threads_per_rank": threads,
+               "hosts": sim.as_ref().map(|s| (0..s.len())
+                   .map(|h| json!({"host": s.name(h), "address": s.addr(h).to_string(),
+                                   "pids": workers.iter().filter(|w| w.host == h)
+                                       .map(|w| w.child.id()).collect::<Vec<_>>()}))
+                   .collect::<Vec<_>>())}),
     )?;
     // Operators (and `phalanx scale` / `drain` / `status`) need the address and the token: both
     // go to the run directory, the token readable by this user only.
@@ -392,7 +417,8 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             break;
         }
         // Children: a finished rank is done; a dead one is replaced by a fresh spare.
-        let mut respawn = 0;
+        // The hosts of the lost workers: a new spare starts where each ran.
+        let mut respawn: Vec<usize> = Vec::new();
         for w in workers.iter_mut().filter(|w| !w.done) {
             if let Some(st) = w.child.try_wait()? {
                 w.done = true;
@@ -406,7 +432,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                 if code != Some(crate::worker::EXIT_DONE)
                     && code != Some(crate::worker::EXIT_HALTED)
                 {
-                    respawn += 1;
+                    respawn.push(w.host);
                 }
                 if code == Some(crate::worker::EXIT_HALTED) {
                     outcome = "halted";
@@ -429,7 +455,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         if outcome == "halted" {
             break;
         }
-        for _ in 0..respawn {
+        for host in respawn {
             if restarts >= 4 * (a.nproc + a.spares) + planned {
                 warn!("too many worker restarts; not restarting any more");
                 break;
@@ -438,7 +464,8 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             let i = workers.len();
             info!(worker = i, "restarting a lost worker as a spare");
             workers.push(Worker {
-                child: spawn(i, true)?,
+                child: spawn(i, true, host)?,
+                host,
                 spare: true,
                 done: false,
                 code: None,
@@ -453,6 +480,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         let pending = (a.kill.is_some() && !killed)
             || (a.stop_at.is_some() && !stop_done && stopped.is_none())
             || (a.slow_at.is_some() && slowed.is_none())
+            || host_faults.pending()
             || slowed
                 .as_ref()
                 .is_some_and(|(_, _, lifted)| !lifted && a.slow_steps > 0);
@@ -525,6 +553,14 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                         killed = inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some();
                     }
                 }
+                if let Some(s) = &sim {
+                    let pids: Vec<u32> = workers
+                        .iter()
+                        .filter(|w| !w.done)
+                        .map(|w| w.child.id())
+                        .collect();
+                    planned += host_faults.poll(s, &st, &pids, &run_dir)?;
+                }
                 planned += periodic_faults(
                     &run_dir,
                     &st,
@@ -533,6 +569,9 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                     &pb_bar,
                 )?;
             }
+        }
+        if let Some(s) = &sim {
+            host_faults.heal(s, &run_dir, false)?;
         }
         if let Some((pid, at)) = stopped {
             if at.elapsed() >= a.stop_for {
@@ -554,6 +593,9 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         let _ = Command::new("kill")
             .args(["-CONT", &pid.to_string()])
             .status();
+    }
+    if let Some(s) = &sim {
+        host_faults.heal(s, &run_dir, true)?;
     }
     noise_stop.store(true, Ordering::SeqCst);
     if let Some(h) = noise {

@@ -6,7 +6,9 @@ mod bench_coordinator;
 mod bench_straggler;
 mod config;
 mod control;
+mod hosts;
 mod launch;
+mod launch_hosts;
 mod launch_load;
 use phalanx_actors::model_io;
 mod report;
@@ -150,6 +152,8 @@ enum Cmd {
         /// A noisy neighbour: a busy-loop process takes one core for BUSY_MS every PERIOD_MS.
         #[arg(long, value_name = "BUSY_MS:PERIOD_MS")]
         noise: Option<String>,
+        #[command(flatten)]
+        hosts: launch_hosts::HostArgs,
         overrides: Vec<String>,
     },
     /// Run the job's coordinator (membership, generations, failure detection).
@@ -523,6 +527,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kill_every,
             restart_spare_every,
             noise,
+            hosts,
             overrides,
         } => {
             let parse = |flag: &str, v: Option<String>| -> Result<Option<(u64, u32)>> {
@@ -581,6 +586,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     kill_every,
                     restart_spare_every,
                     noise,
+                    hosts,
                     progress: std::io::stderr().is_terminal(),
                 },
                 stop,

@@ -75,6 +75,7 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
             capabilities: vec!["sim".into()],
             config_hash: a.config_hash.clone(),
             pid: std::process::id(),
+            address: String::new(),
             member_id: member,
             generation,
             rank,
@@ -135,7 +136,7 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
                         phase: if assigned { "training" } else { "idle" }.into(),
                         last_step_time_us: (a.step_ms * 1000) as u32,
                         last_compute_time_us: (a.step_ms * 1000) as u32,
-                        loss: 0.0, stats: None, recent: Vec::new(),
+                        loss: 0.0, stats: None, recent: Vec::new(), links: Vec::new(),
                     }))};
                     if tx.send(m).await.is_err() { break; }
                 }

@@ -11,6 +11,7 @@ use anyhow::{bail, Result};
 use phalanx_actors::policy::Intensity;
 use phalanx_actors::rank::{self, RankParams, SetupFn};
 use phalanx_proto::pb;
+use phalanx_runtime::dataplane::{advertised_ip, AddressSettings};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,6 +121,10 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
     if let Some(t) = cfg.coordinator.token() {
         opts.token = Some(t);
     }
+    // Every listener a peer dials is advertised at an address other hosts reach.
+    let settings = AddressSettings::from_env_and(&cfg.dataplane.address, &cfg.dataplane.interface);
+    let choice = advertised_ip(&settings, &a.url)?;
+    info!(address = %choice, "data-plane address");
     let register = pb::RegisterRequest {
         job_id: cfg.coordinator.job_id.clone(),
         host: hostname(),
@@ -132,6 +137,7 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         capabilities: hints,
         config_hash: hash,
         pid: std::process::id(),
+        address: choice.ip.to_string(),
         ..Default::default()
     };
     let c = cfg.clone();
@@ -139,6 +145,7 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
     let r = &cfg.run;
     let params = RankParams {
         url: a.url.clone(),
+        advertise_ip: choice.ip.to_string(),
         client: opts,
         register,
         setup,

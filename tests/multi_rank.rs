@@ -882,20 +882,20 @@ fn assert_flagged_within_five_steps(events: &[Value]) -> Value {
     assert_eq!(flag["member"], member, "the wrong rank was flagged: {flag}");
     let flagged_at = flag["at_step"].as_u64().unwrap();
     let peers = flag["peers_mb_ms"].as_f64().unwrap();
-    let window: Vec<f64> = flag["window_mb_ms"]
+    let window: Vec<f64> = flag["recent_mb_ms"]
         .as_array()
         .unwrap()
         .iter()
         .map(|x| x.as_f64().unwrap())
         .collect();
-    // The window's last entry is the flagged step; the slowdown began at its first slow step
-    // under the quota.
+    // The recent steps' last entry is the flagged step; the slowdown began at their first slow
+    // step under the quota.
     let first = flagged_at + 1 - window.len() as u64;
     let onset = (0..window.len())
         .find(|&i| first + i as u64 >= at && window[i] > 1.75 * peers)
         .map(|i| first + i as u64)
         .unwrap_or_else(|| panic!("no slow step under the quota in the flag's window: {flag}"));
-    // A window that opens on a slow step after the quota may not hold the slowdown's start.
+    // Recent steps that open on a slow step after the quota may not hold the slowdown's start.
     assert!(
         onset > first || first <= at,
         "the slowdown began before the flag's window: {flag}"

@@ -9,12 +9,14 @@
 use crate::rank::Shared;
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client::Client;
+use phalanx_runtime::coordinator::observed;
+use phalanx_runtime::dataplane::links::summary;
 use phalanx_runtime::dataplane::{AddressExchange, UcxConfig, UcxGroup};
 use phalanx_runtime::{Generation, Rank, RuntimeError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Address exchange through the coordinator's Rendezvous (called on the UCX thread).
 struct CoordExchange {
@@ -118,6 +120,7 @@ impl Actor for CommunicatorActor {
                 };
                 let mut ucx = UcxConfig::default();
                 ucx.coll.timeout = st.shared.params.collective_timeout;
+                ucx.liveness_ip = st.shared.params.advertise_ip.clone();
                 let exchange = CoordExchange {
                     handle: st.shared.handle.clone(),
                     client: ctl.client,
@@ -131,6 +134,9 @@ impl Actor for CommunicatorActor {
                     .map(|g| Arc::new(parking_lot::Mutex::new(g)))
                     .map_err(|e| e.to_string());
                 if let Ok(g) = &r {
+                    let links = g.lock().links().to_vec();
+                    info!(%generation, %rank, links = %summary(&links), "data-plane group built");
+                    *st.shared.group_links.lock() = links.iter().map(observed::to_pb).collect();
                     st.group = Some(g.clone());
                 }
                 let _ = reply.send(r);

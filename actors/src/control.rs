@@ -234,6 +234,7 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
                         loss: f32::from_bits(progress.loss_bits.load(Ordering::Relaxed)),
                         stats: None,
                         recent: progress.take_recent(),
+                        links: std::mem::take(&mut *shared.group_links.lock()),
                     }))};
                     if s.tx.send(m).await.is_err() { break; }
                 }

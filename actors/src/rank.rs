@@ -49,6 +49,8 @@ pub type SetupFn = Arc<dyn Fn() -> std::result::Result<Setup, String> + Send + S
 #[derive(Clone)]
 pub struct RankParams {
     pub url: String,
+    /// The address this rank's peers reach its listeners at (never loopback across hosts).
+    pub advertise_ip: String,
     pub client: ClientOpts,
     pub register: pb::RegisterRequest,
     pub setup: SetupFn,
@@ -155,6 +157,8 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// This rank's place in the last generation it joined (`u32::MAX`: none yet).
     pub last_rank: AtomicU32,
+    /// The transports of the group just built, for the next heartbeat.
+    pub group_links: Mutex<Vec<pb::PeerLink>>,
 }
 
 impl Shared {
@@ -361,6 +365,7 @@ pub fn run(params: RankParams, first: Setup) -> Result<i32> {
         handle: rt.handle().clone(),
         stopping: AtomicBool::new(false),
         last_rank: AtomicU32::new(u32::MAX),
+        group_links: Mutex::new(Vec::new()),
     });
     let outcome = Arc::new(Mutex::new(None::<RankOutcome>));
     let o = outcome.clone();

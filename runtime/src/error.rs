@@ -49,6 +49,9 @@ pub enum RuntimeError {
     /// The UCX library refused an operation (initialisation, endpoint creation, ...).
     #[error("UCX {op} failed: {reason}; check UCX_TLS / UCX_NET_DEVICES (docs/dataplane.md)")]
     Transport { op: &'static str, reason: String },
+    /// No address this rank's peers can reach it at could be chosen.
+    #[error("cannot choose the address peers reach this rank at: {reason}; set dataplane.address or dataplane.interface (or PHALANX_ADDRESS / PHALANX_SOCKET_IFNAME), see docs/dataplane.md")]
+    Address { reason: String },
     /// The address exchange before a group is built failed.
     #[error("bootstrap via {addr} failed: {reason}")]
     Bootstrap { addr: String, reason: String },

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod core;
 pub mod journal;
+pub mod observed;
 pub mod service;
 pub mod straggler;
 #[cfg(test)]

@@ -9,6 +9,8 @@ use super::core::{
     Registration, Removal, Role, State, StepSample,
 };
 use super::journal::{Journal, JournalState};
+use super::observed::{self, Observed};
+use crate::dataplane::PeerLink;
 use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank, Step};
 use parking_lot::Mutex;
@@ -91,6 +93,7 @@ pub struct Shared {
     wake: Notify,
     last_hold: Mutex<Option<String>>,
     last_reference: Mutex<Instant>,
+    observed: Mutex<Observed>,
 }
 
 fn unix_ms() -> u64 {
@@ -310,6 +313,7 @@ impl Coordinator for Svc {
         check_text("job_id", &r.job_id)?;
         check_text("host", &r.host)?;
         check_text("config_hash", &r.config_hash)?;
+        check_text("address", &r.address)?;
         if r.dataplane_address.len() > MAX_ADDR_BYTES {
             return Err(Status::invalid_argument(format!(
                 "dataplane_address is {} bytes; at most {MAX_ADDR_BYTES}",
@@ -344,6 +348,7 @@ impl Coordinator for Svc {
                 return Err(e.into());
             }
         };
+        sh.observed.lock().set_address(out.id, r.address.clone());
         // Not journaled: a registration changes no durable state. Waiting members that a
         // restarted coordinator does not know simply register again as new members.
         sh.event(
@@ -352,7 +357,7 @@ impl Coordinator for Svc {
             } else {
                 "registered"
             },
-            json!({"member": out.id, "host": r.host, "pid": r.pid,
+            json!({"member": out.id, "host": r.host, "pid": r.pid, "address": r.address,
                    "role": format!("{role:?}").to_lowercase(), "generation": st.generation}),
         );
         Ok(Response::new(pb::RegisterResponse {
@@ -563,6 +568,7 @@ impl Coordinator for Svc {
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let st = self.shared.state.lock();
+        let seen = self.shared.observed.lock();
         let now = Instant::now();
         let mut ranks: Vec<pb::RankStatus> = st
             .members
@@ -596,6 +602,12 @@ impl Coordinator for Svc {
                         as u64,
                     flags,
                     pid: m.pid,
+                    links: seen
+                        .links(m.id, st.generation)
+                        .iter()
+                        .map(observed::to_pb)
+                        .collect(),
+                    address: seen.address(m.id),
                 }
             })
             .collect();
@@ -706,10 +718,14 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
             })
             .collect(),
     };
+    let links = observed::from_pb(&hb.links)?;
     let flags = sh
         .state
         .lock()
         .heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
+    if !links.is_empty() {
+        links_event(sh, id, msg.generation, links);
+    }
     for flag in &flags {
         flag_event(sh, flag);
     }
@@ -717,6 +733,27 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
         sh.wake.notify_one();
     }
     Ok(())
+}
+
+/// The transports a member's group chose, once per generation: which pairs of ranks talk over
+/// shared memory, TCP or RDMA.
+fn links_event(sh: &Shared, id: MemberId, generation: Generation, links: Vec<PeerLink>) {
+    let fields = json!({"member": id, "generation": generation.0,
+                        "address": sh.observed.lock().address(id), "links": links});
+    let Some(summary) = sh.observed.lock().set_links(id, generation, links) else {
+        return;
+    };
+    let (rank, host) = {
+        let st = sh.state.lock();
+        let m = st.members.get(&id);
+        (m.and_then(|m| m.rank), m.map(|m| m.host.clone()))
+    };
+    let mut fields = fields;
+    fields["rank"] = json!(rank);
+    fields["host"] = json!(host);
+    fields["summary"] = json!(summary);
+    info!(member = id, ?rank, %summary, "group transports");
+    sh.event("group_links", fields);
 }
 
 /// The event of a straggler flag raised or cleared.
@@ -732,12 +769,14 @@ fn flag_event(sh: &Shared, flag: &FlagChange) {
             severe_for_ms,
             at_step,
             window_ms,
+            recent_ms,
         } => sh.event(
             "straggler_flagged",
             json!({"member": id, "mb_ms": own_ms, "peers_mb_ms": peers_ms,
                    "baseline_mb_ms": baseline_ms, "slow_steps": slow_steps,
                    "slow_for_ms": slow_for_ms, "severe_for_ms": severe_for_ms,
-                   "at_step": at_step.0, "window_mb_ms": window_ms}),
+                   "at_step": at_step.0, "window_mb_ms": window_ms,
+                   "recent_mb_ms": recent_ms}),
         ),
         FlagChange::Cleared {
             id,
@@ -851,6 +890,7 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         wake: Notify::new(),
         last_hold: Mutex::new(None),
         last_reference: Mutex::new(now),
+        observed: Mutex::new(Observed::default()),
     });
     shared.event(
         if was_restored {

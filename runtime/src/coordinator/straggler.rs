@@ -17,6 +17,8 @@ pub const MAX_WINDOW: usize = 64;
 
 /// Samples kept for a rank's own baseline at its current share (those that left the window).
 const HISTORY: usize = 32;
+/// Steps of the current generation a flag event shows.
+const RECENT: usize = 16;
 
 /// Straggler detection works on each rank's own time per micro-batch, one sample per step: its
 /// forward and backward time over its micro-batches, plus the rest of its own work (optimizer,
@@ -109,6 +111,9 @@ pub enum FlagChange {
         /// the window behind the flag, oldest first.
         at_step: Step,
         window_ms: Vec<f64>,
+        /// The last `RECENT` steps' times (ms per micro-batch) of this generation, oldest
+        /// first: where the slowdown began, when it began before the window.
+        recent_ms: Vec<f64>,
     },
     Cleared {
         id: u64,
@@ -212,6 +217,7 @@ pub struct Judge {
     /// The rank's own time in each step of the window.
     window_own: VecDeque<Duration>,
     history: VecDeque<f64>,
+    recent: VecDeque<f64>,
     share: Option<(usize, u32)>,
     /// The newest step whose time is in the window (a heartbeat may repeat one).
     pub last_sampled: Option<Step>,
@@ -253,6 +259,7 @@ impl Judge {
     pub fn restart_window(&mut self) {
         self.window.clear();
         self.window_own.clear();
+        self.recent.clear();
         self.level = None;
         self.level_at_refresh = None;
         self.end_streak();
@@ -341,6 +348,10 @@ impl Judge {
         }
         self.window.push_back(per_mb);
         self.window_own.push_back(cx.step_time);
+        self.recent.push_back(per_mb);
+        if self.recent.len() > RECENT {
+            self.recent.pop_front();
+        }
         let frozen = self.slow_streak > 0 || self.straggler;
         while self.window.len() > w {
             self.window_own.pop_front();
@@ -401,7 +412,7 @@ impl Judge {
             return;
         }
         // The streak began at the first of the slow steps that led here, not when the
-        // window's evidence caught up with them; one normal step between slow ones (a CPU
+        // window's evidence caught up with them; up to two normal steps between slow ones (a CPU
         // quota refilling) does not end it.
         let (mut run, mut normals) = (0u32, 0);
         let (mut slow, mut severe) = (Duration::ZERO, Duration::ZERO);
@@ -414,7 +425,7 @@ impl Judge {
                 }
             } else {
                 normals += 1;
-                if normals == 2 {
+                if normals == 3 {
                     break;
                 }
             }
@@ -463,6 +474,7 @@ impl Judge {
             severe_for_ms: self.severe_time.as_millis() as u64,
             at_step: step,
             window_ms: self.window_ms(),
+            recent_ms: self.recent.iter().map(|t| t * 1e3).collect(),
         }
     }
 

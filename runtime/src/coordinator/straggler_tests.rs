@@ -181,6 +181,41 @@ fn quota_straggler_is_flagged_within_five_steps() {
     }
 }
 
+// K-7: a quota that bites once, refills for two steps and then binds (the pattern of a CI run:
+// 87, 28, 35, 61, 80, 83 ms per micro-batch against 32) is flagged within 5 steps of its first
+// slow step; the flag event shows that step among its recent ones.
+#[test]
+fn a_quota_that_refills_twice_is_flagged_from_its_first_slow_step() {
+    let mut sim = Sim::new(4, 0, split(4));
+    let slow = sim.s.ranks[2];
+    let fair = |id: MemberId, k: u64| 3.2 * normal(id, k);
+    sim.run(100, fair);
+    let onset = sim.step;
+    let pattern = [87.0, 28.0, 35.0, 61.0, 80.0, 83.0, 85.0, 85.0];
+    sim.run(pattern.len() as u64, |id, k| {
+        if id == slow {
+            pattern[(k - onset) as usize]
+        } else {
+            fair(id, k)
+        }
+    });
+    let flagged = sim.flagged();
+    assert_eq!(flagged.first().map(|f| f.1), Some(slow), "{:?}", sim.flags);
+    match &sim.flags[0].1 {
+        FlagChange::Flagged {
+            at_step, recent_ms, ..
+        } => {
+            assert!(
+                at_step.0 - onset < 5,
+                "slowed from step {onset}, flagged at {at_step}"
+            );
+            let back = (at_step.0 - onset) as usize;
+            assert_eq!(recent_ms[recent_ms.len() - 1 - back], 87.0, "{recent_ms:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 // K-7: a burst of CPU contention shorter than `flag_after_time` flags nobody, at any world
 // size, though it is many steps long.
 #[test]

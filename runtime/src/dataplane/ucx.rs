@@ -18,6 +18,7 @@
 use super::bootstrap::AddressExchange;
 use super::collectives::{CollConfig, Collectives};
 use super::inproc::abort_error;
+use super::links::PeerLink;
 use super::liveness::{decode_address, encode_address, Liveness, LivenessListener};
 use super::transport::*;
 use crate::error::RuntimeError;
@@ -255,6 +256,50 @@ impl UcxTransport {
         t.handshake(deadline)?;
         t.post_abort_recv()?;
         Ok(t)
+    }
+
+    /// The lanes of every endpoint (`ucp_ep_query`): which transport reaches each peer.
+    fn links(&self) -> Vec<PeerLink> {
+        const MAX_LANES: usize = 16;
+        let mut out = Vec::new();
+        for (r, &ep) in self.eps.iter().enumerate() {
+            if ep.is_null() {
+                continue;
+            }
+            let mut entries: [sys::ucp_transport_entry_t; MAX_LANES] =
+                // SAFETY: a transport entry is two pointers; null is a valid value for both.
+                unsafe { std::mem::zeroed() };
+            // SAFETY: an all-zero ucp_ep_attr_t is "no fields"; the transports field is set below.
+            let mut attr: sys::ucp_ep_attr_t = unsafe { std::mem::zeroed() };
+            attr.field_mask = sys::ucp_ep_attr_field_UCP_EP_ATTR_FIELD_TRANSPORTS as u64;
+            attr.transports.entries = entries.as_mut_ptr();
+            attr.transports.num_entries = MAX_LANES as u32;
+            attr.transports.entry_size = std::mem::size_of::<sys::ucp_transport_entry_t>();
+            // SAFETY: live endpoint of this worker; `entries` holds `num_entries` entries of
+            // `entry_size` bytes and outlives the call.
+            let st = unsafe { sys::ucp_ep_query(ep, &mut attr) };
+            if st != sys::ucs_status_t_UCS_OK {
+                continue;
+            }
+            let n = (attr.transports.num_entries as usize).min(MAX_LANES);
+            let name = |p: *const std::os::raw::c_char| {
+                if p.is_null() {
+                    String::new()
+                } else {
+                    // SAFETY: UCX returned a NUL-terminated string valid while the endpoint is
+                    // open; it is copied at once.
+                    unsafe { std::ffi::CStr::from_ptr(p) }
+                        .to_string_lossy()
+                        .into_owned()
+                }
+            };
+            let lanes: Vec<(String, String)> = entries[..n]
+                .iter()
+                .map(|e| (name(e.transport_name), name(e.device_name)))
+                .collect();
+            out.push(PeerLink::new(Rank(r as u32), lanes));
+        }
+        out
     }
 
     fn address(&self) -> Result<Vec<u8>, RuntimeError> {
@@ -1434,7 +1479,7 @@ enum Cmd {
 }
 
 enum Reply {
-    Connected(Result<Arc<AtomicU64>, RuntimeError>),
+    Connected(Result<(Arc<AtomicU64>, Vec<PeerLink>), RuntimeError>),
     F32(Vec<f32>, Result<Option<Range<usize>>, RuntimeError>),
     Bytes(Vec<u8>, Result<(), RuntimeError>),
     Stats(UcxStats),
@@ -1450,6 +1495,7 @@ pub struct UcxGroup {
     world: u32,
     generation: Generation,
     stalled: Arc<AtomicU64>,
+    links: Vec<PeerLink>,
 }
 
 fn gone(op: &'static str, generation: Generation) -> RuntimeError {
@@ -1484,7 +1530,7 @@ impl UcxGroup {
                         }
                     };
                 if reply_tx
-                    .send(Reply::Connected(Ok(t.stalled.clone())))
+                    .send(Reply::Connected(Ok((t.stalled.clone(), t.links()))))
                     .is_err()
                 {
                     return;
@@ -1503,11 +1549,13 @@ impl UcxGroup {
             world,
             generation,
             stalled: Arc::new(AtomicU64::new(0)),
+            links: Vec::new(),
         };
         match g.rx.recv() {
-            Ok(Reply::Connected(Ok(stalled))) => {
+            Ok(Reply::Connected(Ok((stalled, links)))) => {
                 let mut g = g;
                 g.stalled = stalled;
+                g.links = links;
                 Ok(g)
             }
             Ok(Reply::Connected(Err(e))) => Err(e),
@@ -1517,6 +1565,10 @@ impl UcxGroup {
 
     pub fn rank(&self) -> Rank {
         self.rank
+    }
+    /// The transport to each peer, as UCX wired the endpoints up (after the handshake).
+    pub fn links(&self) -> &[PeerLink] {
+        &self.links
     }
     pub fn world(&self) -> u32 {
         self.world

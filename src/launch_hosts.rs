@@ -1,0 +1,248 @@
+//! `phalanx launch --hosts H`: the ranks on H simulated hosts (see `hosts`), and the faults that
+//! only exist across hosts: a whole host lost, and a host cut off by a firewall rule.
+
+use crate::hosts::SimHosts;
+use crate::launch::append_event;
+use crate::run_dir::unix_ms;
+use anyhow::{bail, Context, Result};
+use phalanx_proto::pb;
+use serde_json::json;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tracing::info;
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct HostArgs {
+    /// Place the ranks (and spares) on H simulated hosts: network, IPC and UTS namespaces on a
+    /// bridge, so that ranks on different hosts talk over TCP (needs root).
+    #[arg(long, value_name = "H")]
+    pub hosts: Option<usize>,
+    /// Fault injection: kill every process on host HOST at once once step STEP is committed.
+    #[arg(long, value_name = "STEP:HOST")]
+    pub kill_host_at: Option<String>,
+    /// Fault injection: cut host HOST off the network (a firewall rule inside it) once step
+    /// STEP is committed ...
+    #[arg(long, value_name = "STEP:HOST")]
+    pub cut_host_at: Option<String>,
+    /// ... for this many seconds (then its processes reach the coordinator again).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub cut_for: f64,
+}
+
+/// A host fault to inject once a step is committed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HostFault {
+    Kill {
+        at: u64,
+        host: usize,
+    },
+    Cut {
+        at: u64,
+        host: usize,
+        for_: Duration,
+    },
+}
+
+impl HostArgs {
+    /// The faults asked for, checked against the number of hosts.
+    pub fn faults(&self) -> Result<Vec<HostFault>> {
+        let hosts = self.hosts.unwrap_or(0);
+        let parse = |flag: &str, v: &Option<String>| -> Result<Option<(u64, usize)>> {
+            let Some(s) = v else { return Ok(None) };
+            let (a, b) = s
+                .split_once(':')
+                .with_context(|| format!("{flag} takes STEP:HOST, e.g. 200:1"))?;
+            let step = a
+                .parse()
+                .with_context(|| format!("{flag}: STEP must be a number"))?;
+            let host: usize = b
+                .parse()
+                .with_context(|| format!("{flag}: HOST must be a number"))?;
+            if host >= hosts {
+                bail!("{flag} {s}: there are {hosts} hosts (0..{hosts}); add --hosts N");
+            }
+            Ok(Some((step, host)))
+        };
+        let mut out = Vec::new();
+        if let Some((at, host)) = parse("--kill-host-at", &self.kill_host_at)? {
+            out.push(HostFault::Kill { at, host });
+        }
+        if let Some((at, host)) = parse("--cut-host-at", &self.cut_host_at)? {
+            if !(self.cut_for.is_finite() && self.cut_for >= 1.0) {
+                bail!("--cut-for {}: use a number of seconds >= 1", self.cut_for);
+            }
+            out.push(HostFault::Cut {
+                at,
+                host,
+                for_: Duration::from_secs_f64(self.cut_for),
+            });
+        }
+        if self.hosts == Some(0) {
+            bail!("--hosts 0: use at least 1 (or leave it out for one host)");
+        }
+        Ok(out)
+    }
+}
+
+/// The host faults of one launch and what became of them.
+pub struct HostFaults {
+    pending: Vec<HostFault>,
+    /// A cut host and when to reconnect it.
+    cut: Option<(usize, Instant)>,
+}
+
+impl HostFaults {
+    pub fn new(faults: Vec<HostFault>) -> Self {
+        HostFaults {
+            pending: faults,
+            cut: None,
+        }
+    }
+
+    /// Whether a fault waits for its step (the launcher polls faster then).
+    pub fn pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Injects the faults whose step is committed; returns the processes killed on purpose.
+    pub fn poll(
+        &mut self,
+        hosts: &SimHosts,
+        st: &pb::StatusResponse,
+        pids: &[u32],
+        run_dir: &Path,
+    ) -> Result<usize> {
+        let mut killed = 0;
+        let due: Vec<HostFault> = self
+            .pending
+            .iter()
+            .copied()
+            .filter(|f| match f {
+                HostFault::Kill { at, .. } | HostFault::Cut { at, .. } => st.committed_step >= *at,
+            })
+            .collect();
+        self.pending.retain(|f| !due.contains(f));
+        for f in due {
+            match f {
+                HostFault::Kill { host, .. } => {
+                    killed += kill_host(hosts, host, st, pids, run_dir)?
+                }
+                HostFault::Cut { host, for_, .. } => {
+                    hosts.cut_off(host)?;
+                    self.cut = Some((host, Instant::now() + for_));
+                    let on: Vec<u32> = on_host(hosts, host, pids);
+                    append_event(
+                        run_dir,
+                        "fault_injected",
+                        json!({"fault": "host_partition", "host": hosts.name(host),
+                               "pids": on, "ranks": ranks_of(st, &on), "step": st.committed_step,
+                               "for_ms": for_.as_millis() as u64,
+                               "injected_unix_ms": unix_ms(), "ok": true}),
+                    )?;
+                    info!(host = hosts.name(host), "injected: host cut off");
+                }
+            }
+        }
+        Ok(killed)
+    }
+
+    /// Ends a partition whose time is up (also called when the job ends).
+    pub fn heal(&mut self, hosts: &SimHosts, run_dir: &Path, now: bool) -> Result<()> {
+        if let Some((host, until)) = self.cut {
+            if now || Instant::now() >= until {
+                hosts.reconnect(host)?;
+                self.cut = None;
+                append_event(
+                    run_dir,
+                    "fault_cleared",
+                    json!({"fault": "host_partition", "host": hosts.name(host),
+                           "cleared_unix_ms": unix_ms()}),
+                )?;
+                info!(host = hosts.name(host), "host reconnected");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn on_host(hosts: &SimHosts, host: usize, pids: &[u32]) -> Vec<u32> {
+    pids.iter()
+        .copied()
+        .filter(|&p| hosts.runs_on(p, host))
+        .collect()
+}
+
+fn ranks_of(st: &pb::StatusResponse, pids: &[u32]) -> Vec<u32> {
+    st.ranks
+        .iter()
+        .filter(|r| pids.contains(&r.pid) && r.state == "active")
+        .filter_map(|r| r.rank)
+        .collect()
+}
+
+/// A whole host lost: every process on it killed at once (SIGKILL), as when a node dies.
+fn kill_host(
+    hosts: &SimHosts,
+    host: usize,
+    st: &pb::StatusResponse,
+    pids: &[u32],
+    run_dir: &Path,
+) -> Result<usize> {
+    let on = on_host(hosts, host, pids);
+    let mut cmd = Command::new("kill");
+    cmd.arg("-KILL");
+    for p in &on {
+        cmd.arg(p.to_string());
+    }
+    let ok = !on.is_empty() && cmd.status().is_ok_and(|s| s.success());
+    append_event(
+        run_dir,
+        "fault_injected",
+        json!({"fault": "host_lost", "host": hosts.name(host), "pids": on,
+               "ranks": ranks_of(st, &on), "step": st.committed_step,
+               "injected_unix_ms": unix_ms(), "ok": ok}),
+    )?;
+    info!(
+        host = hosts.name(host),
+        processes = on.len(),
+        "injected: host lost"
+    );
+    Ok(on.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_faults_name_a_host_that_exists() {
+        let a = HostArgs {
+            hosts: Some(2),
+            kill_host_at: Some("200:1".into()),
+            cut_host_at: Some("50:0".into()),
+            cut_for: 5.0,
+        };
+        let f = a.faults().unwrap();
+        assert_eq!(f[0], HostFault::Kill { at: 200, host: 1 });
+        assert!(matches!(
+            f[1],
+            HostFault::Cut {
+                at: 50,
+                host: 0,
+                ..
+            }
+        ));
+        let bad = HostArgs {
+            kill_host_at: Some("200:2".into()),
+            ..a.clone()
+        };
+        assert!(bad
+            .faults()
+            .unwrap_err()
+            .to_string()
+            .contains("there are 2 hosts"));
+        let none = HostArgs { hosts: None, ..a };
+        assert!(none.faults().unwrap_err().to_string().contains("--hosts"));
+    }
+}
