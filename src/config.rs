@@ -136,7 +136,7 @@ impl Default for TrainSection {
     fn default() -> Self {
         TrainSection {
             global_batch: 16,
-            micro_batch: 16,
+            micro_batch: 4,
             max_steps: 2000,
             seed: 1337,
             threads: 0,

@@ -6,51 +6,6 @@ use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn job_config(dir: &Path, data: &Path) -> PathBuf {
-    let p = dir.join("job.toml");
-    std::fs::write(
-        &p,
-        format!(
-            r#"[data]
-dir = "{}"
-[model]
-preset = "tiny"
-n_layer = 1
-n_head = 2
-n_embd = 32
-block_size = 32
-[train]
-global_batch = 16
-micro_batch = 4
-max_steps = 40
-device = "cpu"
-eval_batches = 2
-[optim]
-warmup_steps = 5
-decay_steps = 40
-[run]
-dir = "{}"
-# These tests are about crashes and hangs. Steps of a few ms on a shared 2-core machine are
-# noisy enough to look like stragglers; straggler policy is covered by the coordinator's tests.
-[coordinator]
-evict_stragglers = false
-"#,
-            data.display(),
-            dir.join("run").display()
-        ),
-    )
-    .unwrap();
-    p
-}
-
-/// These tests each run a whole job of 4-5 processes on a 2-core machine; run them one at a
-/// time so that one job's timing is not another's noise.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 struct Launched {
     code: Option<i32>,
     stderr: String,
@@ -59,10 +14,14 @@ struct Launched {
 }
 
 fn launch(dir: &Path, args: &[&str]) -> Launched {
-    launch_env(dir, args, &[])
+    launch_env(Hosts::One, dir, args, &[])
 }
 
-fn launch_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Launched {
+fn launch_on(hosts: Hosts, dir: &Path, args: &[&str]) -> Launched {
+    launch_env(hosts, dir, args, &[])
+}
+
+fn launch_env(hosts: Hosts, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Launched {
     let _one_at_a_time = serial();
     let data = dataset(dir);
     let cfg = job_config(dir, &data);
@@ -70,6 +29,7 @@ fn launch_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Launched {
         .arg("launch")
         .arg("--config")
         .arg(&cfg)
+        .args(hosts.args())
         .args(args)
         .envs(env.iter().copied())
         .current_dir(dir)
@@ -83,36 +43,16 @@ fn launch_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Launched {
     if !report.is_null() {
         assert_ledger_exactly_once(&report);
     }
+    if hosts == Hosts::Two {
+        let tcp = assert_links_follow_hosts(&read_jsonl(&run.join("events.jsonl")));
+        assert!(tcp > 0, "no rank talked over TCP across the hosts");
+    }
     Launched {
         code: out.status.code(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         report,
         run,
     }
-}
-
-/// D-1: every committed step's samples were consumed exactly once by the final model's lineage.
-fn assert_ledger_exactly_once(report: &Value) {
-    let l = &report["ledger"];
-    assert_eq!(l["exactly_once"], true, "sample ledger: {l}");
-    assert_eq!(l["steps"], report["steps"], "sample ledger: {l}");
-}
-
-/// G-2: every rank that finished holds the same parameters and optimizer state.
-fn assert_identical_final_state(run: &Path, world: usize) {
-    let fps = read_jsonl(&run.join("fingerprints.jsonl"));
-    let last_gen = fps
-        .iter()
-        .filter_map(|f| f["generation"].as_u64())
-        .max()
-        .unwrap();
-    let fin: Vec<&Value> = fps.iter().filter(|f| f["generation"] == last_gen).collect();
-    assert_eq!(fin.len(), world, "{fps:?}");
-    assert!(
-        fin.iter()
-            .all(|f| f["state_sha256"] == fin[0]["state_sha256"]),
-        "ranks differ: {fin:?}"
-    );
 }
 
 fn losses(run: &Path) -> Vec<f64> {
@@ -128,11 +68,23 @@ fn losses(run: &Path) -> Vec<f64> {
 }
 
 // G-1, G-2: SIGKILL of a rank mid-training; a spare takes its place, the world stays 4, at most
-// the step in flight is redone, and all ranks end bitwise equal.
+// the step in flight is redone, and all ranks end bitwise equal. On one host and on two.
 #[test]
 fn kill_one_rank_with_a_spare() {
+    kill_one_rank_with_a_spare_on(Hosts::One);
+}
+
+#[test]
+fn kill_one_rank_with_a_spare_across_hosts() {
+    if Hosts::Two.available() {
+        kill_one_rank_with_a_spare_on(Hosts::Two);
+    }
+}
+
+fn kill_one_rank_with_a_spare_on(hosts: Hosts) {
     let d = tempfile::tempdir().unwrap();
-    let r = launch(
+    let r = launch_on(
+        hosts,
         d.path(),
         &[
             "--nproc",
@@ -167,8 +119,20 @@ fn kill_one_rank_with_a_spare() {
 // Without a spare the job shrinks to the survivors and goes on.
 #[test]
 fn kill_one_rank_shrinks_to_three() {
+    kill_one_rank_shrinks_to_three_on(Hosts::One);
+}
+
+#[test]
+fn kill_one_rank_shrinks_to_three_across_hosts() {
+    if Hosts::Two.available() {
+        kill_one_rank_shrinks_to_three_on(Hosts::Two);
+    }
+}
+
+fn kill_one_rank_shrinks_to_three_on(hosts: Hosts) {
     let d = tempfile::tempdir().unwrap();
-    let r = launch(
+    let r = launch_on(
+        hosts,
         d.path(),
         &[
             "--nproc",
@@ -194,8 +158,20 @@ fn kill_one_rank_shrinks_to_three() {
 // rejoin its old generation (it exits as fenced and comes back as a new spare).
 #[test]
 fn sigstop_rank_is_fenced() {
+    sigstop_rank_is_fenced_on(Hosts::One);
+}
+
+#[test]
+fn sigstop_rank_is_fenced_across_hosts() {
+    if Hosts::Two.available() {
+        sigstop_rank_is_fenced_on(Hosts::Two);
+    }
+}
+
+fn sigstop_rank_is_fenced_on(hosts: Hosts) {
     let d = tempfile::tempdir().unwrap();
-    let r = launch(
+    let r = launch_on(
+        hosts,
         d.path(),
         &[
             "--nproc",
@@ -370,6 +346,7 @@ fn generations(run: &Path) -> std::collections::BTreeSet<u64> {
 fn loader_and_control_agent_restart_in_place() {
     let d = tempfile::tempdir().unwrap();
     let r = launch_env(
+        Hosts::One,
         d.path(),
         &["--nproc", "2", "train.max_steps=80", "optim.decay_steps=80"],
         &[("PHALANX_TEST_FAULT", "loader-panic@20:1,control-panic@40")],
@@ -400,6 +377,7 @@ fn loader_and_control_agent_restart_in_place() {
 fn compute_panic_restarts_and_rejoins() {
     let d = tempfile::tempdir().unwrap();
     let r = launch_env(
+        Hosts::One,
         d.path(),
         &["--nproc", "2", "train.max_steps=80", "optim.decay_steps=80"],
         &[("PHALANX_TEST_FAULT", "compute-panic@30:1")],
@@ -444,6 +422,7 @@ fn compute_panic_restarts_and_rejoins() {
 fn stuck_compute_gives_the_rank_up() {
     let d = tempfile::tempdir().unwrap();
     let r = launch_env(
+        Hosts::One,
         d.path(),
         &[
             "--nproc",
@@ -575,6 +554,7 @@ fn read_jsonl_now(p: &Path) -> Vec<Value> {
 fn nan_in_one_rank_is_skipped_and_named() {
     let d = tempfile::tempdir().unwrap();
     let r = launch_env(
+        Hosts::One,
         d.path(),
         &["--nproc", "2", "train.max_steps=60", "optim.decay_steps=60"],
         &[("PHALANX_TEST_FAULT", "nan@20:1")],
@@ -608,6 +588,7 @@ fn nan_in_one_rank_is_skipped_and_named() {
 fn nan_with_rollback_returns_to_the_last_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let r = launch_env(
+        Hosts::One,
         d.path(),
         &[
             "--nproc",
@@ -647,6 +628,7 @@ fn nan_with_rollback_returns_to_the_last_checkpoint() {
 fn corrupted_replica_is_named_and_healed() {
     let d = tempfile::tempdir().unwrap();
     let r = launch_env(
+        Hosts::One,
         d.path(),
         &[
             "--nproc",
@@ -707,6 +689,17 @@ impl Drop for KillOnDrop {
 // twice, and the three remaining ranks end with equal state.
 #[test]
 fn scale_up_then_drain_loses_no_step() {
+    scale_up_then_drain_loses_no_step_on(Hosts::One);
+}
+
+#[test]
+fn scale_up_then_drain_loses_no_step_across_hosts() {
+    if Hosts::Two.available() {
+        scale_up_then_drain_loses_no_step_on(Hosts::Two);
+    }
+}
+
+fn scale_up_then_drain_loses_no_step_on(hosts: Hosts) {
     let _one_at_a_time = serial();
     let d = tempfile::tempdir().unwrap();
     let data = dataset(d.path());
@@ -716,6 +709,7 @@ fn scale_up_then_drain_loses_no_step() {
         bin()
             .args(["launch", "--nproc", "2", "--spares", "2", "--config"])
             .arg(&cfg)
+            .args(hosts.args())
             .args(["train.max_steps=2500", "optim.decay_steps=2500"])
             .env("PHALANX_JOB_TOKEN", "elastic")
             // The workers' "joined generation" lines say how each was healed.
@@ -784,10 +778,27 @@ fn scale_up_then_drain_loses_no_step() {
 }
 
 // Deterministic mode: a 1-rank run, a 4-rank run and a 4-rank run with rank 1 killed at step 20
-// (shrinking to 3) end with bitwise-identical parameters and optimizer state after 60 steps.
+// (shrinking to 3) end with bitwise-identical parameters and optimizer state after 60 steps; the
+// 4-rank runs on one host, or on two.
 #[test]
 fn deterministic_mode_is_bitwise_identical_across_worlds_and_failures() {
+    deterministic_mode_on(Hosts::One);
+}
+
+#[test]
+fn deterministic_mode_is_bitwise_identical_across_hosts() {
+    if Hosts::Two.available() {
+        deterministic_mode_on(Hosts::Two);
+    }
+}
+
+fn deterministic_mode_on(hosts: Hosts) {
     let final_state = |args: &[&str]| {
+        let on = if args == ["--nproc", "1"] {
+            Hosts::One
+        } else {
+            hosts
+        };
         let d = tempfile::tempdir().unwrap();
         let mut a = vec![
             "train.max_steps=60",
@@ -795,7 +806,7 @@ fn deterministic_mode_is_bitwise_identical_across_worlds_and_failures() {
             "train.deterministic=true",
         ];
         a.extend_from_slice(args);
-        let r = launch(d.path(), &a);
+        let r = launch_on(on, d.path(), &a);
         assert_eq!(r.code, Some(0), "{}", r.stderr);
         let world = r.report["world_size_final"].as_u64().unwrap() as usize;
         assert_identical_final_state(&r.run, world);
@@ -917,6 +928,17 @@ fn assert_flagged_within_five_steps(events: &[Value]) -> Value {
 // times that triggered it, and the step time comes back to within 10% of the fault-free one.
 #[test]
 fn cpu_quota_straggler_is_replaced_by_the_spare() {
+    cpu_quota_straggler_is_replaced_by_the_spare_on(Hosts::One);
+}
+
+#[test]
+fn cpu_quota_straggler_is_replaced_by_the_spare_across_hosts() {
+    if Hosts::Two.available() {
+        cpu_quota_straggler_is_replaced_by_the_spare_on(Hosts::Two);
+    }
+}
+
+fn cpu_quota_straggler_is_replaced_by_the_spare_on(hosts: Hosts) {
     need_cgroup_cpu();
     let d = tempfile::tempdir().unwrap();
     let mut args = vec![
@@ -931,7 +953,7 @@ fn cpu_quota_straggler_is_replaced_by_the_spare() {
         "coordinator.evict_stragglers=true",
     ];
     args.extend(STRAGGLER_MODEL);
-    let r = launch(d.path(), &args);
+    let r = launch_on(hosts, d.path(), &args);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let events = read_jsonl(&r.run.join("events.jsonl"));
     let injected = events.iter().find(|e| e["fault"] == "cpu_quota").unwrap();

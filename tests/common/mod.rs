@@ -136,3 +136,150 @@ pub fn shakespeare_char(dir: &Path) -> PathBuf {
     assert!(r.ok(), "prepare failed: {}", r.stderr());
     out
 }
+
+/// The multi-rank tests' job: a tiny model on `dataset`, 16 sequences in 4 micro-batches.
+pub fn job_config(dir: &Path, data: &Path) -> PathBuf {
+    let p = dir.join("job.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"[data]
+dir = "{}"
+[model]
+preset = "tiny"
+n_layer = 1
+n_head = 2
+n_embd = 32
+block_size = 32
+[train]
+global_batch = 16
+micro_batch = 4
+max_steps = 40
+device = "cpu"
+eval_batches = 2
+[optim]
+warmup_steps = 5
+decay_steps = 40
+[run]
+dir = "{}"
+# These tests are about crashes and hangs. Steps of a few ms on a shared 2-core machine are
+# noisy enough to look like stragglers; straggler policy is covered by the coordinator's tests.
+[coordinator]
+evict_stragglers = false
+"#,
+            data.display(),
+            dir.join("run").display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+/// These tests each run a whole job of 4-5 processes on a 2-core machine; run them one at a
+/// time so that one job's timing is not another's noise.
+pub static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// D-1: every committed step's samples were consumed exactly once by the final model's lineage.
+pub fn assert_ledger_exactly_once(report: &serde_json::Value) {
+    let l = &report["ledger"];
+    assert_eq!(l["exactly_once"], true, "sample ledger: {l}");
+    assert_eq!(l["steps"], report["steps"], "sample ledger: {l}");
+}
+
+/// G-2: every rank that finished holds the same parameters and optimizer state.
+pub fn assert_identical_final_state(run: &Path, world: usize) {
+    let fps = read_jsonl(&run.join("fingerprints.jsonl"));
+    let last_gen = fps
+        .iter()
+        .filter_map(|f| f["generation"].as_u64())
+        .max()
+        .unwrap();
+    let fin: Vec<&serde_json::Value> = fps.iter().filter(|f| f["generation"] == last_gen).collect();
+    assert_eq!(fin.len(), world, "{fps:?}");
+    assert!(
+        fin.iter()
+            .all(|f| f["state_sha256"] == fin[0]["state_sha256"]),
+        "ranks differ: {fin:?}"
+    );
+}
+
+/// Where a job's ranks run: this host, or two simulated hosts (`phalanx launch --hosts 2`:
+/// network, IPC and UTS namespaces on a bridge; needs root).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hosts {
+    One,
+    Two,
+}
+
+impl Hosts {
+    pub fn args(self) -> &'static [&'static str] {
+        match self {
+            Hosts::One => &[],
+            Hosts::Two => &["--hosts", "2"],
+        }
+    }
+
+    /// Whether this machine can place ranks so; a scenario that needs root says it was skipped.
+    pub fn available(self) -> bool {
+        if self == Hosts::Two && !is_root() {
+            eprintln!("skipped: simulated hosts need root (network namespaces, veth, a bridge)");
+            return false;
+        }
+        true
+    }
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Across simulated hosts, every group's pairs of ranks talk as on real machines: shared memory
+/// within a host, TCP between hosts (the `group_links` events, checked against each rank's host).
+/// Returns how many TCP links the job's groups had.
+pub fn assert_links_follow_hosts(events: &[serde_json::Value]) -> usize {
+    use std::collections::HashMap;
+    let links: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "group_links")
+        .collect();
+    assert!(!links.is_empty(), "no group_links event");
+    let host: HashMap<(u64, u64), &str> = links
+        .iter()
+        .filter_map(|e| {
+            Some((
+                (e["generation"].as_u64()?, e["rank"].as_u64()?),
+                e["host"].as_str()?,
+            ))
+        })
+        .collect();
+    let mut tcp = 0;
+    for e in &links {
+        let g = e["generation"].as_u64().unwrap();
+        for l in e["links"].as_array().unwrap() {
+            let peer = l["peer"].as_u64().unwrap();
+            // A peer that died before it reported its own links has no host here.
+            let Some(other) = host.get(&(g, peer)) else {
+                continue;
+            };
+            let want = if Some(*other) == e["host"].as_str() {
+                "shared_memory"
+            } else {
+                tcp += 1;
+                "tcp"
+            };
+            assert_eq!(l["link"], want, "rank {} to rank {peer}: {e}", e["rank"]);
+        }
+    }
+    tcp
+}

@@ -1,0 +1,197 @@
+//! Jobs across simulated hosts (`phalanx launch --hosts 2`: network, IPC and UTS namespaces on a
+//! bridge): the shipped Shakespeare config with a kill and a spare, a whole host lost, and a host
+//! cut off by a firewall rule. Each needs root and says so when skipped. The wave-1 scenarios on
+//! two hosts are in multi_rank.rs (`*_across_hosts`).
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+struct Job {
+    code: Option<i32>,
+    stderr: String,
+    report: Value,
+    events: Vec<Value>,
+    run: PathBuf,
+}
+
+fn launch(dir: &Path, config: &Path, args: &[&str]) -> Job {
+    let _one_at_a_time = serial();
+    let out = bin()
+        .arg("launch")
+        .arg("--config")
+        .arg(config)
+        .args(["--hosts", "2"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let run = dir.join("run");
+    let report = std::fs::read(run.join("report.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_ledger_exactly_once(&report);
+    let events = read_jsonl(&run.join("events.jsonl"));
+    let tcp = assert_links_follow_hosts(&events);
+    assert!(tcp > 0, "no rank talked over TCP across the hosts");
+    Job {
+        code: out.status.code(),
+        stderr,
+        report,
+        events,
+        run,
+    }
+}
+
+fn injected<'a>(events: &'a [Value], fault: &str) -> &'a Value {
+    events
+        .iter()
+        .find(|e| e["kind"] == "fault_injected" && e["fault"] == fault)
+        .unwrap_or_else(|| panic!("no {fault} injected"))
+}
+
+// G-1, G-2, D-1 across hosts, as a user runs it: the shipped Shakespeare config (no overrides
+// but the length and the run directory) on 2 hosts, 4 ranks and a spare, rank 1 killed at step
+// 200. The spare takes its place; the report gives detection, next committed step and lost steps.
+#[test]
+fn shakespeare_on_two_hosts_survives_a_kill() {
+    if !Hosts::Two.available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let data = shakespeare_char(d.path());
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shakespeare-char.toml");
+    let job = launch(
+        d.path(),
+        &config,
+        &[
+            "--nproc",
+            "4",
+            "--spares",
+            "1",
+            "--kill-at",
+            "200:1",
+            &format!("data.dir={}", data.display()),
+            &format!("run.dir={}", d.path().join("run").display()),
+            "train.max_steps=300",
+            "optim.decay_steps=300",
+            "train.eval_batches=5",
+        ],
+    );
+    assert_eq!(job.code, Some(0), "{}", job.stderr);
+    let f = &job.report["faults"][0];
+    eprintln!("fault: {f}");
+    assert!(f["detection_ms"].as_u64().unwrap() < 500, "{f}");
+    assert!(f["recovery_ms"].as_u64().unwrap() < 2000, "{f}");
+    assert!(f["lost_steps"].as_u64().unwrap() <= 1, "{f}");
+    assert_eq!(f["world_after"], 4, "{f}");
+    assert_identical_final_state(&job.run, 4);
+}
+
+// A whole host lost: every process on host 1 (two ranks and the spare) killed at once. The
+// survivors go on at once without them; the launcher's new spares on the host (rebooted) are
+// promoted back. Nothing is lost or repeated and the replicas end equal.
+#[test]
+fn a_lost_host_is_survived() {
+    if !Hosts::Two.available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path());
+    let cfg = job_config(d.path(), &data);
+    let job = launch(
+        d.path(),
+        &cfg,
+        &[
+            "--nproc",
+            "4",
+            "--spares",
+            "1",
+            "--kill-host-at",
+            "100:1",
+            "train.max_steps=600",
+            "optim.decay_steps=600",
+        ],
+    );
+    let lost = injected(&job.events, "host_lost");
+    assert_eq!(lost["ranks"].as_array().unwrap().len(), 2, "{lost}");
+    let faults = job.report["faults"].as_array().unwrap();
+    eprintln!("host lost: {lost}\nfaults: {faults:#?}");
+    assert!(faults.len() >= 2, "{faults:?}");
+    for f in faults {
+        assert!(f["detection_ms"].as_u64().unwrap() < 500, "{f}");
+        assert!(f["lost_steps"].as_u64().unwrap() <= 1, "{f}");
+    }
+    let world = job.report["world_size_final"].as_u64().unwrap() as usize;
+    assert!(world >= 2, "{}", job.report);
+    assert_identical_final_state(&job.run, world);
+}
+
+// A partition: host 0 cut off by a firewall rule inside it for 6 s. Its ranks are fenced as
+// silent, the rest go on with the spare; they cannot commit (their allreduce needs the others),
+// and when the host is back they are refused as fenced and return as spares. Every step is
+// committed once.
+#[test]
+fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
+    if !Hosts::Two.available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let data = dataset(d.path());
+    let cfg = job_config(d.path(), &data);
+    let job = launch(
+        d.path(),
+        &cfg,
+        &[
+            "--nproc",
+            "4",
+            "--spares",
+            "1",
+            "--cut-host-at",
+            "100:0",
+            "--cut-for",
+            "6",
+            "train.max_steps=1500",
+            "optim.decay_steps=1500",
+        ],
+    );
+    let cut = injected(&job.events, "host_partition");
+    let cut_pids = cut["pids"].as_array().unwrap().clone();
+    assert_eq!(cut["ranks"].as_array().unwrap().len(), 2, "{cut}");
+    let failed: Vec<&Value> = job
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "rank_failed" && cut_pids.contains(&e["pid"]))
+        .collect();
+    assert_eq!(
+        failed.len(),
+        2,
+        "the cut-off ranks were not both fenced: {failed:?}"
+    );
+    for f in &failed {
+        assert_eq!(f["cause"], "silent", "{f}");
+    }
+    let faults = job.report["faults"].as_array().unwrap();
+    eprintln!("partition: {cut}\nfaults: {faults:#?}");
+    for f in faults {
+        assert!(f["lost_steps"].as_u64().unwrap() <= 1, "{f}");
+        assert!(f["recovery_ms"].as_u64().unwrap() < 5000, "{f}");
+    }
+    // Nobody committed twice: the ledger (checked in `launch`) found every step once.
+    // The fenced processes were refused when the host came back and exited as fenced.
+    for pid in &cut_pids {
+        let exit = job
+            .events
+            .iter()
+            .find(|e| e["kind"] == "worker_exit" && e["pid"] == *pid)
+            .unwrap_or_else(|| panic!("cut-off process {pid} did not exit"));
+        assert_eq!(exit["code"], 3, "{exit}");
+    }
+    let world = job.report["world_size_final"].as_u64().unwrap() as usize;
+    assert_identical_final_state(&job.run, world);
+}
