@@ -105,7 +105,10 @@ pub fn service_opts(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<Servi
 pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let bind = a.bind.clone().unwrap_or_else(|| c.bind.clone());
+        let bind = match a.bind.clone() {
+            Some(b) => b,
+            None => master_port_bind()?.unwrap_or_else(|| c.bind.clone()),
+        };
         let listener = tokio::net::TcpListener::bind(&bind)
             .await
             .with_context(|| format!("cannot listen on {bind}; pick another --bind address"))?;
@@ -240,4 +243,16 @@ pub fn admin_drain(url: &str, tls_ca: &str, rank: u32) -> Result<()> {
         println!("{}", r.into_inner().message);
         Ok(())
     })
+}
+
+/// Like torchrun's: with MASTER_PORT set and no --bind, the coordinator listens on that port on
+/// every interface (the workers dial MASTER_ADDR:MASTER_PORT).
+fn master_port_bind() -> Result<Option<String>> {
+    let Ok(port) = std::env::var("MASTER_PORT") else {
+        return Ok(None);
+    };
+    match port.trim().parse::<u16>() {
+        Ok(p) if p > 0 => Ok(Some(format!("0.0.0.0:{p}"))),
+        _ => bail!("MASTER_PORT = {port:?} is not a port number (1-65535); fix it or pass --bind"),
+    }
 }

@@ -56,7 +56,15 @@ pub fn coordinator_url(arg: Option<String>) -> Result<String> {
         return Ok(u);
     }
     if let Ok(host) = std::env::var("MASTER_ADDR") {
-        let port = std::env::var("PHALANX_COORDINATOR_PORT").unwrap_or_else(|_| "7070".into());
+        // torchrun's MASTER_PORT names the rendezvous port; PHALANX_COORDINATOR_PORT wins.
+        let port = std::env::var("PHALANX_COORDINATOR_PORT")
+            .or_else(|_| std::env::var("MASTER_PORT"))
+            .unwrap_or_else(|_| "7070".into());
+        if port.trim().parse::<u16>().is_err() {
+            bail!(
+                "MASTER_PORT / PHALANX_COORDINATOR_PORT = {port:?} is not a port number (1-65535)"
+            );
+        }
         return Ok(format!("http://{host}:{port}"));
     }
     bail!("no coordinator: pass --coordinator URL (or set MASTER_ADDR, as torchrun does)")
