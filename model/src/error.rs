@@ -48,6 +48,14 @@ pub enum ModelError {
     NoCuda,
     #[error("unknown device {0:?}; use \"auto\", \"cpu\" or \"cuda\"")]
     UnknownDevice(String),
+    #[error("{var} = {value:?} is not a local rank (0, 1, ...); the launcher sets it per process on a node")]
+    BadLocalRank { var: &'static str, value: String },
+    #[error("local rank {local_rank} (from {var}) but only {gpus} GPU(s) visible: run at most {gpus} ranks per node, or give each rank its own CUDA_VISIBLE_DEVICES")]
+    TooFewGpus {
+        local_rank: usize,
+        var: &'static str,
+        gpus: usize,
+    },
     #[error("unknown model preset {name:?}; valid presets: {valid}")]
     UnknownPreset { name: String, valid: String },
     #[error(
