@@ -1,6 +1,7 @@
 """torch.distributed gloo baseline for `phalanx bench collectives`.
 
     .venv/bin/torchrun --nproc-per-node 4 bench/gloo_collectives.py [--size-mib 64] [--iters 20]
+    phalanx bench collectives --gloo [--hosts 2] runs it beside phalanx's, on the same hosts.
 
 Times dist.all_reduce and dist.broadcast of one float32 tensor (64 MiB by default) between a
 barrier and the op's return, takes the slowest rank per iteration (as phalanx's bench does), and
@@ -21,12 +22,13 @@ def main():
     p.add_argument("--size-mib", type=float, default=64)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--ops", default="allreduce,broadcast")
     a = p.parse_args()
     dist.init_process_group("gloo")
     n, rank = dist.get_world_size(), dist.get_rank()
     nbytes = int(a.size_mib * (1 << 20))
     t = torch.ones(nbytes // 4, dtype=torch.float32)
-    for op in ("allreduce", "broadcast"):
+    for op in a.ops.split(","):
         times = []
         for it in range(a.warmup + a.iters):
             t.fill_(rank + 1)

@@ -5,8 +5,13 @@
 //! --worker-of ADDR --rank R` (hidden options) once per rank. Each worker times every iteration between a barrier and the end of the op;
 //! an iteration's time is the slowest rank's (the op is done when every rank is done).
 
+use crate::bench_gloo;
+use crate::hosts::{self, SimHosts};
 use anyhow::{anyhow, bail, Context, Result};
-use phalanx_runtime::dataplane::{BootstrapServer, CollConfig, TcpBootstrap, UcxConfig, UcxGroup};
+use phalanx_runtime::dataplane::links::summary;
+use phalanx_runtime::dataplane::{
+    advertised_ip, AddressSettings, BootstrapServer, CollConfig, TcpBootstrap, UcxConfig, UcxGroup,
+};
 use phalanx_runtime::{Generation, Rank};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -114,20 +119,46 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
+/// Where the bench runs: this host, or ranks in blocks on simulated hosts (TCP between them);
+/// and whether the gloo baseline runs in the same places after it.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Placement {
+    /// Place the ranks on H simulated hosts (network namespaces on a bridge; needs root).
+    #[arg(long, value_name = "H")]
+    pub hosts: Option<usize>,
+    /// Also run the gloo baseline (bench/gloo_collectives.py, torch.distributed) with the same
+    /// ranks on the same hosts, and print its figures under the table.
+    #[arg(long)]
+    pub gloo: bool,
+}
+
+pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> Result<()> {
     if !(1..=64).contains(&world) {
         bail!("--world {world}: use 1..=64 local processes");
     }
     let sizes_v = parse_sizes(sizes)?;
     let iters = t.iters.max(1);
-    let srv = BootstrapServer::bind("127.0.0.1:0")?;
+    let sim = match place.hosts {
+        Some(h) if h > world => bail!("--hosts {h}: more hosts than the {world} ranks"),
+        Some(h) => Some(SimHosts::create(h, "phalanx-bench")?),
+        None => None,
+    };
+    let host_of = |r: usize| sim.as_ref().map_or(0, |s| hosts::place(r, world, s.len()));
+    let bind_ip = sim
+        .as_ref()
+        .map_or_else(|| "127.0.0.1".to_string(), |s| s.gateway().to_string());
+    let srv = BootstrapServer::bind(&format!("{bind_ip}:0"))?;
     let addr = srv.local_addr().to_string();
     let exe = std::env::current_exe().context("locating the phalanx binary")?;
     let server =
         std::thread::spawn(move || srv.serve(world as u32, Generation(1), Duration::from_secs(60)));
     let mut kids = Vec::new();
     for r in 0..world {
-        let child = Command::new(&exe)
+        let mut cmd = match &sim {
+            Some(s) => s.command(host_of(r), &exe),
+            None => Command::new(&exe),
+        };
+        let child = cmd
             .args(["bench", "collectives", "--worker-of", &addr])
             .args(["--rank", &r.to_string(), "--world", &world.to_string()])
             .args(["--op", op.name(), "--sizes", sizes])
@@ -166,6 +197,7 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
     let mut reported = vec![0usize; sizes_v.len()];
     // Growth of the peak RSS during the iterations of each size, largest over ranks (KiB).
     let mut mem = vec![0u64; sizes_v.len()];
+    let mut links = Vec::new();
     for (r, mut k) in kids.into_iter().enumerate() {
         let out = k
             .stdout
@@ -182,6 +214,10 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
                         *m = (*m).max(kib);
                     }
                 }
+                continue;
+            }
+            if head == Some("LINKS") {
+                links.push(format!("rank {r}: {}", f.collect::<Vec<_>>().join(" ")));
                 continue;
             }
             if head != Some("TIMES") {
@@ -237,6 +273,15 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
         t.bcast_slots,
         t.err_mode
     );
+    if let Some(s) = &sim {
+        let at: Vec<String> = (0..world)
+            .map(|r| format!("rank {r} on {}", s.name(host_of(r))))
+            .collect();
+        println!("# hosts: {}", at.join(", "));
+    }
+    for l in &links {
+        println!("# links {l}");
+    }
     println!(
         "# {:>8} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>10} {:>10} {:>13}",
         "size",
@@ -269,6 +314,10 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning) -> Result<()> {
             alg(min) * bf,
             mem[si] as f64 / 1024.0
         );
+    }
+    if place.gloo {
+        let placed: Vec<usize> = (0..world).map(host_of).collect();
+        bench_gloo::compare(op, &sizes_v, iters, t.warmup, sim.as_ref(), &placed)?;
     }
     Ok(())
 }
@@ -308,7 +357,15 @@ pub fn worker(
     let boot = Box::new(TcpBootstrap {
         server: bootstrap.to_string(),
     });
+    // The liveness listener at the address that reaches the bootstrap server (another host's
+    // ranks dial it), as a worker's reaches its coordinator.
+    let ip = advertised_ip(&AddressSettings::from_env_and("", ""), bootstrap)?;
+    let cfg = UcxConfig {
+        liveness_ip: ip.ip.to_string(),
+        ..cfg
+    };
     let g = UcxGroup::connect(Rank(rank), world, Generation(1), cfg, boot)?;
+    println!("LINKS {}", summary(g.links()));
     let n = world as usize;
     for (si, size) in parse_sizes(sizes)?.into_iter().enumerate() {
         let elems = size / 4;
@@ -379,7 +436,12 @@ pub fn worker(
             println!("MEM {si} {}", z.saturating_sub(a));
         }
     }
-    g.barrier()?;
+    // Every rank's figures are out; the barrier only keeps the group up until all are. Over TCP
+    // a peer that got through it first may close before this rank's last message lands there:
+    // that is no failure of the measurement.
+    if let Err(e) = g.barrier() {
+        eprintln!("rank {rank}: a peer left during the final barrier ({e})");
+    }
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_collectives;
 mod bench_coordinator;
+mod bench_gloo;
 mod bench_straggler;
 mod config;
 mod control;
@@ -269,6 +270,8 @@ enum BenchCmd {
         sizes: String,
         #[command(flatten)]
         tuning: bench_collectives::Tuning,
+        #[command(flatten)]
+        placement: bench_collectives::Placement,
         /// Internal: run as one rank, registering with this bootstrap server.
         #[arg(long, hide = true)]
         worker_of: Option<String>,
@@ -457,6 +460,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     op,
                     sizes,
                     tuning,
+                    placement,
                     worker_of,
                     rank,
                 },
@@ -465,7 +469,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(addr) => {
                     bench_collectives::worker(&addr, rank, world as u32, op, &sizes, &tuning)?
                 }
-                None => bench_collectives::run(world, op, &sizes, &tuning)?,
+                None => bench_collectives::run(world, op, &sizes, &tuning, &placement)?,
             }
             Ok(ExitCode::SUCCESS)
         }
