@@ -6,7 +6,10 @@ use anyhow::{bail, Context, Result};
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client::{self, ClientOpts};
 use phalanx_runtime::coordinator::core::{CoreConfig, StragglerConfig};
+use phalanx_runtime::coordinator::observed;
 use phalanx_runtime::coordinator::service::{self, ServiceOpts};
+use phalanx_runtime::dataplane::links::summary;
+use phalanx_runtime::dataplane::PeerLink;
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -163,7 +166,8 @@ pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
                 json!({"member": r.member_id, "rank": r.rank, "host": r.host, "pid": r.pid,
                        "role": role_name(r.role), "state": r.state, "step": r.step,
                        "step_ms": r.last_step_time_us as f64 / 1e3,
-                       "heartbeat_age_ms": r.heartbeat_age_ms, "flags": r.flags})
+                       "heartbeat_age_ms": r.heartbeat_age_ms, "flags": r.flags,
+                       "address": r.address, "links": links_of(r)})
             })
             .collect();
         println!(
@@ -180,24 +184,35 @@ pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
         s.job_id, s.generation, s.committed_step, s.world, s.target_world
     );
     println!(
-        "{:>5} {:>6} {:<16} {:>7} {:<8} {:>8} {:>9} {:>8}  flags",
-        "rank", "member", "host", "pid", "state", "step", "step_ms", "hb_age"
+        "{:>5} {:>6} {:<16} {:<15} {:>7} {:<8} {:>8} {:>9} {:>8}  flags / transports",
+        "rank", "member", "host", "address", "pid", "state", "step", "step_ms", "hb_age"
     );
     for r in &s.ranks {
         println!(
-            "{:>5} {:>6} {:<16} {:>7} {:<8} {:>8} {:>9.1} {:>6}ms  {}",
+            "{:>5} {:>6} {:<16} {:<15} {:>7} {:<8} {:>8} {:>9.1} {:>6}ms  {}",
             r.rank.map_or("-".into(), |x| x.to_string()),
             r.member_id,
             r.host,
+            r.address,
             r.pid,
             r.state,
             r.step,
             r.last_step_time_us as f64 / 1e3,
             r.heartbeat_age_ms,
-            r.flags.join(",")
+            [r.flags.join(","), summary(&links_of(r))]
+                .iter()
+                .filter(|x| !x.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" | ")
         );
     }
     Ok(())
+}
+
+/// A rank's group transports as reported (a malformed entry is left out, not fatal here).
+fn links_of(r: &pb::RankStatus) -> Vec<PeerLink> {
+    observed::from_pb(&r.links).unwrap_or_default()
 }
 
 fn role_name(r: i32) -> &'static str {

@@ -734,12 +734,48 @@ fn scale_up_then_drain_loses_no_step_on(hosts: Hosts) {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
     admin(&["scale", "--target", "4"]);
     assert!(
         wait_for(&|m| m.iter().any(|x| x["world_size"] == 4), 30),
         "did not grow to 4"
     );
+    // P-7, P-8: status shows each rank's address and the transports of its group (reported
+    // with the first heartbeat after the group is built).
+    let mut status = admin(&["status", "--json"]);
+    for _ in 0..50 {
+        if hosts == Hosts::One || status.contains("\"tcp\"") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        status = admin(&["status", "--json"]);
+    }
+    let st: Value = serde_json::from_str(&status).unwrap();
+    let active: Vec<&Value> = st["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "active")
+        .collect();
+    assert!(
+        active
+            .iter()
+            .all(|r| r["address"].as_str().is_some_and(|a| !a.is_empty())),
+        "{status}"
+    );
+    if hosts == Hosts::Two {
+        assert!(
+            active
+                .iter()
+                .all(|r| !r["address"].as_str().unwrap().starts_with("127.")),
+            "{status}"
+        );
+        assert!(
+            status.contains("\"tcp\""),
+            "no TCP link in status: {status}"
+        );
+    }
     admin(&["drain", "--rank", "3"]);
     assert!(
         wait_for(
