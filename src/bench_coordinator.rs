@@ -49,6 +49,7 @@ fn core_bench(n: usize, seconds: u64) -> Result<()> {
                 config_hash: "h".into(),
                 rejoin: None,
                 committed_step: Step(0),
+                secret_digest: String::new(),
             },
             &cfg,
         )?;
@@ -181,11 +182,13 @@ async fn sim_session(
     let Ok(r) = c.register(client::request(reg, &opts)).await else {
         return;
     };
-    let id = r.into_inner().member_id;
+    let r = r.into_inner();
+    let id = r.member_id;
     let (tx, rx) = mpsc::channel(4);
     let hello = pb::RankMessage {
         msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
             member_id: id,
+            member_secret: r.member_secret,
         })),
     };
     if tx.send(hello).await.is_err() {

@@ -204,12 +204,14 @@ pub struct CoordinatorSection {
     pub job_id: String,
     pub bind: String,
     pub token: String,
+    pub admin_token: String,
     pub heartbeat_interval_ms: u64,
     pub heartbeat_timeout_ms: u64,
     pub rejoin_grace_ms: u64,
     pub min_world: usize,
     pub hang_timeout_floor_ms: u64,
     pub hang_k: f64,
+    pub progress_timeout_ms: u64,
     pub straggler_window: usize,
     pub straggler_ratio: f64,
     pub straggler_min_excess_ms: u64,
@@ -241,12 +243,14 @@ impl Default for CoordinatorSection {
             job_id: "phalanx".into(),
             bind: "127.0.0.1:7070".into(),
             token: String::new(),
+            admin_token: String::new(),
             heartbeat_interval_ms: 200,
             heartbeat_timeout_ms: 1500,
             rejoin_grace_ms: 10_000,
             min_world: 1,
             hang_timeout_floor_ms: 10_000,
             hang_k: 10.0,
+            progress_timeout_ms: 600_000,
             straggler_window: 6,
             straggler_ratio: 1.75,
             straggler_min_excess_ms: 2,
@@ -281,6 +285,14 @@ impl CoordinatorSection {
             .ok()
             .filter(|t| !t.is_empty())
             .or_else(|| (!self.token.is_empty()).then(|| self.token.clone()))
+    }
+
+    /// The admin token: PHALANX_ADMIN_TOKEN, else the config's (empty: none configured).
+    pub fn admin_token(&self) -> Option<String> {
+        std::env::var("PHALANX_ADMIN_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| (!self.admin_token.is_empty()).then(|| self.admin_token.clone()))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -594,6 +606,19 @@ impl TrainConfig {
         if t.max_steps == 0 {
             return bad("train.max_steps", 0, "must be at least 1");
         }
+        // The exact fixed-point sum holds 2^62 over 64 micro-batches of |g| < 2^15 and its 16-bit
+        // limbs, summed as f32 over the ranks, stay exact up to 256 of them: beyond, deterministic
+        // mode would silently stop being exact.
+        if t.deterministic && t.global_batch / t.micro_batch > 64 {
+            return bad(
+                "train.deterministic",
+                true,
+                &format!(
+                    "sums at most 64 micro-batches exactly; train.global_batch / train.micro_batch = {}: raise train.micro_batch",
+                    t.global_batch / t.micro_batch
+                ),
+            );
+        }
         if t.threads > 4096 {
             return bad(
                 "train.threads",
@@ -656,6 +681,25 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Deterministic mode above 64 micro-batches (so above 64 ranks, and far from the 256 where
+    // the f32 limb sums stop being exact) is refused instead of silently inexact.
+    #[test]
+    fn deterministic_mode_refuses_what_it_cannot_sum_exactly() {
+        let over = [
+            "train.deterministic=true",
+            "train.global_batch=4096",
+            "train.micro_batch=16",
+        ];
+        let e = TrainConfig::load(None, &over.map(String::from)).unwrap_err();
+        assert!(e.to_string().contains("at most 64 micro-batches"), "{e}");
+        let ok = [
+            "train.deterministic=true",
+            "train.global_batch=256",
+            "train.micro_batch=4",
+        ];
+        TrainConfig::load(None, &ok.map(String::from)).unwrap();
+    }
 
     #[test]
     fn reference_is_complete_and_valid() {
@@ -742,5 +786,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("tiny"), "{e}");
+    }
+}
+
+/// Fuzzing (issue "Trust and restarts", item 8): any config text and any override is a config
+/// or an error that names the problem, never a panic. Fixed budgets.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Lines made of known keys and values of every type, some of them wrong.
+    fn line() -> impl Strategy<Value = String> {
+        let keys = known_keys();
+        (
+            prop::sample::select(keys),
+            prop_oneof![
+                Just("0".to_string()),
+                Just("-1".to_string()),
+                Just("1e308".to_string()),
+                Just("\"x\"".to_string()),
+                Just("true".to_string()),
+                Just("[1, 2]".to_string()),
+                Just("18446744073709551616".to_string()),
+                any::<u32>().prop_map(|v| v.to_string()),
+                "[a-z\\\"\\\\]{0,8}".prop_map(|v| format!("\"{v}\"")),
+            ],
+        )
+            .prop_map(|(k, v)| match k.split_once('.') {
+                Some((sec, key)) => format!("[{sec}]\n{key} = {v}"),
+                None => format!("{k} = {v}"),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1500))]
+
+        #[test]
+        fn any_config_text_is_a_config_or_an_error(lines in proptest::collection::vec(line(), 0..6)) {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("c.toml");
+            std::fs::write(&p, lines.join("\n")).unwrap();
+            let _ = TrainConfig::load(Some(&p), &[]);
+        }
+
+        #[test]
+        fn any_bytes_as_config_are_an_error_or_a_config(raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("c.toml");
+            std::fs::write(&p, &raw).unwrap();
+            let _ = TrainConfig::load(Some(&p), &[]);
+        }
+
+        #[test]
+        fn any_override_is_applied_or_refused(spec in "[a-z_.=0-9\\[\\]\"-]{0,30}") {
+            let _ = TrainConfig::load(None, &[spec]);
+        }
     }
 }

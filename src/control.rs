@@ -29,6 +29,7 @@ pub fn core_config(c: &CoordinatorSection, max_world: usize) -> CoreConfig {
         max_world,
         hang_floor: ms(c.hang_timeout_floor_ms),
         hang_k: c.hang_k,
+        progress_timeout: ms(c.progress_timeout_ms),
         straggler: StragglerConfig {
             window: c.straggler_window,
             ratio: c.straggler_ratio,
@@ -90,6 +91,8 @@ pub struct CoordinatorArgs {
     pub world: usize,
     pub max_world: usize,
     pub run_dir: PathBuf,
+    /// Serve on a non-loopback address without a job token (a trusted network only).
+    pub insecure: bool,
 }
 
 pub fn service_opts(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<ServiceOpts> {
@@ -102,7 +105,66 @@ pub fn service_opts(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<Servi
     opts.keepalive_interval = ms(c.keepalive_interval_ms);
     opts.keepalive_timeout = ms(c.keepalive_timeout_ms);
     opts.tls = server_tls(c)?;
+    opts.admin_token = Some(admin_token(c, &a.run_dir)?);
     Ok(opts)
+}
+
+/// 128 random bits as hex, or an error: a token is never weak because the random source failed.
+pub fn random_token() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .context("cannot read /dev/urandom for a token; set the token yourself")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Writes a secret readable by this user only.
+pub fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(secret.as_bytes())?;
+    Ok(())
+}
+
+/// The configured admin token, or a new one written to `<run dir>/admin-token`.
+fn admin_token(c: &CoordinatorSection, run_dir: &std::path::Path) -> Result<String> {
+    if let Some(t) = c.admin_token() {
+        return Ok(t);
+    }
+    let t = random_token()?;
+    std::fs::create_dir_all(run_dir)?;
+    write_secret(&run_dir.join("admin-token"), &t)?;
+    Ok(t)
+}
+
+/// Closed by default: a coordinator others can reach needs a job token (or --insecure), and
+/// is told loudly that without TLS its token travels in clear.
+fn check_exposure(
+    c: &CoordinatorSection,
+    addr: std::net::SocketAddr,
+    insecure: bool,
+) -> Result<()> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if c.token().is_none() && !insecure {
+        bail!(
+            "refusing to serve on {addr} without a job token: anyone who reaches it could join              or steer the job. Set PHALANX_JOB_TOKEN (or coordinator.token), or pass --insecure              on a trusted network"
+        );
+    }
+    if c.tls_cert.is_empty() {
+        tracing::warn!(
+            %addr,
+            "serving without TLS on a non-loopback address: tokens and directives travel in              clear; set coordinator.tls_cert and tls_key"
+        );
+    }
+    Ok(())
 }
 
 pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()> {
@@ -116,6 +178,7 @@ pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()
             .await
             .with_context(|| format!("cannot listen on {bind}; pick another --bind address"))?;
         let addr = listener.local_addr()?;
+        check_exposure(c, addr, a.insecure)?;
         let opts = service_opts(c, a)?;
         // The first line on stdout is the address, so that a launcher (or a test) that asked
         // for port 0 learns the port.
@@ -147,8 +210,20 @@ pub fn client_opts(url: &str, tls_ca: &str) -> Result<ClientOpts> {
     Ok(o)
 }
 
+/// An admin client (status, scale, drain): PHALANX_ADMIN_TOKEN, else the job token.
+pub fn admin_opts(url: &str, tls_ca: &str) -> Result<ClientOpts> {
+    let mut o = client_opts(url, tls_ca)?;
+    if let Some(t) = std::env::var("PHALANX_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+    {
+        o.token = Some(t);
+    }
+    Ok(o)
+}
+
 pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
-    let opts = client_opts(url, tls_ca)?;
+    let opts = admin_opts(url, tls_ca)?;
     let rt = tokio::runtime::Runtime::new()?;
     let s = rt.block_on(async {
         let mut c = client::connect(&opts).await?;
@@ -230,7 +305,7 @@ pub fn hostname() -> String {
 }
 
 pub fn admin_scale(url: &str, tls_ca: &str, target: u32) -> Result<()> {
-    let opts = client_opts(url, tls_ca)?;
+    let opts = admin_opts(url, tls_ca)?;
     tokio::runtime::Runtime::new()?.block_on(async {
         let mut c = client::connect(&opts).await?;
         let r = c
@@ -248,7 +323,7 @@ pub fn admin_scale(url: &str, tls_ca: &str, target: u32) -> Result<()> {
 }
 
 pub fn admin_drain(url: &str, tls_ca: &str, rank: u32) -> Result<()> {
-    let opts = client_opts(url, tls_ca)?;
+    let opts = admin_opts(url, tls_ca)?;
     tokio::runtime::Runtime::new()?.block_on(async {
         let mut c = client::connect(&opts).await?;
         let r = c

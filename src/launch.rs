@@ -57,14 +57,6 @@ struct Worker {
     code: Option<i32>,
 }
 
-fn token() -> String {
-    let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 pub(crate) fn append_event(run_dir: &Path, kind: &str, fields: serde_json::Value) -> Result<()> {
     let mut v = json!({"kind": kind, "unix_ms": unix_ms()});
     if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
@@ -216,6 +208,11 @@ fn metrics_has_final(run_dir: &Path, seen: &mut u64) -> bool {
 
 pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     let wall = Instant::now();
+    // Before anything else: never a silent fallback to one host.
+    let mut host_faults = HostFaults::new(a.hosts.faults()?);
+    if a.hosts.hosts.is_some() {
+        hosts::check_can_simulate()?;
+    }
     let cfg = TrainConfig::load(Some(&a.config), &a.overrides)?;
     let max_world = cfg.train.global_batch / cfg.train.micro_batch;
     if a.nproc == 0 {
@@ -254,9 +251,11 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         cfg.train.threads
     };
     let threads = (budget / a.nproc).max(1);
-    let job_token = cfg.coordinator.token().unwrap_or_else(token);
+    let job_token = match cfg.coordinator.token() {
+        Some(t) => t,
+        None => control::random_token()?,
+    };
 
-    let mut host_faults = HostFaults::new(a.hosts.faults()?);
     let sim = match a.hosts.hosts {
         Some(h) => Some(SimHosts::create(h, "phalanx")?),
         None => None,
@@ -278,8 +277,10 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             world: a.nproc,
             max_world,
             run_dir: run_dir.clone(),
+            insecure: false,
         },
     )?;
+    let admin_token = opts.admin_token.clone().unwrap_or_default();
     let (shut_tx, shut_rx) = tokio::sync::oneshot::channel::<()>();
     let coord = std::thread::Builder::new()
         .name("coordinator".into())
@@ -360,11 +361,12 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             .truncate(true)
             .mode(0o600)
             .open(run_dir.join("job-token"))?;
+        control::write_secret(&run_dir.join("admin-token"), &admin_token)?;
         f.write_all(job_token.as_bytes())?;
     }
     info!(nproc = a.nproc, spares = a.spares, %url, "job started");
     info!(
-        "admin: PHALANX_JOB_TOKEN=$(cat {dir}/job-token) phalanx status --coordinator {url}   (also scale --target N, drain --rank R)",
+        "admin: PHALANX_ADMIN_TOKEN=$(cat {dir}/admin-token) phalanx status --coordinator {url}   (also scale --target N, drain --rank R)",
         dir = run_dir.display()
     );
 
@@ -372,7 +374,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         .enable_all()
         .build()?;
     let mut copts = client::ClientOpts::new(&url);
-    copts.token = Some(job_token.clone());
+    copts.token = Some(admin_token.clone());
     let mut status_client = None;
     let pb_bar = if a.progress {
         ProgressBar::new(cfg.train.max_steps)

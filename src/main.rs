@@ -171,6 +171,9 @@ enum Cmd {
         /// Run directory for events.jsonl and the coordinator journal. Default: the config's run.dir.
         #[arg(long)]
         run_dir: Option<PathBuf>,
+        /// Serve on a non-loopback address without a job token (a trusted network only).
+        #[arg(long)]
+        insecure: bool,
         /// Overrides: section.key=value (e.g. coordinator.heartbeat_timeout_ms=1000).
         overrides: Vec<String>,
     },
@@ -602,6 +605,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             world,
             run_dir,
+            insecure,
             overrides,
         } => {
             let cfg = TrainConfig::load(config.as_deref(), &overrides)?;
@@ -619,6 +623,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     world,
                     max_world,
                     run_dir: run_dir.unwrap_or(cfg.run.dir.clone()),
+                    insecure,
                 },
             )?;
             Ok(ExitCode::SUCCESS)

@@ -44,6 +44,7 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
     let host = hostname();
     // (member id, generation, rank) once assigned; kept across reconnects to rejoin.
     let mut member: u64 = 0;
+    let mut secret = String::new();
     let mut generation: u64 = 0;
     let mut rank: u32 = 0;
     let mut step: u64 = 0;
@@ -80,6 +81,7 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
             generation,
             rank,
             committed_step: step,
+            member_secret: secret.clone(),
         };
         let reg = match c.register(client::request(req, &opts)).await {
             Ok(r) => r.into_inner(),
@@ -105,9 +107,11 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
                     "member": member, "generation": reg.generation}),
         );
         let (tx, rx) = mpsc::channel(16);
+        secret = reg.member_secret.clone();
         let hello = pb::RankMessage {
             msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
                 member_id: member,
+                member_secret: secret.clone(),
             })),
         };
         tx.send(hello).await?;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const TOKEN: &str = "s3cret-job-token";
+const ADMIN: &str = "s3cret-admin-token";
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -107,7 +108,8 @@ fn start_coordinator(dir: &Path, bind: &str, world: usize, extra: &[&str]) -> (P
         .arg(dir)
         .args(["train.global_batch=16", "train.micro_batch=1"])
         .args(extra)
-        .env("PHALANX_JOB_TOKEN", TOKEN);
+        .env("PHALANX_JOB_TOKEN", TOKEN)
+        .env("PHALANX_ADMIN_TOKEN", ADMIN);
     let (p, rx) = Proc::spawn(cmd);
     let first = rx
         .recv_timeout(Duration::from_secs(20))
@@ -189,9 +191,14 @@ impl Job {
             &format!("http://{}", self.addr),
             "--json",
         ]);
+        // Status is an admin call: the job's token opens the door, the admin token the room.
         match token {
-            Some(t) => cmd.env("PHALANX_JOB_TOKEN", t),
-            None => cmd.env_remove("PHALANX_JOB_TOKEN"),
+            Some(t) => cmd
+                .env("PHALANX_JOB_TOKEN", t)
+                .env("PHALANX_ADMIN_TOKEN", if t == TOKEN { ADMIN } else { t }),
+            None => cmd
+                .env_remove("PHALANX_JOB_TOKEN")
+                .env_remove("PHALANX_ADMIN_TOKEN"),
         };
         cmd.output().unwrap()
     }
@@ -335,7 +342,7 @@ fn wrong_or_missing_token_is_refused() {
     let refused: Vec<_> = job
         .events()
         .into_iter()
-        .filter(|e| e["kind"] == "auth_refused")
+        .filter(|e| e["kind"] == "request_refused")
         .collect();
     assert_eq!(refused.len(), 2);
     // The token itself never reaches the event log.
@@ -467,6 +474,7 @@ fn tls_coordinator() {
             "--json",
         ])
         .env("PHALANX_JOB_TOKEN", TOKEN)
+        .env("PHALANX_ADMIN_TOKEN", ADMIN)
         .output()
         .unwrap();
     assert!(
@@ -546,4 +554,143 @@ fn peers_are_served_per_generation() {
             .unwrap_err();
         assert_eq!(out.code(), tonic::Code::InvalidArgument);
     });
+}
+
+fn rq<T>(o: &phalanx_runtime::coordinator::client::ClientOpts, m: T) -> tonic::Request<T> {
+    phalanx_runtime::coordinator::client::request(m, o)
+}
+
+// K-12 (sessions bound to members): a client holding the job token registers as itself and
+// then tries to speak for rank 0's member: a session (and so its heartbeats), a fault report, a
+// rendezvous and a rejoin as that member are all refused, and so are scale and drain without
+// the admin token. Nobody is evicted and the generation does not move.
+#[test]
+fn a_token_holder_cannot_act_as_another_member() {
+    use phalanx_proto::pb;
+    let job = Job::start(2, 0, &[]);
+    let victim = job.status_json()["ranks"][0]["member"].as_u64().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut opts =
+            phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", job.addr));
+        opts.token = Some(TOKEN.into());
+        let mut c = phalanx_runtime::coordinator::client::connect(&opts)
+            .await
+            .unwrap();
+        let mine = c
+            .register(rq(
+                &opts,
+                pb::RegisterRequest {
+                    job_id: "phalanx".into(),
+                    host: "intruder".into(),
+                    role: pb::Role::Spare as i32,
+                    config_hash: "sim".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!mine.member_secret.is_empty());
+        let denied = |r: Result<tonic::Status, ()>, what: &str| {
+            let s = r.unwrap_or_else(|_| panic!("{what} as member {victim} was accepted"));
+            assert_eq!(s.code(), tonic::Code::PermissionDenied, "{what}: {s:?}");
+        };
+        // A session as the victim, with our own secret.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::RankMessage {
+            msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
+                member_id: victim,
+                member_secret: mine.member_secret.clone(),
+            })),
+        })
+        .await
+        .unwrap();
+        let r = c
+            .session(rq(&opts, tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await;
+        denied(r.map(|_| ()).err().ok_or(()), "a session");
+        let r = c
+            .report_fault(rq(
+                &opts,
+                pb::FaultReport {
+                    member_id: victim,
+                    generation: 1,
+                    suspect_rank: 1,
+                    kind: "peer_failed".into(),
+                    member_secret: mine.member_secret.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await;
+        denied(r.err().ok_or(()), "a fault report");
+        let r = c
+            .rendezvous(rq(
+                &opts,
+                pb::RendezvousRequest {
+                    member_id: victim,
+                    generation: 1,
+                    rank: 0,
+                    address: vec![1, 2, 3],
+                    member_secret: "guess".into(),
+                },
+            ))
+            .await;
+        denied(r.err().ok_or(()), "a rendezvous");
+        let r = c
+            .register(rq(
+                &opts,
+                pb::RegisterRequest {
+                    job_id: "phalanx".into(),
+                    host: "intruder".into(),
+                    role: pb::Role::Active as i32,
+                    config_hash: "sim".into(),
+                    member_id: victim,
+                    generation: 1,
+                    rank: 0,
+                    member_secret: mine.member_secret.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await;
+        denied(r.err().ok_or(()), "a rejoin");
+        let r = c
+            .scale(rq(&opts, pb::ScaleRequest { target_world: 1 }))
+            .await;
+        denied(r.err().ok_or(()), "scale with the job token");
+        let r = c.drain(rq(&opts, pb::DrainRequest { rank: 1 })).await;
+        denied(r.err().ok_or(()), "drain with the job token");
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = job.status_json();
+    assert_eq!(
+        (s["generation"].as_u64(), s["world"].as_u64()),
+        (Some(1), Some(2)),
+        "{s}"
+    );
+    let events = job.events();
+    assert!(
+        events.iter().all(|e| e["kind"] != "rank_failed"),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| e["kind"] == "request_refused"));
+}
+
+// Closed by default: a coordinator on a non-loopback address refuses to start without a job
+// token and says how to give one (or --insecure).
+#[test]
+fn an_exposed_coordinator_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = common::bin()
+        .args(["coordinator", "--bind", "0.0.0.0:0", "--run-dir"])
+        .arg(dir.path())
+        .env_remove("PHALANX_JOB_TOKEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("without a job token") && err.contains("--insecure"),
+        "{err}"
+    );
 }

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 struct Job {
     code: Option<i32>,
@@ -194,4 +195,53 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
     }
     let world = job.report["world_size_final"].as_u64().unwrap() as usize;
     assert_identical_final_state(&job.run, world);
+}
+
+// Without root there are no simulated hosts: `--hosts` says so and what to do, never runs the
+// job on one host instead. Bad host faults are refused with the valid range.
+#[test]
+fn simulated_hosts_without_root_or_with_bad_faults_are_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("missing.toml");
+    if is_root() {
+        // As an unprivileged user (setpriv drops root for the child only).
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_phalanx"))
+            .args(["launch", "--hosts", "2", "--nproc", "2", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("needs root"), "{err}");
+    }
+    let r = run(
+        &[
+            "launch",
+            "--nproc",
+            "2",
+            "--kill-host-at",
+            "10:0",
+            "--config",
+            "x.toml",
+        ],
+        d.path(),
+    );
+    r.assert_user_error("add --hosts N");
+    let r = run(
+        &[
+            "launch",
+            "--hosts",
+            "2",
+            "--nproc",
+            "2",
+            "--cut-host-at",
+            "10:2",
+            "--config",
+            "x.toml",
+        ],
+        d.path(),
+    );
+    r.assert_user_error("there are 2 hosts");
 }

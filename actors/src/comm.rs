@@ -23,6 +23,7 @@ struct CoordExchange {
     handle: tokio::runtime::Handle,
     client: Client,
     member: u64,
+    secret: String,
 }
 
 impl AddressExchange for CoordExchange {
@@ -39,6 +40,7 @@ impl AddressExchange for CoordExchange {
             generation: generation.0,
             rank: rank.0,
             address: local.to_vec(),
+            member_secret: self.secret.clone(),
         });
         req.set_timeout(timeout);
         let mut c = self.client.clone();
@@ -125,6 +127,7 @@ impl Actor for CommunicatorActor {
                     handle: st.shared.handle.clone(),
                     client: ctl.client,
                     member: ctl.member,
+                    secret: ctl.secret,
                 };
                 let r = tokio::task::spawn_blocking(move || {
                     UcxGroup::connect(rank, world, generation, ucx, Box::new(exchange))

@@ -542,6 +542,7 @@ impl<'a> Loop<'a> {
             kind: "restarted".into(),
             detail: format!("compute restarted (incarnation {})", self.incarnation),
             step: self.sh.progress.step.load(Ordering::Relaxed),
+            member_secret: ctl.secret.clone(),
         };
         let r = self.sh.handle.block_on(async move {
             c.report_fault(phalanx_runtime::coordinator::client::request(req, &opts))
@@ -685,7 +686,18 @@ impl<'a> Loop<'a> {
         )) {
             Ok(ractor::rpc::CallResult::Success(Ok(g))) => g,
             Ok(ractor::rpc::CallResult::Success(Err(e))) => {
-                warn!(error = %e, %generation, "could not build the data-plane group; waiting for the next generation");
+                // Said, not kept: a group that cannot be built must reach the coordinator
+                // (K-13), or the job idles with every rank alive.
+                warn!(error = %e, %generation, "could not build the data-plane group; reported, waiting for the next generation");
+                let _ = comm.cast(CommunicatorMsg::Fault(pb::FaultReport {
+                    member_id: ctl.member,
+                    generation: generation.0,
+                    suspect_rank: rank.0,
+                    kind: "group_failed".into(),
+                    detail: e.chars().take(200).collect(),
+                    step: s.trainer.step,
+                    member_secret: ctl.secret.clone(),
+                }));
                 return Ok(Next::Regroup(None));
             }
             Ok(_) | Err(_) => {
@@ -706,6 +718,7 @@ impl<'a> Loop<'a> {
                 .into(),
                 detail: e.to_string(),
                 step,
+                member_secret: ctl.secret.clone(),
             }));
         };
         progress.phase.store(2, Ordering::Relaxed);

@@ -133,6 +133,15 @@ async fn open(
     r.member_id = *member;
     r.generation = progress.generation.load(Ordering::Relaxed);
     r.committed_step = progress.step.load(Ordering::Relaxed);
+    // A restarted coordinator lets a rank back into its place only if it names it (K-5), and
+    // proves it is the same member.
+    r.rank = shared.last_rank().unwrap_or(0);
+    r.member_secret = shared
+        .control
+        .lock()
+        .as_ref()
+        .map(|c| c.secret.clone())
+        .unwrap_or_default();
     let out = match c.register(client::request(r, opts)).await {
         Ok(o) => o.into_inner(),
         Err(s) => {
@@ -157,6 +166,7 @@ async fn open(
     *member = out.member_id;
     *shared.control.lock() = Some(Control {
         member: *member,
+        secret: out.member_secret.clone(),
         client: c.clone(),
     });
     shared.control_ready.notify_all();
@@ -165,6 +175,7 @@ async fn open(
         .send(pb::RankMessage {
             msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
                 member_id: *member,
+                member_secret: out.member_secret.clone(),
             })),
         })
         .await;

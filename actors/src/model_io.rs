@@ -160,6 +160,37 @@ pub fn latest_checkpoint(dir: &Path, before: u64) -> Option<(u64, std::path::Pat
         .find(|(_, p)| phalanx_checkpoint::verify(p).is_ok())
 }
 
+/// `model.json` is data from a file: before it sizes anything, it must describe exactly the
+/// parameters the file holds (a crafted one would otherwise allocate what it likes).
+fn check_shapes(m: &ModelConfig, params: &[TensorData]) -> std::result::Result<(), String> {
+    let held: u64 = params
+        .iter()
+        .map(|t| t.shape.iter().map(|&d| d as u64).product::<u64>())
+        .sum();
+    let sizes = [m.n_embd, m.vocab_size, m.block_size, m.mlp_hidden];
+    if m.n_layer > params.len() || sizes.iter().any(|&x| x as u64 > held) {
+        return Err(format!(
+            "{MODEL_JSON} describes a model larger than its {MODEL_FILE} ({} tensors, {held} \
+             values): the folder is damaged or not a phalanx model",
+            params.len()
+        ));
+    }
+    m.validate().map_err(|e| format!("{MODEL_JSON}: {e}"))?;
+    let want = phalanx_model::gpt::param_shapes(m);
+    let same = want.len() == params.len()
+        && want.iter().zip(params).all(|((n, s), t)| {
+            *n == t.name
+                && s.len() == t.shape.len()
+                && s.iter().zip(&t.shape).all(|(&a, &b)| a as usize == b)
+        });
+    if !same {
+        return Err(format!(
+            "the parameters in {MODEL_FILE} do not have the shapes {MODEL_JSON} describes"
+        ));
+    }
+    Ok(())
+}
+
 /// Loads a saved model for inference: verifies the checkpoint, rebuilds model and tokenizer.
 pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
     let (_, contents) = phalanx_checkpoint::load(dir)?;
@@ -179,6 +210,7 @@ pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
             "has no {MODEL_FILE}: it is not a phalanx model"
         )));
     };
+    check_shapes(&info.model, params).map_err(bad)?;
     let model = Gpt::new(&info.model, device, 0)?;
     let tensors: Vec<_> = params
         .iter()
@@ -194,4 +226,61 @@ pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
         )));
     }
     Ok((model, tok, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phalanx_model::config::ModelConfig;
+
+    fn tiny() -> ModelConfig {
+        let mut m = ModelConfig::preset("tiny").unwrap();
+        m.n_layer = 1;
+        m.n_embd = 8;
+        m.n_head = 2;
+        m.block_size = 4;
+        m.vocab_size = 5;
+        m
+    }
+
+    fn file_of(m: &ModelConfig) -> Vec<TensorData> {
+        phalanx_model::gpt::param_shapes(m)
+            .into_iter()
+            .map(|(name, shape)| {
+                let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                let n = shape.iter().product();
+                TensorData {
+                    name,
+                    shape,
+                    data: vec![0.0; n],
+                }
+            })
+            .collect()
+    }
+
+    // A crafted model.json (a huge width, a billion layers, another shape) is refused before
+    // anything is sized from it.
+    #[test]
+    fn model_json_must_match_the_parameter_file() {
+        let m = tiny();
+        let params = file_of(&m);
+        check_shapes(&m, &params).unwrap();
+        for bad in [
+            ModelConfig {
+                n_embd: 1 << 40,
+                ..m.clone()
+            },
+            ModelConfig {
+                n_layer: 1_000_000_000,
+                ..m.clone()
+            },
+            ModelConfig {
+                vocab_size: 6,
+                ..m.clone()
+            },
+        ] {
+            let e = check_shapes(&bad, &params).unwrap_err();
+            assert!(e.contains("model.json"), "{e}");
+        }
+    }
 }

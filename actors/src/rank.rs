@@ -125,6 +125,8 @@ pub enum Directive {
 #[derive(Clone)]
 pub struct Control {
     pub member: u64,
+    /// The secret Register gave this member; every later call carries it.
+    pub secret: String,
     pub client: Client,
 }
 

@@ -361,3 +361,80 @@ mod tests {
         ));
     }
 }
+
+/// Fuzzing (issue "Trust and restarts", item 8): checkpoint headers from untrusted bytes are
+/// errors, never panics or unbounded allocations. Fixed budgets, so the suite's time is known.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A checkpoint folder whose manifest is right for `model.safetensors` = `bytes`, so that
+    /// the tensor decoder itself sees the fuzzed bytes.
+    fn folder(bytes: &[u8]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("model.safetensors"), bytes).unwrap();
+        let m = Manifest {
+            format: FORMAT,
+            step: 1,
+            created_unix_ms: 0,
+            files: vec![FileEntry {
+                name: "model.safetensors".into(),
+                bytes: bytes.len() as u64,
+                sha256: hex(&Sha256::digest(bytes)),
+            }],
+        };
+        std::fs::write(d.path().join(MANIFEST), serde_json::to_vec(&m).unwrap()).unwrap();
+        d
+    }
+
+    /// A safetensors header that claims what it likes: a length prefix, then JSON.
+    fn header(len: u64, json: &str, tail: &[u8]) -> Vec<u8> {
+        let mut b = len.to_le_bytes().to_vec();
+        b.extend_from_slice(json.as_bytes());
+        b.extend_from_slice(tail);
+        b
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn any_bytes_as_tensors_are_an_error_or_tensors(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_tensors(&bytes);
+        }
+
+        #[test]
+        fn lying_safetensors_headers_are_errors(
+            len in any::<u64>(),
+            dtype in prop::sample::select(vec!["F32", "F16", "I64", "U8", "BOOL", "X"]),
+            shape in proptest::collection::vec(any::<u64>(), 0..4),
+            start in any::<u64>(), end in any::<u64>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let json = format!(
+                r#"{{"t":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{start},{end}]}}}}"#
+            );
+            let _ = decode_tensors(&header(len, &json, &tail));
+            let _ = decode_tensors(&header(json.len() as u64, &json, &tail));
+        }
+
+        #[test]
+        fn any_manifest_is_an_error_or_a_checkpoint(raw in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join(MANIFEST), &raw).unwrap();
+            let starts_json = raw.first() == Some(&b'{');
+            prop_assert!(load(d.path()).is_err() || starts_json, "{:?}", raw);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn fuzzed_tensor_files_load_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let d = folder(&bytes);
+            let _ = load(d.path());
+        }
+    }
+}

@@ -213,6 +213,12 @@ pub struct Gpt {
     rope: Option<(Tensor, Tensor)>,
 }
 
+/// The name and shape of every parameter of a model of this configuration (what a saved model
+/// file must hold). The caller bounds the configuration first: this allocates per layer.
+pub fn param_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<i64>)> {
+    defs(cfg).into_iter().map(|(n, s, _)| (n, s)).collect()
+}
+
 fn defs(cfg: &ModelConfig) -> Vec<(String, Vec<i64>, Init)> {
     let c = cfg.n_embd as i64;
     let v = cfg.vocab_size as i64;

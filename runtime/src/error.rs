@@ -59,6 +59,8 @@ pub enum RuntimeError {
     // --- control plane ---
     #[error("member {member} is not registered with this coordinator; register again")]
     UnknownMember { member: u64 },
+    #[error("the caller is not member {member}: its member secret does not match the one Register gave; a member speaks only for itself")]
+    NotThisMember { member: u64 },
     #[error("job id {got:?} does not match this coordinator's job {want:?}; point the worker at its own job's coordinator")]
     WrongJob { got: String, want: String },
     #[error("config hash {got} differs from the job's {want}: this worker's model config or dataset is not the job's; start it with the job's config")]
@@ -89,6 +91,7 @@ impl From<RuntimeError> for tonic::Status {
         let msg = e.to_string();
         match e {
             RuntimeError::UnknownMember { .. } => Status::not_found(msg),
+            RuntimeError::NotThisMember { .. } => Status::permission_denied(msg),
             RuntimeError::WrongJob { .. }
             | RuntimeError::ConfigMismatch { .. }
             | RuntimeError::Fenced { .. }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::straggler::Context;
 pub use super::straggler::{FlagChange, Judge, Peers, StragglerConfig, MAX_WINDOW};
+use super::watchdog::Watch;
 
 pub type MemberId = u64;
 
@@ -82,6 +83,9 @@ pub struct CoreConfig {
     pub hang_floor: Duration,
     pub hang_k: f64,
     pub straggler: StragglerConfig,
+    /// No step committed for this long while ranks are assigned: regroup with the same
+    /// members, then halt with the reason (K-13). Zero: off.
+    pub progress_timeout: Duration,
 }
 
 impl Default for CoreConfig {
@@ -95,6 +99,7 @@ impl Default for CoreConfig {
             hang_floor: Duration::from_secs(10),
             hang_k: 10.0,
             straggler: StragglerConfig::default(),
+            progress_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -161,6 +166,8 @@ pub enum MemberState {
 #[derive(Debug, Clone)]
 pub struct Member {
     pub id: MemberId,
+    /// SHA-256 (hex) of the secret Register gave this member: every later call proves it.
+    pub secret_digest: String,
     pub host: String,
     pub pid: u32,
     pub addr: Vec<u8>,
@@ -199,6 +206,7 @@ impl Member {
     pub(crate) fn new(id: MemberId, now: Instant, req: &Registration) -> Self {
         Member {
             id,
+            secret_digest: req.secret_digest.clone(),
             host: req.host.clone(),
             pid: req.pid,
             addr: req.addr.clone(),
@@ -246,6 +254,9 @@ pub struct Registration {
     /// Rejoin after a coordinator restart: the id, generation and rank it held.
     pub rejoin: Option<(MemberId, Generation, Rank)>,
     pub committed_step: Step,
+    /// A new member: the digest of the secret it is given. A rejoin: the digest of the secret
+    /// it presents, which must be its own.
+    pub secret_digest: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -379,6 +390,8 @@ pub struct Regroup {
     pub straggler: Option<StragglerAct>,
     /// When it was decided (cool-down and the eviction budget count from here).
     pub at: Instant,
+    /// Made by the progress watchdog (K-13): a second one without progress halts.
+    pub watchdog: bool,
 }
 
 /// A straggler action: the cheap, reversible one first (K-10).
@@ -433,6 +446,16 @@ pub struct State {
     /// window (K-10).
     pub straggler_acted_at: Option<Instant>,
     pub straggler_evictions: Vec<Instant>,
+    /// After the coordinator's own stall (K-11): until when a closed stream is a member waiting
+    /// to re-register, and the deadline it gets.
+    pub stall_grace: Option<(Instant, Instant)>,
+    /// When a step was last committed (or the current generation formed), and the newest step
+    /// at the last regroup the progress watchdog made (K-13).
+    pub progress_at: Option<Instant>,
+    pub watchdog_step: Option<Step>,
+    /// Regroups since the last committed step, and when the last one was made.
+    pub regroups_since_progress: u32,
+    pub last_regroup_at: Option<Instant>,
 }
 
 impl State {
@@ -454,6 +477,11 @@ impl State {
             quiet_until: HashMap::new(),
             straggler_acted_at: None,
             straggler_evictions: Vec::new(),
+            stall_grace: None,
+            progress_at: None,
+            watchdog_step: None,
+            regroups_since_progress: 0,
+            last_regroup_at: None,
         }
     }
 
@@ -555,6 +583,9 @@ impl State {
         }
         if let Some((id, generation, rank)) = req.rejoin {
             if let Some(m) = self.members.get_mut(&id) {
+                if m.secret_digest != req.secret_digest {
+                    return Err(RuntimeError::NotThisMember { member: id });
+                }
                 if m.is_fenced() {
                     return Err(RuntimeError::Fenced {
                         member: id,
@@ -618,10 +649,15 @@ impl State {
 
     /// The session stream ended or errored: for a rank this is a crash signal.
     pub fn session_closed(&mut self, now: Instant, id: MemberId) {
+        let grace = self.stall_grace.filter(|(until, _)| now < *until);
         if let Some(m) = self.members.get_mut(&id) {
             m.connected = false;
             if m.closed_at.is_none() {
                 m.closed_at = Some(now);
+            }
+            // K-11: a stream the coordinator's own stall broke; the rank re-registers.
+            if let (Some((_, deadline)), MemberState::Active) = (grace, m.state) {
+                m.rejoin_deadline.get_or_insert(deadline);
             }
             if m.state == MemberState::Spare {
                 m.state = MemberState::Dead;
@@ -696,6 +732,8 @@ impl State {
         let step = m.step;
         if step > self.newest_step {
             self.newest_step = step;
+            self.progress_at = Some(now);
+            self.regroups_since_progress = 0;
         }
         if !stepped {
             return Ok(Vec::new());
@@ -842,6 +880,10 @@ impl State {
                 ),
             });
         };
+        // A retry of a drain already asked for changes nothing (the target is lowered once).
+        if self.members.get(&id).is_some_and(|m| m.drain_requested) {
+            return Ok(());
+        }
         let draining = self.live.iter().filter(|l| l.drain).count();
         if self.ranks.len() - draining <= cfg.min_world.max(1) {
             return Err(RuntimeError::InvalidRequest {
@@ -937,6 +979,28 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         return form_first(now, s, cfg);
     }
     let world = s.ranks.len();
+    // K-13: a job that commits nothing is regrouped once, then halted with the reason; this
+    // comes before the "finished" check (one rank done and another stuck is no finish).
+    match super::watchdog::watch(now, s, cfg) {
+        Watch::Fine => {}
+        Watch::Halt(reason) => return Decision::Halt { reason },
+        Watch::Regroup(reason) => {
+            let (ranks, resume_step, heal) = place(s, s.ranks.clone(), &[]);
+            return Decision::Regroup(Regroup {
+                generation: Generation(s.generation.0 + 1),
+                ranks,
+                shares: s.shares.clone(),
+                removed: Vec::new(),
+                promoted: Vec::new(),
+                resume_step,
+                heal,
+                reason,
+                straggler: None,
+                at: now,
+                watchdog: true,
+            });
+        }
+    }
     // The job is over once its ranks finished: nothing to regroup or promote any more.
     if s.live.iter().any(|l| l.done) {
         return Decision::Steady;
@@ -953,7 +1017,14 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     let any_straggler = cfg.straggler.evict && !cooling && s.live.iter().any(|l| l.straggler);
     // A rebalanced split whose straggler is gone or recovered is evened out again.
     let even_out = !cooling && !s.shares.is_empty() && !s.live.iter().any(|l| l.straggler);
-    let regroup: Vec<MemberId> = s.live.iter().filter(|l| l.regroup).map(|l| l.id).collect();
+    // Regroups asked for by ranks (a restarted compute, a group that could not be built) back
+    // off while they bring no committed step: a cause that fails every new group at once must
+    // not churn generations (K-13 then decides).
+    let regroup: Vec<MemberId> = if super::watchdog::regroup_allowed(now, s) {
+        s.live.iter().filter(|l| l.regroup).map(|l| l.id).collect()
+    } else {
+        Vec::new()
+    };
     // A generation most of whose ranks reported failed collectives, with no suspect agreed by a
     // majority and nobody found dead or hung by the heartbeat deadline since, cannot make
     // progress: every rank waits for the next generation. Regroup with the same members.
@@ -1085,6 +1156,7 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         reason: why.join("; "),
         straggler,
         at: now,
+        watchdog: false,
     })
 }
 
@@ -1377,6 +1449,7 @@ fn form_first(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         heal: Vec::new(),
         straggler: None,
         at: now,
+        watchdog: false,
     })
 }
 
@@ -1439,6 +1512,16 @@ fn apply_regroup(s: &mut State, r: &Regroup) {
     s.ranks = r.ranks.clone();
     s.generation = r.generation;
     s.committed_step = r.resume_step;
+    // Only commits move the progress clock (a job that regroups in a loop commits nothing),
+    // except that the first generation and a watchdog regroup each get a full timeout.
+    if r.watchdog || s.progress_at.is_none() {
+        s.progress_at = Some(r.at);
+    }
+    if r.watchdog {
+        s.watchdog_step = Some(s.newest_step);
+    }
+    s.regroups_since_progress = s.regroups_since_progress.saturating_add(1);
+    s.last_regroup_at = Some(r.at);
     s.rebuild_live();
 }
 
@@ -1447,6 +1530,19 @@ mod tests {
     use super::*;
 
     use crate::coordinator::testkit::*;
+
+    // A drain retried (the admin's client timed out and asked again) lowers the target once.
+    #[test]
+    fn a_retried_drain_changes_nothing() {
+        let c = cfg();
+        let t = Instant::now();
+        let mut s = job(t, 4, 0, &c);
+        s.drain(Rank(3), &c).unwrap();
+        assert_eq!(s.target_world, 3);
+        s.drain(Rank(3), &c).unwrap();
+        s.drain(Rank(3), &c).unwrap();
+        assert_eq!(s.target_world, 3);
+    }
 
     #[test]
     fn first_generation_waits_for_the_target_world() {

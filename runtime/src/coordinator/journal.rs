@@ -25,6 +25,12 @@ pub struct JournalMember {
     /// Holds the committed state (K-9); journals written before this field: the active ranks.
     #[serde(default)]
     pub holds_state: Option<bool>,
+    /// SHA-256 of the member's secret: a rejoining member proves it is the same one.
+    #[serde(default)]
+    pub secret_digest: String,
+    /// Asked to drain and not gone yet: a restarted coordinator still drains it.
+    #[serde(default)]
+    pub drain_requested: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +67,8 @@ impl JournalState {
                 rank: m.rank,
                 step: m.step,
                 holds_state: Some(m.holds_state),
+                secret_digest: m.secret_digest.clone(),
+                drain_requested: m.drain_requested,
             })
             .collect();
         members.sort_by_key(|m| m.id);
@@ -89,6 +97,8 @@ impl JournalState {
         s.ranks.clone_from(&self.ranks);
         s.halted.clone_from(&self.halted);
         s.shares.clone_from(&self.shares);
+        // A restarted coordinator gives the job a full progress timeout (K-13).
+        s.progress_at = (!self.ranks.is_empty()).then_some(now);
         for jm in &self.members {
             let reg = super::core::Registration {
                 job_id: self.job_id.clone(),
@@ -99,11 +109,13 @@ impl JournalState {
                 config_hash: self.config_hash.clone(),
                 rejoin: None,
                 committed_step: jm.step,
+                secret_digest: jm.secret_digest.clone(),
             };
             let mut m = Member::new(jm.id, now, &reg);
             m.state = jm.state;
             m.rank = jm.rank;
             m.step = jm.step;
+            m.drain_requested = jm.drain_requested;
             m.holds_state = jm
                 .holds_state
                 .unwrap_or(jm.state == MemberState::Active && jm.rank.is_some());
@@ -186,6 +198,7 @@ mod tests {
                 config_hash: "c".into(),
                 rejoin: None,
                 committed_step: Step(0),
+                secret_digest: "d".into(),
             };
             let id = s.register(t, r, &cfg).unwrap().id;
             s.session_opened(t, id).unwrap();

@@ -5,11 +5,15 @@
 
 pub mod client;
 pub mod core;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod journal;
 pub mod observed;
 pub mod service;
+pub mod stall;
 pub mod straggler;
 #[cfg(test)]
 mod straggler_tests;
 #[cfg(test)]
 mod testkit;
+pub mod watchdog;

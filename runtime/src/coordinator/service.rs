@@ -55,6 +55,9 @@ pub struct ServiceOpts {
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Required (instead of the job token) on Scale, Drain and Status when set: the ranks'
+    /// token does not let a rank resize the job. Never logged.
+    pub admin_token: Option<String>,
 }
 
 impl ServiceOpts {
@@ -70,6 +73,7 @@ impl ServiceOpts {
             keepalive_interval: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(1),
             tls: None,
+            admin_token: None,
         }
     }
 }
@@ -94,6 +98,11 @@ pub struct Shared {
     last_hold: Mutex<Option<String>>,
     last_reference: Mutex<Instant>,
     observed: Mutex<Observed>,
+    /// When the decision loop last ran (a long gap is the coordinator's own stall, K-11).
+    last_step_at: Mutex<Instant>,
+    admin_token: Option<String>,
+    /// Refused requests are logged at most once a second per kind.
+    refused_at: Mutex<HashMap<&'static str, (Instant, u64)>>,
 }
 
 fn unix_ms() -> u64 {
@@ -115,11 +124,43 @@ fn role_of(r: i32) -> Result<Role, Status> {
 
 impl Shared {
     /// One structured event: tracing and a line of events.jsonl.
+    /// A refused request, as an event at a bounded rate (a client hammering the coordinator
+    /// must not fill the disk): the first of each kind per second, with the count since.
+    pub fn refused(&self, kind: &'static str, member: MemberId) {
+        let now = Instant::now();
+        let emit = {
+            let mut r = self.refused_at.lock();
+            let e = r.entry(kind).or_insert((now - Duration::from_secs(2), 0));
+            e.1 += 1;
+            if now.saturating_duration_since(e.0) >= Duration::from_secs(1) {
+                let n = e.1;
+                *e = (now, 0);
+                Some(n)
+            } else {
+                None
+            }
+        };
+        if let Some(n) = emit {
+            self.event(
+                "request_refused",
+                json!({"reason": kind, "member": member, "count": n}),
+            );
+        }
+    }
+
     pub fn event(&self, kind: &str, fields: Value) {
         // Faults and membership changes at info; routine session traffic at debug.
         match kind {
-            "rank_failed" | "rank_removed" | "generation" | "hold" | "halt" | "auth_refused"
-            | "straggler_flagged" | "straggler_cleared" | "journal_error" => {
+            "rank_failed"
+            | "rank_removed"
+            | "generation"
+            | "hold"
+            | "halt"
+            | "request_refused"
+            | "straggler_flagged"
+            | "straggler_cleared"
+            | "journal_error"
+            | "coordinator_stalled" => {
                 info!(target: "phalanx::coordinator", kind, %fields)
             }
             _ => tracing::debug!(target: "phalanx::coordinator", kind, %fields),
@@ -191,6 +232,17 @@ impl Shared {
     /// Runs the decision function once and carries out what it says.
     pub fn step(&self, now: Instant) {
         let mut st = self.state.lock();
+        let last = std::mem::replace(&mut *self.last_step_at.lock(), now);
+        if let Some(gap) = st.observe_clock(now, last, &self.cfg) {
+            warn!(
+                stalled_ms = gap.as_millis() as u64,
+                "the coordinator itself stalled; silence and closed streams since are not deaths"
+            );
+            self.event(
+                "coordinator_stalled",
+                json!({"generation": st.generation, "stalled_ms": gap.as_millis() as u64}),
+            );
+        }
         {
             let mut last = self.last_reference.lock();
             if now.saturating_duration_since(*last) >= Duration::from_millis(500) {
@@ -324,8 +376,15 @@ impl Coordinator for Svc {
             return Err(Status::invalid_argument("at most 64 capabilities"));
         }
         let role = role_of(r.role)?;
+        check_text("member_secret", &r.member_secret)?;
         let rejoin =
             (r.member_id != 0).then_some((r.member_id, Generation(r.generation), Rank(r.rank)));
+        // A new member gets a secret; a rejoining one proves it holds its own.
+        let secret = if rejoin.is_some() {
+            r.member_secret.clone()
+        } else {
+            new_secret()?
+        };
         let reg = Registration {
             job_id: r.job_id,
             host: r.host.clone(),
@@ -335,6 +394,7 @@ impl Coordinator for Svc {
             config_hash: r.config_hash,
             rejoin,
             committed_step: Step(r.committed_step),
+            secret_digest: digest(&secret),
         };
         let sh = &self.shared;
         let mut st = sh.state.lock();
@@ -366,6 +426,7 @@ impl Coordinator for Svc {
             heartbeat_interval_ms: sh.cfg.heartbeat_interval.as_millis() as u32,
             heartbeat_timeout_ms: sh.cfg.heartbeat_timeout.as_millis() as u32,
             rejoined: out.rejoined,
+            member_secret: secret,
         }))
     }
 
@@ -381,10 +442,10 @@ impl Coordinator for Svc {
             .map_err(|_| {
                 Status::deadline_exceeded("no hello within 5 s of opening the session")
             })??;
-        let id = match first {
+        let (id, secret) = match first {
             Some(pb::RankMessage {
                 msg: Some(pb::rank_message::Msg::Hello(h)),
-            }) => h.member_id,
+            }) => (h.member_id, h.member_secret),
             _ => return Err(Status::invalid_argument(
                 "the first message of a session must be `hello` with the member id from Register",
             )),
@@ -393,6 +454,7 @@ impl Coordinator for Svc {
         let (tx, rx) = mpsc::channel(64);
         {
             let mut st = sh.state.lock();
+            prove(&sh, &st, id, &secret)?;
             st.session_opened(Instant::now(), id)?;
             sh.sessions.lock().insert(id, tx.clone());
             // A rank that reconnects into the generation it holds hears it again (idempotent).
@@ -451,6 +513,7 @@ impl Coordinator for Svc {
         let sh = &self.shared;
         let generation = {
             let mut st = sh.state.lock();
+            prove(sh, &st, r.member_id, &r.member_secret)?;
             st.report_fault(
                 Instant::now(),
                 r.member_id,
@@ -484,6 +547,7 @@ impl Coordinator for Svc {
         let generation = Generation(r.generation);
         {
             let st = sh.state.lock();
+            prove(sh, &st, r.member_id, &r.member_secret)?;
             if generation != st.generation {
                 return Err(RuntimeError::StaleGeneration {
                     got: generation,
@@ -565,8 +629,9 @@ impl Coordinator for Svc {
 
     async fn status(
         &self,
-        _req: Request<pb::StatusRequest>,
+        req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        require_admin(&self.shared, &req)?;
         let st = self.shared.state.lock();
         let seen = self.shared.observed.lock();
         let now = Instant::now();
@@ -632,6 +697,7 @@ impl Coordinator for Svc {
         &self,
         req: Request<pb::ScaleRequest>,
     ) -> Result<Response<pb::AdminResponse>, Status> {
+        require_admin(&self.shared, &req)?;
         let target = req.into_inner().target_world as usize;
         let sh = &self.shared;
         let generation = {
@@ -658,6 +724,7 @@ impl Coordinator for Svc {
         &self,
         req: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::AdminResponse>, Status> {
+        require_admin(&self.shared, &req)?;
         let rank = Rank(req.into_inner().rank);
         let sh = &self.shared;
         let generation = {
@@ -793,7 +860,62 @@ fn flag_event(sh: &Shared, flag: &FlagChange) {
 #[derive(Clone)]
 pub struct Auth {
     token: Option<Arc<str>>,
+    admin: Option<Arc<str>>,
     shared: Arc<Shared>,
+}
+
+/// A member's secret: 128 bits from the kernel's random source, or an error (never a weak one).
+fn new_secret() -> Result<String, Status> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .map_err(|e| Status::unavailable(format!("no random source for a member secret: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// SHA-256 (hex) of a member secret; empty for an empty one (members of journals written before
+/// secrets existed).
+pub fn digest(secret: &str) -> String {
+    use sha2::Digest;
+    if secret.is_empty() {
+        return String::new();
+    }
+    sha2::Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// The caller holds member `id`'s secret: it may speak for that member only.
+fn prove(sh: &Shared, st: &State, id: MemberId, secret: &str) -> Result<(), RuntimeError> {
+    let m = st
+        .members
+        .get(&id)
+        .ok_or(RuntimeError::UnknownMember { member: id })?;
+    if ct_eq(digest(secret).as_bytes(), m.secret_digest.as_bytes()) {
+        return Ok(());
+    }
+    sh.refused("not_this_member", id);
+    Err(RuntimeError::NotThisMember { member: id })
+}
+
+/// Scale, Drain and Status need the admin token when the job has one.
+fn require_admin<T>(sh: &Shared, req: &Request<T>) -> Result<(), Status> {
+    let Some(admin) = &sh.admin_token else {
+        return Ok(());
+    };
+    let got = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.strip_prefix("Bearer "));
+    if got.is_some_and(|g| ct_eq(g.as_bytes(), admin.as_bytes())) {
+        return Ok(());
+    }
+    sh.refused("not_admin", 0);
+    Err(Status::permission_denied(
+        "scale, drain and status need the job's admin token: set PHALANX_ADMIN_TOKEN (phalanx launch writes it to <run dir>/admin-token)",
+    ))
 }
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -810,13 +932,21 @@ impl tonic::service::Interceptor for Auth {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.strip_prefix("Bearer "));
+        let admin = |g: &str| {
+            self.admin
+                .as_ref()
+                .is_some_and(|a| ct_eq(g.as_bytes(), a.as_bytes()))
+        };
         match got {
-            Some(g) if ct_eq(g.as_bytes(), token.as_bytes()) => Ok(req),
+            Some(g) if ct_eq(g.as_bytes(), token.as_bytes()) || admin(g) => Ok(req),
             _ => {
-                self.shared.event(
-                    "auth_refused",
-                    json!({"reason": if got.is_some() { "wrong token" } else { "missing token" },
-                           "peer": req.remote_addr().map(|a| a.to_string())}),
+                self.shared.refused(
+                    if got.is_some() {
+                        "wrong_token"
+                    } else {
+                        "missing_token"
+                    },
+                    0,
                 );
                 Err(Status::unauthenticated(
                     "missing or wrong job token: set PHALANX_JOB_TOKEN to the job's token",
@@ -891,6 +1021,9 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         last_hold: Mutex::new(None),
         last_reference: Mutex::new(now),
         observed: Mutex::new(Observed::default()),
+        last_step_at: Mutex::new(now),
+        admin_token: opts.admin_token.clone(),
+        refused_at: Mutex::new(HashMap::new()),
     });
     shared.event(
         if was_restored {
@@ -910,6 +1043,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RuntimeError> {
     let shared = load_shared(&opts)?;
+    // A coordinator whose decision loop died must not keep answering RPCs as if it decided:
+    // a panic in it stops the service (the journal is on disk; a restart resumes, K-5).
+    let (died_tx, died_rx) = tokio::sync::oneshot::channel::<String>();
     let ticker = {
         let sh = shared.clone();
         let tick = opts.tick;
@@ -921,9 +1057,30 @@ pub async fn run(
                     _ = iv.tick() => {}
                     _ = sh.wake.notified() => {}
                 }
-                sh.step(Instant::now());
+                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    sh.step(Instant::now())
+                }));
+                if let Err(p) = stepped {
+                    let what = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    tracing::error!(panic = %what, "the decision loop panicked; stopping the coordinator");
+                    sh.event("decision_loop_panicked", json!({"panic": what}));
+                    let _ = died_tx.send(what);
+                    return;
+                }
             }
         })
+    };
+    let died = Arc::new(Mutex::new(None::<String>));
+    let died_w = died.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            Ok(what) = died_rx => *died_w.lock() = Some(what),
+        }
     };
     let server = CoordinatorServer::new(Svc {
         shared: shared.clone(),
@@ -931,6 +1088,7 @@ pub async fn run(
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let auth = Auth {
         token: opts.token.as_deref().map(Arc::from),
+        admin: opts.admin_token.as_deref().map(Arc::from),
         shared: shared.clone(),
     };
     let mut builder = tonic::transport::Server::builder()
@@ -950,6 +1108,14 @@ pub async fn run(
         .await;
     ticker.abort();
     shared.event("coordinator_stopped", json!({}));
+    if let Some(what) = died.lock().take() {
+        return Err(RuntimeError::Journal {
+            path: "decision loop".into(),
+            reason: format!(
+                "it panicked ({what}); the coordinator stopped with its journal on disk: restart it"
+            ),
+        });
+    }
     res.map_err(|e| RuntimeError::Connect {
         url: "listener".into(),
         reason: e.to_string(),

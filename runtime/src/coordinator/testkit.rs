@@ -26,6 +26,7 @@ pub fn reg(role: Role) -> Registration {
         config_hash: "c".into(),
         rejoin: None,
         committed_step: Step(0),
+        secret_digest: String::new(),
     }
 }
 
