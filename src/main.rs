@@ -508,7 +508,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             overrides,
         } => {
             let cfg = TrainConfig::load(Some(&config), &overrides)?;
-            let url = worker::coordinator_url(coordinator)?;
+            let url = worker::coordinator_url(coordinator, !tls_ca.is_empty())?;
             let run_dir = cfg.run.dir.clone();
             std::fs::create_dir_all(&run_dir)?;
             let code = worker::run(worker::WorkerArgs {

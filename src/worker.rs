@@ -51,7 +51,7 @@ pub fn launcher_hints() -> Vec<String> {
 }
 
 /// The coordinator, given by --coordinator or derived from torchrun's MASTER_ADDR.
-pub fn coordinator_url(arg: Option<String>) -> Result<String> {
+pub fn coordinator_url(arg: Option<String>, tls: bool) -> Result<String> {
     if let Some(u) = arg {
         return Ok(u);
     }
@@ -65,7 +65,9 @@ pub fn coordinator_url(arg: Option<String>) -> Result<String> {
                 "MASTER_PORT / PHALANX_COORDINATOR_PORT = {port:?} is not a port number (1-65535)"
             );
         }
-        return Ok(format!("http://{host}:{port}"));
+        // With a CA to check the coordinator against, discovery speaks TLS too.
+        let scheme = if tls { "https" } else { "http" };
+        return Ok(format!("{scheme}://{host}:{port}"));
     }
     bail!("no coordinator: pass --coordinator URL (or set MASTER_ADDR, as torchrun does)")
 }

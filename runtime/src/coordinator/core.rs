@@ -127,6 +127,11 @@ pub fn weighted_shares(micro_batches: usize, per_mb: &[f64]) -> Vec<u32> {
     shares
 }
 
+/// The most live members a job keeps: enough spares for any world it can run.
+pub fn member_cap(cfg: &CoreConfig) -> usize {
+    cfg.max_world.saturating_mul(4).saturating_add(64)
+}
+
 /// The even split's shares (the first `m % world` ranks take one more).
 pub fn even_shares(micro_batches: usize, world: usize) -> Vec<u32> {
     (0..world)
@@ -618,6 +623,17 @@ impl State {
                 }
             }
             // An id this coordinator does not know (its journal was lost): a new member.
+        }
+        // A bounded number of live members (so of sessions, one per member): a client that
+        // registers in a loop is refused, not remembered.
+        let cap = member_cap(cfg);
+        if self.members.values().filter(|m| !m.is_fenced()).count() >= cap {
+            return Err(RuntimeError::InvalidRequest {
+                what: format!(
+                    "the job already has {cap} live members (4 per rank it can run plus 64); \
+                     stop spare workers that are not needed"
+                ),
+            });
         }
         // Starting a worker takes a core for a while: its host's step times are no evidence.
         self.quiet_until
@@ -1530,6 +1546,27 @@ mod tests {
     use super::*;
 
     use crate::coordinator::testkit::*;
+
+    // Registrations are capped (a client registering in a loop is refused, not remembered);
+    // fenced members do not count.
+    #[test]
+    fn live_members_are_capped() {
+        let c = CoreConfig {
+            max_world: 2,
+            ..cfg()
+        };
+        let t = Instant::now();
+        let mut s = State::new("job", 2);
+        let cap = member_cap(&c);
+        for _ in 0..cap {
+            s.register(t, reg(Role::Spare), &c).unwrap();
+        }
+        let e = s.register(t, reg(Role::Spare), &c).unwrap_err();
+        assert!(e.to_string().contains("live members"), "{e}");
+        let some = *s.members.keys().next().unwrap();
+        s.session_closed(t, some);
+        s.register(t, reg(Role::Spare), &c).unwrap();
+    }
 
     // A drain retried (the admin's client timed out and asked again) lowers the target once.
     #[test]
