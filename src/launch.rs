@@ -2,6 +2,7 @@
 //! processes; one progress display; a dead worker process is restarted as a new spare without
 //! stopping the others; optional fault injection; the run directory and its report.
 
+use crate::cgroup::CpuQuota;
 use crate::config::TrainConfig;
 use crate::control::{self, CoordinatorArgs};
 use crate::hosts::{self, SimHosts};
@@ -106,56 +107,6 @@ fn inject(
         )
     });
     Ok(Some(r.pid))
-}
-
-/// Puts `pid` (all its threads) into a new cgroup whose CPU quota is `pct`% of one core: cgroup
-/// v1's cpu controller (`cpu.cfs_quota_us`) or v2's `cpu.max`. Returns the cgroup's directory.
-fn cpu_quota(pid: u32, pct: u32) -> Result<PathBuf> {
-    let period = 100_000u64;
-    let quota = period * pct as u64 / 100;
-    let v1 = Path::new("/sys/fs/cgroup/cpu");
-    let (dir, files): (PathBuf, Vec<(&str, String)>) = if v1.join("cpu.cfs_quota_us").exists() {
-        (
-            v1.join(format!("phalanx-slow-{pid}")),
-            vec![
-                ("cpu.cfs_period_us", period.to_string()),
-                ("cpu.cfs_quota_us", quota.to_string()),
-            ],
-        )
-    } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-        (
-            PathBuf::from(format!("/sys/fs/cgroup/phalanx-slow-{pid}")),
-            vec![("cpu.max", format!("{quota} {period}"))],
-        )
-    } else {
-        anyhow::bail!(
-            "no cgroup CPU controller at /sys/fs/cgroup: --slow-at needs cgroup v1's cpu or v2"
-        );
-    };
-    std::fs::create_dir_all(&dir).with_context(|| {
-        format!(
-            "cannot create {} (--slow-at needs root or a delegated cgroup)",
-            dir.display()
-        )
-    })?;
-    for (f, v) in files {
-        std::fs::write(dir.join(f), &v)
-            .with_context(|| format!("cannot write {v} to {}/{f}", dir.display()))?;
-    }
-    std::fs::write(dir.join("cgroup.procs"), pid.to_string())
-        .with_context(|| format!("cannot move pid {pid} into {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// Removes the CPU limit of a cgroup made by `cpu_quota` (its process stays in it).
-fn lift_quota(dir: &Path) -> Result<()> {
-    let (file, value) = if dir.join("cpu.cfs_quota_us").exists() {
-        ("cpu.cfs_quota_us", "-1")
-    } else {
-        ("cpu.max", "max")
-    };
-    std::fs::write(dir.join(file), value)
-        .with_context(|| format!("cannot write {value} to {}/{file}", dir.display()))
 }
 
 /// The periodic faults that are due: a SIGKILL of an active rank (ranks in turn) and a spare
@@ -389,7 +340,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     );
     let mut killed = false;
     // The quota's cgroup, the step it was applied at, and whether it has been lifted.
-    let mut slowed: Option<(PathBuf, u64, bool)> = None;
+    let mut slowed: Option<(CpuQuota, u64, bool)> = None;
     let mut final_seen: Option<Instant> = None;
     let mut metrics_seen = 0u64;
     let mut stopped: Option<(u32, Instant)> = None;
@@ -517,7 +468,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                             .iter()
                             .find(|r| r.rank == Some(rank) && r.state == "active")
                         {
-                            let dir = cpu_quota(r.pid, a.slow_cpu_pct)?;
+                            let dir = CpuQuota::apply(r.pid, a.slow_cpu_pct)?;
                             append_event(
                                 &run_dir,
                                 "fault_injected",
@@ -539,7 +490,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                 }
                 if let Some((dir, from, lifted)) = &mut slowed {
                     if !*lifted && a.slow_steps > 0 && st.committed_step >= *from + a.slow_steps {
-                        lift_quota(dir)?;
+                        dir.lift()?;
                         *lifted = true;
                         append_event(
                             &run_dir,
@@ -610,15 +561,8 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             .status();
         let _ = w.child.wait();
     }
-    if let Some((dir, _, _)) = &slowed {
-        // The cgroup can only go once its process has left it.
-        for _ in 0..50 {
-            if std::fs::remove_dir(dir).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    // The quota's cgroup goes with its guard (also on every error path above).
+    drop(slowed);
     let _ = shut_tx.send(());
     let _ = coord.join();
     let r = report::build(&run_dir, wall.elapsed(), outcome, cfg.train.max_steps)?;

@@ -5,6 +5,7 @@ mod bench_collectives;
 mod bench_coordinator;
 mod bench_gloo;
 mod bench_straggler;
+mod cgroup;
 mod config;
 mod control;
 mod hosts;

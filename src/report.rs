@@ -91,9 +91,13 @@ fn summarize(
         .filter(|e| e["kind"] == "fault_injected" && e["fault"] != "cpu_quota")
         .collect();
     let mut faults = Vec::new();
+    // Once the final model is saved the job is over: processes that leave after it (a joiner
+    // still healing, a spare stopped by the launcher) cost no step and are no fault of the run.
+    let ended_at = final_line.and_then(|f| f["unix_ms"].as_u64());
     for (i, e) in events
         .iter()
         .filter(|e| e["kind"] == "rank_failed")
+        .filter(|e| ended_at.is_none_or(|end| e["unix_ms"].as_u64().is_some_and(|t| t <= end)))
         .enumerate()
     {
         let detected = e["unix_ms"].as_u64().unwrap_or(0);

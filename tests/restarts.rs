@@ -177,7 +177,7 @@ fn signal(child: &Child, sig: &str) {
 #[test]
 fn coordinator_restart_under_real_workers_evicts_nobody() {
     let _one_at_a_time = serial();
-    let job = Job::new(1200);
+    let job = Job::new(700);
     let mut coord = job.coordinator(4);
     let workers: Vec<KillOnDrop> = (0..4).map(|i| job.worker(i)).collect();
     job.wait_committed(150, 90);
@@ -200,7 +200,7 @@ fn coordinator_restart_under_real_workers_evicts_nobody() {
 #[test]
 fn a_stalled_coordinator_evicts_nobody() {
     let _one_at_a_time = serial();
-    let job = Job::new(1500);
+    let job = Job::new(800);
     let coord = job.coordinator(4);
     let workers: Vec<KillOnDrop> = (0..4).map(|i| job.worker(i)).collect();
     job.wait_committed(150, 90);

@@ -32,7 +32,7 @@ pub enum CheckpointerMsg {
 }
 
 pub struct CheckpointerState {
-    _shared: Arc<Shared>,
+    shared: Arc<Shared>,
     saved: u64,
 }
 
@@ -47,7 +47,7 @@ impl Actor for CheckpointerActor {
         args: CheckpointerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(CheckpointerState {
-            _shared: args.shared,
+            shared: args.shared,
             saved: 0,
         })
     }
@@ -70,6 +70,11 @@ impl Actor for CheckpointerActor {
                 let r = tokio::task::spawn_blocking(move || model_io::write(&d, step, &contents))
                     .await?
                     .map_err(|e| e.to_string());
+                if reply.is_none() {
+                    st.shared
+                        .saving
+                        .store(false, std::sync::atomic::Ordering::Release);
+                }
                 if r.is_ok() {
                     st.saved += 1;
                     info!(step, dir = %dir.display(), write_ms = t.elapsed().as_millis() as u64, "checkpoint written");

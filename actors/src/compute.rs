@@ -607,8 +607,18 @@ impl<'a> Loop<'a> {
 
     fn checkpoint_async(&self, s: &Setup) {
         let step = s.trainer.step;
+        // One snapshot in flight at most: a disk slower than the checkpoint interval skips
+        // checkpoints instead of queueing copies of the model without bound.
+        if self.sh.saving.swap(true, Ordering::AcqRel) {
+            warn!(
+                step,
+                "the previous checkpoint is still being written; skipping this one"
+            );
+            return;
+        }
         let Ok(c) = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
         else {
+            self.sh.saving.store(false, Ordering::Release);
             return;
         };
         let dir = self
@@ -617,13 +627,17 @@ impl<'a> Loop<'a> {
             .run_dir
             .join("checkpoints")
             .join(format!("step-{step}"));
-        if let Some(ck) = self.sh.checkpointer.lock().clone() {
-            let _ = ck.cast(CheckpointerMsg::Save {
+        let sent = self.sh.checkpointer.lock().clone().is_some_and(|ck| {
+            ck.cast(CheckpointerMsg::Save {
                 dir,
                 step,
                 contents: Box::new(c),
                 reply: None,
-            });
+            })
+            .is_ok()
+        });
+        if !sent {
+            self.sh.saving.store(false, Ordering::Release);
         }
     }
 

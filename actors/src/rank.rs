@@ -161,6 +161,8 @@ pub struct Shared {
     pub last_rank: AtomicU32,
     /// The transports of the group just built, for the next heartbeat.
     pub group_links: Mutex<Vec<pb::PeerLink>>,
+    /// A background checkpoint is queued or being written (at most one snapshot is held).
+    pub saving: AtomicBool,
 }
 
 impl Shared {
@@ -368,6 +370,7 @@ pub fn run(params: RankParams, first: Setup) -> Result<i32> {
         stopping: AtomicBool::new(false),
         last_rank: AtomicU32::new(u32::MAX),
         group_links: Mutex::new(Vec::new()),
+        saving: AtomicBool::new(false),
     });
     let outcome = Arc::new(Mutex::new(None::<RankOutcome>));
     let o = outcome.clone();

@@ -140,16 +140,80 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Writes `contents` as the checkpoint `dir`, replacing an older one of that name only once the
 /// new one is complete.
-pub fn save(dir: &Path, step: u64, contents: &Contents) -> Result<Manifest> {
+fn parent_and_name(dir: &Path) -> (&Path, &str) {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io("create", parent))?;
     let name = dir
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("checkpoint");
+    (parent, name)
+}
+
+/// The folders a save leaves beside `dir` while it works: `.NAME.tmp-PID` (the new version,
+/// complete once it has a manifest) and `.NAME.old-PID` (the previous one, while the new one is
+/// renamed into place).
+fn leftovers(dir: &Path) -> Vec<PathBuf> {
+    let (parent, name) = parent_and_name(dir);
+    let (tmp, old) = (format!(".{name}.tmp-"), format!(".{name}.old-"));
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&tmp) || n.starts_with(&old))
+        })
+        .collect();
+    // The newest first: a complete new version wins over the old one.
+    v.sort_by_key(|p| {
+        let is_old = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&old));
+        let t = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        (is_old, std::cmp::Reverse(t))
+    });
+    v
+}
+
+/// A save interrupted between its two renames leaves no `dir`, but a complete new version or
+/// the previous one beside it: put the newest one that verifies back in place. Then the
+/// leftovers of interrupted saves are removed (not while `dir` is missing and none verifies:
+/// they are all there is).
+pub fn recover(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        if let Some(good) = leftovers(dir).into_iter().find(|p| verify(p).is_ok()) {
+            std::fs::rename(&good, dir).map_err(io("rename", &good))?;
+        }
+    }
+    if dir.exists() {
+        for p in leftovers(dir).into_iter().filter(|p| !saving_now(p)) {
+            let _ = std::fs::remove_dir_all(&p);
+        }
+    }
+    Ok(())
+}
+
+/// A leftover whose process is another live one may be a save in progress: left alone.
+fn saving_now(p: &Path) -> bool {
+    let pid = p
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.rsplit('-').next())
+        .and_then(|n| n.parse::<u32>().ok());
+    pid.is_some_and(|pid| pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists())
+}
+
+pub fn save(dir: &Path, step: u64, contents: &Contents) -> Result<Manifest> {
+    let (parent, name) = parent_and_name(dir);
+    std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+    recover(dir)?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io("remove", &tmp))?;
@@ -261,8 +325,9 @@ pub fn verify(dir: &Path) -> Result<(Manifest, BTreeMap<String, Vec<u8>>)> {
     Ok((manifest, out))
 }
 
-/// Verifies and loads a checkpoint.
+/// Verifies and loads a checkpoint (after putting back one a crash left beside it).
 pub fn load(dir: &Path) -> Result<(Manifest, Contents)> {
+    recover(dir)?;
     let (manifest, files) = verify(dir)?;
     let mut contents = Contents::default();
     for (name, bytes) in files {
@@ -359,6 +424,49 @@ mod tests {
             load(&d.path().join("nope")),
             Err(CheckpointError::NotFound { .. })
         ));
+    }
+}
+
+/// A save interrupted between its renames, and the leftovers of interrupted saves.
+#[cfg(test)]
+mod crash {
+    use super::*;
+
+    fn contents(step: u64) -> Contents {
+        let mut c = Contents::default();
+        c.json
+            .insert("step.json".into(), serde_json::json!({ "step": step }));
+        c
+    }
+
+    // The previous version renamed away, the new one complete beside it, then the crash: the
+    // next load finds the new one in place.
+    #[test]
+    fn a_save_cut_between_its_renames_is_recovered() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("model");
+        save(&dir, 1, &contents(1)).unwrap();
+        let new = d.path().join(".model.tmp-999999");
+        save(&new, 2, &contents(2)).unwrap();
+        std::fs::rename(&dir, d.path().join(".model.old-999999")).unwrap();
+        let (m, _) = load(&dir).unwrap();
+        assert_eq!(m.step, 2);
+        assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
+    }
+
+    // Only the old version survived (the new one had no manifest yet): it is put back.
+    #[test]
+    fn an_unfinished_new_version_falls_back_to_the_old_one() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("model");
+        save(&dir, 1, &contents(1)).unwrap();
+        std::fs::rename(&dir, d.path().join(".model.old-999999")).unwrap();
+        std::fs::create_dir(d.path().join(".model.tmp-999999")).unwrap();
+        assert_eq!(load(&dir).unwrap().0.step, 1);
+        // Leftovers of saves that died earlier go with the next save.
+        std::fs::create_dir(d.path().join(".model.tmp-888888")).unwrap();
+        save(&dir, 3, &contents(3)).unwrap();
+        assert!(leftovers(&dir).is_empty());
     }
 }
 

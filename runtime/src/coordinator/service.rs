@@ -6,7 +6,7 @@
 
 use super::core::{
     apply, decide, CoreConfig, Decision, FlagChange, HeartbeatMsg, MemberId, MemberState,
-    Registration, Removal, Role, State, StepSample,
+    Registration, Regroup, Removal, Role, State, StepSample,
 };
 use super::journal::{Journal, JournalState};
 use super::observed::{self, Observed};
@@ -100,6 +100,8 @@ pub struct Shared {
     observed: Mutex<Observed>,
     /// When the decision loop last ran (a long gap is the coordinator's own stall, K-11).
     last_step_at: Mutex<Instant>,
+    /// Held from a journal snapshot to its write, so that writes keep the snapshots' order.
+    journal_io: Mutex<()>,
     admin_token: Option<String>,
     /// Refused requests are logged at most once a second per kind.
     refused_at: Mutex<HashMap<&'static str, (Instant, u64)>>,
@@ -180,13 +182,21 @@ impl Shared {
         }
     }
 
-    fn save_journal(&self, st: &State) {
+    /// Writes the journal from a snapshot taken under the state lock, after releasing it
+    /// (writes keep the order of their snapshots).
+    fn persist(&self, st: parking_lot::MutexGuard<'_, State>) -> Generation {
+        let generation = st.generation;
+        let snapshot = JournalState::of(&st);
+        let io = self.journal_io.lock();
+        drop(st);
         if let Some(j) = &self.journal {
-            if let Err(e) = j.save(&JournalState::of(st)) {
+            if let Err(e) = j.save(&snapshot) {
                 warn!(error = %e, "journal write failed");
                 self.event("journal_error", json!({"error": e.to_string()}));
             }
         }
+        drop(io);
+        generation
     }
 
     fn send(&self, id: MemberId, d: pb::directive::Kind) {
@@ -229,19 +239,51 @@ impl Shared {
         })
     }
 
-    /// Runs the decision function once and carries out what it says.
+    /// Runs the decision function once and carries out what it says. The decision and its
+    /// effect on the state happen under the state lock; the journal's fsync, the events and the
+    /// directives after it, so that RPCs are not held up by the disk. The journal is durable
+    /// before any rank hears of the new generation.
     pub fn step(&self, now: Instant) {
-        let mut st = self.state.lock();
+        let (out, journal_io) = {
+            let mut st = self.state.lock();
+            let out = self.decide_locked(now, &mut st);
+            // Taken before the state lock is released: snapshots reach the disk in order.
+            let io = out.journal.as_ref().map(|_| self.journal_io.lock());
+            (out, io)
+        };
+        if let (Some(j), Some(snapshot)) = (&self.journal, &out.journal) {
+            if let Err(e) = j.save(snapshot) {
+                warn!(error = %e, "journal write failed");
+                self.event("journal_error", json!({"error": e.to_string()}));
+            }
+        }
+        drop(journal_io);
+        for (kind, fields) in out.events {
+            self.event(kind, fields);
+        }
+        if out.superseded {
+            // Waiters of the superseded generation's rendezvous must give up now.
+            self.rendezvous_changed.notify_waiters();
+        }
+        for (id, d) in out.directives {
+            self.send(id, d);
+        }
+    }
+
+    /// The decision and what it changes in the state, with the events, the journal snapshot
+    /// and the directives it calls for (carried out by `step` without the lock).
+    fn decide_locked(&self, now: Instant, st: &mut State) -> Outcome {
+        let mut out = Outcome::default();
         let last = std::mem::replace(&mut *self.last_step_at.lock(), now);
         if let Some(gap) = st.observe_clock(now, last, &self.cfg) {
             warn!(
                 stalled_ms = gap.as_millis() as u64,
                 "the coordinator itself stalled; silence and closed streams since are not deaths"
             );
-            self.event(
+            out.events.push((
                 "coordinator_stalled",
                 json!({"generation": st.generation, "stalled_ms": gap.as_millis() as u64}),
-            );
+            ));
         }
         {
             let mut last = self.last_reference.lock();
@@ -250,64 +292,42 @@ impl Shared {
                 *last = now;
             }
         }
-        let d = decide(now, &st, &self.cfg);
+        let d = decide(now, st, &self.cfg);
         match &d {
             Decision::Steady => *self.last_hold.lock() = None,
             Decision::Hold { reason } => {
                 let mut last = self.last_hold.lock();
                 if last.as_deref() != Some(reason) {
                     warn!(%reason, "holding");
-                    self.event(
+                    out.events.push((
                         "hold",
                         json!({"generation": st.generation, "reason": reason}),
-                    );
+                    ));
                     *last = Some(reason.clone());
                 }
             }
             Decision::Halt { reason } => {
-                apply(&mut st, &d);
-                self.save_journal(&st);
-                self.event(
+                apply(st, &d);
+                out.journal = Some(JournalState::of(st));
+                out.events.push((
                     "halt",
                     json!({"generation": st.generation, "reason": reason}),
-                );
-                let ids: Vec<MemberId> = st.members.keys().copied().collect();
-                for id in ids {
-                    self.send(
+                ));
+                for &id in st.members.keys() {
+                    out.directives.push((
                         id,
                         pb::directive::Kind::Shutdown(pb::Shutdown {
                             reason: reason.clone(),
                         }),
-                    );
+                    ));
                 }
             }
             Decision::Regroup(r) => {
-                for (id, why) in &r.removed {
-                    let Some(m) = st.members.get(id) else {
-                        continue;
-                    };
-                    // Detection latency: from the first sign of the fault to this decision.
-                    let since = match why {
-                        Removal::Crashed => m.closed_at,
-                        Removal::Silent { .. } => Some(m.last_heartbeat),
-                        Removal::Stalled { .. } => Some(m.last_progress),
-                        _ => None,
-                    };
-                    self.event(
-                        if why.is_failure() { "rank_failed" } else { "rank_removed" },
-                        json!({
-                            "member": id, "rank": m.rank, "host": m.host, "pid": m.pid,
-                            "generation": st.generation, "reason": why.describe(),
-                            "cause": format!("{why:?}").split([' ', '{']).next().unwrap_or("").to_lowercase(),
-                            "detect_ms": since.map(|t| now.saturating_duration_since(t).as_secs_f64() * 1e3),
-                        }),
-                    );
-                }
-                apply(&mut st, &d);
-                self.save_journal(&st);
-                // Waiters of the superseded generation's rendezvous must give up now.
-                self.rendezvous_changed.notify_waiters();
-                self.event(
+                out.events.extend(removal_events(now, st, r));
+                apply(st, &d);
+                out.journal = Some(JournalState::of(st));
+                out.superseded = true;
+                out.events.push((
                     "generation",
                     json!({
                         "generation": r.generation, "world": r.ranks.len(),
@@ -315,7 +335,7 @@ impl Shared {
                         "resume_step": r.resume_step, "heal": r.heal, "reason": r.reason,
                         "shares": r.shares, "straggler": r.straggler,
                     }),
-                );
+                ));
                 for (id, why) in &r.removed {
                     let kind = match why {
                         Removal::ScaledDown | Removal::Drained => {
@@ -328,16 +348,52 @@ impl Shared {
                             reason: why.describe(),
                         }),
                     };
-                    self.send(*id, kind);
+                    out.directives.push((*id, kind));
                 }
                 for &id in &r.ranks {
-                    if let Some(a) = Self::assign_for(&st, id, &r.heal) {
-                        self.send(id, pb::directive::Kind::Assign(a));
+                    if let Some(a) = Self::assign_for(st, id, &r.heal) {
+                        out.directives.push((id, pb::directive::Kind::Assign(a)));
                     }
                 }
             }
         }
+        out
     }
+}
+
+/// What one decision calls for once the state lock is released.
+#[derive(Default)]
+struct Outcome {
+    events: Vec<(&'static str, Value)>,
+    journal: Option<JournalState>,
+    superseded: bool,
+    directives: Vec<(MemberId, pb::directive::Kind)>,
+}
+
+/// The `rank_failed` / `rank_removed` events of a regroup, with the detection latency: from the
+/// first sign of the fault to this decision. Read before the regroup is applied.
+fn removal_events(now: Instant, st: &State, r: &Regroup) -> Vec<(&'static str, Value)> {
+    r.removed
+        .iter()
+        .filter_map(|(id, why)| {
+            let m = st.members.get(id)?;
+            let since = match why {
+                Removal::Crashed => m.closed_at,
+                Removal::Silent { .. } => Some(m.last_heartbeat),
+                Removal::Stalled { .. } => Some(m.last_progress),
+                _ => None,
+            };
+            Some((
+                if why.is_failure() { "rank_failed" } else { "rank_removed" },
+                json!({
+                    "member": id, "rank": m.rank, "host": m.host, "pid": m.pid,
+                    "generation": st.generation, "reason": why.describe(),
+                    "cause": format!("{why:?}").split([' ', '{']).next().unwrap_or("").to_lowercase(),
+                    "detect_ms": since.map(|t| now.saturating_duration_since(t).as_secs_f64() * 1e3),
+                }),
+            ))
+        })
+        .collect()
 }
 
 #[derive(Clone)]
@@ -401,6 +457,7 @@ impl Coordinator for Svc {
         let out = match st.register(Instant::now(), reg, &sh.cfg) {
             Ok(o) => o,
             Err(e) => {
+                drop(st);
                 sh.event(
                     "register_refused",
                     json!({"host": r.host, "pid": r.pid, "error": e.to_string()}),
@@ -408,6 +465,8 @@ impl Coordinator for Svc {
                 return Err(e.into());
             }
         };
+        let generation = st.generation;
+        drop(st);
         sh.observed.lock().set_address(out.id, r.address.clone());
         // Not journaled: a registration changes no durable state. Waiting members that a
         // restarted coordinator does not know simply register again as new members.
@@ -418,11 +477,11 @@ impl Coordinator for Svc {
                 "registered"
             },
             json!({"member": out.id, "host": r.host, "pid": r.pid, "address": r.address,
-                   "role": format!("{role:?}").to_lowercase(), "generation": st.generation}),
+                   "role": format!("{role:?}").to_lowercase(), "generation": generation}),
         );
         Ok(Response::new(pb::RegisterResponse {
             member_id: out.id,
-            generation: st.generation.0,
+            generation: generation.0,
             heartbeat_interval_ms: sh.cfg.heartbeat_interval.as_millis() as u32,
             heartbeat_timeout_ms: sh.cfg.heartbeat_timeout.as_millis() as u32,
             rejoined: out.rejoined,
@@ -703,14 +762,14 @@ impl Coordinator for Svc {
         let generation = {
             let mut st = sh.state.lock();
             if let Err(e) = st.scale(target, &sh.cfg) {
+                drop(st);
                 sh.event(
                     "scale_refused",
                     json!({"target_world": target, "error": e.to_string()}),
                 );
                 return Err(e.into());
             }
-            sh.save_journal(&st);
-            st.generation
+            sh.persist(st)
         };
         sh.event("scale", json!({"target_world": target}));
         sh.wake.notify_one();
@@ -730,13 +789,15 @@ impl Coordinator for Svc {
         let generation = {
             let mut st = sh.state.lock();
             if let Err(e) = st.drain(rank, &sh.cfg) {
+                drop(st);
                 sh.event(
                     "drain_refused",
                     json!({"rank": rank, "error": e.to_string()}),
                 );
                 return Err(e.into());
             }
-            st.generation
+            // A drain survives a coordinator restart (K-5).
+            sh.persist(st)
         };
         sh.event("drain", json!({"rank": rank}));
         sh.wake.notify_one();
@@ -1022,6 +1083,7 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         last_reference: Mutex::new(now),
         observed: Mutex::new(Observed::default()),
         last_step_at: Mutex::new(now),
+        journal_io: Mutex::new(()),
         admin_token: opts.admin_token.clone(),
         refused_at: Mutex::new(HashMap::new()),
     });
