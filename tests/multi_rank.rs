@@ -858,7 +858,11 @@ fn deterministic_mode_on(hosts: Hosts) {
     let (one, w1, _) = final_state(&["--nproc", "1"]);
     let (four, w4, _) = final_state(&["--nproc", "4"]);
     let (killed, wk, faults) = final_state(&["--nproc", "4", "--kill-at", "20:1"]);
-    assert_eq!((w1, w4, wk), (1, 4, 3));
+    assert_eq!((w1, w4), (1, 4));
+    // The killed process is restarted as a spare; when it registers before the 60 steps are
+    // over (across hosts the steps are slower) it is promoted back: 3 or 4 ranks at the end,
+    // bitwise equal either way.
+    assert!(wk == 3 || wk == 4, "world after the kill: {wk}");
     assert_eq!(faults.as_array().map_or(0, |f| f.len()), 1, "{faults}");
     assert_eq!(one, four, "1 rank vs 4 ranks");
     assert_eq!(one, killed, "1 rank vs 4 ranks with a kill");
