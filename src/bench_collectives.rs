@@ -154,42 +154,11 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> 
         std::thread::spawn(move || srv.serve(world as u32, Generation(1), Duration::from_secs(60)));
     let mut kids = Vec::new();
     for r in 0..world {
-        let mut cmd = match &sim {
+        let cmd = match &sim {
             Some(s) => s.command(host_of(r), &exe),
             None => Command::new(&exe),
         };
-        let child = cmd
-            .args(["bench", "collectives", "--worker-of", &addr])
-            .args(["--rank", &r.to_string(), "--world", &world.to_string()])
-            .args(["--op", op.name(), "--sizes", sizes])
-            .args([
-                "--iters",
-                &iters.to_string(),
-                "--warmup",
-                &t.warmup.to_string(),
-            ])
-            .args([
-                "--chunk-kb",
-                &t.chunk_kb.to_string(),
-                "--window",
-                &t.window.to_string(),
-            ])
-            .args([
-                "--timeout-ms",
-                &t.timeout_ms.to_string(),
-                "--spin-us",
-                &t.spin_us.to_string(),
-            ])
-            .args([
-                "--err-mode",
-                &t.err_mode,
-                "--bcast-slots",
-                &t.bcast_slots.to_string(),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("spawning rank {r}"))?;
-        kids.push(child);
+        kids.push(spawn_rank(cmd, &addr, r, world, op, sizes, t)?);
     }
     // times[size][iter] = slowest rank's seconds.
     let mut times = vec![vec![0f64; iters]; sizes_v.len()];
@@ -320,6 +289,32 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> 
         bench_gloo::compare(op, &sizes_v, iters, t.warmup, sim.as_ref(), &placed)?;
     }
     Ok(())
+}
+
+/// Starts rank `r` as `phalanx bench collectives --worker-of ADDR` with the parent's tuning.
+fn spawn_rank(
+    mut cmd: Command,
+    addr: &str,
+    r: usize,
+    world: usize,
+    op: Op,
+    sizes: &str,
+    t: &Tuning,
+) -> Result<std::process::Child> {
+    cmd.args(["bench", "collectives", "--worker-of", addr])
+        .args(["--rank", &r.to_string(), "--world", &world.to_string()])
+        .args(["--op", op.name(), "--sizes", sizes])
+        .args(["--iters", &t.iters.max(1).to_string()])
+        .args(["--warmup", &t.warmup.to_string()])
+        .args(["--chunk-kb", &t.chunk_kb.to_string()])
+        .args(["--window", &t.window.to_string()])
+        .args(["--timeout-ms", &t.timeout_ms.to_string()])
+        .args(["--spin-us", &t.spin_us.to_string()])
+        .args(["--err-mode", &t.err_mode])
+        .args(["--bcast-slots", &t.bcast_slots.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning rank {r}"))
 }
 
 /// One rank of the benchmark. Prints `TIMES <size index> <us> ...` per size; checks the

@@ -1000,22 +1000,7 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     match super::watchdog::watch(now, s, cfg) {
         Watch::Fine => {}
         Watch::Halt(reason) => return Decision::Halt { reason },
-        Watch::Regroup(reason) => {
-            let (ranks, resume_step, heal) = place(s, s.ranks.clone(), &[]);
-            return Decision::Regroup(Regroup {
-                generation: Generation(s.generation.0 + 1),
-                ranks,
-                shares: s.shares.clone(),
-                removed: Vec::new(),
-                promoted: Vec::new(),
-                resume_step,
-                heal,
-                reason,
-                straggler: None,
-                at: now,
-                watchdog: true,
-            });
-        }
+        Watch::Regroup(reason) => return same_members(now, s, reason),
     }
     // The job is over once its ranks finished: nothing to regroup or promote any more.
     if s.live.iter().any(|l| l.done) {
@@ -1173,6 +1158,24 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         straggler,
         at: now,
         watchdog: false,
+    })
+}
+
+/// The progress watchdog's regroup (K-13): the same members in a fresh generation.
+fn same_members(now: Instant, s: &State, reason: String) -> Decision {
+    let (ranks, resume_step, heal) = place(s, s.ranks.clone(), &[]);
+    Decision::Regroup(Regroup {
+        generation: Generation(s.generation.0 + 1),
+        ranks,
+        shares: s.shares.clone(),
+        removed: Vec::new(),
+        promoted: Vec::new(),
+        resume_step,
+        heal,
+        reason,
+        straggler: None,
+        at: now,
+        watchdog: true,
     })
 }
 
