@@ -14,14 +14,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The script's command with the scheduler stand-ins first on PATH and the shipped config.
 fn script(name: &str) -> Command {
     let path = format!(

@@ -283,3 +283,12 @@ pub fn assert_links_follow_hosts(events: &[serde_json::Value]) -> usize {
     }
     tcp
 }
+
+/// A port free on loopback now (for a process that must bind a known port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
