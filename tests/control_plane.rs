@@ -160,6 +160,14 @@ impl Job {
         }
     }
 
+    /// A gRPC client's options for this job, with the job token (not the admin token).
+    fn client_opts(&self) -> phalanx_runtime::coordinator::client::ClientOpts {
+        let mut o =
+            phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", self.addr));
+        o.token = Some(TOKEN.into());
+        o
+    }
+
     fn events(&self) -> Vec<Value> {
         std::fs::read_to_string(self.dir.join("events.jsonl"))
             .unwrap_or_default()
@@ -368,9 +376,7 @@ fn garbage_and_oversized_messages_do_not_harm_the_job() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use phalanx_proto::pb;
-        let mut opts =
-            phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", job.addr));
-        opts.token = Some(TOKEN.into());
+        let opts = job.client_opts();
         let mut c = phalanx_runtime::coordinator::client::connect(&opts)
             .await
             .unwrap();
@@ -508,9 +514,7 @@ fn peers_are_served_per_generation() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         use phalanx_proto::pb;
-        let mut opts =
-            phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", job.addr));
-        opts.token = Some(TOKEN.into());
+        let opts = job.client_opts();
         let mut c = phalanx_runtime::coordinator::client::connect(&opts)
             .await
             .unwrap();
@@ -571,9 +575,7 @@ fn a_token_holder_cannot_act_as_another_member() {
     let victim = job.status_json()["ranks"][0]["member"].as_u64().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut opts =
-            phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{}", job.addr));
-        opts.token = Some(TOKEN.into());
+        let opts = job.client_opts();
         let mut c = phalanx_runtime::coordinator::client::connect(&opts)
             .await
             .unwrap();
