@@ -11,7 +11,7 @@ use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client::Client;
 use phalanx_runtime::coordinator::observed;
 use phalanx_runtime::dataplane::links::summary;
-use phalanx_runtime::dataplane::{AddressExchange, UcxConfig, UcxGroup};
+use phalanx_runtime::dataplane::{AddressExchange, Exchanged, GroupKey, UcxConfig, UcxGroup};
 use phalanx_runtime::{Generation, Rank, RuntimeError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
@@ -34,7 +34,7 @@ impl AddressExchange for CoordExchange {
         generation: Generation,
         local: &[u8],
         timeout: Duration,
-    ) -> Result<Vec<Vec<u8>>, RuntimeError> {
+    ) -> Result<Exchanged, RuntimeError> {
         let mut req = tonic::Request::new(pb::RendezvousRequest {
             member_id: self.member,
             generation: generation.0,
@@ -44,13 +44,18 @@ impl AddressExchange for CoordExchange {
         });
         req.set_timeout(timeout);
         let mut c = self.client.clone();
-        self.handle
+        let r = self
+            .handle
             .block_on(async move { c.rendezvous(req).await })
-            .map(|r| r.into_inner().addresses)
             .map_err(|s| RuntimeError::Bootstrap {
                 addr: "coordinator".into(),
                 reason: format!("{:?}: {}", s.code(), s.message()),
-            })
+            })?
+            .into_inner();
+        Ok(Exchanged {
+            key: GroupKey::from_bytes(&r.group_key)?,
+            addresses: r.addresses,
+        })
     }
 }
 

@@ -3,9 +3,12 @@
 //! reference, and bad input. Process-level faults are in `dataplane_faults.rs`.
 
 use phalanx_runtime::dataplane::transport::{
-    encode_ctrl, part, tag, Ctrl, MsgKey, KIND_CTRL, KIND_DATA, SLOT_ABORT,
+    encode_ctrl, part, tag, Ctrl, MsgKey, CTRL_LEN, KIND_CTRL, KIND_DATA, SLOT_ABORT,
 };
-use phalanx_runtime::dataplane::{BootstrapServer, CollConfig, TcpBootstrap, UcxConfig, UcxGroup};
+use phalanx_runtime::dataplane::{
+    AddressExchange, BootstrapServer, CollConfig, Exchanged, GroupKey, TcpBootstrap, UcxConfig,
+    UcxGroup,
+};
 use phalanx_runtime::{Generation, Rank, RuntimeError};
 use std::time::Duration;
 
@@ -192,8 +195,8 @@ fn ucx_drops_stale_generation_messages() {
     assert_eq!(got[0].1, 2, "rank 0 dropped both stray messages");
 }
 
-/// Bad input over UCX: different buffer lengths on different ranks, and a malformed abort
-/// message, are errors on every rank; nothing panics or hangs.
+/// Bad input over UCX: different buffer lengths on different ranks are errors on every rank;
+/// nothing panics or hangs.
 #[test]
 fn ucx_bad_input_is_an_error_not_a_hang() {
     let got = ucx_ranks(3, 1, cfg(1 << 20), |g| {
@@ -218,7 +221,12 @@ fn ucx_bad_input_is_an_error_not_a_hang() {
         e,
         RuntimeError::MessageLength { .. } | RuntimeError::MalformedMessage { .. }
     )));
+}
 
+/// P-9: an abort that is not signed with the generation's key (a stranger's, or garbage) is
+/// dropped unread: the group goes on, and counts it.
+#[test]
+fn an_unsigned_abort_is_dropped_not_obeyed() {
     let got = ucx_ranks(2, 4, cfg(1 << 20), |g| {
         if g.rank().0 == 1 {
             let abort = tag(
@@ -230,21 +238,82 @@ fn ucx_bad_input_is_an_error_not_a_hang() {
                     slot: SLOT_ABORT,
                 },
             );
-            let mut bad = encode_ctrl(&Ctrl::Abort {
-                reporter: Rank(1),
-                subject: None,
-                generation: Generation(4),
-                timeout: false,
-            });
-            bad[0] ^= 0xFF;
-            g.send_raw(Rank(0), abort, bad).unwrap();
-            return None;
+            let forged = encode_ctrl(
+                &Ctrl::Abort {
+                    reporter: Rank(1),
+                    subject: Some(Rank(0)),
+                    generation: Generation(4),
+                    timeout: false,
+                },
+                &GroupKey::random().unwrap(),
+            );
+            g.send_raw(Rank(0), abort, forged).unwrap();
+            g.send_raw(Rank(0), abort, vec![0xAB; CTRL_LEN]).unwrap();
         }
         std::thread::sleep(Duration::from_millis(50));
-        Some(g.allreduce(&mut vec![1.0f32; 8]).unwrap_err())
+        let mut b = input(g.rank().0, 64);
+        g.allreduce(&mut b).unwrap();
+        (bits(&b), g.stats().unwrap().forged)
     });
-    let e = got[0].as_ref().unwrap();
-    assert!(matches!(e, RuntimeError::MalformedMessage { .. }), "{e}");
+    assert_eq!(got[0].0, reference(2, 64));
+    assert_eq!(got[1].0, reference(2, 64));
+    assert_eq!(got[0].1, 2, "rank 0 dropped both unsigned aborts");
+}
+
+/// An exchange that hands this rank another key than its peers get: a rank that is not a
+/// member of the generation as far as they can tell.
+struct WrongKey(TcpBootstrap);
+
+impl AddressExchange for WrongKey {
+    fn exchange(
+        &mut self,
+        rank: Rank,
+        world: u32,
+        generation: Generation,
+        local: &[u8],
+        timeout: Duration,
+    ) -> Result<Exchanged, RuntimeError> {
+        let mut x = self.0.exchange(rank, world, generation, local, timeout)?;
+        x.key = GroupKey::random()?;
+        Ok(x)
+    }
+}
+
+/// P-9: a rank without the generation's key cannot join the group: its liveness hello is
+/// refused and its handshake fails, and the group is not built on any rank.
+#[test]
+fn a_rank_without_the_key_cannot_join() {
+    let srv = BootstrapServer::bind("127.0.0.1:0").unwrap();
+    let at = srv.local_addr().to_string();
+    let c = UcxConfig {
+        connect_timeout: Duration::from_secs(3),
+        ..cfg(1 << 20)
+    };
+    let errs: Vec<RuntimeError> = std::thread::scope(|sc| {
+        let s = sc.spawn(|| srv.serve(2, Generation(1), Duration::from_secs(10)));
+        let hs: Vec<_> = (0..2u32)
+            .map(|r| {
+                let (at, c) = (at.clone(), c.clone());
+                sc.spawn(move || {
+                    let tcp = TcpBootstrap { server: at };
+                    let boot: Box<dyn AddressExchange> = if r == 0 {
+                        Box::new(WrongKey(tcp))
+                    } else {
+                        Box::new(tcp)
+                    };
+                    UcxGroup::connect(Rank(r), 2, Generation(1), c, boot)
+                        .err()
+                        .expect("a group with a stranger in it")
+                })
+            })
+            .collect();
+        let out = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        s.join().unwrap().unwrap();
+        out
+    });
+    let rank1 = errs[1].to_string();
+    assert!(rank1.contains("liveness"), "{rank1}");
+    assert!(rank1.contains("closed"), "{rank1}");
 }
 
 #[test]

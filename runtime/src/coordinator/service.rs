@@ -10,7 +10,7 @@ use super::core::{
 };
 use super::journal::{Journal, JournalState};
 use super::observed::{self, Observed};
-use crate::dataplane::PeerLink;
+use crate::dataplane::{GroupKey, PeerLink};
 use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank, Step};
 use parking_lot::Mutex;
@@ -80,10 +80,12 @@ impl ServiceOpts {
 
 type DirectiveTx = mpsc::Sender<Result<pb::Directive, Status>>;
 
-/// Addresses published for a generation's rendezvous, by rank.
+/// Addresses published for a generation's rendezvous, by rank, and the generation's key,
+/// handed only to its members (P-9).
 struct Rendezvous {
     generation: Generation,
     addrs: Vec<Option<Vec<u8>>>,
+    key: Option<GroupKey>,
 }
 
 pub struct Shared {
@@ -621,9 +623,10 @@ impl Coordinator for Svc {
                 )));
             }
             let mut rv = sh.rendezvous.lock();
-            if rv.generation != generation {
+            if rv.generation != generation || rv.key.is_none() {
                 rv.generation = generation;
                 rv.addrs = vec![None; st.ranks.len()];
+                rv.key = Some(GroupKey::random().map_err(|e| Status::unavailable(e.to_string()))?);
             }
             rv.addrs[r.rank as usize] = Some(r.address);
         }
@@ -642,6 +645,11 @@ impl Coordinator for Svc {
                 if rv.generation == generation && rv.addrs.iter().all(Option::is_some) {
                     return Ok(Response::new(pb::RendezvousResponse {
                         addresses: rv.addrs.iter().flatten().cloned().collect(),
+                        group_key: rv
+                            .key
+                            .as_ref()
+                            .map(|k| k.as_bytes().to_vec())
+                            .unwrap_or_default(),
                     }));
                 }
             }
@@ -1072,6 +1080,7 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         rendezvous: Mutex::new(Rendezvous {
             generation: Generation(0),
             addrs: Vec::new(),
+            key: None,
         }),
         rendezvous_changed: Notify::new(),
         cfg: opts.core.clone(),

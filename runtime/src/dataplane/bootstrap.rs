@@ -1,16 +1,18 @@
 //! Address exchange before a UCX group is built: every member publishes its worker address and
 //! learns everyone else's.
 //!
-//! This is a stand-in for the control plane: [`AddressExchange`] is the seam the coordinator
-//! replaces (it already knows the members of a generation). Until then a [`BootstrapServer`]
-//! (run by a launcher, a test, or rank 0 on a thread) gathers one framed message per rank over
-//! TCP and answers everyone with the full table.
+//! [`AddressExchange`] is the seam: in a job the coordinator's Rendezvous does it (it knows the
+//! members of a generation and checks each one's secret). Benchmarks and tests without a
+//! coordinator use a [`BootstrapServer`] (run by the bench, a test, or rank 0 on a thread): it
+//! gathers one framed message per rank over TCP and answers everyone with the full table and a
+//! fresh group key. It checks nobody: use it on trusted machines only.
 //!
 //! Frames, little endian:
 //! - request: magic `PXB1`, generation u64, rank u32, world u32, length u32, address bytes.
-//! - reply: magic `PXB1`, status u32 (0 = ok), then either `world` x (length u32, bytes) or
-//!   (length u32, UTF-8 reason).
+//! - reply: magic `PXB1`, status u32 (0 = ok), then either the 32-byte group key and `world` x
+//!   (length u32, bytes), or (length u32, UTF-8 reason).
 
+use super::admission::{GroupKey, KEY_LEN};
 use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank};
 use std::io::{Read, Write};
@@ -22,7 +24,7 @@ const MAGIC: u32 = 0x3142_5850; // "PXB1"
 const MAX_ADDR: usize = 64 * 1024;
 
 /// Publishes `local` for `rank` of `world` in `generation` and returns every member's address
-/// in rank order. Blocks at most `timeout`.
+/// in rank order, with the generation's key. Blocks at most `timeout`.
 pub trait AddressExchange: Send {
     fn exchange(
         &mut self,
@@ -31,7 +33,15 @@ pub trait AddressExchange: Send {
         generation: Generation,
         local: &[u8],
         timeout: Duration,
-    ) -> Result<Vec<Vec<u8>>, RuntimeError>;
+    ) -> Result<Exchanged, RuntimeError>;
+}
+
+/// What an exchange hands every member: the addresses by rank, and the generation's key that
+/// signs what the members say to each other (P-9).
+#[derive(Debug, Clone)]
+pub struct Exchanged {
+    pub addresses: Vec<Vec<u8>>,
+    pub key: GroupKey,
 }
 
 /// The client side: the server's address.
@@ -72,7 +82,7 @@ impl AddressExchange for TcpBootstrap {
         generation: Generation,
         local: &[u8],
         timeout: Duration,
-    ) -> Result<Vec<Vec<u8>>, RuntimeError> {
+    ) -> Result<Exchanged, RuntimeError> {
         let addr = self.server.as_str();
         if local.len() > MAX_ADDR {
             return Err(err(
@@ -130,9 +140,16 @@ impl AddressExchange for TcpBootstrap {
                 format!("server refused: {}", String::from_utf8_lossy(&why)),
             ));
         }
-        (0..world)
+        let mut key = [0u8; KEY_LEN];
+        s.read_exact(&mut key)
+            .map_err(|e| err(addr, format!("reading the group key: {e}")))?;
+        let addresses = (0..world)
             .map(|r| read_blob(&mut s, &format!("rank {r}'s address")).map_err(|e| err(addr, e)))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok(Exchanged {
+            addresses,
+            key: GroupKey::from_bytes(&key)?,
+        })
     }
 }
 
@@ -205,9 +222,11 @@ impl BootstrapServer {
                 Err(why) => refuse(&mut s, &why),
             }
         }
+        let key = GroupKey::random()?;
         let mut table = Vec::new();
         table.extend_from_slice(&MAGIC.to_le_bytes());
         table.extend_from_slice(&0u32.to_le_bytes());
+        table.extend_from_slice(key.as_bytes());
         for (_, bytes) in slots.iter().flatten() {
             table.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             table.extend_from_slice(bytes);
@@ -271,7 +290,7 @@ mod tests {
         rank: u32,
         world: u32,
         g: u64,
-    ) -> Result<Vec<Vec<u8>>, RuntimeError> {
+    ) -> Result<Exchanged, RuntimeError> {
         TcpBootstrap {
             server: server.to_string(),
         }
@@ -293,13 +312,18 @@ mod tests {
             let hs: Vec<_> = (0..3)
                 .map(|r| sc.spawn(move || client(at, r, 3, 7)))
                 .collect();
+            let mut keys = Vec::new();
             for h in hs {
                 let t = h.join().unwrap().unwrap();
                 assert_eq!(
-                    t,
+                    t.addresses,
                     vec![b"addr-0".to_vec(), b"addr-1".to_vec(), b"addr-2".to_vec()]
                 );
+                keys.push(t.key);
             }
+            // One key for the generation, the same on every rank, and not a fixed one.
+            assert!(keys.iter().all(|k| *k == keys[0]));
+            assert_ne!(keys[0], GroupKey::in_process());
             s.join().unwrap().unwrap();
         });
     }

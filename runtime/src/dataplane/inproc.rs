@@ -3,6 +3,7 @@
 //! UCX transport (generation check, abort spreading, timeouts, exact lengths), and can kill a
 //! rank or inject raw messages for fault tests.
 
+use super::admission::GroupKey;
 use super::transport::*;
 use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank};
@@ -195,12 +196,15 @@ impl InProcTransport {
                 | RuntimeError::MessageLength { from, .. } => (Some(*from), false),
                 _ => (None, false),
             };
-            let abort = encode_ctrl(&Ctrl::Abort {
-                reporter: self.rank,
-                subject,
-                generation: self.generation,
-                timeout,
-            });
+            let abort = encode_ctrl(
+                &Ctrl::Abort {
+                    reporter: self.rank,
+                    subject,
+                    generation: self.generation,
+                    timeout,
+                },
+                &GroupKey::in_process(),
+            );
             let t = tag(
                 KIND_CTRL,
                 self.generation,
@@ -249,7 +253,7 @@ impl InProcTransport {
             if f.kind == KIND_CTRL && f.key.slot == SLOT_ABORT {
                 let env = mine.remove(i).unwrap_or_else(|| unreachable!());
                 drop(boxes);
-                return Err(match decode_ctrl(&env.data) {
+                return Err(match decode_ctrl(&env.data, &GroupKey::in_process()) {
                     Ok(Ctrl::Abort {
                         reporter,
                         subject,
@@ -263,10 +267,10 @@ impl InProcTransport {
                         self.dropped += 1;
                         return Ok(None);
                     }
-                    Err(reason) => RuntimeError::MalformedMessage {
+                    Err(e) => RuntimeError::MalformedMessage {
                         from: env.src,
                         op,
-                        reason,
+                        reason: e.to_string(),
                     },
                 });
             }

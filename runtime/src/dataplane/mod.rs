@@ -7,12 +7,14 @@
 //! - [`ucx`]: the UCX transport and [`UcxGroup`], the handle the runtime uses.
 //! - [`bootstrap`]: address exchange until the control plane does it.
 //! - [`liveness`]: one idle TCP connection per pair of members, so a crash is seen at once.
+//! - [`admission`]: the per-generation key that tells members from everyone else.
 //! - [`address`]: the address a rank advertises to its peers (one they can reach).
 //! - [`links`]: which transport each pair of ranks uses (shared memory, TCP, RDMA).
 //!
 //! Invariants P-1.. are in docs/semantics.md ("Data plane"); settings in docs/dataplane.md.
 
 pub mod address;
+pub mod admission;
 pub mod bootstrap;
 pub mod collectives;
 pub mod inproc;
@@ -22,7 +24,8 @@ pub mod transport;
 pub mod ucx;
 
 pub use address::{advertised_ip, AddressChoice, AddressSettings, AddressSource};
-pub use bootstrap::{AddressExchange, BootstrapServer, TcpBootstrap};
+pub use admission::GroupKey;
+pub use bootstrap::{AddressExchange, BootstrapServer, Exchanged, TcpBootstrap};
 pub use collectives::{CollConfig, Collectives};
 pub use links::{Link, PeerLink};
 pub use transport::Transport;

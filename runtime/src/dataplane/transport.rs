@@ -9,6 +9,7 @@
 //! (`region`/`region_mut`) and refuses overlapping posts, so the collectives cannot race the
 //! network even by mistake; they ask [`Transport::busy`] first and defer instead.
 
+use super::admission::{GroupKey, Purpose, MAC_LEN};
 use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank};
 use std::ops::Range;
@@ -270,8 +271,10 @@ pub fn stale_patterns(g: Generation) -> Vec<(u64, u64)> {
 }
 
 /// Control messages: the connection handshake and the abort that spreads a failure to every
-/// member. 24 bytes, little endian: magic, kind, rank/subject, world, full generation.
-pub const CTRL_LEN: usize = 24;
+/// member. 24 bytes, little endian: magic, kind, rank/subject, world, full generation; then the
+/// MAC of those bytes under the generation's key (P-9).
+const CTRL_BODY: usize = 24;
+pub const CTRL_LEN: usize = CTRL_BODY + MAC_LEN;
 const CTRL_MAGIC: u32 = 0x5048_5831; // "PHX1"
 
 /// Reserved slots of control messages (sequence number 0, never used by a collective).
@@ -295,7 +298,27 @@ pub enum Ctrl {
     },
 }
 
-pub fn encode_ctrl(c: &Ctrl) -> Vec<u8> {
+/// Why a control message was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CtrlError {
+    /// Not signed with this generation's key: not from a member; dropped, never acted on.
+    NotAMember,
+    /// Signed by a member, but not a message this version understands.
+    Malformed(String),
+}
+
+impl std::fmt::Display for CtrlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CtrlError::NotAMember => f.write_str(
+                "not signed with this generation's key (not from a member of the group)",
+            ),
+            CtrlError::Malformed(why) => f.write_str(why),
+        }
+    }
+}
+
+pub fn encode_ctrl(c: &Ctrl, key: &GroupKey) -> Vec<u8> {
     let mut b = Vec::with_capacity(CTRL_LEN);
     b.extend_from_slice(&CTRL_MAGIC.to_le_bytes());
     let (kind, a, w, g) = match *c {
@@ -323,17 +346,27 @@ pub fn encode_ctrl(c: &Ctrl) -> Vec<u8> {
     b.extend_from_slice(&a.to_le_bytes());
     b.extend_from_slice(&w.to_le_bytes());
     b.extend_from_slice(&g.to_le_bytes());
+    let mac = key.mac(Purpose::Control, &b);
+    b.extend_from_slice(&mac);
     b
 }
 
 /// Parses a control message; every malformed input is an error string, never a panic.
-pub fn decode_ctrl(b: &[u8]) -> Result<Ctrl, String> {
+pub fn decode_ctrl(b: &[u8], key: &GroupKey) -> Result<Ctrl, CtrlError> {
     if b.len() != CTRL_LEN {
-        return Err(format!(
+        return Err(CtrlError::Malformed(format!(
             "control message of {} bytes, expected {CTRL_LEN}",
             b.len()
-        ));
+        )));
     }
+    let (b, mac) = b.split_at(CTRL_BODY);
+    if !key.verify(Purpose::Control, b, mac) {
+        return Err(CtrlError::NotAMember);
+    }
+    decode_body(b).map_err(CtrlError::Malformed)
+}
+
+fn decode_body(b: &[u8]) -> Result<Ctrl, String> {
     let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     if u(0) != CTRL_MAGIC {
         return Err(format!(
@@ -517,6 +550,7 @@ mod tests {
 
     #[test]
     fn ctrl_round_trips_and_rejects_garbage() {
+        let key = GroupKey::random().unwrap();
         for c in [
             Ctrl::Hello {
                 rank: Rank(3),
@@ -536,25 +570,51 @@ mod tests {
                 timeout: true,
             },
         ] {
-            assert_eq!(decode_ctrl(&encode_ctrl(&c)).unwrap(), c);
+            assert_eq!(decode_ctrl(&encode_ctrl(&c, &key), &key).unwrap(), c);
         }
-        let good = encode_ctrl(&Ctrl::Hello {
+        let hello = Ctrl::Hello {
             rank: Rank(1),
             world: 2,
             generation: Generation(1),
-        });
+        };
+        let good = encode_ctrl(&hello, &key);
         for n in 0..good.len() {
             assert!(
-                decode_ctrl(&good[..n]).is_err(),
+                decode_ctrl(&good[..n], &key).is_err(),
                 "truncated to {n} accepted"
             );
         }
+        // P-9: any change, or another generation's key, and it is not from a member.
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 1;
+            assert_eq!(
+                decode_ctrl(&bad, &key),
+                Err(CtrlError::NotAMember),
+                "byte {i}"
+            );
+        }
+        let other = GroupKey::random().unwrap();
+        assert_eq!(decode_ctrl(&good, &other), Err(CtrlError::NotAMember));
+        assert_eq!(
+            decode_ctrl(&encode_ctrl(&hello, &other), &key),
+            Err(CtrlError::NotAMember)
+        );
+        // A member's message this version does not understand is malformed, not foreign.
+        let resign = |mut body: Vec<u8>| {
+            body.truncate(CTRL_BODY);
+            let mac = key.mac(Purpose::Control, &body);
+            body.extend_from_slice(&mac);
+            body
+        };
         let mut bad = good.clone();
         bad[0] ^= 1;
-        assert!(decode_ctrl(&bad).unwrap_err().contains("magic"));
+        let e = decode_ctrl(&resign(bad), &key).unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
         let mut bad = good;
         bad[4] = 9;
-        assert!(decode_ctrl(&bad).unwrap_err().contains("kind"));
+        let e = decode_ctrl(&resign(bad), &key).unwrap_err();
+        assert!(e.to_string().contains("kind"), "{e}");
     }
 
     #[test]

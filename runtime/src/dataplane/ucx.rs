@@ -15,7 +15,8 @@
 //! This is the only module of the workspace with `unsafe` code: the UCP C API.
 #![allow(unsafe_code)]
 
-use super::bootstrap::AddressExchange;
+use super::admission::GroupKey;
+use super::bootstrap::{AddressExchange, Exchanged};
 use super::collectives::{CollConfig, Collectives};
 use super::inproc::abort_error;
 use super::links::PeerLink;
@@ -71,6 +72,8 @@ impl Default for UcxConfig {
 pub struct UcxStats {
     /// Messages of another generation (or malformed tags) dropped by the sweep.
     pub dropped_stale: u64,
+    /// Control messages not signed with the generation's key, dropped unread (P-9).
+    pub forged: u64,
     /// Broadcasts that went through the root's shared-memory window (the rest took the chain).
     pub window_broadcasts: u64,
 }
@@ -160,10 +163,14 @@ pub struct UcxTransport {
     /// attached buffer, so it is never handed back (it is leaked instead).
     poisoned: bool,
     dropped: u64,
+    /// Control messages not signed with the generation's key (P-9), dropped.
+    forged: u64,
     abort_recv: Option<(ReqId, Vec<u8>)>,
     last_sweep: Instant,
     spin: Duration,
     live: Option<Liveness>,
+    /// The generation's key from the exchange: signs and checks every control message.
+    key: GroupKey,
     peer_mode: bool,
     window: Option<LocalWindow>,
     mapped: HashMap<Rank, PeerWindow>,
@@ -210,10 +217,12 @@ impl UcxTransport {
             broken: None,
             poisoned: false,
             dropped: 0,
+            forged: 0,
             abort_recv: None,
             last_sweep: Instant::now(),
             spin: cfg.spin,
             live: None,
+            key: GroupKey::in_process(),
             peer_mode: cfg.peer_error_mode,
             window: None,
             mapped: HashMap::new(),
@@ -228,7 +237,11 @@ impl UcxTransport {
         }
         let listener = LivenessListener::bind(&cfg.liveness_ip)?;
         let local = encode_address(listener.addr, &t.address()?);
-        let table = exchange.exchange(rank, world, generation, &local, cfg.connect_timeout)?;
+        let Exchanged {
+            addresses: table,
+            key,
+        } = exchange.exchange(rank, world, generation, &local, cfg.connect_timeout)?;
+        t.key = key;
         if table.len() != world as usize {
             return Err(RuntimeError::Bootstrap {
                 addr: "address exchange".into(),
@@ -250,6 +263,7 @@ impl UcxTransport {
             listener,
             rank,
             generation,
+            &t.key,
             &live_addrs,
             deadline,
         )?);
@@ -360,11 +374,14 @@ impl UcxTransport {
     /// Every rank sends `Hello` to every other and checks what it receives: this also wires up
     /// every endpoint, so keepalive watches all peers, not only ring neighbours.
     fn handshake(&mut self, deadline: Instant) -> Result<(), RuntimeError> {
-        let hello = encode_ctrl(&Ctrl::Hello {
-            rank: self.rank,
-            world: self.world,
-            generation: self.generation,
-        });
+        let hello = encode_ctrl(
+            &Ctrl::Hello {
+                rank: self.rank,
+                world: self.world,
+                generation: self.generation,
+            },
+            &self.key,
+        );
         let key = MsgKey {
             seq: 0,
             slot: SLOT_HELLO,
@@ -396,7 +413,7 @@ impl UcxTransport {
                 continue;
             };
             let bytes = c.buf.unwrap_or_default();
-            match decode_ctrl(&bytes) {
+            match decode_ctrl(&bytes, &self.key) {
                 Ok(Ctrl::Hello { rank, world, generation })
                     if rank == from && world == self.world && generation == self.generation => {}
                 Ok(other) => {
@@ -409,7 +426,7 @@ impl UcxTransport {
                         ),
                     }))
                 }
-                Err(reason) => return Err(self.fail(RuntimeError::MalformedMessage { from, op: "connect", reason })),
+                Err(e) => return Err(self.fail(RuntimeError::MalformedMessage { from, op: "connect", reason: format!("handshake: {e}") })),
             }
         }
         Ok(())
@@ -737,9 +754,12 @@ impl UcxTransport {
                         self.abort_recv = None;
                         let bytes = req.owned.unwrap_or_default();
                         let parsed = if st == sys::ucs_status_t_UCS_OK {
-                            decode_ctrl(&bytes[..len.min(bytes.len())])
+                            decode_ctrl(&bytes[..len.min(bytes.len())], &self.key)
                         } else {
-                            Err(format!("abort message not received: {}", status_str(st)))
+                            Err(CtrlError::Malformed(format!(
+                                "abort message not received: {}",
+                                status_str(st)
+                            )))
                         };
                         match parsed {
                             Ok(Ctrl::Abort {
@@ -759,6 +779,12 @@ impl UcxTransport {
                                 return Err(self.fail(e));
                             }
                             Ok(_) => {
+                                self.dropped += 1;
+                                self.post_abort_recv()?;
+                            }
+                            Err(CtrlError::NotAMember) => {
+                                // P-9: only a member can fail the group; this one is dropped.
+                                self.forged += 1;
                                 self.dropped += 1;
                                 self.post_abort_recv()?;
                             }
@@ -955,12 +981,15 @@ impl UcxTransport {
             }
             _ => (None, false),
         };
-        let abort = encode_ctrl(&Ctrl::Abort {
-            reporter: self.rank,
-            subject,
-            generation: self.generation,
-            timeout,
-        });
+        let abort = encode_ctrl(
+            &Ctrl::Abort {
+                reporter: self.rank,
+                subject,
+                generation: self.generation,
+                timeout,
+            },
+            &self.key,
+        );
         let t = tag(
             KIND_CTRL,
             self.generation,
@@ -1722,6 +1751,7 @@ fn serve(mut c: Collectives<UcxTransport>, rx: mpsc::Receiver<Cmd>, tx: mpsc::Se
             }
             Cmd::Stats => Reply::Stats(UcxStats {
                 dropped_stale: c.transport().dropped_stale(),
+                forged: c.transport().forged,
                 window_broadcasts: c.window_broadcasts(),
             }),
         };
