@@ -93,6 +93,8 @@ pub struct CoordinatorArgs {
     pub run_dir: PathBuf,
     /// Serve on a non-loopback address without a job token (a trusted network only).
     pub insecure: bool,
+    /// The config hash every worker must have; `None`: the first worker's.
+    pub config_hash: Option<String>,
 }
 
 pub fn service_opts(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<ServiceOpts> {
@@ -106,6 +108,7 @@ pub fn service_opts(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<Servi
     opts.keepalive_timeout = ms(c.keepalive_timeout_ms);
     opts.tls = server_tls(c)?;
     opts.admin_token = Some(admin_token(c, &a.run_dir)?);
+    opts.config_hash = a.config_hash.clone();
     Ok(opts)
 }
 

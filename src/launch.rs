@@ -229,6 +229,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             max_world,
             run_dir: run_dir.clone(),
             insecure: false,
+            config_hash: crate::worker::config_hash_of(&cfg),
         },
     )?;
     let admin_token = opts.admin_token.clone().unwrap_or_default();

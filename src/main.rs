@@ -175,6 +175,10 @@ enum Cmd {
         /// Serve on a non-loopback address without a job token (a trusted network only).
         #[arg(long)]
         insecure: bool,
+        /// The config hash every worker must have (each worker logs its own at start-up).
+        /// Without it, the first worker's hash becomes the job's (a config_hash_pinned event).
+        #[arg(long)]
+        config_hash: Option<String>,
         /// Overrides: section.key=value (e.g. coordinator.heartbeat_timeout_ms=1000).
         overrides: Vec<String>,
     },
@@ -607,6 +611,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             world,
             run_dir,
             insecure,
+            config_hash,
             overrides,
         } => {
             let cfg = TrainConfig::load(config.as_deref(), &overrides)?;
@@ -625,6 +630,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     max_world,
                     run_dir: run_dir.unwrap_or(cfg.run.dir.clone()),
                     insecure,
+                    config_hash,
                 },
             )?;
             Ok(ExitCode::SUCCESS)

@@ -72,6 +72,14 @@ pub fn coordinator_url(arg: Option<String>, tls: bool) -> Result<String> {
     bail!("no coordinator: pass --coordinator URL (or set MASTER_ADDR, as torchrun does)")
 }
 
+/// The hash a worker of `cfg` will have, for a coordinator to pin before any worker registers.
+/// `None` when the dataset cannot be read (the workers then stop with the dataset's own error).
+pub fn config_hash_of(cfg: &TrainConfig) -> Option<String> {
+    let ds = phalanx_model::data::Dataset::open(&cfg.data.dir).ok()?;
+    let meta = serde_json::to_string(&ds.meta.sources).unwrap_or_default();
+    Some(config_hash(cfg, &meta))
+}
+
 /// A digest of what must be identical on every rank: model, data, batch, optimizer.
 /// SHA-256, not std's hasher, whose output may differ between builds of phalanx.
 pub fn config_hash(cfg: &TrainConfig, data_meta: &str) -> String {
@@ -123,6 +131,7 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
     let first = train::setup(&cfg)?;
     let meta = serde_json::to_string(&first.ds.meta.sources).unwrap_or_default();
     let hash = config_hash(&cfg, &meta);
+    info!(config_hash = %hash, "the coordinator's --config-hash for this config");
     let hints = launcher_hints();
     if !hints.is_empty() {
         info!(hints = ?hints, "launcher environment");

@@ -696,3 +696,63 @@ fn an_exposed_coordinator_needs_a_token() {
         "{err}"
     );
 }
+
+/// Registers as a new spare with `config_hash`; the refusal's status, if refused.
+fn register_with_hash(addr: &str, config_hash: &str) -> Option<tonic::Status> {
+    use phalanx_proto::pb;
+    let mut opts = phalanx_runtime::coordinator::client::ClientOpts::new(&format!("http://{addr}"));
+    opts.token = Some(TOKEN.into());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = phalanx_runtime::coordinator::client::connect(&opts)
+            .await
+            .unwrap();
+        c.register(rq(
+            &opts,
+            pb::RegisterRequest {
+                job_id: "phalanx".into(),
+                host: "first-caller".into(),
+                role: pb::Role::Spare as i32,
+                config_hash: config_hash.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .err()
+    })
+}
+
+// K-6: a coordinator given the job's config hash at start refuses a first caller with another
+// one (which would otherwise become the job's hash and shut out every real worker), and takes
+// the job's workers. Without one, the first worker's hash is the job's, and an event names it.
+#[test]
+fn the_config_hash_is_pinned_at_start_not_by_the_first_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, addr) = start_coordinator(dir.path(), "127.0.0.1:0", 1, &["--config-hash", "sim"]);
+    let s = register_with_hash(&addr, "intruder").expect("another hash was taken");
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("differs from the job's sim"), "{s:?}");
+    let rank = sim(&addr, false);
+    assigned(&rank, 1);
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    assert!(
+        !events.contains(r#""kind":"config_hash_pinned""#),
+        "{events}"
+    );
+    drop(rank);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, addr) = start_coordinator(dir.path(), "127.0.0.1:0", 1, &[]);
+    assert!(register_with_hash(&addr, "first").is_none());
+    let s = register_with_hash(&addr, "second").expect("a second hash was taken");
+    assert!(s.message().contains("config_hash_pinned"), "{s:?}");
+    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+    let pinned: Vec<Value> = events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["kind"] == "config_hash_pinned")
+        .collect();
+    assert_eq!(pinned.len(), 1, "{events}");
+    assert_eq!(pinned[0]["config_hash"], "first");
+    assert_eq!(pinned[0]["host"], "first-caller");
+}

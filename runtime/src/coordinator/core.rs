@@ -39,6 +39,9 @@ impl std::hash::Hasher for IdHasher {
 
 pub type Members = HashMap<MemberId, Member, std::hash::BuildHasherDefault<IdHasher>>;
 
+/// Members who left that the coordinator still shows (`status`, error messages).
+pub const DEPARTED_KEPT: usize = 64;
+
 /// The hot part of a current rank, in rank order, so that the decision function scans a compact
 /// array instead of chasing every member every tick. Mirrors fields of `Member`; updated
 /// wherever those change (`State::sync_live`).
@@ -268,6 +271,8 @@ pub struct Registration {
 pub struct Registered {
     pub id: MemberId,
     pub rejoined: bool,
+    /// This registration set the job's config hash (none was pinned at start).
+    pub pinned_config: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -578,7 +583,10 @@ impl State {
                 want: self.job_id.clone(),
             });
         }
-        if self.config_hash.is_empty() {
+        let pinned_config = self.config_hash.is_empty();
+        if pinned_config {
+            // No hash given at start (`--config-hash`, or the launcher's own config): the first
+            // worker's stands, and the service says so in an event.
             self.config_hash = req.config_hash.clone();
         } else if req.config_hash != self.config_hash {
             return Err(RuntimeError::ConfigMismatch {
@@ -619,7 +627,11 @@ impl State {
                         m.step = req.committed_step;
                     }
                     self.sync_live(id);
-                    return Ok(Registered { id, rejoined: true });
+                    return Ok(Registered {
+                        id,
+                        rejoined: true,
+                        pinned_config,
+                    });
                 }
             }
             // An id this coordinator does not know (its journal was lost): a new member.
@@ -641,10 +653,32 @@ impl State {
         let id = self.next_id;
         self.next_id += 1;
         self.members.insert(id, Member::new(id, now, &req));
+        self.forget_departed(now);
         Ok(Registered {
             id,
             rejoined: false,
+            pinned_config,
         })
+    }
+
+    /// Members who left (fenced, holding no rank) beyond the newest `DEPARTED_KEPT` are
+    /// forgotten, and so are expired start-up graces: a job that replaces workers for months, or
+    /// a client that registers in a loop, does not grow the coordinator. Ids are never reused,
+    /// so a forgotten member's calls are refused as unknown, as a fenced member's would be.
+    fn forget_departed(&mut self, now: Instant) {
+        let mut gone: Vec<MemberId> = self
+            .members
+            .values()
+            .filter(|m| m.is_fenced() && m.rank.is_none() && !self.ranks.contains(&m.id))
+            .map(|m| m.id)
+            .collect();
+        if gone.len() > DEPARTED_KEPT {
+            gone.sort_unstable();
+            for id in &gone[..gone.len() - DEPARTED_KEPT] {
+                self.members.remove(id);
+            }
+        }
+        self.quiet_until.retain(|_, until| *until > now);
     }
 
     pub fn session_opened(&mut self, now: Instant, id: MemberId) -> Result<(), RuntimeError> {
@@ -1569,6 +1603,30 @@ mod tests {
         let some = *s.members.keys().next().unwrap();
         s.session_closed(t, some);
         s.register(t, reg(Role::Spare), &c).unwrap();
+    }
+
+    // Members who left are forgotten beyond the newest DEPARTED_KEPT: a client that registers
+    // and leaves in a loop (or months of replaced workers) does not grow the state; a forgotten
+    // member stays shut out, and the active ranks are untouched.
+    #[test]
+    fn members_who_left_are_forgotten() {
+        let c = cfg();
+        let t = Instant::now();
+        let mut s = job(t, 2, 0, &c);
+        let ranks = s.ranks.clone();
+        let first = s.register(t, reg(Role::Spare), &c).unwrap().id;
+        s.session_closed(t, first);
+        for _ in 0..1000 {
+            let id = s.register(t, reg(Role::Spare), &c).unwrap().id;
+            s.session_closed(t, id);
+        }
+        let fenced = s.members.values().filter(|m| m.is_fenced()).count();
+        assert!(fenced <= DEPARTED_KEPT + 1, "{fenced} fenced members kept");
+        assert!(s.members.len() <= DEPARTED_KEPT + 3, "{}", s.members.len());
+        assert!(!s.members.contains_key(&first));
+        assert!(s.session_opened(t, first).is_err());
+        assert_eq!(s.ranks, ranks);
+        assert!(ranks.iter().all(|id| !s.members[id].is_fenced()));
     }
 
     // A drain retried (the admin's client timed out and asked again) lowers the target once.

@@ -58,6 +58,8 @@ pub struct ServiceOpts {
     /// Required (instead of the job token) on Scale, Drain and Status when set: the ranks'
     /// token does not let a rank resize the job. Never logged.
     pub admin_token: Option<String>,
+    /// The hash every worker's config must have. Unset: the first worker's is the job's.
+    pub config_hash: Option<String>,
 }
 
 impl ServiceOpts {
@@ -74,6 +76,7 @@ impl ServiceOpts {
             keepalive_timeout: Duration::from_secs(1),
             tls: None,
             admin_token: None,
+            config_hash: None,
         }
     }
 }
@@ -468,7 +471,14 @@ impl Coordinator for Svc {
             }
         };
         let generation = st.generation;
+        let pinned = out.pinned_config.then(|| st.config_hash.clone());
         drop(st);
+        if let Some(hash) = pinned {
+            sh.event(
+                "config_hash_pinned",
+                json!({"member": out.id, "host": r.host, "config_hash": hash}),
+            );
+        }
         sh.observed.lock().set_address(out.id, r.address.clone());
         // Not journaled: a registration changes no durable state. Waiting members that a
         // restarted coordinator does not know simply register again as new members.
@@ -925,6 +935,30 @@ fn flag_event(sh: &Shared, flag: &FlagChange) {
     }
 }
 
+/// Sets the job's config hash from the options; a journal of the same job with another hash
+/// is refused (its ranks trained another model).
+fn pin_config(mut state: State, opts: &ServiceOpts) -> Result<State, RuntimeError> {
+    let Some(want) = opts.config_hash.as_ref().filter(|h| !h.is_empty()) else {
+        return Ok(state);
+    };
+    if !state.config_hash.is_empty() && state.config_hash != *want {
+        return Err(RuntimeError::Journal {
+            path: opts
+                .journal
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            reason: format!(
+                "its job ran with config hash {}, not {want}; use another run directory for \
+                 another model or dataset",
+                state.config_hash
+            ),
+        });
+    }
+    state.config_hash = want.clone();
+    Ok(state)
+}
+
 /// Checks the job token on every RPC. Constant-time comparison; the token is never logged.
 #[derive(Clone)]
 pub struct Auth {
@@ -1074,6 +1108,7 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         }
         None => (State::new(&opts.job_id, opts.target_world), false),
     };
+    let state = pin_config(state, opts)?;
     let generation = state.generation;
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
