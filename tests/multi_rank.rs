@@ -1206,3 +1206,41 @@ fn metrics_until(run: &Path, what: &dyn Fn(&[Value]) -> bool, secs: u64) -> bool
     }
     false
 }
+
+// K-13: a rank lost after the last committed step (its process exits at the final barrier)
+// ends nothing: the job completes, rank 0 saves the final model and names the lost peer in the
+// final metrics line, and no generation is formed to train again or halt (before, the job
+// regrouped, promoted a fresh spare, and halted because "no member holds the committed state").
+#[test]
+fn a_rank_lost_after_the_last_step_ends_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let r = launch_env(
+        Hosts::One,
+        d.path(),
+        &["--nproc", "2", "train.max_steps=30", "optim.decay_steps=30"],
+        &[("PHALANX_TEST_FAULT", "exit-at-final-barrier@30:1")],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.report["status"], "completed", "{}", r.report);
+    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let kinds = |k: &str| events.iter().filter(|e| e["kind"] == k).count();
+    assert_eq!(kinds("halt"), 0, "{events:?}");
+    // The lost rank's exit may race the ranks' "done" to the coordinator: at most a regroup of
+    // the finished survivors, never a promotion.
+    assert!(kinds("generation") <= 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["kind"] == "generation")
+            .skip(1)
+            .all(|e| e["promoted"].as_array().is_none_or(|p| p.is_empty())),
+        "{events:?}"
+    );
+    let metrics = read_jsonl(&r.run.join("metrics.jsonl"));
+    let last = metrics.last().unwrap();
+    assert_eq!(last["final"], true, "{last}");
+    assert_eq!(last["step"], 30, "{last}");
+    let lost = last["peer_lost_at_end"].as_str().unwrap_or("");
+    assert!(lost.contains("rank 1"), "{last}");
+    assert!(r.run.join("model/model.safetensors").exists());
+}

@@ -579,6 +579,27 @@ impl<'a> Loop<'a> {
     }
 
     /// Saves through the checkpointer and waits for it (or inline if it is down).
+    /// Appends this rank's final-state fingerprint to `fingerprints.jsonl` (G-2).
+    fn write_fingerprint(
+        &self,
+        s: &Setup,
+        member: u64,
+        rank: Rank,
+        generation: Generation,
+    ) -> Result<(), String> {
+        let fp = state_fingerprint(s);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.sh.params.run_dir.join("fingerprints.jsonl"))
+            .map_err(|e| e.to_string())?;
+        // One write per line: every rank appends to this file at the same moment.
+        let line = json!({"member": member, "rank": rank.0, "generation": generation.0,
+                          "step": s.trainer.step, "state_sha256": fp});
+        f.write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| e.to_string())
+    }
+
     fn save_now(&self, dir: &Path, s: &Setup) -> Result<(), String> {
         let c = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
             .map_err(|e| e.to_string())?;
@@ -1038,34 +1059,39 @@ impl<'a> Loop<'a> {
                 }
             }
         }
-        // Done: every rank records a fingerprint of its final state (G-2: they must be equal),
-        // rank 0 evaluates and saves the final model; everyone leaves together.
+        // Done: the last step is committed on every rank, so the job's result is settled. The
+        // coordinator hears so at once (K-13: a rank lost from here on ends nothing and starts
+        // no new generation). Every rank records a fingerprint of its final state (G-2: they
+        // must be equal), rank 0 evaluates and saves the final model; everyone leaves together.
+        progress.phase.store(3, Ordering::Relaxed);
+        self.sh.beat_now.notify_one();
         self.heart.busy(true);
-        let fp = state_fingerprint(s);
-        {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p.run_dir.join("fingerprints.jsonl"))
-                .map_err(|e| e.to_string())?;
-            // One write per line: every rank appends to this file at the same moment.
-            let line = json!({"member": ctl.member, "rank": rank.0, "generation": generation.0,
-                              "step": s.trainer.step, "state_sha256": fp});
-            f.write_all(format!("{line}\n").as_bytes())
-                .map_err(|e| e.to_string())?;
+        self.write_fingerprint(s, ctl.member, rank, generation)?;
+        if faults::fire(
+            "exit-at-final-barrier",
+            s.trainer.step,
+            Some(rank.0),
+            generation.0,
+        ) {
+            std::process::exit(9);
         }
-        let _ = group.barrier();
+        // A peer lost after the last commit costs nothing but its own exit: the state is
+        // complete on every rank, and rank 0 saves it with or without the others.
+        let lost = group.barrier().err().map(|e| e.to_string());
+        if let Some(why) = &lost {
+            warn!(%why, "a peer was lost after the last step; the job's result is complete");
+        }
         if rank.0 == 0 {
             let val = s
                 .trainer
                 .evaluate(&s.ds.val, s.win, p.eval_batches, p.micro_batch);
             self.save_now(&p.run_dir.join("model"), s)?;
-            let line = json!({"final": true, "step": s.trainer.step, "val_loss": val, "unix_ms": unix_ms()});
+            let line = json!({"final": true, "step": s.trainer.step, "val_loss": val,
+                              "peer_lost_at_end": lost, "unix_ms": unix_ms()});
             let _ = metrics.write_all(format!("{line}\n").as_bytes());
         }
         drop(group);
-        // Tell the coordinator this rank is done (so its exit is not a fault), then leave.
-        progress.phase.store(3, Ordering::Relaxed);
+        // Let the coordinator see "done" before the session closes (so the exit is no fault).
         self.heart.busy(false);
         std::thread::sleep(3 * p.heartbeat_interval.max(Duration::from_millis(50)));
         Ok(Next::Exit(EXIT_DONE, "training complete".into()))

@@ -235,19 +235,10 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
                     if faults::fire("control-panic", step, None, progress.generation.load(Ordering::Relaxed)) {
                         panic!("injected control-agent panic at step {step}");
                     }
-                    let m = pb::RankMessage { msg: Some(pb::rank_message::Msg::Heartbeat(pb::Heartbeat {
-                        generation: progress.generation.load(Ordering::Relaxed),
-                        step,
-                        collective_seq: progress.seq.load(Ordering::Relaxed),
-                        phase: match progress.phase.load(Ordering::Relaxed) { 1 => "training", 2 => "healing", 3 => "done", _ => "idle" }.into(),
-                        last_step_time_us: progress.step_us.load(Ordering::Relaxed),
-                        last_compute_time_us: progress.compute_us.load(Ordering::Relaxed),
-                        loss: f32::from_bits(progress.loss_bits.load(Ordering::Relaxed)),
-                        stats: None,
-                        recent: progress.take_recent(),
-                        links: std::mem::take(&mut *shared.group_links.lock()),
-                    }))};
-                    if s.tx.send(m).await.is_err() { break; }
+                    if s.tx.send(heartbeat(&shared)).await.is_err() { break; }
+                }
+                _ = shared.beat_now.notified() => {
+                    if s.tx.send(heartbeat(&shared)).await.is_err() { break; }
                 }
                 Some(f) = faults.recv() => {
                     let mut cc = s.client.clone();
@@ -280,5 +271,30 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
         }
         *sess = None;
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// The rank's heartbeat: where it is, and the steps it computed since the last one.
+fn heartbeat(shared: &Shared) -> pb::RankMessage {
+    let progress = &shared.progress;
+    let phase = match progress.phase.load(Ordering::Relaxed) {
+        1 => "training",
+        2 => "healing",
+        3 => "done",
+        _ => "idle",
+    };
+    pb::RankMessage {
+        msg: Some(pb::rank_message::Msg::Heartbeat(pb::Heartbeat {
+            generation: progress.generation.load(Ordering::Relaxed),
+            step: progress.step.load(Ordering::Relaxed),
+            collective_seq: progress.seq.load(Ordering::Relaxed),
+            phase: phase.into(),
+            last_step_time_us: progress.step_us.load(Ordering::Relaxed),
+            last_compute_time_us: progress.compute_us.load(Ordering::Relaxed),
+            loss: f32::from_bits(progress.loss_bits.load(Ordering::Relaxed)),
+            stats: None,
+            recent: progress.take_recent(),
+            links: std::mem::take(&mut *shared.group_links.lock()),
+        })),
     }
 }

@@ -163,6 +163,8 @@ pub struct Shared {
     pub group_links: Mutex<Vec<pb::PeerLink>>,
     /// A background checkpoint is queued or being written (at most one snapshot is held).
     pub saving: AtomicBool,
+    /// Send a heartbeat now, not at the next tick (the rank's phase changed).
+    pub beat_now: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -370,6 +372,7 @@ pub fn run(params: RankParams, first: Setup) -> Result<i32> {
         stopping: AtomicBool::new(false),
         last_rank: AtomicU32::new(u32::MAX),
         group_links: Mutex::new(Vec::new()),
+        beat_now: tokio::sync::Notify::new(),
         saving: AtomicBool::new(false),
     });
     let outcome = Arc::new(Mutex::new(None::<RankOutcome>));
