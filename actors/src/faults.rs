@@ -2,9 +2,9 @@
 //!
 //! Hidden and off unless `PHALANX_TEST_FAULT` is set, e.g.
 //! `compute-panic@40:1,loader-panic@30,control-panic@20,compute-hang@50:0,exit-at-final-barrier@30:1`:
-//! the named fault
-//! fires once per process when the rank reaches that step (and, with `:R`, only on rank R) in
-//! the job's first generation, so that a spare taking the rank over later is not hit again.
+//! the named fault fires once per process when the rank reaches that step (and, with `:R`, only
+//! on rank R) in the job's first generation, so that a spare taking the rank over later is not
+//! hit again.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
