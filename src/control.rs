@@ -114,11 +114,7 @@ pub fn service_opts(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<Servi
 
 /// 128 random bits as hex, or an error: a token is never weak because the random source failed.
 pub fn random_token() -> Result<String> {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .context("cannot read /dev/urandom for a token; set the token yourself")?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(phalanx_runtime::random::hex_secret("a job token")?)
 }
 
 /// Writes a secret readable by this user only.

@@ -63,6 +63,8 @@ pub enum RuntimeError {
     NotThisMember { member: u64 },
     #[error("job id {got:?} does not match this coordinator's job {want:?}; point the worker at its own job's coordinator")]
     WrongJob { got: String, want: String },
+    #[error("no random source for {what} ({reason}); check that /dev/urandom is readable, or set the secret yourself where a setting allows it")]
+    NoRandomSource { what: String, reason: String },
     #[error("config hash {got} differs from the job's {want}: this worker's model config or dataset is not the job's; start it with the job's config (the job's hash is the coordinator's --config-hash, else its first worker's, named in the config_hash_pinned event)")]
     ConfigMismatch { got: String, want: String },
     #[error("member {member} was fenced out of the job (now at generation {generation}); restart the process to join as a new spare")]

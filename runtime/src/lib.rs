@@ -11,6 +11,7 @@ pub mod coordinator;
 pub mod dataplane;
 pub mod error;
 pub mod ids;
+pub mod random;
 
 pub use error::RuntimeError;
 pub use ids::{Generation, Rank, Step};

@@ -969,11 +969,7 @@ pub struct Auth {
 
 /// A member's secret: 128 bits from the kernel's random source, or an error (never a weak one).
 fn new_secret() -> Result<String, Status> {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .map_err(|e| Status::unavailable(format!("no random source for a member secret: {e}")))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    crate::random::hex_secret("a member secret").map_err(|e| Status::unavailable(e.to_string()))
 }
 
 /// SHA-256 (hex) of a member secret; empty for an empty one (members of journals written before
@@ -1142,6 +1138,38 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
     Ok(shared)
 }
 
+/// Decides on every tick or wake-up. A panic in `step` ends the loop: it is logged, written as a
+/// `decision_loop_panicked` event and sent on `died`, so that the service stops instead of
+/// answering RPCs with nobody deciding.
+async fn decision_loop(
+    sh: Arc<Shared>,
+    tick: Duration,
+    died: tokio::sync::oneshot::Sender<String>,
+    step: impl Fn(&Shared, Instant),
+) {
+    let mut iv = tokio::time::interval(tick);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = iv.tick() => {}
+            _ = sh.wake.notified() => {}
+        }
+        let stepped =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(&sh, Instant::now())));
+        if let Err(p) = stepped {
+            let what = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "the decision loop panicked; stopping the coordinator");
+            sh.event("decision_loop_panicked", json!({"panic": what}));
+            let _ = died.send(what);
+            return;
+        }
+    }
+}
+
 /// Serves the coordinator on `listener` until `shutdown` resolves.
 pub async fn run(
     opts: ServiceOpts,
@@ -1152,34 +1180,12 @@ pub async fn run(
     // A coordinator whose decision loop died must not keep answering RPCs as if it decided:
     // a panic in it stops the service (the journal is on disk; a restart resumes, K-5).
     let (died_tx, died_rx) = tokio::sync::oneshot::channel::<String>();
-    let ticker = {
-        let sh = shared.clone();
-        let tick = opts.tick;
-        tokio::spawn(async move {
-            let mut iv = tokio::time::interval(tick);
-            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = iv.tick() => {}
-                    _ = sh.wake.notified() => {}
-                }
-                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    sh.step(Instant::now())
-                }));
-                if let Err(p) = stepped {
-                    let what = p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    tracing::error!(panic = %what, "the decision loop panicked; stopping the coordinator");
-                    sh.event("decision_loop_panicked", json!({"panic": what}));
-                    let _ = died_tx.send(what);
-                    return;
-                }
-            }
-        })
-    };
+    let ticker = tokio::spawn(decision_loop(
+        shared.clone(),
+        opts.tick,
+        died_tx,
+        |sh: &Shared, now| sh.step(now),
+    ));
     let died = Arc::new(Mutex::new(None::<String>));
     let died_w = died.clone();
     let shutdown = async move {
@@ -1226,4 +1232,45 @@ pub async fn run(
         url: "listener".into(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A panic in the decision loop is not silent: the loop ends, the panic is written as an
+    // event, and the service is told to stop (it then returns an error naming the panic).
+    #[tokio::test]
+    async fn a_panic_in_the_decision_loop_is_reported_and_stops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = ServiceOpts::new("job", 1);
+        opts.events = Some(dir.path().join("events.jsonl"));
+        let sh = load_shared(&opts).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = ticks.clone();
+        let lp = tokio::spawn(decision_loop(
+            sh.clone(),
+            Duration::from_millis(5),
+            tx,
+            move |_: &Shared, _| {
+                if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 3 {
+                    panic!("boom at the fourth tick");
+                }
+            },
+        ));
+        let what = tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(what, "boom at the fourth tick");
+        tokio::time::timeout(Duration::from_secs(5), lp)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ticks.load(std::sync::atomic::Ordering::SeqCst), 4);
+        let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
+        assert!(events.contains("decision_loop_panicked"), "{events}");
+        assert!(events.contains("boom at the fourth tick"), "{events}");
+    }
 }

@@ -45,14 +45,7 @@ impl std::fmt::Debug for GroupKey {
 impl GroupKey {
     /// A fresh key from the kernel's random source, or an error (never a weak key).
     pub fn random() -> Result<Self, RuntimeError> {
-        let mut b = [0u8; KEY_LEN];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-            .map_err(|e| RuntimeError::Bootstrap {
-                addr: "/dev/urandom".into(),
-                reason: format!("no random source for a group key: {e}"),
-            })?;
-        Ok(GroupKey(b))
+        Ok(GroupKey(crate::random::bytes("a group key")?))
     }
 
     /// The key the rendezvous handed out.
