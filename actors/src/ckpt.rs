@@ -12,7 +12,7 @@ use phalanx_checkpoint::Contents;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::info;
 
 pub struct CheckpointerActor;
@@ -67,9 +67,15 @@ impl Actor for CheckpointerActor {
             } => {
                 let t = Instant::now();
                 let d = dir.clone();
-                let r = tokio::task::spawn_blocking(move || model_io::write(&d, step, &contents))
-                    .await?
-                    .map_err(|e| e.to_string());
+                let slow = crate::faults::standing("slow-checkpoint").map(Duration::from_millis);
+                let r = tokio::task::spawn_blocking(move || {
+                    if let Some(pause) = slow {
+                        std::thread::sleep(pause);
+                    }
+                    model_io::write(&d, step, &contents)
+                })
+                .await?
+                .map_err(|e| e.to_string());
                 if reply.is_none() {
                     st.shared
                         .saving

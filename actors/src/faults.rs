@@ -58,3 +58,9 @@ pub fn fire(kind: &str, step: u64, rank: Option<u32>, generation: u64) -> bool {
     }
     false
 }
+
+/// A standing fault (not once): `kind@N` gives N, e.g. `slow-checkpoint@1500` makes every
+/// background checkpoint write take 1.5 s longer (a slow disk).
+pub fn standing(kind: &str) -> Option<u64> {
+    faults().iter().find(|f| f.kind == kind).map(|f| f.step)
+}
