@@ -221,4 +221,27 @@ mod tests {
         std::fs::write(j.path(), b"{ torn").unwrap();
         assert!(j.load().unwrap_err().to_string().contains("move it away"));
     }
+
+    // A drain asked for before a coordinator restart is still pending after it (journaled),
+    // and the admin's retry after the restart does not lower the target a second time.
+    #[test]
+    fn a_drain_survives_a_restart_and_its_retry_changes_nothing() {
+        let cfg = CoreConfig {
+            max_world: 4,
+            ..CoreConfig::default()
+        };
+        let t = Instant::now();
+        let mut s = crate::coordinator::testkit::job(t, 3, 0, &cfg);
+        s.drain(Rank(2), &cfg).unwrap();
+        assert_eq!(s.target_world, 2);
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::new(d.path().join("journal.json"));
+        j.save(&JournalState::of(&s)).unwrap();
+        let mut back = j.load().unwrap().unwrap().restore(t);
+        assert_eq!(back.target_world, 2);
+        let drained = back.ranks[2];
+        assert!(back.members[&drained].drain_requested);
+        back.drain(Rank(2), &cfg).unwrap();
+        assert_eq!(back.target_world, 2);
+    }
 }
