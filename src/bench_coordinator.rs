@@ -11,14 +11,15 @@ use anyhow::{bail, Context, Result};
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client::{self, ClientOpts};
 use phalanx_runtime::coordinator::core::{
-    apply, decide, CoreConfig, Decision, HeartbeatMsg, Registration, Role, State,
+    apply, decide, CoreConfig, Decision, HeartbeatMsg, Phase, Registration, Role, State,
 };
+use phalanx_runtime::events::unix_ms;
 use phalanx_runtime::ids::{Generation, Step};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -74,7 +75,7 @@ fn core_bench(n: usize, seconds: u64) -> Result<()> {
     let total_ticks = seconds as usize * ticks_per_s;
     let mut hb = HeartbeatMsg {
         generation: Generation(1),
-        phase: "training".into(),
+        phase: Phase::Training,
         ..HeartbeatMsg::default()
     };
     for tick in 0..total_ticks + 8 * ticks_per_s {
@@ -152,13 +153,6 @@ fn proc_cpu_ticks(pid: u32) -> Result<u64> {
     Ok(utime + stime)
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 struct SimHandle {
     silent: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
@@ -224,7 +218,7 @@ async fn sim_session(
                 generation,
                 step,
                 collective_seq: step,
-                phase: "training".into(),
+                phase: pb::Phase::Training as i32,
                 last_step_time_us: 100_000,
                 last_compute_time_us: 90_000,
                 ..Default::default()

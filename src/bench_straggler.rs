@@ -4,9 +4,10 @@
 //! to flag a rank capped at 25% of a core. Detection only (`evict_stragglers = false`), so that
 //! no regroup changes what is measured.
 
-use crate::report::jsonl;
+use crate::report::{events_in, metrics_in};
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use phalanx_runtime::events::{Event, FaultKind, Record};
+use phalanx_runtime::metrics::MetricLine;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -50,7 +51,7 @@ fn launch(
     dir: &Path,
     args: &[String],
     secs: u64,
-    done: &dyn Fn(&[Value]) -> bool,
+    done: &dyn Fn(&[Record]) -> bool,
 ) -> Result<PathBuf> {
     let run_dir = dir.join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -70,7 +71,7 @@ fn launch(
         if child.try_wait()?.is_some() {
             return Ok(run_dir);
         }
-        if done(&jsonl(&run_dir.join("events.jsonl"))) {
+        if done(&events_in(&run_dir)) {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -86,14 +87,17 @@ fn launch(
 fn noisy(config: &Path, dir: &Path, s: &Setting, world: usize, secs: u64) -> Result<(f64, u64)> {
     let args = job_args(world, &["--noise", "2000:10000"], s);
     let run = launch(config, dir, &args, secs, &|_| false)?;
-    let steps = jsonl(&run.join("metrics.jsonl"))
+    let steps = metrics_in(&run)
         .iter()
-        .filter_map(|m| m["step"].as_u64())
+        .filter_map(|m| match m {
+            MetricLine::Step(s) => Some(s.step),
+            _ => None,
+        })
         .max()
         .unwrap_or(0);
-    let flags = jsonl(&run.join("events.jsonl"))
+    let flags = events_in(&run)
         .iter()
-        .filter(|e| e["kind"] == "straggler_flagged")
+        .filter(|e| matches!(e.event, Event::StragglerFlagged(_)))
         .count();
     let rank_steps = steps * world as u64;
     if rank_steps == 0 {
@@ -111,28 +115,27 @@ fn quota(
 ) -> Result<(Option<u64>, Option<u64>)> {
     let slow_at = format!("100:{}", slow_rank(world));
     let args = job_args(world, &["--slow-at", &slow_at], s);
-    let flagged = |e: &[Value]| e.iter().any(|x| x["kind"] == "straggler_flagged");
+    let flagged = |e: &[Record]| {
+        e.iter()
+            .any(|x| matches!(x.event, Event::StragglerFlagged(_)))
+    };
     let run = launch(config, dir, &args, 60, &flagged)?;
-    let events = jsonl(&run.join("events.jsonl"));
-    let Some(at) = events
-        .iter()
-        .find(|e| e["fault"] == "cpu_quota")
-        .and_then(|e| e["step"].as_u64())
-    else {
+    let events = events_in(&run);
+    let Some(at) = events.iter().find_map(|e| match &e.event {
+        Event::FaultInjected(f) if f.fault == FaultKind::CpuQuota => f.step,
+        _ => None,
+    }) else {
         bail!("the quota was never applied; see {}", run.display());
     };
-    let Some(flag) = events
-        .iter()
-        .find(|e| e["kind"] == "straggler_flagged" && e["at_step"].as_u64() >= Some(at))
-    else {
+    let Some(flag) = events.iter().find_map(|e| match &e.event {
+        Event::StragglerFlagged(f) if f.at_step >= at => Some(f),
+        _ => None,
+    }) else {
         return Ok((None, None));
     };
-    let flagged = flag["at_step"].as_u64().unwrap_or(at);
-    let peers = flag["peers_mb_ms"].as_f64().unwrap_or(0.0);
-    let window: Vec<f64> = flag["recent_mb_ms"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_f64).collect())
-        .unwrap_or_default();
+    let flagged = flag.at_step;
+    let peers = flag.peers_mb_ms;
+    let window = &flag.recent_mb_ms;
     let first = (flagged + 1).saturating_sub(window.len() as u64);
     let onset = (0..window.len())
         .find(|&i| first + i as u64 >= at && window[i] > 1.75 * peers)

@@ -14,7 +14,8 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client;
-use serde_json::json;
+use phalanx_runtime::events::{Cleared, Event, FaultKind, Injected, LaunchedHost, Record};
+use phalanx_runtime::metrics::MetricLine;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -58,17 +59,14 @@ struct Worker {
     code: Option<i32>,
 }
 
-pub(crate) fn append_event(run_dir: &Path, kind: &str, fields: serde_json::Value) -> Result<()> {
-    let mut v = json!({"kind": kind, "unix_ms": unix_ms()});
-    if let (Some(o), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
-        o.extend(f);
-    }
+pub(crate) fn append_event(run_dir: &Path, event: Event) -> Result<()> {
+    let line = Record::now(event).to_line();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(run_dir.join("events.jsonl"))?;
     // One write per line: the coordinator appends to the same file.
-    f.write_all(format!("{v}\n").as_bytes())?;
+    f.write_all(format!("{line}\n").as_bytes())?;
     Ok(())
 }
 
@@ -92,12 +90,17 @@ fn inject(
         .args([format!("-{signal}"), r.pid.to_string()])
         .status()?
         .success();
-    append_event(
-        run_dir,
-        "fault_injected",
-        json!({"fault": format!("sig{}", signal.to_lowercase()), "rank": rank, "pid": r.pid,
-               "step": st.committed_step, "injected_unix_ms": t, "ok": ok}),
-    )?;
+    let kind = if signal == "STOP" {
+        FaultKind::Sigstop
+    } else {
+        FaultKind::Sigkill
+    };
+    let mut f = Injected::of(kind, ok);
+    f.rank = Some(rank);
+    f.pid = Some(r.pid);
+    f.step = Some(st.committed_step);
+    f.injected_unix_ms = t;
+    append_event(run_dir, Event::FaultInjected(f))?;
     bar.suspend(|| {
         info!(
             rank,
@@ -154,7 +157,12 @@ fn metrics_has_final(run_dir: &Path, seen: &mut u64) -> bool {
         return false;
     }
     *seen = len;
-    tail.contains("\"final\":true")
+    tail.lines().any(|l| {
+        matches!(
+            serde_json::from_str::<MetricLine>(l),
+            Ok(MetricLine::Final(_))
+        )
+    })
 }
 
 pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
@@ -293,13 +301,24 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     }
     append_event(
         &run_dir,
-        "launch",
-        json!({"nproc": a.nproc, "spares": a.spares, "threads_per_rank": threads,
-               "hosts": sim.as_ref().map(|s| (0..s.len())
-                   .map(|h| json!({"host": s.name(h), "address": s.addr(h).to_string(),
-                                   "pids": workers.iter().filter(|w| w.host == h)
-                                       .map(|w| w.child.id()).collect::<Vec<_>>()}))
-                   .collect::<Vec<_>>())}),
+        Event::Launch {
+            nproc: a.nproc,
+            spares: a.spares,
+            threads_per_rank: threads,
+            hosts: sim.as_ref().map(|s| {
+                (0..s.len())
+                    .map(|h| LaunchedHost {
+                        host: s.name(h).to_string(),
+                        address: s.addr(h).to_string(),
+                        pids: workers
+                            .iter()
+                            .filter(|w| w.host == h)
+                            .map(|w| w.child.id())
+                            .collect(),
+                    })
+                    .collect()
+            }),
+        },
     )?;
     // Operators (and `phalanx scale` / `drain` / `status`) need the address and the token: both
     // go to the run directory, the token readable by this user only.
@@ -380,8 +399,11 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                 w.code = code;
                 append_event(
                     &run_dir,
-                    "worker_exit",
-                    json!({"pid": w.child.id(), "code": code, "spare": w.spare}),
+                    Event::WorkerExit {
+                        pid: w.child.id(),
+                        code,
+                        spare: w.spare,
+                    },
                 )?;
                 if code != Some(crate::worker::EXIT_DONE)
                     && code != Some(crate::worker::EXIT_HALTED)
@@ -470,13 +492,12 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                             .find(|r| r.rank == Some(rank) && r.state == "active")
                         {
                             let dir = CpuQuota::apply(r.pid, a.slow_cpu_pct)?;
-                            append_event(
-                                &run_dir,
-                                "fault_injected",
-                                json!({"fault": "cpu_quota", "cpu_pct": a.slow_cpu_pct, "rank": rank,
-                                       "pid": r.pid, "step": st.committed_step,
-                                       "injected_unix_ms": unix_ms(), "ok": true}),
-                            )?;
+                            let mut f = Injected::of(FaultKind::CpuQuota, true);
+                            f.cpu_pct = Some(a.slow_cpu_pct);
+                            f.rank = Some(rank);
+                            f.pid = Some(r.pid);
+                            f.step = Some(st.committed_step);
+                            append_event(&run_dir, Event::FaultInjected(f))?;
                             pb_bar.suspend(|| {
                                 info!(
                                     rank,
@@ -495,9 +516,13 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                         *lifted = true;
                         append_event(
                             &run_dir,
-                            "fault_cleared",
-                            json!({"fault": "cpu_quota", "step": st.committed_step,
-                                   "cleared_unix_ms": unix_ms()}),
+                            Event::FaultCleared(Cleared {
+                                fault: FaultKind::CpuQuota,
+                                pid: None,
+                                host: None,
+                                step: Some(st.committed_step),
+                                cleared_unix_ms: Some(unix_ms()),
+                            }),
                         )?;
                         pb_bar.suspend(|| info!(step = st.committed_step, "CPU quota lifted"));
                     }
@@ -534,8 +559,13 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                     .status();
                 append_event(
                     &run_dir,
-                    "fault_cleared",
-                    json!({"fault": "sigstop", "pid": pid}),
+                    Event::FaultCleared(Cleared {
+                        fault: FaultKind::Sigstop,
+                        pid: Some(pid),
+                        host: None,
+                        step: None,
+                        cleared_unix_ms: Some(unix_ms()),
+                    }),
                 )?;
                 stopped = None;
                 stop_done = true;

@@ -6,7 +6,7 @@ use crate::launch::append_event;
 use crate::run_dir::unix_ms;
 use anyhow::{bail, Context, Result};
 use phalanx_proto::pb;
-use serde_json::json;
+use phalanx_runtime::events::{Cleared, Event, FaultKind, Injected};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -132,14 +132,13 @@ impl HostFaults {
                     hosts.cut_off(host)?;
                     self.cut = Some((host, Instant::now() + for_));
                     let on: Vec<u32> = on_host(hosts, host, pids);
-                    append_event(
-                        run_dir,
-                        "fault_injected",
-                        json!({"fault": "host_partition", "host": hosts.name(host),
-                               "pids": on, "ranks": ranks_of(st, &on), "step": st.committed_step,
-                               "for_ms": for_.as_millis() as u64,
-                               "injected_unix_ms": unix_ms(), "ok": true}),
-                    )?;
+                    let mut f = Injected::of(FaultKind::HostPartition, true);
+                    f.host = Some(hosts.name(host).to_string());
+                    f.ranks = ranks_of(st, &on);
+                    f.pids = on;
+                    f.step = Some(st.committed_step);
+                    f.for_ms = Some(for_.as_millis() as u64);
+                    append_event(run_dir, Event::FaultInjected(f))?;
                     info!(host = hosts.name(host), "injected: host cut off");
                 }
             }
@@ -155,9 +154,13 @@ impl HostFaults {
                 self.cut = None;
                 append_event(
                     run_dir,
-                    "fault_cleared",
-                    json!({"fault": "host_partition", "host": hosts.name(host),
-                           "cleared_unix_ms": unix_ms()}),
+                    Event::FaultCleared(Cleared {
+                        fault: FaultKind::HostPartition,
+                        pid: None,
+                        host: Some(hosts.name(host).to_string()),
+                        step: None,
+                        cleared_unix_ms: Some(unix_ms()),
+                    }),
                 )?;
                 info!(host = hosts.name(host), "host reconnected");
             }
@@ -196,13 +199,12 @@ fn kill_host(
         cmd.arg(p.to_string());
     }
     let ok = !on.is_empty() && cmd.status().is_ok_and(|s| s.success());
-    append_event(
-        run_dir,
-        "fault_injected",
-        json!({"fault": "host_lost", "host": hosts.name(host), "pids": on,
-               "ranks": ranks_of(st, &on), "step": st.committed_step,
-               "injected_unix_ms": unix_ms(), "ok": ok}),
-    )?;
+    let mut f = Injected::of(FaultKind::HostLost, ok);
+    f.host = Some(hosts.name(host).to_string());
+    f.ranks = ranks_of(st, &on);
+    f.pids = on.clone();
+    f.step = Some(st.committed_step);
+    append_event(run_dir, Event::FaultInjected(f))?;
     info!(
         host = hosts.name(host),
         processes = on.len(),

@@ -4,7 +4,7 @@
 
 use crate::run_dir::unix_ms;
 use anyhow::{bail, Context, Result};
-use serde_json::json;
+use phalanx_runtime::events::{Event, FaultKind, Injected};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,8 +63,8 @@ impl Noise {
     }
 }
 
-fn event(run_dir: &Path, kind: &str, fields: serde_json::Value) {
-    if let Err(e) = crate::launch::append_event(run_dir, kind, fields) {
+fn event(run_dir: &Path, event: Event) {
+    if let Err(e) = crate::launch::append_event(run_dir, event) {
         tracing::warn!(error = %e, "cannot write events.jsonl");
     }
 }
@@ -102,8 +102,11 @@ pub fn start_noise(
             let _ = child.wait();
             event(
                 &run_dir,
-                "noise_burst",
-                json!({"from_unix_ms": from, "to_unix_ms": unix_ms(), "pid": child.id()}),
+                Event::NoiseBurst {
+                    from_unix_ms: from,
+                    to_unix_ms: unix_ms(),
+                    pid: child.id(),
+                },
             );
         }
     };
@@ -119,11 +122,9 @@ pub fn restart_spare(run_dir: &Path, pid: u32) -> Result<bool> {
         .args(["-KILL", &pid.to_string()])
         .status()?
         .success();
-    event(
-        run_dir,
-        "fault_injected",
-        json!({"fault": "spare_restart", "pid": pid, "injected_unix_ms": unix_ms(), "ok": ok}),
-    );
+    let mut f = Injected::of(FaultKind::SpareRestart, ok);
+    f.pid = Some(pid);
+    event(run_dir, Event::FaultInjected(f));
     Ok(ok)
 }
 

@@ -2,18 +2,31 @@
 //! detection time, recovery time (fault -> next committed step) and lost steps; ETTR.
 
 use anyhow::Result;
+use phalanx_runtime::coordinator::core::StragglerAct;
+use phalanx_runtime::events::{self, Cause, Event, FaultKind, Record};
+use phalanx_runtime::metrics::{self, FinalLine, MetricLine, StepLine};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-/// The lines of a JSON-lines file that parse (a torn last line is skipped).
-pub(crate) fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+/// The records of a run directory's event log that parse.
+pub(crate) fn events_in(run_dir: &Path) -> Vec<Record> {
+    let text = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap_or_default();
+    events::read(&text).0
+}
+
+/// The lines of a run directory's metrics log that parse.
+pub(crate) fn metrics_in(run_dir: &Path) -> Vec<MetricLine> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default();
+    metrics::read(&text).0
+}
+
+fn final_line(metrics: &[MetricLine]) -> Option<&FinalLine> {
+    metrics.iter().find_map(|m| match m {
+        MetricLine::Final(f) => Some(f),
+        _ => None,
+    })
 }
 
 /// The report of a finished or stopped run directory, without the launcher that ran it: the
@@ -26,185 +39,176 @@ pub fn from_run_dir(run_dir: &Path) -> Result<Value> {
             run_dir.display()
         );
     }
-    let metrics = jsonl(&path);
+    let metrics = metrics_in(run_dir);
     let times: Vec<u64> = metrics
         .iter()
-        .filter_map(|m| m["unix_ms"].as_u64())
+        .filter_map(|m| match m {
+            MetricLine::Step(s) => s.unix_ms,
+            MetricLine::Final(f) => Some(f.unix_ms),
+            MetricLine::Rollback(r) => Some(r.unix_ms),
+        })
         .collect();
     let wall = match (times.iter().min(), times.iter().max()) {
         (Some(a), Some(b)) => Duration::from_millis(b - a),
         _ => Duration::ZERO,
     };
-    let fin = metrics.iter().find(|m| m["final"] == true);
-    let (status, max_steps) = match fin.and_then(|m| m["step"].as_u64()) {
-        Some(s) => ("completed", s),
+    let (status, max_steps) = match final_line(&metrics) {
+        Some(f) => ("completed", f.step),
         None => (
             "incomplete",
             metrics
                 .iter()
-                .filter_map(|m| m["step"].as_u64())
+                .filter_map(|m| match m {
+                    MetricLine::Step(s) => Some(s.step),
+                    _ => None,
+                })
                 .max()
                 .map_or(0, |s| s + 1),
         ),
     };
-    let events = jsonl(&run_dir.join("events.jsonl"));
-    summarize(run_dir, &metrics, &events, wall, status, max_steps)
+    build(run_dir, wall, status, max_steps)
 }
 
 pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Result<Value> {
-    let metrics = jsonl(&run_dir.join("metrics.jsonl"));
-    let events = jsonl(&run_dir.join("events.jsonl"));
-    summarize(run_dir, &metrics, &events, wall, status, max_steps)
+    let metrics = metrics_in(run_dir);
+    let text = std::fs::read_to_string(run_dir.join("events.jsonl")).unwrap_or_default();
+    let (events, unreadable) = events::read(&text);
+    let mut r = summarize(run_dir, &metrics, &events, wall, status, max_steps)?;
+    r["unreadable_event_lines"] = json!(unreadable);
+    Ok(r)
 }
 
-fn summarize(
-    run_dir: &Path,
-    metrics: &[Value],
-    events: &[Value],
-    wall: Duration,
-    status: &str,
-    max_steps: u64,
-) -> Result<Value> {
-    // A step redone after a failure may appear twice; the last commit of a step counts.
-    let mut steps: BTreeMap<u64, &Value> = BTreeMap::new();
-    let mut final_line = None;
+/// The last commit of each step (a step redone after a failure may appear twice; a restated
+/// commit, D-4, only fills a step nobody recorded).
+fn last_commits(metrics: &[MetricLine]) -> BTreeMap<u64, &StepLine> {
+    let mut steps: BTreeMap<u64, &StepLine> = BTreeMap::new();
     for m in metrics {
-        if m["final"] == true {
-            final_line = Some(m);
-        } else if m["rollback"] == true {
-            // A rollback is not a commit; the steps it undid are committed again after it.
-        } else if let Some(s) = m["step"].as_u64() {
-            // A restated commit (D-1) carries only the ledger's fields.
-            if m["restated"] != true || !steps.contains_key(&s) {
-                steps.insert(s, m);
+        if let MetricLine::Step(s) = m {
+            if !s.restated || !steps.contains_key(&s.step) {
+                steps.insert(s.step, s);
             }
         }
     }
-    let productive_ms: f64 = steps.values().filter_map(|m| m["step_ms"].as_f64()).sum();
-    let mut tps: Vec<f64> = steps
-        .values()
-        .filter_map(|m| m["tokens_per_s"].as_f64())
-        .collect();
-    tps.sort_by(f64::total_cmp);
-    let injected: Vec<&Value> = events
+    steps
+}
+
+/// Every rank failure before the end, with its detection time, recovery time (fault -> next
+/// committed step) and lost steps.
+fn faults(
+    steps: &BTreeMap<u64, &StepLine>,
+    events: &[Record],
+    ended_at: Option<u64>,
+) -> Vec<Value> {
+    let injected: Vec<u64> = events
         .iter()
-        .filter(|e| e["kind"] == "fault_injected" && e["fault"] != "cpu_quota")
+        .filter_map(|e| match &e.event {
+            Event::FaultInjected(f) if f.fault != FaultKind::CpuQuota => Some(f.injected_unix_ms),
+            _ => None,
+        })
         .collect();
-    let mut faults = Vec::new();
     // Once the final model is saved the job is over: processes that leave after it (a joiner
     // still healing, a spare stopped by the launcher) cost no step and are no fault of the run.
-    let ended_at = final_line.and_then(|f| f["unix_ms"].as_u64());
-    for (i, e) in events
-        .iter()
-        .filter(|e| e["kind"] == "rank_failed")
-        .filter(|e| ended_at.is_none_or(|end| e["unix_ms"].as_u64().is_some_and(|t| t <= end)))
-        .enumerate()
-    {
-        let detected = e["unix_ms"].as_u64().unwrap_or(0);
-        let gen = e["generation"].as_u64().unwrap_or(0);
+    let failed = events.iter().filter_map(|e| match &e.event {
+        Event::RankFailed(f) if ended_at.is_none_or(|end| e.unix_ms <= end) => Some((e.unix_ms, f)),
+        _ => None,
+    });
+    let mut out = Vec::new();
+    for (i, (detected, e)) in failed.enumerate() {
+        let gen = e.generation.0;
         // The fault happened when it was injected, if it was; else detect_ms before detection.
         let fault_at = injected
             .get(i)
-            .and_then(|x| x["injected_unix_ms"].as_u64())
+            .copied()
             .filter(|&t| t <= detected)
-            .unwrap_or_else(|| {
-                detected.saturating_sub(e["detect_ms"].as_f64().unwrap_or(0.0) as u64)
-            });
+            .unwrap_or_else(|| detected.saturating_sub(e.detect_ms.unwrap_or(0.0) as u64));
         let before = steps
             .values()
-            .filter(|m| m["generation"].as_u64() == Some(gen))
-            .filter_map(|m| m["step"].as_u64())
+            .filter(|m| m.generation == gen)
+            .map(|m| m.step)
             .max();
         let after = steps
             .values()
-            .filter(|m| m["generation"].as_u64().is_some_and(|g| g > gen))
-            .min_by_key(|m| m["unix_ms"].as_u64().unwrap_or(u64::MAX));
+            .filter(|m| m.generation > gen)
+            .min_by_key(|m| m.unix_ms.unwrap_or(u64::MAX));
         let recovery_ms = after
-            .and_then(|m| m["unix_ms"].as_u64())
+            .and_then(|m| m.unix_ms)
             .map(|t| t.saturating_sub(fault_at));
-        let first_after = after.and_then(|m| m["step"].as_u64());
+        let first_after = after.map(|m| m.step);
         // Committed steps that had to be computed again (0 when only the step in flight was lost).
         let lost = match (before, first_after) {
             (Some(b), Some(f)) => (b + 1).saturating_sub(f),
             _ => 0,
         };
-        faults.push(json!({
-            "rank": e["rank"], "member": e["member"], "pid": e["pid"], "cause": e["cause"],
-            "reason": e["reason"], "generation": gen,
+        out.push(json!({
+            "rank": e.rank, "member": e.member, "pid": e.pid, "cause": e.cause,
+            "reason": e.reason, "generation": gen,
             "detection_ms": detected.saturating_sub(fault_at),
             "recovery_ms": recovery_ms,
             "last_step_before": before, "first_step_after": first_after,
             "lost_steps": lost, "in_flight_step_redone": true,
-            "world_after": after.and_then(|m| m["world_size"].as_u64()),
+            "world_after": after.map(|m| m.world_size),
         }));
     }
+    out
+}
+
+fn summarize(
+    run_dir: &Path,
+    metrics: &[MetricLine],
+    events: &[Record],
+    wall: Duration,
+    status: &str,
+    max_steps: u64,
+) -> Result<Value> {
+    let steps = last_commits(metrics);
+    let final_line = final_line(metrics);
+    let productive_ms: f64 = steps.values().filter_map(|m| m.step_ms).sum();
+    let mut tps: Vec<f64> = steps.values().filter_map(|m| m.tokens_per_s).collect();
+    tps.sort_by(f64::total_cmp);
+    let faults = faults(&steps, events, final_line.map(|f| f.unix_ms));
     // T-2, T-4: steps with a non-finite loss or gradient, the ranks that had it, and what was
     // done: the step skipped, or every rank rolled back to the last checkpoint.
     let mut numerics: Vec<Value> = steps
         .values()
-        .filter(|m| m["skipped"] == true)
-        .map(|m| json!({"step": m["step"], "ranks": m["nonfinite_ranks"], "action": "skipped"}))
+        .filter(|m| m.skipped)
+        .map(|m| json!({"step": m.step, "ranks": m.nonfinite_ranks, "action": "skipped"}))
         .collect();
-    numerics.extend(metrics.iter().filter(|m| m["rollback"] == true).map(|m| {
-        json!({"step": m["step"], "ranks": m["nonfinite_ranks"], "action": "rolled back",
-               "to_step": m["to_step"]})
+    numerics.extend(metrics.iter().filter_map(|m| match m {
+        MetricLine::Rollback(r) => Some(json!({"step": r.step, "ranks": r.nonfinite_ranks,
+                                               "action": "rolled back", "to_step": r.to_step})),
+        _ => None,
     }));
     numerics.sort_by_key(|n| n["step"].as_u64());
     // Replica checks that found ranks differing from the majority (healed from it).
     let sdc: Vec<Value> = steps
         .values()
-        .filter(|m| m["replica_mismatch"].as_array().is_some_and(|a| !a.is_empty()))
-        .map(|m| json!({"step": m["step"], "ranks": m["replica_mismatch"], "action": "healed from the majority"}))
+        .filter(|m| !m.replica_mismatch.is_empty())
+        .map(|m| json!({"step": m.step, "ranks": m.replica_mismatch, "action": "healed from the majority"}))
         .collect();
-    // K-7, K-8: straggler flags, and what was done about them (replaced, or the global batch
-    // rebalanced away from them and evened out again).
     let stragglers: Vec<Value> = events
         .iter()
-        .filter_map(|e| match e["kind"].as_str() {
-            Some("straggler_flagged") => Some(json!({
-                "event": "flagged", "member": e["member"], "at_step": e["at_step"],
-                "mb_ms": e["mb_ms"], "peers_mb_ms": e["peers_mb_ms"], "window_mb_ms": e["window_mb_ms"],
-            })),
-            Some("straggler_cleared") => Some(json!({
-                "event": "cleared", "member": e["member"], "mb_ms": e["mb_ms"],
-                "peers_mb_ms": e["peers_mb_ms"],
-            })),
-            Some("rank_removed") if e["cause"] == "straggler" => Some(json!({
-                "event": "evicted", "member": e["member"], "rank": e["rank"], "reason": e["reason"],
-            })),
-            Some("generation")
-                if e["reason"].as_str().is_some_and(|r| {
-                    r.contains("rebalance:") || r.contains("split evenly again")
-                }) =>
-            {
-                Some(json!({
-                    "event": if e["shares"].as_array().is_some_and(|a| !a.is_empty()) { "rebalanced" } else { "evened_out" },
-                    "generation": e["generation"], "resume_step": e["resume_step"],
-                    "shares": e["shares"], "reason": e["reason"],
-                }))
-            }
-            _ => None,
-        })
+        .filter_map(|e| straggler_line(&e.event))
         .collect();
-    let ledger = ledger(metrics, events);
+    let ledger = ledger(metrics, &resume_steps(events));
     let last = steps.values().next_back();
-    let halt_reason = events
-        .iter()
-        .find(|e| e["kind"] == "halt")
-        .map(|e| e["reason"].clone());
+    let halt_reason = events.iter().find_map(|e| match &e.event {
+        Event::Halt { reason, .. } => Some(reason.clone()),
+        _ => None,
+    });
     Ok(json!({
         "status": status,
         "halt_reason": halt_reason,
         "steps": steps.keys().next_back().map_or(0, |s| s + 1),
         "max_steps": max_steps,
-        "final_train_loss": last.and_then(|m| m["loss"].as_f64()),
-        "final_val_loss": final_line.and_then(|m| m["val_loss"].as_f64()),
+        "final_train_loss": last.and_then(|m| m.loss),
+        "final_val_loss": final_line.and_then(|m| m.val_loss),
+        "peer_lost_at_end": final_line.and_then(|m| m.peer_lost_at_end.clone()),
         "tokens_per_s": tps.get(tps.len() / 2).copied(),
         "wall_s": wall.as_secs_f64(),
         "productive_s": productive_ms / 1e3,
         "ettr": productive_ms / 1e3 / wall.as_secs_f64().max(1e-9),
-        "world_size_final": last.and_then(|m| m["world_size"].as_u64()),
-        "generation_final": last.and_then(|m| m["generation"].as_u64()),
+        "world_size_final": last.map(|m| m.world_size),
+        "generation_final": last.map(|m| m.generation),
         "faults": faults,
         "numerics": numerics,
         "replica_mismatches": sdc,
@@ -214,7 +218,51 @@ fn summarize(
     }))
 }
 
-/// D-1, the sample ledger: from rank 0's commit lines (step, generation, the step's sample
+/// K-7, K-8: a straggler flag, and what was done about it (replaced, or the global batch
+/// rebalanced away from it and evened out again), read from the events' types.
+fn straggler_line(e: &Event) -> Option<Value> {
+    match e {
+        Event::StragglerFlagged(f) => Some(json!({
+            "event": "flagged", "member": f.member, "at_step": f.at_step,
+            "mb_ms": f.mb_ms, "peers_mb_ms": f.peers_mb_ms, "window_mb_ms": f.window_mb_ms,
+        })),
+        Event::StragglerCleared {
+            member,
+            mb_ms,
+            peers_mb_ms,
+        } => Some(json!({
+            "event": "cleared", "member": member, "mb_ms": mb_ms, "peers_mb_ms": peers_mb_ms,
+        })),
+        Event::RankRemoved(r) if r.cause == Cause::Straggler => Some(json!({
+            "event": "evicted", "member": r.member, "rank": r.rank, "reason": r.reason,
+        })),
+        Event::Generation(g) => {
+            let event = match g.straggler? {
+                StragglerAct::Rebalanced(_) => "rebalanced",
+                StragglerAct::EvenedOut => "evened_out",
+                StragglerAct::Evicted(_) => return None,
+            };
+            Some(json!({
+                "event": event, "generation": g.generation, "resume_step": g.resume_step,
+                "shares": g.shares, "reason": g.reason,
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// The step each generation resumed at.
+fn resume_steps(events: &[Record]) -> BTreeMap<u64, u64> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::Generation(g) => Some((g.generation.0, g.resume_step.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// D-4, the sample ledger: from rank 0's commit lines (step, generation, the step's sample
 /// positions in its epoch, every rank's share of micro-batches) and the coordinator's
 /// generations (the step each resumed at), whether every committed step's samples were
 /// consumed exactly once by the lineage of the final model.
@@ -223,12 +271,7 @@ fn summarize(
 /// ranks that held the first commit were all lost, so the final model saw its samples once.
 /// Committed again without such a resume, it is repeated. A step whose shares do not tile the
 /// global batch, or whose positions overlap another step's in the same epoch, is a violation.
-fn ledger(metrics: &[Value], events: &[Value]) -> Value {
-    let resume: BTreeMap<u64, u64> = events
-        .iter()
-        .filter(|e| e["kind"] == "generation")
-        .filter_map(|e| Some((e["generation"].as_u64()?, e["resume_step"].as_u64()?)))
-        .collect();
+fn ledger(metrics: &[MetricLine], resume: &BTreeMap<u64, u64>) -> Value {
     let mut committed: BTreeMap<u64, (u64, u64, [u64; 2])> = BTreeMap::new();
     let (mut redone, mut repeated, mut bad_shares) = (Vec::new(), Vec::new(), Vec::new());
     let mut micro_batches = None;
@@ -237,31 +280,22 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
     let mut line_of: BTreeMap<u64, usize> = BTreeMap::new();
     let mut rollbacks: Vec<(usize, u64)> = Vec::new();
     let mut restated: BTreeMap<u64, (u64, u64, [u64; 2])> = BTreeMap::new();
-    for (i, m) in metrics
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| m["final"] != true)
-    {
-        if m["rollback"] == true {
-            if let Some(to) = m["to_step"].as_u64() {
-                rollbacks.push((i, to));
+    for (i, m) in metrics.iter().enumerate() {
+        let m = match m {
+            MetricLine::Rollback(r) => {
+                rollbacks.push((i, r.to_step));
+                continue;
             }
-            continue;
-        }
-        let (Some(k), Some(g)) = (m["step"].as_u64(), m["generation"].as_u64()) else {
+            MetricLine::Final(_) => continue,
+            MetricLine::Step(s) => s,
+        };
+        let (k, g) = (m.step, m.generation);
+        let (Some(epoch), Some(pos)) = (m.epoch, m.positions) else {
             continue;
         };
-        let (Some(epoch), Some(pos)) = (
-            m["epoch"].as_u64(),
-            m["positions"]
-                .as_array()
-                .and_then(|p| Some([p.first()?.as_u64()?, p.get(1)?.as_u64()?])),
-        ) else {
-            continue;
-        };
-        // A commit restated by the next rank 0 (D-1) only fills a step nobody recorded: if
+        // A commit restated by the next rank 0 (D-4) only fills a step nobody recorded: if
         // the step is recorded, it is that commit or a later redo of it.
-        if m["restated"] == true && committed.contains_key(&k) {
+        if m.restated && committed.contains_key(&k) {
             continue;
         }
         // The original of a commit restated before it: a rank 0 that was stopped, fenced and
@@ -283,12 +317,7 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
             }
         }
         // The shares must tile 0..micro-batches, in rank order, without gap or overlap.
-        let shares: Vec<[u64; 2]> = m["shares"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| Some([s.get(0)?.as_u64()?, s.get(1)?.as_u64()?]))
-            .collect();
+        let shares = &m.shares;
         let tiles = !shares.is_empty()
             && shares[0][0] == 0
             && shares
@@ -301,7 +330,7 @@ fn ledger(metrics: &[Value], events: &[Value]) -> Value {
         micro_batches = micro_batches.or(end);
         committed.insert(k, (g, epoch, pos));
         line_of.insert(k, i);
-        if m["restated"] == true {
+        if m.restated {
             restated.insert(k, (g, epoch, pos));
         } else {
             restated.remove(&k);
@@ -423,77 +452,99 @@ pub fn print(r: &Value) {
 #[cfg(test)]
 mod tests {
     use super::ledger;
-    use serde_json::{json, Value};
+    use phalanx_runtime::metrics::{MetricLine, RollbackLine, StepLine};
+    use serde_json::json;
+    use std::collections::BTreeMap;
 
-    fn commit(step: u64, gen: u64, world: u64) -> Value {
+    fn line(step: u64, gen: u64, world: u64) -> StepLine {
         // 4 micro-batches of 4 samples per step, 10 steps per epoch.
-        let shares: Vec<[u64; 2]> = (0..world)
-            .map(|r| [r * 4 / world, (r + 1) * 4 / world])
-            .collect();
-        json!({"step": step, "generation": gen, "epoch": step / 10,
-               "positions": [(step % 10) * 16, (step % 10 + 1) * 16], "shares": shares})
+        StepLine {
+            step,
+            generation: gen,
+            world_size: world as usize,
+            epoch: Some(step / 10),
+            positions: Some([(step % 10) * 16, (step % 10 + 1) * 16]),
+            shares: (0..world)
+                .map(|r| [r * 4 / world, (r + 1) * 4 / world])
+                .collect(),
+            ..StepLine::default()
+        }
     }
 
-    fn generation(gen: u64, resume: u64) -> Value {
-        json!({"kind": "generation", "generation": gen, "resume_step": resume})
+    fn commit(step: u64, gen: u64, world: u64) -> MetricLine {
+        MetricLine::Step(line(step, gen, world))
     }
 
-    // D-1: a step redone after its first commit was lost is consumed once; across a resize the
+    /// The step each generation resumed at.
+    fn resumed(at: &[(u64, u64)]) -> BTreeMap<u64, u64> {
+        at.iter().copied().collect()
+    }
+
+    // D-4: a step redone after its first commit was lost is consumed once; across a resize the
     // shares still tile the global batch; across the epoch boundary positions start again.
     #[test]
     fn ledger_accepts_redone_steps_and_resizes() {
-        let mut m: Vec<Value> = (0..6).map(|k| commit(k, 1, 4)).collect();
+        let mut m: Vec<MetricLine> = (0..6).map(|k| commit(k, 1, 4)).collect();
         m.extend((5..14).map(|k| commit(k, 2, 3)));
-        let l = ledger(&m, &[generation(1, 0), generation(2, 5)]);
+        let l = ledger(&m, &resumed(&[(1, 0), (2, 5)]));
         assert_eq!(l["exactly_once"], true, "{l}");
         assert_eq!(l["redone_steps"], json!([5]));
         assert_eq!(l["samples"], 14 * 16);
     }
 
-    // T-4 + D-1: steps undone by a rollback and trained again are consumed once by the final
+    // T-4 + D-4: steps undone by a rollback and trained again are consumed once by the final
     // model; a step committed twice with no rollback past it is still repeated.
     #[test]
     fn ledger_accepts_steps_redone_after_a_rollback() {
-        let mut m: Vec<Value> = (0..8).map(|k| commit(k, 1, 2)).collect();
-        m.push(json!({"step": 8, "generation": 1, "rollback": true, "to_step": 5}));
+        let mut m: Vec<MetricLine> = (0..8).map(|k| commit(k, 1, 2)).collect();
+        m.push(MetricLine::Rollback(RollbackLine {
+            rollback: true,
+            step: 8,
+            generation: 1,
+            to_step: 5,
+            nonfinite_ranks: vec![1],
+            unix_ms: 0,
+        }));
         m.extend((5..12).map(|k| commit(k, 1, 2)));
-        let l = ledger(&m, &[generation(1, 0)]);
+        let l = ledger(&m, &resumed(&[(1, 0)]));
         assert_eq!(l["exactly_once"], true, "{l}");
         assert_eq!(l["redone_steps"], json!([5, 6, 7]));
         m.push(commit(3, 1, 2));
-        let l = ledger(&m, &[generation(1, 0)]);
+        let l = ledger(&m, &resumed(&[(1, 0)]));
         assert_eq!(l["repeated_steps"], json!([3]), "{l}");
     }
 
-    // D-1: rank 0 stopped after a step's allreduce, fenced, and woken records that step after
+    // D-4: rank 0 stopped after a step's allreduce, fenced, and woken records that step after
     // the next rank 0 restated it; the late original is the same commit, not a repeat. The
     // same line twice more is still a repeat.
     #[test]
     fn a_late_original_of_a_restated_commit_is_one_commit() {
-        let mut m: Vec<Value> = (0..30).map(|k| commit(k, 1, 2)).collect();
-        let mut restated = commit(30, 1, 2);
-        restated["restated"] = json!(true);
-        m.push(restated);
+        let mut m: Vec<MetricLine> = (0..30).map(|k| commit(k, 1, 2)).collect();
+        m.push(MetricLine::Step(StepLine {
+            restated: true,
+            ..line(30, 1, 2)
+        }));
         m.extend((31..40).map(|k| commit(k, 2, 1)));
         m.push(commit(30, 1, 2));
-        let l = ledger(&m, &[generation(1, 0), generation(2, 31)]);
+        let l = ledger(&m, &resumed(&[(1, 0), (2, 31)]));
         assert_eq!(l["exactly_once"], true, "{l}");
         m.push(commit(30, 1, 2));
-        let l = ledger(&m, &[generation(1, 0), generation(2, 31)]);
+        let l = ledger(&m, &resumed(&[(1, 0), (2, 31)]));
         assert_eq!(l["repeated_steps"], json!([30]), "{l}");
     }
 
-    // D-1 violations are named: a step committed twice without a resume before it, a step
+    // D-4 violations are named: a step committed twice without a resume before it, a step
     // missing, and shares that leave a micro-batch out.
     #[test]
     fn ledger_names_repeated_missing_and_partial_steps() {
-        let mut m: Vec<Value> = (0..6).map(|k| commit(k, 1, 2)).collect();
+        let mut m: Vec<MetricLine> = (0..6).map(|k| commit(k, 1, 2)).collect();
         m.push(commit(4, 2, 2));
         m.push(commit(7, 2, 2));
-        let mut bad = commit(8, 2, 2);
-        bad["shares"] = json!([[0, 1], [2, 4]]);
-        m.push(bad);
-        let l = ledger(&m, &[generation(1, 0), generation(2, 6)]);
+        m.push(MetricLine::Step(StepLine {
+            shares: vec![[0, 1], [2, 4]],
+            ..line(8, 2, 2)
+        }));
+        let l = ledger(&m, &resumed(&[(1, 0), (2, 6)]));
         assert_eq!(l["exactly_once"], false);
         assert_eq!(l["repeated_steps"], json!([4]));
         assert_eq!(l["missing_steps"], json!([6]));

@@ -1,11 +1,11 @@
 //! The run directory: metrics.jsonl, events.jsonl and report.json.
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 pub struct RunDir {
     pub dir: PathBuf,
@@ -14,12 +14,9 @@ pub struct RunDir {
     start: Instant,
 }
 
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use phalanx_runtime::events::unix_ms;
+use phalanx_runtime::events::{Event, Record};
+use phalanx_runtime::metrics::MetricLine;
 
 impl RunDir {
     pub fn create(dir: &Path) -> Result<Self> {
@@ -39,23 +36,17 @@ impl RunDir {
         })
     }
 
-    pub fn metric(&mut self, v: Value) -> Result<()> {
-        serde_json::to_writer(&mut self.metrics, &v)?;
+    pub fn metric(&mut self, line: &MetricLine) -> Result<()> {
+        self.metrics.write_all(line.to_line().as_bytes())?;
         self.metrics.write_all(b"\n")?;
         Ok(())
     }
 
     /// One event line: its kind, wall-clock and run-relative time, and `fields`.
-    pub fn event(&mut self, kind: &str, fields: Value) -> Result<()> {
-        let mut v = json!({
-            "kind": kind,
-            "unix_ms": unix_ms(),
-            "t_ms": self.start.elapsed().as_millis() as u64,
-        });
-        if let (Some(o), Value::Object(f)) = (v.as_object_mut(), fields) {
-            o.extend(f);
-        }
-        serde_json::to_writer(&mut self.events, &v)?;
+    pub fn event(&mut self, event: Event) -> Result<()> {
+        let mut r = Record::now(event);
+        r.t_ms = Some(self.start.elapsed().as_millis() as u64);
+        self.events.write_all(r.to_line().as_bytes())?;
         self.events.write_all(b"\n")?;
         self.events.flush()?;
         Ok(())

@@ -137,7 +137,11 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
                 _ = hb.tick() => {
                     let m = pb::RankMessage { msg: Some(pb::rank_message::Msg::Heartbeat(pb::Heartbeat {
                         generation, step, collective_seq: step,
-                        phase: if assigned { "training" } else { "idle" }.into(),
+                        phase: if assigned {
+                            pb::Phase::Training
+                        } else {
+                            pb::Phase::Idle
+                        } as i32,
                         last_step_time_us: (a.step_ms * 1000) as u32,
                         last_compute_time_us: (a.step_ms * 1000) as u32,
                         loss: 0.0, stats: None, recent: Vec::new(), links: Vec::new(),

@@ -11,6 +11,8 @@ use phalanx_model::gpt::Gpt;
 use phalanx_model::optim::lr_at;
 use phalanx_model::sampler::Sampler;
 use phalanx_model::trainer::{Trainer, Windows};
+use phalanx_runtime::events::Event;
+use phalanx_runtime::metrics::{MetricLine, StepLine};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -108,12 +110,13 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         "training {} steps",
         cfg.train.max_steps
     );
-    rd.event(
-        "run_started",
-        json!({"world_size": 1, "params": trainer.model.num_params(),
-               "device": device_name(device), "threads": threads,
-               "max_steps": cfg.train.max_steps}),
-    )?;
+    rd.event(Event::RunStarted {
+        world_size: 1,
+        params: trainer.model.num_params(),
+        device: device_name(device),
+        threads,
+        max_steps: cfg.train.max_steps,
+    })?;
 
     let pb = if progress {
         ProgressBar::new(cfg.train.max_steps)
@@ -146,7 +149,7 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
             if let Some(v) = eval(&trainer) {
                 last_val = Some(v);
                 pb.suspend(|| info!(step, val_loss = format!("{v:.4}"), "validation"));
-                rd.event("eval", json!({"step": step, "val_loss": v}))?;
+                rd.event(Event::Eval { step, val_loss: v })?;
             }
         }
         let lr = lr_at(&cfg.optim, step);
@@ -171,11 +174,11 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
             skipped += 1;
             trainer.step += 1;
             warn!(step, loss, "non-finite loss or gradient: step skipped");
-            rd.event(
-                "step_skipped",
-                json!({"step": step, "loss": loss.to_string(),
-                "reason": "non-finite loss or gradient"}),
-            )?;
+            rd.event(Event::StepSkipped {
+                step,
+                loss: loss.to_string(),
+                reason: "non-finite loss or gradient".into(),
+            })?;
             if skipped >= 10 {
                 anyhow::bail!(
                     "{skipped} steps had non-finite gradients; lower optim.lr or check the data"
@@ -187,10 +190,17 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         let secs = dt.as_secs_f64();
         step_secs.push(secs);
         let tps = tokens_per_step / secs;
-        rd.metric(json!({
-            "step": step, "loss": loss, "lr": lr, "tokens_per_s": tps,
-            "step_ms": secs * 1e3, "grad_norm": grad_norm,
-            "world_size": 1, "generation": 0,
+        rd.metric(&MetricLine::Step(StepLine {
+            step,
+            generation: 0,
+            world_size: 1,
+            unix_ms: Some(phalanx_runtime::events::unix_ms()),
+            loss: Some(loss),
+            lr: Some(lr),
+            tokens_per_s: Some(tps),
+            step_ms: Some(secs * 1e3),
+            grad_norm: Some(grad_norm),
+            ..StepLine::default()
         }))?;
         pb.set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
         pb.inc(1);
@@ -210,11 +220,11 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
                 .join(format!("step-{}", trainer.step));
             let t = Instant::now();
             model_io::save(&dir, &trainer, &ds.meta.tokenizer, ds.meta.vocab.clone())?;
-            rd.event(
-                "checkpoint",
-                json!({"step": trainer.step, "dir": dir,
-                "stall_ms": t.elapsed().as_secs_f64() * 1e3}),
-            )?;
+            rd.event(Event::Checkpoint {
+                step: trainer.step,
+                dir: dir.clone(),
+                stall_ms: t.elapsed().as_secs_f64() * 1e3,
+            })?;
         }
     }
     pb.finish_and_clear();
@@ -223,7 +233,7 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
             step = trainer.step,
             "interrupted: saving the model and the report"
         );
-        rd.event("interrupted", json!({"step": trainer.step}))?;
+        rd.event(Event::Interrupted { step: trainer.step })?;
     }
     if trainer.step > 0 {
         if let Some(v) = eval(&trainer) {
@@ -233,7 +243,10 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
                 val_loss = format!("{v:.4}"),
                 "validation"
             );
-            rd.event("eval", json!({"step": trainer.step, "val_loss": v}))?;
+            rd.event(Event::Eval {
+                step: trainer.step,
+                val_loss: v,
+            })?;
         }
     }
     let model_dir = cfg.run.dir.join("model");
@@ -273,10 +286,15 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         "model_dir": model_dir,
         "faults": [],
     });
-    rd.event(
-        "run_finished",
-        json!({"status": report["status"], "steps": trainer.step}),
-    )?;
+    rd.event(Event::RunFinished {
+        status: if interrupted {
+            "interrupted"
+        } else {
+            "completed"
+        }
+        .into(),
+        steps: trainer.step,
+    })?;
     rd.write_report(&report)?;
     Ok(Outcome {
         report,

@@ -524,7 +524,7 @@ fn woken_worker_rejoins_as_a_spare() {
     drop(coord);
     assert_eq!((sa.code(), sb.code()), (Some(0), Some(0)));
     assert_identical_final_state(&run, 2);
-    // D-1 here too: `phalanx report` builds the report of a job run without the launcher.
+    // D-4 here too: `phalanx report` builds the report of a job run without the launcher.
     let out = bin().arg("report").arg(&run).output().unwrap();
     assert!(
         out.status.success(),

@@ -11,12 +11,17 @@ use crate::comm::CommunicatorMsg;
 use crate::faults;
 use crate::loader;
 use crate::model_io;
-use crate::rank::{Control, Directive, Shared, EXIT_DONE, EXIT_FENCED, EXIT_HALTED};
+use crate::rank::{
+    Control, Directive, Shared, EXIT_DONE, EXIT_FENCED, EXIT_HALTED, PHASE_DONE, PHASE_HEALING,
+    PHASE_IDLE, PHASE_TRAINING,
+};
 use crate::supervisor::{finish_reason, spawn_body, Heart};
 use crate::Setup;
 use phalanx_model::optim::lr_at;
 use phalanx_proto::pb;
 use phalanx_runtime::dataplane::UcxGroup;
+use phalanx_runtime::events::unix_ms;
+use phalanx_runtime::metrics::{FinalLine, MetricLine, RollbackLine, StepLine};
 use phalanx_runtime::{Generation, Rank, RuntimeError};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
@@ -25,7 +30,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tch::Tensor;
 use tracing::{info, warn};
 
@@ -99,12 +104,6 @@ impl Drop for SlotGuard<'_> {
         slot.torn = self.torn;
         self.shared.model_back.notify_all();
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn tensor_vec(t: &Tensor) -> Vec<f32> {
@@ -406,7 +405,7 @@ struct Loop<'a> {
     incarnation: u64,
     /// This rank's last commit as a ledger record, when it was not rank 0 (which writes the
     /// ledger): if rank 0 did not record it, this rank may restate it (see `generation`).
-    last_commit: std::cell::RefCell<Option<serde_json::Value>>,
+    last_commit: std::cell::RefCell<Option<StepLine>>,
     /// The step whose non-finite result last caused a rollback: if it goes bad again, it is
     /// skipped (a rollback that replays the same data may well meet the same fault).
     last_rollback: std::cell::Cell<Option<u64>>,
@@ -673,7 +672,7 @@ impl<'a> Loop<'a> {
         let sh = self.sh;
         let p = &sh.params;
         let progress = &sh.progress;
-        progress.phase.store(0, Ordering::Relaxed);
+        progress.phase.store(PHASE_IDLE, Ordering::Relaxed);
         self.heart.busy(false);
         let last_rank = sh.last_rank();
         let assign = match pending {
@@ -756,7 +755,7 @@ impl<'a> Loop<'a> {
                 member_secret: ctl.secret.clone(),
             }));
         };
-        progress.phase.store(2, Ordering::Relaxed);
+        progress.phase.store(PHASE_HEALING, Ordering::Relaxed);
         let healed = match sync_state(&group, s) {
             Ok(h) => h,
             Err(e) => {
@@ -780,12 +779,12 @@ impl<'a> Loop<'a> {
         progress.step.store(s.trainer.step, Ordering::Relaxed);
         info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed, shares = ?assign.shares,
               ready_ms = t0.elapsed().as_millis() as u64, incarnation = self.incarnation, "joined generation");
-        progress.phase.store(1, Ordering::Relaxed);
+        progress.phase.store(PHASE_TRAINING, Ordering::Relaxed);
         let mbs = s.sampler.micro_batches_per_step();
         let tokens_per_step = (p.global_batch * s.win.block) as f64;
         let device = s.trainer.model.device();
         // The coordinator's split of the global batch: even, or rebalanced away from a
-        // straggler (K-8). Any split concatenates to the same global batch (D-1).
+        // straggler (K-8). Any split concatenates to the same global batch (D-2).
         let split = |r: usize| {
             s.sampler
                 .rank_micro_batches_split(&assign.shares, world as usize, r)
@@ -805,7 +804,7 @@ impl<'a> Loop<'a> {
             .append(true)
             .open(p.run_dir.join("metrics.jsonl"))
             .map_err(|e| format!("cannot open {}/metrics.jsonl: {e}", p.run_dir.display()))?;
-        // D-1: the lowest rank holding the committed state restates its own last commit of an
+        // D-4: the lowest rank holding the committed state restates its own last commit of an
         // earlier generation, made when it was not rank 0: rank 0, which records commits, may
         // have died before recording it, or failed that step's allreduce after the others had
         // finished it (it is healed then). The report ignores a restated step that was recorded
@@ -817,10 +816,10 @@ impl<'a> Loop<'a> {
         };
         let restate = self.last_commit.borrow_mut().take();
         if let (true, Some(mut rec)) = (rank.0 == lowest_holder, restate) {
-            if rec["step"].as_u64().map(|k| k + 1) == Some(s.trainer.step) {
-                rec["restated"] = json!(true);
+            if rec.step + 1 == s.trainer.step {
+                rec.restated = true;
                 metrics
-                    .write_all(format!("{rec}\n").as_bytes())
+                    .write_all(format!("{}\n", MetricLine::Step(rec).to_line()).as_bytes())
                     .map_err(|e| {
                         format!("cannot write {}/metrics.jsonl: {e}", p.run_dir.display())
                     })?;
@@ -951,10 +950,15 @@ impl<'a> Loop<'a> {
                         self.last_rollback.set(Some(step));
                         warn!(step, ranks = ?bad_ranks, to, "non-finite loss or gradient; rolled back to the last checkpoint");
                         if rank.0 == 0 {
-                            let line = json!({"step": step, "generation": generation.0,
-                                "rollback": true, "to_step": to, "nonfinite_ranks": bad_ranks,
-                                "unix_ms": unix_ms()});
-                            let _ = metrics.write_all(format!("{line}\n").as_bytes());
+                            let line = MetricLine::Rollback(RollbackLine {
+                                rollback: true,
+                                step,
+                                generation: generation.0,
+                                to_step: to,
+                                nonfinite_ranks: bad_ranks.clone(),
+                                unix_ms: unix_ms(),
+                            });
+                            let _ = metrics.write_all(format!("{}\n", line.to_line()).as_bytes());
                         }
                         progress.step.store(s.trainer.step, Ordering::Relaxed);
                         progress.seq.fetch_add(1, Ordering::Relaxed);
@@ -1029,31 +1033,37 @@ impl<'a> Loop<'a> {
             progress
                 .loss_bits
                 .store((loss as f32).to_bits(), Ordering::Relaxed);
-            // The sample ledger (D-1): the step's sample positions in its epoch's permutation,
+            // The sample ledger (D-4): the step's sample positions in its epoch's permutation,
             // and the micro-batches each rank of this world computed. Rank 0 writes it with the
             // step's figures; the others keep their last one to restate (see above).
-            let mut line = json!({
-                "step": step, "generation": generation.0, "world_size": world,
-                "epoch": epoch, "positions": [st * gb, (st + 1) * gb], "shares": &shares,
-                "unix_ms": unix_ms(),
-            });
+            let ledger = StepLine {
+                step,
+                generation: generation.0,
+                world_size: world as usize,
+                epoch: Some(epoch),
+                positions: Some([st * gb, (st + 1) * gb]),
+                shares: shares.iter().map(|s| [s[0] as u64, s[1] as u64]).collect(),
+                unix_ms: Some(unix_ms()),
+                ..StepLine::default()
+            };
             if rank.0 != 0 {
-                *self.last_commit.borrow_mut() = Some(line);
+                *self.last_commit.borrow_mut() = Some(ledger);
             } else {
-                let figures = json!({
-                    "loss": loss, "lr": lr,
-                    "tokens_per_s": tokens_per_step / dt.as_secs_f64(),
-                    "step_ms": dt.as_secs_f64() * 1e3, "compute_ms": compute.as_secs_f64() * 1e3,
-                    "stalled_ms": stalled.as_secs_f64() * 1e3,
-                    "grad_norm": grad_norm,
-                    "skipped": grad_norm.is_none(), "nonfinite_ranks": bad_ranks,
-                    "replica_mismatch": odd,
-                    "incarnation": self.incarnation,
+                let line = MetricLine::Step(StepLine {
+                    loss: Some(loss),
+                    lr: Some(lr),
+                    tokens_per_s: Some(tokens_per_step / dt.as_secs_f64()),
+                    step_ms: Some(dt.as_secs_f64() * 1e3),
+                    compute_ms: Some(compute.as_secs_f64() * 1e3),
+                    stalled_ms: Some(stalled.as_secs_f64() * 1e3),
+                    grad_norm,
+                    skipped: grad_norm.is_none(),
+                    nonfinite_ranks: bad_ranks,
+                    replica_mismatch: odd,
+                    incarnation: Some(self.incarnation),
+                    ..ledger
                 });
-                if let (Some(l), serde_json::Value::Object(f)) = (line.as_object_mut(), figures) {
-                    l.extend(f);
-                }
-                let _ = metrics.write_all(format!("{line}\n").as_bytes());
+                let _ = metrics.write_all(format!("{}\n", line.to_line()).as_bytes());
                 if p.checkpoint_interval > 0 && s.trainer.step % p.checkpoint_interval == 0 {
                     self.checkpoint_async(s);
                 }
@@ -1063,7 +1073,7 @@ impl<'a> Loop<'a> {
         // coordinator hears so at once (K-13: a rank lost from here on ends nothing and starts
         // no new generation). Every rank records a fingerprint of its final state (G-2: they
         // must be equal), rank 0 evaluates and saves the final model; everyone leaves together.
-        progress.phase.store(3, Ordering::Relaxed);
+        progress.phase.store(PHASE_DONE, Ordering::Relaxed);
         self.sh.beat_now.notify_one();
         self.heart.busy(true);
         self.write_fingerprint(s, ctl.member, rank, generation)?;
@@ -1086,9 +1096,14 @@ impl<'a> Loop<'a> {
                 .trainer
                 .evaluate(&s.ds.val, s.win, p.eval_batches, p.micro_batch);
             self.save_now(&p.run_dir.join("model"), s)?;
-            let line = json!({"final": true, "step": s.trainer.step, "val_loss": val,
-                              "peer_lost_at_end": lost, "unix_ms": unix_ms()});
-            let _ = metrics.write_all(format!("{line}\n").as_bytes());
+            let line = MetricLine::Final(FinalLine {
+                is_final: true,
+                step: s.trainer.step,
+                val_loss: val,
+                peer_lost_at_end: lost,
+                unix_ms: unix_ms(),
+            });
+            let _ = metrics.write_all(format!("{}\n", line.to_line()).as_bytes());
         }
         drop(group);
         // Let the coordinator see "done" before the session closes (so the exit is no fault).

@@ -5,7 +5,9 @@
 //! loop and fault reports to the coordinator, and reconnects with backoff.
 
 use crate::faults;
-use crate::rank::{Control, Directive, Shared, EXIT_REFUSED};
+use crate::rank::{
+    Control, Directive, Shared, EXIT_REFUSED, PHASE_DONE, PHASE_HEALING, PHASE_TRAINING,
+};
 use crate::supervisor::{finish_reason, Heart};
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client;
@@ -278,17 +280,17 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
 fn heartbeat(shared: &Shared) -> pb::RankMessage {
     let progress = &shared.progress;
     let phase = match progress.phase.load(Ordering::Relaxed) {
-        1 => "training",
-        2 => "healing",
-        3 => "done",
-        _ => "idle",
+        PHASE_TRAINING => pb::Phase::Training,
+        PHASE_HEALING => pb::Phase::Healing,
+        PHASE_DONE => pb::Phase::Done,
+        _ => pb::Phase::Idle,
     };
     pb::RankMessage {
         msg: Some(pb::rank_message::Msg::Heartbeat(pb::Heartbeat {
             generation: progress.generation.load(Ordering::Relaxed),
             step: progress.step.load(Ordering::Relaxed),
             collective_seq: progress.seq.load(Ordering::Relaxed),
-            phase: phase.into(),
+            phase: phase as i32,
             last_step_time_us: progress.step_us.load(Ordering::Relaxed),
             last_compute_time_us: progress.compute_us.load(Ordering::Relaxed),
             loss: f32::from_bits(progress.loss_bits.load(Ordering::Relaxed)),

@@ -11,7 +11,7 @@
 //!
 //! The children share [`Shared`]: progress counters (read by the control agent for its
 //! heartbeats), the directive queue, the prefetch link, the model slot. Each child is
-//! restartable alone; what a failure of each does is in docs/semantics.md (S-1..S-9).
+//! restartable alone; what a failure of each does is in docs/semantics.md (S-1..S-8).
 
 use crate::ckpt::{CheckpointerActor, CheckpointerArgs, CheckpointerMsg};
 use crate::comm::{CommunicatorActor, CommunicatorArgs, CommunicatorMsg};
@@ -35,6 +35,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Exit codes of a worker process, for the launcher.
+/// The rank's phase in `Progress::phase` (sent as `pb::Phase` in heartbeats).
+pub const PHASE_IDLE: u8 = 0;
+pub const PHASE_TRAINING: u8 = 1;
+pub const PHASE_HEALING: u8 = 2;
+pub const PHASE_DONE: u8 = 3;
+
 pub const EXIT_DONE: i32 = 0;
 pub const EXIT_REFUSED: i32 = 1;
 pub const EXIT_FENCED: i32 = 3;
@@ -88,6 +94,7 @@ pub struct Progress {
     pub compute_us: AtomicU32,
     pub loss_bits: AtomicU32,
     /// 0 idle, 1 training, 2 healing, 3 done.
+    /// One of the `PHASE_*` values (an atomic, so the compute thread sets it without a lock).
     pub phase: AtomicU8,
     /// Steps committed since the last heartbeat, for the straggler detector.
     recent: Mutex<Vec<pb::StepTime>>,

@@ -6,7 +6,7 @@
 //! checkpointer need). Also: AdamW on flat buffers, the LR schedule, tokenizers, token
 //! datasets and the deterministic, world-size-independent sampler.
 //!
-//! No async code and no networking here (see DESIGN.md's layout table).
+//! No async code and no networking here (see docs/design.md's layout table).
 
 pub mod config;
 pub mod data;

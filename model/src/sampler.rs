@@ -4,7 +4,7 @@
 //! Feistel network with cycle walking, so no rank stores or communicates a permutation. Step
 //! `s` of an epoch takes positions `[s * global_batch, (s + 1) * global_batch)` of it, cut into
 //! micro-batches of fixed size; ranks take contiguous runs of micro-batches. The global batch of
-//! a step therefore does not depend on the world size (D-1 in docs/semantics.md).
+//! a step therefore does not depend on the world size (D-2 in docs/semantics.md).
 
 use crate::{ModelError, Result};
 use std::ops::Range;
@@ -205,7 +205,7 @@ mod tests {
             }
         }
 
-        // D-1: for every world size from 1 to the number of micro-batches, the rank slices are
+        // D-2: for every world size from 1 to the number of micro-batches, the rank slices are
         // disjoint, cover the global batch, and differ in size by at most one micro-batch.
         #[test]
         fn rank_slices_partition_the_global_batch(
@@ -229,7 +229,7 @@ mod tests {
         }
     }
 
-    // D-1: an uneven split still concatenates to the global batch in rank order; a split that
+    // D-2: an uneven split still concatenates to the global batch in rank order; a split that
     // does not fit the world or the batch falls back to the even one.
     #[test]
     fn uneven_split_partitions_the_global_batch() {

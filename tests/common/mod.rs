@@ -183,7 +183,7 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// D-1: every committed step's samples were consumed exactly once by the final model's lineage.
+/// D-4: every committed step's samples were consumed exactly once by the final model's lineage.
 pub fn assert_ledger_exactly_once(report: &serde_json::Value) {
     let l = &report["ledger"];
     assert_eq!(l["exactly_once"], true, "sample ledger: {l}");

@@ -151,6 +151,31 @@ pub fn makespan(shares: &[u32], per_mb: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Where a rank is, from its heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Waiting for a generation (a spare, or between generations).
+    #[default]
+    Idle,
+    Training,
+    /// Fetching the committed state from a holder.
+    Healing,
+    /// Its last step is committed: saving and leaving. Nothing it does now is a fault of the job.
+    Done,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::Training => "training",
+            Phase::Healing => "healing",
+            Phase::Done => "done",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -187,7 +212,7 @@ pub struct Member {
     pub last_progress: Instant,
     pub step: Step,
     pub collective_seq: u64,
-    pub phase: String,
+    pub phase: Phase,
     pub last_step_time: Duration,
     /// Straggler judging: the window of step times, streaks and the flag (K-7).
     pub judge: Judge,
@@ -226,7 +251,7 @@ impl Member {
             last_progress: now,
             step: Step(0),
             collective_seq: 0,
-            phase: "idle".into(),
+            phase: Phase::Idle,
             last_step_time: Duration::ZERO,
             judge: Judge::default(),
             holds_state: false,
@@ -280,7 +305,7 @@ pub struct HeartbeatMsg {
     pub generation: Generation,
     pub step: Step,
     pub collective_seq: u64,
-    pub phase: String,
+    pub phase: Phase,
     pub last_step_time: Duration,
     pub last_compute_time: Duration,
     /// Each step computed since the previous heartbeat. Empty from a sender that reports only
@@ -505,7 +530,7 @@ impl State {
             last_heartbeat: m.last_heartbeat,
             last_progress: m.last_progress,
             connected: m.connected,
-            training: m.phase == "training",
+            training: m.phase == Phase::Training,
             straggler: m.judge.straggler,
             drain: m.drain_requested,
             suspects: m.suspected_by.len() as u32,
@@ -514,7 +539,7 @@ impl State {
             rejoin_deadline: m.rejoin_deadline,
             median_s: m.judge.level,
             holds_state: m.holds_state,
-            done: m.phase == "done",
+            done: m.phase == Phase::Done,
         }
     }
 
@@ -777,7 +802,7 @@ impl State {
         }
         m.step = m.step.max(hb.step);
         m.collective_seq = m.collective_seq.max(hb.collective_seq);
-        m.phase.clone_from(&hb.phase);
+        m.phase = hb.phase;
         m.last_step_time = hb.last_step_time;
         let step = m.step;
         if step > self.newest_step {
@@ -832,7 +857,7 @@ impl State {
         }
         let mut changes = Vec::new();
         // The fixed part is spread over the even share, so that a rank given fewer micro-batches
-        // is judged on the same scale as at its even share (D-1: shares only move work).
+        // is judged on the same scale as at its even share (D-2: shares only move work).
         let even = if cfg.max_world == usize::MAX {
             None
         } else {

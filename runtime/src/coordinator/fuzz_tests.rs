@@ -104,7 +104,7 @@ proptest! {
                         generation: s.generation,
                         step: Step(step as u64),
                         collective_seq: step as u64,
-                        phase: "training".into(),
+                        phase: Phase::Training,
                         last_step_time: Duration::from_millis(ms as u64),
                         last_compute_time: Duration::from_millis(ms as u64 / 2),
                         recent: vec![StepSample {

@@ -5,18 +5,19 @@
 //! session closes (a crash) or a fault is reported; every decision is written to events.jsonl.
 
 use super::core::{
-    apply, decide, CoreConfig, Decision, FlagChange, HeartbeatMsg, MemberId, MemberState,
+    apply, decide, CoreConfig, Decision, FlagChange, HeartbeatMsg, MemberId, MemberState, Phase,
     Registration, Regroup, Removal, Role, State, StepSample,
 };
 use super::journal::{Journal, JournalState};
 use super::observed::{self, Observed};
 use crate::dataplane::{GroupKey, PeerLink};
 use crate::error::RuntimeError;
+use crate::events::{Cause, Event, Flagged, GenerationFormed, Joined, Record, Removed, Started};
 use crate::ids::{Generation, Rank, Step};
 use parking_lot::Mutex;
 use phalanx_proto::pb;
 use phalanx_proto::pb::coordinator_server::{Coordinator, CoordinatorServer};
-use serde_json::{json, Value};
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::future::Future;
@@ -24,7 +25,7 @@ use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::Stream;
@@ -112,13 +113,6 @@ pub struct Shared {
     refused_at: Mutex<HashMap<&'static str, (Instant, u64)>>,
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn role_of(r: i32) -> Result<Role, Status> {
     match pb::Role::try_from(r) {
         Ok(pb::Role::Active) => Ok(Role::Active),
@@ -148,37 +142,26 @@ impl Shared {
             }
         };
         if let Some(n) = emit {
-            self.event(
-                "request_refused",
-                json!({"reason": kind, "member": member, "count": n}),
-            );
+            self.event(Event::RequestRefused {
+                reason: kind.to_string(),
+                member: Some(member),
+                count: n,
+            });
         }
     }
 
-    pub fn event(&self, kind: &str, fields: Value) {
+    pub fn event(&self, event: Event) {
+        let record = Record::now(event);
+        let line = record.to_line();
         // Faults and membership changes at info; routine session traffic at debug.
-        match kind {
-            "rank_failed"
-            | "rank_removed"
-            | "generation"
-            | "hold"
-            | "halt"
-            | "request_refused"
-            | "straggler_flagged"
-            | "straggler_cleared"
-            | "journal_error"
-            | "coordinator_stalled" => {
-                info!(target: "phalanx::coordinator", kind, %fields)
-            }
-            _ => tracing::debug!(target: "phalanx::coordinator", kind, %fields),
-        }
-        let mut v = json!({"kind": kind, "unix_ms": unix_ms()});
-        if let (Some(o), Value::Object(f)) = (v.as_object_mut(), fields) {
-            o.extend(f);
+        if record.event.is_notable() {
+            info!(target: "phalanx::coordinator", event = %line);
+        } else {
+            tracing::debug!(target: "phalanx::coordinator", event = %line);
         }
         if let Some(w) = self.events.lock().as_mut() {
             // An event log that cannot be written must not stop the job; say so once per line.
-            if serde_json::to_writer(&mut *w, &v).is_err()
+            if w.write_all(line.as_bytes()).is_err()
                 || w.write_all(b"\n").is_err()
                 || w.flush().is_err()
             {
@@ -197,7 +180,9 @@ impl Shared {
         if let Some(j) = &self.journal {
             if let Err(e) = j.save(&snapshot) {
                 warn!(error = %e, "journal write failed");
-                self.event("journal_error", json!({"error": e.to_string()}));
+                self.event(Event::JournalError {
+                    error: e.to_string(),
+                });
             }
         }
         drop(io);
@@ -259,12 +244,14 @@ impl Shared {
         if let (Some(j), Some(snapshot)) = (&self.journal, &out.journal) {
             if let Err(e) = j.save(snapshot) {
                 warn!(error = %e, "journal write failed");
-                self.event("journal_error", json!({"error": e.to_string()}));
+                self.event(Event::JournalError {
+                    error: e.to_string(),
+                });
             }
         }
         drop(journal_io);
-        for (kind, fields) in out.events {
-            self.event(kind, fields);
+        for e in out.events {
+            self.event(e);
         }
         if out.superseded {
             // Waiters of the superseded generation's rendezvous must give up now.
@@ -285,10 +272,10 @@ impl Shared {
                 stalled_ms = gap.as_millis() as u64,
                 "the coordinator itself stalled; silence and closed streams since are not deaths"
             );
-            out.events.push((
-                "coordinator_stalled",
-                json!({"generation": st.generation, "stalled_ms": gap.as_millis() as u64}),
-            ));
+            out.events.push(Event::CoordinatorStalled {
+                generation: st.generation,
+                stalled_ms: gap.as_millis() as u64,
+            });
         }
         {
             let mut last = self.last_reference.lock();
@@ -304,20 +291,20 @@ impl Shared {
                 let mut last = self.last_hold.lock();
                 if last.as_deref() != Some(reason) {
                     warn!(%reason, "holding");
-                    out.events.push((
-                        "hold",
-                        json!({"generation": st.generation, "reason": reason}),
-                    ));
+                    out.events.push(Event::Hold {
+                        generation: st.generation,
+                        reason: reason.clone(),
+                    });
                     *last = Some(reason.clone());
                 }
             }
             Decision::Halt { reason } => {
                 apply(st, &d);
                 out.journal = Some(JournalState::of(st));
-                out.events.push((
-                    "halt",
-                    json!({"generation": st.generation, "reason": reason}),
-                ));
+                out.events.push(Event::Halt {
+                    generation: st.generation,
+                    reason: reason.clone(),
+                });
                 for &id in st.members.keys() {
                     out.directives.push((
                         id,
@@ -332,15 +319,17 @@ impl Shared {
                 apply(st, &d);
                 out.journal = Some(JournalState::of(st));
                 out.superseded = true;
-                out.events.push((
-                    "generation",
-                    json!({
-                        "generation": r.generation, "world": r.ranks.len(),
-                        "members": r.ranks, "promoted": r.promoted,
-                        "resume_step": r.resume_step, "heal": r.heal, "reason": r.reason,
-                        "shares": r.shares, "straggler": r.straggler,
-                    }),
-                ));
+                out.events.push(Event::Generation(GenerationFormed {
+                    generation: r.generation,
+                    world: r.ranks.len(),
+                    members: r.ranks.clone(),
+                    promoted: r.promoted.clone(),
+                    resume_step: r.resume_step,
+                    heal: r.heal.clone(),
+                    reason: r.reason.clone(),
+                    shares: r.shares.clone(),
+                    straggler: r.straggler,
+                }));
                 for (id, why) in &r.removed {
                     let kind = match why {
                         Removal::ScaledDown | Removal::Drained => {
@@ -369,7 +358,7 @@ impl Shared {
 /// What one decision calls for once the state lock is released.
 #[derive(Default)]
 struct Outcome {
-    events: Vec<(&'static str, Value)>,
+    events: Vec<Event>,
     journal: Option<JournalState>,
     superseded: bool,
     directives: Vec<(MemberId, pb::directive::Kind)>,
@@ -377,7 +366,7 @@ struct Outcome {
 
 /// The `rank_failed` / `rank_removed` events of a regroup, with the detection latency: from the
 /// first sign of the fault to this decision. Read before the regroup is applied.
-fn removal_events(now: Instant, st: &State, r: &Regroup) -> Vec<(&'static str, Value)> {
+fn removal_events(now: Instant, st: &State, r: &Regroup) -> Vec<Event> {
     r.removed
         .iter()
         .filter_map(|(id, why)| {
@@ -388,15 +377,21 @@ fn removal_events(now: Instant, st: &State, r: &Regroup) -> Vec<(&'static str, V
                 Removal::Stalled { .. } => Some(m.last_progress),
                 _ => None,
             };
-            Some((
-                if why.is_failure() { "rank_failed" } else { "rank_removed" },
-                json!({
-                    "member": id, "rank": m.rank, "host": m.host, "pid": m.pid,
-                    "generation": st.generation, "reason": why.describe(),
-                    "cause": format!("{why:?}").split([' ', '{']).next().unwrap_or("").to_lowercase(),
-                    "detect_ms": since.map(|t| now.saturating_duration_since(t).as_secs_f64() * 1e3),
-                }),
-            ))
+            let removed = Removed {
+                member: *id,
+                rank: m.rank,
+                host: m.host.clone(),
+                pid: m.pid,
+                generation: st.generation,
+                reason: why.describe(),
+                cause: Cause::from(why),
+                detect_ms: since.map(|t| now.saturating_duration_since(t).as_secs_f64() * 1e3),
+            };
+            Some(if why.is_failure() {
+                Event::RankFailed(removed)
+            } else {
+                Event::RankRemoved(removed)
+            })
         })
         .collect()
 }
@@ -463,34 +458,40 @@ impl Coordinator for Svc {
             Ok(o) => o,
             Err(e) => {
                 drop(st);
-                sh.event(
-                    "register_refused",
-                    json!({"host": r.host, "pid": r.pid, "error": e.to_string()}),
-                );
+                sh.event(Event::RegisterRefused {
+                    host: r.host.clone(),
+                    pid: r.pid,
+                    error: e.to_string(),
+                });
                 return Err(e.into());
             }
         };
         let generation = st.generation;
         let pinned = out.pinned_config.then(|| st.config_hash.clone());
         drop(st);
-        if let Some(hash) = pinned {
-            sh.event(
-                "config_hash_pinned",
-                json!({"member": out.id, "host": r.host, "config_hash": hash}),
-            );
+        if let Some(config_hash) = pinned {
+            sh.event(Event::ConfigHashPinned {
+                member: out.id,
+                host: r.host.clone(),
+                config_hash,
+            });
         }
         sh.observed.lock().set_address(out.id, r.address.clone());
         // Not journaled: a registration changes no durable state. Waiting members that a
         // restarted coordinator does not know simply register again as new members.
-        sh.event(
-            if out.rejoined {
-                "rejoined"
-            } else {
-                "registered"
-            },
-            json!({"member": out.id, "host": r.host, "pid": r.pid, "address": r.address,
-                   "role": format!("{role:?}").to_lowercase(), "generation": generation}),
-        );
+        let joined = Joined {
+            member: out.id,
+            host: r.host.clone(),
+            pid: r.pid,
+            address: r.address.clone(),
+            role,
+            generation,
+        };
+        sh.event(if out.rejoined {
+            Event::Rejoined(joined)
+        } else {
+            Event::Registered(joined)
+        });
         Ok(Response::new(pb::RegisterResponse {
             member_id: out.id,
             generation: generation.0,
@@ -541,7 +542,7 @@ impl Coordinator for Svc {
                 }
             }
         }
-        sh.event("session_opened", json!({"member": id}));
+        sh.event(Event::SessionOpened { member: id });
         sh.wake.notify_one();
         tokio::spawn(async move {
             let err = loop {
@@ -569,7 +570,10 @@ impl Coordinator for Svc {
                     sessions.remove(&id);
                 }
             }
-            sh.event("session_closed", json!({"member": id, "error": err}));
+            sh.event(Event::SessionClosed {
+                member: id,
+                error: err,
+            });
             sh.wake.notify_one();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -593,11 +597,14 @@ impl Coordinator for Svc {
             )?;
             st.generation
         };
-        sh.event(
-            "fault_reported",
-            json!({"reporter": r.member_id, "generation": r.generation, "suspect_rank": r.suspect_rank,
-                   "fault": r.kind, "detail": r.detail.chars().take(MAX_TEXT).collect::<String>(), "step": r.step}),
-        );
+        sh.event(Event::FaultReported {
+            reporter: r.member_id,
+            generation: Generation(r.generation),
+            suspect_rank: r.suspect_rank,
+            fault: r.kind.chars().take(MAX_TEXT).collect(),
+            detail: r.detail.chars().take(MAX_TEXT).collect(),
+            step: r.step,
+        });
         sh.wake.notify_one();
         Ok(Response::new(pb::FaultAck {
             generation: generation.0,
@@ -781,15 +788,17 @@ impl Coordinator for Svc {
             let mut st = sh.state.lock();
             if let Err(e) = st.scale(target, &sh.cfg) {
                 drop(st);
-                sh.event(
-                    "scale_refused",
-                    json!({"target_world": target, "error": e.to_string()}),
-                );
+                sh.event(Event::ScaleRefused {
+                    target_world: target,
+                    error: e.to_string(),
+                });
                 return Err(e.into());
             }
             sh.persist(st)
         };
-        sh.event("scale", json!({"target_world": target}));
+        sh.event(Event::Scale {
+            target_world: target,
+        });
         sh.wake.notify_one();
         Ok(Response::new(pb::AdminResponse {
             message: format!("target world set to {target}"),
@@ -808,16 +817,16 @@ impl Coordinator for Svc {
             let mut st = sh.state.lock();
             if let Err(e) = st.drain(rank, &sh.cfg) {
                 drop(st);
-                sh.event(
-                    "drain_refused",
-                    json!({"rank": rank, "error": e.to_string()}),
-                );
+                sh.event(Event::DrainRefused {
+                    rank,
+                    error: e.to_string(),
+                });
                 return Err(e.into());
             }
             // A drain survives a coordinator restart (K-5).
             sh.persist(st)
         };
-        sh.event("drain", json!({"rank": rank}));
+        sh.event(Event::Drain { rank });
         sh.wake.notify_one();
         Ok(Response::new(pb::AdminResponse {
             message: format!("rank {rank} will leave at the next step boundary"),
@@ -840,16 +849,25 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
             })
         }
     };
-    if hb.phase.len() > MAX_TEXT {
-        return Err(RuntimeError::InvalidMessage {
-            what: "phase is too long".into(),
-        });
-    }
+    let phase = match pb::Phase::try_from(hb.phase) {
+        Ok(pb::Phase::Idle) => Phase::Idle,
+        Ok(pb::Phase::Training) => Phase::Training,
+        Ok(pb::Phase::Healing) => Phase::Healing,
+        Ok(pb::Phase::Done) => Phase::Done,
+        Ok(pb::Phase::Unspecified) | Err(_) => {
+            return Err(RuntimeError::InvalidMessage {
+                what: format!(
+                    "heartbeat phase {} is not one of the known phases",
+                    hb.phase
+                ),
+            })
+        }
+    };
     let msg = HeartbeatMsg {
         generation: Generation(hb.generation),
         step: Step(hb.step),
         collective_seq: hb.collective_seq,
-        phase: hb.phase,
+        phase,
         last_step_time: Duration::from_micros(hb.last_step_time_us as u64),
         last_compute_time: Duration::from_micros(hb.last_compute_time_us as u64),
         recent: hb
@@ -884,9 +902,8 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
 /// The transports a member's group chose, once per generation: which pairs of ranks talk over
 /// shared memory, TCP or RDMA.
 fn links_event(sh: &Shared, id: MemberId, generation: Generation, links: Vec<PeerLink>) {
-    let fields = json!({"member": id, "generation": generation.0,
-                        "address": sh.observed.lock().address(id), "links": links});
-    let Some(summary) = sh.observed.lock().set_links(id, generation, links) else {
+    let address = sh.observed.lock().address(id);
+    let Some(summary) = sh.observed.lock().set_links(id, generation, links.clone()) else {
         return;
     };
     let (rank, host) = {
@@ -894,12 +911,16 @@ fn links_event(sh: &Shared, id: MemberId, generation: Generation, links: Vec<Pee
         let m = st.members.get(&id);
         (m.and_then(|m| m.rank), m.map(|m| m.host.clone()))
     };
-    let mut fields = fields;
-    fields["rank"] = json!(rank);
-    fields["host"] = json!(host);
-    fields["summary"] = json!(summary);
     info!(member = id, ?rank, %summary, "group transports");
-    sh.event("group_links", fields);
+    sh.event(Event::GroupLinks {
+        member: id,
+        generation,
+        address: Some(address),
+        links,
+        rank,
+        host,
+        summary,
+    });
 }
 
 /// The event of a straggler flag raised or cleared.
@@ -916,22 +937,27 @@ fn flag_event(sh: &Shared, flag: &FlagChange) {
             at_step,
             window_ms,
             recent_ms,
-        } => sh.event(
-            "straggler_flagged",
-            json!({"member": id, "mb_ms": own_ms, "peers_mb_ms": peers_ms,
-                   "baseline_mb_ms": baseline_ms, "slow_steps": slow_steps,
-                   "slow_for_ms": slow_for_ms, "severe_for_ms": severe_for_ms,
-                   "at_step": at_step.0, "window_mb_ms": window_ms,
-                   "recent_mb_ms": recent_ms}),
-        ),
+        } => sh.event(Event::StragglerFlagged(Flagged {
+            member: *id,
+            mb_ms: *own_ms,
+            peers_mb_ms: *peers_ms,
+            baseline_mb_ms: *baseline_ms,
+            slow_steps: *slow_steps,
+            slow_for_ms: *slow_for_ms,
+            severe_for_ms: *severe_for_ms,
+            at_step: at_step.0,
+            window_mb_ms: window_ms.clone(),
+            recent_mb_ms: recent_ms.clone(),
+        })),
         FlagChange::Cleared {
             id,
             own_ms,
             peers_ms,
-        } => sh.event(
-            "straggler_cleared",
-            json!({"member": id, "mb_ms": own_ms, "peers_mb_ms": peers_ms}),
-        ),
+        } => sh.event(Event::StragglerCleared {
+            member: *id,
+            mb_ms: *own_ms,
+            peers_mb_ms: *peers_ms,
+        }),
     }
 }
 
@@ -1127,14 +1153,16 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         admin_token: opts.admin_token.clone(),
         refused_at: Mutex::new(HashMap::new()),
     });
-    shared.event(
-        if was_restored {
-            "coordinator_restarted"
-        } else {
-            "coordinator_started"
-        },
-        json!({"job": opts.job_id, "generation": generation, "target_world": opts.target_world}),
-    );
+    let started = Started {
+        job: opts.job_id.clone(),
+        generation,
+        target_world: opts.target_world,
+    };
+    shared.event(if was_restored {
+        Event::CoordinatorRestarted(started)
+    } else {
+        Event::CoordinatorStarted(started)
+    });
     Ok(shared)
 }
 
@@ -1163,7 +1191,9 @@ async fn decision_loop(
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
             tracing::error!(panic = %what, "the decision loop panicked; stopping the coordinator");
-            sh.event("decision_loop_panicked", json!({"panic": what}));
+            sh.event(Event::DecisionLoopPanicked {
+                panic: what.clone(),
+            });
             let _ = died.send(what);
             return;
         }
@@ -1219,7 +1249,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     ticker.abort();
-    shared.event("coordinator_stopped", json!({}));
+    shared.event(Event::CoordinatorStopped {});
     if let Some(what) = died.lock().take() {
         return Err(RuntimeError::Journal {
             path: "decision loop".into(),

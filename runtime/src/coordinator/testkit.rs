@@ -60,7 +60,7 @@ pub fn beat(
         generation: s.generation,
         step: Step(step),
         collective_seq: step,
-        phase: "training".into(),
+        phase: Phase::Training,
         last_step_time: Duration::from_millis(ms),
         last_compute_time: Duration::from_millis(ms),
         ..Default::default()
@@ -81,7 +81,7 @@ pub fn beat_steps(
         generation: s.generation,
         step: Step(last),
         collective_seq: last,
-        phase: "training".into(),
+        phase: Phase::Training,
         recent: steps
             .iter()
             .map(|&(step, ms, mbs)| StepSample {

@@ -1,0 +1,159 @@
+//! The job's metrics log (`metrics.jsonl`): one line per committed step (rank 0's, with the
+//! sample ledger's fields, D-4), a line per rollback, and the final line. Written by the
+//! multi-rank loop and the single-process trainer, read by the launcher, the report and the
+//! tests: one definition, so a renamed field is a compile error, not a wrong report.
+
+use serde::{Deserialize, Serialize};
+
+/// One line of `metrics.jsonl`. Lines carry no tag of their own (the files predate one): a final
+/// line has `"final": true`, a rollback `"rollback": true`, anything else is a step.
+// Most lines are steps: boxing them would cost an allocation per line for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MetricLine {
+    Final(FinalLine),
+    Rollback(RollbackLine),
+    Step(StepLine),
+}
+
+/// The end of training: rank 0 evaluated and saved the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalLine {
+    /// Always true; it tells this line from the others.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    pub step: u64,
+    pub val_loss: Option<f64>,
+    /// A peer lost after the last commit (at the final barrier), which ended nothing (K-13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_lost_at_end: Option<String>,
+    pub unix_ms: u64,
+}
+
+/// Every rank went back to the last checkpoint after a non-finite step (T-4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackLine {
+    /// Always true; it tells this line from the others.
+    pub rollback: bool,
+    pub step: u64,
+    pub generation: u64,
+    pub to_step: u64,
+    pub nonfinite_ranks: Vec<u32>,
+    pub unix_ms: u64,
+}
+
+/// A committed step. The ledger's fields (epoch, positions, shares) come from the multi-rank
+/// loop; a restated commit (D-4) carries only them; the figures are rank 0's.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct StepLine {
+    pub step: u64,
+    pub generation: u64,
+    pub world_size: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// The step's sample positions in its epoch's permutation: [start, end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<[u64; 2]>,
+    /// Each rank's micro-batches of the global batch: [start, end), in rank order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<[u64; 2]>,
+    /// Restated by the next lowest holder of the committed state (D-4).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_ms: Option<f64>,
+    /// None: the step was skipped (non-finite gradients, T-2).
+    #[serde(default)]
+    pub grad_norm: Option<f64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nonfinite_ranks: Vec<u32>,
+    /// Ranks whose replica differed from the majority's (healed from it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_mismatch: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<u64>,
+}
+
+impl MetricLine {
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Reads a metrics log: the lines it holds, and how many were not metric lines (a torn last
+/// line after a crash).
+pub fn read(text: &str) -> (Vec<MetricLine>, usize) {
+    let mut bad = 0;
+    let lines = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            serde_json::from_str::<MetricLine>(l)
+                .map_err(|_| bad += 1)
+                .ok()
+        })
+        .collect();
+    (lines, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Each kind of line reads back as itself; the final and rollback markers decide the kind.
+    #[test]
+    fn lines_read_back_as_their_kind() {
+        let step = MetricLine::Step(StepLine {
+            step: 3,
+            generation: 1,
+            world_size: 2,
+            epoch: Some(0),
+            positions: Some([48, 64]),
+            shares: vec![[0, 2], [2, 4]],
+            loss: Some(2.5),
+            grad_norm: Some(1.0),
+            ..StepLine::default()
+        });
+        let fin = MetricLine::Final(FinalLine {
+            is_final: true,
+            step: 4,
+            val_loss: Some(2.4),
+            peer_lost_at_end: None,
+            unix_ms: 5,
+        });
+        let back = MetricLine::Rollback(RollbackLine {
+            rollback: true,
+            step: 8,
+            generation: 1,
+            to_step: 5,
+            nonfinite_ranks: vec![1],
+            unix_ms: 6,
+        });
+        let text = [&step, &fin, &back]
+            .iter()
+            .map(|l| l.to_line())
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n{\"step\":";
+        let (lines, bad) = read(&text);
+        assert_eq!(lines, vec![step, fin, back]);
+        assert_eq!(bad, 1);
+        let v: serde_json::Value = serde_json::from_str(&lines[1].to_line()).unwrap();
+        assert_eq!(v["final"], true);
+    }
+}
