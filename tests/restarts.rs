@@ -231,12 +231,24 @@ fn halted_within(job: &Job, workers: Vec<KillOnDrop>, secs: u64) -> (Value, Vec<
         .find(|e| e["kind"] == "halted" || e["kind"] == "halt")
         .cloned()
         .unwrap_or_else(|| panic!("no halt decision: {events:#?}"));
+    // Within the progress timeout (8 s here) of the first generation, the last progress there
+    // was: half of it for the regroup, half for the generation that makes (and a tick or two).
+    let formed = events
+        .iter()
+        .find(|e| e["kind"] == "generation")
+        .and_then(|e| e["unix_ms"].as_u64())
+        .expect("a first generation");
+    let took = halt["unix_ms"].as_u64().unwrap().saturating_sub(formed);
+    assert!(
+        took <= 8_500,
+        "halted {took} ms after the first generation: {halt}"
+    );
     (halt, codes)
 }
 
 // K-13: one rank's UCX is given a transport that does not exist. Its group cannot be built;
 // the job does not idle: within the progress timeout it is regrouped, then halted with a reason
-// that says no step was committed.
+// that says no step was committed (before, the halt came at twice the timeout).
 #[test]
 fn a_group_that_cannot_be_built_ends_in_a_decision() {
     let _one_at_a_time = serial();

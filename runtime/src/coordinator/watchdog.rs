@@ -1,10 +1,10 @@
 //! K-13: no job idles forever. Detection covers ranks that die, hang while training or lag;
 //! a job can still stop moving with every rank alive and idle: a data-plane group that cannot
 //! be built (a bad `UCX_TLS`, a peer address nobody reaches), a rendezvous that never completes,
-//! one rank done while another is stuck. Whatever the cause, no step committed for
-//! `progress_timeout` while ranks are assigned is a decision: first a regroup with the same
-//! members (a transient cause clears), then, if that generation commits nothing either, a halt
-//! whose reason says what was seen.
+//! one rank done while another is stuck. Whatever the cause, no step committed while ranks are
+//! assigned is a decision: after half of `progress_timeout` a regroup with the same members (a
+//! transient cause clears), then, if that generation commits nothing in the other half, a halt
+//! whose reason says what was seen. So the job ends within `progress_timeout` of its last step.
 
 use super::core::{CoreConfig, State};
 use std::time::{Duration, Instant};
@@ -31,7 +31,8 @@ pub enum Watch {
 }
 
 pub fn watch(now: Instant, s: &State, cfg: &CoreConfig) -> Watch {
-    let limit = cfg.progress_timeout;
+    // Half for the regroup, half for the generation it makes: both fit in the timeout.
+    let limit = cfg.progress_timeout / 2;
     let Some(since) = s.progress_at.map(|t| now.saturating_duration_since(t)) else {
         return Watch::Fine;
     };
@@ -85,7 +86,8 @@ mod tests {
     }
 
     // K-13: ranks that heartbeat but commit nothing (a group that cannot be built) are
-    // regrouped once after progress_timeout, then the job halts with a reason.
+    // regrouped once after half of progress_timeout, then the job halts with a reason, within
+    // progress_timeout of its last progress.
     #[test]
     fn a_job_that_commits_nothing_is_regrouped_then_halted() {
         let cfg = short();
@@ -99,11 +101,13 @@ mod tests {
             }
             decide(t, s, &cfg)
         };
-        for _ in 0..4 {
-            t += Duration::from_secs(1);
+        let half = Duration::from_millis(2500);
+        let step = Duration::from_millis(100);
+        while t + step < t0 + half {
+            t += step;
             assert_eq!(tick(&mut s, t), Decision::Steady);
         }
-        t += Duration::from_secs(2);
+        t += step;
         let d = tick(&mut s, t);
         let Decision::Regroup(r) = &d else {
             panic!("{d:?}")
@@ -113,12 +117,23 @@ mod tests {
             "{r:?}"
         );
         apply(&mut s, &d);
-        t += Duration::from_secs(6);
-        let d = tick(&mut s, t);
-        let Decision::Halt { reason } = &d else {
-            panic!("{d:?}")
+        let regrouped = t;
+        let halted = loop {
+            t += step;
+            match tick(&mut s, t) {
+                Decision::Steady => assert!(t < regrouped + half + step, "no halt yet"),
+                Decision::Halt { reason } => {
+                    assert!(reason.contains("no step committed"), "{reason}");
+                    break t;
+                }
+                d => panic!("{d:?}"),
+            }
         };
-        assert!(reason.contains("no step committed"), "{reason}");
+        assert!(
+            halted.duration_since(t0) <= cfg.progress_timeout + 2 * step,
+            "halted {:?} after the last progress",
+            halted.duration_since(t0)
+        );
     }
 
     // A rank whose groups fail at once asks for a regroup each time: after the first two the
