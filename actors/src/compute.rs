@@ -7,7 +7,7 @@
 //! incarnation takes over its predecessor's state unless that state was torn mid-update.
 
 use crate::ckpt::CheckpointerMsg;
-use crate::comm::CommunicatorMsg;
+use crate::comm::{CommunicatorMsg, SharedGroup};
 use crate::faults;
 use crate::loader;
 use crate::model_io;
@@ -661,6 +661,100 @@ impl<'a> Loop<'a> {
         }
     }
 
+    /// Waits for this rank's next assignment; `Err(next)` when the rank leaves instead
+    /// (stopping, evicted, shut down).
+    fn await_assign(
+        &self,
+        s: &Setup,
+        last_rank: Option<u32>,
+    ) -> Result<Result<pb::Assign, Next>, String> {
+        loop {
+            if self.cancelled() {
+                return Ok(Err(Next::Exit(EXIT_DONE, "rank stopping".into())));
+            }
+            self.heart.beat();
+            match self.directive(Duration::from_millis(100))? {
+                Some(Directive::Assign(x)) => return Ok(Ok(x)),
+                Some(Directive::Drain) | None => continue,
+                Some(Directive::Evict(reason)) => {
+                    warn!(%reason, "evicted");
+                    return Ok(Err(Next::Exit(EXIT_FENCED, format!("evicted: {reason}"))));
+                }
+                Some(Directive::Shutdown(reason)) => {
+                    warn!(%reason, "shut down by the coordinator");
+                    self.save_on_halt(s, last_rank, &reason)?;
+                    return Ok(Err(Next::Exit(EXIT_HALTED, format!("halted: {reason}"))));
+                }
+            }
+        }
+    }
+
+    /// The data-plane group of `generation`, built by the communicator; `None` when it could
+    /// not be built, which is reported to the coordinator (K-13: said, not kept, or the job
+    /// idles with every rank alive).
+    fn connect_group(
+        &self,
+        comm: &ActorRef<CommunicatorMsg>,
+        ctl: &Control,
+        generation: Generation,
+        rank: Rank,
+        world: u32,
+        step: u64,
+    ) -> Result<Option<SharedGroup>, String> {
+        let built = self.sh.handle.block_on(comm.call(
+            |reply| CommunicatorMsg::Connect {
+                generation,
+                rank,
+                world,
+                reply,
+            },
+            Some(self.sh.params.collective_timeout * 10),
+        ));
+        match built {
+            Ok(ractor::rpc::CallResult::Success(Ok(g))) => Ok(Some(g)),
+            Ok(ractor::rpc::CallResult::Success(Err(e))) => {
+                warn!(error = %e, %generation, "could not build the data-plane group; reported, waiting for the next generation");
+                let _ = comm.cast(CommunicatorMsg::Fault(pb::FaultReport {
+                    member_id: ctl.member,
+                    generation: generation.0,
+                    suspect_rank: rank.0,
+                    kind: "group_failed".into(),
+                    detail: e.chars().take(200).collect(),
+                    step,
+                    member_secret: ctl.secret.clone(),
+                }));
+                Ok(None)
+            }
+            Ok(_) | Err(_) => Err("the communicator did not answer".into()),
+        }
+    }
+
+    /// Directives between steps: a newer generation, eviction, shutdown, drain. `Some` ends
+    /// this generation.
+    fn between_steps(
+        &self,
+        s: &Setup,
+        generation: Generation,
+        rank: Rank,
+    ) -> Result<Option<Next>, String> {
+        let d = self.sh.directives.lock().try_recv();
+        Ok(match d {
+            Ok(Directive::Assign(x)) if x.generation > generation.0 => Some(Next::Regroup(Some(x))),
+            Ok(Directive::Evict(reason)) => {
+                warn!(%reason, "evicted");
+                Some(Next::Exit(EXIT_FENCED, format!("evicted: {reason}")))
+            }
+            Ok(Directive::Shutdown(reason)) => {
+                warn!(%reason, "shut down by the coordinator");
+                self.save_on_halt(s, Some(rank.0), &reason)?;
+                Some(Next::Exit(EXIT_HALTED, format!("halted: {reason}")))
+            }
+            Ok(Directive::Drain) => Some(Next::Regroup(None)),
+            Ok(_) | Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Disconnected) => return Err("lost the control agent".into()),
+        })
+    }
+
     /// One generation: wait for it, join, train until it ends.
     fn generation(
         &self,
@@ -677,24 +771,9 @@ impl<'a> Loop<'a> {
         let last_rank = sh.last_rank();
         let assign = match pending {
             Some(a) => a,
-            None => loop {
-                if self.cancelled() {
-                    return Ok(Next::Exit(EXIT_DONE, "rank stopping".into()));
-                }
-                self.heart.beat();
-                match self.directive(Duration::from_millis(100))? {
-                    Some(Directive::Assign(x)) => break x,
-                    Some(Directive::Drain) | None => continue,
-                    Some(Directive::Evict(reason)) => {
-                        warn!(%reason, "evicted");
-                        return Ok(Next::Exit(EXIT_FENCED, format!("evicted: {reason}")));
-                    }
-                    Some(Directive::Shutdown(reason)) => {
-                        warn!(%reason, "shut down by the coordinator");
-                        self.save_on_halt(s, last_rank, &reason)?;
-                        return Ok(Next::Exit(EXIT_HALTED, format!("halted: {reason}")));
-                    }
-                }
+            None => match self.await_assign(s, last_rank)? {
+                Ok(a) => a,
+                Err(next) => return Ok(next),
             },
         };
         if assign.generation <= progress.generation.load(Ordering::Relaxed) {
@@ -709,34 +788,10 @@ impl<'a> Loop<'a> {
         let Some(comm) = sh.communicator.lock().clone() else {
             return Err("no communicator".into());
         };
-        let shared_group = match sh.handle.block_on(comm.call(
-            |reply| CommunicatorMsg::Connect {
-                generation,
-                rank,
-                world,
-                reply,
-            },
-            Some(p.collective_timeout * 10),
-        )) {
-            Ok(ractor::rpc::CallResult::Success(Ok(g))) => g,
-            Ok(ractor::rpc::CallResult::Success(Err(e))) => {
-                // Said, not kept: a group that cannot be built must reach the coordinator
-                // (K-13), or the job idles with every rank alive.
-                warn!(error = %e, %generation, "could not build the data-plane group; reported, waiting for the next generation");
-                let _ = comm.cast(CommunicatorMsg::Fault(pb::FaultReport {
-                    member_id: ctl.member,
-                    generation: generation.0,
-                    suspect_rank: rank.0,
-                    kind: "group_failed".into(),
-                    detail: e.chars().take(200).collect(),
-                    step: s.trainer.step,
-                    member_secret: ctl.secret.clone(),
-                }));
-                return Ok(Next::Regroup(None));
-            }
-            Ok(_) | Err(_) => {
-                return Err("the communicator did not answer".into());
-            }
+        let Some(shared_group) =
+            self.connect_group(&comm, ctl, generation, rank, world, s.trainer.step)?
+        else {
+            return Ok(Next::Regroup(None));
         };
         let group = shared_group.lock();
         let report = |e: &RuntimeError, step: u64| {
@@ -832,24 +887,8 @@ impl<'a> Loop<'a> {
             if self.cancelled() {
                 return Ok(Next::Exit(EXIT_DONE, "rank stopping".into()));
             }
-            // Directives between steps: a newer generation, eviction, shutdown, drain.
-            let d = sh.directives.lock().try_recv();
-            match d {
-                Ok(Directive::Assign(x)) if x.generation > generation.0 => {
-                    return Ok(Next::Regroup(Some(x)));
-                }
-                Ok(Directive::Evict(reason)) => {
-                    warn!(%reason, "evicted");
-                    return Ok(Next::Exit(EXIT_FENCED, format!("evicted: {reason}")));
-                }
-                Ok(Directive::Shutdown(reason)) => {
-                    warn!(%reason, "shut down by the coordinator");
-                    self.save_on_halt(s, Some(rank.0), &reason)?;
-                    return Ok(Next::Exit(EXIT_HALTED, format!("halted: {reason}")));
-                }
-                Ok(Directive::Drain) => return Ok(Next::Regroup(None)),
-                Ok(_) | Err(TryRecvError::Empty) => {}
-                Err(TryRecvError::Disconnected) => return Err("lost the control agent".into()),
+            if let Some(next) = self.between_steps(s, generation, rank)? {
+                return Ok(next);
             }
             let step = s.trainer.step;
             let (epoch, st) = s.sampler.locate(step);
@@ -1069,6 +1108,24 @@ impl<'a> Loop<'a> {
                 }
             }
         }
+        let next = self.finish(ctl, s, &group, rank, generation, &mut metrics);
+        drop(group);
+        next
+    }
+
+    /// The last step is committed: fingerprints, the final barrier, rank 0's evaluation and
+    /// save, and the exit.
+    fn finish(
+        &self,
+        ctl: &Control,
+        s: &mut Setup,
+        group: &UcxGroup,
+        rank: Rank,
+        generation: Generation,
+        metrics: &mut std::fs::File,
+    ) -> Result<Next, String> {
+        let p = &self.sh.params;
+        let progress = &self.sh.progress;
         // Done: the last step is committed on every rank, so the job's result is settled. The
         // coordinator hears so at once (K-13: a rank lost from here on ends nothing and starts
         // no new generation). Every rank records a fingerprint of its final state (G-2: they
@@ -1105,7 +1162,6 @@ impl<'a> Loop<'a> {
             });
             let _ = metrics.write_all(format!("{}\n", line.to_line()).as_bytes());
         }
-        drop(group);
         // Let the coordinator see "done" before the session closes (so the exit is no fault).
         self.heart.busy(false);
         std::thread::sleep(3 * p.heartbeat_interval.max(Duration::from_millis(50)));
