@@ -392,6 +392,94 @@ pub mod fixed {
 }
 
 /// How a generation ended for this rank.
+/// What a rollback did.
+enum Rolled {
+    /// Back at the last checkpoint: the step is redone.
+    Back,
+    /// No checkpoint to go back to: the step stays skipped.
+    Nothing,
+    /// It failed half way: this generation is over.
+    Failed,
+}
+
+/// What one step measured and decided, for the heartbeat and the metrics line.
+struct Measured {
+    step: u64,
+    /// The step's epoch and its index within it.
+    epoch: u64,
+    st: u64,
+    lr: f64,
+    loss: f64,
+    /// None: skipped (non-finite somewhere, T-2).
+    grad_norm: Option<f64>,
+    bad_ranks: Vec<u32>,
+    /// Ranks whose replica differed from the majority's (T-5).
+    odd: Vec<u32>,
+    /// Wall time of the step, and its parts.
+    dt: Duration,
+    data_wait: Duration,
+    compute: Duration,
+    in_collectives: Duration,
+    /// Time this rank was descheduled inside collectives during the step.
+    stalled: Duration,
+}
+
+/// One generation's context, for its steps.
+struct Gen<'g> {
+    ctl: &'g Control,
+    comm: ActorRef<CommunicatorMsg>,
+    generation: Generation,
+    rank: Rank,
+    world: u32,
+    group: &'g UcxGroup,
+    mbs: usize,
+    tokens_per_step: f64,
+    device: tch::Device,
+    /// Every rank's micro-batches of the global batch, and this rank's.
+    shares: Vec<[usize; 2]>,
+    mine: std::ops::Range<usize>,
+    /// The data loader's plan for this generation.
+    plan: u64,
+    metrics: std::fs::File,
+    /// Steps the loader was late for.
+    late: u64,
+}
+
+impl Gen<'_> {
+    /// A failed collective, to the coordinator through the communicator.
+    fn report(&self, e: &RuntimeError, step: u64) {
+        let (ctl, comm) = (self.ctl, &self.comm);
+        report_fault(comm, ctl, self.generation, self.rank, self.world, e, step);
+    }
+}
+
+/// Tells the coordinator, through the communicator, that a collective of `generation` failed
+/// and whom it suspects.
+fn report_fault(
+    comm: &ActorRef<CommunicatorMsg>,
+    ctl: &Control,
+    generation: Generation,
+    rank: Rank,
+    world: u32,
+    e: &RuntimeError,
+    step: u64,
+) {
+    let _ = comm.cast(CommunicatorMsg::Fault(pb::FaultReport {
+        member_id: ctl.member,
+        generation: generation.0,
+        suspect_rank: suspect_of(e, rank, world),
+        kind: if matches!(e, RuntimeError::Timeout { .. }) {
+            "timeout"
+        } else {
+            "peer_failed"
+        }
+        .into(),
+        detail: e.to_string(),
+        step,
+        member_secret: ctl.secret.clone(),
+    }));
+}
+
 enum Next {
     /// Wait for (or take) the next assignment.
     Regroup(Option<pb::Assign>),
@@ -794,28 +882,12 @@ impl<'a> Loop<'a> {
             return Ok(Next::Regroup(None));
         };
         let group = shared_group.lock();
-        let report = |e: &RuntimeError, step: u64| {
-            let _ = comm.cast(CommunicatorMsg::Fault(pb::FaultReport {
-                member_id: ctl.member,
-                generation: generation.0,
-                suspect_rank: suspect_of(e, rank, world),
-                kind: if matches!(e, RuntimeError::Timeout { .. }) {
-                    "timeout"
-                } else {
-                    "peer_failed"
-                }
-                .into(),
-                detail: e.to_string(),
-                step,
-                member_secret: ctl.secret.clone(),
-            }));
-        };
         progress.phase.store(PHASE_HEALING, Ordering::Relaxed);
         let healed = match sync_state(&group, s) {
             Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "state sync failed; waiting for the next generation");
-                report(&e, s.trainer.step);
+                report_fault(&comm, ctl, generation, rank, world, &e, s.trainer.step);
                 return Ok(Next::Regroup(None));
             }
         };
@@ -851,9 +923,9 @@ impl<'a> Loop<'a> {
             })
             .collect();
         let mine = split(rank.0 as usize);
-        let mut plan =
-            sh.loader
-                .set_plan(rank.0 as usize, mine.clone(), s.trainer.step, p.max_steps);
+        let plan = sh
+            .loader
+            .set_plan(rank.0 as usize, mine.clone(), s.trainer.step, p.max_steps);
         let mut metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -880,8 +952,22 @@ impl<'a> Loop<'a> {
                     })?;
             }
         }
-        let mut late = 0u64;
-        let gb = p.global_batch as u64;
+        let mut g = Gen {
+            ctl,
+            comm,
+            generation,
+            rank,
+            world,
+            group: &group,
+            mbs,
+            tokens_per_step,
+            device,
+            shares,
+            mine,
+            plan,
+            metrics,
+            late: 0,
+        };
         while s.trainer.step < p.max_steps {
             self.heart.beat();
             if self.cancelled() {
@@ -890,227 +976,296 @@ impl<'a> Loop<'a> {
             if let Some(next) = self.between_steps(s, generation, rank)? {
                 return Ok(next);
             }
-            let step = s.trainer.step;
-            let (epoch, st) = s.sampler.locate(step);
-            let lr = lr_at(&p.optim, step);
-            let t_step = Instant::now();
-            let taken = sh.loader.take(plan, step, Duration::from_millis(200));
-            let data_wait = t_step.elapsed();
-            let batches = match taken {
-                Some(b) => b,
-                None => {
-                    late += 1;
-                    if late == 1 || late % 100 == 0 {
-                        warn!(
-                            step,
-                            late, "the data loader is late; building the batch here"
-                        );
-                    }
-                    loader::build(&sh.loader.data, &s.ds, mine.clone(), step)
-                }
-            };
-            // Compute time excludes waiting for data and in collectives: it is the straggler
-            // detector's and the rebalancer's measure of this rank's speed.
-            let t_compute = Instant::now();
-            if faults::fire("compute-hang", step, Some(rank.0), generation.0) {
-                loop {
-                    std::thread::sleep(Duration::from_secs(3600));
-                }
-            }
-            let (local_loss, mut buf, local_bad) = if p.deterministic {
-                deterministic_grads(s, &batches, mine.clone(), mbs, step, p.seed)
-            } else {
-                let l = s.trainer.accumulate(&batches, mbs);
-                let b = tensor_vec(s.trainer.flat_grads());
-                let bad = !l.is_finite() || b.iter().any(|x| !x.is_finite());
-                (l, b, bad)
-            };
-            if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
-                panic!("injected compute panic at step {step}");
-            }
-            let compute = t_compute.elapsed();
-            let nan = faults::fire("nan", step, Some(rank.0), generation.0);
-            if nan {
-                buf[0] = f32::NAN;
-            }
-            // Bad numerics are caught before the commit, and named: each rank flags its own
-            // non-finite loss or gradient in a slot of its own that rides along with the sum.
-            let local_bad = local_bad || nan;
-            let n = buf.len();
-            // The global mean loss rides along as one more element of the sum.
-            buf.push((local_loss * mine.len() as f64 / mbs as f64) as f32);
-            buf.extend(std::iter::repeat_n(0f32, world as usize));
-            if local_bad {
-                buf[n + 1 + rank.0 as usize] = 1.0;
-            }
-            let (t_reduce, stalled_before) = (Instant::now(), group.stalled());
-            let reduced = group.allreduce(&mut buf);
-            let mut in_collectives = t_reduce.elapsed();
-            if let Err(e) = reduced {
-                warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
-                s.trainer.model.params.zero_grads();
-                report(&e, step);
-                return Ok(Next::Regroup(None));
-            }
-            let bad_ranks: Vec<u32> = buf[n + 1..]
-                .iter()
-                .enumerate()
-                .filter(|(_, f)| **f > 0.5)
-                .map(|(r, _)| r as u32)
-                .collect();
-            buf.truncate(n + 1);
-            let loss = buf.pop().unwrap_or(f32::NAN) as f64;
-            if p.deterministic {
-                buf = fixed::decode(&buf, world);
-            }
-            let grad_norm = if bad_ranks.is_empty() {
-                *torn = true;
-                let g = s
-                    .trainer
-                    .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
-                *torn = false;
-                g
-            } else {
-                // T-2: every rank sees the same flags and skips the same step.
-                warn!(step, ranks = ?bad_ranks, "non-finite loss or gradient; the step is skipped");
-                s.trainer.model.params.zero_grads();
-                None
-            };
-            if grad_norm.is_none()
-                && p.rollback_on_nonfinite
-                && self.last_rollback.get() != Some(step)
-            {
-                // Every rank saw the same flags, so every rank takes part in the rollback.
-                *torn = true;
-                let back = self.rollback(&group, s, step);
-                match back {
-                    Ok(Some(to)) => {
-                        *torn = false;
-                        self.last_rollback.set(Some(step));
-                        warn!(step, ranks = ?bad_ranks, to, "non-finite loss or gradient; rolled back to the last checkpoint");
-                        if rank.0 == 0 {
-                            let line = MetricLine::Rollback(RollbackLine {
-                                rollback: true,
-                                step,
-                                generation: generation.0,
-                                to_step: to,
-                                nonfinite_ranks: bad_ranks.clone(),
-                                unix_ms: unix_ms(),
-                            });
-                            let _ = metrics.write_all(format!("{}\n", line.to_line()).as_bytes());
-                        }
-                        progress.step.store(s.trainer.step, Ordering::Relaxed);
-                        progress.seq.fetch_add(1, Ordering::Relaxed);
-                        // The loader prepared steps ahead: start it again from the step to redo.
-                        plan = sh.loader.set_plan(
-                            rank.0 as usize,
-                            mine.clone(),
-                            s.trainer.step,
-                            p.max_steps,
-                        );
-                        continue;
-                    }
-                    Ok(None) => *torn = false,
-                    Err(e) => {
-                        // The state may be half restored: heal from a peer next generation.
-                        warn!(error = %e, step, "rollback failed; the step will be redone in the next generation");
-                        report(&e, step);
-                        return Ok(Next::Regroup(None));
-                    }
-                }
-            }
-            if grad_norm.is_none() {
-                // Every rank sees the same summed gradient, so every rank skips the same step.
-                s.trainer.step += 1;
-            }
-            if faults::fire("sdc", step, Some(rank.0), generation.0) {
-                // A flipped low bit in one parameter: what a bad DIMM or a silent GPU error does.
-                tch::no_grad(|| {
-                    let flat = s.trainer.model.params.flat.shallow_clone();
-                    let v = flat.double_value(&[0]) as f32;
-                    let _ = flat.get(0).fill_(f32::from_bits(v.to_bits() ^ 1) as f64);
-                });
-            }
-            let mut odd = Vec::new();
-            if p.fingerprint_interval > 0 && s.trainer.step % p.fingerprint_interval == 0 {
-                let t_check = Instant::now();
-                let checked = check_replicas(&group, s);
-                in_collectives += t_check.elapsed();
-                match checked {
-                    Ok(o) => odd = o,
-                    Err(e) => {
-                        warn!(error = %e, step, "replica check failed; the step will be redone in the next generation");
-                        report(&e, step);
-                        return Ok(Next::Regroup(None));
-                    }
-                }
-                if !odd.is_empty() {
-                    warn!(step, ranks = ?odd, "replicas differ (silent data corruption): healed from the majority");
-                }
-            }
-            let dt = t_step.elapsed();
-            // Everything but waiting in collectives: the rank's own share of the step (data,
-            // compute, optimizer, and any time it was descheduled doing those).
-            // The rank's speed, for the straggler detector and the rebalancer, in two parts: its
-            // forward and backward passes, which scale with its micro-batches, and the rest of
-            // its own work (optimizer, bookkeeping) plus any time it was descheduled inside a
-            // collective (its CPU quota ran out there), which holds the peers up as surely as a
-            // slow compute does. Waiting for peers or data is in neither.
-            let stalled = group.stalled().saturating_sub(stalled_before);
-            let fixed = dt
-                .saturating_sub(data_wait + compute + in_collectives)
-                .saturating_add(stalled.min(in_collectives));
-            progress.step.store(s.trainer.step, Ordering::Relaxed);
-            progress.seq.fetch_add(1, Ordering::Relaxed);
-            progress
-                .step_us
-                .store(dt.as_micros() as u32, Ordering::Relaxed);
-            progress
-                .compute_us
-                .store(compute.as_micros() as u32, Ordering::Relaxed);
-            progress.record_step(step, compute, fixed, mine.len());
-            progress
-                .loss_bits
-                .store((loss as f32).to_bits(), Ordering::Relaxed);
-            // The sample ledger (D-4): the step's sample positions in its epoch's permutation,
-            // and the micro-batches each rank of this world computed. Rank 0 writes it with the
-            // step's figures; the others keep their last one to restate (see above).
-            let ledger = StepLine {
-                step,
-                generation: generation.0,
-                world_size: world as usize,
-                epoch: Some(epoch),
-                positions: Some([st * gb, (st + 1) * gb]),
-                shares: shares.iter().map(|s| [s[0] as u64, s[1] as u64]).collect(),
-                unix_ms: Some(unix_ms()),
-                ..StepLine::default()
-            };
-            if rank.0 != 0 {
-                *self.last_commit.borrow_mut() = Some(ledger);
-            } else {
-                let line = MetricLine::Step(StepLine {
-                    loss: Some(loss),
-                    lr: Some(lr),
-                    tokens_per_s: Some(tokens_per_step / dt.as_secs_f64()),
-                    step_ms: Some(dt.as_secs_f64() * 1e3),
-                    compute_ms: Some(compute.as_secs_f64() * 1e3),
-                    stalled_ms: Some(stalled.as_secs_f64() * 1e3),
-                    grad_norm,
-                    skipped: grad_norm.is_none(),
-                    nonfinite_ranks: bad_ranks,
-                    replica_mismatch: odd,
-                    incarnation: Some(self.incarnation),
-                    ..ledger
-                });
-                let _ = metrics.write_all(format!("{}\n", line.to_line()).as_bytes());
-                if p.checkpoint_interval > 0 && s.trainer.step % p.checkpoint_interval == 0 {
-                    self.checkpoint_async(s);
-                }
+            if let Some(next) = self.one_step(&mut g, s, torn)? {
+                return Ok(next);
             }
         }
-        let next = self.finish(ctl, s, &group, rank, generation, &mut metrics);
+        let next = self.finish(ctl, s, &group, rank, generation, &mut g.metrics);
         drop(group);
         next
+    }
+
+    /// One step of a generation: data, forward and backward, the allreduce, the verdict
+    /// (commit, skip, roll back), the replica check and the record. `Some` ends the generation.
+    fn one_step(
+        &self,
+        g: &mut Gen,
+        s: &mut Setup,
+        torn: &mut bool,
+    ) -> Result<Option<Next>, String> {
+        let (sh, p) = (self.sh, &self.sh.params);
+        let (generation, rank, world, group) = (g.generation, g.rank, g.world, g.group);
+        let (mbs, device) = (g.mbs, g.device);
+        let mine = g.mine.clone();
+        let step = s.trainer.step;
+        let (epoch, st) = s.sampler.locate(step);
+        let lr = lr_at(&p.optim, step);
+        let t_step = Instant::now();
+        let taken = sh.loader.take(g.plan, step, Duration::from_millis(200));
+        let data_wait = t_step.elapsed();
+        let batches = match taken {
+            Some(b) => b,
+            None => {
+                g.late += 1;
+                if g.late == 1 || g.late % 100 == 0 {
+                    warn!(
+                        step,
+                        late = g.late,
+                        "the data loader is late; building the batch here"
+                    );
+                }
+                loader::build(&sh.loader.data, &s.ds, mine.clone(), step)
+            }
+        };
+        // Compute time excludes waiting for data and in collectives: it is the straggler
+        // detector's and the rebalancer's measure of this rank's speed.
+        let t_compute = Instant::now();
+        if faults::fire("compute-hang", step, Some(rank.0), generation.0) {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        let (local_loss, mut buf, local_bad) = if p.deterministic {
+            deterministic_grads(s, &batches, mine.clone(), mbs, step, p.seed)
+        } else {
+            let l = s.trainer.accumulate(&batches, mbs);
+            let b = tensor_vec(s.trainer.flat_grads());
+            let bad = !l.is_finite() || b.iter().any(|x| !x.is_finite());
+            (l, b, bad)
+        };
+        if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
+            panic!("injected compute panic at step {step}");
+        }
+        let compute = t_compute.elapsed();
+        let nan = faults::fire("nan", step, Some(rank.0), generation.0);
+        if nan {
+            buf[0] = f32::NAN;
+        }
+        // Bad numerics are caught before the commit, and named: each rank flags its own
+        // non-finite loss or gradient in a slot of its own that rides along with the sum.
+        let local_bad = local_bad || nan;
+        let n = buf.len();
+        // The global mean loss rides along as one more element of the sum.
+        buf.push((local_loss * mine.len() as f64 / mbs as f64) as f32);
+        buf.extend(std::iter::repeat_n(0f32, world as usize));
+        if local_bad {
+            buf[n + 1 + rank.0 as usize] = 1.0;
+        }
+        let (t_reduce, stalled_before) = (Instant::now(), group.stalled());
+        let reduced = group.allreduce(&mut buf);
+        let mut in_collectives = t_reduce.elapsed();
+        if let Err(e) = reduced {
+            warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
+            s.trainer.model.params.zero_grads();
+            g.report(&e, step);
+            return Ok(Some(Next::Regroup(None)));
+        }
+        let bad_ranks: Vec<u32> = buf[n + 1..]
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| **f > 0.5)
+            .map(|(r, _)| r as u32)
+            .collect();
+        buf.truncate(n + 1);
+        let loss = buf.pop().unwrap_or(f32::NAN) as f64;
+        if p.deterministic {
+            buf = fixed::decode(&buf, world);
+        }
+        let grad_norm = if bad_ranks.is_empty() {
+            *torn = true;
+            let g = s
+                .trainer
+                .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
+            *torn = false;
+            g
+        } else {
+            // T-2: every rank sees the same flags and skips the same step.
+            warn!(step, ranks = ?bad_ranks, "non-finite loss or gradient; the step is skipped");
+            s.trainer.model.params.zero_grads();
+            None
+        };
+        if grad_norm.is_none() && p.rollback_on_nonfinite && self.last_rollback.get() != Some(step)
+        {
+            match self.roll_back(g, s, step, &bad_ranks, torn) {
+                Rolled::Back => return Ok(None),
+                Rolled::Nothing => {}
+                Rolled::Failed => return Ok(Some(Next::Regroup(None))),
+            }
+        }
+        if grad_norm.is_none() {
+            // Every rank sees the same summed gradient, so every rank skips the same step.
+            s.trainer.step += 1;
+        }
+        if faults::fire("sdc", step, Some(rank.0), generation.0) {
+            // A flipped low bit in one parameter: what a bad DIMM or a silent GPU error does.
+            tch::no_grad(|| {
+                let flat = s.trainer.model.params.flat.shallow_clone();
+                let v = flat.double_value(&[0]) as f32;
+                let _ = flat.get(0).fill_(f32::from_bits(v.to_bits() ^ 1) as f64);
+            });
+        }
+        let mut odd = Vec::new();
+        if p.fingerprint_interval > 0 && s.trainer.step % p.fingerprint_interval == 0 {
+            let t_check = Instant::now();
+            let checked = check_replicas(group, s);
+            in_collectives += t_check.elapsed();
+            match checked {
+                Ok(o) => odd = o,
+                Err(e) => {
+                    warn!(error = %e, step, "replica check failed; the step will be redone in the next generation");
+                    g.report(&e, step);
+                    return Ok(Some(Next::Regroup(None)));
+                }
+            }
+            if !odd.is_empty() {
+                warn!(step, ranks = ?odd, "replicas differ (silent data corruption): healed from the majority");
+            }
+        }
+        let measured = Measured {
+            step,
+            epoch,
+            st,
+            lr,
+            loss,
+            grad_norm,
+            bad_ranks,
+            odd,
+            dt: t_step.elapsed(),
+            data_wait,
+            compute,
+            in_collectives,
+            stalled: group.stalled().saturating_sub(stalled_before),
+        };
+        self.record_commit(g, s, measured);
+        Ok(None)
+    }
+
+    /// T-4: every rank saw the same non-finite flags, so every rank rolls back to the last
+    /// checkpoint together (once per step), and the loader starts again from the step to redo.
+    fn roll_back(
+        &self,
+        g: &mut Gen,
+        s: &mut Setup,
+        step: u64,
+        bad_ranks: &[u32],
+        torn: &mut bool,
+    ) -> Rolled {
+        let (sh, p, progress) = (self.sh, &self.sh.params, &self.sh.progress);
+        *torn = true;
+        match self.rollback(g.group, s, step) {
+            Ok(Some(to)) => {
+                *torn = false;
+                self.last_rollback.set(Some(step));
+                warn!(step, ranks = ?bad_ranks, to, "non-finite loss or gradient; rolled back to the last checkpoint");
+                if g.rank.0 == 0 {
+                    let line = MetricLine::Rollback(RollbackLine {
+                        rollback: true,
+                        step,
+                        generation: g.generation.0,
+                        to_step: to,
+                        nonfinite_ranks: bad_ranks.to_vec(),
+                        unix_ms: unix_ms(),
+                    });
+                    let _ = g
+                        .metrics
+                        .write_all(format!("{}\n", line.to_line()).as_bytes());
+                }
+                progress.step.store(s.trainer.step, Ordering::Relaxed);
+                progress.seq.fetch_add(1, Ordering::Relaxed);
+                g.plan = sh.loader.set_plan(
+                    g.rank.0 as usize,
+                    g.mine.clone(),
+                    s.trainer.step,
+                    p.max_steps,
+                );
+                Rolled::Back
+            }
+            Ok(None) => {
+                *torn = false;
+                Rolled::Nothing
+            }
+            Err(e) => {
+                // The state may be half restored: heal from a peer next generation.
+                warn!(error = %e, step, "rollback failed; the step will be redone in the next generation");
+                g.report(&e, step);
+                Rolled::Failed
+            }
+        }
+    }
+
+    /// A committed (or skipped) step: the figures the heartbeat carries, and its line in
+    /// `metrics.jsonl` with the sample ledger's fields (rank 0), or kept to restate (others).
+    fn record_commit(&self, g: &mut Gen, s: &Setup, m: Measured) {
+        let (p, progress) = (&self.sh.params, &self.sh.progress);
+        let Measured {
+            step,
+            dt,
+            compute,
+            stalled,
+            ..
+        } = m;
+        // The rank's speed, for the straggler detector and the rebalancer, in two parts: its
+        // forward and backward passes, which scale with its micro-batches, and the rest of
+        // its own work (optimizer, bookkeeping) plus any time it was descheduled inside a
+        // collective (its CPU quota ran out there), which holds the peers up as surely as a
+        // slow compute does. Waiting for peers or data is in neither.
+        let fixed = dt
+            .saturating_sub(m.data_wait + compute + m.in_collectives)
+            .saturating_add(stalled.min(m.in_collectives));
+        progress.step.store(s.trainer.step, Ordering::Relaxed);
+        progress.seq.fetch_add(1, Ordering::Relaxed);
+        progress
+            .step_us
+            .store(dt.as_micros() as u32, Ordering::Relaxed);
+        progress
+            .compute_us
+            .store(compute.as_micros() as u32, Ordering::Relaxed);
+        progress.record_step(step, compute, fixed, g.mine.len());
+        progress
+            .loss_bits
+            .store((m.loss as f32).to_bits(), Ordering::Relaxed);
+        // The sample ledger (D-4): the step's sample positions in its epoch's permutation,
+        // and the micro-batches each rank of this world computed. Rank 0 writes it with the
+        // step's figures; the others keep their last one to restate (see `generation`).
+        let gb = p.global_batch as u64;
+        let ledger = StepLine {
+            step,
+            generation: g.generation.0,
+            world_size: g.world as usize,
+            epoch: Some(m.epoch),
+            positions: Some([m.st * gb, (m.st + 1) * gb]),
+            shares: g
+                .shares
+                .iter()
+                .map(|s| [s[0] as u64, s[1] as u64])
+                .collect(),
+            unix_ms: Some(unix_ms()),
+            ..StepLine::default()
+        };
+        if g.rank.0 != 0 {
+            *self.last_commit.borrow_mut() = Some(ledger);
+            return;
+        }
+        let line = MetricLine::Step(StepLine {
+            loss: Some(m.loss),
+            lr: Some(m.lr),
+            tokens_per_s: Some(g.tokens_per_step / dt.as_secs_f64()),
+            step_ms: Some(dt.as_secs_f64() * 1e3),
+            compute_ms: Some(compute.as_secs_f64() * 1e3),
+            stalled_ms: Some(stalled.as_secs_f64() * 1e3),
+            grad_norm: m.grad_norm,
+            skipped: m.grad_norm.is_none(),
+            nonfinite_ranks: m.bad_ranks,
+            replica_mismatch: m.odd,
+            incarnation: Some(self.incarnation),
+            ..ledger
+        });
+        let _ = g
+            .metrics
+            .write_all(format!("{}\n", line.to_line()).as_bytes());
+        if p.checkpoint_interval > 0 && s.trainer.step % p.checkpoint_interval == 0 {
+            self.checkpoint_async(s);
+        }
     }
 
     /// The last step is committed: fingerprints, the final barrier, rank 0's evaluation and
