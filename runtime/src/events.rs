@@ -49,13 +49,18 @@ pub fn unix_ms() -> u64 {
 /// line after a crash, or a line from another version), which a reader reports rather than
 /// trusts.
 pub fn read(text: &str) -> (Vec<Record>, usize) {
+    read_lines(text)
+}
+
+/// The lines of a JSON-lines text that are `T`, and how many non-empty lines were not.
+pub fn read_lines<T: serde::de::DeserializeOwned>(text: &str) -> (Vec<T>, usize) {
     let mut bad = 0;
-    let records = text
+    let items = text
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .filter_map(|l| serde_json::from_str::<Record>(l).map_err(|_| bad += 1).ok())
+        .filter_map(|l| serde_json::from_str::<T>(l).map_err(|_| bad += 1).ok())
         .collect();
-    (records, bad)
+    (items, bad)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

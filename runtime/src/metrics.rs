@@ -98,17 +98,7 @@ impl MetricLine {
 /// Reads a metrics log: the lines it holds, and how many were not metric lines (a torn last
 /// line after a crash).
 pub fn read(text: &str) -> (Vec<MetricLine>, usize) {
-    let mut bad = 0;
-    let lines = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .filter_map(|l| {
-            serde_json::from_str::<MetricLine>(l)
-                .map_err(|_| bad += 1)
-                .ok()
-        })
-        .collect();
-    (lines, bad)
+    crate::events::read_lines(text)
 }
 
 #[cfg(test)]

@@ -961,6 +961,18 @@ fn flag_event(sh: &Shared, flag: &FlagChange) {
     }
 }
 
+/// A journal this coordinator must not take over, and why.
+fn journal_refused(opts: &ServiceOpts, reason: String) -> RuntimeError {
+    RuntimeError::Journal {
+        path: opts
+            .journal
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        reason,
+    }
+}
+
 /// Sets the job's config hash from the options; a journal of the same job with another hash
 /// is refused (its ranks trained another model).
 fn pin_config(mut state: State, opts: &ServiceOpts) -> Result<State, RuntimeError> {
@@ -968,18 +980,14 @@ fn pin_config(mut state: State, opts: &ServiceOpts) -> Result<State, RuntimeErro
         return Ok(state);
     };
     if !state.config_hash.is_empty() && state.config_hash != *want {
-        return Err(RuntimeError::Journal {
-            path: opts
-                .journal
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            reason: format!(
+        return Err(journal_refused(
+            opts,
+            format!(
                 "its job ran with config hash {}, not {want}; use another run directory for \
                  another model or dataset",
                 state.config_hash
             ),
-        });
+        ));
     }
     state.config_hash = want.clone();
     Ok(state)
@@ -1116,17 +1124,13 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
             (s, true)
         }
         Some(js) => {
-            return Err(RuntimeError::Journal {
-                path: opts
-                    .journal
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                reason: format!(
+            return Err(journal_refused(
+                opts,
+                format!(
                     "it belongs to job {:?}, not {:?}; use another journal path",
                     js.job_id, opts.job_id
                 ),
-            })
+            ))
         }
         None => (State::new(&opts.job_id, opts.target_world), false),
     };
