@@ -1555,6 +1555,7 @@ fn apply_regroup(s: &mut State, r: &Regroup) {
         }
     }
     let uneven = !r.shares.is_empty();
+    let nothing_committed = r.resume_step == Step(0) && s.newest_step == Step(0);
     for (i, id) in r.ranks.iter().enumerate() {
         // Survivors listed for a heal only lag in what their heartbeats said; a promoted
         // spare has nothing of the job until its heal is done.
@@ -1570,8 +1571,11 @@ fn apply_regroup(s: &mut State, r: &Regroup) {
             m.judge.restart_window();
             m.judge.rebalanced = uneven && m.judge.straggler;
             if joining {
-                // It holds the committed state once it reports the resume step (K-9).
-                m.holds_state = false;
+                // It holds the committed state once it reports the resume step (K-9), unless
+                // nothing was ever committed: then the state is the seed's initial model, which
+                // every member has, and a rank that has not reported yet (its steps are
+                // milliseconds, its heartbeats are not) holds it as surely as its peers.
+                m.holds_state = nothing_committed;
             } else {
                 m.step = r.resume_step.max(m.step);
             }
@@ -1628,6 +1632,40 @@ mod tests {
         let some = *s.members.keys().next().unwrap();
         s.session_closed(t, some);
         s.register(t, reg(Role::Spare), &c).unwrap();
+    }
+
+    // K-9 with K-4: in the first generation a rank that has not sent a heartbeat since it was
+    // formed (its steps took milliseconds) still holds the state its peers committed (they
+    // commit in lockstep): when the only rank that reported is lost, the job stops for
+    // min_world, not because "no member holds the committed state" (a CI run did that).
+    #[test]
+    fn a_first_generation_rank_that_has_not_reported_still_holds_the_state() {
+        let c = CoreConfig {
+            min_world: 2,
+            ..cfg()
+        };
+        let t = Instant::now();
+        let mut s = job(t, 2, 0, &c);
+        let (quiet, reported) = (s.ranks[0], s.ranks[1]);
+        beat(&mut s, t, reported, 31, 1, &c);
+        s.session_closed(t, reported);
+        let d = decide(t, &s, &c);
+        let Decision::Halt { reason } = &d else {
+            panic!("{d:?}")
+        };
+        assert!(reason.contains("min_world = 2"), "{reason}");
+        assert!(s.members[&quiet].holds_state);
+        // With min_world 1 the quiet rank goes on alone, from the committed step.
+        let c = cfg();
+        let mut s = job(t, 2, 0, &c);
+        let reported = s.ranks[1];
+        beat(&mut s, t, reported, 31, 1, &c);
+        s.session_closed(t, reported);
+        let d = decide(t, &s, &c);
+        assert!(
+            matches!(&d, Decision::Regroup(r) if r.ranks.len() == 1),
+            "{d:?}"
+        );
     }
 
     // Members who left are forgotten beyond the newest DEPARTED_KEPT: a client that registers
