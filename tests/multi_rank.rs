@@ -1128,9 +1128,17 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
     // clear needs, which bounds the number of regroups.
     let lifted = quota_lifted(&events);
     let last = gens.last().unwrap();
+    let flags: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            e["kind"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("straggler"))
+        })
+        .collect();
     assert!(
         last["shares"].as_array().unwrap().is_empty(),
-        "the split evens out: {last}"
+        "the split evens out: {last}; quota lifted at step {lifted}; straggler events {flags:?}"
     );
     assert!(gens.iter().all(|g| g["members"] == members), "{gens:?}");
     assert!(gens.len() <= 12, "{} generations: {gens:?}", gens.len());

@@ -314,7 +314,17 @@ impl Judge {
             self.end_streak();
             self.normal_in_generation += 1;
         }
-        let normal = own - peers <= bar.min_excess || own <= cfg.clear_ratio * peers;
+        // A rank at a reduced share is measured on a scale biased against it: its one or few
+        // micro-batches run while every peer computes (the peers finish theirs with the cores
+        // to themselves), and the step's own overhead falls on fewer of them. Measured at 1.2-1.6x
+        // its peers once recovered, it clears when no longer slow by the flag's own bar; if
+        // that was too early, the even share shows it and the relapse doubles the next wait.
+        let clear_ratio = if self.rebalanced {
+            cfg.ratio
+        } else {
+            cfg.clear_ratio
+        };
+        let normal = own - peers <= bar.min_excess || own <= clear_ratio * peers;
         self.normal_streak = if normal { self.normal_streak + 1 } else { 0 };
         // Clearing needs unflag_after normal steps, doubled for each recent relapse (at most 16x).
         let clear_after = cfg.unflag_after.saturating_mul(1 << self.relapses.min(4));
