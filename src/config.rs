@@ -151,11 +151,23 @@ impl Default for TrainSection {
 
 /// Where a rank's peers reach it (docs/dataplane.md, "Addresses"). Empty: the address of the
 /// interface that routes to the coordinator. `PHALANX_ADDRESS` / `PHALANX_SOCKET_IFNAME` win.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataplaneSection {
     pub address: String,
     pub interface: String,
+    /// A collective that completes nothing for this long fails on every member (P-6).
+    pub collective_timeout_ms: u64,
+}
+
+impl Default for DataplaneSection {
+    fn default() -> Self {
+        DataplaneSection {
+            address: String::new(),
+            interface: String::new(),
+            collective_timeout_ms: 2000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -571,6 +583,24 @@ impl TrainConfig {
                 "run.watchdog_timeout_ms",
                 r.watchdog_timeout_ms,
                 "must be at least 1000: a healthy step or collective must never look stuck",
+            );
+        }
+        let ct = self.dataplane.collective_timeout_ms;
+        if !(100..=600_000).contains(&ct) {
+            return bad(
+                "dataplane.collective_timeout_ms",
+                ct,
+                "must be between 100 and 600000 (the default is 2000)",
+            );
+        }
+        if r.watchdog_timeout_ms <= ct {
+            return bad(
+                "run.watchdog_timeout_ms",
+                r.watchdog_timeout_ms,
+                &format!(
+                    "must exceed dataplane.collective_timeout_ms ({ct}): a collective that times \
+                     out must be reported before the watchdog gives the rank up"
+                ),
             );
         }
         if r.restart_window_ms == 0 {

@@ -9,6 +9,8 @@ mod cgroup;
 mod config;
 mod control;
 mod hosts;
+#[cfg(test)]
+mod in_process;
 mod launch;
 mod launch_hosts;
 mod launch_load;

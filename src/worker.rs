@@ -129,8 +129,33 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         cfg.train.threads = 1;
     }
     let first = train::setup(&cfg)?;
+    let params = rank_params(&a, &cfg, &first)?;
+    // A rank fenced out of the job (evicted while hung, then woken) comes back as a spare:
+    // with fresh state, which it receives from a peer if it is promoted. Under `phalanx
+    // launch` the launcher restarts it as a new process instead.
+    let mut params = params;
+    let mut first = first;
+    loop {
+        let code = rank::run(params.clone(), first)?;
+        if code != EXIT_FENCED || std::env::var_os("PHALANX_PARENT_PID").is_some() || a.no_rejoin {
+            return Ok(code);
+        }
+        warn!("fenced out of the job; registering again as a spare");
+        first = train::setup(&cfg)?;
+        params.register.role = pb::Role::Spare as i32;
+        params.register.member_id = 0;
+    }
+}
+
+/// A rank's parameters from the job's config, the launcher's environment and the worker's
+/// arguments; `first` is its first state (whose dataset names the sources in the config hash).
+pub fn rank_params(
+    a: &WorkerArgs,
+    cfg: &TrainConfig,
+    first: &phalanx_actors::Setup,
+) -> Result<RankParams> {
     let meta = serde_json::to_string(&first.ds.meta.sources).unwrap_or_default();
-    let hash = config_hash(&cfg, &meta);
+    let hash = config_hash(cfg, &meta);
     info!(config_hash = %hash, "the coordinator's --config-hash for this config");
     let hints = launcher_hints();
     if !hints.is_empty() {
@@ -180,27 +205,14 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         rollback_on_nonfinite: r.on_nonfinite == crate::config::OnNonfinite::Rollback,
         deterministic: cfg.train.deterministic,
         seed: cfg.train.seed,
-        collective_timeout: Duration::from_millis(2000),
+        collective_timeout: Duration::from_millis(cfg.dataplane.collective_timeout_ms),
         watchdog: Duration::from_millis(r.watchdog_timeout_ms),
         intensity: Intensity {
             max_restarts: r.max_restarts,
             within: Duration::from_millis(r.restart_window_ms),
         },
         prefetch: r.prefetch_steps,
+        data_plane: phalanx_actors::comm::ucx(),
     };
-    // A rank fenced out of the job (evicted while hung, then woken) comes back as a spare:
-    // with fresh state, which it receives from a peer if it is promoted. Under `phalanx
-    // launch` the launcher restarts it as a new process instead.
-    let mut params = params;
-    let mut first = first;
-    loop {
-        let code = rank::run(params.clone(), first)?;
-        if code != EXIT_FENCED || std::env::var_os("PHALANX_PARENT_PID").is_some() || a.no_rejoin {
-            return Ok(code);
-        }
-        warn!("fenced out of the job; registering again as a spare");
-        first = train::setup(&cfg)?;
-        params.register.role = pb::Role::Spare as i32;
-        params.register.member_id = 0;
-    }
+    Ok(params)
 }

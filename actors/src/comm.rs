@@ -1,9 +1,9 @@
 //! `CommunicatorActor`: owns the data-plane group of the current generation.
 //!
-//! It builds the UCX group for each generation (the address rendezvous goes through the
-//! coordinator), lends it to the compute loop for that generation, reports collective
-//! faults to the coordinator and drops the group when it is superseded. The group's UCX
-//! worker lives on its own thread inside [`UcxGroup`]; the compute thread runs the
+//! It builds the group for each generation through the rank's [`DataPlane`] (the address
+//! rendezvous goes through the coordinator), lends it to the compute loop for that generation,
+//! reports collective faults to the coordinator and drops the group when it is superseded. A
+//! UCX group's worker lives on its own thread inside [`UcxGroup`]; the compute thread runs the
 //! collectives on it directly so that a step costs no extra hop.
 
 use crate::rank::Shared;
@@ -11,7 +11,9 @@ use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client::Client;
 use phalanx_runtime::coordinator::observed;
 use phalanx_runtime::dataplane::links::summary;
-use phalanx_runtime::dataplane::{AddressExchange, Exchanged, GroupKey, UcxConfig, UcxGroup};
+use phalanx_runtime::dataplane::{
+    AddressExchange, CollConfig, Exchanged, Group, GroupKey, InProcFabrics, UcxConfig, UcxGroup,
+};
 use phalanx_runtime::{Generation, Rank, RuntimeError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::Arc;
@@ -59,15 +61,62 @@ impl AddressExchange for CoordExchange {
     }
 }
 
+/// What a generation's group is built from.
+pub struct GroupRequest {
+    pub rank: Rank,
+    pub world: u32,
+    pub generation: Generation,
+    pub collective_timeout: Duration,
+    /// The address this rank's peers reach its listeners at.
+    pub advertise_ip: String,
+    /// The address rendezvous through the coordinator, which also hands out the group key.
+    pub exchange: Box<dyn AddressExchange>,
+}
+
+/// Builds a generation's group: over UCX in a worker process, over in-process ranks in tests
+/// of the whole rank. Called on a blocking thread.
+pub type DataPlane =
+    Arc<dyn Fn(GroupRequest) -> Result<Box<dyn Group>, RuntimeError> + Send + Sync>;
+
+/// The data plane of a worker process.
+pub fn ucx() -> DataPlane {
+    Arc::new(|r: GroupRequest| {
+        let mut ucx = UcxConfig::default();
+        ucx.coll.timeout = r.collective_timeout;
+        ucx.liveness_ip = r.advertise_ip;
+        let g = UcxGroup::connect(r.rank, r.world, r.generation, ucx, r.exchange)?;
+        Ok(Box::new(g) as Box<dyn Group>)
+    })
+}
+
+/// Ranks that are threads of one process: the rendezvous still goes through the coordinator
+/// (it is where a generation's members meet), the bytes through `fabrics`.
+pub fn in_process(fabrics: Arc<InProcFabrics>) -> DataPlane {
+    Arc::new(move |mut r: GroupRequest| {
+        r.exchange.exchange(
+            r.rank,
+            r.world,
+            r.generation,
+            &r.rank.0.to_le_bytes(),
+            r.collective_timeout * 5,
+        )?;
+        let cfg = CollConfig {
+            timeout: r.collective_timeout,
+            ..CollConfig::default()
+        };
+        Ok(Box::new(fabrics.join(r.rank, r.world, r.generation, cfg)) as Box<dyn Group>)
+    })
+}
+
 pub struct CommunicatorActor;
 
 pub struct CommunicatorArgs {
     pub shared: Arc<Shared>,
 }
 
-/// `UcxGroup` is a handle to its UCX thread, usable from one thread at a time: the compute
-/// thread locks it for the generation.
-pub type SharedGroup = Arc<parking_lot::Mutex<UcxGroup>>;
+/// A generation's group, usable from one thread at a time: the compute thread locks it for the
+/// generation.
+pub type SharedGroup = Arc<parking_lot::Mutex<Box<dyn Group>>>;
 
 pub type GroupReply = Result<SharedGroup, String>;
 
@@ -125,24 +174,26 @@ impl Actor for CommunicatorActor {
                     let _ = reply.send(Err("not registered with the coordinator".into()));
                     return Ok(());
                 };
-                let mut ucx = UcxConfig::default();
-                ucx.coll.timeout = st.shared.params.collective_timeout;
-                ucx.liveness_ip = st.shared.params.advertise_ip.clone();
-                let exchange = CoordExchange {
-                    handle: st.shared.handle.clone(),
-                    client: ctl.client,
-                    member: ctl.member,
-                    secret: ctl.secret,
+                let req = GroupRequest {
+                    rank,
+                    world,
+                    generation,
+                    collective_timeout: st.shared.params.collective_timeout,
+                    advertise_ip: st.shared.params.advertise_ip.clone(),
+                    exchange: Box::new(CoordExchange {
+                        handle: st.shared.handle.clone(),
+                        client: ctl.client,
+                        member: ctl.member,
+                        secret: ctl.secret,
+                    }),
                 };
-                let r = tokio::task::spawn_blocking(move || {
-                    UcxGroup::connect(rank, world, generation, ucx, Box::new(exchange))
-                })
-                .await?;
+                let build = st.shared.params.data_plane.clone();
+                let r = tokio::task::spawn_blocking(move || build(req)).await?;
                 let r = r
                     .map(|g| Arc::new(parking_lot::Mutex::new(g)))
                     .map_err(|e| e.to_string());
                 if let Ok(g) = &r {
-                    let links = g.lock().links().to_vec();
+                    let links = g.lock().links();
                     info!(%generation, %rank, links = %summary(&links), "data-plane group built");
                     *st.shared.group_links.lock() = links.iter().map(observed::to_pb).collect();
                     st.group = Some(g.clone());

@@ -19,7 +19,7 @@ use crate::supervisor::{finish_reason, spawn_body, Heart};
 use crate::Setup;
 use phalanx_model::optim::lr_at;
 use phalanx_proto::pb;
-use phalanx_runtime::dataplane::UcxGroup;
+use phalanx_runtime::dataplane::Group;
 use phalanx_runtime::events::unix_ms;
 use phalanx_runtime::metrics::{FinalLine, MetricLine, RollbackLine, StepLine};
 use phalanx_runtime::{Generation, Rank, RuntimeError};
@@ -138,17 +138,9 @@ enum Healed {
 /// ranks at the highest step send parameters, optimizer state and step to the others, striped
 /// over all of them when there are several (a joiner then pulls from every holder at once),
 /// broadcast from the one otherwise.
-fn sync_state(group: &UcxGroup, s: &mut Setup) -> Result<Option<Healed>, RuntimeError> {
+fn sync_state(group: &dyn Group, s: &mut Setup) -> Result<Option<Healed>, RuntimeError> {
     let world = group.world() as usize;
-    let mut steps = vec![0f32; world * 2];
-    // Steps up to 2^24 are exact in f32; split into high and low halves beyond that.
-    let st = s.trainer.step;
-    steps[group.rank().0 as usize * 2] = (st >> 20) as f32;
-    steps[group.rank().0 as usize * 2 + 1] = (st & 0xF_FFFF) as f32;
-    group.allreduce(&mut steps)?;
-    let all: Vec<u64> = (0..world)
-        .map(|r| ((steps[2 * r] as u64) << 20) | steps[2 * r + 1] as u64)
-        .collect();
+    let all = group.gather_u64(s.trainer.step)?;
     let max = *all.iter().max().unwrap_or(&0);
     if all.iter().all(|&x| x == max) {
         return Ok(None);
@@ -236,7 +228,7 @@ fn load_state(s: &mut Setup, buf: &[u8]) -> Result<(), RuntimeError> {
 }
 
 /// `leader` broadcasts parameters, optimizer state and step; every other rank takes them.
-fn transfer_state(group: &UcxGroup, s: &mut Setup, leader: u32) -> Result<(), RuntimeError> {
+fn transfer_state(group: &dyn Group, s: &mut Setup, leader: u32) -> Result<(), RuntimeError> {
     let mut buf = if group.rank().0 == leader {
         state_bytes(s)
     } else {
@@ -281,20 +273,10 @@ pub fn odd_ranks(digests: &[u64]) -> (Vec<u32>, u32) {
     (odd, leader)
 }
 
-/// Silent-data-corruption check: every rank's digest goes to every rank (16-bit limbs in
-/// f32 slots, exact); ranks that differ from the majority are named and healed from it.
-fn check_replicas(group: &UcxGroup, s: &mut Setup) -> Result<Vec<u32>, RuntimeError> {
-    let world = group.world() as usize;
-    let me = group.rank().0 as usize;
-    let d = quick_fingerprint(s);
-    let mut slots = vec![0f32; world * 4];
-    for i in 0..4 {
-        slots[me * 4 + i] = ((d >> (16 * i)) & 0xFFFF) as f32;
-    }
-    group.allreduce(&mut slots)?;
-    let digests: Vec<u64> = (0..world)
-        .map(|r| (0..4).fold(0u64, |acc, i| acc | ((slots[r * 4 + i] as u64) << (16 * i))))
-        .collect();
+/// Silent-data-corruption check: every rank's digest goes to every rank; ranks that differ
+/// from the majority are named and healed from it.
+fn check_replicas(group: &dyn Group, s: &mut Setup) -> Result<Vec<u32>, RuntimeError> {
+    let digests = group.gather_u64(quick_fingerprint(s))?;
     let (odd, leader) = odd_ranks(&digests);
     if !odd.is_empty() {
         transfer_state(group, s, leader)?;
@@ -431,7 +413,7 @@ struct Gen<'g> {
     generation: Generation,
     rank: Rank,
     world: u32,
-    group: &'g UcxGroup,
+    group: &'g dyn Group,
     mbs: usize,
     tokens_per_step: f64,
     device: tch::Device,
@@ -516,7 +498,7 @@ impl<'a> Loop<'a> {
     /// 0 has no checkpoint to go back to (the step is then skipped).
     fn rollback(
         &self,
-        group: &UcxGroup,
+        group: &dyn Group,
         s: &mut Setup,
         step: u64,
     ) -> Result<Option<u64>, RuntimeError> {
@@ -881,9 +863,10 @@ impl<'a> Loop<'a> {
         else {
             return Ok(Next::Regroup(None));
         };
-        let group = shared_group.lock();
+        let guard = shared_group.lock();
+        let group: &dyn Group = &**guard;
         progress.phase.store(PHASE_HEALING, Ordering::Relaxed);
-        let healed = match sync_state(&group, s) {
+        let healed = match sync_state(group, s) {
             Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "state sync failed; waiting for the next generation");
@@ -958,7 +941,7 @@ impl<'a> Loop<'a> {
             generation,
             rank,
             world,
-            group: &group,
+            group,
             mbs,
             tokens_per_step,
             device,
@@ -980,8 +963,8 @@ impl<'a> Loop<'a> {
                 return Ok(next);
             }
         }
-        let next = self.finish(ctl, s, &group, rank, generation, &mut g.metrics);
-        drop(group);
+        let next = self.finish(ctl, s, group, rank, generation, &mut g.metrics);
+        drop(guard);
         next
     }
 
@@ -1274,7 +1257,7 @@ impl<'a> Loop<'a> {
         &self,
         ctl: &Control,
         s: &mut Setup,
-        group: &UcxGroup,
+        group: &dyn Group,
         rank: Rank,
         generation: Generation,
         metrics: &mut std::fs::File,

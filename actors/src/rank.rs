@@ -82,6 +82,8 @@ pub struct RankParams {
     pub intensity: Intensity,
     /// Steps the data loader prepares ahead.
     pub prefetch: usize,
+    /// How each generation's group is built (`comm::ucx()` in a worker process).
+    pub data_plane: crate::comm::DataPlane,
 }
 
 /// Progress the compute loop publishes and the control agent heartbeats.
@@ -253,13 +255,16 @@ pub fn child_specs(watchdog: Duration) -> Vec<ChildSpec> {
 
 struct Factory {
     shared: Arc<Shared>,
+    /// This rank's number among the ranks started in this process (in its actors' names).
+    tag: u64,
 }
 
 impl ChildFactory for Factory {
     fn start(&self, idx: usize, incarnation: u64, heart: Heart, sup: ActorCell) -> StartFuture {
         let shared = self.shared.clone();
+        let tag = self.tag;
         Box::pin(async move {
-            let name = |n: &str| Some(format!("{n}-{incarnation}"));
+            let name = |n: &str| Some(format!("{n}-{tag}-{incarnation}"));
             let cell = match idx {
                 CONTROL => {
                     let (r, _) = Actor::spawn_linked(
@@ -337,6 +342,24 @@ impl ChildFactory for Factory {
 /// incarnation's state, built by the caller before the rank registers, so that bad input (a
 /// missing dataset, a bad model config) fails before the job sees this worker.
 pub fn run(params: RankParams, first: Setup) -> Result<i32> {
+    start(params, first)?.wait()
+}
+
+/// A running rank: its async runtime (control agent, supervisor and the actors' tasks) and
+/// what its children share.
+pub struct RankHandle {
+    rt: tokio::runtime::Runtime,
+    shared: Arc<Shared>,
+    outcome: Arc<Mutex<Option<RankOutcome>>>,
+    ended: tokio::sync::oneshot::Receiver<Result<()>>,
+    url: String,
+}
+
+/// Ranks started in this process, so that each supervisor has a name of its own.
+static STARTED: AtomicU64 = AtomicU64::new(0);
+
+/// Starts one rank (see [`run`]).
+pub fn start(params: RankParams, first: Setup) -> Result<RankHandle> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("phalanx-rank")
@@ -384,36 +407,86 @@ pub fn run(params: RankParams, first: Setup) -> Result<i32> {
     });
     let outcome = Arc::new(Mutex::new(None::<RankOutcome>));
     let o = outcome.clone();
+    // Actor names are unique per process, and a test may run several ranks in one.
+    let tag = STARTED.fetch_add(1, Ordering::Relaxed);
     let factory = Arc::new(Factory {
         shared: shared.clone(),
+        tag,
     });
-    rt.block_on(async move {
-        let (_sup, handle) = Actor::spawn(
-            Some(format!("rank-{}", std::process::id())),
-            RankSupervisor,
-            RankArgs {
-                specs,
-                factory,
-                intensity,
-                watchdog_tick: Duration::from_millis(100),
-                outcome: o,
-            },
-        )
-        .await
-        .map_err(|e| ActorError::Spawn(e.to_string()))?;
-        let _ = handle.await;
-        Ok::<(), ActorError>(())
-    })?;
-    shared.stopping.store(true, Ordering::Relaxed);
-    let out = outcome.lock().clone().unwrap_or(RankOutcome {
-        code: EXIT_ESCALATED,
-        reason: "the rank supervisor ended without an outcome".into(),
-        log: Vec::new(),
+    let name = format!("rank-{}-{tag}", std::process::id());
+    let (end_tx, ended) = tokio::sync::oneshot::channel();
+    rt.spawn(async move {
+        let r = async {
+            let (_sup, handle) = Actor::spawn(
+                Some(name),
+                RankSupervisor,
+                RankArgs {
+                    specs,
+                    factory,
+                    intensity,
+                    watchdog_tick: Duration::from_millis(100),
+                    outcome: o,
+                },
+            )
+            .await
+            .map_err(|e| ActorError::Spawn(e.to_string()))?;
+            let _ = handle.await;
+            Ok::<(), ActorError>(())
+        }
+        .await;
+        let _ = end_tx.send(r);
     });
-    if let Some(reason) = shared.refused.lock().clone() {
-        return Err(ActorError::Refused { url, reason });
+    Ok(RankHandle {
+        rt,
+        shared,
+        outcome,
+        ended,
+        url,
+    })
+}
+
+impl RankHandle {
+    /// The last step this rank committed.
+    pub fn step(&self) -> u64 {
+        self.shared.progress.step.load(Ordering::Relaxed)
     }
-    // Threads that are stuck (the reason the rank gives up) must not keep the process.
-    rt.shutdown_timeout(Duration::from_millis(500));
-    Ok(out.code)
+
+    /// Waits for the rank's end; returns the process exit code.
+    pub fn wait(self) -> Result<i32> {
+        let RankHandle {
+            rt,
+            shared,
+            outcome,
+            ended,
+            url,
+        } = self;
+        match rt.block_on(ended) {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ActorError::Spawn(
+                    "the rank supervisor's task was lost".into(),
+                ))
+            }
+        }
+        shared.stopping.store(true, Ordering::Relaxed);
+        let out = outcome.lock().clone().unwrap_or(RankOutcome {
+            code: EXIT_ESCALATED,
+            reason: "the rank supervisor ended without an outcome".into(),
+            log: Vec::new(),
+        });
+        if let Some(reason) = shared.refused.lock().clone() {
+            return Err(ActorError::Refused { url, reason });
+        }
+        // Threads that are stuck (the reason the rank gives up) must not keep the process.
+        rt.shutdown_timeout(Duration::from_millis(500));
+        Ok(out.code)
+    }
+
+    /// Ends the rank as a crash would, for ranks that are threads of a test: its tasks and
+    /// connections are dropped at once (the coordinator sees its session break), and its
+    /// threads leave at their next check, closing its data-plane group.
+    pub fn crash(self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.rt.shutdown_background();
+    }
 }

@@ -457,10 +457,19 @@ impl Transport for InProcTransport {
                 Ok(None) => {}
                 Err(e) => return Err(self.fail(e)),
             }
-            let dead = lock(&self.net.shared.dead)
-                .iter()
-                .position(|d| *d)
-                .filter(|&r| r as u32 != self.rank.0);
+            // A peer that is gone fails the wait when this rank still expects something from
+            // it that is not here: a rank that finished and left has sent all it had to.
+            let dead = {
+                let dead = lock(&self.net.shared.dead);
+                let boxes = lock(&self.net.shared.boxes);
+                let mine = &boxes[self.rank.0 as usize];
+                dead.iter().enumerate().position(|(r, &d)| {
+                    let r = Rank(r as u32);
+                    d && r != self.rank
+                        && self.recvs.iter().any(|p| p.from == r)
+                        && !mine.iter().any(|e| e.src == r)
+                })
+            };
             if let Some(r) = dead {
                 return Err(self.fail(RuntimeError::PeerFailed {
                     rank: Rank(r as u32),

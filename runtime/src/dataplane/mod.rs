@@ -4,6 +4,7 @@
 //! - [`collectives`]: ring allreduce, reduce-scatter, allgather, broadcast, barrier, striped
 //!   point-to-point, over any transport.
 //! - [`inproc`]: an in-process transport for fast tests of the algorithms.
+//! - [`group`]: the [`Group`] a training loop uses, over UCX or in-process ranks.
 //! - [`ucx`]: the UCX transport and [`UcxGroup`], the handle the runtime uses.
 //! - [`bootstrap`]: address exchange until the control plane does it.
 //! - [`liveness`]: one idle TCP connection per pair of members, so a crash is seen at once.
@@ -17,6 +18,7 @@ pub mod address;
 pub mod admission;
 pub mod bootstrap;
 pub mod collectives;
+pub mod group;
 pub mod inproc;
 pub mod links;
 pub mod liveness;
@@ -27,6 +29,7 @@ pub use address::{advertised_ip, AddressChoice, AddressSettings, AddressSource};
 pub use admission::GroupKey;
 pub use bootstrap::{AddressExchange, BootstrapServer, Exchanged, TcpBootstrap};
 pub use collectives::{CollConfig, Collectives};
+pub use group::{Group, InProcFabrics, InProcGroup};
 pub use links::{Link, PeerLink};
 pub use transport::Transport;
 pub use ucx::{UcxConfig, UcxGroup, UcxStats};
