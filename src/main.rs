@@ -120,46 +120,7 @@ enum Cmd {
         overrides: Vec<String>,
     },
     /// A local job: coordinator + N ranks (+ K hot spares) on this machine.
-    Launch {
-        #[arg(long)]
-        nproc: usize,
-        #[arg(long, default_value_t = 0)]
-        spares: usize,
-        #[arg(long)]
-        config: PathBuf,
-        /// Fault injection: SIGKILL rank RANK once step STEP is committed (STEP:RANK).
-        #[arg(long, value_name = "STEP:RANK")]
-        kill_at: Option<String>,
-        /// Fault injection: SIGSTOP rank RANK once step STEP is committed ...
-        #[arg(long, value_name = "STEP:RANK")]
-        stop_at: Option<String>,
-        /// ... and SIGCONT it this many milliseconds later.
-        #[arg(long, default_value_t = 5000)]
-        stop_for_ms: u64,
-        /// Fault injection: once step STEP is committed, limit rank RANK's process to
-        /// --slow-cpu-pct percent of one core (a cgroup CPU quota): a straggler.
-        #[arg(long, value_name = "STEP:RANK")]
-        slow_at: Option<String>,
-        #[arg(long, default_value_t = 25)]
-        slow_cpu_pct: u32,
-        /// ... and lift the quota once this many more steps are committed (0: never).
-        #[arg(long, default_value_t = 0)]
-        slow_steps: u64,
-        /// Fault injection: SIGKILL an active rank every SECS seconds (ranks 0, 1, ... in
-        /// turn); the launcher starts a new spare process for each.
-        #[arg(long, value_name = "SECS")]
-        kill_every: Option<f64>,
-        /// Restart a spare process every SECS seconds (kill it; the launcher starts a new one):
-        /// the CPU cost of a process start beside the training ranks.
-        #[arg(long, value_name = "SECS")]
-        restart_spare_every: Option<f64>,
-        /// A noisy neighbour: a busy-loop process takes one core for BUSY_MS every PERIOD_MS.
-        #[arg(long, value_name = "BUSY_MS:PERIOD_MS")]
-        noise: Option<String>,
-        #[command(flatten)]
-        hosts: launch_hosts::HostArgs,
-        overrides: Vec<String>,
-    },
+    Launch(LaunchCli),
     /// Run the job's coordinator (membership, generations, failure detection).
     Coordinator {
         /// Address to listen on (port 0 picks a free port; the first stdout line names it).
@@ -324,6 +285,49 @@ enum CheckpointCmd {
     Inspect { dir: PathBuf },
 }
 
+/// `phalanx launch`'s arguments.
+#[derive(clap::Args)]
+struct LaunchCli {
+    #[arg(long)]
+    nproc: usize,
+    #[arg(long, default_value_t = 0)]
+    spares: usize,
+    #[arg(long)]
+    config: PathBuf,
+    /// Fault injection: SIGKILL rank RANK once step STEP is committed (STEP:RANK).
+    #[arg(long, value_name = "STEP:RANK")]
+    kill_at: Option<String>,
+    /// Fault injection: SIGSTOP rank RANK once step STEP is committed ...
+    #[arg(long, value_name = "STEP:RANK")]
+    stop_at: Option<String>,
+    /// ... and SIGCONT it this many milliseconds later.
+    #[arg(long, default_value_t = 5000)]
+    stop_for_ms: u64,
+    /// Fault injection: once step STEP is committed, limit rank RANK's process to
+    /// --slow-cpu-pct percent of one core (a cgroup CPU quota): a straggler.
+    #[arg(long, value_name = "STEP:RANK")]
+    slow_at: Option<String>,
+    #[arg(long, default_value_t = 25)]
+    slow_cpu_pct: u32,
+    /// ... and lift the quota once this many more steps are committed (0: never).
+    #[arg(long, default_value_t = 0)]
+    slow_steps: u64,
+    /// Fault injection: SIGKILL an active rank every SECS seconds (ranks 0, 1, ... in
+    /// turn); the launcher starts a new spare process for each.
+    #[arg(long, value_name = "SECS")]
+    kill_every: Option<f64>,
+    /// Restart a spare process every SECS seconds (kill it; the launcher starts a new one):
+    /// the CPU cost of a process start beside the training ranks.
+    #[arg(long, value_name = "SECS")]
+    restart_spare_every: Option<f64>,
+    /// A noisy neighbour: a busy-loop process takes one core for BUSY_MS every PERIOD_MS.
+    #[arg(long, value_name = "BUSY_MS:PERIOD_MS")]
+    noise: Option<String>,
+    #[command(flatten)]
+    hosts: launch_hosts::HostArgs,
+    overrides: Vec<String>,
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -348,67 +352,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             tokenizer,
             out,
             val_fraction,
-        } => {
-            let (kind, name) = match tokenizer {
-                Tok::Char => (TokenizerKind::Char, "char"),
-                Tok::Gpt2 => (TokenizerKind::Gpt2, "gpt2"),
-            };
-            let stem = input
-                .first()
-                .and_then(|p| p.file_stem())
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "shakespeare".into());
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("data/{stem}-{name}")));
-            let r = prepare(&PrepareOptions {
-                inputs: input,
-                tokenizer: kind,
-                out: out.clone(),
-                val_fraction,
-            })?;
-            let val_files = r.meta.sources.iter().filter(|s| s.split == "val").count();
-            println!(
-                "{}: {} files ({} held out for validation), tokenizer {}, vocab {}, {} train + {} val tokens ({})",
-                out.display(),
-                r.meta.sources.len(),
-                val_files,
-                r.meta.tokenizer,
-                r.meta.vocab_size,
-                r.meta.train_tokens,
-                r.meta.val_tokens,
-                serde_json::to_value(r.meta.dtype)?.as_str().unwrap_or("?"),
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Train { config, overrides } => {
-            let cfg = TrainConfig::load(Some(&config), &overrides)?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let s = stop.clone();
-            ctrlc::set_handler(move || {
-                if s.swap(true, Ordering::SeqCst) {
-                    // A second Ctrl-C means now.
-                    std::process::exit(130);
-                }
-            })
-            .context("cannot install the Ctrl-C handler")?;
-            let progress = cfg.run.progress && std::io::stderr().is_terminal();
-            let out = train::run(&cfg, &stop, progress)?;
-            let r = &out.report;
-            println!(
-                "{} {} steps: train loss {:.4}, val loss {}, {:.0} tokens/s, {:.1} s; model saved to {}",
-                r["status"].as_str().unwrap_or(""),
-                r["steps"],
-                r["final_train_loss"].as_f64().unwrap_or(f64::NAN),
-                r["final_val_loss"].as_f64().map_or("-".into(), |v| format!("{v:.4}")),
-                r["tokens_per_s"].as_f64().unwrap_or(0.0),
-                r["wall_s"].as_f64().unwrap_or(0.0),
-                r["model_dir"].as_str().unwrap_or(""),
-            );
-            Ok(if out.interrupted {
-                ExitCode::from(130)
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
+        } => prepare_cmd(input, tokenizer, out, val_fraction),
+        Cmd::Train { config, overrides } => train_cmd(&config, &overrides),
         Cmd::Sample {
             checkpoint,
             prompt,
@@ -430,82 +375,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench {
-            what:
-                BenchCmd::Train {
-                    config,
-                    steps,
-                    runs,
-                    world,
-                    overrides,
-                },
-        } => {
-            let cfg = TrainConfig::load(Some(&config), &overrides)?;
-            if world > 1 {
-                bench::run_world(&cfg, &config, &overrides, world, steps.max(20), runs.max(1))?;
-            } else {
-                bench::run(&cfg, steps.max(20), runs.max(1))?;
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Bench {
-            what:
-                BenchCmd::TrainRank {
-                    bootstrap,
-                    rank,
-                    world,
-                    out,
-                    config,
-                    overrides,
-                },
-        } => {
-            let cfg = TrainConfig::load(Some(&config), &overrides)?;
-            bench::bare_rank(&cfg, &bootstrap, rank, world, &out)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Bench {
-            what:
-                BenchCmd::Collectives {
-                    world,
-                    op,
-                    sizes,
-                    tuning,
-                    placement,
-                    worker_of,
-                    rank,
-                },
-        } => {
-            match worker_of {
-                Some(addr) => {
-                    bench_collectives::worker(&addr, rank, world as u32, op, &sizes, &tuning)?
-                }
-                None => bench_collectives::run(world, op, &sizes, &tuning, &placement)?,
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Bench {
-            what:
-                BenchCmd::Straggler {
-                    config,
-                    world,
-                    seconds,
-                },
-        } => {
-            bench_straggler::run(&config, world.max(2), seconds.max(10))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Cmd::Bench {
-            what:
-                BenchCmd::Coordinator {
-                    ranks,
-                    seconds,
-                    grpc_ranks,
-                    grpc_seconds,
-                },
-        } => {
-            bench_coordinator::run(ranks, seconds.max(1), grpc_ranks, grpc_seconds.max(1))?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Bench { what } => bench_cmd(what),
         Cmd::Worker {
             coordinator,
             spare,
@@ -528,85 +398,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::from(code as u8))
         }
-        Cmd::Launch {
-            nproc,
-            spares,
-            config,
-            kill_at,
-            stop_at,
-            stop_for_ms,
-            slow_at,
-            slow_cpu_pct,
-            slow_steps,
-            kill_every,
-            restart_spare_every,
-            noise,
-            hosts,
-            overrides,
-        } => {
-            let parse = |flag: &str, v: Option<String>| -> Result<Option<(u64, u32)>> {
-                let Some(s) = v else { return Ok(None) };
-                let (a, b) = s
-                    .split_once(':')
-                    .with_context(|| format!("{flag} takes STEP:RANK, e.g. 100:1"))?;
-                Ok(Some((
-                    a.parse()
-                        .with_context(|| format!("{flag}: STEP must be a number"))?,
-                    b.parse()
-                        .with_context(|| format!("{flag}: RANK must be a number"))?,
-                )))
-            };
-            let kill = parse("--kill-at", kill_at)?;
-            let stop_at = parse("--stop-at", stop_at)?;
-            let slow_at = parse("--slow-at", slow_at)?;
-            if !(1..=100).contains(&slow_cpu_pct) {
-                anyhow::bail!("--slow-cpu-pct {slow_cpu_pct}: use 1..=100 (percent of one core)");
-            }
-            let secs = |flag: &str, v: Option<f64>| -> Result<Option<std::time::Duration>> {
-                match v {
-                    None => Ok(None),
-                    Some(x) if x.is_finite() && x >= 1.0 => {
-                        Ok(Some(std::time::Duration::from_secs_f64(x)))
-                    }
-                    Some(x) => anyhow::bail!("{flag} {x}: use a number of seconds >= 1"),
-                }
-            };
-            let kill_every = secs("--kill-every", kill_every)?;
-            let restart_spare_every = secs("--restart-spare-every", restart_spare_every)?;
-            let noise = noise
-                .as_deref()
-                .map(launch_load::Noise::parse)
-                .transpose()?;
-            let stop = Arc::new(AtomicBool::new(false));
-            let s = stop.clone();
-            ctrlc::set_handler(move || {
-                if s.swap(true, Ordering::SeqCst) {
-                    std::process::exit(130);
-                }
-            })
-            .context("cannot install the Ctrl-C handler")?;
-            let code = launch::run(
-                &launch::LaunchArgs {
-                    nproc,
-                    spares,
-                    config,
-                    overrides,
-                    kill,
-                    stop_at,
-                    stop_for: std::time::Duration::from_millis(stop_for_ms),
-                    slow_at,
-                    slow_cpu_pct,
-                    slow_steps,
-                    kill_every,
-                    restart_spare_every,
-                    noise,
-                    hosts,
-                    progress: std::io::stderr().is_terminal(),
-                },
-                stop,
-            )?;
-            Ok(ExitCode::from(code as u8))
-        }
+        Cmd::Launch(c) => launch_cmd(c),
         Cmd::Coordinator {
             bind,
             config,
@@ -687,28 +479,250 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::from(code as u8))
         }
-        Cmd::Checkpoint { what } => {
-            let dir = match &what {
-                CheckpointCmd::Verify { dir } | CheckpointCmd::Inspect { dir } => dir,
-            };
-            let (m, files) = phalanx_checkpoint::verify(dir)?;
-            match what {
-                CheckpointCmd::Verify { .. } => {
-                    println!(
-                        "{}: OK, step {}, {} files verified",
-                        dir.display(),
-                        m.step,
-                        files.len()
-                    )
-                }
-                CheckpointCmd::Inspect { .. } => {
-                    println!("{}", serde_json::to_string_pretty(&m)?);
-                    if let Some(b) = files.get(model_io::MODEL_JSON) {
-                        println!("{}", String::from_utf8_lossy(b));
-                    }
-                }
+        Cmd::Checkpoint { what } => checkpoint_cmd(what),
+    }
+}
+
+/// `phalanx launch`: the fault flags checked, Ctrl-C wired to a graceful stop, the job run.
+fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
+    let LaunchCli {
+        nproc,
+        spares,
+        config,
+        kill_at,
+        stop_at,
+        stop_for_ms,
+        slow_at,
+        slow_cpu_pct,
+        slow_steps,
+        kill_every,
+        restart_spare_every,
+        noise,
+        hosts,
+        overrides,
+    } = c;
+    let parse = |flag: &str, v: Option<String>| -> Result<Option<(u64, u32)>> {
+        let Some(s) = v else { return Ok(None) };
+        let (a, b) = s
+            .split_once(':')
+            .with_context(|| format!("{flag} takes STEP:RANK, e.g. 100:1"))?;
+        Ok(Some((
+            a.parse()
+                .with_context(|| format!("{flag}: STEP must be a number"))?,
+            b.parse()
+                .with_context(|| format!("{flag}: RANK must be a number"))?,
+        )))
+    };
+    let kill = parse("--kill-at", kill_at)?;
+    let stop_at = parse("--stop-at", stop_at)?;
+    let slow_at = parse("--slow-at", slow_at)?;
+    if !(1..=100).contains(&slow_cpu_pct) {
+        anyhow::bail!("--slow-cpu-pct {slow_cpu_pct}: use 1..=100 (percent of one core)");
+    }
+    let secs = |flag: &str, v: Option<f64>| -> Result<Option<std::time::Duration>> {
+        match v {
+            None => Ok(None),
+            Some(x) if x.is_finite() && x >= 1.0 => Ok(Some(std::time::Duration::from_secs_f64(x))),
+            Some(x) => anyhow::bail!("{flag} {x}: use a number of seconds >= 1"),
+        }
+    };
+    let kill_every = secs("--kill-every", kill_every)?;
+    let restart_spare_every = secs("--restart-spare-every", restart_spare_every)?;
+    let noise = noise
+        .as_deref()
+        .map(launch_load::Noise::parse)
+        .transpose()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || {
+        if s.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let code = launch::run(
+        &launch::LaunchArgs {
+            nproc,
+            spares,
+            config,
+            overrides,
+            kill,
+            stop_at,
+            stop_for: std::time::Duration::from_millis(stop_for_ms),
+            slow_at,
+            slow_cpu_pct,
+            slow_steps,
+            kill_every,
+            restart_spare_every,
+            noise,
+            hosts,
+            progress: std::io::stderr().is_terminal(),
+        },
+        stop,
+    )?;
+    Ok(ExitCode::from(code as u8))
+}
+
+/// `phalanx prepare`: tokenizes the inputs and says what it wrote.
+fn prepare_cmd(
+    input: Vec<PathBuf>,
+    tokenizer: Tok,
+    out: Option<PathBuf>,
+    val_fraction: f64,
+) -> Result<ExitCode> {
+    let (kind, name) = match tokenizer {
+        Tok::Char => (TokenizerKind::Char, "char"),
+        Tok::Gpt2 => (TokenizerKind::Gpt2, "gpt2"),
+    };
+    let stem = input
+        .first()
+        .and_then(|p| p.file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "shakespeare".into());
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("data/{stem}-{name}")));
+    let r = prepare(&PrepareOptions {
+        inputs: input,
+        tokenizer: kind,
+        out: out.clone(),
+        val_fraction,
+    })?;
+    let val_files = r.meta.sources.iter().filter(|s| s.split == "val").count();
+    println!(
+        "{}: {} files ({} held out for validation), tokenizer {}, vocab {}, {} train + {} val tokens ({})",
+        out.display(),
+        r.meta.sources.len(),
+        val_files,
+        r.meta.tokenizer,
+        r.meta.vocab_size,
+        r.meta.train_tokens,
+        r.meta.val_tokens,
+        serde_json::to_value(r.meta.dtype)?.as_str().unwrap_or("?"),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `phalanx train`: one process, Ctrl-C saves and stops (twice: at once).
+fn train_cmd(config: &std::path::Path, overrides: &[String]) -> Result<ExitCode> {
+    let cfg = TrainConfig::load(Some(config), overrides)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || {
+        if s.swap(true, Ordering::SeqCst) {
+            // A second Ctrl-C means now.
+            std::process::exit(130);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let progress = cfg.run.progress && std::io::stderr().is_terminal();
+    let out = train::run(&cfg, &stop, progress)?;
+    let r = &out.report;
+    println!(
+        "{} {} steps: train loss {:.4}, val loss {}, {:.0} tokens/s, {:.1} s; model saved to {}",
+        r["status"].as_str().unwrap_or(""),
+        r["steps"],
+        r["final_train_loss"].as_f64().unwrap_or(f64::NAN),
+        r["final_val_loss"]
+            .as_f64()
+            .map_or("-".into(), |v| format!("{v:.4}")),
+        r["tokens_per_s"].as_f64().unwrap_or(0.0),
+        r["wall_s"].as_f64().unwrap_or(0.0),
+        r["model_dir"].as_str().unwrap_or(""),
+    );
+    Ok(if out.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `phalanx bench ...`: each benchmark reports its figures.
+fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
+    match what {
+        BenchCmd::Train {
+            config,
+            steps,
+            runs,
+            world,
+            overrides,
+        } => {
+            let cfg = TrainConfig::load(Some(&config), &overrides)?;
+            if world > 1 {
+                bench::run_world(&cfg, &config, &overrides, world, steps.max(20), runs.max(1))?;
+            } else {
+                bench::run(&cfg, steps.max(20), runs.max(1))?;
             }
             Ok(ExitCode::SUCCESS)
         }
+        BenchCmd::TrainRank {
+            bootstrap,
+            rank,
+            world,
+            out,
+            config,
+            overrides,
+        } => {
+            let cfg = TrainConfig::load(Some(&config), &overrides)?;
+            bench::bare_rank(&cfg, &bootstrap, rank, world, &out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCmd::Collectives {
+            world,
+            op,
+            sizes,
+            tuning,
+            placement,
+            worker_of,
+            rank,
+        } => {
+            match worker_of {
+                Some(addr) => {
+                    bench_collectives::worker(&addr, rank, world as u32, op, &sizes, &tuning)?
+                }
+                None => bench_collectives::run(world, op, &sizes, &tuning, &placement)?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCmd::Straggler {
+            config,
+            world,
+            seconds,
+        } => {
+            bench_straggler::run(&config, world.max(2), seconds.max(10))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCmd::Coordinator {
+            ranks,
+            seconds,
+            grpc_ranks,
+            grpc_seconds,
+        } => {
+            bench_coordinator::run(ranks, seconds.max(1), grpc_ranks, grpc_seconds.max(1))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `phalanx checkpoint verify|inspect`.
+fn checkpoint_cmd(what: CheckpointCmd) -> Result<ExitCode> {
+    let dir = match &what {
+        CheckpointCmd::Verify { dir } | CheckpointCmd::Inspect { dir } => dir,
+    };
+    let (m, files) = phalanx_checkpoint::verify(dir)?;
+    match what {
+        CheckpointCmd::Verify { .. } => {
+            println!(
+                "{}: OK, step {}, {} files verified",
+                dir.display(),
+                m.step,
+                files.len()
+            )
+        }
+        CheckpointCmd::Inspect { .. } => {
+            println!("{}", serde_json::to_string_pretty(&m)?);
+            if let Some(b) = files.get(model_io::MODEL_JSON) {
+                println!("{}", String::from_utf8_lossy(b));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
