@@ -7,7 +7,8 @@ use crate::config::TrainConfig;
 use crate::control::{self, CoordinatorArgs};
 use crate::hosts::{self, SimHosts};
 use crate::launch_hosts::{HostArgs, HostFaults};
-use crate::launch_load::{self, Noise, Periodic};
+use crate::launch_load::{self, Noise};
+use crate::launch_schedule::{Action, Plan, Proc, Schedule, Status};
 use crate::report;
 use crate::run_dir::unix_ms;
 use anyhow::{bail, Context, Result};
@@ -50,6 +51,22 @@ pub struct LaunchArgs {
     pub progress: bool,
 }
 
+impl LaunchArgs {
+    /// The faults this launch asks for, as the schedule takes them.
+    fn plan(&self) -> Plan {
+        Plan {
+            kill: self.kill,
+            stop_at: self.stop_at,
+            stop_for: self.stop_for,
+            slow_at: self.slow_at,
+            slow_cpu_pct: self.slow_cpu_pct,
+            slow_steps: self.slow_steps,
+            kill_every: self.kill_every,
+            restart_spare_every: self.restart_spare_every,
+        }
+    }
+}
+
 struct Worker {
     child: Child,
     /// The simulated host it runs on (0 without --hosts).
@@ -70,24 +87,18 @@ pub(crate) fn append_event(run_dir: &Path, event: Event) -> Result<()> {
     Ok(())
 }
 
-/// Sends SIG`signal` to the process of `rank` (if it is active) and records the injected fault.
-fn inject(
+/// Sends SIG`signal` to `pid` (rank `rank`) and records the injected fault.
+fn signal(
     run_dir: &Path,
-    st: &pb::StatusResponse,
+    step: u64,
     rank: u32,
+    pid: u32,
     signal: &str,
     bar: &ProgressBar,
-) -> Result<Option<u32>> {
-    let Some(r) = st
-        .ranks
-        .iter()
-        .find(|r| r.rank == Some(rank) && r.state == "active")
-    else {
-        return Ok(None);
-    };
+) -> Result<()> {
     let t = unix_ms();
     let ok = Command::new("kill")
-        .args([format!("-{signal}"), r.pid.to_string()])
+        .args([format!("-{signal}"), pid.to_string()])
         .status()?
         .success();
     let kind = if signal == "STOP" {
@@ -97,46 +108,12 @@ fn inject(
     };
     let mut f = Injected::of(kind, ok);
     f.rank = Some(rank);
-    f.pid = Some(r.pid);
-    f.step = Some(st.committed_step);
+    f.pid = Some(pid);
+    f.step = Some(step);
     f.injected_unix_ms = t;
     append_event(run_dir, Event::FaultInjected(f))?;
-    bar.suspend(|| {
-        info!(
-            rank,
-            pid = r.pid,
-            step = st.committed_step,
-            "injected: SIG{signal}"
-        )
-    });
-    Ok(Some(r.pid))
-}
-
-/// The periodic faults that are due: a SIGKILL of an active rank (ranks in turn) and a spare
-/// process restarted. Returns how many processes were killed on purpose.
-fn periodic_faults(
-    run_dir: &Path,
-    st: &pb::StatusResponse,
-    kill_every: Option<&mut Periodic>,
-    spare_every: Option<&mut Periodic>,
-    bar: &ProgressBar,
-) -> Result<usize> {
-    let now = Instant::now();
-    let mut planned = 0;
-    if let Some(p) = kill_every.filter(|_| st.committed_step > 0) {
-        if p.due(now) {
-            let rank = (p.fired - 1) % st.world.max(1);
-            planned += usize::from(inject(run_dir, st, rank, "KILL", bar)?.is_some());
-        }
-    }
-    if let Some(p) = spare_every {
-        if p.due(now) {
-            if let Some(r) = st.ranks.iter().find(|r| r.state == "spare") {
-                planned += usize::from(launch_load::restart_spare(run_dir, r.pid)?);
-            }
-        }
-    }
-    Ok(planned)
+    bar.suspend(|| info!(rank, pid, step, "injected: SIG{signal}"));
+    Ok(())
 }
 
 /// Whether rank 0 wrote its `final` metrics line. Reads only what was appended since the last
@@ -165,13 +142,16 @@ fn metrics_has_final(run_dir: &Path, seen: &mut u64) -> bool {
     })
 }
 
-pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
-    let wall = Instant::now();
-    // Before anything else: never a silent fallback to one host.
-    let mut host_faults = HostFaults::new(a.hosts.faults()?);
-    if a.hosts.hosts.is_some() {
-        hosts::check_can_simulate()?;
-    }
+/// The job's config, checked, and its run directory, emptied of the last run's records.
+struct Job {
+    cfg: TrainConfig,
+    run_dir: PathBuf,
+    max_world: usize,
+    /// libtorch threads per rank.
+    threads: usize,
+}
+
+fn prepare(a: &LaunchArgs) -> Result<Job> {
     let cfg = TrainConfig::load(Some(&a.config), &a.overrides)?;
     let max_world = cfg.train.global_batch / cfg.train.micro_batch;
     if a.nproc == 0 {
@@ -209,71 +189,115 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     } else {
         cfg.train.threads
     };
-    let threads = (budget / a.nproc).max(1);
-    let job_token = match cfg.coordinator.token() {
-        Some(t) => t,
-        None => control::random_token()?,
-    };
+    Ok(Job {
+        threads: (budget / a.nproc).max(1),
+        cfg,
+        run_dir,
+        max_world,
+    })
+}
 
-    let sim = match a.hosts.hosts {
-        Some(h) => Some(SimHosts::create(h, "phalanx")?),
-        None => None,
-    };
-    // The coordinator, in this process; with simulated hosts, on the bridge they all reach.
-    let bind_ip = sim
-        .as_ref()
-        .map_or_else(|| "127.0.0.1".to_string(), |s| s.gateway().to_string());
-    let listener = std::net::TcpListener::bind(format!("{bind_ip}:0"))?;
-    listener.set_nonblocking(true)?;
-    let addr = listener.local_addr()?;
-    let url = format!("http://{addr}");
-    let mut ccfg = cfg.coordinator.clone();
-    ccfg.token = job_token.clone();
-    let opts = control::service_opts(
-        &ccfg,
-        &CoordinatorArgs {
-            bind: None,
-            world: a.nproc,
-            max_world,
-            run_dir: run_dir.clone(),
-            insecure: false,
-            config_hash: crate::worker::config_hash_of(&cfg),
-        },
-    )?;
-    let admin_token = opts.admin_token.clone().unwrap_or_default();
-    let (shut_tx, shut_rx) = tokio::sync::oneshot::channel::<()>();
-    let coord = std::thread::Builder::new()
-        .name("coordinator".into())
-        .spawn(move || -> Result<()> {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(listener)?;
-                phalanx_runtime::coordinator::service::run(opts, l, async {
-                    let _ = shut_rx.await;
+/// The coordinator, on a thread of this process.
+struct Coordinator {
+    url: String,
+    job_token: String,
+    admin_token: String,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl Coordinator {
+    /// Serves on loopback, or with simulated hosts on the bridge they all reach.
+    fn start(a: &LaunchArgs, job: &Job, sim: Option<&SimHosts>) -> Result<Coordinator> {
+        let job_token = match job.cfg.coordinator.token() {
+            Some(t) => t,
+            None => control::random_token()?,
+        };
+        let bind_ip = sim.map_or_else(|| "127.0.0.1".to_string(), |s| s.gateway().to_string());
+        let listener = std::net::TcpListener::bind(format!("{bind_ip}:0"))?;
+        listener.set_nonblocking(true)?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let mut ccfg = job.cfg.coordinator.clone();
+        ccfg.token = job_token.clone();
+        let opts = control::service_opts(
+            &ccfg,
+            &CoordinatorArgs {
+                bind: None,
+                world: a.nproc,
+                max_world: job.max_world,
+                run_dir: job.run_dir.clone(),
+                insecure: false,
+                config_hash: crate::worker::config_hash_of(&job.cfg),
+            },
+        )?;
+        let admin_token = opts.admin_token.clone().unwrap_or_default();
+        let (shutdown, shut_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("coordinator".into())
+            .spawn(move || -> Result<()> {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let l = tokio::net::TcpListener::from_std(listener)?;
+                    phalanx_runtime::coordinator::service::run(opts, l, async {
+                        let _ = shut_rx.await;
+                    })
+                    .await?;
+                    Ok(())
                 })
-                .await?;
-                Ok(())
-            })
-        })?;
+            })?;
+        Ok(Coordinator {
+            url,
+            job_token,
+            admin_token,
+            shutdown,
+            thread,
+        })
+    }
 
-    let exe = std::env::current_exe()?;
-    let spawn = |i: usize, spare: bool, host: usize| -> Result<Child> {
+    /// Operators (and `phalanx scale` / `drain` / `status`) need the address and the tokens:
+    /// they go to the run directory, the tokens readable by this user only.
+    fn write_access(&self, run_dir: &Path) -> Result<()> {
+        std::fs::write(run_dir.join("coordinator.url"), format!("{}\n", self.url))?;
+        control::write_secret(&run_dir.join("job-token"), &self.job_token)?;
+        control::write_secret(&run_dir.join("admin-token"), &self.admin_token)?;
+        Ok(())
+    }
+
+    fn stop(self) {
+        let _ = self.shutdown.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts worker processes of the job.
+struct Spawner<'a> {
+    a: &'a LaunchArgs,
+    job: &'a Job,
+    sim: Option<&'a SimHosts>,
+    exe: PathBuf,
+    url: String,
+    job_token: String,
+}
+
+impl Spawner<'_> {
+    fn spawn(&self, i: usize, spare: bool, host: usize) -> Result<Worker> {
+        let run_dir = &self.job.run_dir;
         let log = std::fs::File::create(run_dir.join("logs").join(format!("worker-{i}.log")))?;
-        let mut cmd = match &sim {
-            Some(s) => s.command(host, &exe),
-            None => Command::new(&exe),
+        let mut cmd = match self.sim {
+            Some(s) => s.command(host, &self.exe),
+            None => Command::new(&self.exe),
         };
         cmd.arg("worker")
-            .args(["--coordinator", &url])
+            .args(["--coordinator", &self.url])
             .arg("--config")
-            .arg(&a.config)
-            .args(&a.overrides)
-            .arg(format!("train.threads={threads}"))
+            .arg(&self.a.config)
+            .args(&self.a.overrides)
+            .arg(format!("train.threads={}", self.job.threads))
             .arg(format!("run.dir={}", run_dir.display()))
-            .env("PHALANX_JOB_TOKEN", &job_token)
+            .env("PHALANX_JOB_TOKEN", &self.job_token)
             .env("PHALANX_PARENT_PID", std::process::id().to_string())
             .env(
                 "PHALANX_LOG",
@@ -284,121 +308,172 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         if spare {
             cmd.arg("--spare");
         }
-        cmd.spawn().context("cannot start a worker process")
-    };
-    let mut workers: Vec<Worker> = Vec::new();
-    let n_hosts = sim.as_ref().map_or(1, |s| s.len());
-    for i in 0..a.nproc + a.spares {
-        let spare = i >= a.nproc;
-        let host = hosts::place(i, a.nproc, n_hosts);
-        workers.push(Worker {
-            child: spawn(i, spare, host)?,
+        Ok(Worker {
+            child: cmd.spawn().context("cannot start a worker process")?,
             host,
             spare,
             done: false,
             code: None,
-        });
+        })
     }
-    append_event(
-        &run_dir,
-        Event::Launch {
-            nproc: a.nproc,
-            spares: a.spares,
-            threads_per_rank: threads,
-            hosts: sim.as_ref().map(|s| {
-                (0..s.len())
-                    .map(|h| LaunchedHost {
-                        host: s.name(h).to_string(),
-                        address: s.addr(h).to_string(),
-                        pids: workers
-                            .iter()
-                            .filter(|w| w.host == h)
-                            .map(|w| w.child.id())
-                            .collect(),
-                    })
-                    .collect()
-            }),
-        },
-    )?;
-    // Operators (and `phalanx scale` / `drain` / `status`) need the address and the token: both
-    // go to the run directory, the token readable by this user only.
-    std::fs::write(run_dir.join("coordinator.url"), format!("{url}\n"))?;
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(run_dir.join("job-token"))?;
-        control::write_secret(&run_dir.join("admin-token"), &admin_token)?;
-        f.write_all(job_token.as_bytes())?;
-    }
-    info!(nproc = a.nproc, spares = a.spares, %url, "job started");
-    info!(
-        "admin: PHALANX_ADMIN_TOKEN=$(cat {dir}/admin-token) phalanx status --coordinator {url}   (also scale --target N, drain --rank R)",
-        dir = run_dir.display()
-    );
+}
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let mut copts = client::ClientOpts::new(&url);
-    copts.token = Some(admin_token.clone());
-    let mut status_client = None;
-    let pb_bar = if a.progress {
-        ProgressBar::new(cfg.train.max_steps)
+fn launch_event(
+    a: &LaunchArgs,
+    threads: usize,
+    sim: Option<&SimHosts>,
+    workers: &[Worker],
+) -> Event {
+    Event::Launch {
+        nproc: a.nproc,
+        spares: a.spares,
+        threads_per_rank: threads,
+        hosts: sim.map(|s| {
+            (0..s.len())
+                .map(|h| LaunchedHost {
+                    host: s.name(h).to_string(),
+                    address: s.addr(h).to_string(),
+                    pids: workers
+                        .iter()
+                        .filter(|w| w.host == h)
+                        .map(|w| w.child.id())
+                        .collect(),
+                })
+                .collect()
+        }),
+    }
+}
+
+fn progress_bar(show: bool, max_steps: u64) -> ProgressBar {
+    let bar = if show {
+        ProgressBar::new(max_steps)
     } else {
-        ProgressBar::with_draw_target(Some(cfg.train.max_steps), ProgressDrawTarget::hidden())
+        ProgressBar::with_draw_target(Some(max_steps), ProgressDrawTarget::hidden())
     };
-    pb_bar.set_style(
+    bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
         )
         .expect("valid template"),
     );
-    let mut killed = false;
-    // The quota's cgroup, the step it was applied at, and whether it has been lifted.
-    let mut slowed: Option<(CpuQuota, u64, bool)> = None;
-    let mut final_seen: Option<Instant> = None;
-    let mut metrics_seen = 0u64;
-    let mut stopped: Option<(u32, Instant)> = None;
-    let mut stop_done = false;
-    let mut last_status = Instant::now() - Duration::from_secs(1);
-    let mut restarts = 0usize;
-    let started = Instant::now();
-    let mut kill_every = a.kill_every.map(|e| Periodic::new(e, started));
-    let mut spare_every = a.restart_spare_every.map(|e| Periodic::new(e, started));
-    let noise_stop = Arc::new(AtomicBool::new(false));
-    let noise = match a.noise {
-        Some(n) => Some(launch_load::start_noise(
-            n,
-            run_dir.clone(),
-            noise_stop.clone(),
-        )?),
-        None => None,
-    };
-    // Processes the launcher killed on purpose are restarted without counting against the
-    // limit on lost workers.
-    let mut planned = 0usize;
-    let mut world = a.nproc as u32;
-    let mut outcome = "completed";
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            outcome = "interrupted";
-            break;
+    bar
+}
+
+/// How a launch ended.
+#[derive(Clone, Copy, PartialEq)]
+enum Outcome {
+    Completed,
+    Interrupted,
+    Halted,
+    Failed,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Interrupted => "interrupted",
+            Outcome::Halted => "halted",
+            Outcome::Failed => "failed",
         }
-        // Children: a finished rank is done; a dead one is replaced by a fresh spare.
-        // The hosts of the lost workers: a new spare starts where each ran.
-        let mut respawn: Vec<usize> = Vec::new();
-        for w in workers.iter_mut().filter(|w| !w.done) {
+    }
+}
+
+/// The launcher's loop: it supervises the worker processes, polls the coordinator and carries
+/// out the fault schedule.
+struct Supervision<'a> {
+    sp: Spawner<'a>,
+    run_dir: PathBuf,
+    max_steps: u64,
+    bar: ProgressBar,
+    workers: Vec<Worker>,
+    schedule: Schedule,
+    host_faults: HostFaults,
+    /// The quota's cgroup; it goes with its guard (also on every error path).
+    quota: Option<CpuQuota>,
+    /// Restarts so far, and processes killed on purpose (restarted without counting against
+    /// the limit on lost workers).
+    restarts: usize,
+    planned: usize,
+    world: u32,
+}
+
+impl Supervision<'_> {
+    fn run(
+        &mut self,
+        stop: &AtomicBool,
+        rt: &tokio::runtime::Runtime,
+        copts: &client::ClientOpts,
+    ) -> Result<Outcome> {
+        let mut final_seen: Option<Instant> = None;
+        let mut metrics_seen = 0u64;
+        let mut last_status = Instant::now() - Duration::from_secs(1);
+        let mut status_client = None;
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                return Ok(Outcome::Interrupted);
+            }
+            let (lost, halted) = self.reap()?;
+            // Rank 0 writes the `final` metrics line after saving the model: the job is done.
+            // The other ranks leave right after it; anything still running then (spares) is
+            // stopped.
+            if final_seen.is_none() && metrics_has_final(&self.run_dir, &mut metrics_seen) {
+                final_seen = Some(Instant::now());
+            }
+            if let Some(t) = final_seen {
+                let finished = self.workers.iter().filter(|w| w.code == Some(0)).count();
+                if (finished as u32 >= self.world) || t.elapsed() > Duration::from_secs(5) {
+                    return Ok(Outcome::Completed);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            if halted {
+                return Ok(Outcome::Halted);
+            }
+            self.respawn(lost)?;
+            if self.workers.iter().all(|w| w.done) {
+                return Ok(Outcome::Failed);
+            }
+            let fast = self.schedule.waiting_for_a_step() || self.host_faults.pending();
+            let poll = Duration::from_millis(if fast { 20 } else { 200 });
+            if last_status.elapsed() >= poll {
+                last_status = Instant::now();
+                let st: Option<pb::StatusResponse> = rt.block_on(async {
+                    if status_client.is_none() {
+                        status_client = client::connect(copts).await.ok();
+                    }
+                    let c = status_client.as_mut()?;
+                    c.status(client::request(pb::StatusRequest {}, copts))
+                        .await
+                        .ok()
+                        .map(|r| r.into_inner())
+                });
+                if let Some(st) = st {
+                    self.on_status(&st)?;
+                }
+            }
+            if let Some(s) = self.sp.sim {
+                self.host_faults.heal(s, &self.run_dir, false)?;
+            }
+            for act in self.schedule.timed(Instant::now()) {
+                self.carry_out(act, None)?;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Workers that exited: recorded; the hosts of the lost ones (a new spare starts where each
+    /// ran), and whether one halted the job.
+    fn reap(&mut self) -> Result<(Vec<usize>, bool)> {
+        let (mut lost, mut halted) = (Vec::new(), false);
+        for w in self.workers.iter_mut().filter(|w| !w.done) {
             if let Some(st) = w.child.try_wait()? {
                 w.done = true;
                 let code = st.code();
                 w.code = code;
                 append_event(
-                    &run_dir,
+                    &self.run_dir,
                     Event::WorkerExit {
                         pid: w.child.id(),
                         code,
@@ -408,200 +483,219 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
                 if code != Some(crate::worker::EXIT_DONE)
                     && code != Some(crate::worker::EXIT_HALTED)
                 {
-                    respawn.push(w.host);
+                    lost.push(w.host);
                 }
-                if code == Some(crate::worker::EXIT_HALTED) {
-                    outcome = "halted";
-                }
+                halted |= code == Some(crate::worker::EXIT_HALTED);
             }
         }
-        // Rank 0 writes the `final` metrics line after saving the model: the job is done. The
-        // other ranks leave right after it; anything still running then (spares) is stopped.
-        if final_seen.is_none() && metrics_has_final(&run_dir, &mut metrics_seen) {
-            final_seen = Some(Instant::now());
-        }
-        let finished = workers.iter().filter(|w| w.code == Some(0)).count();
-        if let Some(t) = final_seen {
-            if (finished as u32 >= world) || t.elapsed() > Duration::from_secs(5) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        if outcome == "halted" {
-            break;
-        }
-        for host in respawn {
-            if restarts >= 4 * (a.nproc + a.spares) + planned {
+        Ok((lost, halted))
+    }
+
+    /// A dead worker is replaced by a fresh spare, up to a limit.
+    fn respawn(&mut self, hosts: Vec<usize>) -> Result<()> {
+        let a = self.sp.a;
+        for host in hosts {
+            if self.restarts >= 4 * (a.nproc + a.spares) + self.planned {
                 warn!("too many worker restarts; not restarting any more");
                 break;
             }
-            restarts += 1;
-            let i = workers.len();
+            self.restarts += 1;
+            let i = self.workers.len();
             info!(worker = i, "restarting a lost worker as a spare");
-            workers.push(Worker {
-                child: spawn(i, true, host)?,
-                host,
-                spare: true,
-                done: false,
-                code: None,
-            });
+            let w = self.sp.spawn(i, true, host)?;
+            self.workers.push(w);
         }
-        if workers.iter().all(|w| w.done) {
-            outcome = "failed";
-            break;
+        Ok(())
+    }
+
+    fn on_status(&mut self, st: &pb::StatusResponse) -> Result<()> {
+        self.world = st.world.max(1);
+        self.bar.set_position(st.committed_step.min(self.max_steps));
+        self.bar
+            .set_message(format!("generation {} | world {}", st.generation, st.world));
+        let view = Status {
+            committed_step: st.committed_step,
+            world: st.world,
+            procs: st
+                .ranks
+                .iter()
+                .map(|r| Proc {
+                    rank: r.rank,
+                    pid: r.pid,
+                    active: r.state == "active",
+                    spare: r.state == "spare",
+                })
+                .collect(),
+        };
+        for act in self.schedule.due(Instant::now(), &view) {
+            self.carry_out(act, Some(st.committed_step))?;
         }
-        // A pending fault injection polls the coordinator 10x as often, so that it lands within
-        // a few steps of the one asked for even when steps take milliseconds.
-        let pending = (a.kill.is_some() && !killed)
-            || (a.stop_at.is_some() && !stop_done && stopped.is_none())
-            || (a.slow_at.is_some() && slowed.is_none())
-            || host_faults.pending()
-            || slowed
-                .as_ref()
-                .is_some_and(|(_, _, lifted)| !lifted && a.slow_steps > 0);
-        let poll = Duration::from_millis(if pending { 20 } else { 200 });
-        if last_status.elapsed() >= poll {
-            last_status = Instant::now();
-            let st: Option<pb::StatusResponse> = rt.block_on(async {
-                if status_client.is_none() {
-                    status_client = client::connect(&copts).await.ok();
-                }
-                let c = status_client.as_mut()?;
-                c.status(client::request(pb::StatusRequest {}, &copts))
-                    .await
-                    .ok()
-                    .map(|r| r.into_inner())
-            });
-            if let Some(st) = st {
-                world = st.world.max(1);
-                pb_bar.set_position(st.committed_step.min(cfg.train.max_steps));
-                pb_bar.set_message(format!("generation {} | world {}", st.generation, st.world));
-                if let Some((at, rank)) = a.stop_at {
-                    if !stop_done && stopped.is_none() && st.committed_step >= at {
-                        if let Some(pid) = inject(&run_dir, &st, rank, "STOP", &pb_bar)? {
-                            stopped = Some((pid, Instant::now()));
-                        }
-                    }
-                }
-                if let Some((at, rank)) = a.slow_at {
-                    if slowed.is_none() && st.committed_step >= at {
-                        if let Some(r) = st
-                            .ranks
-                            .iter()
-                            .find(|r| r.rank == Some(rank) && r.state == "active")
-                        {
-                            let dir = CpuQuota::apply(r.pid, a.slow_cpu_pct)?;
-                            let mut f = Injected::of(FaultKind::CpuQuota, true);
-                            f.cpu_pct = Some(a.slow_cpu_pct);
-                            f.rank = Some(rank);
-                            f.pid = Some(r.pid);
-                            f.step = Some(st.committed_step);
-                            append_event(&run_dir, Event::FaultInjected(f))?;
-                            pb_bar.suspend(|| {
-                                info!(
-                                    rank,
-                                    pid = r.pid,
-                                    pct = a.slow_cpu_pct,
-                                    "injected: CPU quota"
-                                )
-                            });
-                            slowed = Some((dir, st.committed_step, false));
-                        }
-                    }
-                }
-                if let Some((dir, from, lifted)) = &mut slowed {
-                    if !*lifted && a.slow_steps > 0 && st.committed_step >= *from + a.slow_steps {
-                        dir.lift()?;
-                        *lifted = true;
-                        append_event(
-                            &run_dir,
-                            Event::FaultCleared(Cleared {
-                                fault: FaultKind::CpuQuota,
-                                pid: None,
-                                host: None,
-                                step: Some(st.committed_step),
-                                cleared_unix_ms: Some(unix_ms()),
-                            }),
-                        )?;
-                        pb_bar.suspend(|| info!(step = st.committed_step, "CPU quota lifted"));
-                    }
-                }
-                if let Some((at, rank)) = a.kill {
-                    if !killed && st.committed_step >= at {
-                        killed = inject(&run_dir, &st, rank, "KILL", &pb_bar)?.is_some();
-                    }
-                }
-                if let Some(s) = &sim {
-                    let pids: Vec<u32> = workers
-                        .iter()
-                        .filter(|w| !w.done)
-                        .map(|w| w.child.id())
-                        .collect();
-                    planned += host_faults.poll(s, &st, &pids, &run_dir)?;
-                }
-                planned += periodic_faults(
-                    &run_dir,
-                    &st,
-                    kill_every.as_mut(),
-                    spare_every.as_mut(),
-                    &pb_bar,
-                )?;
+        if let Some(s) = self.sp.sim {
+            let pids: Vec<u32> = self
+                .workers
+                .iter()
+                .filter(|w| !w.done)
+                .map(|w| w.child.id())
+                .collect();
+            self.planned += self.host_faults.poll(s, st, &pids, &self.run_dir)?;
+        }
+        Ok(())
+    }
+
+    fn carry_out(&mut self, act: Action, step: Option<u64>) -> Result<()> {
+        let (run_dir, bar) = (&self.run_dir, &self.bar);
+        let at = step.unwrap_or(0);
+        match act {
+            Action::Kill {
+                rank,
+                pid,
+                periodic,
+            } => {
+                signal(run_dir, at, rank, pid, "KILL", bar)?;
+                self.planned += usize::from(periodic);
             }
-        }
-        if let Some(s) = &sim {
-            host_faults.heal(s, &run_dir, false)?;
-        }
-        if let Some((pid, at)) = stopped {
-            if at.elapsed() >= a.stop_for {
+            Action::Stop { rank, pid } => signal(run_dir, at, rank, pid, "STOP", bar)?,
+            Action::Cont { pid } => {
                 let _ = Command::new("kill")
                     .args(["-CONT", &pid.to_string()])
                     .status();
-                append_event(
-                    &run_dir,
-                    Event::FaultCleared(Cleared {
-                        fault: FaultKind::Sigstop,
-                        pid: Some(pid),
-                        host: None,
-                        step: None,
-                        cleared_unix_ms: Some(unix_ms()),
-                    }),
-                )?;
-                stopped = None;
-                stop_done = true;
+                let mut c = Cleared::of(FaultKind::Sigstop);
+                c.pid = Some(pid);
+                append_event(run_dir, Event::FaultCleared(c))?;
+            }
+            Action::Quota { rank, pid, pct } => {
+                self.quota = Some(CpuQuota::apply(pid, pct)?);
+                let mut f = Injected::of(FaultKind::CpuQuota, true);
+                f.cpu_pct = Some(pct);
+                f.rank = Some(rank);
+                f.pid = Some(pid);
+                f.step = step;
+                append_event(run_dir, Event::FaultInjected(f))?;
+                bar.suspend(|| info!(rank, pid, pct, "injected: CPU quota"));
+            }
+            Action::LiftQuota => {
+                if let Some(q) = &self.quota {
+                    q.lift()?;
+                }
+                let mut c = Cleared::of(FaultKind::CpuQuota);
+                c.step = step;
+                append_event(run_dir, Event::FaultCleared(c))?;
+                bar.suspend(|| info!(step = at, "CPU quota lifted"));
+            }
+            Action::RestartSpare { pid } => {
+                self.planned += usize::from(launch_load::restart_spare(run_dir, pid)?);
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        Ok(())
     }
-    if let Some((pid, _)) = stopped {
-        let _ = Command::new("kill")
-            .args(["-CONT", &pid.to_string()])
-            .status();
+
+    /// Undoes what the schedule left (a stopped rank), heals simulated hosts, stops every
+    /// process still running.
+    fn wind_down(&mut self) -> Result<()> {
+        for act in self.schedule.on_exit() {
+            self.carry_out(act, None)?;
+        }
+        if let Some(s) = self.sp.sim {
+            self.host_faults.heal(s, &self.run_dir, true)?;
+        }
+        self.bar.finish_and_clear();
+        for w in self.workers.iter_mut().filter(|w| !w.done) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &w.child.id().to_string()])
+                .status();
+            let _ = w.child.wait();
+        }
+        self.quota = None;
+        Ok(())
     }
-    if let Some(s) = &sim {
-        host_faults.heal(s, &run_dir, true)?;
+}
+
+pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
+    let wall = Instant::now();
+    // Before anything else: never a silent fallback to one host.
+    let host_faults = HostFaults::new(a.hosts.faults()?);
+    if a.hosts.hosts.is_some() {
+        hosts::check_can_simulate()?;
     }
+    let job = prepare(a)?;
+    let sim = match a.hosts.hosts {
+        Some(h) => Some(SimHosts::create(h, "phalanx")?),
+        None => None,
+    };
+    let coord = Coordinator::start(a, &job, sim.as_ref())?;
+    let sp = Spawner {
+        a,
+        job: &job,
+        sim: sim.as_ref(),
+        exe: std::env::current_exe()?,
+        url: coord.url.clone(),
+        job_token: coord.job_token.clone(),
+    };
+    let n_hosts = sim.as_ref().map_or(1, |s| s.len());
+    let workers = (0..a.nproc + a.spares)
+        .map(|i| sp.spawn(i, i >= a.nproc, hosts::place(i, a.nproc, n_hosts)))
+        .collect::<Result<Vec<_>>>()?;
+    append_event(
+        &job.run_dir,
+        launch_event(a, job.threads, sim.as_ref(), &workers),
+    )?;
+    coord.write_access(&job.run_dir)?;
+    let url = coord.url.clone();
+    info!(nproc = a.nproc, spares = a.spares, %url, "job started");
+    info!(
+        "admin: PHALANX_ADMIN_TOKEN=$(cat {dir}/admin-token) phalanx status --coordinator {url}   (also scale --target N, drain --rank R)",
+        dir = job.run_dir.display()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut copts = client::ClientOpts::new(&url);
+    copts.token = Some(coord.admin_token.clone());
+    let noise_stop = Arc::new(AtomicBool::new(false));
+    let noise = match a.noise {
+        Some(n) => Some(launch_load::start_noise(
+            n,
+            job.run_dir.clone(),
+            noise_stop.clone(),
+        )?),
+        None => None,
+    };
+    let mut sup = Supervision {
+        sp,
+        run_dir: job.run_dir.clone(),
+        max_steps: job.cfg.train.max_steps,
+        bar: progress_bar(a.progress, job.cfg.train.max_steps),
+        workers,
+        schedule: Schedule::new(a.plan(), wall),
+        host_faults,
+        quota: None,
+        restarts: 0,
+        planned: 0,
+        world: a.nproc as u32,
+    };
+    let outcome = sup.run(&stop, &rt, &copts);
+    let wound = sup.wind_down();
     noise_stop.store(true, Ordering::SeqCst);
     if let Some(h) = noise {
         let _ = h.join();
     }
-    pb_bar.finish_and_clear();
-    for w in workers.iter_mut().filter(|w| !w.done) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &w.child.id().to_string()])
-            .status();
-        let _ = w.child.wait();
-    }
-    // The quota's cgroup goes with its guard (also on every error path above).
-    drop(slowed);
-    let _ = shut_tx.send(());
-    let _ = coord.join();
-    let r = report::build(&run_dir, wall.elapsed(), outcome, cfg.train.max_steps)?;
-    std::fs::write(run_dir.join("report.json"), serde_json::to_vec_pretty(&r)?)?;
+    coord.stop();
+    let outcome = outcome?;
+    wound?;
+    let r = report::build(
+        &job.run_dir,
+        wall.elapsed(),
+        outcome.as_str(),
+        job.cfg.train.max_steps,
+    )?;
+    std::fs::write(
+        job.run_dir.join("report.json"),
+        serde_json::to_vec_pretty(&r)?,
+    )?;
     report::print(&r);
     Ok(match outcome {
-        "completed" => 0,
-        "interrupted" => 130,
+        Outcome::Completed => 0,
+        Outcome::Interrupted => 130,
         _ => 1,
     })
 }

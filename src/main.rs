@@ -14,6 +14,7 @@ mod in_process;
 mod launch;
 mod launch_hosts;
 mod launch_load;
+mod launch_schedule;
 use phalanx_actors::model_io;
 mod report;
 mod run_dir;

@@ -369,6 +369,19 @@ pub struct Cleared {
     pub cleared_unix_ms: Option<u64>,
 }
 
+impl Cleared {
+    /// A fault cleared now.
+    pub fn of(fault: FaultKind) -> Self {
+        Cleared {
+            fault,
+            pid: None,
+            host: None,
+            step: None,
+            cleared_unix_ms: Some(unix_ms()),
+        }
+    }
+}
+
 impl Event {
     /// The `kind` tag as written (for logs).
     pub fn kind(&self) -> String {

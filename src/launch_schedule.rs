@@ -1,0 +1,388 @@
+//! The launcher's fault schedule, as a pure function from the time and the job's status (as the
+//! coordinator reports it) to the faults due now. The launcher carries the actions out and
+//! records them; the schedule only decides, so it is tested without processes or sleeps.
+
+use crate::launch_load::Periodic;
+use std::time::{Duration, Instant};
+
+/// The faults a launch asks for (`phalanx launch --kill-at ...`).
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// SIGKILL rank R once step S is committed.
+    pub kill: Option<(u64, u32)>,
+    /// SIGSTOP rank R once step S is committed, SIGCONT `stop_for` later.
+    pub stop_at: Option<(u64, u32)>,
+    pub stop_for: Duration,
+    /// Once step S is committed, cap rank R at `slow_cpu_pct`% of a core ...
+    pub slow_at: Option<(u64, u32)>,
+    pub slow_cpu_pct: u32,
+    /// ... and lift the quota this many committed steps later (0: never).
+    pub slow_steps: u64,
+    /// SIGKILL an active rank (ranks in turn) every so often.
+    pub kill_every: Option<Duration>,
+    /// Restart a spare process every so often.
+    pub restart_spare_every: Option<Duration>,
+}
+
+/// A process of the job as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Proc {
+    pub rank: Option<u32>,
+    pub pid: u32,
+    pub active: bool,
+    pub spare: bool,
+}
+
+/// The job's status at one poll.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub committed_step: u64,
+    pub world: u32,
+    pub procs: Vec<Proc>,
+}
+
+impl Status {
+    fn active(&self, rank: u32) -> Option<u32> {
+        self.procs
+            .iter()
+            .find(|p| p.active && p.rank == Some(rank))
+            .map(|p| p.pid)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// SIGKILL; `periodic` when it comes from `kill_every` (the launcher restarts the process
+    /// without counting it as lost).
+    Kill {
+        rank: u32,
+        pid: u32,
+        periodic: bool,
+    },
+    Stop {
+        rank: u32,
+        pid: u32,
+    },
+    Cont {
+        pid: u32,
+    },
+    Quota {
+        rank: u32,
+        pid: u32,
+        pct: u32,
+    },
+    LiftQuota,
+    RestartSpare {
+        pid: u32,
+    },
+}
+
+/// The plan and what of it has happened.
+pub struct Schedule {
+    plan: Plan,
+    killed: bool,
+    stopped: Option<(u32, Instant)>,
+    stop_done: bool,
+    /// The step the quota came at, and whether it has been lifted.
+    slowed: Option<(u64, bool)>,
+    kill_every: Option<Periodic>,
+    spare_every: Option<Periodic>,
+}
+
+impl Schedule {
+    pub fn new(plan: Plan, start: Instant) -> Self {
+        Schedule {
+            kill_every: plan.kill_every.map(|e| Periodic::new(e, start)),
+            spare_every: plan.restart_spare_every.map(|e| Periodic::new(e, start)),
+            plan,
+            killed: false,
+            stopped: None,
+            stop_done: false,
+            slowed: None,
+        }
+    }
+
+    /// A fault waits for a step: the launcher polls the coordinator often, so that it lands
+    /// within a few steps of the one asked for even when steps take milliseconds.
+    pub fn waiting_for_a_step(&self) -> bool {
+        let p = &self.plan;
+        (p.kill.is_some() && !self.killed)
+            || (p.stop_at.is_some() && !self.stop_done && self.stopped.is_none())
+            || (p.slow_at.is_some() && self.slowed.is_none())
+            || self
+                .slowed
+                .is_some_and(|(_, lifted)| !lifted && p.slow_steps > 0)
+    }
+
+    /// The faults due given the job's status at `now`, in the order they are carried out. A
+    /// fault whose rank is not active now stays due.
+    pub fn due(&mut self, now: Instant, st: &Status) -> Vec<Action> {
+        let mut out = Vec::new();
+        let step = st.committed_step;
+        let p = self.plan.clone();
+        if let Some((at, rank)) = p.stop_at {
+            if !self.stop_done && self.stopped.is_none() && step >= at {
+                if let Some(pid) = st.active(rank) {
+                    self.stopped = Some((pid, now));
+                    out.push(Action::Stop { rank, pid });
+                }
+            }
+        }
+        if let Some((at, rank)) = p.slow_at {
+            if self.slowed.is_none() && step >= at {
+                if let Some(pid) = st.active(rank) {
+                    self.slowed = Some((step, false));
+                    out.push(Action::Quota {
+                        rank,
+                        pid,
+                        pct: p.slow_cpu_pct,
+                    });
+                }
+            }
+        }
+        if let Some((from, lifted)) = &mut self.slowed {
+            if !*lifted && p.slow_steps > 0 && step >= *from + p.slow_steps {
+                *lifted = true;
+                out.push(Action::LiftQuota);
+            }
+        }
+        if let Some((at, rank)) = p.kill {
+            if !self.killed && step >= at {
+                if let Some(pid) = st.active(rank) {
+                    self.killed = true;
+                    out.push(Action::Kill {
+                        rank,
+                        pid,
+                        periodic: false,
+                    });
+                }
+            }
+        }
+        out.extend(self.periodic(now, st));
+        out
+    }
+
+    /// A SIGKILL of an active rank (ranks in turn) and a spare restarted, when their period is up.
+    fn periodic(&mut self, now: Instant, st: &Status) -> Vec<Action> {
+        let mut out = Vec::new();
+        if let Some(k) = self.kill_every.as_mut().filter(|_| st.committed_step > 0) {
+            if k.due(now) {
+                let rank = (k.fired - 1) % st.world.max(1);
+                if let Some(pid) = st.active(rank) {
+                    out.push(Action::Kill {
+                        rank,
+                        pid,
+                        periodic: true,
+                    });
+                }
+            }
+        }
+        if let Some(s) = self.spare_every.as_mut() {
+            if s.due(now) {
+                if let Some(p) = st.procs.iter().find(|p| p.spare) {
+                    out.push(Action::RestartSpare { pid: p.pid });
+                }
+            }
+        }
+        out
+    }
+
+    /// Faults that end with time, whatever the job's status: the SIGCONT of a stopped rank.
+    pub fn timed(&mut self, now: Instant) -> Vec<Action> {
+        match self.stopped {
+            Some((pid, at)) if now.saturating_duration_since(at) >= self.plan.stop_for => {
+                self.stopped = None;
+                self.stop_done = true;
+                vec![Action::Cont { pid }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// What must be undone when the launch ends early: a rank left stopped.
+    pub fn on_exit(&mut self) -> Vec<Action> {
+        self.stopped
+            .take()
+            .map(|(pid, _)| vec![Action::Cont { pid }])
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(step: u64) -> Status {
+        Status {
+            committed_step: step,
+            world: 2,
+            procs: vec![
+                Proc {
+                    rank: Some(0),
+                    pid: 100,
+                    active: true,
+                    spare: false,
+                },
+                Proc {
+                    rank: Some(1),
+                    pid: 101,
+                    active: true,
+                    spare: false,
+                },
+                Proc {
+                    rank: None,
+                    pid: 102,
+                    active: false,
+                    spare: true,
+                },
+            ],
+        }
+    }
+
+    // A one-off fault fires once, at the first poll at or past its step, and only on an active
+    // rank; until then the launcher is told to poll often.
+    #[test]
+    fn a_kill_fires_once_at_its_step_on_an_active_rank() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            Plan {
+                kill: Some((10, 1)),
+                ..Plan::default()
+            },
+            t,
+        );
+        assert!(s.waiting_for_a_step());
+        assert!(s.due(t, &status(9)).is_empty());
+        let mut gone = status(12);
+        gone.procs[1].active = false;
+        assert!(
+            s.due(t, &gone).is_empty(),
+            "rank 1 is not active: still due"
+        );
+        assert_eq!(
+            s.due(t, &status(12)),
+            vec![Action::Kill {
+                rank: 1,
+                pid: 101,
+                periodic: false
+            }]
+        );
+        assert!(s.due(t, &status(13)).is_empty());
+        assert!(!s.waiting_for_a_step());
+    }
+
+    // SIGSTOP at its step, SIGCONT `stop_for` later whatever the status; never twice.
+    #[test]
+    fn a_stop_is_continued_after_its_time() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            Plan {
+                stop_at: Some((5, 0)),
+                stop_for: Duration::from_secs(3),
+                ..Plan::default()
+            },
+            t,
+        );
+        assert_eq!(
+            s.due(t, &status(5)),
+            vec![Action::Stop { rank: 0, pid: 100 }]
+        );
+        assert!(s.timed(t + Duration::from_secs(2)).is_empty());
+        assert_eq!(
+            s.timed(t + Duration::from_secs(3)),
+            vec![Action::Cont { pid: 100 }]
+        );
+        assert!(s.due(t, &status(50)).is_empty());
+        assert!(s.on_exit().is_empty());
+    }
+
+    // A launch that ends while a rank is stopped continues it.
+    #[test]
+    fn a_rank_left_stopped_is_continued_on_exit() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            Plan {
+                stop_at: Some((1, 1)),
+                stop_for: Duration::from_secs(60),
+                ..Plan::default()
+            },
+            t,
+        );
+        s.due(t, &status(1));
+        assert_eq!(s.on_exit(), vec![Action::Cont { pid: 101 }]);
+    }
+
+    // The quota comes at its step and is lifted `slow_steps` committed steps after the step it
+    // came at.
+    #[test]
+    fn a_quota_is_lifted_after_its_steps() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            Plan {
+                slow_at: Some((100, 1)),
+                slow_cpu_pct: 12,
+                slow_steps: 250,
+                ..Plan::default()
+            },
+            t,
+        );
+        assert_eq!(
+            s.due(t, &status(102)),
+            vec![Action::Quota {
+                rank: 1,
+                pid: 101,
+                pct: 12
+            }]
+        );
+        assert!(s.waiting_for_a_step());
+        assert!(s.due(t, &status(351)).is_empty());
+        assert_eq!(s.due(t, &status(352)), vec![Action::LiftQuota]);
+        assert!(s.due(t, &status(400)).is_empty());
+        assert!(!s.waiting_for_a_step());
+    }
+
+    // Periodic kills take the ranks in turn, only once training has begun; spare restarts take
+    // a spare, when there is one.
+    #[test]
+    fn periodic_faults_take_ranks_in_turn() {
+        let t = Instant::now();
+        let every = Duration::from_secs(10);
+        let mut s = Schedule::new(
+            Plan {
+                kill_every: Some(every),
+                restart_spare_every: Some(every),
+                ..Plan::default()
+            },
+            t,
+        );
+        assert!(
+            s.due(t + every, &status(0)).len() == 1,
+            "only the spare restart"
+        );
+        let a = s.due(t + 2 * every, &status(5));
+        assert_eq!(
+            a,
+            vec![
+                Action::Kill {
+                    rank: 0,
+                    pid: 100,
+                    periodic: true
+                },
+                Action::RestartSpare { pid: 102 }
+            ]
+        );
+        let b = s.due(t + 3 * every, &status(9));
+        assert_eq!(
+            b[0],
+            Action::Kill {
+                rank: 1,
+                pid: 101,
+                periodic: true
+            }
+        );
+        assert!(
+            s.due(t + 3 * every, &status(9)).is_empty(),
+            "not twice a period"
+        );
+    }
+}
