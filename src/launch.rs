@@ -344,7 +344,8 @@ fn launch_event(
     }
 }
 
-fn progress_bar(show: bool, max_steps: u64) -> ProgressBar {
+/// The progress display of a run: hidden when stderr is not a terminal.
+pub(crate) fn progress_bar(show: bool, max_steps: u64) -> ProgressBar {
     let bar = if show {
         ProgressBar::new(max_steps)
     } else {

@@ -3,7 +3,7 @@
 use crate::config::TrainConfig;
 use crate::run_dir::RunDir;
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
 use phalanx_actors::model_io;
 use phalanx_model::data::Dataset;
 use phalanx_model::device::{device_name, resolve_device};
@@ -118,17 +118,7 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         max_steps: cfg.train.max_steps,
     })?;
 
-    let pb = if progress {
-        ProgressBar::new(cfg.train.max_steps)
-    } else {
-        ProgressBar::with_draw_target(Some(cfg.train.max_steps), ProgressDrawTarget::hidden())
-    };
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
+    let pb = crate::launch::progress_bar(progress, cfg.train.max_steps);
     let eval = |trainer: &Trainer| {
         trainer.evaluate(&ds.val, win, cfg.train.eval_batches, cfg.train.micro_batch)
     };
@@ -154,36 +144,15 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         }
         let lr = lr_at(&cfg.optim, step);
         let t0 = Instant::now();
-        let (epoch, s) = sampler.locate(step);
-        let batches: Vec<_> = (0..mbs)
-            .map(|mb| {
-                win.batch(
-                    &ds.train,
-                    epoch,
-                    &sampler.micro_batch_ids(epoch, s, mb),
-                    device,
-                )
-            })
-            .collect();
+        let batches = step_batches(&ds, &sampler, win, device, step);
         let loss = trainer.accumulate(&batches, mbs);
         let applied = trainer.apply_checked(lr);
         let dt = t0.elapsed();
         train_time += dt;
         let Some(grad_norm) = applied else {
-            // Non-finite gradients: the update was not applied (the parameters are untouched).
             skipped += 1;
             trainer.step += 1;
-            warn!(step, loss, "non-finite loss or gradient: step skipped");
-            rd.event(Event::StepSkipped {
-                step,
-                loss: loss.to_string(),
-                reason: "non-finite loss or gradient".into(),
-            })?;
-            if skipped >= 10 {
-                anyhow::bail!(
-                    "{skipped} steps had non-finite gradients; lower optim.lr or check the data"
-                );
-            }
+            skip_step(&mut rd, step, loss, skipped)?;
             continue;
         };
         last_loss = loss;
@@ -213,18 +182,7 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
             );
         }
         if cfg.run.checkpoint_interval > 0 && trainer.step % cfg.run.checkpoint_interval == 0 {
-            let dir = cfg
-                .run
-                .dir
-                .join("checkpoints")
-                .join(format!("step-{}", trainer.step));
-            let t = Instant::now();
-            model_io::save(&dir, &trainer, &ds.meta.tokenizer, ds.meta.vocab.clone())?;
-            rd.event(Event::Checkpoint {
-                step: trainer.step,
-                dir: dir.clone(),
-                stall_ms: t.elapsed().as_secs_f64() * 1e3,
-            })?;
+            checkpoint(cfg, &mut rd, &trainer, &ds)?;
         }
     }
     pb.finish_and_clear();
@@ -256,35 +214,23 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         &ds.meta.tokenizer,
         ds.meta.vocab.clone(),
     )?;
-    let measured: Vec<f64> = step_secs
-        .iter()
-        .skip(step_secs.len().min(10))
-        .copied()
-        .collect();
-    let mut m = if measured.is_empty() {
-        step_secs.clone()
-    } else {
-        measured
-    };
-    let med = median(&mut m);
     let wall_s = wall.elapsed().as_secs_f64();
-    let report = json!({
-        "status": if interrupted { "interrupted" } else { "completed" },
-        "steps": trainer.step,
-        "skipped_steps": skipped,
-        "final_train_loss": last_loss,
-        "final_val_loss": last_val,
-        "tokens_per_s": if med > 0.0 { tokens_per_step / med } else { 0.0 },
-        "step_ms_median": med * 1e3,
-        "wall_s": wall_s,
-        "train_s": train_time.as_secs_f64(),
-        "ettr": train_time.as_secs_f64() / wall_s,
-        "world_size": 1,
-        "params": trainer.model.num_params(),
-        "device": device_name(device),
-        "threads": threads,
-        "model_dir": model_dir,
-        "faults": [],
+    let report = summary(&Summary {
+        status: if interrupted {
+            "interrupted"
+        } else {
+            "completed"
+        },
+        trainer: &trainer,
+        skipped,
+        last_loss,
+        last_val,
+        tokens_per_step,
+        step_secs: &step_secs,
+        wall_s,
+        train_s: train_time.as_secs_f64(),
+        threads,
+        model_dir: &model_dir,
     });
     rd.event(Event::RunFinished {
         status: if interrupted {
@@ -300,4 +246,107 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         report,
         interrupted,
     })
+}
+
+/// The micro-batches of `step`, from its place in its epoch's permutation.
+fn step_batches(
+    ds: &Dataset,
+    sampler: &Sampler,
+    win: Windows,
+    device: tch::Device,
+    step: u64,
+) -> Vec<(tch::Tensor, tch::Tensor)> {
+    let (epoch, s) = sampler.locate(step);
+    (0..sampler.micro_batches_per_step())
+        .map(|mb| {
+            win.batch(
+                &ds.train,
+                epoch,
+                &sampler.micro_batch_ids(epoch, s, mb),
+                device,
+            )
+        })
+        .collect()
+}
+
+/// A checkpoint of the model at its current step, with the time it stalled training.
+fn checkpoint(cfg: &TrainConfig, rd: &mut RunDir, trainer: &Trainer, ds: &Dataset) -> Result<()> {
+    let dir = cfg
+        .run
+        .dir
+        .join("checkpoints")
+        .join(format!("step-{}", trainer.step));
+    let t = Instant::now();
+    model_io::save(&dir, trainer, &ds.meta.tokenizer, ds.meta.vocab.clone())?;
+    rd.event(Event::Checkpoint {
+        step: trainer.step,
+        dir,
+        stall_ms: t.elapsed().as_secs_f64() * 1e3,
+    })?;
+    Ok(())
+}
+
+/// The median step time once warmed up (the first 10 steps left out when there are more).
+fn steady_step_secs(step_secs: &[f64]) -> f64 {
+    let mut m: Vec<f64> = step_secs
+        .iter()
+        .skip(step_secs.len().min(10))
+        .copied()
+        .collect();
+    if m.is_empty() {
+        m = step_secs.to_vec();
+    }
+    median(&mut m)
+}
+
+/// What `phalanx train`'s report is made of.
+struct Summary<'a> {
+    status: &'static str,
+    trainer: &'a Trainer,
+    skipped: u64,
+    last_loss: f64,
+    last_val: Option<f64>,
+    tokens_per_step: f64,
+    step_secs: &'a [f64],
+    wall_s: f64,
+    train_s: f64,
+    threads: usize,
+    model_dir: &'a std::path::Path,
+}
+
+fn summary(x: &Summary) -> Value {
+    let med = steady_step_secs(x.step_secs);
+    json!({
+        "status": x.status,
+        "steps": x.trainer.step,
+        "skipped_steps": x.skipped,
+        "final_train_loss": x.last_loss,
+        "final_val_loss": x.last_val,
+        "tokens_per_s": if med > 0.0 { x.tokens_per_step / med } else { 0.0 },
+        "step_ms_median": med * 1e3,
+        "wall_s": x.wall_s,
+        "train_s": x.train_s,
+        "ettr": x.train_s / x.wall_s,
+        "world_size": 1,
+        "params": x.trainer.model.num_params(),
+        "device": device_name(x.trainer.model.device()),
+        "threads": x.threads,
+        "model_dir": x.model_dir,
+        "faults": [],
+    })
+}
+
+/// Non-finite gradients: the update was not applied (the parameters are untouched). Ten such
+/// steps end the run with what to do.
+fn skip_step(rd: &mut RunDir, step: u64, loss: f64, skipped: u64) -> Result<()> {
+    warn!(step, loss, "non-finite loss or gradient: step skipped");
+    rd.event(Event::StepSkipped {
+        step,
+        loss: loss.to_string(),
+        reason: "non-finite loss or gradient".into(),
+    })?;
+    if skipped >= 10 {
+        anyhow::bail!("{skipped} steps had non-finite gradients; lower optim.lr or check the data");
+    }
+    Ok(())
 }

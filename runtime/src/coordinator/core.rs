@@ -1053,7 +1053,6 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     if s.ranks.is_empty() {
         return form_first(now, s, cfg);
     }
-    let world = s.ranks.len();
     // K-13: a job that commits nothing is regrouped once, then halted with the reason; this
     // comes before the "finished" check (one rank done and another stuck is no finish).
     match super::watchdog::watch(now, s, cfg) {
@@ -1065,21 +1064,55 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     if s.live.iter().any(|l| l.done) {
         return Decision::Steady;
     }
-    let mut removed = match removals(now, &cuts, s, cfg) {
-        Ok(r) => r,
+    let p = match pressures(now, &cuts, s, cfg) {
+        Ok(p) => p,
         Err(reason) => return Decision::Hold { reason },
     };
+    if p.calm() {
+        return Decision::Steady;
+    }
+    regroup_for(now, s, cfg, p)
+}
+
+/// What may call for a new generation in this tick.
+struct Pressures {
+    removed: Vec<(MemberId, Removal)>,
+    target: usize,
+    /// A flagged straggler may be acted on (not cooling down after the last action).
+    any_straggler: bool,
+    /// A rebalanced split whose straggler is gone or recovered is evened out again.
+    even_out: bool,
+    /// Members that asked for a regroup (a restarted compute, a group that could not be built).
+    regroup: Vec<MemberId>,
+    /// Most ranks reported failed collectives with no agreed suspect (R-7); their count.
+    stuck: Option<usize>,
+    world: usize,
+}
+
+impl Pressures {
+    fn calm(&self) -> bool {
+        self.removed.is_empty()
+            && !self.any_straggler
+            && !self.even_out
+            && self.world == self.target
+            && self.regroup.is_empty()
+            && self.stuck.is_none()
+    }
+}
+
+fn pressures(now: Instant, cuts: &Cuts, s: &State, cfg: &CoreConfig) -> Result<Pressures, String> {
+    let world = s.ranks.len();
+    // A hold (a report that cannot be judged yet) waits for the next tick.
+    let removed = removals(now, cuts, s, cfg)?;
     let target = s.target_world.min(cfg.max_world).max(1);
     // One straggler action at a time, then a cool-down (K-10).
     let cooling = s
         .straggler_acted_at
         .is_some_and(|t| now.saturating_duration_since(t) < cfg.straggler.cooldown);
     let any_straggler = cfg.straggler.evict && !cooling && s.live.iter().any(|l| l.straggler);
-    // A rebalanced split whose straggler is gone or recovered is evened out again.
     let even_out = !cooling && !s.shares.is_empty() && !s.live.iter().any(|l| l.straggler);
-    // Regroups asked for by ranks (a restarted compute, a group that could not be built) back
-    // off while they bring no committed step: a cause that fails every new group at once must
-    // not churn generations (K-13 then decides).
+    // Regroups asked for by ranks back off while they bring no committed step: a cause that
+    // fails every new group at once must not churn generations (K-13 then decides).
     let regroup: Vec<MemberId> = if super::watchdog::regroup_allowed(now, s) {
         s.live.iter().filter(|l| l.regroup).map(|l| l.id).collect()
     } else {
@@ -1089,27 +1122,41 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     // majority and nobody found dead or hung by the heartbeat deadline since, cannot make
     // progress: every rank waits for the next generation. Regroup with the same members (R-7).
     let reports: Vec<Instant> = s.live.iter().filter_map(|l| l.reported_at).collect();
-    let stuck = removed.is_empty()
+    let stuck = (removed.is_empty()
         && world > 1
         && reports.len() * 2 > world
         && reports
             .iter()
             .min()
-            .is_some_and(|&first| now.saturating_duration_since(first) > cfg.heartbeat_timeout);
-    if removed.is_empty()
-        && !any_straggler
-        && !even_out
-        && world == target
-        && regroup.is_empty()
-        && !stuck
-    {
-        return Decision::Steady;
-    }
+            .is_some_and(|&first| now.saturating_duration_since(first) > cfg.heartbeat_timeout))
+    .then_some(reports.len());
+    Ok(Pressures {
+        removed,
+        target,
+        any_straggler,
+        even_out,
+        regroup,
+        stuck,
+        world,
+    })
+}
+
+/// The next generation under `p`: who leaves, who is promoted, the split, the reason.
+fn regroup_for(now: Instant, s: &State, cfg: &CoreConfig, p: Pressures) -> Decision {
+    let Pressures {
+        mut removed,
+        target,
+        any_straggler,
+        even_out,
+        regroup,
+        stuck,
+        world,
+    } = p;
     // Only now scan for spares: the steady path above stays O(world) with no allocation.
     let mut spares = s.available_spares(now, cfg);
     let mut act = None;
     // Failures and requests first: a straggler is acted on only in a tick with nothing else.
-    if any_straggler && removed.is_empty() && regroup.is_empty() && !stuck {
+    if any_straggler && removed.is_empty() && regroup.is_empty() && stuck.is_none() {
         act = straggler_step(now, s, cfg, spares.len());
     }
     let mut rebalance: Option<(Vec<u32>, String)> = None;
@@ -1145,7 +1192,7 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     if removed.is_empty()
         && spares.is_empty()
         && regroup.is_empty()
-        && !stuck
+        && stuck.is_none()
         && rebalance.is_none()
         && !even_out
     {
@@ -1153,18 +1200,7 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
     }
     let new_world = survivors.len() + spares.len();
     if new_world < cfg.min_world.max(1) {
-        return Decision::Halt {
-            reason: format!(
-                "{} rank(s) left ({}) and no spare: below min_world = {}",
-                new_world,
-                removed
-                    .iter()
-                    .map(|(id, r)| format!("member {id}: {}", r.describe()))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                cfg.min_world.max(1)
-            ),
-        };
+        return below_min_world(new_world, &removed, cfg);
     }
     let mut why: Vec<String> = removed
         .iter()
@@ -1197,11 +1233,10 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
             Vec::new()
         }
     };
-    if stuck {
+    if let Some(n) = stuck {
         why.push(format!(
-            "{} of {world} ranks reported failed collectives with no agreed suspect and none \
-             missed the heartbeat deadline: regrouping with the same members",
-            reports.len()
+            "{n} of {world} ranks reported failed collectives with no agreed suspect and none \
+             missed the heartbeat deadline: regrouping with the same members"
         ));
     }
     let (ranks, resume_step, heal) = place(s, survivors, &spares);
@@ -1218,6 +1253,25 @@ pub fn decide(now: Instant, s: &State, cfg: &CoreConfig) -> Decision {
         at: now,
         watchdog: false,
     })
+}
+
+fn below_min_world(
+    new_world: usize,
+    removed: &[(MemberId, Removal)],
+    cfg: &CoreConfig,
+) -> Decision {
+    Decision::Halt {
+        reason: format!(
+            "{} rank(s) left ({}) and no spare: below min_world = {}",
+            new_world,
+            removed
+                .iter()
+                .map(|(id, r)| format!("member {id}: {}", r.describe()))
+                .collect::<Vec<_>>()
+                .join("; "),
+            cfg.min_world.max(1)
+        ),
+    }
 }
 
 /// The progress watchdog's regroup (K-13): the same members in a fresh generation.
