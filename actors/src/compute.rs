@@ -373,6 +373,67 @@ pub mod fixed {
     }
 }
 
+/// What a step comes to once its sums are in. Every rank computes it from the same reduced
+/// buffer, so every rank reaches the same verdict (T-2, T-4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The allreduce failed: the step is redone in the next generation (R-*).
+    Regroup,
+    /// Every rank's loss and gradient were finite: apply the update.
+    Commit,
+    /// Non-finite somewhere: every rank skips the step.
+    Skip,
+    /// Non-finite, with rollback asked for and this step not rolled back for already: every
+    /// rank goes back to the last checkpoint.
+    RollBack,
+}
+
+pub fn verdict(
+    reduced: bool,
+    bad_ranks: &[u32],
+    rollback_on_nonfinite: bool,
+    last_rollback: Option<u64>,
+    step: u64,
+) -> Verdict {
+    if !reduced {
+        Verdict::Regroup
+    } else if bad_ranks.is_empty() {
+        Verdict::Commit
+    } else if rollback_on_nonfinite && last_rollback != Some(step) {
+        // A step that goes bad again after its rollback is skipped: replaying the same data
+        // may well meet the same fault.
+        Verdict::RollBack
+    } else {
+        Verdict::Skip
+    }
+}
+
+/// The buffer of a step's one allreduce: the gradient, then this rank's part of the global
+/// mean loss, then one slot per rank for its own non-finite flag (so the bad ranks are named).
+pub fn pack(mut grads: Vec<f32>, loss_part: f64, bad: bool, rank: Rank, world: u32) -> Vec<f32> {
+    let n = grads.len();
+    grads.push(loss_part as f32);
+    grads.extend(std::iter::repeat_n(0f32, world as usize));
+    if bad {
+        grads[n + 1 + rank.0 as usize] = 1.0;
+    }
+    grads
+}
+
+/// The reduced buffer back into the summed gradient (left in `buf`), the mean loss and the
+/// ranks that flagged themselves.
+pub fn unpack(buf: &mut Vec<f32>, n: usize) -> (f64, Vec<u32>) {
+    let bad: Vec<u32> = buf[n + 1..]
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| **f > 0.5)
+        .map(|(r, _)| r as u32)
+        .collect();
+    buf.truncate(n + 1);
+    let loss = buf.pop().unwrap_or(f32::NAN) as f64;
+    (loss, bad)
+}
+
 /// How a generation ended for this rank.
 /// What a rollback did.
 enum Rolled {
@@ -976,7 +1037,7 @@ impl<'a> Loop<'a> {
         s: &mut Setup,
         torn: &mut bool,
     ) -> Result<Option<Next>, String> {
-        let (sh, p) = (self.sh, &self.sh.params);
+        let p = &self.sh.params;
         let (generation, rank, world, group) = (g.generation, g.rank, g.world, g.group);
         let (mbs, device) = (g.mbs, g.device);
         let mine = g.mine.clone();
@@ -984,22 +1045,8 @@ impl<'a> Loop<'a> {
         let (epoch, st) = s.sampler.locate(step);
         let lr = lr_at(&p.optim, step);
         let t_step = Instant::now();
-        let taken = sh.loader.take(g.plan, step, Duration::from_millis(200));
+        let batches = self.batches(g, s, step);
         let data_wait = t_step.elapsed();
-        let batches = match taken {
-            Some(b) => b,
-            None => {
-                g.late += 1;
-                if g.late == 1 || g.late % 100 == 0 {
-                    warn!(
-                        step,
-                        late = g.late,
-                        "the data loader is late; building the batch here"
-                    );
-                }
-                loader::build(&sh.loader.data, &s.ds, mine.clone(), step)
-            }
-        };
         // Compute time excludes waiting for data and in collectives: it is the straggler
         // detector's and the rebalancer's measure of this rank's speed.
         let t_compute = Instant::now();
@@ -1008,7 +1055,7 @@ impl<'a> Loop<'a> {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
-        let (local_loss, mut buf, local_bad) = if p.deterministic {
+        let (local_loss, buf, local_bad) = if p.deterministic {
             deterministic_grads(s, &batches, mine.clone(), mbs, step, p.seed)
         } else {
             let l = s.trainer.accumulate(&batches, mbs);
@@ -1021,54 +1068,54 @@ impl<'a> Loop<'a> {
         }
         let compute = t_compute.elapsed();
         let nan = faults::fire("nan", step, Some(rank.0), generation.0);
+        let mut buf = buf;
         if nan {
             buf[0] = f32::NAN;
         }
         // Bad numerics are caught before the commit, and named: each rank flags its own
         // non-finite loss or gradient in a slot of its own that rides along with the sum.
-        let local_bad = local_bad || nan;
         let n = buf.len();
-        // The global mean loss rides along as one more element of the sum.
-        buf.push((local_loss * mine.len() as f64 / mbs as f64) as f32);
-        buf.extend(std::iter::repeat_n(0f32, world as usize));
-        if local_bad {
-            buf[n + 1 + rank.0 as usize] = 1.0;
-        }
+        let loss_part = local_loss * mine.len() as f64 / mbs as f64;
+        let mut buf = pack(buf, loss_part, local_bad || nan, rank, world);
         let (t_reduce, stalled_before) = (Instant::now(), group.stalled());
         let reduced = group.allreduce(&mut buf);
         let mut in_collectives = t_reduce.elapsed();
-        if let Err(e) = reduced {
-            warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
-            s.trainer.model.params.zero_grads();
-            g.report(&e, step);
-            return Ok(Some(Next::Regroup(None)));
-        }
-        let bad_ranks: Vec<u32> = buf[n + 1..]
-            .iter()
-            .enumerate()
-            .filter(|(_, f)| **f > 0.5)
-            .map(|(r, _)| r as u32)
-            .collect();
-        buf.truncate(n + 1);
-        let loss = buf.pop().unwrap_or(f32::NAN) as f64;
-        if p.deterministic {
-            buf = fixed::decode(&buf, world);
-        }
-        let grad_norm = if bad_ranks.is_empty() {
-            *torn = true;
-            let g = s
-                .trainer
-                .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
-            *torn = false;
-            g
-        } else {
-            // T-2: every rank sees the same flags and skips the same step.
-            warn!(step, ranks = ?bad_ranks, "non-finite loss or gradient; the step is skipped");
-            s.trainer.model.params.zero_grads();
-            None
+        let (loss, bad_ranks) = match &reduced {
+            Ok(()) => unpack(&mut buf, n),
+            Err(_) => (f64::NAN, Vec::new()),
         };
-        if grad_norm.is_none() && p.rollback_on_nonfinite && self.last_rollback.get() != Some(step)
-        {
+        let v = verdict(
+            reduced.is_ok(),
+            &bad_ranks,
+            p.rollback_on_nonfinite,
+            self.last_rollback.get(),
+            step,
+        );
+        let mut grad_norm = None;
+        match v {
+            Verdict::Regroup => {
+                let e = reduced.err().expect("a failed allreduce");
+                warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
+                s.trainer.model.params.zero_grads();
+                g.report(&e, step);
+                return Ok(Some(Next::Regroup(None)));
+            }
+            Verdict::Commit => {
+                if p.deterministic {
+                    buf = fixed::decode(&buf, world);
+                }
+                *torn = true;
+                grad_norm = s
+                    .trainer
+                    .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
+                *torn = false;
+            }
+            Verdict::Skip | Verdict::RollBack => {
+                warn!(step, ranks = ?bad_ranks, "non-finite loss or gradient; the step is skipped");
+                s.trainer.model.params.zero_grads();
+            }
+        }
+        if v == Verdict::RollBack {
             match self.roll_back(g, s, step, &bad_ranks, torn) {
                 Rolled::Back => return Ok(None),
                 Rolled::Nothing => {}
@@ -1076,7 +1123,7 @@ impl<'a> Loop<'a> {
             }
         }
         if grad_norm.is_none() {
-            // Every rank sees the same summed gradient, so every rank skips the same step.
+            // Every rank sees the same flags, so every rank skips the same step (T-2).
             s.trainer.step += 1;
         }
         if faults::fire("sdc", step, Some(rank.0), generation.0) {
@@ -1121,6 +1168,23 @@ impl<'a> Loop<'a> {
         };
         self.record_commit(g, s, measured);
         Ok(None)
+    }
+
+    /// This rank's micro-batches of `step`: from the loader, or built here when it is late.
+    fn batches(&self, g: &mut Gen, s: &Setup, step: u64) -> Vec<(Tensor, Tensor)> {
+        let loader = &self.sh.loader;
+        if let Some(b) = loader.take(g.plan, step, Duration::from_millis(200)) {
+            return b;
+        }
+        g.late += 1;
+        if g.late == 1 || g.late % 100 == 0 {
+            warn!(
+                step,
+                late = g.late,
+                "the data loader is late; building the batch here"
+            );
+        }
+        loader::build(&loader.data, &s.ds, g.mine.clone(), step)
     }
 
     /// T-4: every rank saw the same non-finite flags, so every rank rolls back to the last
@@ -1310,6 +1374,7 @@ impl<'a> Loop<'a> {
 #[cfg(test)]
 mod tests {
     use super::odd_ranks;
+    use phalanx_runtime::Rank;
 
     // DET-1: the fixed-point sum is the same for any grouping and order of the addends, and
     // close to the float sum.
@@ -1357,6 +1422,38 @@ mod tests {
     }
 
     // SDC-1: the odd rank out is named and the majority is the reference.
+    #[test]
+    fn the_verdict_of_a_step() {
+        use super::{verdict, Verdict};
+        // T-2 / T-4: the same sums give every rank the same verdict.
+        assert_eq!(verdict(false, &[], false, None, 7), Verdict::Regroup);
+        assert_eq!(verdict(false, &[1], true, None, 7), Verdict::Regroup);
+        assert_eq!(verdict(true, &[], true, None, 7), Verdict::Commit);
+        assert_eq!(verdict(true, &[2], false, None, 7), Verdict::Skip);
+        assert_eq!(verdict(true, &[2], true, None, 7), Verdict::RollBack);
+        assert_eq!(verdict(true, &[2], true, Some(6), 7), Verdict::RollBack);
+        // The same step bad again after its rollback is skipped, not rolled back forever.
+        assert_eq!(verdict(true, &[2], true, Some(7), 7), Verdict::Skip);
+    }
+
+    // T-2: each rank's flag and loss part ride along with the gradient and come back named.
+    #[test]
+    fn pack_and_unpack_name_the_bad_ranks() {
+        use super::{pack, unpack};
+        let world = 3;
+        let mut sum = vec![0f32; 2 + 1 + world as usize];
+        for r in 0..world {
+            let b = pack(vec![1.0, 2.0], 0.5, r == 1, Rank(r), world);
+            for (s, x) in sum.iter_mut().zip(&b) {
+                *s += x;
+            }
+        }
+        let (loss, bad) = unpack(&mut sum, 2);
+        assert_eq!(sum, vec![3.0, 6.0]);
+        assert!((loss - 1.5).abs() < 1e-6);
+        assert_eq!(bad, vec![1]);
+    }
+
     #[test]
     fn odd_rank_out_is_found_by_majority() {
         assert_eq!(odd_ranks(&[7, 7, 9, 7]), (vec![2], 0));
