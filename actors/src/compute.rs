@@ -1094,10 +1094,11 @@ impl<'a> Loop<'a> {
         let mut grad_norm = None;
         match v {
             Verdict::Regroup => {
-                let e = reduced.err().expect("a failed allreduce");
-                warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
+                if let Err(e) = &reduced {
+                    warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
+                    g.report(e, step);
+                }
                 s.trainer.model.params.zero_grads();
-                g.report(&e, step);
                 return Ok(Some(Next::Regroup(None)));
             }
             Verdict::Commit => {
