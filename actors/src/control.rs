@@ -110,12 +110,18 @@ pub struct Session {
     heartbeat: Duration,
 }
 
+/// Why a session could not be opened.
+enum NotOpened {
+    /// Worth another try after a backoff (the coordinator is restarting, unreachable).
+    Retry,
+    /// The coordinator refused this worker, or never answered: the rank gives up with this.
+    Refused(String),
+    /// The coordinator fenced this member out: an eviction directive was queued.
+    Evicted,
+}
+
 /// Registers (or re-registers under `member`) and opens the session stream.
-async fn open(
-    shared: &Shared,
-    member: &mut u64,
-    started: Instant,
-) -> Result<Session, Option<String>> {
+async fn open(shared: &Shared, member: &mut u64, started: Instant) -> Result<Session, NotOpened> {
     let p = &shared.params;
     let opts = &p.client;
     let progress = &shared.progress;
@@ -125,10 +131,10 @@ async fn open(
         Err(e) => {
             if *member == 0 && started.elapsed() > Duration::from_secs(10) {
                 *shared.refused.lock() = Some(e.to_string());
-                return Err(Some(e.to_string()));
+                return Err(NotOpened::Refused(e.to_string()));
             }
             warn!(error = %e, "coordinator unreachable; retrying");
-            return Err(None);
+            return Err(NotOpened::Retry);
         }
     };
     let mut r = p.register.clone();
@@ -151,13 +157,13 @@ async fn open(
             if refusal(&s) {
                 if *member == 0 {
                     *shared.refused.lock() = Some(msg.clone());
-                    return Err(Some(msg));
+                    return Err(NotOpened::Refused(msg));
                 }
                 let _ = directives.send(Directive::Evict(msg));
-                return Err(Some(String::new()));
+                return Err(NotOpened::Evicted);
             }
             warn!(error = %msg, "registration failed; retrying");
-            return Err(None);
+            return Err(NotOpened::Retry);
         }
     };
     if *member == 0 {
@@ -191,9 +197,9 @@ async fn open(
         Err(st) => {
             if st.code() == tonic::Code::FailedPrecondition {
                 let _ = directives.send(Directive::Evict(st.message().to_string()));
-                return Err(Some(String::new()));
+                return Err(NotOpened::Evicted);
             }
-            Err(None)
+            Err(NotOpened::Retry)
         }
     }
 }
@@ -218,9 +224,9 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
                     backoff = Duration::from_millis(100);
                     *sess = Some(s);
                 }
-                Err(Some(refused)) if refused.is_empty() => return None,
-                Err(Some(refused)) if member == 0 => return Some(refused),
-                Err(_) => {
+                Err(NotOpened::Evicted) => return None,
+                Err(NotOpened::Refused(why)) if member == 0 => return Some(why),
+                Err(NotOpened::Refused(_) | NotOpened::Retry) => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;

@@ -5,6 +5,7 @@
 use crate::policy::{self, Beat, ChildExit, ChildSpec, Decision, Intensity, RestartLog};
 use parking_lot::Mutex;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,15 +13,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
-/// The stop reason a child gives when it finished the rank's work: `finished:<code>:<why>`.
+/// A child that finished the rank's work: the process exit code and why. It travels as the
+/// actor's stop reason (a string, in ractor), encoded and decoded here only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Finished {
+    finished: i32,
+    why: String,
+}
+
+/// The stop reason a child gives when it finished the rank's work.
 pub fn finish_reason(code: i32, why: &str) -> String {
-    format!("finished:{code}:{why}")
+    serde_json::to_string(&Finished {
+        finished: code,
+        why: why.to_string(),
+    })
+    .unwrap_or_default()
 }
 
 fn parse_finish(reason: &str) -> Option<(i32, String)> {
-    let rest = reason.strip_prefix("finished:")?;
-    let (code, why) = rest.split_once(':')?;
-    Some((code.parse().ok()?, why.to_string()))
+    serde_json::from_str::<Finished>(reason)
+        .ok()
+        .map(|f| (f.finished, f.why))
 }
 
 /// A child's liveness for the watchdog: one per incarnation, so a thread abandoned by a
@@ -339,6 +352,19 @@ mod tests {
     use super::*;
     use crate::policy::{OnStuck, Strategy};
     use std::sync::atomic::AtomicU32;
+
+    // A finished child's exit code and reason come back as they were given, whatever the
+    // reason's text; any other stop reason is no finish.
+    #[test]
+    fn finish_reasons_round_trip() {
+        let why = "halted: below min_world: member 3: finished:7:x";
+        assert_eq!(
+            parse_finish(&finish_reason(4, why)),
+            Some((4, why.to_string()))
+        );
+        assert_eq!(parse_finish("finished:0:done"), None);
+        assert_eq!(parse_finish("rank stopping"), None);
+    }
 
     /// A child that fails, finishes or hangs on command, counting its incarnations.
     struct Toy;
