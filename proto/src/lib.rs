@@ -8,3 +8,7 @@ pub mod pb {
 
 /// The package version of the API; bumped on incompatible changes.
 pub const API_VERSION: &str = "phalanx.v1";
+
+/// A heartbeat carries the times of at most this many steps committed since the last one
+/// (`Heartbeat.recent`); a rank keeps its newest, the coordinator reads no more.
+pub const MAX_RECENT_STEPS: usize = 64;

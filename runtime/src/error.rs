@@ -80,6 +80,10 @@ pub enum RuntimeError {
     InvalidRequest { what: String },
     #[error("coordinator journal {path}: {reason}")]
     Journal { path: String, reason: String },
+    #[error("cannot write the event log {path}: {reason} (check that the run directory is writable and the disk is not full)")]
+    EventLog { path: String, reason: String },
+    #[error("the coordinator's decision loop panicked ({what}); the coordinator stopped with its journal on disk: restart it")]
+    DecisionLoop { what: String },
     #[error("cannot reach the coordinator at {url}: {reason}")]
     Connect { url: String, reason: String },
     #[error("coordinator answered {code}: {message}")]

@@ -37,8 +37,7 @@ use tracing::{info, warn};
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 const MAX_ADDR_BYTES: usize = 16 * 1024;
 const MAX_TEXT: usize = 256;
-/// The most step times one heartbeat carries (`Heartbeat.recent`); more are ignored.
-pub const MAX_RECENT_STEPS: usize = 64;
+use phalanx_proto::MAX_RECENT_STEPS;
 /// Worlds up to this size get the peer table inline in Assign; larger ones use GetPeers.
 pub const INLINE_PEERS_MAX: usize = 256;
 
@@ -1100,7 +1099,7 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
     let events = match &opts.events {
         Some(p) => {
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| RuntimeError::Journal {
+                std::fs::create_dir_all(dir).map_err(|e| RuntimeError::EventLog {
                     path: p.display().to_string(),
                     reason: e.to_string(),
                 })?;
@@ -1109,7 +1108,7 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
                 .create(true)
                 .append(true)
                 .open(p)
-                .map_err(|e| RuntimeError::Journal {
+                .map_err(|e| RuntimeError::EventLog {
                     path: p.display().to_string(),
                     reason: e.to_string(),
                 })?;
@@ -1255,12 +1254,7 @@ pub async fn run(
     ticker.abort();
     shared.event(Event::CoordinatorStopped {});
     if let Some(what) = died.lock().take() {
-        return Err(RuntimeError::Journal {
-            path: "decision loop".into(),
-            reason: format!(
-                "it panicked ({what}); the coordinator stopped with its journal on disk: restart it"
-            ),
-        });
+        return Err(RuntimeError::DecisionLoop { what });
     }
     res.map_err(|e| RuntimeError::Connect {
         url: "listener".into(),

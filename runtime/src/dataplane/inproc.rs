@@ -313,34 +313,6 @@ impl InProcTransport {
     }
 }
 
-pub(crate) fn abort_error(
-    op: &'static str,
-    reporter: Rank,
-    subject: Option<Rank>,
-    timeout: bool,
-    generation: Generation,
-    after: Duration,
-) -> RuntimeError {
-    match subject {
-        Some(rank) => RuntimeError::PeerFailed {
-            rank,
-            op,
-            reason: format!("reported by rank {reporter}"),
-        },
-        // The reporter only knows that nothing arrived; which peer hangs is not known.
-        None if timeout => RuntimeError::Timeout {
-            op,
-            after,
-            generation,
-        },
-        None => RuntimeError::GroupBroken {
-            op,
-            generation,
-            cause: format!("rank {reporter} aborted the group"),
-        },
-    }
-}
-
 impl Transport for InProcTransport {
     fn rank(&self) -> Rank {
         self.rank

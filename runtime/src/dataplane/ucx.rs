@@ -18,7 +18,6 @@
 use super::admission::GroupKey;
 use super::bootstrap::{AddressExchange, Exchanged};
 use super::collectives::{CollConfig, Collectives};
-use super::inproc::abort_error;
 use super::links::PeerLink;
 use super::liveness::{decode_address, encode_address, Liveness, LivenessListener};
 use super::transport::*;
