@@ -512,6 +512,36 @@ pub fn part(len: usize, parts: usize, i: usize) -> Range<usize> {
     start..start + base + usize::from(i < extra)
 }
 
+/// The error a member's wait fails with when a peer's abort arrives (every transport spreads
+/// aborts the same way, P-6).
+pub fn abort_error(
+    op: &'static str,
+    reporter: Rank,
+    subject: Option<Rank>,
+    timeout: bool,
+    generation: Generation,
+    after: Duration,
+) -> RuntimeError {
+    match subject {
+        Some(rank) => RuntimeError::PeerFailed {
+            rank,
+            op,
+            reason: format!("reported by rank {reporter}"),
+        },
+        // The reporter only knows that nothing arrived; which peer hangs is not known.
+        None if timeout => RuntimeError::Timeout {
+            op,
+            after,
+            generation,
+        },
+        None => RuntimeError::GroupBroken {
+            op,
+            generation,
+            cause: format!("rank {reporter} aborted the group"),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -658,35 +688,5 @@ mod tests {
         assert_eq!(d1, raw[1..]);
         let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
         assert_eq!(d1, f32_bytes(&want));
-    }
-}
-
-/// The error a member's wait fails with when a peer's abort arrives (every transport spreads
-/// aborts the same way, P-6).
-pub fn abort_error(
-    op: &'static str,
-    reporter: Rank,
-    subject: Option<Rank>,
-    timeout: bool,
-    generation: Generation,
-    after: Duration,
-) -> RuntimeError {
-    match subject {
-        Some(rank) => RuntimeError::PeerFailed {
-            rank,
-            op,
-            reason: format!("reported by rank {reporter}"),
-        },
-        // The reporter only knows that nothing arrived; which peer hangs is not known.
-        None if timeout => RuntimeError::Timeout {
-            op,
-            after,
-            generation,
-        },
-        None => RuntimeError::GroupBroken {
-            op,
-            generation,
-            cause: format!("rank {reporter} aborted the group"),
-        },
     }
 }
