@@ -1,10 +1,6 @@
 //! The `phalanx` command line.
 
 mod bench;
-mod bench_collectives;
-mod bench_coordinator;
-mod bench_gloo;
-mod bench_straggler;
 mod cgroup;
 mod config;
 mod control;
@@ -236,14 +232,14 @@ enum BenchCmd {
         #[arg(long, default_value_t = 4)]
         world: usize,
         #[arg(long, value_enum, default_value = "allreduce")]
-        op: bench_collectives::Op,
+        op: bench::collectives::Op,
         /// Buffer sizes in bytes, with K/M/G (binary) suffixes.
         #[arg(long, default_value = "1K,1M,16M,64M")]
         sizes: String,
         #[command(flatten)]
-        tuning: bench_collectives::Tuning,
+        tuning: bench::collectives::Tuning,
         #[command(flatten)]
-        placement: bench_collectives::Placement,
+        placement: bench::collectives::Placement,
         /// Internal: run as one rank, registering with this bootstrap server.
         #[arg(long, hide = true)]
         worker_of: Option<String>,
@@ -648,9 +644,9 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
         } => {
             let cfg = TrainConfig::load(Some(&config), &overrides)?;
             if world > 1 {
-                bench::run_world(&cfg, &config, &overrides, world, steps.max(20), runs.max(1))?;
+                bench::train::run_world(&cfg, &config, &overrides, world, steps.max(20), runs.max(1))?;
             } else {
-                bench::run(&cfg, steps.max(20), runs.max(1))?;
+                bench::train::run(&cfg, steps.max(20), runs.max(1))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -663,7 +659,7 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
             overrides,
         } => {
             let cfg = TrainConfig::load(Some(&config), &overrides)?;
-            bench::bare_rank(&cfg, &bootstrap, rank, world, &out)?;
+            bench::train::bare_rank(&cfg, &bootstrap, rank, world, &out)?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCmd::Collectives {
@@ -677,9 +673,9 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
         } => {
             match worker_of {
                 Some(addr) => {
-                    bench_collectives::worker(&addr, rank, world as u32, op, &sizes, &tuning)?
+                    bench::collectives::worker(&addr, rank, world as u32, op, &sizes, &tuning)?
                 }
-                None => bench_collectives::run(world, op, &sizes, &tuning, &placement)?,
+                None => bench::collectives::run(world, op, &sizes, &tuning, &placement)?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -688,7 +684,7 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
             world,
             seconds,
         } => {
-            bench_straggler::run(&config, world.max(2), seconds.max(10))?;
+            bench::straggler::run(&config, world.max(2), seconds.max(10))?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCmd::Coordinator {
@@ -697,7 +693,7 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
             grpc_ranks,
             grpc_seconds,
         } => {
-            bench_coordinator::run(ranks, seconds.max(1), grpc_ranks, grpc_seconds.max(1))?;
+            bench::coordinator::run(ranks, seconds.max(1), grpc_ranks, grpc_seconds.max(1))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -5,7 +5,7 @@
 //! --worker-of ADDR --rank R` (hidden options) once per rank. Each worker times every iteration between a barrier and the end of the op;
 //! an iteration's time is the slowest rank's (the op is done when every rank is done).
 
-use crate::bench_gloo;
+use super::gloo;
 use crate::hosts::{self, SimHosts};
 use anyhow::{anyhow, bail, Context, Result};
 use phalanx_runtime::dataplane::links::summary;
@@ -286,7 +286,7 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> 
     }
     if place.gloo {
         let placed: Vec<usize> = (0..world).map(host_of).collect();
-        bench_gloo::compare(op, &sizes_v, iters, t.warmup, sim.as_ref(), &placed)?;
+        gloo::compare(op, &sizes_v, iters, t.warmup, sim.as_ref(), &placed)?;
     }
     Ok(())
 }

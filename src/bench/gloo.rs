@@ -2,7 +2,7 @@
 //! (torch.distributed over gloo) with the same ranks on the same (simulated) hosts, each size
 //! in turn, timed the same way (barrier, op, slowest rank per iteration).
 
-use crate::bench_collectives::Op;
+use super::collectives::Op;
 use crate::hosts::SimHosts;
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};

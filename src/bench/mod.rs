@@ -1,0 +1,14 @@
+//! `phalanx bench ...`: benchmarks are commands that report figures, measured side by side
+//! with their peers in one run where there is one.
+//!
+//! - [`train`]: training throughput, one process or a world of ranks, against PyTorch;
+//! - [`collectives`]: allreduce and friends over UCX, against gloo;
+//! - [`gloo`]: the PyTorch side of that comparison;
+//! - [`straggler`]: detection and rebalancing figures under a CPU quota;
+//! - [`coordinator`]: decisions per second of the coordinator core and its gRPC service.
+
+pub mod collectives;
+pub mod coordinator;
+pub mod gloo;
+pub mod straggler;
+pub mod train;
