@@ -644,7 +644,14 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
         } => {
             let cfg = TrainConfig::load(Some(&config), &overrides)?;
             if world > 1 {
-                bench::train::run_world(&cfg, &config, &overrides, world, steps.max(20), runs.max(1))?;
+                bench::train::run_world(
+                    &cfg,
+                    &config,
+                    &overrides,
+                    world,
+                    steps.max(20),
+                    runs.max(1),
+                )?;
             } else {
                 bench::train::run(&cfg, steps.max(20), runs.max(1))?;
             }

@@ -45,9 +45,7 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
     // (member id, generation, rank) once assigned; kept across reconnects to rejoin.
     let mut member: u64 = 0;
     let mut secret = String::new();
-    let mut generation: u64 = 0;
-    let mut rank: u32 = 0;
-    let mut step: u64 = 0;
+    let mut pos = Position::default();
     let mut backoff = Duration::from_millis(100);
     let mut last_contact = Instant::now();
     loop {
@@ -78,9 +76,9 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
             pid: std::process::id(),
             address: String::new(),
             member_id: member,
-            generation,
-            rank,
-            committed_step: step,
+            generation: pos.generation,
+            rank: pos.rank,
+            committed_step: pos.step,
             member_secret: secret.clone(),
         };
         let reg = match c.register(client::request(req, &opts)).await {
@@ -136,7 +134,7 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
             tokio::select! {
                 _ = hb.tick() => {
                     let m = pb::RankMessage { msg: Some(pb::rank_message::Msg::Heartbeat(pb::Heartbeat {
-                        generation, step, collective_seq: step,
+                        generation: pos.generation, step: pos.step, collective_seq: pos.step,
                         phase: if assigned {
                             pb::Phase::Training
                         } else {
@@ -148,35 +146,12 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
                     }))};
                     if tx.send(m).await.is_err() { break; }
                 }
-                _ = stepper.tick(), if assigned => { step += 1; }
+                _ = stepper.tick(), if assigned => { pos.step += 1; }
                 msg = inbound.message() => match msg {
                     Ok(Some(d)) => {
                         last_contact = Instant::now();
-                        match d.kind {
-                            Some(pb::directive::Kind::Assign(x)) => {
-                                generation = x.generation;
-                                rank = x.rank;
-                                step = step.max(x.resume_step);
-                                assigned = true;
-                                emit(json!({"directive": "assign", "generation": x.generation, "rank": x.rank,
-                                            "world": x.world, "resume_step": x.resume_step, "heal_from": x.heal_from}));
-                            }
-                            Some(pb::directive::Kind::Evict(x)) => {
-                                emit(json!({"directive": "evict", "generation": x.generation, "reason": x.reason}));
-                                return Ok(3);
-                            }
-                            Some(pb::directive::Kind::Shutdown(x)) => {
-                                emit(json!({"directive": "shutdown", "reason": x.reason}));
-                                return Ok(0);
-                            }
-                            Some(pb::directive::Kind::Drain(x)) => {
-                                assigned = false;
-                                emit(json!({"directive": "drain", "generation": x.generation}));
-                            }
-                            Some(pb::directive::Kind::Checkpoint(x)) => {
-                                emit(json!({"directive": "checkpoint", "step": x.step}));
-                            }
-                            None => {}
+                        if let Some(code) = on_directive(d, &mut pos, &mut assigned) {
+                            return Ok(code);
                         }
                     }
                     Ok(None) => { emit(json!({"event": "disconnected", "error": null})); break; }
@@ -192,4 +167,45 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
         }
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// Where this simulated rank is: kept across reconnects, to rejoin where it was.
+#[derive(Default)]
+struct Position {
+    generation: u64,
+    rank: u32,
+    step: u64,
+}
+
+/// A directive from the coordinator; `Some(code)` ends the rank with that exit code.
+fn on_directive(d: pb::Directive, pos: &mut Position, assigned: &mut bool) -> Option<i32> {
+    match d.kind {
+        Some(pb::directive::Kind::Assign(x)) => {
+            pos.generation = x.generation;
+            pos.rank = x.rank;
+            pos.step = pos.step.max(x.resume_step);
+            *assigned = true;
+            emit(
+                json!({"directive": "assign", "generation": x.generation, "rank": x.rank,
+                        "world": x.world, "resume_step": x.resume_step, "heal_from": x.heal_from}),
+            );
+        }
+        Some(pb::directive::Kind::Evict(x)) => {
+            emit(json!({"directive": "evict", "generation": x.generation, "reason": x.reason}));
+            return Some(3);
+        }
+        Some(pb::directive::Kind::Shutdown(x)) => {
+            emit(json!({"directive": "shutdown", "reason": x.reason}));
+            return Some(0);
+        }
+        Some(pb::directive::Kind::Drain(x)) => {
+            *assigned = false;
+            emit(json!({"directive": "drain", "generation": x.generation}));
+        }
+        Some(pb::directive::Kind::Checkpoint(x)) => {
+            emit(json!({"directive": "checkpoint", "step": x.step}));
+        }
+        None => {}
+    }
+    None
 }
