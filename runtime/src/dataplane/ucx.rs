@@ -692,6 +692,13 @@ impl UcxTransport {
 }
 
 const SWEEP_EVERY: Duration = Duration::from_millis(10);
+
+/// A request UCX finished: its id, status and received length.
+struct Done {
+    id: ReqId,
+    st: sys::ucs_status_t,
+    len: usize,
+}
 /// After `spin` without progress, yield the core for this long before sleeping on the fd.
 const YIELD_FOR: Duration = Duration::from_millis(5);
 /// A wait loop iteration that comes back this much later than it asked to (a yield, a nap, a
@@ -736,102 +743,9 @@ impl UcxTransport {
             }
             while let Some((id, req, st, len)) = self.poll_reqs() {
                 active = true;
-                match (req.kind, req.recv) {
-                    (ReqKind::Drain, _) => {}
-                    (ReqKind::Ctrl, false) => {
-                        if st != sys::ucs_status_t_UCS_OK && connecting {
-                            return Err(self.fail(RuntimeError::PeerFailed {
-                                rank: req.peer,
-                                op,
-                                reason: format!("handshake send failed: {}", status_str(st)),
-                            }));
-                        }
-                    }
-                    (ReqKind::Ctrl, true)
-                        if self.abort_recv.as_ref().is_some_and(|(a, _)| *a == id) =>
-                    {
-                        self.abort_recv = None;
-                        let bytes = req.owned.unwrap_or_default();
-                        let parsed = if st == sys::ucs_status_t_UCS_OK {
-                            decode_ctrl(&bytes[..len.min(bytes.len())], &self.key)
-                        } else {
-                            Err(CtrlError::Malformed(format!(
-                                "abort message not received: {}",
-                                status_str(st)
-                            )))
-                        };
-                        match parsed {
-                            Ok(Ctrl::Abort {
-                                reporter,
-                                subject,
-                                generation,
-                                timeout: to,
-                            }) if generation == self.generation => {
-                                let e = abort_error(
-                                    op,
-                                    reporter,
-                                    subject,
-                                    to,
-                                    self.generation,
-                                    timeout,
-                                );
-                                return Err(self.fail(e));
-                            }
-                            Ok(_) => {
-                                self.dropped += 1;
-                                self.post_abort_recv()?;
-                            }
-                            Err(CtrlError::NotAMember) => {
-                                // P-9: only a member can fail the group; this one is dropped.
-                                self.forged += 1;
-                                self.dropped += 1;
-                                self.post_abort_recv()?;
-                            }
-                            Err(reason) => {
-                                return Err(self.fail(RuntimeError::MalformedMessage {
-                                    from: Rank(u32::MAX),
-                                    op,
-                                    reason: format!("control message: {reason}"),
-                                }))
-                            }
-                        }
-                    }
-                    (_, recv) => {
-                        if st == sys::ucs_status_t_UCS_ERR_MESSAGE_TRUNCATED {
-                            return Err(self.fail(RuntimeError::MalformedMessage {
-                                from: req.peer,
-                                op,
-                                reason: format!(
-                                    "message longer than the {} bytes expected; every rank must pass a buffer of the same length",
-                                    req.expected
-                                ),
-                            }));
-                        }
-                        if st != sys::ucs_status_t_UCS_OK {
-                            return Err(self.fail(RuntimeError::PeerFailed {
-                                rank: req.peer,
-                                op,
-                                reason: format!(
-                                    "{} failed: {}",
-                                    if recv { "receive" } else { "send" },
-                                    status_str(st)
-                                ),
-                            }));
-                        }
-                        if recv && len != req.expected && req.kind == ReqKind::Data {
-                            return Err(self.fail(RuntimeError::MessageLength {
-                                from: req.peer,
-                                op,
-                                expected: req.expected,
-                                got: len,
-                            }));
-                        }
-                        let mut buf = req.owned;
-                        if let (Some(b), true) = (buf.as_mut(), req.kind == ReqKind::Ctrl) {
-                            b.truncate(len);
-                        }
-                        return Ok(Completion { id, buf });
-                    }
+                let done = Done { id, st, len };
+                if let Some(c) = self.on_completion(op, timeout, connecting, done, req)? {
+                    return Ok(c);
                 }
             }
             let now = Instant::now();
@@ -881,6 +795,108 @@ impl UcxTransport {
             planned = (deadline - now).min(Duration::from_millis(1));
             self.sleep(planned);
         }
+    }
+
+    /// One finished request of a wait: a completion to return, an error that fails the
+    /// group, or `None` to keep waiting (a drained stale message, a forged abort, a send).
+    fn on_completion(
+        &mut self,
+        op: &'static str,
+        timeout: Duration,
+        connecting: bool,
+        done: Done,
+        req: Req,
+    ) -> Result<Option<Completion>, RuntimeError> {
+        let Done { id, st, len } = done;
+        match (req.kind, req.recv) {
+            (ReqKind::Drain, _) => {}
+            (ReqKind::Ctrl, false) => {
+                if st != sys::ucs_status_t_UCS_OK && connecting {
+                    return Err(self.fail(RuntimeError::PeerFailed {
+                        rank: req.peer,
+                        op,
+                        reason: format!("handshake send failed: {}", status_str(st)),
+                    }));
+                }
+            }
+            (ReqKind::Ctrl, true) if self.abort_recv.as_ref().is_some_and(|(a, _)| *a == id) => {
+                self.abort_recv = None;
+                let bytes = req.owned.unwrap_or_default();
+                let parsed = if st == sys::ucs_status_t_UCS_OK {
+                    decode_ctrl(&bytes[..len.min(bytes.len())], &self.key)
+                } else {
+                    Err(CtrlError::Malformed(format!(
+                        "abort message not received: {}",
+                        status_str(st)
+                    )))
+                };
+                match parsed {
+                    Ok(Ctrl::Abort {
+                        reporter,
+                        subject,
+                        generation,
+                        timeout: to,
+                    }) if generation == self.generation => {
+                        let e = abort_error(op, reporter, subject, to, self.generation, timeout);
+                        return Err(self.fail(e));
+                    }
+                    Ok(_) => {
+                        self.dropped += 1;
+                        self.post_abort_recv()?;
+                    }
+                    Err(CtrlError::NotAMember) => {
+                        // P-9: only a member can fail the group; this one is dropped.
+                        self.forged += 1;
+                        self.dropped += 1;
+                        self.post_abort_recv()?;
+                    }
+                    Err(reason) => {
+                        return Err(self.fail(RuntimeError::MalformedMessage {
+                            from: Rank(u32::MAX),
+                            op,
+                            reason: format!("control message: {reason}"),
+                        }))
+                    }
+                }
+            }
+            (_, recv) => {
+                if st == sys::ucs_status_t_UCS_ERR_MESSAGE_TRUNCATED {
+                    return Err(self.fail(RuntimeError::MalformedMessage {
+                        from: req.peer,
+                        op,
+                        reason: format!(
+                            "message longer than the {} bytes expected; every rank must pass a buffer of the same length",
+                            req.expected
+                        ),
+                    }));
+                }
+                if st != sys::ucs_status_t_UCS_OK {
+                    return Err(self.fail(RuntimeError::PeerFailed {
+                        rank: req.peer,
+                        op,
+                        reason: format!(
+                            "{} failed: {}",
+                            if recv { "receive" } else { "send" },
+                            status_str(st)
+                        ),
+                    }));
+                }
+                if recv && len != req.expected && req.kind == ReqKind::Data {
+                    return Err(self.fail(RuntimeError::MessageLength {
+                        from: req.peer,
+                        op,
+                        expected: req.expected,
+                        got: len,
+                    }));
+                }
+                let mut buf = req.owned;
+                if let (Some(b), true) = (buf.as_mut(), req.kind == ReqKind::Ctrl) {
+                    b.truncate(len);
+                }
+                return Ok(Some(Completion { id, buf }));
+            }
+        }
+        Ok(None)
     }
 
     /// Sleeps until the worker has an event or `max` passes.
