@@ -95,29 +95,8 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
     } = setup(cfg)?;
     let device = trainer.model.device();
     let mut rd = RunDir::create(&cfg.run.dir)?;
-    std::fs::write(
-        cfg.run.dir.join("config.toml"),
-        toml::to_string_pretty(cfg).context("config serializes")?,
-    )?;
+    announce(cfg, &mut rd, &trainer, &ds, &sampler, threads)?;
     let tokens_per_step = (cfg.train.global_batch * win.block) as f64;
-    info!(
-        params = trainer.model.num_params(),
-        device = %device_name(device),
-        threads,
-        train_tokens = ds.train.len(),
-        samples = sampler.num_samples(),
-        steps_per_epoch = sampler.steps_per_epoch(),
-        "training {} steps",
-        cfg.train.max_steps
-    );
-    rd.event(Event::RunStarted {
-        world_size: 1,
-        params: trainer.model.num_params(),
-        device: device_name(device),
-        threads,
-        max_steps: cfg.train.max_steps,
-    })?;
-
     let pb = crate::launch::progress_bar(progress, cfg.train.max_steps);
     let eval = |trainer: &Trainer| {
         trainer.evaluate(&ds.val, win, cfg.train.eval_batches, cfg.train.micro_batch)
@@ -348,5 +327,39 @@ fn skip_step(rd: &mut RunDir, step: u64, loss: f64, skipped: u64) -> Result<()> 
     if skipped >= 10 {
         anyhow::bail!("{skipped} steps had non-finite gradients; lower optim.lr or check the data");
     }
+    Ok(())
+}
+
+/// The run's config in its directory, and what is about to be trained, said and recorded.
+fn announce(
+    cfg: &TrainConfig,
+    rd: &mut RunDir,
+    trainer: &Trainer,
+    ds: &Dataset,
+    sampler: &Sampler,
+    threads: usize,
+) -> Result<()> {
+    std::fs::write(
+        cfg.run.dir.join("config.toml"),
+        toml::to_string_pretty(cfg).context("config serializes")?,
+    )?;
+    let device = trainer.model.device();
+    info!(
+        params = trainer.model.num_params(),
+        device = %device_name(device),
+        threads,
+        train_tokens = ds.train.len(),
+        samples = sampler.num_samples(),
+        steps_per_epoch = sampler.steps_per_epoch(),
+        "training {} steps",
+        cfg.train.max_steps
+    );
+    rd.event(Event::RunStarted {
+        world_size: 1,
+        params: trainer.model.num_params(),
+        device: device_name(device),
+        threads,
+        max_steps: cfg.train.max_steps,
+    })?;
     Ok(())
 }
