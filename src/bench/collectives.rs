@@ -160,65 +160,30 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> 
         };
         kids.push(spawn_rank(cmd, &addr, r, world, op, sizes, t)?);
     }
-    // times[size][iter] = slowest rank's seconds.
-    let mut times = vec![vec![0f64; iters]; sizes_v.len()];
+    let mut c = Collected {
+        times: vec![vec![0f64; iters]; sizes_v.len()],
+        reported: vec![0usize; sizes_v.len()],
+        mem: vec![0u64; sizes_v.len()],
+        links: Vec::new(),
+    };
     let mut failures = Vec::new();
-    let mut reported = vec![0usize; sizes_v.len()];
-    // Growth of the peak RSS during the iterations of each size, largest over ranks (KiB).
-    let mut mem = vec![0u64; sizes_v.len()];
-    let mut links = Vec::new();
     for (r, mut k) in kids.into_iter().enumerate() {
         let out = k
             .stdout
             .take()
             .ok_or_else(|| anyhow!("rank {r}: no stdout"))?;
-        for line in BufReader::new(out).lines() {
-            let line = line?;
-            let mut f = line.split_whitespace();
-            let head = f.next();
-            if head == Some("MEM") {
-                let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
-                if let [si, kib] = v[..] {
-                    if let Some(m) = mem.get_mut(si as usize) {
-                        *m = (*m).max(kib);
-                    }
-                }
-                continue;
-            }
-            if head == Some("LINKS") {
-                links.push(format!("rank {r}: {}", f.collect::<Vec<_>>().join(" ")));
-                continue;
-            }
-            if head != Some("TIMES") {
-                // UCX's own diagnostics (e.g. UCX_PROTO_INFO=y) go to stdout: pass them on.
-                eprintln!("[rank {r}] {line}");
-                continue;
-            }
-            let si: usize = f
-                .next()
-                .and_then(|x| x.parse().ok())
-                .ok_or_else(|| anyhow!("bad line {line:?}"))?;
-            if std::env::var_os("PHALANX_BENCH_RAW").is_some() {
-                eprintln!("[rank {r}] {line}");
-            }
-            if let Some(c) = reported.get_mut(si) {
-                *c += 1;
-            }
-            for (i, us) in f.enumerate().take(iters) {
-                let s = us
-                    .parse::<f64>()
-                    .map_err(|e| anyhow!("bad time in {line:?}: {e}"))?
-                    / 1e6;
-                if let Some(slot) = times.get_mut(si).and_then(|v| v.get_mut(i)) {
-                    *slot = slot.max(s);
-                }
-            }
-        }
+        c.read_rank(r, out, iters)?;
         let st = k.wait()?;
         if !st.success() {
             failures.push(format!("rank {r} exited with {st}"));
         }
     }
+    let Collected {
+        times,
+        reported,
+        mem,
+        links,
+    } = c;
     server
         .join()
         .map_err(|_| anyhow!("bootstrap thread panicked"))??;
@@ -289,6 +254,72 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> 
         gloo::compare(op, &sizes_v, iters, t.warmup, sim.as_ref(), &placed)?;
     }
     Ok(())
+}
+
+/// What the ranks printed.
+struct Collected {
+    /// times[size][iter] = slowest rank's seconds.
+    times: Vec<Vec<f64>>,
+    /// How many ranks reported each size.
+    reported: Vec<usize>,
+    /// Growth of the peak RSS during the iterations of each size, largest over ranks (KiB).
+    mem: Vec<u64>,
+    links: Vec<String>,
+}
+
+impl Collected {
+    /// Reads rank `r`'s lines: TIMES, MEM and LINKS records; anything else is passed on.
+    fn read_rank(&mut self, r: usize, out: impl std::io::Read, iters: usize) -> Result<()> {
+        let (times, reported, mem, links) = (
+            &mut self.times,
+            &mut self.reported,
+            &mut self.mem,
+            &mut self.links,
+        );
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            let mut f = line.split_whitespace();
+            let head = f.next();
+            if head == Some("MEM") {
+                let v: Vec<u64> = f.filter_map(|x| x.parse().ok()).collect();
+                if let [si, kib] = v[..] {
+                    if let Some(m) = mem.get_mut(si as usize) {
+                        *m = (*m).max(kib);
+                    }
+                }
+                continue;
+            }
+            if head == Some("LINKS") {
+                links.push(format!("rank {r}: {}", f.collect::<Vec<_>>().join(" ")));
+                continue;
+            }
+            if head != Some("TIMES") {
+                // UCX's own diagnostics (e.g. UCX_PROTO_INFO=y) go to stdout: pass them on.
+                eprintln!("[rank {r}] {line}");
+                continue;
+            }
+            let si: usize = f
+                .next()
+                .and_then(|x| x.parse().ok())
+                .ok_or_else(|| anyhow!("bad line {line:?}"))?;
+            if std::env::var_os("PHALANX_BENCH_RAW").is_some() {
+                eprintln!("[rank {r}] {line}");
+            }
+            if let Some(c) = reported.get_mut(si) {
+                *c += 1;
+            }
+            for (i, us) in f.enumerate().take(iters) {
+                let s = us
+                    .parse::<f64>()
+                    .map_err(|e| anyhow!("bad time in {line:?}: {e}"))?
+                    / 1e6;
+                if let Some(slot) = times.get_mut(si).and_then(|v| v.get_mut(i)) {
+                    *slot = slot.max(s);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Starts rank `r` as `phalanx bench collectives --worker-of ADDR` with the parent's tuning.
