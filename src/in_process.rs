@@ -171,7 +171,7 @@ mod tests {
             .collect()
     }
 
-    // F-1, H-1, D-4, G-2 through the real compute loop in seconds: 4 in-process ranks train; one
+    // K-1, R-1, D-4, G-2 through the real compute loop in seconds: 4 in-process ranks train; one
     // crashes at a chosen step; the others regroup to 3 and go on; a new rank joins as a spare,
     // is promoted and healed from the holders; the job finishes with every step's samples
     // consumed exactly once and every rank holding the same state.
