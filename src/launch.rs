@@ -11,6 +11,7 @@ use crate::launch_load::{self, Noise};
 use crate::launch_schedule::{Action, Plan, Proc, Schedule, Status};
 use crate::report;
 use crate::run_dir::unix_ms;
+use crate::signals::{self, Signal};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phalanx_proto::pb;
@@ -93,15 +94,12 @@ fn signal(
     step: u64,
     rank: u32,
     pid: u32,
-    signal: &str,
+    signal: Signal,
     bar: &ProgressBar,
 ) -> Result<()> {
     let t = unix_ms();
-    let ok = Command::new("kill")
-        .args([format!("-{signal}"), pid.to_string()])
-        .status()?
-        .success();
-    let kind = if signal == "STOP" {
+    let ok = signals::send(signal, &[pid]);
+    let kind = if signal == Signal::Stop {
         FaultKind::Sigstop
     } else {
         FaultKind::Sigkill
@@ -112,7 +110,7 @@ fn signal(
     f.step = Some(step);
     f.injected_unix_ms = t;
     append_event(run_dir, Event::FaultInjected(f))?;
-    bar.suspend(|| info!(rank, pid, step, "injected: SIG{signal}"));
+    bar.suspend(|| info!(rank, pid, step, "injected: SIG{}", signal.name()));
     Ok(())
 }
 
@@ -552,14 +550,12 @@ impl Supervision<'_> {
                 pid,
                 periodic,
             } => {
-                signal(run_dir, at, rank, pid, "KILL", bar)?;
+                signal(run_dir, at, rank, pid, Signal::Kill, bar)?;
                 self.planned += usize::from(periodic);
             }
-            Action::Stop { rank, pid } => signal(run_dir, at, rank, pid, "STOP", bar)?,
+            Action::Stop { rank, pid } => signal(run_dir, at, rank, pid, Signal::Stop, bar)?,
             Action::Cont { pid } => {
-                let _ = Command::new("kill")
-                    .args(["-CONT", &pid.to_string()])
-                    .status();
+                signals::send(Signal::Cont, &[pid]);
                 let mut c = Cleared::of(FaultKind::Sigstop);
                 c.pid = Some(pid);
                 append_event(run_dir, Event::FaultCleared(c))?;
@@ -601,9 +597,7 @@ impl Supervision<'_> {
         }
         self.bar.finish_and_clear();
         for w in self.workers.iter_mut().filter(|w| !w.done) {
-            let _ = Command::new("kill")
-                .args(["-TERM", &w.child.id().to_string()])
-                .status();
+            signals::send(Signal::Term, &[w.child.id()]);
             let _ = w.child.wait();
         }
         self.quota = None;

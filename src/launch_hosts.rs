@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use phalanx_proto::pb;
 use phalanx_runtime::events::{Cleared, Event, FaultKind, Injected};
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use tracing::info;
 
@@ -193,12 +192,7 @@ fn kill_host(
     run_dir: &Path,
 ) -> Result<usize> {
     let on = on_host(hosts, host, pids);
-    let mut cmd = Command::new("kill");
-    cmd.arg("-KILL");
-    for p in &on {
-        cmd.arg(p.to_string());
-    }
-    let ok = !on.is_empty() && cmd.status().is_ok_and(|s| s.success());
+    let ok = crate::signals::send(crate::signals::Signal::Kill, &on);
     let mut f = Injected::of(FaultKind::HostLost, ok);
     f.host = Some(hosts.name(host).to_string());
     f.ranks = ranks_of(st, &on);

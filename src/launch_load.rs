@@ -118,10 +118,7 @@ pub fn start_noise(
 
 /// SIGKILLs `pid` (a spare, so that the launcher starts a new one) and records it.
 pub fn restart_spare(run_dir: &Path, pid: u32) -> Result<bool> {
-    let ok = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()?
-        .success();
+    let ok = crate::signals::send(crate::signals::Signal::Kill, &[pid]);
     let mut f = Injected::of(FaultKind::SpareRestart, ok);
     f.pid = Some(pid);
     event(run_dir, Event::FaultInjected(f));

@@ -15,6 +15,7 @@ use phalanx_actors::model_io;
 mod report;
 mod run_dir;
 mod sample;
+mod signals;
 mod sim_rank;
 mod train;
 mod worker;

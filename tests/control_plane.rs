@@ -22,11 +22,7 @@ fn unix_ms() -> u64 {
 }
 
 fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "kill {sig} {pid}");
+    assert!(common::send_signal(pid, sig), "kill -{sig} {pid}");
 }
 
 /// A child process whose stdout JSON lines are collected.
@@ -235,7 +231,7 @@ fn sigkill_is_detected_within_half_a_second() {
     let job = Job::start(3, 0, &[]);
     let victim = job.ranks[1].pid();
     let t_kill = unix_ms();
-    signal(victim, "-KILL");
+    signal(victim, "KILL");
     let ev = job.wait_event("rank_failed", Duration::from_secs(5));
     let detect_ms = ev["unix_ms"].as_u64().unwrap() - t_kill;
     eprintln!("SIGKILL detected in {detect_ms} ms: {ev}");
@@ -260,13 +256,13 @@ fn sigstop_is_detected_within_two_seconds_and_stays_fenced() {
     let mut job = Job::start(3, 0, &[]);
     let victim = job.ranks[2].pid();
     let t_stop = unix_ms();
-    signal(victim, "-STOP");
+    signal(victim, "STOP");
     let ev = job.wait_event("rank_failed", Duration::from_secs(6));
     let detect_ms = ev["unix_ms"].as_u64().unwrap() - t_stop;
     eprintln!("SIGSTOP detected in {detect_ms} ms: {ev}");
     assert!(detect_ms <= 2000, "detection took {detect_ms} ms");
     assigned(&job.ranks[0], 2);
-    signal(victim, "-CONT");
+    signal(victim, "CONT");
     // The woken rank heartbeats for generation 1 and is told it is fenced out.
     let code = job.ranks[2].wait_exit(Duration::from_secs(10));
     assert_eq!(
@@ -289,7 +285,7 @@ fn spare_is_promoted_when_a_rank_dies() {
         v["event"] == "registered"
     });
     std::thread::sleep(Duration::from_millis(300));
-    signal(job.ranks[0].pid(), "-KILL");
+    signal(job.ranks[0].pid(), "KILL");
     let a = assigned(&job.ranks[2], 2);
     assert_eq!(a["world"], 2);
     assert_eq!(
@@ -303,7 +299,7 @@ fn spare_is_promoted_when_a_rank_dies() {
 fn coordinator_restart_keeps_the_generation() {
     let mut job = Job::start(2, 0, &[]);
     let port = job.addr.rsplit(':').next().unwrap().to_string();
-    signal(job.coord.pid(), "-KILL");
+    signal(job.coord.pid(), "KILL");
     job.coord.wait_exit(Duration::from_secs(5));
     for r in &job.ranks {
         r.wait_line("disconnect", Duration::from_secs(5), |v| {

@@ -474,23 +474,15 @@ fn woken_worker_rejoins_as_a_spare() {
     let mut b = KillOnDrop(worker("b"));
     let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| metrics_until(&run, what, secs);
     assert!(wait_for(&|m| m.len() >= 30, 60), "training did not start");
-    let pid = b.0.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let pid = b.0.id();
+    assert!(send_signal(pid, "STOP"));
     // Fenced after heartbeat_timeout_ms (1.5 s); the survivor trains on alone.
     assert!(
         wait_for(&|m| m.iter().any(|x| x["world_size"] == 1), 20),
         "the stopped rank was not fenced out"
     );
     std::thread::sleep(std::time::Duration::from_millis(1000));
-    assert!(std::process::Command::new("kill")
-        .args(["-CONT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(send_signal(pid, "CONT"));
     // Woken: it registers again as a spare and is promoted back (target world 2).
     let events = run.join("events.jsonl");
     let t = std::time::Instant::now();
@@ -499,7 +491,7 @@ fn woken_worker_rejoins_as_a_spare() {
         rejoined = read_jsonl_now(&events).iter().any(|e| {
             e["kind"] == "registered"
                 && e["pid"].as_str().is_none()
-                && e["pid"].as_u64() == pid.parse().ok()
+                && e["pid"].as_u64() == Some(pid as u64)
                 && e["role"] == "spare"
         });
         std::thread::sleep(std::time::Duration::from_millis(100));

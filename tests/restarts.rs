@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 struct KillOnDrop(Child);
@@ -155,12 +155,7 @@ impl Job {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{sig} failed");
+    assert!(send_signal(child.id(), sig), "kill -{sig} failed");
 }
 
 // K-5 with real workers: the coordinator is killed (SIGKILL) mid-job and started again from its

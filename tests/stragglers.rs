@@ -118,9 +118,7 @@ fn launch_for(dir: &Path, args: &[&str], for_: Duration) -> Job {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
+    send_signal(child.id(), "INT");
     let out = child.wait_with_output().unwrap();
     let report = std::fs::read(run_dir.join("report.json"))
         .ok()

@@ -118,11 +118,7 @@ fn ctrl_c_stops_after_saving() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let st = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    assert!(send_signal(child.id(), "INT"));
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),

@@ -326,9 +326,7 @@ fn grpc_bench(m: usize, seconds: u64) -> Result<()> {
     });
     // Close the simulated sessions first so that the coordinator can shut down.
     rt.shutdown_timeout(Duration::from_secs(1));
-    let _ = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
+    crate::signals::send(crate::signals::Signal::Term, &[pid]);
     let _ = child.wait();
     result
 }

@@ -76,9 +76,7 @@ fn launch(
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()?;
+    crate::signals::send(crate::signals::Signal::Int, &[child.id()]);
     child.wait()?;
     Ok(run_dir)
 }

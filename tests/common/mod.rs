@@ -292,3 +292,11 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Sends SIG`sig` ("KILL", "STOP", "CONT", "INT") to `pid`; whether it was delivered.
+pub fn send_signal(pid: u32, sig: &str) -> bool {
+    std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success())
+}
