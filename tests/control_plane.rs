@@ -615,7 +615,7 @@ fn a_token_holder_cannot_act_as_another_member() {
                     member_id: victim,
                     generation: 1,
                     suspect_rank: 1,
-                    kind: "peer_failed".into(),
+                    kind: pb::ReportedFault::PeerFailed as i32,
                     member_secret: mine.member_secret.clone(),
                     ..Default::default()
                 },

@@ -201,7 +201,7 @@ impl Actor for CommunicatorActor {
                 let _ = reply.send(r);
             }
             CommunicatorMsg::Fault(report) => {
-                warn!(suspect = report.suspect_rank, kind = %report.kind, detail = %report.detail,
+                warn!(suspect = report.suspect_rank, kind = ?report.kind(), detail = %report.detail,
                       "collective failed; reporting to the coordinator");
                 st.group = None;
                 let _ = st.shared.faults_tx.send(report);

@@ -512,11 +512,10 @@ fn report_fault(
         generation: generation.0,
         suspect_rank: suspect_of(e, rank, world),
         kind: if matches!(e, RuntimeError::Timeout { .. }) {
-            "timeout"
+            pb::ReportedFault::Timeout
         } else {
-            "peer_failed"
-        }
-        .into(),
+            pb::ReportedFault::PeerFailed
+        } as i32,
         detail: e.to_string(),
         step,
         member_secret: ctl.secret.clone(),
@@ -669,7 +668,7 @@ impl<'a> Loop<'a> {
             member_id: ctl.member,
             generation,
             suspect_rank: rank,
-            kind: "restarted".into(),
+            kind: pb::ReportedFault::Restarted as i32,
             detail: format!("compute restarted (incarnation {})", self.incarnation),
             step: self.sh.progress.step.load(Ordering::Relaxed),
             member_secret: ctl.secret.clone(),
@@ -849,7 +848,7 @@ impl<'a> Loop<'a> {
                     member_id: ctl.member,
                     generation: generation.0,
                     suspect_rank: rank.0,
-                    kind: "group_failed".into(),
+                    kind: pb::ReportedFault::GroupFailed as i32,
                     detail: e.chars().take(200).collect(),
                     step,
                     member_secret: ctl.secret.clone(),

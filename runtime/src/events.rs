@@ -6,6 +6,7 @@
 use crate::coordinator::core::{MemberId, Removal, Role, StragglerAct};
 use crate::dataplane::PeerLink;
 use crate::ids::{Generation, Rank, Step};
+use phalanx_proto::pb;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -98,7 +99,7 @@ pub enum Event {
         reporter: MemberId,
         generation: Generation,
         suspect_rank: u32,
-        fault: String,
+        fault: ReportedFault,
         detail: String,
         step: u64,
     },
@@ -367,6 +368,30 @@ pub struct Cleared {
     pub step: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cleared_unix_ms: Option<u64>,
+}
+
+/// What a rank reported about its group (`pb::ReportedFault`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportedFault {
+    PeerFailed,
+    Timeout,
+    Restarted,
+    GroupFailed,
+    /// A report from a client that named no kind.
+    Unspecified,
+}
+
+impl From<pb::ReportedFault> for ReportedFault {
+    fn from(k: pb::ReportedFault) -> Self {
+        match k {
+            pb::ReportedFault::PeerFailed => ReportedFault::PeerFailed,
+            pb::ReportedFault::Timeout => ReportedFault::Timeout,
+            pb::ReportedFault::Restarted => ReportedFault::Restarted,
+            pb::ReportedFault::GroupFailed => ReportedFault::GroupFailed,
+            pb::ReportedFault::Unspecified => ReportedFault::Unspecified,
+        }
+    }
 }
 
 impl Cleared {

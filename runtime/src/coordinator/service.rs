@@ -583,7 +583,8 @@ impl Coordinator for Svc {
         req: Request<pb::FaultReport>,
     ) -> Result<Response<pb::FaultAck>, Status> {
         let r = req.into_inner();
-        check_text("kind", &r.kind)?;
+        let kind = pb::ReportedFault::try_from(r.kind)
+            .map_err(|_| Status::invalid_argument("unknown fault kind"))?;
         let sh = &self.shared;
         let generation = {
             let mut st = sh.state.lock();
@@ -600,7 +601,7 @@ impl Coordinator for Svc {
             reporter: r.member_id,
             generation: Generation(r.generation),
             suspect_rank: r.suspect_rank,
-            fault: r.kind.chars().take(MAX_TEXT).collect(),
+            fault: kind.into(),
             detail: r.detail.chars().take(MAX_TEXT).collect(),
             step: r.step,
         });
