@@ -12,8 +12,8 @@ use crate::faults;
 use crate::loader;
 use crate::model_io;
 use crate::rank::{
-    Control, Directive, Shared, EXIT_DONE, EXIT_FENCED, EXIT_HALTED, PHASE_DONE, PHASE_HEALING,
-    PHASE_IDLE, PHASE_TRAINING,
+    Assignment, Control, Directive, Shared, EXIT_DONE, EXIT_FENCED, EXIT_HALTED, PHASE_DONE,
+    PHASE_HEALING, PHASE_IDLE, PHASE_TRAINING,
 };
 use crate::supervisor::{finish_reason, spawn_body, Heart};
 use crate::Setup;
@@ -524,7 +524,7 @@ fn report_fault(
 
 enum Next {
     /// Wait for (or take) the next assignment.
-    Regroup(Option<pb::Assign>),
+    Regroup(Option<Assignment>),
     Exit(i32, String),
 }
 
@@ -797,7 +797,7 @@ impl<'a> Loop<'a> {
         &self,
         s: &Setup,
         last_rank: Option<u32>,
-    ) -> Result<Result<pb::Assign, Next>, String> {
+    ) -> Result<Result<Assignment, Next>, String> {
         loop {
             if self.cancelled() {
                 return Ok(Err(Next::Exit(EXIT_DONE, "rank stopping".into())));
@@ -869,7 +869,7 @@ impl<'a> Loop<'a> {
     ) -> Result<Option<Next>, String> {
         let d = self.sh.directives.lock().try_recv();
         Ok(match d {
-            Ok(Directive::Assign(x)) if x.generation > generation.0 => Some(Next::Regroup(Some(x))),
+            Ok(Directive::Assign(x)) if x.generation > generation => Some(Next::Regroup(Some(x))),
             Ok(Directive::Evict(reason)) => {
                 warn!(%reason, "evicted");
                 Some(Next::Exit(EXIT_FENCED, format!("evicted: {reason}")))
@@ -890,7 +890,7 @@ impl<'a> Loop<'a> {
         &self,
         ctl: &Control,
         s: &mut Setup,
-        pending: Option<pb::Assign>,
+        pending: Option<Assignment>,
         torn: &mut bool,
     ) -> Result<Next, String> {
         let sh = self.sh;
@@ -906,11 +906,10 @@ impl<'a> Loop<'a> {
                 Err(next) => return Ok(next),
             },
         };
-        if assign.generation <= progress.generation.load(Ordering::Relaxed) {
+        if assign.generation.0 <= progress.generation.load(Ordering::Relaxed) {
             return Ok(Next::Regroup(None));
         }
-        let generation = Generation(assign.generation);
-        let (rank, world) = (Rank(assign.rank), assign.world);
+        let (generation, rank, world) = (assign.generation, assign.rank, assign.world);
         sh.set_last_rank(rank.0);
         progress.generation.store(generation.0, Ordering::Relaxed);
         self.heart.busy(true);

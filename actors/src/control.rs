@@ -256,7 +256,7 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
                 msg = s.inbound.message() => match msg {
                     Ok(Some(d)) => {
                         let d = match d.kind {
-                            Some(pb::directive::Kind::Assign(a)) => Directive::Assign(a),
+                            Some(pb::directive::Kind::Assign(a)) => Directive::Assign(a.into()),
                             Some(pb::directive::Kind::Evict(e)) => Directive::Evict(e.reason),
                             Some(pb::directive::Kind::Drain(_)) => Directive::Drain,
                             Some(pb::directive::Kind::Shutdown(s)) => Directive::Shutdown(s.reason),

@@ -27,6 +27,7 @@ use phalanx_model::optim::OptimConfig;
 use phalanx_proto::pb;
 use phalanx_proto::MAX_RECENT_STEPS;
 use phalanx_runtime::coordinator::client::{Client, ClientOpts};
+use phalanx_runtime::{Generation, Rank};
 use ractor::{Actor, ActorCell, ActorRef};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -122,9 +123,33 @@ impl Progress {
     }
 }
 
+/// A rank's place in a new generation, as the coordinator assigned it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub generation: Generation,
+    pub rank: Rank,
+    pub world: u32,
+    /// The committed step the generation resumes at.
+    pub resume_step: u64,
+    /// Micro-batches of each global batch per rank, in rank order; empty: the even split.
+    pub shares: Vec<u32>,
+}
+
+impl From<pb::Assign> for Assignment {
+    fn from(a: pb::Assign) -> Self {
+        Assignment {
+            generation: Generation(a.generation),
+            rank: Rank(a.rank),
+            world: a.world,
+            resume_step: a.resume_step,
+            shares: a.shares,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum Directive {
-    Assign(pb::Assign),
+    Assign(Assignment),
     Evict(String),
     Drain,
     Shutdown(String),
