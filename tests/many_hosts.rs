@@ -185,12 +185,25 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
     }
     // Nobody committed twice: the ledger (checked in `launch`) found every step once.
     // The fenced processes were refused when the host came back and exited as fenced.
+    let timeline: Vec<&Value> = job
+        .events
+        .iter()
+        .filter(|e| {
+            ["fault_injected", "fault_cleared", "rank_failed", "worker_exit", "generation"]
+                .contains(&e["kind"].as_str().unwrap_or(""))
+        })
+        .collect();
     for pid in &cut_pids {
         let exit = job
             .events
             .iter()
             .find(|e| e["kind"] == "worker_exit" && e["pid"] == *pid)
-            .unwrap_or_else(|| panic!("cut-off process {pid} did not exit"));
+            .unwrap_or_else(|| {
+                panic!(
+                    "cut-off process {pid} did not exit before the job ended (wall {} s): {timeline:#?}",
+                    job.report["wall_s"]
+                )
+            });
         assert_eq!(exit["code"], 3, "{exit}");
     }
     let world = job.report["world_size_final"].as_u64().unwrap() as usize;

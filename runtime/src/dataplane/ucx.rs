@@ -599,9 +599,15 @@ impl UcxTransport {
     }
 
     /// Polls every request once; returns the first that completed, with its status and length.
+    /// The abort receive is polled first: an abort that arrived is seen before a data
+    /// completion of the same poll (P-6), and a forged one is counted before the operation
+    /// it came during can return (P-9).
     fn poll_reqs(&mut self) -> Option<(ReqId, Req, sys::ucs_status_t, usize)> {
         let mut done = None;
-        for (id, r) in &self.reqs {
+        let abort = self.abort_recv.as_ref().map(|(a, _)| *a);
+        let first = abort.and_then(|a| self.reqs.get(&a).map(|r| (a, r)));
+        let rest = self.reqs.iter().filter(|(id, _)| Some(**id) != abort);
+        for (id, r) in first.into_iter().chain(rest.map(|(id, r)| (*id, r))) {
             let (st, len) = if r.ptr.is_null() {
                 (sys::ucs_status_t_UCS_OK, r.expected)
             } else if r.recv {
@@ -614,7 +620,7 @@ impl UcxTransport {
                 (unsafe { sys::ucp_request_check_status(r.ptr) }, r.expected)
             };
             if st != sys::ucs_status_t_UCS_INPROGRESS {
-                done = Some((*id, st, len));
+                done = Some((id, st, len));
                 break;
             }
         }
