@@ -157,8 +157,10 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
             "100:0",
             "--cut-for",
             "6",
-            "train.max_steps=1500",
-            "optim.decay_steps=1500",
+            // Long enough (about 20 s) that the cut-off processes, back after 6 s, reconnect and
+            // are refused before the job ends: at 1500 steps it sometimes ended first (9.7 s).
+            "train.max_steps=3000",
+            "optim.decay_steps=3000",
         ],
     );
     let cut = injected(&job.events, "host_partition");
@@ -205,6 +207,11 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
                 )
             });
         assert_eq!(exit["code"], 3, "{exit}");
+        eprintln!(
+            "cut-off process {pid} exited {} ms after the cut; the job took {} s",
+            exit["unix_ms"].as_u64().unwrap_or(0) - cut["unix_ms"].as_u64().unwrap_or(0),
+            job.report["wall_s"]
+        );
     }
     let world = job.report["world_size_final"].as_u64().unwrap() as usize;
     assert_identical_final_state(&job.run, world);
