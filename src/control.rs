@@ -238,7 +238,7 @@ pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
             .iter()
             .map(|r| {
                 json!({"member": r.member_id, "rank": r.rank, "host": r.host, "pid": r.pid,
-                       "role": role_name(r.role), "state": r.state, "step": r.step,
+                       "role": role_name(r.role), "state": state_name(r.state), "step": r.step,
                        "step_ms": r.last_step_time_us as f64 / 1e3,
                        "heartbeat_age_ms": r.heartbeat_age_ms, "flags": r.flags,
                        "address": r.address, "links": links_of(r)})
@@ -269,7 +269,7 @@ pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
             r.host,
             r.address,
             r.pid,
-            r.state,
+            state_name(r.state),
             r.step,
             r.last_step_time_us as f64 / 1e3,
             r.heartbeat_age_ms,
@@ -287,6 +287,17 @@ pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
 /// A rank's group transports as reported (a malformed entry is left out, not fatal here).
 fn links_of(r: &pb::RankStatus) -> Vec<PeerLink> {
     observed::from_pb(&r.links).unwrap_or_default()
+}
+
+/// A member's state as `status` prints it (and `--json` gives it).
+fn state_name(s: i32) -> &'static str {
+    match pb::MemberState::try_from(s) {
+        Ok(pb::MemberState::Active) => "active",
+        Ok(pb::MemberState::Spare) => "spare",
+        Ok(pb::MemberState::Dead) => "dead",
+        Ok(pb::MemberState::Evicted) => "evicted",
+        _ => "?",
+    }
 }
 
 fn role_name(r: i32) -> &'static str {

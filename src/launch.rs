@@ -521,8 +521,8 @@ impl Supervision<'_> {
                 .map(|r| Proc {
                     rank: r.rank,
                     pid: r.pid,
-                    active: r.state == "active",
-                    spare: r.state == "spare",
+                    active: r.state() == pb::MemberState::Active,
+                    spare: r.state() == pb::MemberState::Spare,
                 })
                 .collect(),
         };

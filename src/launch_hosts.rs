@@ -178,7 +178,7 @@ fn on_host(hosts: &SimHosts, host: usize, pids: &[u32]) -> Vec<u32> {
 fn ranks_of(st: &pb::StatusResponse, pids: &[u32]) -> Vec<u32> {
     st.ranks
         .iter()
-        .filter(|r| pids.contains(&r.pid) && r.state == "active")
+        .filter(|r| pids.contains(&r.pid) && r.state() == pb::MemberState::Active)
         .filter_map(|r| r.rank)
         .collect()
 }

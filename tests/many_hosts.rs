@@ -191,8 +191,14 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
         .events
         .iter()
         .filter(|e| {
-            ["fault_injected", "fault_cleared", "rank_failed", "worker_exit", "generation"]
-                .contains(&e["kind"].as_str().unwrap_or(""))
+            [
+                "fault_injected",
+                "fault_cleared",
+                "rank_failed",
+                "worker_exit",
+                "generation",
+            ]
+            .contains(&e["kind"].as_str().unwrap_or(""))
         })
         .collect();
     for pid in &cut_pids {

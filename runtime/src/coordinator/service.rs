@@ -744,7 +744,12 @@ impl Coordinator for Svc {
                         Role::Active => pb::Role::Active,
                         Role::Spare => pb::Role::Spare,
                     } as i32,
-                    state: format!("{:?}", m.state).to_lowercase(),
+                    state: match m.state {
+                        MemberState::Active => pb::MemberState::Active,
+                        MemberState::Spare => pb::MemberState::Spare,
+                        MemberState::Dead => pb::MemberState::Dead,
+                        MemberState::Evicted => pb::MemberState::Evicted,
+                    } as i32,
                     step: m.step.0,
                     last_step_time_us: m.last_step_time.as_micros() as u32,
                     heartbeat_age_ms: now.saturating_duration_since(m.last_heartbeat).as_millis()
