@@ -81,21 +81,7 @@ impl Job {
                 config_hash: None,
             },
         )?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let coordinator = std::thread::spawn(move || -> Result<()> {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(listener)?;
-                phalanx_runtime::coordinator::service::run(opts, l, async {
-                    let _ = rx.await;
-                })
-                .await?;
-                Ok(())
-            })
-        });
+        let (tx, coordinator) = crate::launch::serve_on_a_thread(opts, listener)?;
         Ok(Job {
             cfg,
             run_dir,

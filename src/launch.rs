@@ -229,23 +229,7 @@ impl Coordinator {
             },
         )?;
         let admin_token = opts.admin_token.clone().unwrap_or_default();
-        let (shutdown, shut_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("coordinator".into())
-            .spawn(move || -> Result<()> {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()?;
-                rt.block_on(async move {
-                    let l = tokio::net::TcpListener::from_std(listener)?;
-                    phalanx_runtime::coordinator::service::run(opts, l, async {
-                        let _ = shut_rx.await;
-                    })
-                    .await?;
-                    Ok(())
-                })
-            })?;
+        let (shutdown, thread) = serve_on_a_thread(opts, listener)?;
         Ok(Coordinator {
             url,
             job_token,
@@ -268,6 +252,35 @@ impl Coordinator {
         let _ = self.shutdown.send(());
         let _ = self.thread.join();
     }
+}
+
+/// The coordinator service on a thread of its own, on `listener` (non-blocking); it stops when
+/// the sender is used or dropped.
+pub(crate) fn serve_on_a_thread(
+    opts: phalanx_runtime::coordinator::service::ServiceOpts,
+    listener: std::net::TcpListener,
+) -> Result<(
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<Result<()>>,
+)> {
+    let (shutdown, shut_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("coordinator".into())
+        .spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener)?;
+                phalanx_runtime::coordinator::service::run(opts, l, async {
+                    let _ = shut_rx.await;
+                })
+                .await?;
+                Ok(())
+            })
+        })?;
+    Ok((shutdown, thread))
 }
 
 /// Starts worker processes of the job.
