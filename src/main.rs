@@ -530,14 +530,7 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
         .as_deref()
         .map(launch_load::Noise::parse)
         .transpose()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    ctrlc::set_handler(move || {
-        if s.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let stop = stop_on_ctrl_c()?;
     let code = launch::run(
         &launch::LaunchArgs {
             nproc,
@@ -602,15 +595,7 @@ fn prepare_cmd(
 /// `phalanx train`: one process, Ctrl-C saves and stops (twice: at once).
 fn train_cmd(config: &std::path::Path, overrides: &[String]) -> Result<ExitCode> {
     let cfg = TrainConfig::load(Some(config), overrides)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    ctrlc::set_handler(move || {
-        if s.swap(true, Ordering::SeqCst) {
-            // A second Ctrl-C means now.
-            std::process::exit(130);
-        }
-    })
-    .context("cannot install the Ctrl-C handler")?;
+    let stop = stop_on_ctrl_c()?;
     let progress = cfg.run.progress && std::io::stderr().is_terminal();
     let out = train::run(&cfg, &stop, progress)?;
     let r = &out.report;
@@ -730,4 +715,18 @@ fn checkpoint_cmd(what: CheckpointCmd) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A flag the first Ctrl-C sets (the command stops gracefully: saves, reports); a second
+/// Ctrl-C exits at once with 130.
+fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || {
+        if s.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(stop)
 }
