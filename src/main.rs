@@ -11,7 +11,7 @@ mod launch;
 mod launch_hosts;
 mod launch_load;
 mod launch_schedule;
-use phalanx_actors::model_io;
+use phalanx_model::io as model_io;
 mod report;
 mod run_dir;
 mod sample;

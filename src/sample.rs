@@ -1,7 +1,7 @@
 //! `phalanx sample`: text from a saved model.
 
 use anyhow::Result;
-use phalanx_actors::model_io;
+use phalanx_model::io as model_io;
 
 pub struct SampleOpts<'a> {
     pub checkpoint: &'a std::path::Path,

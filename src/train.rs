@@ -4,12 +4,12 @@ use crate::config::TrainConfig;
 use crate::run_dir::RunDir;
 use anyhow::{Context, Result};
 
-use phalanx_actors::model_io;
 use phalanx_model::data::Dataset;
-use phalanx_model::device::{device_name, resolve_device};
-use phalanx_model::gpt::Gpt;
+use phalanx_model::device::device_name;
+use phalanx_model::io as model_io;
 use phalanx_model::optim::lr_at;
 use phalanx_model::sampler::Sampler;
+use phalanx_model::setup::SetupSpec;
 use phalanx_model::trainer::{Trainer, Windows};
 use phalanx_runtime::events::Event;
 use phalanx_runtime::metrics::{MetricLine, StepLine};
@@ -36,52 +36,20 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-pub fn set_threads(threads: usize) -> usize {
-    let n = if threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        threads
-    };
-    tch::set_num_threads(n as i32);
-    n
-}
+pub use phalanx_model::Setup;
 
-pub use phalanx_actors::Setup;
-
+/// The run's model, data and sampler, as its config describes them.
 pub fn setup(cfg: &TrainConfig) -> Result<Setup> {
-    let threads = set_threads(cfg.train.threads);
-    let device = resolve_device(&cfg.train.device)?;
-    let ds = Dataset::open(&cfg.data.dir)?;
-    let mcfg = cfg.model.resolve(ds.meta.vocab_size)?;
-    let win = Windows {
-        block: mcfg.block_size,
+    let spec = SetupSpec {
+        data_dir: &cfg.data.dir,
+        device: &cfg.train.device,
+        threads: cfg.train.threads,
         seed: cfg.train.seed,
+        global_batch: cfg.train.global_batch,
+        micro_batch: cfg.train.micro_batch,
+        optim: cfg.optim.clone(),
     };
-    let n = win.count(ds.train.len());
-    if n == 0 {
-        anyhow::bail!(
-            "the training split of {} has {} tokens, too few for model.block_size = {}; use more \
-             text or a smaller block size",
-            cfg.data.dir.display(),
-            ds.train.len(),
-            mcfg.block_size
-        );
-    }
-    let sampler = Sampler::new(
-        cfg.train.seed,
-        n,
-        cfg.train.global_batch,
-        cfg.train.micro_batch,
-    )?;
-    let model = Gpt::new(&mcfg, device, cfg.train.seed as i64)?;
-    let trainer = Trainer::new(model, cfg.optim.clone());
-    Ok(Setup {
-        ds,
-        trainer,
-        sampler,
-        win,
-        threads,
-    })
+    Ok(Setup::build(&spec, |vocab| cfg.model.resolve(vocab))?)
 }
 
 pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outcome> {

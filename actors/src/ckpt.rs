@@ -6,9 +6,9 @@
 //! again and training never waits on the disk. Saves the rank must not leave without (the
 //! final model, the model saved when the job halts) are awaited by the caller.
 
-use crate::model_io;
 use crate::rank::Shared;
 use phalanx_checkpoint::Contents;
+use phalanx_model::io as model_io;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -10,13 +10,13 @@ use crate::ckpt::CheckpointerMsg;
 use crate::comm::{CommunicatorMsg, SharedGroup};
 use crate::faults;
 use crate::loader;
-use crate::model_io;
 use crate::rank::{
     Assignment, Control, Directive, Shared, EXIT_DONE, EXIT_FENCED, EXIT_HALTED, PHASE_DONE,
     PHASE_HEALING, PHASE_IDLE, PHASE_TRAINING,
 };
 use crate::supervisor::{finish_reason, spawn_body, Heart};
 use crate::Setup;
+use phalanx_model::io as model_io;
 use phalanx_model::optim::lr_at;
 use phalanx_proto::pb;
 use phalanx_runtime::dataplane::Group;

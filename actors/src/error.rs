@@ -1,24 +1,9 @@
 //! The one error type of `phalanx-actors`.
 
-use std::path::PathBuf;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ActorError {
     #[error("the coordinator at {url} refused this worker: {reason}")]
     Refused { url: String, reason: String },
-
-    #[error("cannot prepare the rank: {0}")]
-    Setup(String),
-
-    #[error("{path}: {reason}")]
-    NotAModel { path: PathBuf, reason: String },
-
-    #[error("cannot save the model to {path}: {source}")]
-    Save {
-        path: PathBuf,
-        #[source]
-        source: phalanx_checkpoint::CheckpointError,
-    },
 
     #[error(transparent)]
     Checkpoint(#[from] phalanx_checkpoint::CheckpointError),

@@ -69,6 +69,17 @@ pub fn device_name(d: Device) -> String {
     }
 }
 
+/// Sets libtorch's intra-op threads (0 = one per core) and returns how many it uses.
+pub fn set_threads(threads: usize) -> usize {
+    let n = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        threads
+    };
+    tch::set_num_threads(n as i32);
+    n
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

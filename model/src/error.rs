@@ -70,6 +70,25 @@ pub enum ModelError {
     Tokenizer(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("{path}: {reason}")]
+    NotAModel { path: PathBuf, reason: String },
+    #[error("cannot save the model to {path}: {source}")]
+    Save {
+        path: PathBuf,
+        #[source]
+        source: phalanx_checkpoint::CheckpointError,
+    },
+    #[error(transparent)]
+    Checkpoint(#[from] phalanx_checkpoint::CheckpointError),
+    #[error(
+        "the training split of {dir} has {tokens} tokens, too few for model.block_size = {block}; \
+         use more text or a smaller block size"
+    )]
+    TooFewTokens {
+        dir: PathBuf,
+        tokens: usize,
+        block: usize,
+    },
 }
 
 impl ModelError {

@@ -1,11 +1,14 @@
 //! Saving and loading a model (and its optimizer state) through the checkpoint format.
+//!
+//! The checkpoint crate knows files and digests; this room knows which tensors make a model.
 
-use crate::error::{ActorError, Result};
+use crate::config::ModelConfig;
+use crate::error::ModelError;
+use crate::gpt::Gpt;
+use crate::tokenizer::Tokenizer;
+use crate::trainer::Trainer;
+use crate::Result;
 use phalanx_checkpoint::{Contents, TensorData};
-use phalanx_model::config::ModelConfig;
-use phalanx_model::gpt::Gpt;
-use phalanx_model::tokenizer::Tokenizer;
-use phalanx_model::trainer::Trainer;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::Device;
@@ -68,7 +71,7 @@ pub fn snapshot(trainer: &Trainer, tokenizer: &str, vocab: Option<String>) -> Re
 
 /// Writes a snapshot atomically (C-1): the directory is complete and verifiable, or absent.
 pub fn write(dir: &Path, step: u64, c: &Contents) -> Result<()> {
-    phalanx_checkpoint::save(dir, step, c).map_err(|source| ActorError::Save {
+    phalanx_checkpoint::save(dir, step, c).map_err(|source| ModelError::Save {
         path: dir.to_path_buf(),
         source,
     })?;
@@ -84,7 +87,7 @@ pub fn save(dir: &Path, trainer: &Trainer, tokenizer: &str, vocab: Option<String
 /// verified first and must be of the same model; returns its step.
 pub fn restore(dir: &Path, trainer: &mut Trainer) -> Result<u64> {
     let (_, contents) = phalanx_checkpoint::load(dir)?;
-    let bad = |reason: String| ActorError::NotAModel {
+    let bad = |reason: String| ModelError::NotAModel {
         path: dir.to_path_buf(),
         reason,
     };
@@ -176,7 +179,7 @@ fn check_shapes(m: &ModelConfig, params: &[TensorData]) -> std::result::Result<(
         ));
     }
     m.validate().map_err(|e| format!("{MODEL_JSON}: {e}"))?;
-    let want = phalanx_model::gpt::param_shapes(m);
+    let want = crate::gpt::param_shapes(m);
     // A safetensors file lists its tensors by name, not in the model's order.
     let held: std::collections::HashMap<&str, &[usize]> = params
         .iter()
@@ -199,7 +202,7 @@ fn check_shapes(m: &ModelConfig, params: &[TensorData]) -> std::result::Result<(
 /// Loads a saved model for inference: verifies the checkpoint, rebuilds model and tokenizer.
 pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
     let (_, contents) = phalanx_checkpoint::load(dir)?;
-    let bad = |reason: String| ActorError::NotAModel {
+    let bad = |reason: String| ModelError::NotAModel {
         path: dir.to_path_buf(),
         reason,
     };
@@ -236,7 +239,6 @@ pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use phalanx_model::config::ModelConfig;
 
     fn tiny() -> ModelConfig {
         let mut m = ModelConfig::preset("tiny").unwrap();
@@ -249,7 +251,7 @@ mod tests {
     }
 
     fn file_of(m: &ModelConfig) -> Vec<TensorData> {
-        phalanx_model::gpt::param_shapes(m)
+        crate::gpt::param_shapes(m)
             .into_iter()
             .map(|(name, shape)| {
                 let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
