@@ -3,7 +3,8 @@
 //! to that thread through channels, one command and one reply at a time.
 #![forbid(unsafe_code)]
 
-use super::{UcxConfig, UcxStats, UcxTransport};
+use super::transport::UcxTransport;
+use super::{UcxConfig, UcxStats};
 use crate::dataplane::bootstrap::AddressExchange;
 use crate::dataplane::collectives::Collectives;
 use crate::dataplane::links::PeerLink;
