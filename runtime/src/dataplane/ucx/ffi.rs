@@ -648,7 +648,7 @@ impl Drop for MemWindow {
 // ---------------------------------------------------------------------------------------------
 
 /// A range of the attached buffer held by a request: it stays in the buffer's in-flight set
-/// until the request is known to have completed.
+/// (under an id only the buffer hands out) until the request is known to have completed.
 struct Lease {
     inflight: Rc<RefCell<InFlight>>,
     id: ReqId,
@@ -773,6 +773,8 @@ impl Drop for Request {
 pub(super) struct Lent {
     buf: OpBuf,
     inflight: Rc<RefCell<InFlight>>,
+    /// The last lease id handed out.
+    leases: u64,
     worker: Rc<WorkerHandle>,
 }
 
@@ -781,6 +783,7 @@ impl Lent {
         Lent {
             buf: OpBuf::None,
             inflight: Rc::default(),
+            leases: 0,
             worker: worker.0.clone(),
         }
     }
@@ -828,49 +831,56 @@ impl Lent {
         region_mut(&mut self.buf, &self.inflight.borrow(), r)
     }
 
-    /// Sends range `r` (free of writes in flight) to `ep`; the range stays lent, read-only,
-    /// until the request completes. `id` names the request in the in-flight set.
+    /// A lease on `r` for a request of `worker`, if `r` is inside the buffer and free for the
+    /// access (`write` for a receive). Only the worker the buffer was made for can hold it:
+    /// that worker keeps the buffer if a request never completes.
+    fn lease(&mut self, worker: &Rc<WorkerHandle>, r: &Range<usize>, write: bool) -> Option<Lease> {
+        if !Rc::ptr_eq(worker, &self.worker) || self.check("lease", r, write).is_err() {
+            return None;
+        }
+        self.leases += 1;
+        Some(Lease {
+            inflight: self.inflight.clone(),
+            id: ReqId(self.leases),
+        })
+    }
+
+    /// Sends range `r` (free of writes in flight; the caller checks it first, for a precise
+    /// error) to `ep`; the range stays lent, read-only, until the request completes.
     pub(super) fn send(
         &mut self,
         ep: &Endpoint,
         tag: u64,
         r: Range<usize>,
-        id: ReqId,
     ) -> Result<Request, Status> {
-        self.check("send", &r, false)
-            .map_err(|_| Status::INVALID_PARAM)?;
+        let lease = self
+            .lease(&ep.worker, &r, false)
+            .ok_or(Status::INVALID_PARAM)?;
         let bytes = &self.buf.bytes()[r.clone()];
         let (ptr, len) = (bytes.as_ptr(), bytes.len());
-        let lease = Lease {
-            inflight: self.inflight.clone(),
-            id,
-        };
-        // SAFETY: the range is inside the buffer and no write holds it (checked above); the
-        // request's lease keeps it in the in-flight set, so no view writes it and the buffer is
-        // neither given back nor freed before the request completes or the worker is destroyed.
+        // SAFETY: the range is inside the buffer and no write holds it (checked by `lease`);
+        // the lease keeps it in the in-flight set, so no view writes it, and the buffer is
+        // neither given back nor freed (nor its storage moved) before the request completes or
+        // the endpoint's worker, which is this buffer's, is destroyed.
         unsafe { ep.send_raw(tag, ptr, len, None, Some((lease, r))) }
     }
 
-    /// Receives into range `r` (free of anything in flight); the range stays lent until the
-    /// request completes. `id` names the request in the in-flight set.
+    /// Receives into range `r` (free of anything in flight; the caller checks it first); the
+    /// range stays lent until the request completes.
     pub(super) fn recv(
         &mut self,
         worker: &Worker,
         tag: u64,
         mask: u64,
         r: Range<usize>,
-        id: ReqId,
     ) -> Result<Request, Status> {
-        self.check("recv", &r, true)
-            .map_err(|_| Status::INVALID_PARAM)?;
+        let lease = self
+            .lease(&worker.0, &r, true)
+            .ok_or(Status::INVALID_PARAM)?;
         let bytes = &mut self.buf.bytes_mut()[r.clone()];
         let (ptr, len) = (bytes.as_mut_ptr(), bytes.len());
-        let lease = Lease {
-            inflight: self.inflight.clone(),
-            id,
-        };
-        // SAFETY: the range is inside the buffer and nothing in flight touches it (checked
-        // above); the request's lease keeps it in the in-flight set (see `send`).
+        // SAFETY: the range is inside the buffer and nothing in flight touches it (checked by
+        // `lease`); the lease keeps it reserved as in `send`.
         unsafe { worker.recv_raw(tag, mask, ptr, len, None, Some((lease, r))) }
     }
 }

@@ -65,13 +65,10 @@ const PATIENT_NAP: Duration = Duration::from_micros(50);
 const DRAIN_BUF: usize = 64 * 1024;
 
 impl UcxTransport {
-    /// The id the next posted request gets; taken only once the post succeeds.
-    fn next_req_id(&self) -> ReqId {
-        ReqId(self.next_id + 1)
-    }
-
-    fn track(&mut self, id: ReqId, req: Request, kind: ReqKind, peer: Rank) -> ReqId {
-        self.next_id = id.0;
+    /// Keeps a posted request until it completes; its id.
+    fn track(&mut self, req: Request, kind: ReqKind, peer: Rank) -> ReqId {
+        self.next_id += 1;
+        let id = ReqId(self.next_id);
         self.reqs.insert(id, Req { req, kind, peer });
         id
     }
@@ -84,9 +81,8 @@ impl UcxTransport {
         kind: ReqKind,
     ) -> Result<ReqId, RuntimeError> {
         let ep = peer_ep(&self.eps, self.world, "send", to)?;
-        let id = self.next_req_id();
         let posted = match src {
-            SendSource::Region(r) => self.buf.send(ep, t, r, id),
+            SendSource::Region(r) => self.buf.send(ep, t, r),
             SendSource::Owned(v) => ep.send(t, v),
         };
         let req = posted.map_err(|st| RuntimeError::PeerFailed {
@@ -94,7 +90,7 @@ impl UcxTransport {
             op: "send",
             reason: st.to_string(),
         })?;
-        Ok(self.track(id, req, kind, to))
+        Ok(self.track(req, kind, to))
     }
 
     pub(super) fn post_recv_raw(
@@ -105,13 +101,12 @@ impl UcxTransport {
         target: RecvTarget,
         kind: ReqKind,
     ) -> Result<ReqId, RuntimeError> {
-        let id = self.next_req_id();
         let posted = match target {
-            RecvTarget::Region(r) => self.buf.recv(&self.worker, t, mask, r, id),
+            RecvTarget::Region(r) => self.buf.recv(&self.worker, t, mask, r),
             RecvTarget::Owned(v) => self.worker.recv(t, mask, v),
         };
         let req = posted.map_err(|st| ucx_err("tag_recv", st))?;
-        Ok(self.track(id, req, kind, from))
+        Ok(self.track(req, kind, from))
     }
 
     pub(super) fn progress(&mut self) -> bool {
@@ -394,8 +389,7 @@ impl UcxTransport {
             while let Some((sender, posted)) = self.worker.take_unexpected(t, m, scratch) {
                 self.dropped += 1;
                 if let Ok(req) = posted {
-                    let id = self.next_req_id();
-                    self.track(id, req, ReqKind::Drain, Rank(untag(sender).src));
+                    self.track(req, ReqKind::Drain, Rank(untag(sender).src));
                 }
             }
         }
