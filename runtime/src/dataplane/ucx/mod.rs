@@ -14,7 +14,8 @@
 //!
 //! Rooms:
 //! - `ffi`: the UCP C API behind handles that release themselves; the only `unsafe` code of
-//!   the workspace besides the token mmap. Every other room forbids `unsafe`.
+//!   the workspace besides the token mmap (docs/semantics.md, "Unsafe code"). The other rooms
+//!   forbid it; this file denies it, as the workspace does.
 //! - `transport`: [`UcxTransport`], building a group and the `Transport` contract over it.
 //! - `requests`: posting requests, the wait loop and what each completion means, the sweep,
 //!   breaking the group.
