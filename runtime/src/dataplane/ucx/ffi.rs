@@ -313,6 +313,11 @@ impl Worker {
 }
 
 /// Called by UCX (on the owning thread, inside `ucp_worker_progress`) when an endpoint fails.
+///
+/// # Safety
+///
+/// `arg` must point to a live `Cell<ucs_status_t>` not referenced elsewhere during the call:
+/// `Worker::connect` registers only such cells, kept alive by the worker.
 unsafe extern "C" fn on_ep_error(arg: *mut c_void, _ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
     // SAFETY: `arg` is the address of an endpoint's `Rc<Cell<ucs_status_t>>` contents, which
     // its worker keeps until after `ucp_worker_destroy`, so it outlives every callback; the
