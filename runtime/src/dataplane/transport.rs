@@ -70,7 +70,7 @@ pub struct Completion {
     pub buf: Option<Vec<u8>>,
 }
 
-/// One group's point-to-point messaging. Implemented by UCX (`ucx.rs`) and in-process
+/// One group's point-to-point messaging. Implemented by UCX (`ucx/`) and in-process
 /// (`inproc.rs`, for tests of the algorithms).
 pub trait Transport {
     fn rank(&self) -> Rank;
