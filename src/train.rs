@@ -39,7 +39,7 @@ pub fn median(v: &mut [f64]) -> f64 {
 pub use phalanx_model::Setup;
 
 /// The run's model, data and sampler, as its config describes them.
-pub fn setup(cfg: &TrainConfig) -> Result<Setup> {
+pub fn setup(cfg: &TrainConfig) -> phalanx_model::Result<Setup> {
     let spec = SetupSpec {
         data_dir: &cfg.data.dir,
         device: &cfg.train.device,
@@ -49,7 +49,7 @@ pub fn setup(cfg: &TrainConfig) -> Result<Setup> {
         micro_batch: cfg.train.micro_batch,
         optim: cfg.optim.clone(),
     };
-    Ok(Setup::build(&spec, |vocab| cfg.model.resolve(vocab))?)
+    Setup::build(&spec, |vocab| cfg.model.resolve(vocab))
 }
 
 pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outcome> {

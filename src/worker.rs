@@ -185,7 +185,7 @@ pub fn rank_params(
         ..Default::default()
     };
     let c = cfg.clone();
-    let setup: SetupFn = Arc::new(move || train::setup(&c).map_err(|e| format!("{e:#}")));
+    let setup: SetupFn = Arc::new(move || Ok(train::setup(&c)?));
     let r = &cfg.run;
     let params = RankParams {
         url: a.url.clone(),

@@ -7,6 +7,7 @@
 //! final model, the model saved when the job halts) are awaited by the caller.
 
 use crate::rank::Shared;
+use crate::ActorError;
 use phalanx_checkpoint::Contents;
 use phalanx_model::io as model_io;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -27,7 +28,7 @@ pub enum CheckpointerMsg {
         step: u64,
         contents: Box<Contents>,
         /// Awaited saves get the result; background ones fail the actor on error.
-        reply: Option<RpcReplyPort<Result<(), String>>>,
+        reply: Option<RpcReplyPort<Result<(), ActorError>>>,
     },
 }
 
@@ -75,7 +76,7 @@ impl Actor for CheckpointerActor {
                     model_io::write(&d, step, &contents)
                 })
                 .await?
-                .map_err(|e| e.to_string());
+                .map_err(ActorError::from);
                 if reply.is_none() {
                     st.shared
                         .saving

@@ -118,7 +118,7 @@ pub struct CommunicatorArgs {
 /// generation.
 pub type SharedGroup = Arc<parking_lot::Mutex<Box<dyn Group>>>;
 
-pub type GroupReply = Result<SharedGroup, String>;
+pub type GroupReply = Result<SharedGroup, crate::ActorError>;
 
 pub enum CommunicatorMsg {
     /// Build the group of `generation`, replacing the previous one.
@@ -171,7 +171,7 @@ impl Actor for CommunicatorActor {
                 // The old generation's group goes first: its peers moved on too.
                 st.group = None;
                 let Some(ctl) = st.shared.control.lock().clone() else {
-                    let _ = reply.send(Err("not registered with the coordinator".into()));
+                    let _ = reply.send(Err(crate::ActorError::NotRegistered));
                     return Ok(());
                 };
                 let req = GroupRequest {
@@ -191,7 +191,7 @@ impl Actor for CommunicatorActor {
                 let r = tokio::task::spawn_blocking(move || build(req)).await?;
                 let r = r
                     .map(|g| Arc::new(parking_lot::Mutex::new(g)))
-                    .map_err(|e| e.to_string());
+                    .map_err(crate::ActorError::from);
                 if let Ok(g) = &r {
                     let links = g.lock().links();
                     info!(%generation, %rank, links = %summary(&links), "data-plane group built");

@@ -15,7 +15,7 @@ use crate::rank::{
     PHASE_HEALING, PHASE_IDLE, PHASE_TRAINING,
 };
 use crate::supervisor::{finish_reason, spawn_body, Heart};
-use crate::Setup;
+use crate::{ActorError, Setup};
 use phalanx_model::io as model_io;
 use phalanx_model::optim::lr_at;
 use phalanx_proto::pb;
@@ -44,7 +44,7 @@ pub struct ComputeArgs {
 
 pub enum ComputeMsg {
     /// The thread ended: `Ok((code, why))` the rank's work is over, `Err` it failed.
-    Ended(Result<(i32, String), String>),
+    Ended(Result<(i32, String), ActorError>),
 }
 
 pub struct ComputeState {
@@ -595,7 +595,7 @@ impl<'a> Loop<'a> {
     }
 
     /// Takes the model from the slot; a torn one is rebuilt (it heals from a peer).
-    fn take_model(&self) -> Result<Option<SlotGuard<'a>>, String> {
+    fn take_model(&self) -> Result<Option<SlotGuard<'a>>, ActorError> {
         let mut slot = self.sh.model.lock();
         self.heart.busy(true);
         while slot.setup.is_none() {
@@ -623,7 +623,7 @@ impl<'a> Loop<'a> {
         }))
     }
 
-    fn run(&self) -> Result<(i32, String), String> {
+    fn run(&self) -> Result<(i32, String), ActorError> {
         let Some(mut guard) = self.take_model()? else {
             return Ok((EXIT_DONE, "rank stopping".into()));
         };
@@ -683,26 +683,31 @@ impl<'a> Loop<'a> {
     }
 
     /// Waits for a directive; `None` while nothing arrived within `wait`.
-    fn directive(&self, wait: Duration) -> Result<Option<Directive>, String> {
+    fn directive(&self, wait: Duration) -> Result<Option<Directive>, ActorError> {
         let rx = self.sh.directives.lock();
         match rx.recv_timeout(wait) {
             Ok(d) => Ok(Some(d)),
             Err(RecvTimeoutError::Timeout) => Ok(None),
-            Err(RecvTimeoutError::Disconnected) => Err("lost the control agent".into()),
+            Err(RecvTimeoutError::Disconnected) => Err(ActorError::ChildGone("control agent")),
         }
     }
 
-    fn save_on_halt(&self, s: &Setup, last_rank: Option<u32>, reason: &str) -> Result<(), String> {
+    fn save_on_halt(
+        &self,
+        s: &Setup,
+        last_rank: Option<u32>,
+        reason: &str,
+    ) -> Result<(), ActorError> {
         if last_rank != Some(0) || s.trainer.step == 0 {
             return Ok(());
         }
         let dir = self.sh.params.run_dir.join("model");
         self.save_now(&dir, s)?;
-        std::fs::write(
-            self.sh.params.run_dir.join("halted.txt"),
-            format!("{reason}\n"),
-        )
-        .map_err(|e| e.to_string())?;
+        let halted = self.sh.params.run_dir.join("halted.txt");
+        std::fs::write(&halted, format!("{reason}\n")).map_err(|source| ActorError::Io {
+            what: format!("cannot write {}", halted.display()),
+            source,
+        })?;
         warn!(step = s.trainer.step, dir = %dir.display(), "saved the committed model before stopping");
         Ok(())
     }
@@ -715,23 +720,26 @@ impl<'a> Loop<'a> {
         member: u64,
         rank: Rank,
         generation: Generation,
-    ) -> Result<(), String> {
+    ) -> Result<(), ActorError> {
         let fp = state_fingerprint(s);
+        let path = self.sh.params.run_dir.join("fingerprints.jsonl");
+        let io = |source| ActorError::Io {
+            what: format!("cannot append to {}", path.display()),
+            source,
+        };
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.sh.params.run_dir.join("fingerprints.jsonl"))
-            .map_err(|e| e.to_string())?;
+            .open(&path)
+            .map_err(io)?;
         // One write per line: every rank appends to this file at the same moment.
         let line = json!({"member": member, "rank": rank.0, "generation": generation.0,
                           "step": s.trainer.step, "state_sha256": fp});
-        f.write_all(format!("{line}\n").as_bytes())
-            .map_err(|e| e.to_string())
+        f.write_all(format!("{line}\n").as_bytes()).map_err(io)
     }
 
-    fn save_now(&self, dir: &Path, s: &Setup) -> Result<(), String> {
-        let c = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
-            .map_err(|e| e.to_string())?;
+    fn save_now(&self, dir: &Path, s: &Setup) -> Result<(), ActorError> {
+        let c = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())?;
         let step = s.trainer.step;
         if let Some(ck) = self.sh.checkpointer.lock().clone() {
             let d = dir.to_path_buf();
@@ -748,11 +756,10 @@ impl<'a> Loop<'a> {
                 return r;
             }
             // The checkpointer died with the snapshot: write a new one here.
-            let c = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
-                .map_err(|e| e.to_string())?;
-            return model_io::write(dir, step, &c).map_err(|e| e.to_string());
+            let c = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())?;
+            return Ok(model_io::write(dir, step, &c)?);
         }
-        model_io::write(dir, step, &c).map_err(|e| e.to_string())
+        Ok(model_io::write(dir, step, &c)?)
     }
 
     fn checkpoint_async(&self, s: &Setup) {
@@ -797,7 +804,7 @@ impl<'a> Loop<'a> {
         &self,
         s: &Setup,
         last_rank: Option<u32>,
-    ) -> Result<Result<Assignment, Next>, String> {
+    ) -> Result<Result<Assignment, Next>, ActorError> {
         loop {
             if self.cancelled() {
                 return Ok(Err(Next::Exit(EXIT_DONE, "rank stopping".into())));
@@ -830,7 +837,7 @@ impl<'a> Loop<'a> {
         rank: Rank,
         world: u32,
         step: u64,
-    ) -> Result<Option<SharedGroup>, String> {
+    ) -> Result<Option<SharedGroup>, ActorError> {
         let built = self.sh.handle.block_on(comm.call(
             |reply| CommunicatorMsg::Connect {
                 generation,
@@ -849,13 +856,13 @@ impl<'a> Loop<'a> {
                     generation: generation.0,
                     suspect_rank: rank.0,
                     kind: pb::ReportedFault::GroupFailed as i32,
-                    detail: e.chars().take(200).collect(),
+                    detail: e.to_string().chars().take(200).collect(),
                     step,
                     member_secret: ctl.secret.clone(),
                 }));
                 Ok(None)
             }
-            Ok(_) | Err(_) => Err("the communicator did not answer".into()),
+            Ok(_) | Err(_) => Err(ActorError::ChildGone("communicator")),
         }
     }
 
@@ -866,7 +873,7 @@ impl<'a> Loop<'a> {
         s: &Setup,
         generation: Generation,
         rank: Rank,
-    ) -> Result<Option<Next>, String> {
+    ) -> Result<Option<Next>, ActorError> {
         let d = self.sh.directives.lock().try_recv();
         Ok(match d {
             Ok(Directive::Assign(x)) if x.generation > generation => Some(Next::Regroup(Some(x))),
@@ -881,7 +888,7 @@ impl<'a> Loop<'a> {
             }
             Ok(Directive::Drain) => Some(Next::Regroup(None)),
             Ok(_) | Err(TryRecvError::Empty) => None,
-            Err(TryRecvError::Disconnected) => return Err("lost the control agent".into()),
+            Err(TryRecvError::Disconnected) => return Err(ActorError::ChildGone("control agent")),
         })
     }
 
@@ -892,7 +899,7 @@ impl<'a> Loop<'a> {
         s: &mut Setup,
         pending: Option<Assignment>,
         torn: &mut bool,
-    ) -> Result<Next, String> {
+    ) -> Result<Next, ActorError> {
         let sh = self.sh;
         let p = &sh.params;
         let progress = &sh.progress;
@@ -915,7 +922,7 @@ impl<'a> Loop<'a> {
         self.heart.busy(true);
         let t0 = Instant::now();
         let Some(comm) = sh.communicator.lock().clone() else {
-            return Err("no communicator".into());
+            return Err(ActorError::ChildGone("communicator"));
         };
         let Some(shared_group) =
             self.connect_group(&comm, ctl, generation, rank, world, s.trainer.step)?
@@ -972,7 +979,10 @@ impl<'a> Loop<'a> {
             .create(true)
             .append(true)
             .open(p.run_dir.join("metrics.jsonl"))
-            .map_err(|e| format!("cannot open {}/metrics.jsonl: {e}", p.run_dir.display()))?;
+            .map_err(|source| ActorError::Io {
+                what: format!("cannot open {}/metrics.jsonl", p.run_dir.display()),
+                source,
+            })?;
         // D-4: the lowest rank holding the committed state restates its own last commit of an
         // earlier generation, made when it was not rank 0: rank 0, which records commits, may
         // have died before recording it, or failed that step's allreduce after the others had
@@ -989,8 +999,9 @@ impl<'a> Loop<'a> {
                 rec.restated = true;
                 metrics
                     .write_all(format!("{}\n", MetricLine::Step(rec).to_line()).as_bytes())
-                    .map_err(|e| {
-                        format!("cannot write {}/metrics.jsonl: {e}", p.run_dir.display())
+                    .map_err(|source| ActorError::Io {
+                        what: format!("cannot write {}/metrics.jsonl", p.run_dir.display()),
+                        source,
                     })?;
             }
         }
@@ -1034,7 +1045,7 @@ impl<'a> Loop<'a> {
         g: &mut Gen,
         s: &mut Setup,
         torn: &mut bool,
-    ) -> Result<Option<Next>, String> {
+    ) -> Result<Option<Next>, ActorError> {
         let p = &self.sh.params;
         let (generation, rank, world, group) = (g.generation, g.rank, g.world, g.group);
         let (mbs, device) = (g.mbs, g.device);
@@ -1324,7 +1335,7 @@ impl<'a> Loop<'a> {
         rank: Rank,
         generation: Generation,
         metrics: &mut std::fs::File,
-    ) -> Result<Next, String> {
+    ) -> Result<Next, ActorError> {
         let p = &self.sh.params;
         let progress = &self.sh.progress;
         // Done: the last step is committed on every rank, so the job's result is settled. The

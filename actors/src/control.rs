@@ -9,6 +9,7 @@ use crate::rank::{
     Control, Directive, Shared, EXIT_REFUSED, PHASE_DONE, PHASE_HEALING, PHASE_TRAINING,
 };
 use crate::supervisor::{finish_reason, Heart};
+use crate::ActorError;
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -29,7 +30,7 @@ pub struct ControlArgs {
 pub enum ControlAgentMsg {
     /// The session task ended: `Ok(Some(reason))` the coordinator refused this worker,
     /// `Ok(None)` it forwarded an eviction or shutdown, `Err` it panicked.
-    Ended(Result<Option<String>, String>),
+    Ended(Result<Option<String>, ActorError>),
 }
 
 pub struct ControlAgentState {
@@ -50,8 +51,10 @@ impl Actor for ControlAgentActor {
         let task = tokio::spawn(async move {
             let r = match inner.await {
                 Ok(r) => Ok(r),
-                Err(e) if e.is_panic() => Err(format!("the session task panicked: {e}")),
-                Err(e) => Err(e.to_string()),
+                Err(e) if e.is_panic() => {
+                    Err(ActorError::Panicked(format!("the session task: {e}")))
+                }
+                Err(e) => Err(ActorError::Spawn(e.to_string())),
             };
             let _ = myself.cast(ControlAgentMsg::Ended(r));
         });

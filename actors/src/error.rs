@@ -26,6 +26,17 @@ pub enum ActorError {
 
     #[error("cannot start the rank's actors: {0}; this is a bug, please report it")]
     Spawn(String),
+
+    /// A child the compute loop talks to went away; the rank's supervisor restarts it (S-1, S-3).
+    #[error("the {0} is gone; the rank's supervisor restarts it")]
+    ChildGone(&'static str),
+
+    /// A child panicked: a bug, not a peer failure.
+    #[error("panicked: {0}")]
+    Panicked(String),
+
+    #[error("this rank has no session with the coordinator yet; it joins a group once registered")]
+    NotRegistered,
 }
 
 pub type Result<T, E = ActorError> = std::result::Result<T, E>;

@@ -10,6 +10,7 @@
 use crate::faults;
 use crate::rank::Shared;
 use crate::supervisor::{spawn_body, Heart};
+use crate::ActorError;
 use parking_lot::{Condvar, Mutex};
 use phalanx_model::data::Dataset;
 use phalanx_model::sampler::Sampler;
@@ -171,7 +172,7 @@ pub struct LoaderArgs {
 
 pub enum DataLoaderMsg {
     /// The thread ended: `Err` it failed (or panicked).
-    Ended(Result<(), String>),
+    Ended(Result<(), ActorError>),
 }
 
 pub struct DataLoaderState {
@@ -217,9 +218,9 @@ impl Actor for DataLoaderActor {
     }
 }
 
-fn run(shared: &Shared, heart: &Heart, cancel: &AtomicBool) -> Result<(), String> {
+fn run(shared: &Shared, heart: &Heart, cancel: &AtomicBool) -> Result<(), ActorError> {
     let link = &shared.loader;
-    let ds = Dataset::open(&link.data.dir).map_err(|e| e.to_string())?;
+    let ds = Dataset::open(&link.data.dir)?;
     let mut cursor: Option<(u64, u64)> = None;
     loop {
         if cancel.load(Ordering::Relaxed) || shared.stopping.load(Ordering::Relaxed) {

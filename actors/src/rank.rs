@@ -50,7 +50,7 @@ pub use crate::policy::EXIT_ESCALATED;
 
 /// Builds a fresh model, optimizer, dataset view and sampler (for a compute incarnation
 /// whose state was torn by a failure mid-update).
-pub type SetupFn = Arc<dyn Fn() -> std::result::Result<Setup, String> + Send + Sync>;
+pub type SetupFn = Arc<dyn Fn() -> Result<Setup> + Send + Sync>;
 
 /// Everything a rank needs; the binary builds it from the job's config.
 #[derive(Clone)]
@@ -299,7 +299,7 @@ impl ChildFactory for Factory {
                         sup,
                     )
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| ActorError::Spawn(e.to_string()))?;
                     r.get_cell()
                 }
                 LOADER => {
@@ -310,7 +310,7 @@ impl ChildFactory for Factory {
                         sup,
                     )
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| ActorError::Spawn(e.to_string()))?;
                     r.get_cell()
                 }
                 COMMUNICATOR => {
@@ -323,7 +323,7 @@ impl ChildFactory for Factory {
                         sup,
                     )
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| ActorError::Spawn(e.to_string()))?;
                     *shared.communicator.lock() = Some(r.clone());
                     r.get_cell()
                 }
@@ -339,7 +339,7 @@ impl ChildFactory for Factory {
                         sup,
                     )
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| ActorError::Spawn(e.to_string()))?;
                     r.get_cell()
                 }
                 CHECKPOINTER => {
@@ -352,11 +352,11 @@ impl ChildFactory for Factory {
                         sup,
                     )
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| ActorError::Spawn(e.to_string()))?;
                     *shared.checkpointer.lock() = Some(r.clone());
                     r.get_cell()
                 }
-                other => return Err(format!("no child #{other}")),
+                other => return Err(ActorError::Spawn(format!("no child #{other}"))),
             };
             Ok(cell)
         })

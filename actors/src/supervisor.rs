@@ -3,6 +3,7 @@
 //! [`crate::policy`]; this actor only carries them out.
 
 use crate::policy::{self, Beat, ChildExit, ChildSpec, Decision, Intensity, RestartLog};
+use crate::ActorError;
 use parking_lot::Mutex;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use serde::{Deserialize, Serialize};
@@ -86,8 +87,8 @@ impl Heart {
 pub fn spawn_body<T: Send + 'static, M: ractor::Message>(
     name: &str,
     me: ActorRef<M>,
-    ended: fn(Result<T, String>) -> M,
-    body: impl FnOnce(&AtomicBool) -> Result<T, String> + Send + 'static,
+    ended: fn(Result<T, ActorError>) -> M,
+    body: impl FnOnce(&AtomicBool) -> Result<T, ActorError> + Send + 'static,
 ) -> std::io::Result<Arc<AtomicBool>> {
     let cancel = Arc::new(AtomicBool::new(false));
     let c = cancel.clone();
@@ -95,7 +96,7 @@ pub fn spawn_body<T: Send + 'static, M: ractor::Message>(
         .name(name.into())
         .spawn(move || {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&c)))
-                .unwrap_or_else(|p| Err(panic_message(&p)));
+                .unwrap_or_else(|p| Err(ActorError::Panicked(panic_text(&p))));
             if !c.load(Ordering::Relaxed) {
                 let _ = me.cast(ended(r));
             }
@@ -103,16 +104,14 @@ pub fn spawn_body<T: Send + 'static, M: ractor::Message>(
     Ok(cancel)
 }
 
-pub fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
-    let m = p
-        .downcast_ref::<String>()
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
         .cloned()
         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic".into());
-    format!("panicked: {m}")
+        .unwrap_or_else(|| "a panic".into())
 }
 
-pub type StartFuture = Pin<Box<dyn Future<Output = Result<ActorCell, String>> + Send>>;
+pub type StartFuture = Pin<Box<dyn Future<Output = Result<ActorCell, ActorError>> + Send>>;
 
 /// Starts the supervisor's children: `start(i, incarnation, heart, supervisor)` spawns a
 /// fresh incarnation of child `i` linked to `supervisor`.
@@ -164,7 +163,7 @@ pub struct RankState {
 }
 
 impl RankState {
-    async fn start(&mut self, idx: usize, me: &ActorCell) -> Result<(), String> {
+    async fn start(&mut self, idx: usize, me: &ActorCell) -> Result<(), ActorError> {
         self.incarnation += 1;
         let heart = Heart::new();
         heart.beat();
@@ -172,7 +171,7 @@ impl RankState {
             .factory
             .start(idx, self.incarnation, heart.clone(), me.clone())
             .await
-            .map_err(|e| format!("cannot start {}: {e}", self.specs[idx].name))?;
+            .map_err(|e| ActorError::Spawn(format!("{}: {e}", self.specs[idx].name)))?;
         self.hearts[idx] = heart;
         self.children[idx] = Some(cell);
         Ok(())
@@ -215,7 +214,7 @@ impl RankState {
                 }
                 for &i in &children {
                     if let Err(e) = self.start(i, me).await {
-                        self.finish(me, policy::EXIT_ESCALATED, e);
+                        self.finish(me, policy::EXIT_ESCALATED, e.to_string());
                         return;
                     }
                 }
@@ -407,7 +406,7 @@ mod tests {
                 f.started[idx].fetch_add(1, Ordering::SeqCst);
                 let (r, _) = Actor::spawn_linked(None, Toy, heart, sup)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| ActorError::Spawn(e.to_string()))?;
                 f.refs.lock()[idx] = Some(r.clone());
                 Ok(r.get_cell())
             })
