@@ -1,0 +1,255 @@
+//! One training step: batches, forward and backward, the one allreduce, the verdict, the
+//! update; and the rollback a bad step may call for.
+
+use super::*;
+
+impl<'a> Loop<'a> {
+    /// One step of a generation: data, forward and backward, the allreduce, the verdict
+    /// (commit, skip, roll back), the replica check and the record. `Some` ends the generation.
+    pub(super) fn one_step(
+        &self,
+        g: &mut Gen,
+        s: &mut Setup,
+        torn: &mut bool,
+    ) -> Result<Option<Next>, ActorError> {
+        let p = &self.sh.params;
+        let (generation, rank, world, group) = (g.generation, g.rank, g.world, g.group);
+        let (mbs, device) = (g.mbs, g.device);
+        let mine = g.mine.clone();
+        let step = s.trainer.step;
+        let (epoch, st) = s.sampler.locate(step);
+        let lr = lr_at(&p.optim, step);
+        let t_step = Instant::now();
+        let batches = self.batches(g, s, step);
+        let data_wait = t_step.elapsed();
+        // Compute time excludes waiting for data and in collectives: it is the straggler
+        // detector's and the rebalancer's measure of this rank's speed.
+        let t_compute = Instant::now();
+        if faults::fire("compute-hang", step, Some(rank.0), generation.0) {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        let (local_loss, buf, local_bad) = if p.deterministic {
+            deterministic_grads(s, &batches, mine.clone(), mbs, step, p.seed)
+        } else {
+            let l = s.trainer.accumulate(&batches, mbs);
+            let b = tensor_vec(s.trainer.flat_grads());
+            let bad = !l.is_finite() || b.iter().any(|x| !x.is_finite());
+            (l, b, bad)
+        };
+        if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
+            panic!("injected compute panic at step {step}");
+        }
+        let compute = t_compute.elapsed();
+        let nan = faults::fire("nan", step, Some(rank.0), generation.0);
+        let mut buf = buf;
+        if nan {
+            buf[0] = f32::NAN;
+        }
+        // Bad numerics are caught before the commit, and named: each rank flags its own
+        // non-finite loss or gradient in a slot of its own that rides along with the sum.
+        let n = buf.len();
+        let loss_part = local_loss * mine.len() as f64 / mbs as f64;
+        let mut buf = pack(buf, loss_part, local_bad || nan, rank, world);
+        let (t_reduce, stalled_before) = (Instant::now(), group.stalled());
+        let reduced = group.allreduce(&mut buf);
+        let mut in_collectives = t_reduce.elapsed();
+        let (loss, bad_ranks) = match &reduced {
+            Ok(()) => unpack(&mut buf, n),
+            Err(_) => (f64::NAN, Vec::new()),
+        };
+        let v = verdict(
+            reduced.is_ok(),
+            &bad_ranks,
+            p.rollback_on_nonfinite,
+            self.last_rollback.get(),
+            step,
+        );
+        let mut grad_norm = None;
+        match v {
+            Verdict::Regroup => {
+                if let Err(e) = &reduced {
+                    warn!(error = %e, step, "gradient allreduce failed; the step will be redone in the next generation");
+                    g.report(e, step);
+                }
+                s.trainer.model.params.zero_grads();
+                return Ok(Some(Next::Regroup(None)));
+            }
+            Verdict::Commit => {
+                if p.deterministic {
+                    buf = fixed::decode(&buf, world);
+                }
+                *torn = true;
+                grad_norm = s
+                    .trainer
+                    .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
+                *torn = false;
+            }
+            Verdict::Skip | Verdict::RollBack => {
+                warn!(step, ranks = ?bad_ranks, "non-finite loss or gradient; the step is skipped");
+                s.trainer.model.params.zero_grads();
+            }
+        }
+        if v == Verdict::RollBack {
+            match self.roll_back(g, s, step, &bad_ranks, torn) {
+                Rolled::Back => return Ok(None),
+                Rolled::Nothing => {}
+                Rolled::Failed => return Ok(Some(Next::Regroup(None))),
+            }
+        }
+        if grad_norm.is_none() {
+            // Every rank sees the same flags, so every rank skips the same step (T-2).
+            s.trainer.step += 1;
+        }
+        if faults::fire("sdc", step, Some(rank.0), generation.0) {
+            // A flipped low bit in one parameter: what a bad DIMM or a silent GPU error does.
+            tch::no_grad(|| {
+                let flat = s.trainer.model.params.flat.shallow_clone();
+                let v = flat.double_value(&[0]) as f32;
+                let _ = flat.get(0).fill_(f32::from_bits(v.to_bits() ^ 1) as f64);
+            });
+        }
+        let mut odd = Vec::new();
+        if p.fingerprint_interval > 0 && s.trainer.step % p.fingerprint_interval == 0 {
+            let t_check = Instant::now();
+            let checked = check_replicas(group, s);
+            in_collectives += t_check.elapsed();
+            match checked {
+                Ok(o) => odd = o,
+                Err(e) => {
+                    warn!(error = %e, step, "replica check failed; the step will be redone in the next generation");
+                    g.report(&e, step);
+                    return Ok(Some(Next::Regroup(None)));
+                }
+            }
+            if !odd.is_empty() {
+                warn!(step, ranks = ?odd, "replicas differ (silent data corruption): healed from the majority");
+            }
+        }
+        let measured = Measured {
+            step,
+            epoch,
+            st,
+            lr,
+            loss,
+            grad_norm,
+            bad_ranks,
+            odd,
+            dt: t_step.elapsed(),
+            data_wait,
+            compute,
+            in_collectives,
+            stalled: group.stalled().saturating_sub(stalled_before),
+        };
+        self.record_commit(g, s, measured);
+        Ok(None)
+    }
+
+    /// This rank's micro-batches of `step`: from the loader, or built here when it is late.
+    pub(super) fn batches(&self, g: &mut Gen, s: &Setup, step: u64) -> Vec<(Tensor, Tensor)> {
+        let loader = &self.sh.loader;
+        if let Some(b) = loader.take(g.plan, step, Duration::from_millis(200)) {
+            return b;
+        }
+        g.late += 1;
+        if g.late == 1 || g.late % 100 == 0 {
+            warn!(
+                step,
+                late = g.late,
+                "the data loader is late; building the batch here"
+            );
+        }
+        loader::build(&loader.data, &s.ds, g.mine.clone(), step)
+    }
+
+    /// T-4 rollback: rank 0 restores its newest complete checkpoint from before `step` and
+    /// sends that state to every rank. Returns the step the job is back at, or None when rank
+    /// 0 has no checkpoint to go back to (the step is then skipped).
+    pub(super) fn rollback(
+        &self,
+        group: &dyn Group,
+        s: &mut Setup,
+        step: u64,
+    ) -> Result<Option<u64>, RuntimeError> {
+        let mut head = vec![0u8; 16];
+        if group.rank().0 == 0 {
+            let dir = self.sh.params.run_dir.join("checkpoints");
+            match model_io::latest_checkpoint(&dir, step + 1) {
+                Some((_, path)) => match model_io::restore(&path, &mut s.trainer) {
+                    Ok(to) => {
+                        head[..8].copy_from_slice(&1u64.to_le_bytes());
+                        head[8..].copy_from_slice(&to.to_le_bytes());
+                    }
+                    Err(e) => {
+                        warn!(error = %e, path = %path.display(), "cannot roll back to this checkpoint")
+                    }
+                },
+                None => {
+                    warn!(dir = %dir.display(), step, "no complete checkpoint from before this step to roll back to")
+                }
+            }
+        }
+        group.broadcast(&mut head, Rank(0))?;
+        if head[..8] != 1u64.to_le_bytes() {
+            return Ok(None);
+        }
+        transfer_state(group, s, 0)?;
+        Ok(Some(u64::from_le_bytes(
+            head[8..].try_into().expect("8 bytes"),
+        )))
+    }
+
+    /// T-4: every rank saw the same non-finite flags, so every rank rolls back to the last
+    /// checkpoint together (once per step), and the loader starts again from the step to redo.
+    pub(super) fn roll_back(
+        &self,
+        g: &mut Gen,
+        s: &mut Setup,
+        step: u64,
+        bad_ranks: &[u32],
+        torn: &mut bool,
+    ) -> Rolled {
+        let (sh, p, progress) = (self.sh, &self.sh.params, &self.sh.progress);
+        *torn = true;
+        match self.rollback(g.group, s, step) {
+            Ok(Some(to)) => {
+                *torn = false;
+                self.last_rollback.set(Some(step));
+                warn!(step, ranks = ?bad_ranks, to, "non-finite loss or gradient; rolled back to the last checkpoint");
+                if g.rank.0 == 0 {
+                    let line = MetricLine::Rollback(RollbackLine {
+                        rollback: true,
+                        step,
+                        generation: g.generation.0,
+                        to_step: to,
+                        nonfinite_ranks: bad_ranks.to_vec(),
+                        unix_ms: unix_ms(),
+                    });
+                    let _ = g
+                        .metrics
+                        .write_all(format!("{}\n", line.to_line()).as_bytes());
+                }
+                progress.step.store(s.trainer.step, Ordering::Relaxed);
+                progress.seq.fetch_add(1, Ordering::Relaxed);
+                g.plan = sh.loader.set_plan(
+                    g.rank.0 as usize,
+                    g.mine.clone(),
+                    s.trainer.step,
+                    p.max_steps,
+                );
+                Rolled::Back
+            }
+            Ok(None) => {
+                *torn = false;
+                Rolled::Nothing
+            }
+            Err(e) => {
+                // The state may be half restored: heal from a peer next generation.
+                warn!(error = %e, step, "rollback failed; the step will be redone in the next generation");
+                g.report(&e, step);
+                Rolled::Failed
+            }
+        }
+    }
+}
