@@ -92,8 +92,9 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         let lr = lr_at(&cfg.optim, step);
         let t0 = Instant::now();
         let batches = step_batches(&ds, &sampler, win, device, step);
-        let loss = trainer.accumulate(&batches, mbs);
-        let applied = trainer.apply_checked(lr);
+        let local = trainer.local_step(&batches, mbs);
+        let loss = local.loss;
+        let applied = trainer.apply_local(local, lr);
         let dt = t0.elapsed();
         train_time += dt;
         let Some(grad_norm) = applied else {

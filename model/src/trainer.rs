@@ -67,6 +67,14 @@ pub struct Trainer {
     pub step: u64,
 }
 
+/// What a step's local half computed: the mean loss of its micro-batches, and whether the loss
+/// or a gradient was non-finite.
+#[derive(Debug, Clone, Copy)]
+pub struct Local {
+    pub loss: f64,
+    pub bad: bool,
+}
+
 impl Trainer {
     pub fn new(model: Gpt, optim: OptimConfig) -> Self {
         let opt = AdamW::new(&model.params.flat, model.params.n_decay());
@@ -91,6 +99,30 @@ impl Trainer {
             sum += loss.detach();
         }
         sum.double_value(&[]) / batches.len().max(1) as f64
+    }
+
+    /// The local half of a training step, the same for one process and for a rank of many:
+    /// forward and backward of this process's micro-batches (see `accumulate`), and whether
+    /// the result is unusable. T-2: a non-finite loss or gradient anywhere means the step is
+    /// not applied, whatever the gradient's norm would say.
+    pub fn local_step(
+        &mut self,
+        batches: &[(Tensor, Tensor)],
+        total_micro_batches: usize,
+    ) -> Local {
+        let loss = self.accumulate(batches, total_micro_batches);
+        let finite_grads = self
+            .model
+            .params
+            .flat_grads()
+            .isfinite()
+            .all()
+            .int64_value(&[])
+            != 0;
+        Local {
+            loss,
+            bad: !loss.is_finite() || !finite_grads,
+        }
     }
 
     /// The accumulated gradients as one flat buffer (what a data-parallel rank allreduces).
@@ -127,6 +159,16 @@ impl Trainer {
         self.model.params.zero_grads();
         self.step += 1;
         Some(norm)
+    }
+
+    /// Applies a step's local half on one process: refused (None, gradients cleared) when it
+    /// was bad, else as `apply_checked`.
+    pub fn apply_local(&mut self, local: Local, lr: f64) -> Option<f64> {
+        if local.bad {
+            self.model.params.zero_grads();
+            return None;
+        }
+        self.apply_checked(lr)
     }
 
     /// Single-process step: all micro-batches of the global batch on this process.
@@ -222,6 +264,25 @@ mod tests {
         assert!(t.apply_checked(1e-3).is_none());
         assert!(t.model.params.flat.equal(&before));
         assert_eq!(t.opt.t, 0);
+        assert_eq!(t.step, 0);
+    }
+
+    // T-2, one rule for one process and for a rank of many (both call `local_step`): a NaN in
+    // a weight makes the step bad, and a bad step changes nothing.
+    #[test]
+    fn a_non_finite_loss_makes_the_local_step_bad() {
+        let x = Tensor::arange(8, (Kind::Int64, Device::Cpu)).view([1, 8]);
+        let y = (&x + 1).remainder(23);
+        let mut t = trainer();
+        let good = t.local_step(&[(x.copy(), y.copy())], 1);
+        assert!(!good.bad && good.loss.is_finite());
+        t.model.params.zero_grads();
+        let _ = tch::no_grad(|| t.model.params.flat.get(0).fill_(f64::NAN));
+        let before = t.model.params.flat.copy();
+        let bad = t.local_step(&[(x, y)], 1);
+        assert!(bad.bad, "{bad:?}");
+        assert!(t.apply_local(bad, 1e-3).is_none());
+        assert!(t.model.params.flat.allclose(&before, 0.0, 0.0, true));
         assert_eq!(t.step, 0);
     }
 }

@@ -33,10 +33,8 @@ impl<'a> Loop<'a> {
         let (local_loss, buf, local_bad) = if p.deterministic {
             deterministic_grads(s, &batches, mine.clone(), mbs, step, p.seed)
         } else {
-            let l = s.trainer.accumulate(&batches, mbs);
-            let b = tensor_vec(s.trainer.flat_grads());
-            let bad = !l.is_finite() || b.iter().any(|x| !x.is_finite());
-            (l, b, bad)
+            let local = s.trainer.local_step(&batches, mbs);
+            (local.loss, tensor_vec(s.trainer.flat_grads()), local.bad)
         };
         if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
             panic!("injected compute panic at step {step}");
