@@ -27,6 +27,8 @@ pub fn core_config(c: &CoordinatorSection, max_world: usize) -> CoreConfig {
         rejoin_grace: ms(c.rejoin_grace_ms),
         min_world: c.min_world,
         max_world,
+        // A job's world is bounded by its micro-batches per step: the two are one number.
+        micro_batches: max_world,
         hang_floor: ms(c.hang_timeout_floor_ms),
         hang_k: c.hang_k,
         progress_timeout: ms(c.progress_timeout_ms),

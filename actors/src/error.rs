@@ -37,6 +37,17 @@ pub enum ActorError {
 
     #[error("this rank has no session with the coordinator yet; it joins a group once registered")]
     NotRegistered,
+
+    #[error(
+        "the coordinator's split {shares:?} does not share this rank's {micro_batches} \
+         micro-batches over {world} ranks; the coordinator and every worker must run the same \
+         train.global_batch and train.micro_batch (same --config and overrides)"
+    )]
+    BadSplit {
+        shares: Vec<u32>,
+        world: u32,
+        micro_batches: usize,
+    },
 }
 
 pub type Result<T, E = ActorError> = std::result::Result<T, E>;

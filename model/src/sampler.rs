@@ -54,28 +54,19 @@ pub fn permute(seed: u64, epoch: u64, position: u64, n: u64) -> u64 {
     y
 }
 
-/// Micro-batches `[0, m)` split over `world` ranks as contiguous runs; the first `m % world`
-/// ranks get one more. Every rank gets at least one when `world <= m`.
-pub fn split_even(m: usize, world: usize, rank: usize) -> Range<usize> {
-    assert!(
-        world > 0 && rank < world,
-        "rank {rank} outside world {world}"
-    );
-    let base = m / world;
-    let extra = m % world;
-    let start = rank * base + rank.min(extra);
-    start..start + base + usize::from(rank < extra)
-}
-
-/// Micro-batches `[0, m)` split as contiguous runs of the given sizes, in rank order: the
-/// uneven split a rebalanced generation uses. `counts` must sum to `m` (the coordinator builds it
-/// so); an empty `counts` means the even split.
-pub fn split_counts(m: usize, counts: &[u32], world: usize, rank: usize) -> Range<usize> {
-    if counts.len() != world || counts.iter().map(|&c| c as usize).sum::<usize>() != m {
-        return split_even(m, world, rank);
+/// Micro-batches `[0, m)` split as contiguous runs of the given sizes, in rank order (D-2).
+/// The coordinator sends the split with every assignment (even, or rebalanced away from a
+/// straggler); `None` when it does not fit this batch and world, which a rank must not guess.
+pub fn split_counts(m: usize, counts: &[u32], world: usize, rank: usize) -> Option<Range<usize>> {
+    if rank >= world
+        || counts.len() != world
+        || counts.contains(&0)
+        || counts.iter().map(|&c| c as usize).sum::<usize>() != m
+    {
+        return None;
     }
     let start: usize = counts[..rank].iter().map(|&c| c as usize).sum();
-    start..start + counts[rank] as usize
+    Some(start..start + counts[rank] as usize)
 }
 
 impl Sampler {
@@ -163,27 +154,30 @@ impl Sampler {
             .collect()
     }
 
-    /// The micro-batch indices rank `rank` of `world` computes.
-    pub fn rank_micro_batches(&self, world: usize, rank: usize) -> Range<usize> {
-        split_even(self.micro_batches_per_step(), world, rank)
-    }
-
     /// The micro-batch indices rank `rank` computes under a generation's split (`counts`
-    /// micro-batches per rank; empty for the even split).
-    pub fn rank_micro_batches_split(
+    /// micro-batches per rank, from the coordinator); `None` when the split does not fit.
+    pub fn rank_micro_batches(
         &self,
         counts: &[u32],
         world: usize,
         rank: usize,
-    ) -> Range<usize> {
+    ) -> Option<Range<usize>> {
         split_counts(self.micro_batches_per_step(), counts, world, rank)
     }
 
-    /// `(seed, epoch, step, world, rank) -> sample ids`, grouped by micro-batch.
-    pub fn rank_samples(&self, epoch: u64, step: u64, world: usize, rank: usize) -> Vec<Vec<u64>> {
-        self.rank_micro_batches(world, rank)
-            .map(|mb| self.micro_batch_ids(epoch, step, mb))
-            .collect()
+    /// `(seed, epoch, step, split, rank) -> sample ids`, grouped by micro-batch.
+    pub fn rank_samples(
+        &self,
+        epoch: u64,
+        step: u64,
+        counts: &[u32],
+        rank: usize,
+    ) -> Option<Vec<Vec<u64>>> {
+        let mbs = self.rank_micro_batches(counts, counts.len(), rank)?;
+        Some(
+            mbs.map(|mb| self.micro_batch_ids(epoch, step, mb))
+                .collect(),
+        )
     }
 }
 
@@ -205,47 +199,54 @@ mod tests {
             }
         }
 
-        // D-2: for every world size from 1 to the number of micro-batches, the rank slices are
-        // disjoint, cover the global batch, and differ in size by at most one micro-batch.
+        // D-2: for every world size from 1 to the number of micro-batches and any split the
+        // coordinator may send (each rank at least one micro-batch), the rank slices are
+        // disjoint and concatenate, in rank order, to the global batch.
         #[test]
         fn rank_slices_partition_the_global_batch(
             seed in any::<u64>(), mbs in 1usize..24, micro in 1usize..5, step in 0u64..4,
+            cuts in proptest::collection::vec(any::<u32>(), 24),
         ) {
             let s = Sampler::new(seed, 10_000, mbs * micro, micro).unwrap();
             let global = s.global_batch_ids(0, step);
             for world in 1..=mbs {
+                let counts = composition(mbs, world, &cuts);
                 let mut joined = Vec::new();
-                let mut sizes = Vec::new();
                 for rank in 0..world {
-                    let r = s.rank_samples(0, step, world, rank);
-                    sizes.push(r.len());
+                    let r = s.rank_samples(0, step, &counts, rank).unwrap();
+                    prop_assert!(!r.is_empty());
                     joined.extend(r.into_iter().flatten());
                 }
-                // In rank order the slices concatenate to the global batch exactly.
                 prop_assert_eq!(&joined, &global);
-                let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
-                prop_assert!(hi - lo <= 1 && *lo >= 1);
             }
         }
     }
 
+    /// `m` split into `world` positive parts, the extra micro-batches placed by `cuts`.
+    fn composition(m: usize, world: usize, cuts: &[u32]) -> Vec<u32> {
+        let mut c = vec![1u32; world];
+        for i in 0..m - world {
+            c[cuts[i % cuts.len()] as usize % world] += 1;
+        }
+        c
+    }
+
     // D-2: an uneven split still concatenates to the global batch in rank order; a split that
-    // does not fit the world or the batch falls back to the even one.
+    // does not fit the world or the batch is refused, never replaced by a guess.
     #[test]
     fn uneven_split_partitions_the_global_batch() {
         let s = Sampler::new(3, 5000, 32, 2).unwrap();
         let counts = [5u32, 5, 4, 2];
         let joined: Vec<usize> = (0..4)
-            .flat_map(|r| s.rank_micro_batches_split(&counts, 4, r))
+            .flat_map(|r| s.rank_micro_batches(&counts, 4, r).unwrap())
             .collect();
         assert_eq!(joined, (0..16).collect::<Vec<_>>());
-        assert_eq!(s.rank_micro_batches_split(&counts, 4, 3), 14..16);
-        assert_eq!(
-            s.rank_micro_batches_split(&[], 4, 1),
-            s.rank_micro_batches(4, 1)
-        );
-        assert_eq!(s.rank_micro_batches_split(&[9, 9, 9, 9], 4, 1), 4..8);
-        assert_eq!(s.rank_micro_batches_split(&[8, 8], 4, 1), 4..8);
+        assert_eq!(s.rank_micro_batches(&counts, 4, 3), Some(14..16));
+        assert_eq!(s.rank_micro_batches(&[], 4, 1), None);
+        assert_eq!(s.rank_micro_batches(&[9, 9, 9, 9], 4, 1), None);
+        assert_eq!(s.rank_micro_batches(&[8, 8], 4, 1), None);
+        assert_eq!(s.rank_micro_batches(&[16, 0], 2, 0), None);
+        assert_eq!(s.rank_micro_batches(&[8, 8], 2, 2), None);
     }
 
     #[test]
@@ -267,8 +268,14 @@ mod tests {
     fn global_batch_is_independent_of_world_size() {
         let a = Sampler::new(1, 5000, 48, 2).unwrap();
         for world in [1, 2, 3, 5, 24] {
+            let counts = composition(24, world, &[7, 1, 3]);
             let joined: Vec<u64> = (0..world)
-                .flat_map(|r| a.rank_samples(3, 9, world, r).into_iter().flatten())
+                .flat_map(|r| {
+                    a.rank_samples(3, 9, &counts, r)
+                        .unwrap()
+                        .into_iter()
+                        .flatten()
+                })
                 .collect();
             assert_eq!(joined, a.global_batch_ids(3, 9));
         }

@@ -3,7 +3,7 @@
 
 use crate::config::TrainConfig;
 use crate::train::{self, median};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use phalanx_model::gpt::Gpt;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -113,7 +113,6 @@ pub fn run_world(
     steps: u64,
     runs: usize,
 ) -> Result<()> {
-    use anyhow::Context;
     if !(2..=16).contains(&world) {
         anyhow::bail!(
             "--world {world}: use 2..=16 local processes (1 is `bench train` without --world)"
@@ -284,6 +283,7 @@ pub fn bare_rank(
         device: s.trainer.model.device(),
     };
     let mbs = s.sampler.micro_batches_per_step();
+    let even = phalanx_runtime::coordinator::core::even_shares(mbs, world as usize);
     let mut lines = String::new();
     while s.trainer.step < cfg.train.max_steps {
         let t0 = Instant::now();
@@ -292,7 +292,9 @@ pub fn bare_rank(
         let batches = loader::build(
             &data,
             &s.ds,
-            s.sampler.rank_micro_batches(world as usize, rank as usize),
+            s.sampler
+                .rank_micro_batches(&even, world as usize, rank as usize)
+                .context("the even split does not fit the batch")?,
             step,
         );
         let loss = s.trainer.accumulate(&batches, mbs);

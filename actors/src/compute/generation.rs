@@ -74,15 +74,17 @@ impl<'a> Loop<'a> {
         // straggler (K-8). Any split concatenates to the same global batch (D-2).
         let split = |r: usize| {
             s.sampler
-                .rank_micro_batches_split(&assign.shares, world as usize, r)
+                .rank_micro_batches(&assign.shares, world as usize, r)
+                .ok_or_else(|| ActorError::BadSplit {
+                    shares: assign.shares.clone(),
+                    world,
+                    micro_batches: mbs,
+                })
         };
-        let shares: Vec<[usize; 2]> = (0..world as usize)
-            .map(|r| {
-                let m = split(r);
-                [m.start, m.end]
-            })
-            .collect();
-        let mine = split(rank.0 as usize);
+        let shares = (0..world as usize)
+            .map(|r| split(r).map(|m| [m.start, m.end]))
+            .collect::<Result<Vec<[usize; 2]>, _>>()?;
+        let mine = split(rank.0 as usize)?;
         let plan = sh
             .loader
             .set_plan(rank.0 as usize, mine.clone(), s.trainer.step, p.max_steps);

@@ -5,8 +5,8 @@
 //! session closes (a crash) or a fault is reported; every decision is written to events.jsonl.
 
 use super::core::{
-    apply, decide, CoreConfig, Decision, FlagChange, HeartbeatMsg, MemberId, MemberState, Phase,
-    Registration, Regroup, Removal, Role, State, StepSample,
+    apply, assigned_shares, decide, CoreConfig, Decision, FlagChange, HeartbeatMsg, MemberId,
+    MemberState, Phase, Registration, Regroup, Removal, Role, State, StepSample,
 };
 use super::journal::{Journal, JournalState};
 use super::observed::{self, Observed};
@@ -205,7 +205,12 @@ impl Shared {
         })
     }
 
-    fn assign_for(st: &State, id: MemberId, heal: &[(MemberId, Rank)]) -> Option<pb::Assign> {
+    fn assign_for(
+        st: &State,
+        cfg: &CoreConfig,
+        id: MemberId,
+        heal: &[(MemberId, Rank)],
+    ) -> Option<pb::Assign> {
         let m = st.members.get(&id)?;
         let rank = m.rank?;
         let inline = st.ranks.len() <= INLINE_PEERS_MAX;
@@ -224,7 +229,7 @@ impl Shared {
             peers,
             resume_step: st.committed_step.0,
             heal_from: heal.iter().find(|(h, _)| *h == id).map(|(_, r)| r.0),
-            shares: st.shares.clone(),
+            shares: assigned_shares(st, cfg),
         })
     }
 
@@ -344,7 +349,7 @@ impl Shared {
                     out.directives.push((*id, kind));
                 }
                 for &id in &r.ranks {
-                    if let Some(a) = Self::assign_for(st, id, &r.heal) {
+                    if let Some(a) = Self::assign_for(st, &self.cfg, id, &r.heal) {
                         out.directives.push((id, pb::directive::Kind::Assign(a)));
                     }
                 }
@@ -534,7 +539,7 @@ impl Coordinator for Svc {
                 .get(&id)
                 .is_some_and(|m| m.state == MemberState::Active)
             {
-                if let Some(a) = Shared::assign_for(&st, id, &[]) {
+                if let Some(a) = Shared::assign_for(&st, &sh.cfg, id, &[]) {
                     let _ = tx.try_send(Ok(pb::Directive {
                         kind: Some(pb::directive::Kind::Assign(a)),
                     }));

@@ -14,6 +14,9 @@ pub struct CoreConfig {
     pub min_world: usize,
     /// The most ranks a generation may have (micro-batches per global batch).
     pub max_world: usize,
+    /// Micro-batches per global batch, split over the ranks by every assignment (D-2). Zero
+    /// when the coordinator does not know them: it then sends only a rebalanced split.
+    pub micro_batches: usize,
     /// A rank whose step counter has not moved for max(hang_floor, hang_k x its median step
     /// time) while training is hung even if its heartbeats still arrive.
     pub hang_floor: Duration,
@@ -32,6 +35,7 @@ impl Default for CoreConfig {
             rejoin_grace: Duration::from_secs(10),
             min_world: 1,
             max_world: usize::MAX,
+            micro_batches: 0,
             hang_floor: Duration::from_secs(10),
             hang_k: 10.0,
             straggler: StragglerConfig::default(),

@@ -33,7 +33,7 @@ pub use config::{member_cap, CoreConfig};
 pub use decide::decide;
 pub use decision::*;
 pub use member::*;
-pub use shares::{even_shares, makespan, weighted_shares};
+pub use shares::{assigned_shares, even_shares, makespan, weighted_shares};
 pub use state::State;
 
 use decide::*;
