@@ -6,12 +6,10 @@
 use crate::control::{client_opts, hostname};
 use anyhow::Result;
 use phalanx_proto::pb;
-use phalanx_runtime::coordinator::client;
+use phalanx_runtime::coordinator::client::{self, OpenError, RankSession};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 pub struct SimArgs {
@@ -53,7 +51,7 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
             emit(json!({"event": "gave_up", "after_ms": a.give_up.as_millis() as u64}));
             return Ok(2);
         }
-        let mut c = match client::connect(&opts).await {
+        let c = match client::connect(&opts).await {
             Ok(c) => c,
             Err(e) => {
                 emit(json!({"event": "connect_failed", "error": e.to_string()}));
@@ -62,28 +60,10 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
                 continue;
             }
         };
-        let req = pb::RegisterRequest {
-            job_id: a.job_id.clone(),
-            host: host.clone(),
-            dataplane_address: format!("sim:{}", std::process::id()).into_bytes(),
-            role: if a.spare {
-                pb::Role::Spare
-            } else {
-                pb::Role::Active
-            } as i32,
-            capabilities: vec!["sim".into()],
-            config_hash: a.config_hash.clone(),
-            pid: std::process::id(),
-            address: String::new(),
-            member_id: member,
-            generation: pos.generation,
-            rank: pos.rank,
-            committed_step: pos.step,
-            member_secret: secret.clone(),
-        };
-        let reg = match c.register(client::request(req, &opts)).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => {
+        let req = register_request(a, &host, member, &pos, &secret);
+        let sess = match RankSession::open(c, &opts, req).await {
+            Ok(s) => s,
+            Err(OpenError::Register(s)) => {
                 emit(
                     json!({"event": "register_refused", "code": format!("{:?}", s.code()), "error": s.message()}),
                 );
@@ -96,26 +76,18 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
                     }
                 }
             }
-        };
-        last_contact = Instant::now();
-        backoff = Duration::from_millis(100);
-        member = reg.member_id;
-        emit(
-            json!({"event": if reg.rejoined { "rejoined" } else { "registered" },
-                    "member": member, "generation": reg.generation}),
-        );
-        let (tx, rx) = mpsc::channel(16);
-        secret = reg.member_secret.clone();
-        let hello = pb::RankMessage {
-            msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
-                member_id: member,
-                member_secret: secret.clone(),
-            })),
-        };
-        tx.send(hello).await?;
-        let mut inbound = match c.session(ReceiverStream::new(rx)).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => {
+            Err(OpenError::Session {
+                status: s,
+                registered,
+            }) => {
+                last_contact = Instant::now();
+                backoff = Duration::from_millis(100);
+                member = registered.member_id;
+                secret = registered.member_secret;
+                emit(
+                    json!({"event": if registered.rejoined { "rejoined" } else { "registered" },
+                            "member": member, "generation": registered.generation}),
+                );
                 emit(
                     json!({"event": "session_refused", "code": format!("{:?}", s.code()), "error": s.message()}),
                 );
@@ -125,11 +97,20 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
                 continue;
             }
         };
-        let mut hb = tokio::time::interval(Duration::from_millis(
-            reg.heartbeat_interval_ms.max(10) as u64,
-        ));
+        let reg = &sess.registered;
+        last_contact = Instant::now();
+        backoff = Duration::from_millis(100);
+        member = reg.member_id;
+        secret = reg.member_secret.clone();
+        emit(
+            json!({"event": if reg.rejoined { "rejoined" } else { "registered" },
+                    "member": member, "generation": reg.generation}),
+        );
+        let mut hb = tokio::time::interval(sess.heartbeat(Duration::from_millis(10)));
+        let (tx, mut inbound) = (sess.tx, sess.inbound);
+        let rejoined = sess.registered.rejoined;
         let mut stepper = tokio::time::interval(Duration::from_millis(a.step_ms.max(1)));
-        let mut assigned = reg.rejoined;
+        let mut assigned = rejoined;
         loop {
             tokio::select! {
                 _ = hb.tick() => {
@@ -166,6 +147,35 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
             }
         }
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// Registers as a new member, or again as `member` (proved by `secret`) where it was.
+fn register_request(
+    a: &SimArgs,
+    host: &str,
+    member: u64,
+    pos: &Position,
+    secret: &str,
+) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        job_id: a.job_id.clone(),
+        host: host.into(),
+        dataplane_address: format!("sim:{}", std::process::id()).into_bytes(),
+        role: if a.spare {
+            pb::Role::Spare
+        } else {
+            pb::Role::Active
+        } as i32,
+        capabilities: vec!["sim".into()],
+        config_hash: a.config_hash.clone(),
+        pid: std::process::id(),
+        address: String::new(),
+        member_id: member,
+        generation: pos.generation,
+        rank: pos.rank,
+        committed_step: pos.step,
+        member_secret: secret.into(),
     }
 }
 

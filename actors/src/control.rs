@@ -11,13 +11,12 @@ use crate::rank::{
 use crate::supervisor::{finish_reason, Heart};
 use crate::ActorError;
 use phalanx_proto::pb;
-use phalanx_runtime::coordinator::client;
+use phalanx_runtime::coordinator::client::{self, OpenError, RankSession};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 pub struct ControlAgentActor;
@@ -129,7 +128,7 @@ async fn open(shared: &Shared, member: &mut u64, started: Instant) -> Result<Ses
     let opts = &p.client;
     let progress = &shared.progress;
     let directives = &shared.directives_tx;
-    let mut c = match client::connect(opts).await {
+    let c = match client::connect(opts).await {
         Ok(c) => c,
         Err(e) => {
             if *member == 0 && started.elapsed() > Duration::from_secs(10) {
@@ -140,6 +139,8 @@ async fn open(shared: &Shared, member: &mut u64, started: Instant) -> Result<Ses
             return Err(NotOpened::Retry);
         }
     };
+    // A clone for the control handle when the session does not open: the member exists.
+    let c2 = c.clone();
     let mut r = p.register.clone();
     r.member_id = *member;
     r.generation = progress.generation.load(Ordering::Relaxed);
@@ -153,9 +154,12 @@ async fn open(shared: &Shared, member: &mut u64, started: Instant) -> Result<Ses
         .as_ref()
         .map(|c| c.secret.clone())
         .unwrap_or_default();
-    let out = match c.register(client::request(r, opts)).await {
-        Ok(o) => o.into_inner(),
-        Err(s) => {
+    let (opened, registered) = match RankSession::open(c, opts, r).await {
+        Ok(o) => {
+            let reg = o.registered.clone();
+            (Ok(o), reg)
+        }
+        Err(OpenError::Register(s)) => {
             let msg = format!("{:?}: {}", s.code(), s.message());
             if refusal(&s) {
                 if *member == 0 {
@@ -168,35 +172,34 @@ async fn open(shared: &Shared, member: &mut u64, started: Instant) -> Result<Ses
             warn!(error = %msg, "registration failed; retrying");
             return Err(NotOpened::Retry);
         }
+        Err(OpenError::Session { status, registered }) => (Err(status), *registered),
     };
     if *member == 0 {
-        info!(member = out.member_id, "registered");
+        info!(member = registered.member_id, "registered");
     } else {
-        info!(member = out.member_id, "re-registered");
+        info!(member = registered.member_id, "re-registered");
     }
-    *member = out.member_id;
+    *member = registered.member_id;
+    let client = match &opened {
+        Ok(o) => o.client.clone(),
+        Err(_) => c2,
+    };
     *shared.control.lock() = Some(Control {
         member: *member,
-        secret: out.member_secret.clone(),
-        client: c.clone(),
+        secret: registered.member_secret.clone(),
+        client,
     });
     shared.control_ready.notify_all();
-    let (tx, rx) = mpsc::channel(16);
-    let _ = tx
-        .send(pb::RankMessage {
-            msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
-                member_id: *member,
-                member_secret: out.member_secret.clone(),
-            })),
-        })
-        .await;
-    match c.session(ReceiverStream::new(rx)).await {
-        Ok(st) => Ok(Session {
-            client: c,
-            tx,
-            inbound: st.into_inner(),
-            heartbeat: Duration::from_millis(out.heartbeat_interval_ms.max(20) as u64),
-        }),
+    match opened {
+        Ok(o) => {
+            let heartbeat = o.heartbeat(Duration::from_millis(20));
+            Ok(Session {
+                client: o.client,
+                tx: o.tx,
+                inbound: o.inbound,
+                heartbeat,
+            })
+        }
         Err(st) => {
             if st.code() == tonic::Code::FailedPrecondition {
                 let _ = directives.send(Directive::Evict(st.message().to_string()));

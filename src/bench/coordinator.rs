@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use phalanx_proto::pb;
-use phalanx_runtime::coordinator::client::{self, ClientOpts};
+use phalanx_runtime::coordinator::client::{self, ClientOpts, RankSession};
 use phalanx_runtime::coordinator::core::{
     apply, decide, CoreConfig, Decision, HeartbeatMsg, Phase, Registration, Role, State,
 };
@@ -20,8 +20,6 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 const TICK: Duration = Duration::from_millis(50);
 
@@ -164,7 +162,6 @@ async fn sim_session(
     silent: Arc<AtomicBool>,
     offset: Duration,
 ) {
-    let mut c = chan;
     let reg = pb::RegisterRequest {
         job_id: "phalanx".into(),
         host: "bench".into(),
@@ -173,25 +170,10 @@ async fn sim_session(
         config_hash: "bench".into(),
         ..Default::default()
     };
-    let Ok(r) = c.register(client::request(reg, &opts)).await else {
+    let Ok(sess) = RankSession::open(chan, &opts, reg).await else {
         return;
     };
-    let r = r.into_inner();
-    let id = r.member_id;
-    let (tx, rx) = mpsc::channel(4);
-    let hello = pb::RankMessage {
-        msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
-            member_id: id,
-            member_secret: r.member_secret,
-        })),
-    };
-    if tx.send(hello).await.is_err() {
-        return;
-    }
-    let Ok(resp) = c.session(ReceiverStream::new(rx)).await else {
-        return;
-    };
-    let mut inbound = resp.into_inner();
+    let (tx, mut inbound) = (sess.tx, sess.inbound);
     let gen = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let g = gen.clone();
     tokio::spawn(async move {
@@ -251,6 +233,7 @@ fn grpc_bench(m: usize, seconds: u64) -> Result<()> {
         ])
         .env("PHALANX_LOG", "warn")
         .env("PHALANX_JOB_TOKEN", "bench-token")
+        .env("PHALANX_ADMIN_TOKEN", "bench-admin-token")
         .stdout(Stdio::piped())
         .spawn()?;
     let pid = child.id();
@@ -279,6 +262,10 @@ fn grpc_bench(m: usize, seconds: u64) -> Result<()> {
             let task = tokio::spawn(sim_session(opts.clone(), chans[i % conns].clone(), silent.clone(), offset));
             sims.push(SimHandle { silent, task });
         }
+        // Status is an admin call: the ranks' token does not open it.
+        let mut admin_opts = opts.clone();
+        admin_opts.token = Some("bench-admin-token".into());
+        let opts = admin_opts;
         let mut admin = client::connect(&opts).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {

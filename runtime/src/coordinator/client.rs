@@ -109,3 +109,84 @@ pub fn status_error(s: Status) -> RuntimeError {
         message: s.message().to_string(),
     }
 }
+
+/// A rank's side of the coordinator: registered, with its session stream open. The one way
+/// a rank (the control agent, a simulated rank, the coordinator bench) opens it: register
+/// (or re-register under the member id in `req`), send the hello that proves the member, open
+/// the stream.
+pub struct RankSession {
+    pub client: Client,
+    /// Heartbeats and other rank messages go up here.
+    pub tx: tokio::sync::mpsc::Sender<phalanx_proto::pb::RankMessage>,
+    /// Directives come down here.
+    pub inbound: tonic::Streaming<phalanx_proto::pb::Directive>,
+    pub registered: phalanx_proto::pb::RegisterResponse,
+}
+
+/// Why a session did not open: the coordinator's answer to the register or the session call.
+#[derive(Debug)]
+pub enum OpenError {
+    Register(Status),
+    /// Registered, but the stream did not open: the member exists, and a retry re-registers
+    /// under its id.
+    Session {
+        status: Status,
+        registered: Box<phalanx_proto::pb::RegisterResponse>,
+    },
+}
+
+impl OpenError {
+    pub fn status(&self) -> &Status {
+        match self {
+            OpenError::Register(status) | OpenError::Session { status, .. } => status,
+        }
+    }
+}
+
+impl RankSession {
+    pub async fn open(
+        mut client: Client,
+        opts: &ClientOpts,
+        req: phalanx_proto::pb::RegisterRequest,
+    ) -> Result<RankSession, OpenError> {
+        use phalanx_proto::pb;
+        let registered = client
+            .register(request(req, opts))
+            .await
+            .map_err(OpenError::Register)?
+            .into_inner();
+        // Room for a burst of heartbeats and fault reports while the stream is slow.
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let hello = pb::RankMessage {
+            msg: Some(pb::rank_message::Msg::Hello(pb::SessionHello {
+                member_id: registered.member_id,
+                member_secret: registered.member_secret.clone(),
+            })),
+        };
+        // The receiver is held below, so the send cannot fail.
+        let _ = tx.send(hello).await;
+        let inbound = match client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                return Err(OpenError::Session {
+                    status,
+                    registered: Box::new(registered),
+                })
+            }
+        };
+        Ok(RankSession {
+            client,
+            tx,
+            inbound,
+            registered,
+        })
+    }
+
+    /// The coordinator's heartbeat interval, never below `floor`.
+    pub fn heartbeat(&self, floor: Duration) -> Duration {
+        Duration::from_millis(self.registered.heartbeat_interval_ms as u64).max(floor)
+    }
+}
