@@ -38,8 +38,7 @@ fn prepare_default_corpus_and_gpt2() {
     let r = run(&["prepare", "--tokenizer", "gpt2", "--out", "g"], d.path());
     assert!(r.ok(), "{}", r.stderr());
     assert!(corpus.is_dir());
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.path().join("g/meta.json")).unwrap()).unwrap();
+    let meta = read_json(&d.path().join("g/meta.json"));
     assert_eq!(meta["vocab_size"], 50257);
     assert_eq!(meta["dtype"], "u16");
     assert!(meta["sources"].as_array().unwrap().len() > 30);

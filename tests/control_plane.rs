@@ -4,91 +4,14 @@
 
 mod common;
 
+use common::{signal, start_coordinator, unix_ms, Proc};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const TOKEN: &str = "s3cret-job-token";
 const ADMIN: &str = "s3cret-admin-token";
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-fn signal(pid: u32, sig: &str) {
-    assert!(common::send_signal(pid, sig), "kill -{sig} {pid}");
-}
-
-/// A child process whose stdout JSON lines are collected.
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> (Proc, std::sync::mpsc::Receiver<String>) {
-        cmd.stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .env("PHALANX_LOG", "warn");
-        let mut child = cmd.spawn().expect("spawn");
-        let out = child.stdout.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    l.lock().unwrap().push(v);
-                }
-                let _ = tx.send(line);
-            }
-        });
-        (Proc { child, lines }, rx)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn wait_line(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.lines.lock().unwrap().iter().find(|v| pred(v)) {
-                return v.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; got {:?}",
-                self.lines.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Job {
     dir: PathBuf,
@@ -97,22 +20,17 @@ struct Job {
     ranks: Vec<Proc>,
 }
 
-fn start_coordinator(dir: &Path, bind: &str, world: usize, extra: &[&str]) -> (Proc, String) {
-    let mut cmd = common::bin();
-    cmd.args(["coordinator", "--bind", bind, "--world", &world.to_string()])
-        .arg("--run-dir")
-        .arg(dir)
-        .args(["train.global_batch=16", "train.micro_batch=1"])
-        .args(extra)
-        .env("PHALANX_JOB_TOKEN", TOKEN)
-        .env("PHALANX_ADMIN_TOKEN", ADMIN);
-    let (p, rx) = Proc::spawn(cmd);
-    let first = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("coordinator prints its address");
-    let addr = first.rsplit(' ').next().unwrap().to_string();
-    assert!(first.contains("listening on"), "{first}");
-    (p, addr)
+/// The job's coordinator on `bind`, which takes both tokens.
+fn job_coordinator(dir: &Path, bind: &str, world: usize, extra: &[&str]) -> (Proc, String) {
+    start_coordinator(
+        common::coordinator(bind, world)
+            .arg("--run-dir")
+            .arg(dir)
+            .args(["train.global_batch=16", "train.micro_batch=1"])
+            .args(extra)
+            .env("PHALANX_JOB_TOKEN", TOKEN)
+            .env("PHALANX_ADMIN_TOKEN", ADMIN),
+    )
 }
 
 fn sim(addr: &str, spare: bool) -> Proc {
@@ -128,7 +46,7 @@ fn sim(addr: &str, spare: bool) -> Proc {
     if spare {
         cmd.arg("--spare");
     }
-    Proc::spawn(cmd).0
+    Proc::collect(&mut cmd)
 }
 
 fn assigned(p: &Proc, generation: u64) -> Value {
@@ -142,7 +60,7 @@ fn assigned(p: &Proc, generation: u64) -> Value {
 impl Job {
     fn start(world: usize, spares: usize, extra: &[&str]) -> Job {
         let dir = tempfile::tempdir().unwrap().keep();
-        let (coord, addr) = start_coordinator(&dir, "127.0.0.1:0", world, extra);
+        let (coord, addr) = job_coordinator(&dir, "127.0.0.1:0", world, extra);
         let mut ranks: Vec<Proc> = (0..world).map(|_| sim(&addr, false)).collect();
         for r in &ranks {
             assigned(r, 1);
@@ -165,26 +83,11 @@ impl Job {
     }
 
     fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.join("events.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        common::read_jsonl_now(&self.dir.join("events.jsonl"))
     }
 
     fn wait_event(&self, kind: &str, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(e) = self.events().into_iter().find(|e| e["kind"] == kind) {
-                return e;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {kind} event; events: {:?}",
-                self.events()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        common::wait_event(&self.dir.join("events.jsonl"), kind, timeout)
     }
 
     fn status(&self, token: Option<&str>) -> std::process::Output {
@@ -269,7 +172,7 @@ fn sigstop_is_detected_within_two_seconds_and_stays_fenced() {
         code,
         Some(3),
         "fenced rank should exit 3: {:?}",
-        job.ranks[2].lines.lock().unwrap()
+        job.ranks[2].lines()
     );
     let s = job.status_json();
     assert_eq!(
@@ -306,7 +209,7 @@ fn coordinator_restart_keeps_the_generation() {
             v["event"] == "disconnected"
         });
     }
-    let (coord, addr) = start_coordinator(&job.dir, &format!("127.0.0.1:{port}"), 2, &[]);
+    let (coord, addr) = job_coordinator(&job.dir, &format!("127.0.0.1:{port}"), 2, &[]);
     job.coord = coord;
     job.addr = addr;
     for r in &job.ranks {
@@ -455,7 +358,7 @@ fn tls_coordinator() {
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let (_coord, addr) = start_coordinator(
+    let (_coord, addr) = job_coordinator(
         dir.path(),
         "127.0.0.1:0",
         1,
@@ -724,7 +627,7 @@ fn register_with_hash(addr: &str, config_hash: &str) -> Option<tonic::Status> {
 #[test]
 fn the_config_hash_is_pinned_at_start_not_by_the_first_caller() {
     let dir = tempfile::tempdir().unwrap();
-    let (_coord, addr) = start_coordinator(dir.path(), "127.0.0.1:0", 1, &["--config-hash", "sim"]);
+    let (_coord, addr) = job_coordinator(dir.path(), "127.0.0.1:0", 1, &["--config-hash", "sim"]);
     let s = register_with_hash(&addr, "intruder").expect("another hash was taken");
     assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
     assert!(s.message().contains("differs from the job's sim"), "{s:?}");
@@ -738,17 +641,16 @@ fn the_config_hash_is_pinned_at_start_not_by_the_first_caller() {
     drop(rank);
 
     let dir = tempfile::tempdir().unwrap();
-    let (_coord, addr) = start_coordinator(dir.path(), "127.0.0.1:0", 1, &[]);
+    let (_coord, addr) = job_coordinator(dir.path(), "127.0.0.1:0", 1, &[]);
     assert!(register_with_hash(&addr, "first").is_none());
     let s = register_with_hash(&addr, "second").expect("a second hash was taken");
     assert!(s.message().contains("config_hash_pinned"), "{s:?}");
-    let events = std::fs::read_to_string(dir.path().join("events.jsonl")).unwrap();
-    let pinned: Vec<Value> = events
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    let events = common::read_jsonl_now(&dir.path().join("events.jsonl"));
+    let pinned: Vec<&Value> = events
+        .iter()
         .filter(|e| e["kind"] == "config_hash_pinned")
         .collect();
-    assert_eq!(pinned.len(), 1, "{events}");
+    assert_eq!(pinned.len(), 1, "{events:?}");
     assert_eq!(pinned[0]["config_hash"], "first");
     assert_eq!(pinned[0]["host"], "first-caller");
 }

@@ -6,7 +6,6 @@
 
 mod common;
 use common::*;
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -52,10 +51,7 @@ fn assert_completed(dir: &Path, world: u64, out: &std::process::Output) {
         String::from_utf8_lossy(&out.stderr)
     );
     let run = dir.join("run");
-    let r = bin().arg("report").arg(&run).output().unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
+    let report = make_report(&run);
     assert_eq!(report["status"], "completed", "{report}");
     assert_eq!(report["steps"], 30, "{report}");
     assert_eq!(report["world_size_final"], world, "{report}");

@@ -6,47 +6,20 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-struct Job {
-    code: Option<i32>,
-    stderr: String,
-    report: Value,
-    events: Vec<Value>,
-    run: PathBuf,
-}
-
-fn launch(dir: &Path, config: &Path, args: &[&str]) -> Job {
+/// A job on two simulated hosts run to its end: it completed, every step once, and its groups'
+/// links followed the hosts, with some over TCP.
+fn launch(dir: &Path, config: &Path, args: &[&str]) -> Launched {
     let _one_at_a_time = serial();
-    let out = bin()
-        .arg("launch")
-        .arg("--config")
-        .arg(config)
-        .args(["--hosts", "2"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let run = dir.join("run");
-    let report = std::fs::read(run.join("report.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(report["status"], "completed", "{report}");
-    assert_ledger_exactly_once(&report);
-    let events = read_jsonl(&run.join("events.jsonl"));
-    let tcp = assert_links_follow_hosts(&events);
+    let job = launch_job(dir, config, Hosts::Two, args, &[]);
+    assert_eq!(job.code, Some(0), "{}", job.stderr);
+    assert_eq!(job.report["status"], "completed", "{}", job.report);
+    assert_ledger_exactly_once(&job.report);
+    let tcp = assert_links_follow_hosts(&job.events());
     assert!(tcp > 0, "no rank talked over TCP across the hosts");
-    Job {
-        code: out.status.code(),
-        stderr,
-        report,
-        events,
-        run,
-    }
+    job
 }
 
 fn injected<'a>(events: &'a [Value], fault: &str) -> &'a Value {
@@ -119,7 +92,8 @@ fn a_lost_host_is_survived() {
             "optim.decay_steps=600",
         ],
     );
-    let lost = injected(&job.events, "host_lost");
+    let events = job.events();
+    let lost = injected(&events, "host_lost");
     assert_eq!(lost["ranks"].as_array().unwrap().len(), 2, "{lost}");
     let faults = job.report["faults"].as_array().unwrap();
     eprintln!("host lost: {lost}\nfaults: {faults:#?}");
@@ -163,11 +137,11 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
             "optim.decay_steps=3000",
         ],
     );
-    let cut = injected(&job.events, "host_partition");
+    let events = job.events();
+    let cut = injected(&events, "host_partition");
     let cut_pids = cut["pids"].as_array().unwrap().clone();
     assert_eq!(cut["ranks"].as_array().unwrap().len(), 2, "{cut}");
-    let failed: Vec<&Value> = job
-        .events
+    let failed: Vec<&Value> = events
         .iter()
         .filter(|e| e["kind"] == "rank_failed" && cut_pids.contains(&e["pid"]))
         .collect();
@@ -187,8 +161,7 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
     }
     // Nobody committed twice: the ledger (checked in `launch`) found every step once.
     // The fenced processes were refused when the host came back and exited as fenced.
-    let timeline: Vec<&Value> = job
-        .events
+    let timeline: Vec<&Value> = events
         .iter()
         .filter(|e| {
             [
@@ -202,8 +175,7 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
         })
         .collect();
     for pid in &cut_pids {
-        let exit = job
-            .events
+        let exit = events
             .iter()
             .find(|e| e["kind"] == "worker_exit" && e["pid"] == *pid)
             .unwrap_or_else(|| {

@@ -4,14 +4,7 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-struct Launched {
-    code: Option<i32>,
-    stderr: String,
-    report: Value,
-    run: PathBuf,
-}
+use std::path::Path;
 
 fn launch(dir: &Path, args: &[&str]) -> Launched {
     launch_env(Hosts::One, dir, args, &[])
@@ -25,34 +18,15 @@ fn launch_env(hosts: Hosts, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> 
     let _one_at_a_time = serial();
     let data = dataset(dir);
     let cfg = job_config(dir, &data);
-    let out = bin()
-        .arg("launch")
-        .arg("--config")
-        .arg(&cfg)
-        .args(hosts.args())
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let run = dir.join("run");
-    let report = std::fs::read(run.join("report.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
-    if !report.is_null() {
-        assert_ledger_exactly_once(&report);
+    let r = launch_job(dir, &cfg, hosts, args, env);
+    if !r.report.is_null() {
+        assert_ledger_exactly_once(&r.report);
     }
     if hosts == Hosts::Two {
-        let tcp = assert_links_follow_hosts(&read_jsonl(&run.join("events.jsonl")));
+        let tcp = assert_links_follow_hosts(&r.events());
         assert!(tcp > 0, "no rank talked over TCP across the hosts");
     }
-    Launched {
-        code: out.status.code(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        report,
-        run,
-    }
+    r
 }
 
 fn losses(run: &Path) -> Vec<f64> {
@@ -188,7 +162,7 @@ fn sigstop_rank_is_fenced_on(hosts: Hosts) {
     let f = &r.report["faults"][0];
     eprintln!("fault: {f}");
     assert!(f["recovery_ms"].as_u64().unwrap() < 3000, "{f}");
-    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let events = r.events();
     let stopped_pid = events
         .iter()
         .find(|e| e["kind"] == "fault_injected")
@@ -290,7 +264,7 @@ fn mismatched_workers_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
-    let (mut coord, url) = standalone_coordinator(&cfg, 1, &[("PHALANX_JOB_TOKEN", "job-token")]);
+    let (_coord, url) = standalone_coordinator(&cfg, 1, &[("PHALANX_JOB_TOKEN", "job-token")]);
     let worker = |token: &str, extra: &[&str]| {
         bin()
             .args(["worker", "--coordinator", &url, "--config"])
@@ -305,12 +279,12 @@ fn mismatched_workers_are_refused() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("Unauthenticated"), "{err}");
     // A simulated rank fixes the job's config hash; a worker with a real config differs.
-    let mut sim = bin()
-        .args(["sim-rank", "--coordinator", &url])
-        .env("PHALANX_JOB_TOKEN", "job-token")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut sim = Proc::spawn(
+        bin()
+            .args(["sim-rank", "--coordinator", &url])
+            .env("PHALANX_JOB_TOKEN", "job-token")
+            .stdout(std::process::Stdio::null()),
+    );
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let out = worker("job-token", &["model.n_embd=64"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -319,14 +293,7 @@ fn mismatched_workers_are_refused() {
         err.contains("model config or dataset is not the job's"),
         "{err}"
     );
-    assert!(
-        sim.try_wait().unwrap().is_none(),
-        "the running rank was disturbed"
-    );
-    let _ = sim.kill();
-    let _ = coord.0.kill();
-    let _ = sim.wait();
-    let _ = coord.0.wait();
+    assert!(sim.try_wait().is_none(), "the running rank was disturbed");
 }
 
 fn worker_log(run: &Path, i: usize) -> String {
@@ -387,7 +354,7 @@ fn compute_panic_restarts_and_rejoins() {
     let w = worker_log(&r.run, 0) + &worker_log(&r.run, 1);
     assert_eq!(w.matches("compute failed").count(), 1, "{w}");
     assert!(w.contains("restarting compute, checkpointer"), "{w}");
-    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let events = r.events();
     // The same process stays in the job: no worker exited before the end, none was restarted.
     assert!(
         !events
@@ -403,7 +370,8 @@ fn compute_panic_restarts_and_rejoins() {
     );
     assert!(generations(&r.run).len() >= 2);
     assert_eq!(r.report["world_size_final"], 2, "{}", r.report);
-    let steps: Vec<u64> = read_jsonl(&r.run.join("metrics.jsonl"))
+    let steps: Vec<u64> = r
+        .metrics()
         .iter()
         .filter(|m| m["final"] != true)
         .filter_map(|m| m["step"].as_u64())
@@ -439,7 +407,7 @@ fn stuck_compute_gives_the_rank_up() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_eq!(r.report["status"], "completed", "{}", r.report);
     assert_eq!(r.report["world_size_final"], 2, "{}", r.report);
-    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let events = r.events();
     assert!(
         events
             .iter()
@@ -461,41 +429,42 @@ fn woken_worker_rejoins_as_a_spare() {
     let run = d.path().join("run");
     let (coord, url) = standalone_coordinator(&cfg, 2, &[]);
     let worker = |name: &str| {
-        bin()
-            .args(["worker", "--coordinator", &url, "--config"])
-            .arg(&cfg)
-            .args(["train.max_steps=600", "optim.decay_steps=600"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(d.path().join(format!("{name}.log"))).unwrap())
-            .spawn()
-            .unwrap()
+        Proc::spawn(
+            bin()
+                .args(["worker", "--coordinator", &url, "--config"])
+                .arg(&cfg)
+                .args(["train.max_steps=600", "optim.decay_steps=600"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(d.path().join(format!("{name}.log"))).unwrap()),
+        )
     };
-    let mut a = KillOnDrop(worker("a"));
-    let mut b = KillOnDrop(worker("b"));
-    let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| metrics_until(&run, what, secs);
+    let mut a = worker("a");
+    let mut b = worker("b");
+    let metrics = run.join("metrics.jsonl");
+    let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| jsonl_until(&metrics, what, secs);
     assert!(wait_for(&|m| m.len() >= 30, 60), "training did not start");
-    let pid = b.0.id();
-    assert!(send_signal(pid, "STOP"));
+    let pid = b.pid();
+    signal(pid, "STOP");
     // Fenced after heartbeat_timeout_ms (1.5 s); the survivor trains on alone.
     assert!(
         wait_for(&|m| m.iter().any(|x| x["world_size"] == 1), 20),
         "the stopped rank was not fenced out"
     );
     std::thread::sleep(std::time::Duration::from_millis(1000));
-    assert!(send_signal(pid, "CONT"));
+    signal(pid, "CONT");
     // Woken: it registers again as a spare and is promoted back (target world 2).
-    let events = run.join("events.jsonl");
-    let t = std::time::Instant::now();
-    let mut rejoined = false;
-    while t.elapsed() < std::time::Duration::from_secs(30) && !rejoined {
-        rejoined = read_jsonl_now(&events).iter().any(|e| {
-            e["kind"] == "registered"
-                && e["pid"].as_str().is_none()
-                && e["pid"].as_u64() == Some(pid as u64)
-                && e["role"] == "spare"
-        });
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let rejoined = jsonl_until(
+        &run.join("events.jsonl"),
+        &|events| {
+            events.iter().any(|e| {
+                e["kind"] == "registered"
+                    && e["pid"].as_str().is_none()
+                    && e["pid"].as_u64() == Some(pid as u64)
+                    && e["role"] == "spare"
+            })
+        },
+        30,
+    );
     assert!(
         rejoined,
         "the woken worker did not register again as a spare"
@@ -512,31 +481,14 @@ fn woken_worker_rejoins_as_a_spare() {
         ),
         "the spare was not promoted back into the job"
     );
-    let (sa, sb) = (a.0.wait().unwrap(), b.0.wait().unwrap());
+    let (sa, sb) = (a.wait(), b.wait());
     drop(coord);
     assert_eq!((sa.code(), sb.code()), (Some(0), Some(0)));
     assert_identical_final_state(&run, 2);
     // D-4 here too: `phalanx report` builds the report of a job run without the launcher.
-    let out = bin().arg("report").arg(&run).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
+    let report = make_report(&run);
     assert_eq!(report["status"], "completed", "{report}");
     assert_ledger_exactly_once(&report);
-}
-
-/// The lines of a JSONL file that another process is writing: none yet if it does not exist,
-/// and a line still being written is skipped.
-fn read_jsonl_now(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 // T-2 across ranks: a NaN injected into rank 1's gradient at step 20 is caught before the commit;
@@ -642,38 +594,15 @@ fn corrupted_replica_is_named_and_healed() {
     assert_identical_final_state(&r.run, 3);
 }
 
-/// A child process that a failing test must not leave behind.
-/// A standalone `phalanx coordinator` on a free port, killed on every exit of the test (a panic
-/// included), and its URL.
-fn standalone_coordinator(cfg: &Path, world: u32, env: &[(&str, &str)]) -> (KillOnDrop, String) {
-    use std::io::BufRead;
-    let mut coord = KillOnDrop(
-        bin()
-            .args(["coordinator", "--bind", "127.0.0.1:0", "--world"])
-            .arg(world.to_string())
+/// A standalone `phalanx coordinator` of the job in `cfg` on a free port, and its URL.
+fn standalone_coordinator(cfg: &Path, world: usize, env: &[(&str, &str)]) -> (Proc, String) {
+    let (coord, addr) = start_coordinator(
+        coordinator("127.0.0.1:0", world)
             .arg("--config")
             .arg(cfg)
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+            .envs(env.iter().copied()),
     );
-    let mut line = String::new();
-    std::io::BufReader::new(coord.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = format!("http://{}", line.trim().rsplit(' ').next().unwrap());
-    (coord, url)
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    (coord, format!("http://{addr}"))
 }
 
 // Elastic: a 2-rank job grows to 4 live (`phalanx scale`; the two spares receive the state
@@ -697,7 +626,7 @@ fn scale_up_then_drain_loses_no_step_on(hosts: Hosts) {
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
     let run = d.path().join("run");
-    let mut job = KillOnDrop(
+    let mut job = Proc::spawn(
         bin()
             .args(["launch", "--nproc", "2", "--spares", "2", "--config"])
             .arg(&cfg)
@@ -707,11 +636,10 @@ fn scale_up_then_drain_loses_no_step_on(hosts: Hosts) {
             // The workers' "joined generation" lines say how each was healed.
             .env("PHALANX_LOG", "info")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+            .stderr(std::process::Stdio::null()),
     );
-    let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| metrics_until(&run, what, secs);
+    let metrics = run.join("metrics.jsonl");
+    let wait_for = |what: &dyn Fn(&[Value]) -> bool, secs: u64| jsonl_until(&metrics, what, secs);
     assert!(wait_for(&|m| m.len() >= 100, 60), "training did not start");
     let url = std::fs::read_to_string(run.join("coordinator.url")).unwrap();
     let admin_token = std::fs::read_to_string(run.join("admin-token")).unwrap();
@@ -781,10 +709,9 @@ fn scale_up_then_drain_loses_no_step_on(hosts: Hosts) {
         ),
         "did not drain to 3"
     );
-    let st = job.0.wait().unwrap();
+    let st = job.wait();
     assert_eq!(st.code(), Some(0));
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(run.join("report.json")).unwrap()).unwrap();
+    let report = read_json(&run.join("report.json"));
     assert_eq!(report["status"], "completed", "{report}");
     assert_ledger_exactly_once(&report);
     // Every step committed exactly once (a resize loses no step and repeats none).
@@ -876,13 +803,13 @@ fn mean_step_ms(run: &Path, from: u64, to: u64) -> f64 {
 }
 
 fn median_step_ms(run: &Path, from: u64, to: u64) -> f64 {
-    let mut v: Vec<f64> = read_jsonl(&run.join("metrics.jsonl"))
-        .iter()
-        .filter(|m| m["step"].as_u64().is_some_and(|s| (from..to).contains(&s)))
-        .filter_map(|m| m["step_ms"].as_f64())
-        .collect();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    median(
+        read_jsonl(&run.join("metrics.jsonl"))
+            .iter()
+            .filter(|m| m["step"].as_u64().is_some_and(|s| (from..to).contains(&s)))
+            .filter_map(|m| m["step_ms"].as_f64())
+            .collect(),
+    )
 }
 
 fn need_cgroup_cpu() {
@@ -914,9 +841,6 @@ fn quota_lifted(events: &[Value]) -> u64 {
         .unwrap()
 }
 
-/// K-7: the slowed rank is flagged, by name, within 5 steps of its first slowed step. A quota
-/// bites only once the rank has used its budget for the current period, a step or a few after it
-/// is set; the flag's window of per-step times shows where the slowdown began.
 /// The straggler's CPU quota: a quarter of what the rank has without it. Four ranks on two cores
 /// have half a core each, so that is 12% of a core. (A quota of 25% of a core is only a 2x
 /// slowdown where the cores are fast enough that a rank's compute fits in half a core (a CI run
@@ -924,6 +848,9 @@ fn quota_lifted(events: &[Value]) -> u64 {
 /// after 2 s of it, because starting a worker beside a rank does the same for about a second.)
 const QUOTA_PCT: &str = "12";
 
+/// K-7: the slowed rank is flagged, by name, within 5 steps of its first slowed step. A quota
+/// bites only once the rank has used its budget for the current period, a step or a few after it
+/// is set; the flag's window of per-step times shows where the slowdown began.
 fn assert_flagged_within_five_steps(events: &[Value]) -> Value {
     let (at, member) = quota_target(events);
     let flag = events
@@ -998,7 +925,7 @@ fn cpu_quota_straggler_is_replaced_by_the_spare_on(hosts: Hosts) {
     args.extend(STRAGGLER_MODEL);
     let r = launch_on(hosts, d.path(), &args);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let events = r.events();
     let injected = events.iter().find(|e| e["fault"] == "cpu_quota").unwrap();
     let removed = events
         .iter()
@@ -1084,7 +1011,7 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
         (d, r)
     };
     let (_d, r) = run(true);
-    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let events = r.events();
     let (at, member) = quota_target(&events);
     let flag = assert_flagged_within_five_steps(&events);
     let gens: Vec<&Value> = events
@@ -1141,7 +1068,7 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
     let rebalanced_mean = mean_step_ms(&r.run, rebalanced_from, lifted);
     let evened = median_step_ms(&r.run, evened_at + 5, 550);
     let (_d0, r0) = run(false);
-    let events0 = read_jsonl(&r0.run.join("events.jsonl"));
+    let events0 = r0.events();
     let (at0, _) = quota_target(&events0);
     let lifted0 = quota_lifted(&events0);
     assert_eq!(
@@ -1186,25 +1113,13 @@ fn fault_free_run_flags_no_straggler() {
     args.extend(STRAGGLER_MODEL);
     let r = launch(d.path(), &args);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let events = r.events();
     let flags: Vec<&Value> = events
         .iter()
         .filter(|e| e["kind"] == "straggler_flagged")
         .collect();
     assert!(flags.is_empty(), "{flags:?}");
     assert_eq!(r.report["generation_final"], 1, "{}", r.report);
-}
-
-/// Polls a running job's metrics.jsonl until `what` holds (true) or `secs` pass (false).
-fn metrics_until(run: &Path, what: &dyn Fn(&[Value]) -> bool, secs: u64) -> bool {
-    let t = std::time::Instant::now();
-    while t.elapsed() < std::time::Duration::from_secs(secs) {
-        if what(&read_jsonl_now(&run.join("metrics.jsonl"))) {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    false
 }
 
 // K-13: a rank lost after the last committed step (its process exits at the final barrier)
@@ -1222,7 +1137,7 @@ fn a_rank_lost_after_the_last_step_ends_nothing() {
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_eq!(r.report["status"], "completed", "{}", r.report);
-    let events = read_jsonl(&r.run.join("events.jsonl"));
+    let events = r.events();
     let kinds = |k: &str| events.iter().filter(|e| e["kind"] == k).count();
     assert_eq!(kinds("halt"), 0, "{events:?}");
     // The lost rank's exit may race the ranks' "done" to the coordinator: at most a regroup of
@@ -1236,7 +1151,7 @@ fn a_rank_lost_after_the_last_step_ends_nothing() {
             .all(|e| e["promoted"].as_array().is_none_or(|p| p.is_empty())),
         "{events:?}"
     );
-    let metrics = read_jsonl(&r.run.join("metrics.jsonl"));
+    let metrics = r.metrics();
     let last = metrics.last().unwrap();
     assert_eq!(last["final"], true, "{last}");
     assert_eq!(last["step"], 30, "{last}");

@@ -6,17 +6,8 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 struct Job {
     dir: tempfile::TempDir,
@@ -50,32 +41,29 @@ impl Job {
     }
 
     /// The coordinator on a fixed port, so that a restarted one is found at the same address.
-    fn coordinator(&self, world: u32) -> KillOnDrop {
+    fn coordinator(&self, world: usize) -> Proc {
         self.coordinator_with(world, &[])
     }
 
-    fn coordinator_with(&self, world: u32, extra: &[&str]) -> KillOnDrop {
-        KillOnDrop(
-            bin()
-                .args(["coordinator", "--bind", &format!("127.0.0.1:{}", self.port)])
-                .args(["--world", &world.to_string(), "--config"])
+    fn coordinator_with(&self, world: usize, extra: &[&str]) -> Proc {
+        Proc::spawn(
+            coordinator(&format!("127.0.0.1:{}", self.port), world)
+                .arg("--config")
                 .arg(&self.cfg)
                 .args(self.overrides())
                 .args(extra)
                 .env("PHALANX_JOB_TOKEN", "restarts")
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(self.dir.path().join("coordinator.log")).unwrap())
-                .spawn()
-                .unwrap(),
+                .stderr(std::fs::File::create(self.dir.path().join("coordinator.log")).unwrap()),
         )
     }
 
-    fn worker(&self, i: usize) -> KillOnDrop {
+    fn worker(&self, i: usize) -> Proc {
         self.worker_env(i, &[])
     }
 
-    fn worker_env(&self, i: usize, env: &[(&str, &str)]) -> KillOnDrop {
-        KillOnDrop(
+    fn worker_env(&self, i: usize, env: &[(&str, &str)]) -> Proc {
+        Proc::spawn(
             bin()
                 .args([
                     "worker",
@@ -89,35 +77,24 @@ impl Job {
                 .env("PHALANX_LOG", "info")
                 .envs(env.iter().copied())
                 .stdout(Stdio::null())
-                .stderr(std::fs::File::create(self.dir.path().join(format!("w{i}.log"))).unwrap())
-                .spawn()
-                .unwrap(),
+                .stderr(std::fs::File::create(self.dir.path().join(format!("w{i}.log"))).unwrap()),
         )
     }
 
-    fn committed(&self) -> usize {
-        std::fs::read_to_string(self.run().join("metrics.jsonl"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    }
-
     fn wait_committed(&self, n: usize, secs: u64) {
-        let t = Instant::now();
-        while self.committed() < n {
-            assert!(
-                t.elapsed() < Duration::from_secs(secs),
-                "only {} steps committed after {secs} s",
-                self.committed()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let metrics = self.run().join("metrics.jsonl");
+        assert!(
+            jsonl_until(&metrics, &|m| m.len() >= n, secs),
+            "only {} steps committed after {secs} s",
+            read_jsonl_now(&metrics).len()
+        );
     }
 
     /// Waits for the workers, builds the report and checks what every test here needs: the
     /// job completed at world 4, every step once, nobody evicted or fenced.
-    fn finish(&self, workers: Vec<KillOnDrop>) -> Vec<Value> {
+    fn finish(&self, workers: Vec<Proc>) -> Vec<Value> {
         for mut w in workers {
-            let st = w.0.wait().unwrap();
+            let st = w.wait();
             assert_eq!(
                 st.code(),
                 Some(0),
@@ -125,15 +102,7 @@ impl Job {
                 self.dir.path().display()
             );
         }
-        let out = bin().arg("report").arg(self.run()).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: Value =
-            serde_json::from_slice(&std::fs::read(self.run().join("report.json")).unwrap())
-                .unwrap();
+        let report = make_report(&self.run());
         assert_eq!(report["status"], "completed", "{report}");
         assert_eq!(report["world_size_final"], 4, "{report}");
         assert_ledger_exactly_once(&report);
@@ -154,10 +123,6 @@ impl Job {
     }
 }
 
-fn signal(child: &Child, sig: &str) {
-    assert!(send_signal(child.id(), sig), "kill -{sig} failed");
-}
-
 // K-5 with real workers: the coordinator is killed (SIGKILL) mid-job and started again from its
 // journal on the same address. Every rank re-registers in its place (rank and generation), so
 // the job finishes at world 4 with nobody evicted or fenced.
@@ -166,10 +131,10 @@ fn coordinator_restart_under_real_workers_evicts_nobody() {
     let _one_at_a_time = serial();
     let job = Job::new(700);
     let mut coord = job.coordinator(4);
-    let workers: Vec<KillOnDrop> = (0..4).map(|i| job.worker(i)).collect();
+    let workers: Vec<Proc> = (0..4).map(|i| job.worker(i)).collect();
     job.wait_committed(150, 90);
-    signal(&coord.0, "KILL");
-    let _ = coord.0.wait();
+    signal(coord.pid(), "KILL");
+    coord.wait();
     std::thread::sleep(Duration::from_millis(300));
     let _coord = job.coordinator(4);
     let events = job.finish(workers);
@@ -189,11 +154,11 @@ fn a_stalled_coordinator_evicts_nobody() {
     let _one_at_a_time = serial();
     let job = Job::new(800);
     let coord = job.coordinator(4);
-    let workers: Vec<KillOnDrop> = (0..4).map(|i| job.worker(i)).collect();
+    let workers: Vec<Proc> = (0..4).map(|i| job.worker(i)).collect();
     job.wait_committed(150, 90);
-    signal(&coord.0, "STOP");
+    signal(coord.pid(), "STOP");
     std::thread::sleep(Duration::from_secs(3));
-    signal(&coord.0, "CONT");
+    signal(coord.pid(), "CONT");
     let events = job.finish(workers);
     assert!(
         events.iter().any(|e| e["kind"] == "coordinator_stalled"),
@@ -203,12 +168,12 @@ fn a_stalled_coordinator_evicts_nobody() {
 }
 
 /// K-13: waits until every worker exits; the coordinator's halt event.
-fn halted_within(job: &Job, workers: Vec<KillOnDrop>, secs: u64) -> (Value, Vec<Option<i32>>) {
+fn halted_within(job: &Job, workers: Vec<Proc>, secs: u64) -> (Value, Vec<Option<i32>>) {
     let t = Instant::now();
     let mut codes = Vec::new();
     for mut w in workers {
         loop {
-            if let Some(st) = w.0.try_wait().unwrap() {
+            if let Some(st) = w.try_wait() {
                 codes.push(st.code());
                 break;
             }

@@ -12,12 +12,6 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn soak() -> Duration {
     let s = std::env::var("PHALANX_SOAK_S")
         .ok()
@@ -89,45 +83,38 @@ fn launch_for(dir: &Path, args: &[&str], for_: Duration) -> Job {
     let data = shakespeare_char(dir);
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shakespeare-char.toml");
     let run_dir = dir.join("run");
-    let mut child = bin()
-        .arg("launch")
-        .arg("--config")
-        .arg(&cfg)
-        .args(args)
-        .args([
-            format!("data.dir={}", data.display()),
-            format!("run.dir={}", run_dir.display()),
-            "train.micro_batch=4".into(),
-            "train.max_steps=1000000".into(),
-            "optim.decay_steps=1000000".into(),
-        ])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut launcher = Proc::spawn(
+        bin()
+            .arg("launch")
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .args([
+                format!("data.dir={}", data.display()),
+                format!("run.dir={}", run_dir.display()),
+                "train.micro_batch=4".into(),
+                "train.max_steps=1000000".into(),
+                "optim.decay_steps=1000000".into(),
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
     let t = Instant::now();
     while t.elapsed() < for_ {
-        if child.try_wait().unwrap().is_some() {
+        if launcher.try_wait().is_some() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     // What the launcher does on Ctrl-C (stop its workers) is not part of the run.
-    let stopped_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    send_signal(child.id(), "INT");
-    let out = child.wait_with_output().unwrap();
-    let report = std::fs::read(run_dir.join("report.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null);
+    let stopped_ms = unix_ms();
+    send_signal(launcher.pid(), "INT");
+    let (status, stderr) = launcher.wait_with_stderr();
     Job {
-        code: out.status.code(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        report,
+        code: status.code(),
+        stderr,
+        report: read_report(&run_dir),
         events: read_jsonl(&run_dir.join("events.jsonl"))
             .into_iter()
             .filter(|e| e["unix_ms"].as_u64().is_some_and(|t| t < stopped_ms))
@@ -277,37 +264,43 @@ fn losing_the_last_holder_halts_instead_of_restarting_from_step_0() {
     let _one_at_a_time = serial();
     let data = shakespeare_char(d.path());
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shakespeare-char.toml");
-    let run_dir = d.path().join("run");
-    let out = bin()
-        .arg("launch")
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--nproc", "1", "--spares", "1", "--kill-at", "30:0"])
-        .args([
-            format!("data.dir={}", data.display()),
-            format!("run.dir={}", run_dir.display()),
-            "train.micro_batch=4".into(),
-            "train.max_steps=3000".into(),
-        ])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let report: Value =
-        serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
+    let data_arg = format!("data.dir={}", data.display());
+    let run_arg = format!("run.dir={}", d.path().join("run").display());
+    let r = launch_job(
+        d.path(),
+        &cfg,
+        Hosts::One,
+        &[
+            "--nproc",
+            "1",
+            "--spares",
+            "1",
+            "--kill-at",
+            "30:0",
+            &data_arg,
+            &run_arg,
+            "train.micro_batch=4",
+            "train.max_steps=3000",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    let report = &r.report;
     assert_eq!(report["status"], "halted", "{report}");
     let reason = report["halt_reason"].as_str().unwrap_or_default();
     assert!(reason.contains("holds the committed state"), "{reason}");
-    let metrics = read_jsonl(&run_dir.join("metrics.jsonl"));
-    let steps: Vec<u64> = metrics.iter().filter_map(|m| m["step"].as_u64()).collect();
+    let steps: Vec<u64> = r
+        .metrics()
+        .iter()
+        .filter_map(|m| m["step"].as_u64())
+        .collect();
     // Step k is the (k+1)-th commit; the kill comes once 30 are committed.
     let last = steps.iter().copied().max().unwrap();
     assert!(last + 1 >= 30, "{steps:?}");
     // Nothing committed after the kill started again below it.
     let first_drop = steps.windows(2).find(|w| w[1] + 1 < w[0]);
     assert!(first_drop.is_none(), "went back: {first_drop:?}");
-    let events = read_jsonl(&run_dir.join("events.jsonl"));
+    let events = r.events();
     assert!(
         events.iter().any(|e| e["kind"] == "halt"),
         "no halt event: {events:?}"

@@ -7,8 +7,7 @@ use common::*;
 fn prepare_train_sample_end_to_end() {
     let d = tempfile::tempdir().unwrap();
     let data = dataset(d.path());
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(data.join("meta.json")).unwrap()).unwrap();
+    let meta = read_json(&data.join("meta.json"));
     assert_eq!(meta["tokenizer"], "char");
     assert_eq!(meta["split"], "whole-files");
     let run_dir = d.path().join("run");
@@ -40,8 +39,7 @@ fn prepare_train_sample_end_to_end() {
     assert_eq!(kinds.last(), Some(&"run_finished"));
     assert!(kinds.contains(&"eval"));
 
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
+    let report = read_json(&run_dir.join("report.json"));
     assert_eq!(report["status"], "completed");
     assert_eq!(report["steps"], 30);
     assert!(report["final_val_loss"].as_f64().unwrap() > 0.0);
@@ -98,16 +96,16 @@ fn ctrl_c_stops_after_saving() {
     let mut o = small(&data, &run_dir);
     o.push("train.max_steps=100000".into());
     let cfg = config_file(d.path());
-    let child = bin()
-        .arg("train")
-        .arg("--config")
-        .arg(&cfg)
-        .args(&o)
-        .current_dir(d.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Proc::spawn(
+        bin()
+            .arg("train")
+            .arg("--config")
+            .arg(&cfg)
+            .args(&o)
+            .current_dir(d.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    );
     let metrics = run_dir.join("metrics.jsonl");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     // metrics.jsonl is buffered: wait until training has clearly begun.
@@ -118,16 +116,10 @@ fn ctrl_c_stops_after_saving() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert!(send_signal(child.id(), "INT"));
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
+    signal(child.pid(), "INT");
+    let (status, stderr) = child.wait_with_stderr();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    let report = read_json(&run_dir.join("report.json"));
     assert_eq!(report["status"], "interrupted");
     let steps = report["steps"].as_u64().unwrap();
     assert!(steps > 0 && steps < 100000);
