@@ -330,12 +330,7 @@ fn sigstop_times_out_within_the_deadline_and_the_woken_rank_stays_fenced() {
     std::thread::sleep(Duration::from_millis(300));
     let pid = ranks[1].child.id() as i32;
     let t_stop = now_us();
-    // Signals through kill(1): the tests need no unsafe code.
-    assert!(Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal("-STOP", &pid.to_string());
     let errs = lines.collect(&[0, 2, 3], Duration::from_secs(6), |l| l.starts_with("ERR"));
     for (r, t, line) in &errs {
         let took_ms = (t.saturating_sub(t_stop)) as f64 / 1000.0;
@@ -355,11 +350,7 @@ fn sigstop_times_out_within_the_deadline_and_the_woken_rank_stays_fenced() {
         writeln!(ranks[*old as usize].stdin, "REBUILD {addr} {new} 3 2").unwrap();
     }
     lines.collect(&[0, 2, 3], Duration::from_secs(30), |l| l == "LOOPING 2");
-    assert!(Command::new("kill")
-        .args(["-CONT", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal("-CONT", &pid.to_string());
     let woke = lines.collect(&[1], Duration::from_secs(10), |l| l.starts_with("ERR"));
     eprintln!("SIGCONT: rank 1 reports: {}", woke[0].2);
     assert_eq!(
@@ -397,11 +388,7 @@ fn faults_during_window_broadcasts_fail_every_survivor_in_time() {
         let pid = ranks[victim as usize].child.id().to_string();
         let signal = if stop { "-STOP" } else { "-KILL" };
         let t0 = now_us();
-        assert!(Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .unwrap()
-            .success());
+        self::signal(signal, &pid);
         let survivors: Vec<u32> = (0..4).filter(|&r| r != victim).collect();
         let errs = lines.collect(&survivors, Duration::from_secs(6), |l| l.starts_with("ERR"));
         for (r, t, line) in &errs {
@@ -422,8 +409,14 @@ fn faults_during_window_broadcasts_fail_every_survivor_in_time() {
             }
         }
         if stop {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            self::signal("-KILL", &pid);
         }
         finish(ranks);
     }
+}
+
+/// Sends a signal through kill(1) (the tests need no unsafe code) and asserts it was delivered.
+fn signal(sig: &str, pid: &str) {
+    let ok = Command::new("kill").args([sig, pid]).status();
+    assert!(ok.is_ok_and(|s| s.success()), "kill {sig} {pid} failed");
 }

@@ -7,6 +7,7 @@
 
 use super::gloo;
 use crate::hosts::{self, SimHosts};
+use crate::train::median;
 use anyhow::{anyhow, bail, Context, Result};
 use phalanx_runtime::dataplane::links::summary;
 use phalanx_runtime::dataplane::{
@@ -106,16 +107,6 @@ fn human(b: usize) -> String {
         b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
         b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
         b => format!("{b}"),
-    }
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
