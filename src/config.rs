@@ -439,6 +439,12 @@ fn key_paths(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
     }
 }
 
+fn has_key(t: &toml::Table, section: &str, key: &str) -> bool {
+    t.get(section)
+        .and_then(|v| v.as_table())
+        .is_some_and(|v| v.contains_key(key))
+}
+
 fn known_keys() -> Vec<String> {
     let t: toml::Table = REFERENCE.parse().expect("configs/reference.toml parses");
     let mut out = Vec::new();
@@ -558,12 +564,30 @@ impl TrainConfig {
         check_keys(&table, &origin)?;
         // Through text, so that a type error is shown with the offending line.
         let text = toml::to_string(&table).expect("a table serializes");
-        let cfg: TrainConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut cfg: TrainConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             origin,
             message: e.to_string(),
         })?;
+        cfg.follow_the_run(has_key(&table, "optim", "decay_steps"));
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The learning-rate schedule ends with the run unless the config says otherwise: a run
+    /// shortened with `train.max_steps=200` must not end at full learning rate, silently.
+    fn follow_the_run(&mut self, decay_steps_set: bool) {
+        let steps = self.train.max_steps.max(self.optim.warmup_steps);
+        if !decay_steps_set {
+            self.optim.decay_steps = steps;
+        } else if self.optim.decay_steps != self.train.max_steps {
+            tracing::warn!(
+                decay_steps = self.optim.decay_steps,
+                max_steps = self.train.max_steps,
+                "optim.decay_steps differs from train.max_steps: the learning rate reaches \
+                 optim.min_lr at step {} (leave optim.decay_steps out to follow the run)",
+                self.optim.decay_steps
+            );
+        }
     }
 
     /// Range checks that the types alone do not express.
@@ -729,6 +753,20 @@ mod tests {
             "train.micro_batch=4",
         ];
         TrainConfig::load(None, &ok.map(String::from)).unwrap();
+    }
+
+    // The schedule follows the run: without optim.decay_steps the cosine ends at
+    // train.max_steps (not before the warmup ends); a value given is kept.
+    #[test]
+    fn decay_steps_follow_max_steps_unless_given() {
+        let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let c = TrainConfig::load(None, &o(&["train.max_steps=200"])).unwrap();
+        assert_eq!(c.optim.decay_steps, 200);
+        let c = TrainConfig::load(None, &o(&["train.max_steps=50"])).unwrap();
+        assert_eq!(c.optim.decay_steps, c.optim.warmup_steps);
+        let c = TrainConfig::load(None, &o(&["train.max_steps=200", "optim.decay_steps=1000"]))
+            .unwrap();
+        assert_eq!(c.optim.decay_steps, 1000);
     }
 
     #[test]

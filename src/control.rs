@@ -114,6 +114,21 @@ pub fn service_opts(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<Servi
     Ok(opts)
 }
 
+/// `<run dir>/coordinator.url`, where `status --run-dir` finds the coordinator (as after
+/// `phalanx launch`); an address bound to every interface is reached on loopback from here.
+fn write_url(run_dir: &std::path::Path, mut addr: std::net::SocketAddr, tls: bool) -> Result<()> {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    crate::run_dir::ensure(run_dir)?;
+    let scheme = if tls { "https" } else { "http" };
+    std::fs::write(
+        run_dir.join("coordinator.url"),
+        format!("{scheme}://{addr}\n"),
+    )
+    .with_context(|| format!("cannot write {}/coordinator.url", run_dir.display()))
+}
+
 /// 128 random bits as hex, or an error: a token is never weak because the random source failed.
 pub fn random_token() -> Result<String> {
     Ok(phalanx_runtime::random::hex_secret("a job token")?)
@@ -139,7 +154,7 @@ fn admin_token(c: &CoordinatorSection, run_dir: &std::path::Path) -> Result<Stri
         return Ok(t);
     }
     let t = random_token()?;
-    std::fs::create_dir_all(run_dir)?;
+    crate::run_dir::ensure(run_dir)?;
     write_secret(&run_dir.join("admin-token"), &t)?;
     Ok(t)
 }
@@ -181,9 +196,10 @@ pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()
         let addr = listener.local_addr()?;
         check_exposure(c, addr, a.insecure)?;
         let opts = service_opts(c, a)?;
+        write_url(&a.run_dir, addr, opts.tls.is_some())?;
         // The first line on stdout is the address, so that a launcher (or a test) that asked
         // for port 0 learns the port.
-        println!("phalanx coordinator listening on {addr}");
+        outln!("phalanx coordinator listening on {addr}");
         std::io::stdout().flush()?;
         let shutdown = async {
             let mut term =
@@ -206,9 +222,62 @@ pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()
 }
 
 pub fn client_opts(url: &str, tls_ca: &str) -> Result<ClientOpts> {
-    let mut o = ClientOpts::new(url);
-    o.tls = client_tls(tls_ca, url)?;
+    let url = with_scheme(url, !tls_ca.is_empty());
+    let mut o = ClientOpts::new(&url);
+    o.tls = client_tls(tls_ca, &url)?;
     Ok(o)
+}
+
+/// `host:port` as the coordinator prints it, or a URL: the scheme follows TLS when missing.
+pub fn with_scheme(addr: &str, tls: bool) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("{}://{addr}", if tls { "https" } else { "http" })
+    }
+}
+
+/// Where an admin command (status, scale, drain) finds the coordinator and its token.
+#[derive(clap::Args, Debug)]
+pub struct AdminTarget {
+    /// The coordinator's address: a URL, or host:port as `phalanx coordinator` prints it. The
+    /// token comes from PHALANX_ADMIN_TOKEN.
+    #[arg(long, required_unless_present = "run_dir", conflicts_with = "run_dir")]
+    pub coordinator: Option<String>,
+    /// The job's run directory instead: the address from its coordinator.url and the token
+    /// from its admin-token (PHALANX_ADMIN_TOKEN, when set, wins).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// CA certificate (PEM) to verify a TLS coordinator.
+    #[arg(long, default_value = "")]
+    pub tls_ca: String,
+}
+
+impl AdminTarget {
+    pub fn opts(&self) -> Result<ClientOpts> {
+        let Some(dir) = &self.run_dir else {
+            let url = self.coordinator.as_deref().unwrap_or_default();
+            return admin_opts(url, &self.tls_ca);
+        };
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p)
+                .map(|s| s.trim().to_string())
+                .with_context(|| {
+                    format!(
+                        "cannot read {}: is {} the run directory of a job started by `phalanx \
+                         launch` or `phalanx coordinator`?",
+                        p.display(),
+                        dir.display()
+                    )
+                })
+        };
+        let mut o = admin_opts(&read("coordinator.url")?, &self.tls_ca)?;
+        if std::env::var("PHALANX_ADMIN_TOKEN").map_or(true, |t| t.is_empty()) {
+            o.token = Some(read("admin-token")?);
+        }
+        Ok(o)
+    }
 }
 
 /// An admin client (status, scale, drain): PHALANX_ADMIN_TOKEN, else the job token.
@@ -223,8 +292,8 @@ pub fn admin_opts(url: &str, tls_ca: &str) -> Result<ClientOpts> {
     Ok(o)
 }
 
-pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
-    let opts = admin_opts(url, tls_ca)?;
+pub fn status(opts: &ClientOpts, as_json: bool) -> Result<()> {
+    let opts = opts.clone();
     let rt = tokio::runtime::Runtime::new()?;
     let s = rt.block_on(async {
         let mut c = client::connect(&opts).await?;
@@ -246,7 +315,7 @@ pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
                        "address": r.address, "links": links_of(r)})
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({
                 "job": s.job_id, "generation": s.generation, "step": s.committed_step,
@@ -255,16 +324,28 @@ pub fn status(url: &str, tls_ca: &str, as_json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "job {}  generation {}  step {}  world {}/{}",
-        s.job_id, s.generation, s.committed_step, s.world, s.target_world
+        s.job_id,
+        s.generation,
+        s.committed_step,
+        s.world,
+        s.target_world
     );
-    println!(
+    outln!(
         "{:>5} {:>6} {:<16} {:<15} {:>7} {:<8} {:>8} {:>9} {:>8}  flags / transports",
-        "rank", "member", "host", "address", "pid", "state", "step", "step_ms", "hb_age"
+        "rank",
+        "member",
+        "host",
+        "address",
+        "pid",
+        "state",
+        "step",
+        "step_ms",
+        "hb_age"
     );
     for r in &s.ranks {
-        println!(
+        outln!(
             "{:>5} {:>6} {:<16} {:<15} {:>7} {:<8} {:>8} {:>9.1} {:>6}ms  {}",
             r.rank.map_or("-".into(), |x| x.to_string()),
             r.member_id,
@@ -316,33 +397,31 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-pub fn admin_scale(url: &str, tls_ca: &str, target: u32) -> Result<()> {
-    let opts = admin_opts(url, tls_ca)?;
+pub fn admin_scale(opts: &ClientOpts, target: u32) -> Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async {
-        let mut c = client::connect(&opts).await?;
+        let mut c = client::connect(opts).await?;
         let r = c
             .scale(client::request(
                 pb::ScaleRequest {
                     target_world: target,
                 },
-                &opts,
+                opts,
             ))
             .await
             .map_err(client::status_error)?;
-        println!("{}", r.into_inner().message);
+        outln!("{}", r.into_inner().message);
         Ok(())
     })
 }
 
-pub fn admin_drain(url: &str, tls_ca: &str, rank: u32) -> Result<()> {
-    let opts = admin_opts(url, tls_ca)?;
+pub fn admin_drain(opts: &ClientOpts, rank: u32) -> Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async {
-        let mut c = client::connect(&opts).await?;
+        let mut c = client::connect(opts).await?;
         let r = c
-            .drain(client::request(pb::DrainRequest { rank }, &opts))
+            .drain(client::request(pb::DrainRequest { rank }, opts))
             .await
             .map_err(client::status_error)?;
-        println!("{}", r.into_inner().message);
+        outln!("{}", r.into_inner().message);
         Ok(())
     })
 }

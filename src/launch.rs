@@ -168,7 +168,7 @@ fn prepare(a: &LaunchArgs) -> Result<Job> {
     // Fail here, not in N workers at once, if the dataset or model is wrong.
     crate::train::setup(&cfg)?;
     let run_dir = cfg.run.dir.clone();
-    std::fs::create_dir_all(&run_dir)?;
+    crate::run_dir::ensure(&run_dir)?;
     for f in [
         "metrics.jsonl",
         "events.jsonl",
@@ -651,7 +651,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     let url = coord.url.clone();
     info!(nproc = a.nproc, spares = a.spares, %url, "job started");
     info!(
-        "admin: PHALANX_ADMIN_TOKEN=$(cat {dir}/admin-token) phalanx status --coordinator {url}   (also scale --target N, drain --rank R)",
+        "admin: phalanx status --run-dir {dir}   (also scale --target N, drain --rank R)",
         dir = job.run_dir.display()
     );
     let rt = tokio::runtime::Builder::new_current_thread()

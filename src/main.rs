@@ -1,5 +1,8 @@
 //! The `phalanx` command line.
 
+#[macro_use]
+mod output;
+
 mod bench;
 mod cgroup;
 mod config;
@@ -54,6 +57,8 @@ enum Cmd {
         /// Text files or folders (folders: every .txt file below). Default: the Shakespeare plays.
         #[arg(long, num_args = 1..)]
         input: Vec<PathBuf>,
+        /// `char`: one token per character (small vocabularies, quick runs); `gpt2`: GPT-2's
+        /// BPE (50,257 tokens).
         #[arg(long, value_enum, default_value = "char")]
         tokenizer: Tok,
         /// Output folder. Default: data/shakespeare-<tokenizer> for the default corpus,
@@ -66,6 +71,7 @@ enum Cmd {
     },
     /// Train a model in this process.
     Train {
+        /// The job config (TOML), e.g. configs/shakespeare-char.toml.
         #[arg(long)]
         config: PathBuf,
         /// Overrides: section.key=value (e.g. train.max_steps=100).
@@ -76,16 +82,22 @@ enum Cmd {
         /// A saved model folder (a run's model/ or checkpoints/step-N/).
         #[arg(long)]
         checkpoint: PathBuf,
+        /// The text the model continues.
         #[arg(long)]
         prompt: String,
+        /// Tokens to generate after the prompt.
         #[arg(long, default_value_t = 500)]
         max_new_tokens: usize,
+        /// Softmax temperature: lower is more conservative, higher more varied.
         #[arg(long, default_value_t = 0.8)]
         temperature: f64,
+        /// Sample only among the K most likely tokens (default: all).
         #[arg(long)]
         top_k: Option<i64>,
+        /// Random seed of the sampling: the same seed gives the same text.
         #[arg(long, default_value_t = 1337)]
         seed: i64,
+        /// `auto`, `cpu` or `cuda[:N]`.
         #[arg(long, default_value = "auto")]
         device: String,
     },
@@ -111,10 +123,14 @@ enum Cmd {
         /// registering again as a spare.
         #[arg(long)]
         no_rejoin: bool,
+        /// The job config (TOML); every worker and the coordinator must use the same one.
         #[arg(long)]
         config: PathBuf,
+        /// CA certificate (PEM) to verify a TLS coordinator (default: plain text).
         #[arg(long, default_value = "")]
         tls_ca: String,
+        /// Overrides: section.key=value (e.g. train.max_steps=100). The job token comes from
+        /// PHALANX_JOB_TOKEN.
         overrides: Vec<String>,
     },
     /// A local job: coordinator + N ranks (+ K hot spares) on this machine.
@@ -151,31 +167,27 @@ enum Cmd {
     },
     /// Show the job's ranks as the coordinator sees them.
     Status {
-        #[arg(long)]
-        coordinator: String,
+        #[command(flatten)]
+        at: control::AdminTarget,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// CA certificate (PEM) to verify a TLS coordinator.
-        #[arg(long, default_value = "")]
-        tls_ca: String,
     },
     /// Ask the coordinator to run the job with N active ranks.
     Scale {
-        #[arg(long)]
-        coordinator: String,
+        #[command(flatten)]
+        at: control::AdminTarget,
+        /// Active ranks wanted: spares are promoted to grow, ranks drained to shrink.
         #[arg(long)]
         target: u32,
-        #[arg(long, default_value = "")]
-        tls_ca: String,
     },
     /// Ask the coordinator to remove one rank at the next step boundary.
     Drain {
-        #[arg(long)]
-        coordinator: String,
+        #[command(flatten)]
+        at: control::AdminTarget,
+        /// The rank to remove, in the current generation (see `phalanx status`).
         #[arg(long)]
         rank: u32,
-        #[arg(long, default_value = "")]
-        tls_ca: String,
     },
     /// A simulated rank (control-plane tests and benchmarks): a real session, no training.
     #[command(hide = true)]
@@ -201,16 +213,20 @@ enum Cmd {
 enum BenchCmd {
     /// tokens/s of the full train path vs a bare tch loop (phalanx's overhead).
     Train {
+        /// The job config (TOML) to measure.
         #[arg(long, default_value = "configs/shakespeare-char.toml")]
         config: PathBuf,
+        /// Training steps per run.
         #[arg(long, default_value_t = 200)]
         steps: u64,
+        /// Runs of each variant; the figures are medians over them.
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Ranks (local processes): with N > 1, the per-step cost of fault tolerance, the
         /// job under `phalanx launch` against bare ranks doing the same steps.
         #[arg(long, default_value_t = 1)]
         world: usize,
+        /// Overrides: section.key=value (e.g. train.micro_batch=4).
         overrides: Vec<String>,
     },
     /// Internal: one bare rank of `bench train --world N`.
@@ -230,8 +246,10 @@ enum BenchCmd {
     },
     /// Collectives over UCX between N local processes, reported like nccl-tests.
     Collectives {
+        /// Ranks (local processes).
         #[arg(long, default_value_t = 4)]
         world: usize,
+        /// The collective to time.
         #[arg(long, value_enum, default_value = "allreduce")]
         op: bench::collectives::Op,
         /// Buffer sizes in bytes, with K/M/G (binary) suffixes.
@@ -251,6 +269,7 @@ enum BenchCmd {
     /// neighbour against steps to flag a 25% CPU quota, for the defaults and two other
     /// settings (real jobs; needs a cgroup CPU controller, i.e. root).
     Straggler {
+        /// The job config (TOML) the jobs run.
         #[arg(long, default_value = "configs/shakespeare-char.toml")]
         config: PathBuf,
         /// Ranks of each job.
@@ -265,11 +284,13 @@ enum BenchCmd {
         /// Simulated ranks for the decision core (1 Hz heartbeats, simulated time).
         #[arg(long, default_value_t = 100_000)]
         ranks: usize,
+        /// Simulated seconds of the decision-core run.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
         /// Simulated rank sessions against a real coordinator process (0 = skip).
         #[arg(long, default_value_t = 10_000)]
         grpc_ranks: usize,
+        /// Wall-clock seconds of the gRPC run.
         #[arg(long, default_value_t = 10)]
         grpc_seconds: u64,
     },
@@ -278,18 +299,27 @@ enum BenchCmd {
 #[derive(Subcommand)]
 enum CheckpointCmd {
     /// Check every file of a checkpoint against its manifest.
-    Verify { dir: PathBuf },
+    Verify {
+        /// A model or checkpoint folder (a run's model/ or checkpoints/step-N/).
+        dir: PathBuf,
+    },
     /// Print a checkpoint's manifest and model description.
-    Inspect { dir: PathBuf },
+    Inspect {
+        /// A model or checkpoint folder (a run's model/ or checkpoints/step-N/).
+        dir: PathBuf,
+    },
 }
 
 /// `phalanx launch`'s arguments.
 #[derive(clap::Args)]
 struct LaunchCli {
+    /// Active ranks (worker processes) the job starts with.
     #[arg(long)]
     nproc: usize,
+    /// Hot spares: extra worker processes that replace a lost rank at once.
     #[arg(long, default_value_t = 0)]
     spares: usize,
+    /// The job config (TOML), e.g. configs/shakespeare-char.toml.
     #[arg(long)]
     config: PathBuf,
     /// Fault injection: SIGKILL rank RANK once step STEP is committed (STEP:RANK).
@@ -305,6 +335,7 @@ struct LaunchCli {
     /// --slow-cpu-pct percent of one core (a cgroup CPU quota): a straggler.
     #[arg(long, value_name = "STEP:RANK")]
     slow_at: Option<String>,
+    /// The straggler's share of one core, percent (see --slow-at).
     #[arg(long, default_value_t = 25)]
     slow_cpu_pct: u32,
     /// ... and lift the quota once this many more steps are committed (0: never).
@@ -323,12 +354,15 @@ struct LaunchCli {
     noise: Option<String>,
     #[command(flatten)]
     hosts: launch_hosts::HostArgs,
+    /// Overrides: section.key=value (e.g. train.max_steps=100).
     overrides: Vec<String>,
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A worker's stderr is a log file under `launch`: colour only on a terminal.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PHALANX_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -370,7 +404,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 seed,
                 device: &device,
             })?;
-            println!("{text}");
+            outln!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench { what } => bench_cmd(what),
@@ -385,7 +419,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = TrainConfig::load(Some(&config), &overrides)?;
             let url = worker::coordinator_url(coordinator, !tls_ca.is_empty())?;
             let run_dir = cfg.run.dir.clone();
-            std::fs::create_dir_all(&run_dir)?;
+            run_dir::ensure(&run_dir)?;
             let code = worker::run(worker::WorkerArgs {
                 url,
                 tls_ca,
@@ -433,28 +467,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             report::print(&r);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status {
-            coordinator,
-            json,
-            tls_ca,
-        } => {
-            control::status(&coordinator, &tls_ca, json)?;
+        Cmd::Status { at, json } => {
+            control::status(&at.opts()?, json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Scale {
-            coordinator,
-            target,
-            tls_ca,
-        } => {
-            control::admin_scale(&coordinator, &tls_ca, target)?;
+        Cmd::Scale { at, target } => {
+            control::admin_scale(&at.opts()?, target)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Drain {
-            coordinator,
-            rank,
-            tls_ca,
-        } => {
-            control::admin_drain(&coordinator, &tls_ca, rank)?;
+        Cmd::Drain { at, rank } => {
+            control::admin_drain(&at.opts()?, rank)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::SimRank {
@@ -578,7 +600,7 @@ fn prepare_cmd(
         val_fraction,
     })?;
     let val_files = r.meta.sources.iter().filter(|s| s.split == "val").count();
-    println!(
+    outln!(
         "{}: {} files ({} held out for validation), tokenizer {}, vocab {}, {} train + {} val tokens ({})",
         out.display(),
         r.meta.sources.len(),
@@ -599,17 +621,23 @@ fn train_cmd(config: &std::path::Path, overrides: &[String]) -> Result<ExitCode>
     let progress = cfg.run.progress && std::io::stderr().is_terminal();
     let out = train::run(&cfg, &stop, progress)?;
     let r = &out.report;
-    println!(
-        "{} {} steps: train loss {:.4}, val loss {}, {:.0} tokens/s, {:.1} s; model saved to {}",
+    outln!(
+        "{} {} steps in {:.1} s: train loss {:.4}, val loss {}; model saved to {}",
         r["status"].as_str().unwrap_or(""),
         r["steps"],
+        r["wall_s"].as_f64().unwrap_or(0.0),
         r["final_train_loss"].as_f64().unwrap_or(f64::NAN),
         r["final_val_loss"]
             .as_f64()
             .map_or("-".into(), |v| format!("{v:.4}")),
-        r["tokens_per_s"].as_f64().unwrap_or(0.0),
-        r["wall_s"].as_f64().unwrap_or(0.0),
         r["model_dir"].as_str().unwrap_or(""),
+    );
+    let tps = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    outln!(
+        "  tokens/s: {:.0} over the wall time, {:.0} over training time, {:.0} in the median step",
+        tps("tokens_per_s_wall"),
+        tps("tokens_per_s_train"),
+        tps("tokens_per_s"),
     );
     Ok(if out.interrupted {
         ExitCode::from(130)
@@ -700,7 +728,7 @@ fn checkpoint_cmd(what: CheckpointCmd) -> Result<ExitCode> {
     let (m, files) = phalanx_checkpoint::verify(dir)?;
     match what {
         CheckpointCmd::Verify { .. } => {
-            println!(
+            outln!(
                 "{}: OK, step {}, {} files verified",
                 dir.display(),
                 m.step,
@@ -708,9 +736,9 @@ fn checkpoint_cmd(what: CheckpointCmd) -> Result<ExitCode> {
             )
         }
         CheckpointCmd::Inspect { .. } => {
-            println!("{}", serde_json::to_string_pretty(&m)?);
+            outln!("{}", serde_json::to_string_pretty(&m)?);
             if let Some(b) = files.get(model_io::MODEL_JSON) {
-                println!("{}", String::from_utf8_lossy(b));
+                outln!("{}", String::from_utf8_lossy(b));
             }
         }
     }
@@ -729,4 +757,38 @@ fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
     })
     .context("cannot install the Ctrl-C handler")?;
     Ok(stop)
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Arguments and commands a user can see that have no help text, as "phalanx cmd arg".
+    fn undescribed(c: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for a in c.get_arguments() {
+            let id = a.get_id().as_str();
+            if a.is_hide_set() || id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() {
+                out.push(format!("{path} {id}"));
+            }
+        }
+        for sub in c.get_subcommands().filter(|s| !s.is_hide_set()) {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() && sub.get_name() != "help" {
+                out.push(name.clone());
+            }
+            undescribed(sub, &name, out);
+        }
+    }
+
+    // `--help` of every command describes every option a newcomer can see.
+    #[test]
+    fn every_visible_option_has_a_help_text() {
+        let mut missing = Vec::new();
+        undescribed(&Cli::command(), "phalanx", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }

@@ -165,6 +165,13 @@ fn summarize(
     let productive_ms: f64 = steps.values().filter_map(|m| m.step_ms).sum();
     let mut tps: Vec<f64> = steps.values().filter_map(|m| m.tokens_per_s).collect();
     tps.sort_by(f64::total_cmp);
+    // Every step trains the same global batch: its tokens are any committed step's rate times
+    // its time. Counted over committed steps, so a redone step counts once.
+    let tokens: f64 = steps
+        .values()
+        .filter(|m| !m.skipped)
+        .filter_map(|m| Some(m.tokens_per_s? * m.step_ms? / 1e3))
+        .sum();
     let faults = faults(&steps, events, final_line.map(|f| f.unix_ms));
     // T-2, T-4: steps with a non-finite loss or gradient, the ranks that had it, and what was
     // done: the step skipped, or every rank rolled back to the last checkpoint.
@@ -204,6 +211,9 @@ fn summarize(
         "final_val_loss": final_line.and_then(|m| m.val_loss),
         "peer_lost_at_end": final_line.and_then(|m| m.peer_lost_at_end.clone()),
         "tokens_per_s": tps.get(tps.len() / 2).copied(),
+        "tokens": tokens,
+        "tokens_per_s_wall": tokens / wall.as_secs_f64().max(1e-9),
+        "tokens_per_s_train": tokens / (productive_ms / 1e3).max(1e-9),
         "wall_s": wall.as_secs_f64(),
         "productive_s": productive_ms / 1e3,
         "ettr": productive_ms / 1e3 / wall.as_secs_f64().max(1e-9),
@@ -368,66 +378,71 @@ fn ledger(metrics: &[MetricLine], resume: &BTreeMap<u64, u64>) -> Value {
 }
 
 pub fn print(r: &Value) {
-    println!(
-        "{} {} / {} steps in {:.1} s: train loss {}, val loss {}, {} tokens/s, ETTR {:.3}",
+    let num = |k: &str, digits: usize| {
+        r[k].as_f64()
+            .map_or("-".into(), |v| format!("{v:.digits$}"))
+    };
+    outln!(
+        "{} {} / {} steps in {:.1} s: train loss {}, val loss {}, ETTR {:.3}",
         r["status"].as_str().unwrap_or(""),
         r["steps"],
         r["max_steps"],
         r["wall_s"].as_f64().unwrap_or(0.0),
-        r["final_train_loss"]
-            .as_f64()
-            .map_or("-".into(), |v| format!("{v:.4}")),
-        r["final_val_loss"]
-            .as_f64()
-            .map_or("-".into(), |v| format!("{v:.4}")),
-        r["tokens_per_s"]
-            .as_f64()
-            .map_or("-".into(), |v| format!("{v:.0}")),
+        num("final_train_loss", 4),
+        num("final_val_loss", 4),
         r["ettr"].as_f64().unwrap_or(0.0),
+    );
+    outln!(
+        "  tokens/s: {} over the wall time, {} over training time, {} in the median step",
+        num("tokens_per_s_wall", 0),
+        num("tokens_per_s_train", 0),
+        num("tokens_per_s", 0),
     );
     let l = &r["ledger"];
     if l["exactly_once"] == true {
-        println!(
+        outln!(
             "  sample ledger: {} samples of {} committed steps consumed exactly once ({} step(s) redone after a failure or rollback)",
             l["samples"], l["steps"], l["redone_steps"].as_array().map_or(0, |a| a.len())
         );
     } else if !l.is_null() {
-        println!("  sample ledger: NOT exactly once: {l}");
+        outln!("  sample ledger: NOT exactly once: {l}");
     }
     if let Some(h) = r["halt_reason"].as_str() {
-        println!("  halted: {h}");
+        outln!("  halted: {h}");
     }
     for n in r["numerics"].as_array().into_iter().flatten() {
         if n["action"] == "rolled back" {
-            println!(
+            outln!(
                 "  bad numerics: at step {} rolled back to the checkpoint of step {} (non-finite loss or gradient on ranks {})",
                 n["step"], n["to_step"], n["ranks"]
             );
         } else {
-            println!(
+            outln!(
                 "  bad numerics: step {} skipped (non-finite loss or gradient on ranks {})",
-                n["step"], n["ranks"]
+                n["step"],
+                n["ranks"]
             );
         }
     }
     for n in r["replica_mismatches"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  replicas differ after step {}: ranks {} healed from the majority",
-            n["step"], n["ranks"]
+            n["step"],
+            n["ranks"]
         );
     }
     for s in r["stragglers"].as_array().into_iter().flatten() {
         match s["event"].as_str() {
-            Some("flagged") => println!(
+            Some("flagged") => outln!(
                 "  straggler: member {} flagged at step {}: {:.1} ms per micro-batch vs {:.1} ms",
                 s["member"],
                 s["at_step"],
                 s["mb_ms"].as_f64().unwrap_or(0.0),
                 s["peers_mb_ms"].as_f64().unwrap_or(0.0)
             ),
-            Some("cleared") => println!("  straggler: member {} recovered", s["member"]),
-            Some("evicted") => println!("  straggler: member {} evicted", s["member"]),
-            Some(_) => println!(
+            Some("cleared") => outln!("  straggler: member {} recovered", s["member"]),
+            Some("evicted") => outln!("  straggler: member {} evicted", s["member"]),
+            Some(_) => outln!(
                 "  global batch split {} from step {}: micro-batches per rank {}",
                 if s["event"] == "rebalanced" {
                     "rebalanced"
@@ -441,7 +456,7 @@ pub fn print(r: &Value) {
         }
     }
     for f in r["faults"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  fault: rank {} ({}) in generation {}: detected in {} ms, next committed step after {} ms, lost steps {}, world after {}",
             f["rank"], f["cause"].as_str().unwrap_or(""), f["generation"], f["detection_ms"],
             f["recovery_ms"], f["lost_steps"], f["world_after"]

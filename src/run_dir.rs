@@ -18,10 +18,20 @@ pub use phalanx_runtime::events::unix_ms;
 use phalanx_runtime::events::{Event, Record};
 use phalanx_runtime::metrics::MetricLine;
 
+/// Creates the run directory (and its parents), or says which path is in the way.
+pub fn ensure(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create the run directory {} (run.dir); it, or a parent, may be a file: \
+             pick another run.dir",
+            dir.display()
+        )
+    })
+}
+
 impl RunDir {
     pub fn create(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create run directory {}", dir.display()))?;
+        ensure(dir)?;
         let open = |name: &str| -> Result<BufWriter<File>> {
             let p = dir.join(name);
             Ok(BufWriter::new(File::create(&p).with_context(|| {

@@ -14,6 +14,15 @@ pub struct SampleOpts<'a> {
 }
 
 pub fn run(o: &SampleOpts) -> Result<String> {
+    let (dir, model_dir) = (o.checkpoint, o.checkpoint.join("model"));
+    if !dir.join(phalanx_checkpoint::MANIFEST).exists() && model_dir.is_dir() {
+        anyhow::bail!(
+            "{} is a run directory, not a saved model; its model is {}: pass --checkpoint {}",
+            dir.display(),
+            model_dir.display(),
+            model_dir.display()
+        );
+    }
     let device = phalanx_model::device::resolve_device(o.device)?;
     let (model, tok, _) = model_io::load(o.checkpoint, device)?;
     let prompt: Vec<i64> = tok.encode(o.prompt)?.into_iter().map(i64::from).collect();

@@ -264,6 +264,9 @@ struct Summary<'a> {
 
 fn summary(x: &Summary) -> Value {
     let med = steady_step_secs(x.step_secs);
+    // Throughput three ways, each named: `tokens_per_s` is the median step's rate (the
+    // machine's speed), the others what the run did over its wall and training time.
+    let tokens = x.step_secs.len() as f64 * x.tokens_per_step;
     json!({
         "status": x.status,
         "steps": x.trainer.step,
@@ -271,6 +274,9 @@ fn summary(x: &Summary) -> Value {
         "final_train_loss": x.last_loss,
         "final_val_loss": x.last_val,
         "tokens_per_s": if med > 0.0 { x.tokens_per_step / med } else { 0.0 },
+        "tokens": tokens,
+        "tokens_per_s_wall": tokens / x.wall_s.max(1e-9),
+        "tokens_per_s_train": tokens / x.train_s.max(1e-9),
         "step_ms_median": med * 1e3,
         "wall_s": x.wall_s,
         "train_s": x.train_s,

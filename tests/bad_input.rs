@@ -108,6 +108,18 @@ fn sample_from_missing_or_truncated_model() {
     assert!(train(d.path(), &o).ok());
     let model = run_dir.join("model");
     let m = model.to_str().unwrap();
+    // The run directory instead of its model: pointed to the model.
+    run(
+        &[
+            "sample",
+            "--checkpoint",
+            run_dir.to_str().unwrap(),
+            "--prompt",
+            "A",
+        ],
+        d.path(),
+    )
+    .assert_user_error("pass --checkpoint");
     // A character the model never saw.
     run(
         &["sample", "--checkpoint", m, "--prompt", "\u{263A}"],

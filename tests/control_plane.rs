@@ -348,6 +348,61 @@ fn bad_coordinator_address_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid URL"));
 }
 
+// `status` takes the address as the coordinator prints it (`host:port`) or the run directory,
+// and a reader that goes away (`phalanx status | head -1`) ends it cleanly instead of with a panic.
+#[test]
+fn status_takes_the_printed_address_a_run_dir_and_a_closed_pipe() {
+    let job = Job::start(2, 0, &[]);
+    let status = || {
+        let mut cmd = common::bin();
+        cmd.args(["status", "--coordinator", &job.addr])
+            .env("PHALANX_JOB_TOKEN", TOKEN)
+            .env("PHALANX_ADMIN_TOKEN", ADMIN);
+        cmd
+    };
+    let out = status().output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("generation 1"), "{stdout}");
+    let mut child = status()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // --run-dir: the address from coordinator.url (written by the coordinator), the token from
+    // admin-token there unless PHALANX_ADMIN_TOKEN is set.
+    std::fs::write(job.dir.join("admin-token"), ADMIN).unwrap();
+    let out = common::bin()
+        .args(["status", "--json", "--run-dir"])
+        .arg(&job.dir)
+        .env("PHALANX_JOB_TOKEN", TOKEN)
+        .env_remove("PHALANX_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["world"], 2, "{v}");
+    let out = common::bin()
+        .args(["status", "--run-dir", "/nonexistent-run-dir"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("coordinator.url"), "{stderr}");
+}
+
 // Optional TLS: a coordinator with a certificate serves TLS; a client that trusts the CA gets
 // through, a plain-text client does not.
 #[test]

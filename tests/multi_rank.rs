@@ -126,6 +126,12 @@ fn kill_one_rank_shrinks_to_three_on(hosts: Hosts) {
         &r.run,
         r.report["world_size_final"].as_u64().unwrap() as usize,
     );
+    // The workers' logs are files: plain text, no terminal colour codes.
+    for e in std::fs::read_dir(r.run.join("logs")).unwrap() {
+        let p = e.unwrap().path();
+        let log = std::fs::read_to_string(&p).unwrap();
+        assert!(!log.contains('\x1b'), "{} has colour codes", p.display());
+    }
 }
 
 // G-1: a stopped rank is fenced out within the heartbeat deadline; woken up 5 s later it cannot
@@ -216,6 +222,19 @@ fn bad_launch_input() {
     let r = launch(d.path(), &["--nproc", "2", "--kill-at", "x"]);
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("STEP:RANK"), "{}", r.stderr);
+    // A file where the run directory should be: one message that names it.
+    let file = d.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let r = launch(
+        d.path(),
+        &["--nproc", "2", &format!("run.dir={}", file.display())],
+    );
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("cannot create the run directory") && r.stderr.contains("a-file"),
+        "{}",
+        r.stderr
+    );
 }
 
 // Below min_world the job stops cleanly: the committed model is saved and the report says why.

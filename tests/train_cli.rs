@@ -44,6 +44,15 @@ fn prepare_train_sample_end_to_end() {
     assert_eq!(report["steps"], 30);
     assert!(report["final_val_loss"].as_f64().unwrap() > 0.0);
     assert!(report["tokens_per_s"].as_f64().unwrap() > 0.0);
+    // Throughput named three ways: over the wall time (start-up and validation included) it
+    // is never above the rate over training time; tokens are the committed steps' (30 steps of
+    // a global batch of 8 sequences of 32 tokens).
+    let (wall, train) = (
+        report["tokens_per_s_wall"].as_f64().unwrap(),
+        report["tokens_per_s_train"].as_f64().unwrap(),
+    );
+    assert!(wall > 0.0 && wall <= train, "{report}");
+    assert_eq!(report["tokens"].as_f64().unwrap(), 30.0 * 8.0 * 32.0);
 
     let model = run_dir.join("model");
     let v = run(&["checkpoint", "verify", model.to_str().unwrap()], d.path());

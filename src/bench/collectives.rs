@@ -189,7 +189,7 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> 
         bail!("benchmark failed: {}", failures.join("; "));
     }
     let tls = std::env::var("UCX_TLS").unwrap_or_else(|_| "(UCX default)".into());
-    println!(
+    outln!(
         "# phalanx bench collectives: op {} world {world} iters {iters} warmup {} chunk {} KiB window {} bcast-slots {} err-mode {} UCX_TLS={tls}",
         op.name(),
         t.warmup,
@@ -202,12 +202,12 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> 
         let at: Vec<String> = (0..world)
             .map(|r| format!("rank {r} on {}", s.name(host_of(r))))
             .collect();
-        println!("# hosts: {}", at.join(", "));
+        outln!("# hosts: {}", at.join(", "));
     }
     for l in &links {
-        println!("# links {l}");
+        outln!("# links {l}");
     }
-    println!(
+    outln!(
         "# {:>8} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>10} {:>10} {:>13}",
         "size",
         "count(f32)",
@@ -226,7 +226,7 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> 
         let (min, max) = (v[0], v[v.len() - 1]);
         let alg = |s: f64| size as f64 / s / 1e9;
         let bf = op.bus_factor(world);
-        println!(
+        outln!(
             "  {:>8} {:>11} {:>11.1} {:>11.1} {:>11.1} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>13.1}",
             human(size),
             size / 4,
@@ -382,7 +382,7 @@ pub fn worker(
         ..cfg
     };
     let g = UcxGroup::connect(Rank(rank), world, Generation(1), cfg, boot)?;
-    println!("LINKS {}", summary(g.links()));
+    outln!("LINKS {}", summary(g.links()));
     let n = world as usize;
     for (si, size) in parse_sizes(sizes)?.into_iter().enumerate() {
         let elems = size / 4;
@@ -448,9 +448,9 @@ pub fn worker(
             );
         }
         let line: Vec<String> = out.iter().map(|us| format!("{us:.1}")).collect();
-        println!("TIMES {si} {}", line.join(" "));
+        outln!("TIMES {si} {}", line.join(" "));
         if let (Some(a), Some(z)) = (hwm_before, peak_rss_kib()) {
-            println!("MEM {si} {}", z.saturating_sub(a));
+            outln!("MEM {si} {}", z.saturating_sub(a));
         }
     }
     // Every rank's figures are out; the barrier only keeps the group up until all are. Over TCP

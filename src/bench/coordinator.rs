@@ -114,21 +114,21 @@ fn core_bench(n: usize, seconds: u64) -> Result<()> {
         }
     }
     let measured_hb = (n as u64) * seconds;
-    println!(
+    outln!(
         "decision core, {n} ranks at 1 Hz, {seconds} s simulated, tick {} ms:",
         TICK.as_millis()
     );
-    println!(
+    outln!(
         "  CPU {:.2}% of one core, {:.0} ns per heartbeat (decide every tick included), {heartbeats} heartbeats",
         busy.as_secs_f64() / seconds as f64 * 100.0,
         busy.as_nanos() as f64 / measured_hb as f64
     );
-    println!(
+    outln!(
         "  first assignment of {n} ranks: {:.2} ms",
         form.as_secs_f64() * 1e3
     );
     match detected {
-        Some(d) => println!(
+        Some(d) => outln!(
             "  a rank that stops is detected {:.0} ms after its last heartbeat (timeout {} ms + one tick of {} ms); regroup to {} ranks took {:.2} ms",
             d.as_secs_f64() * 1e3,
             cfg.heartbeat_timeout.as_millis(),
@@ -285,8 +285,8 @@ fn grpc_bench(m: usize, seconds: u64) -> Result<()> {
         let w0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         let cpu = (proc_cpu_ticks(pid)? - c0) as f64 / hz / w0.elapsed().as_secs_f64();
-        println!("gRPC coordinator (separate process), {m} ranks at 1 Hz over {seconds} s:");
-        println!(
+        outln!("gRPC coordinator (separate process), {m} ranks at 1 Hz over {seconds} s:");
+        outln!(
             "  coordinator CPU {:.1}% of one core ({:.1} us per heartbeat)",
             cpu * 100.0,
             cpu * 1e6 / m as f64
@@ -296,7 +296,7 @@ fn grpc_bench(m: usize, seconds: u64) -> Result<()> {
         sims[m / 3].silent.store(true, Ordering::Relaxed);
         let silent_from = unix_ms();
         let ev = wait_failed(&events, 1, Duration::from_secs(15)).await?;
-        println!(
+        outln!(
             "  silent rank detected {:.0} ms after its last heartbeat (timeout 3000 ms + one 50 ms tick), {} ms after it went quiet",
             ev["detect_ms"].as_f64().unwrap_or(f64::NAN),
             ev["unix_ms"].as_u64().unwrap_or(0).saturating_sub(silent_from)
@@ -305,7 +305,7 @@ fn grpc_bench(m: usize, seconds: u64) -> Result<()> {
         sims[2 * m / 3].task.abort();
         let killed_at = unix_ms();
         let ev = wait_failed(&events, 2, Duration::from_secs(15)).await?;
-        println!(
+        outln!(
             "  killed rank (session dropped) detected in {} ms",
             ev["unix_ms"].as_u64().unwrap_or(0).saturating_sub(killed_at)
         );

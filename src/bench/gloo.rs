@@ -94,7 +94,7 @@ pub fn compare(
                 for line in BufReader::new(out).lines() {
                     let line = line?;
                     if line.starts_with("gloo ") {
-                        println!("# {line}");
+                        outln!("# {line}");
                     }
                 }
             }

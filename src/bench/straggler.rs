@@ -173,12 +173,12 @@ pub fn run(config: &Path, world: usize, secs: u64) -> Result<()> {
         );
     }
     let tmp = tempfile::tempdir()?;
-    println!(
+    outln!(
         "straggler detection: {world} ranks; noisy neighbour 2 s busy every 10 s for {secs} s; \
          25% CPU quota on rank {} at step 100",
         slow_rank(world)
     );
-    println!(
+    outln!(
         "{:<10} {:>16} {:>10} {:>22} {:>22}",
         "setting",
         "false flags/10k",
@@ -186,7 +186,7 @@ pub fn run(config: &Path, world: usize, secs: u64) -> Result<()> {
         "quota: steps to flag",
         "from first slowed step"
     );
-    println!("(false flags per 10,000 rank-steps; quota: 3 runs each, - = not flagged in 60 s)");
+    outln!("(false flags per 10,000 rank-steps; quota: 3 runs each, - = not flagged in 60 s)");
     for s in &SETTINGS {
         eprintln!("[bench] {}: noisy run ({secs} s)", s.name);
         let (false_rate, rank_steps) = noisy(config, tmp.path(), s, world, secs)?;
@@ -205,7 +205,7 @@ pub fn run(config: &Path, world: usize, secs: u64) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        println!(
+        outln!(
             "{:<10} {:>16.2} {:>10} {:>22} {:>22}",
             s.name,
             false_rate,
@@ -214,7 +214,7 @@ pub fn run(config: &Path, world: usize, secs: u64) -> Result<()> {
             show(&from_onset)
         );
         if !s.overrides.is_empty() {
-            println!("{:<10} {}", "", s.overrides.join(" "));
+            outln!("{:<10} {}", "", s.overrides.join(" "));
         }
     }
     Ok(())

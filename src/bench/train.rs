@@ -84,7 +84,7 @@ pub fn run(cfg: &TrainConfig, steps: u64, runs: usize) -> Result<()> {
             Ok(())
         };
         one(r % 2 == 0)?;
-        println!(
+        outln!(
             "run {}: phalanx train {:.0} tok/s, bare tch loop {:.0} tok/s",
             r + 1,
             full[r],
@@ -92,7 +92,7 @@ pub fn run(cfg: &TrainConfig, steps: u64, runs: usize) -> Result<()> {
         );
     }
     let (f, b) = (median(&mut full), median(&mut bare));
-    println!(
+    outln!(
         "median over {runs} runs of {steps} steps: phalanx train {f:.0} tok/s, bare tch loop {b:.0} tok/s, overhead {:+.2}%",
         (b / f - 1.0) * 100.0
     );
@@ -181,7 +181,7 @@ pub fn run_world(
                 bare.push(t);
             }
         }
-        println!(
+        outln!(
             "run {}: {world} ranks, median step {:.2} ms with fault tolerance, {:.2} ms bare",
             r + 1,
             ft[r],
@@ -189,7 +189,7 @@ pub fn run_world(
         );
     }
     let (f, b) = (median(&mut ft), median(&mut bare));
-    println!(
+    outln!(
         "median over {runs} runs of {steps} steps on {world} ranks ({threads} threads each): \
          {f:.2} ms per step with fault tolerance, {b:.2} ms bare: cost {:+.2}%",
         (f / b - 1.0) * 100.0

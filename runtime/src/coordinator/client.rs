@@ -73,10 +73,14 @@ pub async fn connect(opts: &ClientOpts) -> Result<Client, RuntimeError> {
         ep = ep.tls_config(tls).map_err(|e| err(format!("TLS: {e}")))?;
     }
     let channel = ep.connect().await.map_err(|e| {
+        // The causes, each said once: hyper's and tonic's layers repeat their source's text.
         let mut s = e.to_string();
         let mut src = std::error::Error::source(&e);
         while let Some(c) = src {
-            s = format!("{s}: {c}");
+            let text = c.to_string();
+            if !s.contains(&text) {
+                s = format!("{s}: {text}");
+            }
             src = c.source();
         }
         err(s)
