@@ -191,6 +191,8 @@ pub struct Context {
     pub peers: Option<f64>,
     /// A process started on the rank's host within `startup_grace`: not evidence.
     pub quiet: bool,
+    /// When that process registered (while `quiet`).
+    pub quiet_since: Option<Instant>,
 }
 
 /// The bars a step is measured against: the other ranks' median and, at worlds of 2 and 3,
@@ -297,7 +299,7 @@ impl Judge {
         }
         if cx.quiet {
             self.end_streak();
-            return None;
+            return self.withdraw_startup_flag(id, own, peers, cx, cfg);
         }
         let bar = Bar {
             peers,
@@ -399,6 +401,33 @@ impl Judge {
         }
         last3.sort_by(|a, b| b.total_cmp(a));
         last3[1]
+    }
+
+    /// A process burns a core while it starts, before it registers: a flag raised within
+    /// `startup_grace` before a registration on this host is that start, not this rank (K-7).
+    /// Withdrawn unless it was acted on already.
+    fn withdraw_startup_flag(
+        &mut self,
+        id: u64,
+        own: f64,
+        peers: f64,
+        cx: &Context,
+        cfg: &StragglerConfig,
+    ) -> Option<FlagChange> {
+        let registered = cx.quiet_since?;
+        let flagged = self.flagged_at?;
+        if !self.straggler || self.rebalanced || flagged + cfg.startup_grace < registered {
+            return None;
+        }
+        self.straggler = false;
+        self.flagged_at = None;
+        self.relapsed = false;
+        self.normal_streak = 0;
+        Some(FlagChange::Cleared {
+            id,
+            own_ms: own * 1e3,
+            peers_ms: peers * 1e3,
+        })
     }
 
     fn end_streak(&mut self) {

@@ -584,6 +584,53 @@ fn a_process_start_on_the_host_is_no_evidence() {
     }
 }
 
+// K-7: a process's start burns a core before it registers, so it can flag a rank on its host
+// just before the grace begins (CI: a restarted spare's start flagged a rank, which was then
+// rebalanced the moment the grace ended). Such a flag is withdrawn when the process registers;
+// a flag older than the grace is kept and acted on.
+#[test]
+fn a_flag_raised_by_a_process_start_is_withdrawn_when_it_registers() {
+    // Four micro-batches per rank of 15 ms, steps of 60 ms as in this machine's demo job:
+    // clearing a flag by normal steps then takes longer than the core waits to act on it, and
+    // a rebalance is possible.
+    let steady = |_: MemberId, _: u64| 15.0;
+    for (burst_ms, withdrawn) in [(800, true), (6000, false)] {
+        let mut c = split(8);
+        c.straggler.startup_grace = StragglerConfig::default().startup_grace;
+        let mut sim = Sim::new(2, 0, c);
+        let a = sim.s.ranks[0];
+        sim.run(200, steady);
+        let start = sim.t;
+        while sim.t.saturating_duration_since(start) < Duration::from_millis(burst_ms) {
+            sim.run(1, |id, k| if id == a { 45.0 } else { steady(id, k) });
+        }
+        let flagged = sim
+            .flags
+            .iter()
+            .any(|(_, f)| matches!(f, FlagChange::Flagged { id, .. } if *id == a));
+        assert!(flagged, "burst of {burst_ms} ms: {:?}", sim.flags);
+        let r = sim.s.register(sim.t, reg(Role::Spare), &sim.cfg).unwrap();
+        sim.s.session_opened(sim.t, r.id).unwrap();
+        let after = if withdrawn { 15.0 } else { 45.0 };
+        sim.run(100, |id, k| if id == a { after } else { steady(id, k) });
+        let cleared = sim
+            .flags
+            .iter()
+            .any(|(_, f)| matches!(f, FlagChange::Cleared { id, .. } if *id == a));
+        assert_eq!(
+            cleared, withdrawn,
+            "burst of {burst_ms} ms: {:?}",
+            sim.flags
+        );
+        assert_eq!(
+            sim.regroups.is_empty(),
+            withdrawn,
+            "burst of {burst_ms} ms: {:?}",
+            sim.regroups
+        );
+    }
+}
+
 // K-7: a mild slowdown (2x, as a process starting beside the rank) for 1.5 s is below both
 // time bounds; the same slowdown held for good is flagged once its slow steps add up to
 // `flag_after_time`.

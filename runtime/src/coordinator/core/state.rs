@@ -391,6 +391,9 @@ impl State {
             micro_batches: 0,
             peers: self.peers.excluding(m.judge.level_at_refresh),
             quiet: quiet_until.is_some_and(|t| now < t),
+            quiet_since: quiet_until
+                .filter(|&t| now < t)
+                .map(|t| t - cfg.straggler.startup_grace),
         };
         let m = self.member_mut(id)?;
         if hb.recent.is_empty() {
