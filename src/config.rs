@@ -439,6 +439,25 @@ fn key_paths(t: &toml::Table, prefix: &str, out: &mut Vec<String>) {
     }
 }
 
+/// A type error of the merged config, named by its key (`train.max_steps = -5: invalid value
+/// ...`): its line numbers are of the merged text, which the user never saw.
+fn type_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let line = text[start..].lines().next().unwrap_or("").trim();
+    let section = text[..start]
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix('[')?.strip_suffix(']'))
+        .map(|s| format!("{s}."))
+        .unwrap_or_default();
+    format!("{section}{line}: {}", e.message().trim())
+}
+
 fn has_key(t: &toml::Table, section: &str, key: &str) -> bool {
     t.get(section)
         .and_then(|v| v.as_table())
@@ -566,7 +585,7 @@ impl TrainConfig {
         let text = toml::to_string(&table).expect("a table serializes");
         let mut cfg: TrainConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             origin,
-            message: e.to_string(),
+            message: type_error(&text, &e),
         })?;
         cfg.follow_the_run(has_key(&table, "optim", "decay_steps"));
         cfg.validate()?;
@@ -753,6 +772,15 @@ mod tests {
             "train.micro_batch=4",
         ];
         TrainConfig::load(None, &ok.map(String::from)).unwrap();
+    }
+
+    // A wrong type names the key and the value, not a line of a text the user never saw.
+    #[test]
+    fn a_type_error_names_its_key() {
+        let e = TrainConfig::load(None, &["train.max_steps=-5".to_string()]).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("train.max_steps = -5"), "{m}");
+        assert!(!m.contains("line "), "{m}");
     }
 
     // The schedule follows the run: without optim.decay_steps the cosine ends at

@@ -292,7 +292,7 @@ pub fn admin_opts(url: &str, tls_ca: &str) -> Result<ClientOpts> {
     Ok(o)
 }
 
-pub fn status(opts: &ClientOpts, as_json: bool) -> Result<()> {
+pub fn status(opts: &ClientOpts, as_json: bool, all: bool) -> Result<()> {
     let opts = opts.clone();
     let rt = tokio::runtime::Runtime::new()?;
     let s = rt.block_on(async {
@@ -344,7 +344,8 @@ pub fn status(opts: &ClientOpts, as_json: bool) -> Result<()> {
         "step_ms",
         "hb_age"
     );
-    for r in &s.ranks {
+    let (shown, hidden) = shown(&s.ranks, all);
+    for r in shown {
         outln!(
             "{:>5} {:>6} {:<16} {:<15} {:>7} {:<8} {:>8} {:>9.1} {:>6}ms  {}",
             r.rank.map_or("-".into(), |x| x.to_string()),
@@ -364,6 +365,9 @@ pub fn status(opts: &ClientOpts, as_json: bool) -> Result<()> {
                 .join(" | ")
         );
     }
+    if hidden > 0 {
+        outln!("({hidden} member(s) that left the job not shown; --all lists them)");
+    }
     Ok(())
 }
 
@@ -373,6 +377,20 @@ fn links_of(r: &pb::RankStatus) -> Vec<PeerLink> {
 }
 
 /// A member's state as `status` prints it (and `--json` gives it).
+/// The members the table lists: those in the job (active and spares), or every one with
+/// `all`; and how many it leaves out.
+fn shown(ranks: &[pb::RankStatus], all: bool) -> (Vec<&pb::RankStatus>, usize) {
+    let in_job = |r: &&pb::RankStatus| {
+        matches!(
+            pb::MemberState::try_from(r.state),
+            Ok(pb::MemberState::Active | pb::MemberState::Spare)
+        )
+    };
+    let shown: Vec<_> = ranks.iter().filter(|r| all || in_job(r)).collect();
+    let hidden = ranks.len() - shown.len();
+    (shown, hidden)
+}
+
 fn state_name(s: i32) -> &'static str {
     match pb::MemberState::try_from(s) {
         Ok(pb::MemberState::Active) => "active",
@@ -435,5 +453,30 @@ fn master_port_bind() -> Result<Option<String>> {
     match port.trim().parse::<u16>() {
         Ok(p) if p > 0 => Ok(Some(format!("0.0.0.0:{p}"))),
         _ => bail!("MASTER_PORT = {port:?} is not a port number (1-65535); fix it or pass --bind"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // `status` lists the job as it is: departed members only with --all.
+    #[test]
+    fn status_lists_departed_members_only_when_asked() {
+        let m = |id: u64, state: pb::MemberState| pb::RankStatus {
+            member_id: id,
+            state: state as i32,
+            ..Default::default()
+        };
+        let ranks = [
+            m(1, pb::MemberState::Active),
+            m(2, pb::MemberState::Dead),
+            m(3, pb::MemberState::Spare),
+            m(4, pb::MemberState::Evicted),
+        ];
+        let (shown_now, hidden) = shown(&ranks, false);
+        let ids: Vec<u64> = shown_now.iter().map(|r| r.member_id).collect();
+        assert_eq!((ids, hidden), (vec![1, 3], 2));
+        assert_eq!(shown(&ranks, true), (ranks.iter().collect(), 0));
     }
 }

@@ -159,19 +159,31 @@ enum Cmd {
         /// Overrides: section.key=value (e.g. coordinator.heartbeat_timeout_ms=1000).
         overrides: Vec<String>,
     },
-    /// Build the report of a run directory (written by `launch` itself; for a job run with a
-    /// separate coordinator and workers, or to rebuild it): report.json and a summary.
+    /// A run's report: the one its job wrote (report.json), else one built from metrics.jsonl
+    /// and events.jsonl (a job run with a separate coordinator and workers). Prints it; writes
+    /// report.json only with --write.
     Report {
-        /// The job's run directory (run.dir), holding metrics.jsonl and events.jsonl.
+        /// The job's run directory (run.dir).
         run_dir: PathBuf,
+        /// Build the report from metrics.jsonl and events.jsonl and write report.json. A report
+        /// the job wrote itself is kept unless --force is given too.
+        #[arg(long)]
+        write: bool,
+        /// With --write: replace a report.json that is already there.
+        #[arg(long, requires = "write")]
+        force: bool,
     },
     /// Show the job's ranks as the coordinator sees them.
     Status {
         #[command(flatten)]
         at: control::AdminTarget,
-        /// Print JSON instead of a table.
+        /// Print JSON instead of a table (every member, departed ones included).
         #[arg(long)]
         json: bool,
+        /// Also list members that left the job (dead, evicted, drained): the coordinator keeps
+        /// the last 64.
+        #[arg(long)]
+        all: bool,
     },
     /// Ask the coordinator to run the job with N active ranks.
     Scale {
@@ -461,14 +473,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             )?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Report { run_dir } => {
-            let r = report::from_run_dir(&run_dir)?;
-            std::fs::write(run_dir.join("report.json"), serde_json::to_vec_pretty(&r)?)?;
-            report::print(&r);
+        Cmd::Report {
+            run_dir,
+            write,
+            force,
+        } => {
+            report::print(&report::for_cli(&run_dir, write, force)?);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { at, json } => {
-            control::status(&at.opts()?, json)?;
+        Cmd::Status { at, json, all } => {
+            control::status(&at.opts()?, json, all)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Scale { at, target } => {

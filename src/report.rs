@@ -1,7 +1,7 @@
 //! The report of a multi-rank run, built from the run directory: every fault with its
 //! detection time, recovery time (fault -> next committed step) and lost steps; ETTR.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use phalanx_runtime::coordinator::core::StragglerAct;
 use phalanx_runtime::events::{self, Cause, Event, FaultKind, Record};
 use phalanx_runtime::metrics::{self, FinalLine, MetricLine, StepLine};
@@ -27,6 +27,38 @@ fn final_line(metrics: &[MetricLine]) -> Option<&FinalLine> {
         MetricLine::Final(f) => Some(f),
         _ => None,
     })
+}
+
+/// `phalanx report`: the report the job wrote, read, never rebuilt from less; else one built
+/// from the records, written only when asked (`write`), and over an existing one only with
+/// `force`.
+pub fn for_cli(run_dir: &Path, write: bool, force: bool) -> Result<Value> {
+    let path = run_dir.join("report.json");
+    if path.exists() && !(write && force) {
+        if write {
+            anyhow::bail!(
+                "{} exists (the job wrote it); `phalanx report {}` prints it, and --write \
+                 --force rebuilds it from metrics.jsonl and events.jsonl",
+                path.display(),
+                run_dir.display()
+            );
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        return serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a report; `phalanx report {} --write --force` rebuilds it",
+                path.display(),
+                run_dir.display()
+            )
+        });
+    }
+    let r = from_run_dir(run_dir)?;
+    if write {
+        std::fs::write(&path, serde_json::to_vec_pretty(&r)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(r)
 }
 
 /// The report of a finished or stopped run directory, without the launcher that ran it: the

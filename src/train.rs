@@ -122,8 +122,9 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         pb.set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
         pb.inc(1);
         if !progress && cfg.train.log_interval > 0 && (step + 1) % cfg.train.log_interval == 0 {
+            // The step's index, as in metrics.jsonl.
             info!(
-                step = step + 1,
+                step,
                 loss = format!("{loss:.4}"),
                 tokens_per_s = format!("{tps:.0}"),
                 lr
@@ -174,6 +175,7 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         last_loss,
         last_val,
         tokens_per_step,
+        max_steps: cfg.train.max_steps,
         step_secs: &step_secs,
         wall_s,
         train_s: train_time.as_secs_f64(),
@@ -255,6 +257,7 @@ struct Summary<'a> {
     last_loss: f64,
     last_val: Option<f64>,
     tokens_per_step: f64,
+    max_steps: u64,
     step_secs: &'a [f64],
     wall_s: f64,
     train_s: f64,
@@ -270,6 +273,7 @@ fn summary(x: &Summary) -> Value {
     json!({
         "status": x.status,
         "steps": x.trainer.step,
+        "max_steps": x.max_steps,
         "skipped_steps": x.skipped,
         "final_train_loss": x.last_loss,
         "final_val_loss": x.last_val,

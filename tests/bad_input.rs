@@ -42,6 +42,13 @@ fn prepare_default_corpus_and_gpt2() {
     assert_eq!(meta["vocab_size"], 50257);
     assert_eq!(meta["dtype"], "u16");
     assert!(meta["sources"].as_array().unwrap().len() > 30);
+    // Another tokenizer into the same folder is refused, not a silent overwrite.
+    run(&["prepare", "--tokenizer", "char", "--out", "g"], d.path())
+        .assert_user_error("made with the gpt2 tokenizer");
+    assert_eq!(
+        read_json(&d.path().join("g/meta.json"))["vocab_size"],
+        50257
+    );
 }
 
 #[test]

@@ -53,6 +53,19 @@ fn prepare_train_sample_end_to_end() {
     );
     assert!(wall > 0.0 && wall <= train, "{report}");
     assert_eq!(report["tokens"].as_f64().unwrap(), 30.0 * 8.0 * 32.0);
+    // `phalanx report` prints the report the run wrote and leaves it as it is; --write does not
+    // replace it unless forced.
+    let before = std::fs::read(run_dir.join("report.json")).unwrap();
+    let r = run(&["report", run_dir.to_str().unwrap()], d.path());
+    assert!(r.ok(), "{}", r.stderr());
+    assert!(
+        r.stdout().contains("completed 30 / 30 steps"),
+        "{}",
+        r.stdout()
+    );
+    run(&["report", run_dir.to_str().unwrap(), "--write"], d.path())
+        .assert_user_error("--write --force");
+    assert_eq!(std::fs::read(run_dir.join("report.json")).unwrap(), before);
 
     let model = run_dir.join("model");
     let v = run(&["checkpoint", "verify", model.to_str().unwrap()], d.path());

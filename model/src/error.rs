@@ -81,6 +81,15 @@ pub enum ModelError {
     #[error(transparent)]
     Checkpoint(#[from] phalanx_checkpoint::CheckpointError),
     #[error(
+        "{out} holds a dataset made with the {had} tokenizer; pass another --out, or delete \
+         {out} to replace it with a {want} one"
+    )]
+    OtherTokenizer {
+        out: PathBuf,
+        had: String,
+        want: String,
+    },
+    #[error(
         "the training split of {dir} has {tokens} tokens, too few for model.block_size = {block}; \
          use more text or a smaller block size"
     )]

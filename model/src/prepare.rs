@@ -234,6 +234,29 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| ModelError::write(path, e))
 }
 
+/// A dataset folder made with another tokenizer is not silently replaced: the runs and models
+/// made from it would no longer match it.
+fn refuse_another_tokenizer(opts: &PrepareOptions) -> Result<()> {
+    let want = match opts.tokenizer {
+        TokenizerKind::Char => "char",
+        TokenizerKind::Gpt2 => "gpt2",
+    };
+    let Ok(text) = std::fs::read_to_string(opts.out.join(META_FILE)) else {
+        return Ok(());
+    };
+    let had = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|m| m["tokenizer"].as_str().map(str::to_string));
+    match had {
+        Some(had) if had != want => Err(ModelError::OtherTokenizer {
+            out: opts.out.clone(),
+            had,
+            want: want.into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     if !(opts.val_fraction > 0.0 && opts.val_fraction < 1.0) {
         return Err(ModelError::InvalidValue {
@@ -242,6 +265,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
             reason: "must be between 0 and 1 (exclusive), e.g. 0.1".into(),
         });
     }
+    refuse_another_tokenizer(opts)?;
     let inputs = if opts.inputs.is_empty() {
         vec![default_corpus()?]
     } else {

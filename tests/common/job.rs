@@ -205,7 +205,12 @@ pub fn read_report(run: &Path) -> Value {
 
 /// `phalanx report` on the run directory of a job run without the launcher; the report it wrote.
 pub fn make_report(run: &Path) -> Value {
-    let out = bin().arg("report").arg(run).output().unwrap();
+    let out = bin()
+        .arg("report")
+        .arg(run)
+        .arg("--write")
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
