@@ -787,10 +787,24 @@ fn deterministic_mode_on(hosts: Hosts) {
         let world = r.report["world_size_final"].as_u64().unwrap() as usize;
         assert_identical_final_state(&r.run, world);
         let fps = read_jsonl(&r.run.join("fingerprints.jsonl"));
+        // What the faults were made from, for a failure to say why.
+        let timeline: Vec<Value> = r
+            .events()
+            .into_iter()
+            .filter(|e| {
+                [
+                    "fault_injected",
+                    "rank_failed",
+                    "generation",
+                    "run_finished",
+                ]
+                .contains(&e["kind"].as_str().unwrap_or(""))
+            })
+            .collect();
         (
             fps.last().unwrap()["state_sha256"].clone(),
             world,
-            r.report["faults"].clone(),
+            (r.report["faults"].clone(), timeline),
         )
     };
     let (one, w1, _) = final_state(&["--nproc", "1"]);
@@ -801,7 +815,12 @@ fn deterministic_mode_on(hosts: Hosts) {
     // over (across hosts the steps are slower) it is promoted back: 3 or 4 ranks at the end,
     // bitwise equal either way.
     assert!(wk == 3 || wk == 4, "world after the kill: {wk}");
-    assert_eq!(faults.as_array().map_or(0, |f| f.len()), 1, "{faults}");
+    let (faults, timeline) = faults;
+    assert_eq!(
+        faults.as_array().map_or(0, |f| f.len()),
+        1,
+        "{faults}; events: {timeline:?}"
+    );
     assert_eq!(one, four, "1 rank vs 4 ranks");
     assert_eq!(one, killed, "1 rank vs 4 ranks with a kill");
 }
