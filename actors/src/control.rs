@@ -139,7 +139,8 @@ async fn open(shared: &Shared, member: &mut u64, started: Instant) -> Result<Ses
             return Err(NotOpened::Retry);
         }
     };
-    // A clone for the control handle when the session does not open: the member exists.
+    // The compute loop's handle on the coordinator (fault reports): the same channel, kept even
+    // when the stream does not open, since the member exists then.
     let c2 = c.clone();
     let mut r = p.register.clone();
     r.member_id = *member;
@@ -180,14 +181,10 @@ async fn open(shared: &Shared, member: &mut u64, started: Instant) -> Result<Ses
         info!(member = registered.member_id, "re-registered");
     }
     *member = registered.member_id;
-    let client = match &opened {
-        Ok(o) => o.client.clone(),
-        Err(_) => c2,
-    };
     *shared.control.lock() = Some(Control {
         member: *member,
         secret: registered.member_secret.clone(),
-        client,
+        client: c2,
     });
     shared.control_ready.notify_all();
     match opened {
