@@ -6,7 +6,7 @@ use std::path::Path;
 
 #[test]
 fn prepare_non_utf8_file_is_named() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let f = d.path().join("latin1.txt");
     std::fs::write(&f, b"ROMEO:\nO caf\xe9!\n").unwrap();
     run(
@@ -18,7 +18,7 @@ fn prepare_non_utf8_file_is_named() {
 
 #[test]
 fn prepare_empty_folder_and_missing_path() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     std::fs::create_dir(d.path().join("empty")).unwrap();
     run(&["prepare", "--input", "empty", "--out", "o"], d.path())
         .assert_user_error("no .txt files");
@@ -33,7 +33,7 @@ fn prepare_empty_folder_and_missing_path() {
 
 #[test]
 fn prepare_default_corpus_and_gpt2() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/shakespeare");
     let r = run(&["prepare", "--tokenizer", "gpt2", "--out", "g"], d.path());
     assert!(r.ok(), "{}", r.stderr());
@@ -53,7 +53,7 @@ fn prepare_default_corpus_and_gpt2() {
 
 #[test]
 fn train_missing_and_empty_dataset() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let run_dir = d.path().join("run");
     train(d.path(), &small(&d.path().join("missing"), &run_dir))
         .assert_user_error("phalanx prepare");
@@ -66,7 +66,7 @@ fn train_missing_and_empty_dataset() {
 
 #[test]
 fn train_bad_config() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let run_dir = d.path().join("run");
     let with = |extra: &str| {
@@ -93,7 +93,7 @@ fn cuda_without_gpu_is_refused() {
     if tch::Cuda::is_available() {
         return; // this machine has a GPU: nothing to refuse
     }
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let mut o = small(&data, &d.path().join("run"));
     o.push("train.device=cuda".into());
@@ -102,7 +102,7 @@ fn cuda_without_gpu_is_refused() {
 
 #[test]
 fn sample_from_missing_or_truncated_model() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     run(
         &["sample", "--checkpoint", "nope", "--prompt", "A"],
         d.path(),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{signal, start_coordinator, unix_ms, Proc};
+use common::{signal, start_coordinator, test_dir, unix_ms, Proc};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -407,7 +407,7 @@ fn status_takes_the_printed_address_a_run_dir_and_a_closed_pipe() {
 // through, a plain-text client does not.
 #[test]
 fn tls_coordinator() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
@@ -636,7 +636,7 @@ fn a_token_holder_cannot_act_as_another_member() {
 // token and says how to give one (or --insecure).
 #[test]
 fn an_exposed_coordinator_needs_a_token() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let out = common::bin()
         .args(["coordinator", "--bind", "0.0.0.0:0", "--run-dir"])
         .arg(dir.path())
@@ -681,7 +681,7 @@ fn register_with_hash(addr: &str, config_hash: &str) -> Option<tonic::Status> {
 // the job's workers. Without one, the first worker's hash is the job's, and an event names it.
 #[test]
 fn the_config_hash_is_pinned_at_start_not_by_the_first_caller() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let (_coord, addr) = job_coordinator(dir.path(), "127.0.0.1:0", 1, &["--config-hash", "sim"]);
     let s = register_with_hash(&addr, "intruder").expect("another hash was taken");
     assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
@@ -695,7 +695,7 @@ fn the_config_hash_is_pinned_at_start_not_by_the_first_caller() {
     );
     drop(rank);
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let (_coord, addr) = job_coordinator(dir.path(), "127.0.0.1:0", 1, &[]);
     assert!(register_with_hash(&addr, "first").is_none());
     let s = register_with_hash(&addr, "second").expect("a second hash was taken");

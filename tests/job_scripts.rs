@@ -62,7 +62,7 @@ fn assert_completed(dir: &Path, world: u64, out: &std::process::Output) {
 #[test]
 fn slurm_script_runs_as_shipped() {
     let _one_at_a_time = serial();
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = shakespeare_char(d.path());
     let out = script("slurm.sbatch")
         .args(overrides(d.path(), &data))
@@ -77,7 +77,7 @@ fn slurm_script_runs_as_shipped() {
 #[test]
 fn pbs_script_runs_as_shipped() {
     let _one_at_a_time = serial();
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = shakespeare_char(d.path());
     let nodefile = d.path().join("nodefile");
     std::fs::write(&nodefile, "localhost\nlocalhost\nlocalhost\n").unwrap();

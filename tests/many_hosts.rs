@@ -37,7 +37,7 @@ fn shakespeare_on_two_hosts_survives_a_kill() {
     if !Hosts::Two.available() {
         return;
     }
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = shakespeare_char(d.path());
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shakespeare-char.toml");
     let job = launch(
@@ -75,7 +75,7 @@ fn a_lost_host_is_survived() {
     if !Hosts::Two.available() {
         return;
     }
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
     let job = launch(
@@ -116,7 +116,7 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
     if !Hosts::Two.available() {
         return;
     }
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
     let job = launch(
@@ -199,7 +199,7 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
 // job on one host instead. Bad host faults are refused with the valid range.
 #[test]
 fn simulated_hosts_without_root_or_with_bad_faults_are_clear_errors() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let cfg = d.path().join("missing.toml");
     if is_root() {
         // As an unprivileged user (setpriv drops root for the child only).

@@ -56,7 +56,7 @@ fn kill_one_rank_with_a_spare_across_hosts() {
 }
 
 fn kill_one_rank_with_a_spare_on(hosts: Hosts) {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_on(
         hosts,
         d.path(),
@@ -104,7 +104,7 @@ fn kill_one_rank_shrinks_to_three_across_hosts() {
 }
 
 fn kill_one_rank_shrinks_to_three_on(hosts: Hosts) {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_on(
         hosts,
         d.path(),
@@ -149,7 +149,7 @@ fn sigstop_rank_is_fenced_across_hosts() {
 }
 
 fn sigstop_rank_is_fenced_on(hosts: Hosts) {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_on(
         hosts,
         d.path(),
@@ -192,10 +192,10 @@ fn sigstop_rank_is_fenced_on(hosts: Hosts) {
 // the same gradient up to float summation order (allreduce of 4 partial sums vs one sum).
 #[test]
 fn four_ranks_match_one_rank() {
-    let d1 = tempfile::tempdir().unwrap();
+    let d1 = test_dir();
     let one = launch(d1.path(), &["--nproc", "1", "train.max_steps=25"]);
     assert_eq!(one.code, Some(0), "{}", one.stderr);
-    let d4 = tempfile::tempdir().unwrap();
+    let d4 = test_dir();
     let four = launch(d4.path(), &["--nproc", "4", "train.max_steps=25"]);
     assert_eq!(four.code, Some(0), "{}", four.stderr);
     let (a, b) = (losses(&one.run), losses(&four.run));
@@ -212,7 +212,7 @@ fn four_ranks_match_one_rank() {
 
 #[test]
 fn bad_launch_input() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch(d.path(), &["--nproc", "0"]);
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("at least one rank"), "{}", r.stderr);
@@ -240,7 +240,7 @@ fn bad_launch_input() {
 // Below min_world the job stops cleanly: the committed model is saved and the report says why.
 #[test]
 fn below_min_world_halts_with_a_saved_model() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch(
         d.path(),
         &[
@@ -280,7 +280,7 @@ fn below_min_world_halts_with_a_saved_model() {
 #[test]
 fn mismatched_workers_are_refused() {
     let _one_at_a_time = serial();
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
     let (_coord, url) = standalone_coordinator(&cfg, 1, &[("PHALANX_JOB_TOKEN", "job-token")]);
@@ -330,7 +330,7 @@ fn generations(run: &Path) -> std::collections::BTreeSet<u64> {
 // the rank's supervisor: the job never regroups (one generation), and the replicas stay equal.
 #[test]
 fn loader_and_control_agent_restart_in_place() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_env(
         Hosts::One,
         d.path(),
@@ -361,7 +361,7 @@ fn loader_and_control_agent_restart_in_place() {
 // same two members and equal replicas, at most the step in flight redone.
 #[test]
 fn compute_panic_restarts_and_rejoins() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_env(
         Hosts::One,
         d.path(),
@@ -407,7 +407,7 @@ fn compute_panic_restarts_and_rejoins() {
 // rank gives up (exit 5) and the job replaces it with the spare, like a crash.
 #[test]
 fn stuck_compute_gives_the_rank_up() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_env(
         Hosts::One,
         d.path(),
@@ -442,7 +442,7 @@ fn stuck_compute_gives_the_rank_up() {
 #[test]
 fn woken_worker_rejoins_as_a_spare() {
     let _one_at_a_time = serial();
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
     let run = d.path().join("run");
@@ -515,7 +515,7 @@ fn woken_worker_rejoins_as_a_spare() {
 // step 20, and training goes on to the end with equal, finite replicas.
 #[test]
 fn nan_in_one_rank_is_skipped_and_named() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_env(
         Hosts::One,
         d.path(),
@@ -549,7 +549,7 @@ fn nan_in_one_rank_is_skipped_and_named() {
 // redone steps once, and the job ends with equal, finite replicas.
 #[test]
 fn nan_with_rollback_returns_to_the_last_checkpoint() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_env(
         Hosts::One,
         d.path(),
@@ -589,7 +589,7 @@ fn nan_with_rollback_returns_to_the_last_checkpoint() {
 // job ends with equal replicas.
 #[test]
 fn corrupted_replica_is_named_and_healed() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_env(
         Hosts::One,
         d.path(),
@@ -641,7 +641,7 @@ fn scale_up_then_drain_loses_no_step_across_hosts() {
 
 fn scale_up_then_drain_loses_no_step_on(hosts: Hosts) {
     let _one_at_a_time = serial();
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let cfg = job_config(d.path(), &data);
     let run = d.path().join("run");
@@ -775,7 +775,7 @@ fn deterministic_mode_on(hosts: Hosts) {
         } else {
             hosts
         };
-        let d = tempfile::tempdir().unwrap();
+        let d = test_dir();
         let mut a = vec![
             "train.max_steps=60",
             "optim.decay_steps=60",
@@ -946,7 +946,7 @@ fn cpu_quota_straggler_is_replaced_by_the_spare_across_hosts() {
 
 fn cpu_quota_straggler_is_replaced_by_the_spare_on(hosts: Hosts) {
     need_cgroup_cpu();
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let mut args = vec![
         "--nproc",
         "4",
@@ -1027,7 +1027,7 @@ fn cpu_quota_straggler_is_replaced_by_the_spare_on(hosts: Hosts) {
 fn cpu_quota_straggler_without_spare_is_rebalanced() {
     need_cgroup_cpu();
     let run = |act: bool| {
-        let d = tempfile::tempdir().unwrap();
+        let d = test_dir();
         let act = format!("coordinator.evict_stragglers={act}");
         let mut args = vec![
             "--nproc",
@@ -1140,7 +1140,7 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
 // straggler flag (robust peer statistics with hysteresis, a grace after each regroup).
 #[test]
 fn fault_free_run_flags_no_straggler() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let mut args = vec![
         "--nproc",
         "4",
@@ -1166,7 +1166,7 @@ fn fault_free_run_flags_no_straggler() {
 // regrouped, promoted a fresh spare, and halted because "no member holds the committed state").
 #[test]
 fn a_rank_lost_after_the_last_step_ends_nothing() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_env(
         Hosts::One,
         d.path(),
@@ -1203,7 +1203,7 @@ fn a_rank_lost_after_the_last_step_ends_nothing() {
 // in flight are skipped with a warning.
 #[test]
 fn a_slow_disk_skips_checkpoints_instead_of_queueing_them() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let r = launch_env(
         Hosts::One,
         d.path(),

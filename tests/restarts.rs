@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 struct Job {
-    dir: tempfile::TempDir,
+    dir: TestDir,
     cfg: PathBuf,
     port: u16,
     steps: u64,
@@ -18,7 +18,7 @@ struct Job {
 
 impl Job {
     fn new(steps: u64) -> Job {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = test_dir();
         let data = dataset(dir.path());
         let cfg = job_config(dir.path(), &data);
         Job {

@@ -146,12 +146,12 @@ fn assert_no_restart_from_scratch(j: &Job) {
 // kill, and goodput (committed steps per second with kills / without) of at least 0.97.
 #[test]
 fn two_ranks_and_a_spare_quiet_then_killed_every_minute() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let quiet = launch_for(d.path(), &["--nproc", "2", "--spares", "1"], soak());
     eprintln!("quiet: {}", quiet.summary());
     assert_no_restart_from_scratch(&quiet);
     assert_eq!(quiet.generations().len(), 1, "{:?}", quiet.generations());
-    let d2 = tempfile::tempdir().unwrap();
+    let d2 = test_dir();
     let killed = launch_for(
         d2.path(),
         &["--nproc", "2", "--spares", "1", "--kill-every", "60"],
@@ -190,7 +190,7 @@ fn two_ranks_and_a_spare_quiet_then_killed_every_minute() {
 
 /// A noisy neighbour: a busy loop on one core for 2 s every 10 s.
 fn noisy(nproc: &str) {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let j = launch_for(
         d.path(),
         &["--nproc", nproc, "--spares", "1", "--noise", "2000:10000"],
@@ -232,7 +232,7 @@ fn noisy_neighbour_evicts_nobody_at_four_ranks() {
 // and changes no generation.
 #[test]
 fn restarting_spares_disturb_nobody() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let j = launch_for(
         d.path(),
         &[
@@ -260,7 +260,7 @@ fn restarting_spares_disturb_nobody() {
 // nothing: the job halts and says why, and never trains on from step 0.
 #[test]
 fn losing_the_last_holder_halts_instead_of_restarting_from_step_0() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let _one_at_a_time = serial();
     let data = shakespeare_char(d.path());
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shakespeare-char.toml");

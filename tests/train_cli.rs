@@ -5,7 +5,7 @@ use common::*;
 
 #[test]
 fn prepare_train_sample_end_to_end() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let meta = read_json(&data.join("meta.json"));
     assert_eq!(meta["tokenizer"], "char");
@@ -94,7 +94,7 @@ fn prepare_train_sample_end_to_end() {
 
 #[test]
 fn same_seed_same_run() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let losses = |name: &str| {
         let run_dir = d.path().join(name);
@@ -112,7 +112,7 @@ fn same_seed_same_run() {
 
 #[test]
 fn ctrl_c_stops_after_saving() {
-    let d = tempfile::tempdir().unwrap();
+    let d = test_dir();
     let data = dataset(d.path());
     let run_dir = d.path().join("run");
     let mut o = small(&data, &run_dir);

@@ -136,3 +136,28 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// A test's scratch directory. Removed when the test ends, unless the test failed and
+/// `PHALANX_KEEP_FAILED` is set: then it stays, and its path is printed, so a failure on a
+/// loaded machine can be read afterwards (logs, events, metrics).
+pub struct TestDir(Option<tempfile::TempDir>);
+
+pub fn test_dir() -> TestDir {
+    TestDir(Some(tempfile::tempdir().expect("a temporary directory")))
+}
+
+impl TestDir {
+    pub fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let Some(mut d) = self.0.take() else { return };
+        if std::thread::panicking() && std::env::var_os("PHALANX_KEEP_FAILED").is_some() {
+            d.disable_cleanup(true);
+            eprintln!("kept the failed test's directory: {}", d.path().display());
+        }
+    }
+}

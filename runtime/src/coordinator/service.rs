@@ -568,10 +568,12 @@ impl Coordinator for Svc {
             let now = Instant::now();
             {
                 let mut st = sh.state.lock();
-                st.session_closed(now, id);
                 let mut sessions = sh.sessions.lock();
+                // A stream that a newer session of the same member replaced says nothing about
+                // the member: it re-registered before this end was read (K-11).
                 if sessions.get(&id).is_some_and(|t| t.same_channel(&tx)) {
                     sessions.remove(&id);
+                    st.session_closed(now, id);
                 }
             }
             sh.event(Event::SessionClosed {

@@ -180,15 +180,18 @@ impl State {
                         generation: self.generation,
                     });
                 }
-                if m.rejoin_deadline.is_some() {
-                    let same_place = generation == self.generation
-                        && (m.state != MemberState::Active || m.rank == Some(rank));
-                    if !same_place {
-                        return Err(RuntimeError::StaleGeneration {
-                            got: generation,
-                            current: self.generation,
-                        });
-                    }
+                let same_place = generation == self.generation
+                    && (m.state != MemberState::Active || m.rank == Some(rank));
+                if m.rejoin_deadline.is_some() && !same_place {
+                    return Err(RuntimeError::StaleGeneration {
+                        got: generation,
+                        current: self.generation,
+                    });
+                }
+                // Awaited after a restart or a stall (K-5, K-11), or not yet: a member whose
+                // stream broke may re-register before the coordinator reads the stream's end
+                // (it wakes from a stall to both at once). Either way it keeps its place.
+                if same_place {
                     m.rejoin_deadline = None;
                     // Counted as connected until its session opens: the heartbeat deadline, not
                     // a missing stream, decides if it never does.

@@ -391,6 +391,30 @@ fn rejoin_after_restart_keeps_the_generation() {
     assert_eq!(r.removed[0].1, Removal::NotRejoined);
 }
 
+// K-11: a coordinator waking from a stall may read a rank's re-registration before the end of
+// the stream it replaces; the rank keeps its member id and place (the suite once saw it
+// registered as a new member, and its old self removed as "did not re-register").
+#[test]
+fn a_member_re_registering_before_its_stream_end_is_read_keeps_its_place() {
+    let cfg = cfg();
+    let t = Instant::now();
+    let mut s = job(t, 2, 0, &cfg);
+    let a = s.ranks[0];
+    let mut ra = reg(Role::Active);
+    ra.rejoin = Some((a, Generation(1), Rank(0)));
+    let r = s.register(t, ra, &cfg).unwrap();
+    assert!(r.rejoined);
+    assert_eq!(r.id, a);
+    s.session_opened(t, a).unwrap();
+    assert_eq!(decide(t, &s, &cfg), Decision::Steady);
+    // Another place (a generation it missed) is not this one: it registers anew.
+    let mut stale = reg(Role::Active);
+    stale.rejoin = Some((a, Generation(0), Rank(0)));
+    let r = s.register(t, stale, &cfg).unwrap();
+    assert!(!r.rejoined);
+    assert_ne!(r.id, a);
+}
+
 #[test]
 fn scale_and_drain_bounds() {
     let cfg = CoreConfig {
