@@ -12,6 +12,8 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub mod sharded;
+
 pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT: u32 = 1;
 
@@ -48,7 +50,7 @@ pub enum CheckpointError {
 
 pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
+pub(crate) fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError {
     let path = path.to_path_buf();
     move |source| CheckpointError::Io { op, path, source }
 }
@@ -74,6 +76,9 @@ pub struct Manifest {
     pub step: u64,
     pub created_unix_ms: u64,
     pub files: Vec<FileEntry>,
+    /// A sharded checkpoint's plan: which rank wrote which range of the flat state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<sharded::Shards>,
 }
 
 /// What goes into a checkpoint: tensor files and JSON side files, by file name.
@@ -83,11 +88,11 @@ pub struct Contents {
     pub json: BTreeMap<String, serde_json::Value>,
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn encode_tensors(ts: &[TensorData]) -> Result<Vec<u8>, String> {
+pub(crate) fn encode_tensors(ts: &[TensorData]) -> Result<Vec<u8>, String> {
     let bytes: Vec<Vec<u8>> = ts
         .iter()
         .map(|t| t.data.iter().flat_map(|f| f.to_le_bytes()).collect())
@@ -104,7 +109,7 @@ fn encode_tensors(ts: &[TensorData]) -> Result<Vec<u8>, String> {
     safetensors::serialize(views, None).map_err(|e| e.to_string())
 }
 
-fn decode_tensors(bytes: &[u8]) -> Result<Vec<TensorData>, String> {
+pub(crate) fn decode_tensors(bytes: &[u8]) -> Result<Vec<TensorData>, String> {
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
@@ -126,13 +131,13 @@ fn decode_tensors(bytes: &[u8]) -> Result<Vec<TensorData>, String> {
     Ok(out)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).map_err(io("create", path))?;
     f.write_all(bytes).map_err(io("write", path))?;
     f.sync_all().map_err(io("fsync", path))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync", dir))
@@ -250,6 +255,7 @@ pub fn save(dir: &Path, step: u64, contents: &Contents) -> Result<Manifest> {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
         files,
+        shards: None,
     };
     // The manifest is written last: a folder without one is an unfinished write.
     write_synced(
@@ -486,6 +492,7 @@ mod fuzz {
             format: FORMAT,
             step: 1,
             created_unix_ms: 0,
+            shards: None,
             files: vec![FileEntry {
                 name: "model.safetensors".into(),
                 bytes: bytes.len() as u64,
