@@ -175,6 +175,12 @@ impl Default for DataplaneSection {
 pub struct RunSection {
     pub dir: PathBuf,
     pub checkpoint_interval: u64,
+    /// Retention: the newest this many committed checkpoints are kept ...
+    pub keep_checkpoints: usize,
+    /// ... and every one whose step is a multiple of this (0: none).
+    pub keep_every: u64,
+    /// Start from the newest committed checkpoint in `dir` that verifies.
+    pub resume: bool,
     pub progress: bool,
     pub watchdog_timeout_ms: u64,
     pub max_restarts: u32,
@@ -199,6 +205,9 @@ impl Default for RunSection {
         RunSection {
             dir: "runs/default".into(),
             checkpoint_interval: 0,
+            keep_checkpoints: 3,
+            keep_every: 0,
+            resume: false,
             progress: true,
             watchdog_timeout_ms: 60_000,
             max_restarts: 3,

@@ -124,6 +124,7 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
                         last_step_time_us: (a.step_ms * 1000) as u32,
                         last_compute_time_us: (a.step_ms * 1000) as u32,
                         loss: 0.0, stats: None, recent: Vec::new(), links: Vec::new(),
+                        durable: None, committed_checkpoint: 0,
                     }))};
                     if tx.send(m).await.is_err() { break; }
                 }
@@ -214,6 +215,9 @@ fn on_directive(d: pb::Directive, pos: &mut Position, assigned: &mut bool) -> Op
         }
         Some(pb::directive::Kind::Checkpoint(x)) => {
             emit(json!({"directive": "checkpoint", "step": x.step}));
+        }
+        Some(pb::directive::Kind::Commit(x)) => {
+            emit(json!({"directive": "commit", "step": x.step}));
         }
         None => {}
     }

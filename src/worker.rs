@@ -201,6 +201,8 @@ pub fn rank_params(
         optim: cfg.optim.clone(),
         heartbeat_interval: Duration::from_millis(cfg.coordinator.heartbeat_interval_ms),
         checkpoint_interval: r.checkpoint_interval,
+        keep_checkpoints: r.keep_checkpoints,
+        keep_every: r.keep_every,
         fingerprint_interval: r.fingerprint_interval,
         rollback_on_nonfinite: r.on_nonfinite == crate::config::OnNonfinite::Rollback,
         deterministic: cfg.train.deterministic,

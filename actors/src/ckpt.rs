@@ -1,20 +1,27 @@
-//! `CheckpointerActor`: writes model snapshots in the background.
+//! `CheckpointerActor`: writes checkpoints in the background.
 //!
-//! The compute loop copies the state out (a snapshot, a few milliseconds) and goes on
-//! training; the write, fsync and rename happen here on a blocking thread. A failed
-//! background write fails this actor, which restarts alone (S-5): the next interval tries
-//! again and training never waits on the disk. Saves the rank must not leave without (the
-//! final model, the model saved when the job halts) are awaited by the caller.
+//! The compute loop copies its part of the state out (the stage, milliseconds) and goes on
+//! training; the write, fsync and rename happen here on a blocking thread, then the part is
+//! reported durable in the heartbeats (the vote of the two-phase commit, C-5). Rank 0 writes
+//! the manifest that commits a save when the coordinator says every part is durable, and
+//! applies retention. A failed background write fails this actor, which restarts alone (S-5):
+//! the save never commits, the next interval tries again and training never waits on the
+//! disk. Saves the rank must not leave without (the final model, the model saved when the job
+//! halts) are awaited by the caller.
 
 use crate::rank::Shared;
 use crate::ActorError;
-use phalanx_checkpoint::Contents;
+use phalanx_checkpoint::sharded::{self, Part, Shards};
+use phalanx_checkpoint::{Contents, FileEntry, TensorData};
 use phalanx_model::io as model_io;
+use phalanx_proto::pb;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::info;
+use tracing::{info, warn};
 
 pub struct CheckpointerActor;
 
@@ -22,19 +29,45 @@ pub struct CheckpointerArgs {
     pub shared: Arc<Shared>,
 }
 
+/// A rank's part of a sharded checkpoint, copied out of the training state.
+pub struct PartSave {
+    pub dir: PathBuf,
+    pub step: u64,
+    pub generation: u64,
+    pub rank: u32,
+    pub world: u32,
+    pub total: u64,
+    pub range: Range<u64>,
+    pub tensors: Vec<TensorData>,
+    /// Rank 0's side file (model, tokenizer, optimizer step).
+    pub meta: Option<serde_json::Value>,
+    /// How long the training loop waited for the copy.
+    pub stage: Duration,
+}
+
+/// The coordinator's word that every part of a save is durable (rank 0 commits it).
+pub struct CommitOrder {
+    pub step: u64,
+    pub generation: u64,
+    pub job_id: String,
+    pub config_hash: String,
+    pub parts: Vec<pb::CheckpointPart>,
+}
+
 pub enum CheckpointerMsg {
+    /// A whole-model save (the final model, the model saved on a halt), awaited.
     Save {
         dir: PathBuf,
         step: u64,
         contents: Box<Contents>,
-        /// Awaited saves get the result; background ones fail the actor on error.
         reply: Option<RpcReplyPort<Result<(), ActorError>>>,
     },
+    SavePart(Box<PartSave>),
+    Commit(Box<CommitOrder>),
 }
 
 pub struct CheckpointerState {
     shared: Arc<Shared>,
-    saved: u64,
 }
 
 impl Actor for CheckpointerActor {
@@ -49,8 +82,17 @@ impl Actor for CheckpointerActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(CheckpointerState {
             shared: args.shared,
-            saved: 0,
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        st: &mut CheckpointerState,
+    ) -> Result<(), ActorProcessingErr> {
+        // A part lost with this incarnation is never voted: the next interval saves again.
+        st.shared.saving.store(false, Ordering::Release);
+        Ok(())
     }
 
     async fn handle(
@@ -68,23 +110,11 @@ impl Actor for CheckpointerActor {
             } => {
                 let t = Instant::now();
                 let d = dir.clone();
-                let slow = crate::faults::standing("slow-checkpoint").map(Duration::from_millis);
-                let r = tokio::task::spawn_blocking(move || {
-                    if let Some(pause) = slow {
-                        std::thread::sleep(pause);
-                    }
-                    model_io::write(&d, step, &contents)
-                })
-                .await?
-                .map_err(ActorError::from);
-                if reply.is_none() {
-                    st.shared
-                        .saving
-                        .store(false, std::sync::atomic::Ordering::Release);
-                }
+                let r = tokio::task::spawn_blocking(move || model_io::write(&d, step, &contents))
+                    .await?
+                    .map_err(ActorError::from);
                 if r.is_ok() {
-                    st.saved += 1;
-                    info!(step, dir = %dir.display(), write_ms = t.elapsed().as_millis() as u64, "checkpoint written");
+                    info!(step, dir = %dir.display(), write_ms = t.elapsed().as_millis() as u64, "model written");
                 }
                 match reply {
                     Some(p) => {
@@ -93,7 +123,114 @@ impl Actor for CheckpointerActor {
                     None => r?,
                 }
             }
+            CheckpointerMsg::SavePart(part) => {
+                let r = save_part(*part).await;
+                st.shared.saving.store(false, Ordering::Release);
+                let vote = r?;
+                *st.shared.durable.lock() = Some(vote);
+                st.shared.beat_now.notify_one();
+            }
+            CheckpointerMsg::Commit(order) => {
+                let sh = st.shared.clone();
+                let step = order.step;
+                tokio::task::spawn_blocking(move || commit(&sh, &order))
+                    .await?
+                    .map_err(ActorError::from)?;
+                st.shared
+                    .committed_checkpoint
+                    .fetch_max(step, Ordering::AcqRel);
+                st.shared.beat_now.notify_one();
+            }
         }
         Ok(())
     }
+}
+
+/// Writes a part (and rank 0's side file) durably; the vote that says so.
+async fn save_part(p: PartSave) -> Result<pb::CheckpointPart, ActorProcessingErr> {
+    let slow = crate::faults::standing("slow-checkpoint").map(Duration::from_millis);
+    let t = Instant::now();
+    let name = sharded::part_name(p.rank, p.world);
+    let (dir, tensors, meta) = (p.dir.clone(), p.tensors, p.meta);
+    let files = tokio::task::spawn_blocking(move || {
+        if let Some(pause) = slow {
+            std::thread::sleep(pause);
+        }
+        let mut files = vec![sharded::write_part(&dir, &name, &tensors)?];
+        if let Some(m) = meta {
+            files.push(sharded::write_json(&dir, sharded::META, &m)?);
+        }
+        Ok::<_, phalanx_checkpoint::CheckpointError>(files)
+    })
+    .await?
+    .map_err(ActorError::from)?;
+    let drain = t.elapsed();
+    info!(step = p.step, rank = p.rank, stage_ms = p.stage.as_millis() as u64,
+          drain_ms = drain.as_millis() as u64, "checkpoint part durable");
+    let us = |d: Duration| d.as_micros().min(u32::MAX as u128) as u32;
+    Ok(pb::CheckpointPart {
+        step: p.step,
+        generation: p.generation,
+        rank: p.rank,
+        world: p.world,
+        start: p.range.start,
+        len: p.range.end - p.range.start,
+        total: p.total,
+        files: files
+            .into_iter()
+            .map(|f| pb::CheckpointFile {
+                name: f.name,
+                bytes: f.bytes,
+                sha256: f.sha256,
+            })
+            .collect(),
+        stage_us: us(p.stage),
+        drain_us: us(drain),
+    })
+}
+
+/// Rank 0: the manifest that commits the save (written last), then retention (C-7).
+fn commit(sh: &Shared, o: &CommitOrder) -> Result<(), phalanx_checkpoint::CheckpointError> {
+    let root = sh.params.run_dir.join("checkpoints");
+    let dir = root.join(format!("step-{}", o.step));
+    let world = o.parts.len() as u32;
+    let total = o.parts.first().map_or(0, |p| p.total);
+    let files: Vec<FileEntry> = o
+        .parts
+        .iter()
+        .flat_map(|p| &p.files)
+        .map(|f| FileEntry {
+            name: f.name.clone(),
+            bytes: f.bytes,
+            sha256: f.sha256.clone(),
+        })
+        .collect();
+    let parts = o
+        .parts
+        .iter()
+        .map(|p| Part {
+            rank: p.rank,
+            file: sharded::part_name(p.rank, p.world),
+            start: p.start,
+            len: p.len,
+        })
+        .collect();
+    let shards = Shards {
+        world,
+        generation: o.generation,
+        job: o.job_id.clone(),
+        config_hash: o.config_hash.clone(),
+        total,
+        parts,
+    };
+    sharded::commit(&dir, o.step, files, shards)?;
+    info!(step = o.step, world, dir = %dir.display(), "checkpoint committed");
+    let p = &sh.params;
+    for gone in sharded::retain(&root, p.keep_checkpoints, p.keep_every) {
+        info!(dir = %gone.display(), "removed by retention");
+    }
+    if !dir.join(phalanx_checkpoint::MANIFEST).is_file() {
+        warn!(dir = %dir.display(), "the committed checkpoint vanished");
+    }
+    Ok(())
 }

@@ -4,6 +4,7 @@
 //! broken session), heartbeats the progress counters, forwards directives to the compute
 //! loop and fault reports to the coordinator, and reconnects with backoff.
 
+use crate::ckpt::{CheckpointerMsg, CommitOrder};
 use crate::faults;
 use crate::rank::{
     Control, Directive, Shared, EXIT_REFUSED, PHASE_DONE, PHASE_HEALING, PHASE_TRAINING,
@@ -263,6 +264,10 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
                             Some(pb::directive::Kind::Evict(e)) => Directive::Evict(e.reason),
                             Some(pb::directive::Kind::Drain(_)) => Directive::Drain,
                             Some(pb::directive::Kind::Shutdown(s)) => Directive::Shutdown(s.reason),
+                            Some(pb::directive::Kind::Commit(c)) => {
+                                commit(&shared, c);
+                                continue;
+                            }
                             _ => continue,
                         };
                         let stop = matches!(d, Directive::Evict(_) | Directive::Shutdown(_));
@@ -282,6 +287,23 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
         }
         *sess = None;
         tokio::time::sleep(backoff).await;
+    }
+}
+
+/// C-5: rank 0 commits a save every part of which is durable (in the checkpointer, not here).
+fn commit(shared: &Shared, c: pb::CommitCheckpoint) {
+    let order = CommitOrder {
+        step: c.step,
+        generation: c.generation,
+        job_id: c.job_id,
+        config_hash: c.config_hash,
+        parts: c.parts,
+    };
+    match shared.checkpointer.lock().clone() {
+        Some(ck) => {
+            let _ = ck.cast(CheckpointerMsg::Commit(Box::new(order)));
+        }
+        None => warn!(step = order.step, "no checkpointer to commit this checkpoint"),
     }
 }
 
@@ -306,6 +328,8 @@ fn heartbeat(shared: &Shared) -> pb::RankMessage {
             stats: None,
             recent: progress.take_recent(),
             links: std::mem::take(&mut *shared.group_links.lock()),
+            durable: shared.durable.lock().clone(),
+            committed_checkpoint: shared.committed_checkpoint.load(Ordering::Relaxed),
         })),
     }
 }

@@ -69,6 +69,10 @@ pub struct RankParams {
     pub optim: OptimConfig,
     pub heartbeat_interval: Duration,
     pub checkpoint_interval: u64,
+    /// Retention: the newest this many committed checkpoints are kept ...
+    pub keep_checkpoints: usize,
+    /// ... and every one whose step is a multiple of this (0: none).
+    pub keep_every: u64,
     /// Deterministic mode (exact fixed-point gradient sums).
     pub deterministic: bool,
     /// The job's seed (dropout per micro-batch in deterministic mode).
@@ -197,6 +201,10 @@ pub struct Shared {
     pub group_links: Mutex<Vec<pb::PeerLink>>,
     /// A background checkpoint is queued or being written (at most one snapshot is held).
     pub saving: AtomicBool,
+    /// The newest part of a checkpoint this rank made durable: its vote, in every heartbeat.
+    pub durable: Mutex<Option<pb::CheckpointPart>>,
+    /// The newest checkpoint this rank committed (as rank 0).
+    pub committed_checkpoint: AtomicU64,
     /// Send a heartbeat now, not at the next tick (the rank's phase changed).
     pub beat_now: tokio::sync::Notify,
 }
@@ -429,6 +437,8 @@ pub fn start(params: RankParams, first: Setup) -> Result<RankHandle> {
         group_links: Mutex::new(Vec::new()),
         beat_now: tokio::sync::Notify::new(),
         saving: AtomicBool::new(false),
+        durable: Mutex::new(None),
+        committed_checkpoint: AtomicU64::new(0),
     });
     let outcome = Arc::new(Mutex::new(None::<RankOutcome>));
     let o = outcome.clone();

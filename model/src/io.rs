@@ -8,7 +8,8 @@ use crate::gpt::Gpt;
 use crate::tokenizer::Tokenizer;
 use crate::trainer::Trainer;
 use crate::Result;
-use phalanx_checkpoint::{Contents, TensorData};
+use phalanx_checkpoint::{sharded, Contents, TensorData};
+use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::Device;
@@ -67,6 +68,73 @@ pub fn snapshot(trainer: &Trainer, tokenizer: &str, vocab: Option<String>) -> Re
         serde_json::to_value(info).expect("ModelInfo serializes"),
     );
     Ok(c)
+}
+
+/// The names of the flat tensors in a part of a sharded checkpoint (C-5).
+pub const FLAT_PARAMS: &str = "params";
+pub const FLAT_EXP_AVG: &str = "exp_avg";
+pub const FLAT_EXP_AVG_SQ: &str = "exp_avg_sq";
+
+fn flat_slice(name: &str, t: &tch::Tensor, range: &Range<u64>) -> Result<TensorData> {
+    let len = (range.end - range.start) as i64;
+    let part = t.detach().view([-1]).narrow(0, range.start as i64, len);
+    flat_tensor(name, &part)
+}
+
+/// A copy of this rank's range of the flat parameters and AdamW moments (the part it writes).
+pub fn part_snapshot(trainer: &Trainer, range: &Range<u64>) -> Result<Vec<TensorData>> {
+    Ok(vec![
+        flat_slice(FLAT_PARAMS, &trainer.model.params.flat, range)?,
+        flat_slice(FLAT_EXP_AVG, &trainer.opt.m, range)?,
+        flat_slice(FLAT_EXP_AVG_SQ, &trainer.opt.v, range)?,
+    ])
+}
+
+/// Rank 0's side file of a sharded checkpoint: how to rebuild the model and where training is.
+pub fn meta(trainer: &Trainer, tokenizer: &str, vocab: Option<String>) -> serde_json::Value {
+    serde_json::to_value(ModelInfo {
+        model: trainer.model.cfg.clone(),
+        tokenizer: tokenizer.into(),
+        vocab,
+        step: trainer.step,
+        adam_t: trainer.opt.t,
+    })
+    .expect("ModelInfo serializes")
+}
+
+/// Puts a verified sharded checkpoint into `trainer`, whatever world wrote it (the parts are
+/// put together here). Returns its step.
+pub fn restore_sharded(v: &sharded::Verified, trainer: &mut Trainer) -> Result<u64> {
+    let bad = |reason: String| ModelError::NotAModel {
+        path: v.dir.clone(),
+        reason,
+    };
+    let info: ModelInfo = serde_json::from_value(v.json(sharded::META)?)
+        .map_err(|e| bad(format!("{} is invalid: {e}", sharded::META)))?;
+    if info.model != trainer.model.cfg {
+        return Err(bad("is a checkpoint of another model configuration; \
+                        resume with the config that wrote it".into()));
+    }
+    let n = trainer.model.num_params() as u64;
+    if v.total()? != n {
+        return Err(bad(format!("holds {} values, the model has {n}", v.total()?)));
+    }
+    let dev = trainer.model.device();
+    let put = |dst: &tch::Tensor, name: &str| -> Result<()> {
+        let data = v.assemble(name)?;
+        tch::no_grad(|| {
+            dst.view([-1])
+                .copy_(&tch::Tensor::from_slice(&data).to_device(dev))
+        });
+        Ok(())
+    };
+    put(&trainer.model.params.flat, FLAT_PARAMS)?;
+    put(&trainer.opt.m, FLAT_EXP_AVG)?;
+    put(&trainer.opt.v, FLAT_EXP_AVG_SQ)?;
+    trainer.step = info.step;
+    trainer.opt.t = info.adam_t;
+    trainer.model.params.zero_grads();
+    Ok(info.step)
 }
 
 /// Writes a snapshot atomically (C-1): the directory is complete and verifiable, or absent.
@@ -140,27 +208,16 @@ pub fn restore(dir: &Path, trainer: &mut Trainer) -> Result<u64> {
     Ok(info.step)
 }
 
-/// The newest complete checkpoint under `dir` (`step-N` folders) from before `step`.
-pub fn latest_checkpoint(dir: &Path, before: u64) -> Option<(u64, std::path::PathBuf)> {
-    let mut found: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e
-                .file_name()
-                .to_str()?
-                .strip_prefix("step-")?
-                .parse()
-                .ok()?;
-            Some((n, e.path()))
-        })
-        .filter(|(n, _)| *n < before)
-        .collect();
-    found.sort();
-    found
-        .into_iter()
-        .rev()
-        .find(|(_, p)| phalanx_checkpoint::verify(p).is_ok())
+/// The newest committed checkpoint under `dir` (`step-N` folders) from before `step` that
+/// verifies, and the newer ones skipped with why (C-6).
+pub fn latest_checkpoint(
+    dir: &Path,
+    before: u64,
+) -> (
+    Option<sharded::Verified>,
+    Vec<(std::path::PathBuf, phalanx_checkpoint::CheckpointError)>,
+) {
+    sharded::newest_valid(dir, Some(before))
 }
 
 /// `model.json` is data from a file: before it sizes anything, it must describe exactly the

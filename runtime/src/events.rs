@@ -152,6 +152,23 @@ pub enum Event {
     JournalError {
         error: String,
     },
+    /// Every part of a sharded checkpoint was durable and rank 0 wrote its manifest (C-5):
+    /// `stage_ms` is the longest the training loop waited for a snapshot, `drain_ms` the
+    /// longest background write of a part.
+    CheckpointCommitted {
+        step: u64,
+        world: u32,
+        bytes: u64,
+        stage_ms: f64,
+        drain_ms: f64,
+    },
+    /// A save that lost a rank before every part was durable: it is never committed.
+    CheckpointAborted {
+        step: u64,
+        generation: Generation,
+        voted: u32,
+        world: u32,
+    },
     DecisionLoopPanicked {
         panic: String,
     },
@@ -432,6 +449,8 @@ impl Event {
                 | Event::CoordinatorStalled { .. }
                 | Event::ConfigHashPinned { .. }
                 | Event::DecisionLoopPanicked { .. }
+                | Event::CheckpointCommitted { .. }
+                | Event::CheckpointAborted { .. }
         )
     }
 }

@@ -52,6 +52,10 @@ impl<'a> Loop<'a> {
             unix_ms: Some(unix_ms()),
             ..StepLine::default()
         };
+        // Every rank writes its part of a checkpoint (C-5).
+        if p.checkpoint_interval > 0 && s.trainer.step % p.checkpoint_interval == 0 {
+            self.checkpoint_async(s, g);
+        }
         if g.rank.0 != 0 {
             *self.last_commit.borrow_mut() = Some(ledger);
             return;
@@ -73,9 +77,6 @@ impl<'a> Loop<'a> {
         let _ = g
             .metrics
             .write_all(format!("{}\n", line.to_line()).as_bytes());
-        if p.checkpoint_interval > 0 && s.trainer.step % p.checkpoint_interval == 0 {
-            self.checkpoint_async(s);
-        }
     }
 
     /// The last step is committed: fingerprints, the final barrier, rank 0's evaluation and

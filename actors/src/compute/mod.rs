@@ -6,7 +6,8 @@
 //! libtorch never runs on a tokio worker. The model lives in [`ModelSlot`], so a restarted
 //! incarnation takes over its predecessor's state unless that state was torn mid-update.
 
-use crate::ckpt::CheckpointerMsg;
+use crate::ckpt::{CheckpointerMsg, PartSave};
+use phalanx_checkpoint::sharded;
 use crate::comm::{CommunicatorMsg, SharedGroup};
 use crate::faults;
 use crate::loader;

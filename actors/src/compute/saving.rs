@@ -73,10 +73,14 @@ impl<'a> Loop<'a> {
         Ok(model_io::write(dir, step, &c)?)
     }
 
-    pub(super) fn checkpoint_async(&self, s: &Setup) {
+    /// C-5: this rank's part of the checkpoint of the step just committed. The loop waits only
+    /// for the copy of its range (the stage); the checkpointer writes it in the background and
+    /// votes, and rank 0 commits once every rank's part is durable.
+    pub(super) fn checkpoint_async(&self, s: &Setup, g: &Gen) {
         let step = s.trainer.step;
         // One snapshot in flight at most: a disk slower than the checkpoint interval skips
-        // checkpoints instead of queueing copies of the model without bound.
+        // checkpoints instead of queueing copies of the model without bound. A save with a
+        // part skipped never commits; the next one does.
         if self.sh.saving.swap(true, Ordering::AcqRel) {
             warn!(
                 step,
@@ -84,26 +88,38 @@ impl<'a> Loop<'a> {
             );
             return;
         }
-        let Ok(c) = model_io::snapshot(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
-        else {
-            self.sh.saving.store(false, Ordering::Release);
-            return;
+        let staged = Instant::now();
+        let total = s.trainer.model.num_params() as u64;
+        let range = sharded::part_range(total, g.world, g.rank.0);
+        let tensors = match model_io::part_snapshot(&s.trainer, &range) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(step, error = %e, "cannot copy this rank's part of the checkpoint");
+                self.sh.saving.store(false, Ordering::Release);
+                return;
+            }
         };
-        let dir = self
-            .sh
-            .params
-            .run_dir
-            .join("checkpoints")
-            .join(format!("step-{step}"));
-        let sent = self.sh.checkpointer.lock().clone().is_some_and(|ck| {
-            ck.cast(CheckpointerMsg::Save {
-                dir,
-                step,
-                contents: Box::new(c),
-                reply: None,
-            })
-            .is_ok()
+        let meta = (g.rank.0 == 0).then(|| {
+            model_io::meta(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
         });
+        let part = PartSave {
+            dir: self.sh.params.run_dir.join("checkpoints").join(format!("step-{step}")),
+            step,
+            generation: g.generation.0,
+            rank: g.rank.0,
+            world: g.world,
+            total,
+            range,
+            tensors,
+            meta,
+            stage: staged.elapsed(),
+        };
+        let sent = self
+            .sh
+            .checkpointer
+            .lock()
+            .clone()
+            .is_some_and(|ck| ck.cast(CheckpointerMsg::SavePart(Box::new(part))).is_ok());
         if !sent {
             self.sh.saving.store(false, Ordering::Release);
         }

@@ -173,14 +173,18 @@ impl<'a> Loop<'a> {
         let mut head = vec![0u8; 16];
         if group.rank().0 == 0 {
             let dir = self.sh.params.run_dir.join("checkpoints");
-            match model_io::latest_checkpoint(&dir, step + 1) {
-                Some((_, path)) => match model_io::restore(&path, &mut s.trainer) {
+            let (found, skipped) = model_io::latest_checkpoint(&dir, step + 1);
+            for (path, why) in skipped {
+                warn!(path = %path.display(), %why, "skipping a checkpoint that does not verify");
+            }
+            match found {
+                Some(v) => match model_io::restore_sharded(&v, &mut s.trainer) {
                     Ok(to) => {
                         head[..8].copy_from_slice(&1u64.to_le_bytes());
                         head[8..].copy_from_slice(&to.to_le_bytes());
                     }
                     Err(e) => {
-                        warn!(error = %e, path = %path.display(), "cannot roll back to this checkpoint")
+                        warn!(error = %e, path = %v.dir.display(), "cannot roll back to this checkpoint")
                     }
                 },
                 None => {

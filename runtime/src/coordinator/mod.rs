@@ -9,6 +9,7 @@ pub mod core;
 mod fuzz_tests;
 pub mod journal;
 pub mod observed;
+pub mod saves;
 pub mod service;
 pub mod stall;
 pub mod straggler;

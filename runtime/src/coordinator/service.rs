@@ -10,6 +10,7 @@ use super::core::{
 };
 use super::journal::{Journal, JournalState};
 use super::observed::{self, Observed};
+use super::saves::{Saves, Voter};
 use crate::dataplane::{GroupKey, PeerLink};
 use crate::error::RuntimeError;
 use crate::events::{Cause, Event, Flagged, GenerationFormed, Joined, Record, Removed, Started};
@@ -110,6 +111,8 @@ pub struct Shared {
     admin_token: Option<String>,
     /// Refused requests are logged at most once a second per kind.
     refused_at: Mutex<HashMap<&'static str, (Instant, u64)>>,
+    /// Sharded checkpoints' two-phase commits (C-5).
+    saves: Mutex<Saves>,
 }
 
 fn role_of(r: i32) -> Result<Role, Status> {
@@ -320,6 +323,14 @@ impl Shared {
             }
             Decision::Regroup(r) => {
                 out.events.extend(removal_events(now, st, r));
+                for a in self.saves.lock().abort_before(r.generation) {
+                    out.events.push(Event::CheckpointAborted {
+                        step: a.step,
+                        generation: a.generation,
+                        voted: a.voted,
+                        world: a.world,
+                    });
+                }
                 apply(st, &d);
                 out.journal = Some(JournalState::of(st));
                 out.superseded = true;
@@ -908,7 +919,63 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
     if !flags.is_empty() {
         sh.wake.notify_one();
     }
+    if let Some(part) = &hb.durable {
+        checkpoint_vote(sh, id, part);
+    }
+    if hb.committed_checkpoint > 0 {
+        checkpoint_committed(sh, hb.committed_checkpoint);
+    }
     Ok(())
+}
+
+/// C-5: a rank's durable part; once every rank of the generation has one for the step, rank 0
+/// is told to commit it.
+fn checkpoint_vote(sh: &Shared, id: MemberId, part: &pb::CheckpointPart) {
+    let st = sh.state.lock();
+    let who = Voter {
+        rank: st
+            .members
+            .get(&id)
+            .filter(|m| m.state == MemberState::Active)
+            .and_then(|m| m.rank),
+        generation: st.generation,
+        world: st.ranks.len() as u32,
+    };
+    let Some(order) = sh.saves.lock().vote(Instant::now(), part, who) else {
+        return;
+    };
+    let Some(&first) = st.ranks.first() else {
+        return;
+    };
+    let commit = pb::CommitCheckpoint {
+        step: order.step,
+        generation: order.generation.0,
+        job_id: st.job_id.clone(),
+        config_hash: st.config_hash.clone(),
+        parts: order.parts,
+    };
+    drop(st);
+    sh.send(first, pb::directive::Kind::Commit(commit));
+}
+
+/// Rank 0 wrote a commit: said once, with the save's size and times.
+fn checkpoint_committed(sh: &Shared, step: u64) {
+    let Some(parts) = sh.saves.lock().committed(step) else {
+        return;
+    };
+    let ms = |us: u32| us as f64 / 1e3;
+    let world = parts.len() as u32;
+    sh.event(Event::CheckpointCommitted {
+        step,
+        world,
+        bytes: parts
+            .iter()
+            .flat_map(|p| &p.files)
+            .map(|f| f.bytes)
+            .sum(),
+        stage_ms: parts.iter().map(|p| ms(p.stage_us)).fold(0.0, f64::max),
+        drain_ms: parts.iter().map(|p| ms(p.drain_us)).fold(0.0, f64::max),
+    });
 }
 
 /// The transports a member's group chose, once per generation: which pairs of ranks talk over
@@ -1158,6 +1225,7 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         rendezvous_changed: Notify::new(),
         cfg: opts.core.clone(),
         sessions: Mutex::new(HashMap::new()),
+        saves: Mutex::new(Saves::default()),
         events: Mutex::new(events),
         journal,
         wake: Notify::new(),
