@@ -169,13 +169,17 @@ fn prepare(a: &LaunchArgs) -> Result<Job> {
     crate::train::setup(&cfg)?;
     let run_dir = cfg.run.dir.clone();
     crate::run_dir::ensure(&run_dir)?;
-    for f in [
-        "metrics.jsonl",
-        "events.jsonl",
-        "report.json",
-        "coordinator-journal.json",
-    ] {
-        let _ = std::fs::remove_file(run_dir.join(f));
+    if cfg.run.resume {
+        crate::run_dir::archive_job(&run_dir)?;
+    } else {
+        for f in [
+            "metrics.jsonl",
+            "events.jsonl",
+            "report.json",
+            "coordinator-journal.json",
+        ] {
+            let _ = std::fs::remove_file(run_dir.join(f));
+        }
     }
     std::fs::create_dir_all(run_dir.join("logs"))?;
     std::fs::write(run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?)?;

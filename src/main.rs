@@ -16,6 +16,7 @@ mod launch_load;
 mod launch_schedule;
 use phalanx_model::io as model_io;
 mod report;
+mod resume;
 mod run_dir;
 mod sample;
 mod signals;
@@ -366,6 +367,11 @@ struct LaunchCli {
     noise: Option<String>,
     #[command(flatten)]
     hosts: launch_hosts::HostArgs,
+    /// Continue the campaign in run.dir from its newest committed checkpoint that verifies, at
+    /// this job's --nproc (any world size); the metrics and ledger go on. Without a checkpoint
+    /// the job starts from step 0. Same as run.resume=true.
+    #[arg(long)]
+    resume: bool,
     /// Overrides: section.key=value (e.g. train.max_steps=100).
     overrides: Vec<String>,
 }
@@ -533,8 +539,12 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
         restart_spare_every,
         noise,
         hosts,
-        overrides,
+        resume,
+        mut overrides,
     } = c;
+    if resume {
+        overrides.push("run.resume=true".into());
+    }
     let parse = |flag: &str, v: Option<String>| -> Result<Option<(u64, u32)>> {
         let Some(s) = v else { return Ok(None) };
         let (a, b) = s

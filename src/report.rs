@@ -78,6 +78,7 @@ pub fn from_run_dir(run_dir: &Path) -> Result<Value> {
             MetricLine::Step(s) => s.unix_ms,
             MetricLine::Final(f) => Some(f.unix_ms),
             MetricLine::Rollback(r) => Some(r.unix_ms),
+            MetricLine::Resume(r) => Some(r.unix_ms),
         })
         .collect();
     let wall = match (times.iter().min(), times.iter().max()) {
@@ -326,6 +327,11 @@ fn ledger(metrics: &[MetricLine], resume: &BTreeMap<u64, u64>) -> Value {
         let m = match m {
             MetricLine::Rollback(r) => {
                 rollbacks.push((i, r.to_step));
+                continue;
+            }
+            // A job resumed from a checkpoint goes back to its step, as a rollback does.
+            MetricLine::Resume(r) => {
+                rollbacks.push((i, r.step));
                 continue;
             }
             MetricLine::Final(_) => continue,

@@ -29,6 +29,26 @@ pub fn ensure(dir: &Path) -> Result<()> {
     })
 }
 
+/// A resumed job (C-6) keeps the campaign's `metrics.jsonl` (the loss curve and the sample
+/// ledger go on) and moves the previous job's events, report and coordinator journal to
+/// `history/job-<unix_ms>/`: the new job's coordinator starts fresh, its report is its own.
+pub fn archive_job(dir: &Path) -> Result<()> {
+    let files = ["events.jsonl", "report.json", "coordinator-journal.json"];
+    if !files.iter().any(|f| dir.join(f).exists()) {
+        return Ok(());
+    }
+    let to = dir.join("history").join(format!("job-{}", unix_ms()));
+    std::fs::create_dir_all(&to).with_context(|| format!("cannot create {}", to.display()))?;
+    for f in files {
+        let from = dir.join(f);
+        if from.exists() {
+            std::fs::rename(&from, to.join(f))
+                .with_context(|| format!("cannot move {} to {}", from.display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
 impl RunDir {
     pub fn create(dir: &Path) -> Result<Self> {
         ensure(dir)?;

@@ -128,13 +128,14 @@ pub fn run(a: WorkerArgs) -> Result<i32> {
         // libtorch's reductions may group differently with another thread count.
         cfg.train.threads = 1;
     }
-    let first = train::setup(&cfg)?;
-    let params = rank_params(&a, &cfg, &first)?;
+    let mut first = train::setup(&cfg)?;
+    let mut params = rank_params(&a, &cfg, &first)?;
+    if cfg.run.resume {
+        params.resumed = crate::resume::load_newest(&a.run_dir, &mut first)?;
+    }
     // A rank fenced out of the job (evicted while hung, then woken) comes back as a spare:
     // with fresh state, which it receives from a peer if it is promoted. Under `phalanx
     // launch` the launcher restarts it as a new process instead.
-    let mut params = params;
-    let mut first = first;
     loop {
         let code = rank::run(params.clone(), first)?;
         if code != EXIT_FENCED || std::env::var_os("PHALANX_PARENT_PID").is_some() || a.no_rejoin {
@@ -215,6 +216,7 @@ pub fn rank_params(
         },
         prefetch: r.prefetch_steps,
         data_plane: phalanx_actors::comm::ucx(),
+        resumed: None,
     };
     Ok(params)
 }

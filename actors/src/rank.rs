@@ -27,6 +27,7 @@ use phalanx_model::optim::OptimConfig;
 use phalanx_proto::pb;
 use phalanx_proto::MAX_RECENT_STEPS;
 use phalanx_runtime::coordinator::client::{Client, ClientOpts};
+use phalanx_runtime::metrics::ResumeLine;
 use phalanx_runtime::{Generation, Rank};
 use ractor::{Actor, ActorCell, ActorRef};
 use std::path::PathBuf;
@@ -89,6 +90,9 @@ pub struct RankParams {
     pub prefetch: usize,
     /// How each generation's group is built (`comm::ucx()` in a worker process).
     pub data_plane: crate::comm::DataPlane,
+    /// The checkpoint this worker's state was loaded from (C-6): rank 0 records it in the
+    /// metrics before the job's first step.
+    pub resumed: Option<ResumeLine>,
 }
 
 /// Progress the compute loop publishes and the control agent heartbeats.
@@ -205,6 +209,8 @@ pub struct Shared {
     pub durable: Mutex<Option<pb::CheckpointPart>>,
     /// The newest checkpoint this rank committed (as rank 0).
     pub committed_checkpoint: AtomicU64,
+    /// The resume line is in the metrics (written once per process).
+    pub resume_recorded: AtomicBool,
     /// Send a heartbeat now, not at the next tick (the rank's phase changed).
     pub beat_now: tokio::sync::Notify,
 }
@@ -414,6 +420,8 @@ pub fn start(params: RankParams, first: Setup) -> Result<RankHandle> {
         win: first.win,
         device: first.trainer.model.device(),
     };
+    // A rank resumed from a checkpoint registers at its step (C-6).
+    let start_step = first.trainer.step;
     let setup = Some(first);
     let shared = Arc::new(Shared {
         params,
@@ -439,7 +447,9 @@ pub fn start(params: RankParams, first: Setup) -> Result<RankHandle> {
         saving: AtomicBool::new(false),
         durable: Mutex::new(None),
         committed_checkpoint: AtomicU64::new(0),
+        resume_recorded: AtomicBool::new(false),
     });
+    shared.progress.step.store(start_step, Ordering::Relaxed);
     let outcome = Arc::new(Mutex::new(None::<RankOutcome>));
     let o = outcome.clone();
     // Actor names are unique per process, and a test may run several ranks in one.

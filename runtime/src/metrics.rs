@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 pub enum MetricLine {
     Final(FinalLine),
     Rollback(RollbackLine),
+    Resume(ResumeLine),
     Step(StepLine),
 }
 
@@ -41,6 +42,28 @@ pub struct RollbackLine {
     pub to_step: u64,
     pub nonfinite_ranks: Vec<u32>,
     pub unix_ms: u64,
+}
+
+/// A job of the campaign started from a committed checkpoint (C-6): the steps after `step`
+/// recorded by earlier jobs are not the final model's lineage (like a rollback's, T-4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResumeLine {
+    /// Always true; it tells this line from the others.
+    pub resume: bool,
+    /// The checkpoint's step: the first step this job trains.
+    pub step: u64,
+    pub checkpoint: String,
+    pub world_size: usize,
+    /// Newer committed checkpoints that did not verify, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedCheckpoint>,
+    pub unix_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkippedCheckpoint {
+    pub checkpoint: String,
+    pub why: String,
 }
 
 /// A committed step. The ledger's fields (epoch, positions, shares) come from the multi-rank
@@ -134,14 +157,25 @@ mod tests {
             nonfinite_ranks: vec![1],
             unix_ms: 6,
         });
-        let text = [&step, &fin, &back]
+        let resumed = MetricLine::Resume(ResumeLine {
+            resume: true,
+            step: 30,
+            checkpoint: "runs/x/checkpoints/step-30".into(),
+            world_size: 3,
+            skipped: vec![SkippedCheckpoint {
+                checkpoint: "runs/x/checkpoints/step-40".into(),
+                why: "corrupt".into(),
+            }],
+            unix_ms: 7,
+        });
+        let text = [&step, &fin, &back, &resumed]
             .iter()
             .map(|l| l.to_line())
             .collect::<Vec<_>>()
             .join("\n")
             + "\n{\"step\":";
         let (lines, bad) = read(&text);
-        assert_eq!(lines, vec![step, fin, back]);
+        assert_eq!(lines, vec![step, fin, back, resumed]);
         assert_eq!(bad, 1);
         let v: serde_json::Value = serde_json::from_str(&lines[1].to_line()).unwrap();
         assert_eq!(v["final"], true);

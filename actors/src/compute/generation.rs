@@ -118,6 +118,7 @@ impl<'a> Loop<'a> {
                     })?;
             }
         }
+        self.record_resume(&mut metrics, rank, world, s.trainer.step)?;
         let mut g = Gen {
             ctl,
             comm,

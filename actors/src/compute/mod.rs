@@ -22,7 +22,7 @@ use phalanx_model::optim::lr_at;
 use phalanx_proto::pb;
 use phalanx_runtime::dataplane::Group;
 use phalanx_runtime::events::unix_ms;
-use phalanx_runtime::metrics::{FinalLine, MetricLine, RollbackLine, StepLine};
+use phalanx_runtime::metrics::{FinalLine, MetricLine, ResumeLine, RollbackLine, StepLine};
 use phalanx_runtime::{Generation, Rank, RuntimeError};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;

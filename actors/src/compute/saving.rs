@@ -73,6 +73,34 @@ impl<'a> Loop<'a> {
         Ok(model_io::write(dir, step, &c)?)
     }
 
+    /// C-6: rank 0 records the checkpoint the job resumed from, before its first step (the
+    /// report's ledger takes the earlier jobs' steps after it as not the final model's).
+    pub(super) fn record_resume(
+        &self,
+        metrics: &mut std::fs::File,
+        rank: Rank,
+        world: u32,
+        step: u64,
+    ) -> Result<(), ActorError> {
+        let Some(r) = &self.sh.params.resumed else {
+            return Ok(());
+        };
+        if rank.0 != 0 || r.step != step || self.sh.resume_recorded.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let line = MetricLine::Resume(ResumeLine {
+            world_size: world as usize,
+            unix_ms: unix_ms(),
+            ..r.clone()
+        });
+        metrics
+            .write_all(format!("{}\n", line.to_line()).as_bytes())
+            .map_err(|source| ActorError::Io {
+                what: format!("cannot write {}/metrics.jsonl", self.sh.params.run_dir.display()),
+                source,
+            })
+    }
+
     /// C-5: this rank's part of the checkpoint of the step just committed. The loop waits only
     /// for the copy of its range (the stage); the checkpointer writes it in the background and
     /// votes, and rank 0 commits once every rank's part is durable.

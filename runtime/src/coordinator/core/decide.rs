@@ -197,15 +197,18 @@ pub(super) fn form_first(now: Instant, s: &State, cfg: &CoreConfig) -> Decision 
     }
     ready.sort_unstable();
     ready.truncate(target);
+    // A job resumed from a checkpoint (C-6) starts at the step its members loaded; one that
+    // loaded an older one (or none) heals from the first that holds the newest.
+    let (ranks, resume_step, heal) = place(s, ready, &[]);
     Decision::Regroup(Regroup {
         generation: Generation(s.generation.0 + 1),
-        reason: format!("first generation: {} ranks registered", ready.len()),
-        promoted: ready.clone(),
-        ranks: ready,
+        reason: format!("first generation: {} ranks registered", ranks.len()),
+        promoted: ranks.clone(),
+        ranks,
         shares: Vec::new(),
         removed: Vec::new(),
-        resume_step: s.committed_step,
-        heal: Vec::new(),
+        resume_step,
+        heal,
         straggler: None,
         at: now,
         watchdog: false,

@@ -153,7 +153,8 @@ impl Member {
             connected: false,
             last_heartbeat: now,
             last_progress: now,
-            step: Step(0),
+            // A worker resumed from a checkpoint (C-6) starts at its step.
+            step: req.committed_step,
             collective_seq: 0,
             phase: Phase::Idle,
             last_step_time: Duration::ZERO,
