@@ -22,8 +22,9 @@ pub(crate) fn metrics_in(run_dir: &Path) -> Vec<MetricLine> {
     metrics::read(&text).0
 }
 
+/// The last final line: a campaign's earlier jobs (C-6) ended with their own.
 fn final_line(metrics: &[MetricLine]) -> Option<&FinalLine> {
-    metrics.iter().find_map(|m| match m {
+    metrics.iter().rev().find_map(|m| match m {
         MetricLine::Final(f) => Some(f),
         _ => None,
     })

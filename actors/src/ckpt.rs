@@ -165,8 +165,13 @@ async fn save_part(p: PartSave) -> Result<pb::CheckpointPart, ActorProcessingErr
     .await?
     .map_err(ActorError::from)?;
     let drain = t.elapsed();
-    info!(step = p.step, rank = p.rank, stage_ms = p.stage.as_millis() as u64,
-          drain_ms = drain.as_millis() as u64, "checkpoint part durable");
+    info!(
+        step = p.step,
+        rank = p.rank,
+        stage_ms = p.stage.as_millis() as u64,
+        drain_ms = drain.as_millis() as u64,
+        "checkpoint part durable"
+    );
     let us = |d: Duration| d.as_micros().min(u32::MAX as u128) as u32;
     Ok(pb::CheckpointPart {
         step: p.step,

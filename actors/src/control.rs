@@ -303,7 +303,10 @@ fn commit(shared: &Shared, c: pb::CommitCheckpoint) {
         Some(ck) => {
             let _ = ck.cast(CheckpointerMsg::Commit(Box::new(order)));
         }
-        None => warn!(step = order.step, "no checkpointer to commit this checkpoint"),
+        None => warn!(
+            step = order.step,
+            "no checkpointer to commit this checkpoint"
+        ),
     }
 }
 

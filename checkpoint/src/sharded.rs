@@ -126,7 +126,7 @@ pub fn saves(root: &Path) -> Vec<(u64, PathBuf, bool)> {
             step_of(&p).map(|s| (s, p, committed))
         })
         .collect();
-    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.sort_by_key(|s| std::cmp::Reverse(s.0));
     v
 }
 

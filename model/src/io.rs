@@ -9,8 +9,8 @@ use crate::tokenizer::Tokenizer;
 use crate::trainer::Trainer;
 use crate::Result;
 use phalanx_checkpoint::{sharded, Contents, TensorData};
-use std::ops::Range;
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::path::Path;
 use tch::Device;
 
@@ -113,11 +113,15 @@ pub fn restore_sharded(v: &sharded::Verified, trainer: &mut Trainer) -> Result<u
         .map_err(|e| bad(format!("{} is invalid: {e}", sharded::META)))?;
     if info.model != trainer.model.cfg {
         return Err(bad("is a checkpoint of another model configuration; \
-                        resume with the config that wrote it".into()));
+                        resume with the config that wrote it"
+            .into()));
     }
     let n = trainer.model.num_params() as u64;
     if v.total()? != n {
-        return Err(bad(format!("holds {} values, the model has {n}", v.total()?)));
+        return Err(bad(format!(
+            "holds {} values, the model has {n}",
+            v.total()?
+        )));
     }
     let dev = trainer.model.device();
     let put = |dst: &tch::Tensor, name: &str| -> Result<()> {

@@ -54,7 +54,12 @@ impl<'a> Loop<'a> {
         };
         // Every rank writes its part of a checkpoint (C-5).
         if p.checkpoint_interval > 0 && s.trainer.step % p.checkpoint_interval == 0 {
-            self.checkpoint_async(s, g);
+            let at = Place {
+                rank: g.rank,
+                world: g.world,
+                generation: g.generation,
+            };
+            self.checkpoint_async(s, at);
         }
         if g.rank.0 != 0 {
             *self.last_commit.borrow_mut() = Some(ledger);
@@ -100,6 +105,15 @@ impl<'a> Loop<'a> {
         self.sh.beat_now.notify_one();
         self.heart.busy(true);
         self.write_fingerprint(s, ctl.member, rank, generation)?;
+        let world = group.world();
+        self.final_checkpoint(
+            s,
+            Place {
+                rank,
+                world,
+                generation,
+            },
+        );
         if faults::fire(
             "exit-at-final-barrier",
             s.trainer.step,
@@ -115,6 +129,7 @@ impl<'a> Loop<'a> {
             warn!(%why, "a peer was lost after the last step; the job's result is complete");
         }
         if rank.0 == 0 {
+            self.await_final_commit(s.trainer.step);
             let val = s
                 .trainer
                 .evaluate(&s.ds.val, s.win, p.eval_batches, p.micro_batch);

@@ -7,7 +7,6 @@
 //! incarnation takes over its predecessor's state unless that state was torn mid-update.
 
 use crate::ckpt::{CheckpointerMsg, PartSave};
-use phalanx_checkpoint::sharded;
 use crate::comm::{CommunicatorMsg, SharedGroup};
 use crate::faults;
 use crate::loader;
@@ -17,6 +16,7 @@ use crate::rank::{
 };
 use crate::supervisor::{finish_reason, spawn_body, Heart};
 use crate::{ActorError, Setup};
+use phalanx_checkpoint::sharded;
 use phalanx_model::io as model_io;
 use phalanx_model::optim::lr_at;
 use phalanx_proto::pb;
@@ -49,6 +49,7 @@ mod verdict;
 pub use fixed_point::fixed;
 use fixed_point::*;
 use rank_loop::*;
+use saving::Place;
 use state_sync::*;
 pub use state_sync::{odd_ranks, quick_fingerprint, state_fingerprint};
 use verdict::*;

@@ -96,7 +96,10 @@ impl<'a> Loop<'a> {
         metrics
             .write_all(format!("{}\n", line.to_line()).as_bytes())
             .map_err(|source| ActorError::Io {
-                what: format!("cannot write {}/metrics.jsonl", self.sh.params.run_dir.display()),
+                what: format!(
+                    "cannot write {}/metrics.jsonl",
+                    self.sh.params.run_dir.display()
+                ),
                 source,
             })
     }
@@ -104,7 +107,7 @@ impl<'a> Loop<'a> {
     /// C-5: this rank's part of the checkpoint of the step just committed. The loop waits only
     /// for the copy of its range (the stage); the checkpointer writes it in the background and
     /// votes, and rank 0 commits once every rank's part is durable.
-    pub(super) fn checkpoint_async(&self, s: &Setup, g: &Gen) {
+    pub(super) fn checkpoint_async(&self, s: &Setup, at: Place) {
         let step = s.trainer.step;
         // One snapshot in flight at most: a disk slower than the checkpoint interval skips
         // checkpoints instead of queueing copies of the model without bound. A save with a
@@ -118,7 +121,7 @@ impl<'a> Loop<'a> {
         }
         let staged = Instant::now();
         let total = s.trainer.model.num_params() as u64;
-        let range = sharded::part_range(total, g.world, g.rank.0);
+        let range = sharded::part_range(total, at.world, at.rank.0);
         let tensors = match model_io::part_snapshot(&s.trainer, &range) {
             Ok(t) => t,
             Err(e) => {
@@ -127,15 +130,19 @@ impl<'a> Loop<'a> {
                 return;
             }
         };
-        let meta = (g.rank.0 == 0).then(|| {
-            model_io::meta(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone())
-        });
+        let meta = (at.rank.0 == 0)
+            .then(|| model_io::meta(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone()));
         let part = PartSave {
-            dir: self.sh.params.run_dir.join("checkpoints").join(format!("step-{step}")),
+            dir: self
+                .sh
+                .params
+                .run_dir
+                .join("checkpoints")
+                .join(format!("step-{step}")),
             step,
-            generation: g.generation.0,
-            rank: g.rank.0,
-            world: g.world,
+            generation: at.generation.0,
+            rank: at.rank.0,
+            world: at.world,
             total,
             range,
             tensors,
@@ -152,4 +159,60 @@ impl<'a> Loop<'a> {
             self.sh.saving.store(false, Ordering::Release);
         }
     }
+
+    /// C-5: the job's last step is saved and committed before the ranks leave, so the next job
+    /// of the campaign resumes where this one ended. Every rank makes its part durable (after
+    /// any save still draining) and votes; rank 0 then waits, bounded, for the commit.
+    pub(super) fn final_checkpoint(&self, s: &Setup, at: Place) {
+        let step = s.trainer.step;
+        if self.sh.params.checkpoint_interval == 0 {
+            return;
+        }
+        let voted = |sh: &Shared| sh.durable.lock().as_ref().is_some_and(|d| d.step == step);
+        let deadline = Instant::now() + FINAL_SAVE_WAIT;
+        let wait_for = |done: &dyn Fn() -> bool| {
+            while !done() && Instant::now() < deadline {
+                self.heart.beat();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            done()
+        };
+        // A save of this very step may be draining: it is the vote, once durable.
+        wait_for(&|| !self.sh.saving.load(Ordering::Acquire));
+        if !voted(self.sh) {
+            self.checkpoint_async(s, at);
+        }
+        if !wait_for(&|| voted(self.sh)) {
+            warn!(step, "this rank's part of the final checkpoint is not durable; the campaign resumes from an earlier one");
+            return;
+        }
+        self.sh.beat_now.notify_one();
+    }
+
+    /// Rank 0, after every rank's part of the final checkpoint is durable: its commit.
+    pub(super) fn await_final_commit(&self, step: u64) {
+        if self.sh.params.checkpoint_interval == 0 {
+            return;
+        }
+        let deadline = Instant::now() + FINAL_SAVE_WAIT;
+        while self.sh.committed_checkpoint.load(Ordering::Acquire) < step {
+            if Instant::now() > deadline {
+                warn!(step, "the final checkpoint was not committed; the campaign resumes from an earlier one");
+                return;
+            }
+            self.heart.beat();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// How long the end of a job waits for its final checkpoint.
+const FINAL_SAVE_WAIT: Duration = Duration::from_secs(60);
+
+/// Where a rank is: what a save records about the writer.
+#[derive(Clone, Copy)]
+pub(super) struct Place {
+    pub(super) rank: Rank,
+    pub(super) world: u32,
+    pub(super) generation: Generation,
 }

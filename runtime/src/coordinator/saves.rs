@@ -16,6 +16,8 @@ const REORDER_AFTER: Duration = Duration::from_secs(2);
 #[derive(Debug, Default)]
 pub struct Saves {
     pending: BTreeMap<u64, Pending>,
+    /// Saves said aborted (by step), so that late votes for them are not said again.
+    aborted: std::collections::BTreeSet<u64>,
     /// The newest step rank 0 reported committed.
     pub committed: u64,
 }
@@ -54,7 +56,43 @@ pub struct Aborted {
     pub world: u32,
 }
 
+/// What a vote brings about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Commit(Order),
+    /// A part of a save whose generation ended before every part was durable: the first
+    /// late vote for a save nobody else voted for in time says so.
+    Aborted(Aborted),
+}
+
 impl Saves {
+    /// A vote: the commit order once every rank voted, or the abort of a save a lost rank
+    /// left behind.
+    pub fn on_vote(
+        &mut self,
+        now: Instant,
+        part: &pb::CheckpointPart,
+        who: Voter,
+    ) -> Option<Outcome> {
+        let stale = Generation(part.generation) < who.generation;
+        if stale && part.step > self.committed && self.aborted.insert(part.step) {
+            self.trim_aborted();
+            return Some(Outcome::Aborted(Aborted {
+                step: part.step,
+                generation: Generation(part.generation),
+                voted: 1,
+                world: part.world,
+            }));
+        }
+        self.vote(now, part, who).map(Outcome::Commit)
+    }
+
+    fn trim_aborted(&mut self) {
+        while self.aborted.len() > 64 {
+            self.aborted.pop_first();
+        }
+    }
+
     /// Counts a vote from a rank of the current generation for a step not yet committed; the
     /// order to commit once every rank voted (again if an earlier order went unanswered).
     pub fn vote(&mut self, now: Instant, part: &pb::CheckpointPart, who: Voter) -> Option<Order> {
@@ -95,7 +133,10 @@ impl Saves {
             return None;
         }
         self.committed = step;
-        let done = self.pending.remove(&step).map(|p| p.parts.into_values().collect());
+        let done = self
+            .pending
+            .remove(&step)
+            .map(|p| p.parts.into_values().collect());
         // Older saves still pending lost the race to a newer commit: nothing loads them.
         self.pending.retain(|&s, _| s > step);
         done.or(Some(Vec::new()))
@@ -109,6 +150,8 @@ impl Saves {
             .filter(|(_, p)| p.generation < generation)
             .map(|(&s, _)| s)
             .collect();
+        self.aborted.extend(gone.iter().copied());
+        self.trim_aborted();
         gone.into_iter()
             .filter_map(|s| self.pending.remove(&s).map(|p| (s, p)))
             .map(|(step, p)| Aborted {
@@ -185,6 +228,15 @@ mod tests {
                 world: 4
             }]
         );
+        // A late vote of the old generation for a save nobody voted for in time is said
+        // aborted once; for one already said aborted, not again.
+        let late = s.on_vote(t, &part(25, 1, 0, 4), voter(0, 2, 3));
+        assert!(matches!(
+            late,
+            Some(Outcome::Aborted(Aborted { step: 25, .. }))
+        ));
+        assert!(s.on_vote(t, &part(25, 1, 2, 4), voter(1, 2, 3)).is_none());
+        assert!(s.on_vote(t, &part(20, 1, 2, 4), voter(1, 2, 3)).is_none());
         // The next save, in the new generation, commits.
         s.vote(t, &part(30, 2, 0, 2), voter(0, 2, 2));
         assert!(s.vote(t, &part(30, 2, 1, 2), voter(1, 2, 2)).is_some());

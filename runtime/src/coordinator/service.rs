@@ -10,7 +10,7 @@ use super::core::{
 };
 use super::journal::{Journal, JournalState};
 use super::observed::{self, Observed};
-use super::saves::{Saves, Voter};
+use super::saves::{self, Saves, Voter};
 use crate::dataplane::{GroupKey, PeerLink};
 use crate::error::RuntimeError;
 use crate::events::{Cause, Event, Flagged, GenerationFormed, Joined, Record, Removed, Started};
@@ -941,8 +941,19 @@ fn checkpoint_vote(sh: &Shared, id: MemberId, part: &pb::CheckpointPart) {
         generation: st.generation,
         world: st.ranks.len() as u32,
     };
-    let Some(order) = sh.saves.lock().vote(Instant::now(), part, who) else {
-        return;
+    let order = match sh.saves.lock().on_vote(Instant::now(), part, who) {
+        None => return,
+        Some(saves::Outcome::Aborted(a)) => {
+            drop(st);
+            sh.event(Event::CheckpointAborted {
+                step: a.step,
+                generation: a.generation,
+                voted: a.voted,
+                world: a.world,
+            });
+            return;
+        }
+        Some(saves::Outcome::Commit(order)) => order,
     };
     let Some(&first) = st.ranks.first() else {
         return;
@@ -968,11 +979,7 @@ fn checkpoint_committed(sh: &Shared, step: u64) {
     sh.event(Event::CheckpointCommitted {
         step,
         world,
-        bytes: parts
-            .iter()
-            .flat_map(|p| &p.files)
-            .map(|f| f.bytes)
-            .sum(),
+        bytes: parts.iter().flat_map(|p| &p.files).map(|f| f.bytes).sum(),
         stage_ms: parts.iter().map(|p| ms(p.stage_us)).fold(0.0, f64::max),
         drain_ms: parts.iter().map(|p| ms(p.drain_us)).fold(0.0, f64::max),
     });

@@ -1,0 +1,306 @@
+//! Campaigns that outlive a job (issue "Campaigns that outlive any job"): sharded checkpoints
+//! committed through the coordinator, a whole job SIGKILLed and resumed at another world size,
+//! a corrupt newest checkpoint skipped, a rank lost while a save drains, and deterministic mode
+//! bitwise across a stop and a resize. Real `phalanx launch` processes, real signals.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+struct Campaign {
+    dir: TestDir,
+    cfg: PathBuf,
+}
+
+impl Campaign {
+    fn new() -> Campaign {
+        let dir = test_dir();
+        let data = dataset(dir.path());
+        let cfg = job_config(dir.path(), &data);
+        Campaign { dir, cfg }
+    }
+
+    fn run(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn launch(&self, args: &[&str]) -> Launched {
+        let r = launch_job(self.dir.path(), &self.cfg, Hosts::One, args, &[]);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        assert_eq!(r.report["status"], "completed", "{}", r.report);
+        r
+    }
+
+    /// The steps of the committed checkpoints on disk (those with a manifest).
+    fn committed(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = std::fs::read_dir(self.run().join("checkpoints"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().join("manifest.json").is_file())
+                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// The resume line of the campaign's metrics (the last one).
+fn resume_line(metrics: &[Value]) -> Value {
+    metrics
+        .iter()
+        .rev()
+        .find(|m| m["resume"] == true)
+        .cloned()
+        .unwrap_or_else(|| panic!("no resume line in the metrics"))
+}
+
+/// The loss of `step` in the metrics lines from `from` on.
+fn loss_at(metrics: &[Value], from: usize, step: u64) -> f64 {
+    metrics[from..]
+        .iter()
+        .find(|m| m["step"] == step && m["loss"].is_number())
+        .and_then(|m| m["loss"].as_f64())
+        .unwrap_or_else(|| panic!("no loss of step {step}"))
+}
+
+/// C-1: every file a committed checkpoint's manifest lists is there with its size.
+fn assert_committed_are_whole(run: &Path) {
+    for e in std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .flatten()
+    {
+        let m = e.path().join("manifest.json");
+        if !m.is_file() {
+            continue;
+        }
+        let manifest = read_json(&m);
+        let files = manifest["files"].as_array().unwrap();
+        let world = manifest["shards"]["world"].as_u64().unwrap();
+        let parts = files
+            .iter()
+            .filter(|f| f["name"].as_str().unwrap().starts_with("part-"))
+            .count();
+        assert_eq!(parts as u64, world, "{manifest}");
+        for f in files {
+            let p = e.path().join(f["name"].as_str().unwrap());
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            assert_eq!(Some(len), f["bytes"].as_u64(), "{}", p.display());
+        }
+    }
+}
+
+// C-5, C-6, D-4: the whole 4-rank job (launcher and every worker) is SIGKILLed mid-run; `launch
+// --resume` on 3 ranks continues from the last committed checkpoint: the loss of that step is
+// the one the killed job computed, the job completes, and the sample ledger is exactly-once
+// across both jobs (the steps the killed job committed after the checkpoint are redone).
+#[test]
+fn a_job_killed_whole_resumes_on_three_ranks_from_its_last_commit() {
+    let _one_at_a_time = serial();
+    let c = Campaign::new();
+    let steps = ["train.max_steps=400", "optim.decay_steps=400"];
+    let log = std::fs::File::create(c.dir.path().join("first.log")).unwrap();
+    let mut first = Proc::spawn(
+        bin()
+            .args(["launch", "--nproc", "4", "--config"])
+            .arg(&c.cfg)
+            .args(steps)
+            .arg("run.checkpoint_interval=20")
+            .current_dir(c.dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0),
+    );
+    let events = c.run().join("events.jsonl");
+    let committed = |ev: &[Value]| {
+        ev.iter()
+            .any(|e| e["kind"] == "checkpoint_committed" && e["step"].as_u64() >= Some(60))
+    };
+    assert!(
+        jsonl_until(&events, &committed, 120),
+        "no checkpoint of step 60 or later committed; see {}",
+        c.dir.path().display()
+    );
+    // Every process of the job at once, as a lost allocation would.
+    let group = format!("-{}", first.pid());
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", "--", &group])
+        .status();
+    first.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = read_jsonl(&c.run().join("metrics.jsonl"));
+    let last = *c.committed().last().expect("a committed checkpoint");
+    let killed_at = before
+        .iter()
+        .filter_map(|m| m["step"].as_u64())
+        .max()
+        .unwrap();
+    assert!(killed_at < 399, "the first job finished before the kill");
+    assert_committed_are_whole(&c.run());
+
+    let r = c.launch(&[
+        "--nproc",
+        "3",
+        "--resume",
+        steps[0],
+        steps[1],
+        "run.checkpoint_interval=20",
+    ]);
+    let metrics = r.metrics();
+    let resumed = resume_line(&metrics);
+    assert_eq!(resumed["step"], last, "{resumed}");
+    assert_eq!(resumed["world_size"], 3, "{resumed}");
+    // The loss curve goes on: the first step trained again is the killed job's, up to the
+    // order of the sum over 3 ranks instead of 4.
+    let (a, b) = (
+        loss_at(&metrics, 0, last),
+        loss_at(&metrics, before.len(), last),
+    );
+    assert!((a - b).abs() < 1e-4, "loss of step {last}: {a} then {b}");
+    assert_eq!(r.report["world_size_final"], 3, "{}", r.report);
+    assert_ledger_exactly_once(&r.report);
+    let redone = r.report["ledger"]["redone_steps"].as_array().unwrap().len() as u64;
+    assert_eq!(redone, killed_at + 1 - last, "{}", r.report["ledger"]);
+    assert_identical_final_state(&c.run(), 3);
+    assert!(
+        std::fs::read_dir(c.run().join("history")).unwrap().count() == 1,
+        "the killed job's events are not kept in history/"
+    );
+}
+
+// C-6: a flipped byte in the newest committed checkpoint: the resumed job names the part and
+// the checkpoint it skipped, and loads the one before.
+#[test]
+fn a_corrupt_newest_checkpoint_is_named_and_the_one_before_is_loaded() {
+    let _one_at_a_time = serial();
+    let c = Campaign::new();
+    c.launch(&[
+        "--nproc",
+        "2",
+        "train.max_steps=60",
+        "optim.decay_steps=80",
+        "run.checkpoint_interval=20",
+    ]);
+    // The job's last step is committed before it ends (the campaign's next job starts there).
+    assert_eq!(c.committed(), vec![20, 40, 60]);
+    let part = c
+        .run()
+        .join("checkpoints/step-60/part-00001-of-00002.safetensors");
+    let mut bytes = std::fs::read(&part).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&part, bytes).unwrap();
+    let r = c.launch(&[
+        "--nproc",
+        "2",
+        "--resume",
+        "train.max_steps=80",
+        "optim.decay_steps=80",
+        "run.checkpoint_interval=20",
+    ]);
+    let resumed = resume_line(&r.metrics());
+    assert_eq!(resumed["step"], 40, "{resumed}");
+    let skipped = &resumed["skipped"][0];
+    assert!(
+        skipped["checkpoint"].as_str().unwrap().ends_with("step-60"),
+        "{resumed}"
+    );
+    assert!(
+        skipped["why"]
+            .as_str()
+            .unwrap()
+            .contains("part-00001-of-00002.safetensors"),
+        "{resumed}"
+    );
+    assert_ledger_exactly_once(&r.report);
+}
+
+// C-5: every rank's save takes 1.5 s longer, and rank 1 is SIGKILLed while the save of step 20
+// drains: that save is aborted (never committed), a later one commits, and every committed
+// checkpoint is whole.
+#[test]
+fn a_rank_lost_while_a_save_drains_never_commits_a_partial_checkpoint() {
+    let _one_at_a_time = serial();
+    let c = Campaign::new();
+    let r = launch_job(
+        c.dir.path(),
+        &c.cfg,
+        Hosts::One,
+        &[
+            "--nproc",
+            "3",
+            "--kill-at",
+            "21:1",
+            "train.max_steps=400",
+            "optim.decay_steps=400",
+            "run.checkpoint_interval=20",
+        ],
+        &[("PHALANX_TEST_FAULT", "slow-checkpoint@1500")],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let events = r.events();
+    let aborted: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "checkpoint_aborted")
+        .collect();
+    assert!(
+        aborted
+            .iter()
+            .any(|e| e["step"] == 20 && e["voted"].as_u64() < e["world"].as_u64()),
+        "the save in flight when rank 1 died was not aborted: {aborted:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["kind"] == "checkpoint_committed" && e["step"] == 20),
+        "the save of step 20 was committed without rank 1's part"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "checkpoint_committed" && e["step"].as_u64() > Some(20)),
+        "no later save committed"
+    );
+    assert_committed_are_whole(&r.run);
+    assert_ledger_exactly_once(&r.report);
+}
+
+// C-6, D-1: deterministic mode is bitwise across a stop and a resize: 60 steps in one job on 4
+// ranks end in the same state as 30 steps on 4 ranks, then a job resumed on 3 for 30 more.
+#[test]
+fn deterministic_mode_is_bitwise_across_a_stop_and_a_resize() {
+    let _one_at_a_time = serial();
+    let common = [
+        "optim.decay_steps=60",
+        "run.checkpoint_interval=30",
+        "train.deterministic=true",
+    ];
+    let one = Campaign::new();
+    let mut args = vec!["--nproc", "4", "train.max_steps=60"];
+    args.extend(common);
+    one.launch(&args);
+    let two = Campaign::new();
+    let mut args = vec!["--nproc", "4", "train.max_steps=30"];
+    args.extend(common);
+    two.launch(&args);
+    let mut args = vec!["--nproc", "3", "--resume", "train.max_steps=60"];
+    args.extend(common);
+    let r = two.launch(&args);
+    assert_eq!(resume_line(&r.metrics())["step"], 30);
+    let last = |run: &Path| {
+        let fps = read_jsonl(&run.join("fingerprints.jsonl"));
+        let f = fps.last().unwrap().clone();
+        assert_eq!(f["step"], 60, "{f}");
+        f["state_sha256"].clone()
+    };
+    assert_eq!(last(&one.run()), last(&two.run()));
+    assert_eq!(
+        read_report(&one.run())["final_val_loss"],
+        r.report["final_val_loss"]
+    );
+}
