@@ -181,6 +181,8 @@ pub struct RunSection {
     pub keep_every: u64,
     /// Start from the newest committed checkpoint in `dir` that verifies.
     pub resume: bool,
+    /// SIGTERM or Ctrl-C: how long the job may take to save the next step and stop.
+    pub preempt_grace_s: u64,
     pub progress: bool,
     pub watchdog_timeout_ms: u64,
     pub max_restarts: u32,
@@ -208,6 +210,7 @@ impl Default for RunSection {
             keep_checkpoints: 3,
             keep_every: 0,
             resume: false,
+            preempt_grace_s: 50,
             progress: true,
             watchdog_timeout_ms: 60_000,
             max_restarts: 3,

@@ -12,12 +12,13 @@ use crate::launch_schedule::{Action, Plan, Proc, Schedule, Status};
 use crate::report;
 use crate::run_dir::unix_ms;
 use crate::signals::{self, Signal};
+use crate::worker::{EXIT_DONE, EXIT_HALTED, EXIT_PREEMPTED};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client;
 use phalanx_runtime::events::{Cleared, Event, FaultKind, Injected, LaunchedHost, Record};
-use phalanx_runtime::metrics::MetricLine;
+use phalanx_runtime::metrics::{FinalLine, MetricLine};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -116,28 +117,25 @@ fn signal(
 
 /// Whether rank 0 wrote its `final` metrics line. Reads only what was appended since the last
 /// call (`seen` bytes), so that a long run's growing file is not read again every tick.
-fn metrics_has_final(run_dir: &Path, seen: &mut u64) -> bool {
+fn metrics_has_final(run_dir: &Path, seen: &mut u64) -> Option<FinalLine> {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(run_dir.join("metrics.jsonl")) else {
-        return false;
-    };
+    let mut f = std::fs::File::open(run_dir.join("metrics.jsonl")).ok()?;
     let len = f.metadata().map_or(0, |m| m.len());
     if len <= *seen {
-        return false;
+        return None;
     }
-    // Back up a little so that a line split across two reads is still seen whole.
-    let from = seen.saturating_sub(256);
     let mut tail = String::new();
-    if f.seek(SeekFrom::Start(from)).is_err() || f.read_to_string(&mut tail).is_err() {
-        return false;
-    }
-    *seen = len;
-    tail.lines().any(|l| {
-        matches!(
-            serde_json::from_str::<MetricLine>(l),
-            Ok(MetricLine::Final(_))
-        )
-    })
+    f.seek(SeekFrom::Start(*seen)).ok()?;
+    f.read_to_string(&mut tail).ok()?;
+    // Only whole lines are read: a line being written is read again, whole, next time.
+    let whole = tail.rfind('\n').map_or(0, |i| i + 1);
+    *seen += whole as u64;
+    tail[..whole]
+        .lines()
+        .find_map(|l| match serde_json::from_str::<MetricLine>(l) {
+            Ok(MetricLine::Final(f)) => Some(f),
+            _ => None,
+        })
 }
 
 /// The job's config, checked, and its run directory, emptied of the last run's records.
@@ -379,6 +377,8 @@ pub(crate) fn progress_bar(show: bool, max_steps: u64) -> ProgressBar {
 #[derive(Clone, Copy, PartialEq)]
 enum Outcome {
     Completed,
+    /// Stopped on request with a committed checkpoint of the last step (C-8).
+    Preempted,
     Interrupted,
     Halted,
     Failed,
@@ -388,6 +388,7 @@ impl Outcome {
     fn as_str(self) -> &'static str {
         match self {
             Outcome::Completed => "completed",
+            Outcome::Preempted => "preempted",
             Outcome::Interrupted => "interrupted",
             Outcome::Halted => "halted",
             Outcome::Failed => "failed",
@@ -412,6 +413,8 @@ struct Supervision<'a> {
     restarts: usize,
     planned: usize,
     world: u32,
+    /// How long a stop request may take before the launcher stops the job at once.
+    preempt_grace: Duration,
 }
 
 impl Supervision<'_> {
@@ -421,25 +424,46 @@ impl Supervision<'_> {
         rt: &tokio::runtime::Runtime,
         copts: &client::ClientOpts,
     ) -> Result<Outcome> {
-        let mut final_seen: Option<Instant> = None;
-        let mut metrics_seen = 0u64;
+        let mut final_seen: Option<(Instant, bool)> = None;
+        let mut stopping: Option<Instant> = None;
+        // A resumed job's metrics hold the earlier jobs' lines, their final lines too (C-6).
+        let mut metrics_seen =
+            std::fs::metadata(self.run_dir.join("metrics.jsonl")).map_or(0, |m| m.len());
         let mut last_status = Instant::now() - Duration::from_secs(1);
         let mut status_client = None;
         loop {
-            if stop.load(Ordering::SeqCst) {
+            if stop.load(Ordering::SeqCst) && stopping.is_none() {
+                stopping = Some(Instant::now());
+                self.ask_to_stop();
+            }
+            if stopping.is_some_and(|t| t.elapsed() > self.preempt_grace) && final_seen.is_none() {
+                warn!(
+                    grace_s = self.preempt_grace.as_secs(),
+                    "the job did not stop within run.preempt_grace_s; stopping it now"
+                );
                 return Ok(Outcome::Interrupted);
             }
             let (lost, halted) = self.reap()?;
-            // Rank 0 writes the `final` metrics line after saving the model: the job is done.
-            // The other ranks leave right after it; anything still running then (spares) is
-            // stopped.
-            if final_seen.is_none() && metrics_has_final(&self.run_dir, &mut metrics_seen) {
-                final_seen = Some(Instant::now());
+            // Rank 0 writes the `final` metrics line after saving the model (or, preempted,
+            // after the checkpoint of the last step is committed): the job is done. The other
+            // ranks leave right after it; anything still running then (spares) is stopped.
+            if final_seen.is_none() {
+                if let Some(f) = metrics_has_final(&self.run_dir, &mut metrics_seen) {
+                    final_seen = Some((Instant::now(), f.preempted));
+                }
             }
-            if let Some(t) = final_seen {
-                let finished = self.workers.iter().filter(|w| w.code == Some(0)).count();
+            if let Some((t, preempted)) = final_seen {
+                let finished = self
+                    .workers
+                    .iter()
+                    .filter(|w| matches!(w.code, Some(EXIT_DONE | EXIT_PREEMPTED)))
+                    .count();
                 if (finished as u32 >= self.world) || t.elapsed() > Duration::from_secs(5) {
-                    return Ok(Outcome::Completed);
+                    return Ok(if preempted {
+                        Outcome::Preempted
+                    } else {
+                        Outcome::Completed
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
@@ -447,9 +471,15 @@ impl Supervision<'_> {
             if halted {
                 return Ok(Outcome::Halted);
             }
-            self.respawn(lost)?;
+            if stopping.is_none() {
+                self.respawn(lost)?;
+            }
             if self.workers.iter().all(|w| w.done) {
-                return Ok(Outcome::Failed);
+                return Ok(if stopping.is_some() {
+                    Outcome::Interrupted
+                } else {
+                    Outcome::Failed
+                });
             }
             let fast = self.schedule.waiting_for_a_step() || self.host_faults.pending();
             let poll = Duration::from_millis(if fast { 20 } else { 200 });
@@ -479,6 +509,23 @@ impl Supervision<'_> {
         }
     }
 
+    /// C-8: SIGTERM or Ctrl-C reached the launcher (Slurm and PBS signal it, or every task;
+    /// the terminal signals the whole process group). Every worker is asked, once: the ranks
+    /// stop together after the next step, with a committed checkpoint of it.
+    fn ask_to_stop(&self) {
+        warn!(
+            grace_s = self.preempt_grace.as_secs(),
+            "asked to stop: the job saves a checkpoint after the next step and exits (again to stop at once)"
+        );
+        let pids: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|w| !w.done)
+            .map(|w| w.child.id())
+            .collect();
+        signals::send(Signal::Term, &pids);
+    }
+
     /// Workers that exited: recorded; the hosts of the lost ones (a new spare starts where each
     /// ran), and whether one halted the job.
     fn reap(&mut self) -> Result<(Vec<usize>, bool)> {
@@ -496,12 +543,10 @@ impl Supervision<'_> {
                         spare: w.spare,
                     },
                 )?;
-                if code != Some(crate::worker::EXIT_DONE)
-                    && code != Some(crate::worker::EXIT_HALTED)
-                {
+                if !matches!(code, Some(EXIT_DONE | EXIT_HALTED | EXIT_PREEMPTED)) {
                     lost.push(w.host);
                 }
-                halted |= code == Some(crate::worker::EXIT_HALTED);
+                halted |= code == Some(EXIT_HALTED);
             }
         }
         Ok((lost, halted))
@@ -613,9 +658,25 @@ impl Supervision<'_> {
             self.host_faults.heal(s, &self.run_dir, true)?;
         }
         self.bar.finish_and_clear();
+        // Workers take SIGTERM as a request to stop after a checkpoint (C-8); one that has
+        // not left within a few seconds of it is killed.
+        let pids: Vec<u32> = self
+            .workers
+            .iter()
+            .filter(|w| !w.done)
+            .map(|w| w.child.id())
+            .collect();
+        signals::send(Signal::Term, &pids);
+        let deadline = Instant::now() + Duration::from_secs(5);
         for w in self.workers.iter_mut().filter(|w| !w.done) {
-            signals::send(Signal::Term, &[w.child.id()]);
-            let _ = w.child.wait();
+            while w.child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = w.child.kill();
+                    let _ = w.child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         self.quota = None;
         Ok(())
@@ -684,6 +745,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         restarts: 0,
         planned: 0,
         world: a.nproc as u32,
+        preempt_grace: Duration::from_secs(job.cfg.run.preempt_grace_s),
     };
     let outcome = sup.run(&stop, &rt, &copts);
     let wound = sup.wind_down();
@@ -707,6 +769,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     report::print(&r);
     Ok(match outcome {
         Outcome::Completed => 0,
+        Outcome::Preempted => EXIT_PREEMPTED,
         Outcome::Interrupted => 130,
         _ => 1,
     })

@@ -87,6 +87,7 @@ pub fn from_run_dir(run_dir: &Path) -> Result<Value> {
         _ => Duration::ZERO,
     };
     let (status, max_steps) = match final_line(&metrics) {
+        Some(f) if f.preempted => ("preempted", f.step),
         Some(f) => ("completed", f.step),
         None => (
             "incomplete",

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
 
-pub use phalanx_actors::rank::{EXIT_DONE, EXIT_FENCED, EXIT_HALTED};
+pub use phalanx_actors::rank::{EXIT_DONE, EXIT_FENCED, EXIT_HALTED, EXIT_PREEMPTED};
 
 pub struct WorkerArgs {
     pub url: String,
@@ -123,6 +123,10 @@ fn watch_parent() {
 
 pub fn run(a: WorkerArgs) -> Result<i32> {
     watch_parent();
+    // C-8: SIGTERM (a scheduler's notice before the time limit) and SIGINT (Ctrl-C at the
+    // terminal) ask the job to stop after the next step with a committed checkpoint.
+    ctrlc::set_handler(phalanx_actors::preempt::request)
+        .map_err(|e| anyhow::anyhow!("cannot install the SIGTERM/SIGINT handler: {e}"))?;
     let mut cfg = a.cfg.clone();
     if cfg.train.deterministic {
         // libtorch's reductions may group differently with another thread count.

@@ -304,3 +304,90 @@ fn deterministic_mode_is_bitwise_across_a_stop_and_a_resize() {
         r.report["final_val_loss"]
     );
 }
+
+/// Starts a long job in its own process group; returns it once `steps` steps are committed.
+fn long_job(c: &Campaign, steps: usize) -> Proc {
+    let log = std::fs::File::create(c.dir.path().join("first.log")).unwrap();
+    let p = Proc::spawn(
+        bin()
+            .args(["launch", "--nproc", "3", "--spares", "1", "--config"])
+            .arg(&c.cfg)
+            .args(["train.max_steps=100000", "optim.decay_steps=2000"])
+            .current_dir(c.dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0),
+    );
+    let metrics = c.run().join("metrics.jsonl");
+    assert!(
+        jsonl_until(&metrics, &|m| m.len() >= steps, 120),
+        "only {} steps committed; see {}",
+        read_jsonl_now(&metrics).len(),
+        c.dir.path().display()
+    );
+    p
+}
+
+/// C-8: the stopped job saved its last step and said so; the next job resumes there and
+/// loses no step (nothing redone), with exactly-once samples across both.
+fn assert_stopped_and_resumed(c: &Campaign, mut job: Proc, signalled: std::time::Instant) {
+    let code = job.wait_exit(Duration::from_secs(60));
+    let took = signalled.elapsed();
+    assert_eq!(code, Some(6), "the launcher's exit code is not 'preempted'");
+    assert!(took < Duration::from_secs(50), "stopping took {took:?}");
+    let report = read_report(&c.run());
+    assert_eq!(report["status"], "preempted", "{report}");
+    let events = read_jsonl(&c.run().join("events.jsonl"));
+    let bad: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            ["rank_failed", "rank_removed"].contains(&e["kind"].as_str().unwrap_or(""))
+                || (e["kind"] == "generation" && e["generation"] != 1)
+        })
+        .collect();
+    assert!(bad.is_empty(), "the stop was taken for failures: {bad:#?}");
+    let metrics = read_jsonl(&c.run().join("metrics.jsonl"));
+    let fin = metrics.last().unwrap();
+    assert_eq!(fin["preempted"], true, "{fin}");
+    let stopped_at = fin["step"].as_u64().unwrap();
+    assert_eq!(c.committed().last(), Some(&stopped_at));
+    let until = format!("train.max_steps={}", stopped_at + 40);
+    let r = c.launch(&["--nproc", "2", "--resume", &until, "optim.decay_steps=2000"]);
+    assert_eq!(resume_line(&r.metrics())["step"], stopped_at);
+    assert_ledger_exactly_once(&r.report);
+    assert_eq!(
+        r.report["ledger"]["redone_steps"],
+        serde_json::json!([]),
+        "a step was lost to the stop: {}",
+        r.report["ledger"]
+    );
+}
+
+// C-8: SIGTERM to the launcher (what a scheduler sends before the time limit): the ranks stop
+// together after the next step with a committed checkpoint of it, no rank counts as failed and
+// no spare is promoted, the report says `preempted`, the exit code is 6, and `--resume` goes on
+// from that step.
+#[test]
+fn sigterm_to_the_launcher_saves_and_the_next_job_loses_no_step() {
+    let _one_at_a_time = serial();
+    let c = Campaign::new();
+    let job = long_job(&c, 100);
+    let t = std::time::Instant::now();
+    signal(job.pid(), "TERM");
+    assert_stopped_and_resumed(&c, job, t);
+}
+
+// C-8: Ctrl-C at the terminal signals the launcher and every worker at once (one process
+// group): the same orderly stop.
+#[test]
+fn ctrl_c_to_the_whole_job_saves_and_the_next_job_loses_no_step() {
+    let _one_at_a_time = serial();
+    let c = Campaign::new();
+    let job = long_job(&c, 100);
+    let t = std::time::Instant::now();
+    let group = format!("-{}", job.pid());
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status();
+    assert_stopped_and_resumed(&c, job, t);
+}

@@ -15,6 +15,7 @@ pub mod error;
 mod faults;
 pub mod loader;
 pub mod policy;
+pub mod preempt;
 pub mod rank;
 pub mod supervisor;
 

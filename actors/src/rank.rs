@@ -47,6 +47,8 @@ pub const EXIT_DONE: i32 = 0;
 pub const EXIT_REFUSED: i32 = 1;
 pub const EXIT_FENCED: i32 = 3;
 pub const EXIT_HALTED: i32 = 4;
+/// Stopped on request (SIGTERM, SIGINT) after a committed checkpoint of the last step (C-8).
+pub const EXIT_PREEMPTED: i32 = 6;
 pub use crate::policy::EXIT_ESCALATED;
 
 /// Builds a fresh model, optimizer, dataset view and sampler (for a compute incarnation

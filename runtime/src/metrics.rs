@@ -29,6 +29,9 @@ pub struct FinalLine {
     /// A peer lost after the last commit (at the final barrier), which ended nothing (K-13).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_lost_at_end: Option<String>,
+    /// The job stopped on request before its last step, after a committed checkpoint (C-8).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preempted: bool,
     pub unix_ms: u64,
 }
 
@@ -147,6 +150,7 @@ mod tests {
             step: 4,
             val_loss: Some(2.4),
             peer_lost_at_end: None,
+            preempted: false,
             unix_ms: 5,
         });
         let back = MetricLine::Rollback(RollbackLine {

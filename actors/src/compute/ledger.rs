@@ -113,6 +113,7 @@ impl<'a> Loop<'a> {
                 world,
                 generation,
             },
+            false,
         );
         if faults::fire(
             "exit-at-final-barrier",
@@ -129,7 +130,7 @@ impl<'a> Loop<'a> {
             warn!(%why, "a peer was lost after the last step; the job's result is complete");
         }
         if rank.0 == 0 {
-            self.await_final_commit(s.trainer.step);
+            self.await_final_commit(s.trainer.step, false);
             let val = s
                 .trainer
                 .evaluate(&s.ds.val, s.win, p.eval_batches, p.micro_batch);
@@ -139,6 +140,7 @@ impl<'a> Loop<'a> {
                 step: s.trainer.step,
                 val_loss: val,
                 peer_lost_at_end: lost,
+                preempted: false,
                 unix_ms: unix_ms(),
             });
             let _ = metrics.write_all(format!("{}\n", line.to_line()).as_bytes());
@@ -147,5 +149,52 @@ impl<'a> Loop<'a> {
         self.heart.busy(false);
         std::thread::sleep(3 * p.heartbeat_interval.max(Duration::from_millis(50)));
         Ok(Next::Exit(EXIT_DONE, "training complete".into()))
+    }
+
+    /// C-8: some rank's worker was asked to stop (SIGTERM, SIGINT); every rank learnt it from
+    /// the step just committed. Each saves its part of that step, rank 0 waits for the commit
+    /// and records the stop, and every rank leaves as preempted: the next job resumes there.
+    pub(super) fn preempted(&self, g: &mut Gen, s: &mut Setup) -> Result<Next, ActorError> {
+        let step = s.trainer.step;
+        warn!(
+            step,
+            "asked to stop: saving this step's checkpoint before leaving"
+        );
+        // Done: the coordinator starts no new generation and promotes no spare from here.
+        self.sh.progress.phase.store(PHASE_DONE, Ordering::Relaxed);
+        self.sh.beat_now.notify_one();
+        self.heart.busy(true);
+        let at = Place {
+            rank: g.rank,
+            world: g.world,
+            generation: g.generation,
+        };
+        self.final_checkpoint(s, at, true);
+        let lost = g.group.barrier().err().map(|e| e.to_string());
+        if g.rank.0 == 0 {
+            self.await_final_commit(step, true);
+            let line = MetricLine::Final(FinalLine {
+                is_final: true,
+                step,
+                val_loss: None,
+                peer_lost_at_end: lost,
+                preempted: true,
+                unix_ms: unix_ms(),
+            });
+            let _ = g
+                .metrics
+                .write_all(format!("{}\n", line.to_line()).as_bytes());
+        }
+        self.heart.busy(false);
+        let beat = self
+            .sh
+            .params
+            .heartbeat_interval
+            .max(Duration::from_millis(50));
+        std::thread::sleep(3 * beat);
+        Ok(Next::Exit(
+            EXIT_PREEMPTED,
+            format!("preempted after step {step}"),
+        ))
     }
 }

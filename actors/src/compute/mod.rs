@@ -11,8 +11,8 @@ use crate::comm::{CommunicatorMsg, SharedGroup};
 use crate::faults;
 use crate::loader;
 use crate::rank::{
-    Assignment, Control, Directive, Shared, EXIT_DONE, EXIT_FENCED, EXIT_HALTED, PHASE_DONE,
-    PHASE_HEALING, PHASE_IDLE, PHASE_TRAINING,
+    Assignment, Control, Directive, Shared, EXIT_DONE, EXIT_FENCED, EXIT_HALTED, EXIT_PREEMPTED,
+    PHASE_DONE, PHASE_HEALING, PHASE_IDLE, PHASE_TRAINING,
 };
 use crate::supervisor::{finish_reason, spawn_body, Heart};
 use crate::{ActorError, Setup};
@@ -53,7 +53,7 @@ use saving::Place;
 use state_sync::*;
 pub use state_sync::{odd_ranks, quick_fingerprint, state_fingerprint};
 use verdict::*;
-pub use verdict::{pack, unpack, verdict, Verdict};
+pub use verdict::{pack, unpack, verdict, Flags, Summed, Verdict};
 
 pub struct ComputeActor;
 

@@ -239,6 +239,14 @@ impl<'a> Loop<'a> {
             if self.cancelled() {
                 return Ok(Err(Next::Exit(EXIT_DONE, "rank stopping".into())));
             }
+            // C-8: a rank with no generation to train in (a spare, a regroup under way) has
+            // nothing to save: it leaves at once.
+            if crate::preempt::requested() {
+                return Ok(Err(Next::Exit(
+                    EXIT_PREEMPTED,
+                    "asked to stop while waiting for a generation".into(),
+                )));
+            }
             self.heart.beat();
             match self.directive(Duration::from_millis(100))? {
                 Some(Directive::Assign(x)) => return Ok(Ok(x)),

@@ -163,9 +163,9 @@ impl<'a> Loop<'a> {
     /// C-5: the job's last step is saved and committed before the ranks leave, so the next job
     /// of the campaign resumes where this one ended. Every rank makes its part durable (after
     /// any save still draining) and votes; rank 0 then waits, bounded, for the commit.
-    pub(super) fn final_checkpoint(&self, s: &Setup, at: Place) {
+    pub(super) fn final_checkpoint(&self, s: &Setup, at: Place, always: bool) {
         let step = s.trainer.step;
-        if self.sh.params.checkpoint_interval == 0 {
+        if self.sh.params.checkpoint_interval == 0 && !always {
             return;
         }
         let voted = |sh: &Shared| sh.durable.lock().as_ref().is_some_and(|d| d.step == step);
@@ -190,8 +190,8 @@ impl<'a> Loop<'a> {
     }
 
     /// Rank 0, after every rank's part of the final checkpoint is durable: its commit.
-    pub(super) fn await_final_commit(&self, step: u64) {
-        if self.sh.params.checkpoint_interval == 0 {
+    pub(super) fn await_final_commit(&self, step: u64, always: bool) {
+        if self.sh.params.checkpoint_interval == 0 && !always {
             return;
         }
         let deadline = Instant::now() + FINAL_SAVE_WAIT;

@@ -49,13 +49,25 @@ impl<'a> Loop<'a> {
         // non-finite loss or gradient in a slot of its own that rides along with the sum.
         let n = buf.len();
         let loss_part = local_loss * mine.len() as f64 / mbs as f64;
-        let mut buf = pack(buf, loss_part, local_bad || nan, rank, world);
+        let flags = Flags {
+            bad: local_bad || nan,
+            preempt: crate::preempt::requested(),
+        };
+        let mut buf = pack(buf, loss_part, flags, rank, world);
         let (t_reduce, stalled_before) = (Instant::now(), group.stalled());
         let reduced = group.allreduce(&mut buf);
         let mut in_collectives = t_reduce.elapsed();
-        let (loss, bad_ranks) = match &reduced {
+        let Summed {
+            loss,
+            bad_ranks,
+            preempt,
+        } = match &reduced {
             Ok(()) => unpack(&mut buf, n),
-            Err(_) => (f64::NAN, Vec::new()),
+            Err(_) => Summed {
+                loss: f64::NAN,
+                bad_ranks: Vec::new(),
+                preempt: false,
+            },
         };
         let v = verdict(
             reduced.is_ok(),
@@ -141,6 +153,9 @@ impl<'a> Loop<'a> {
             stalled: group.stalled().saturating_sub(stalled_before),
         };
         self.record_commit(g, s, measured);
+        if preempt {
+            return self.preempted(g, s).map(Some);
+        }
         Ok(None)
     }
 

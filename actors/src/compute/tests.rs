@@ -63,22 +63,36 @@ fn the_verdict_of_a_step() {
     assert_eq!(verdict(true, &[2], true, Some(7), 7), Verdict::Skip);
 }
 
-// T-2: each rank's flag and loss part ride along with the gradient and come back named.
+// T-2, C-8: each rank's flag and loss part ride along with the gradient and come back named;
+// one rank asked to stop makes every rank stop.
 #[test]
 fn pack_and_unpack_name_the_bad_ranks() {
-    use super::{pack, unpack};
+    use super::{pack, unpack, Flags};
     let world = 3;
-    let mut sum = vec![0f32; 2 + 1 + world as usize];
-    for r in 0..world {
-        let b = pack(vec![1.0, 2.0], 0.5, r == 1, Rank(r), world);
-        for (s, x) in sum.iter_mut().zip(&b) {
-            *s += x;
+    let sum_of = |preempt_rank: Option<u32>| {
+        let mut sum = vec![0f32; 2 + 1 + world as usize + 1];
+        for r in 0..world {
+            let flags = Flags {
+                bad: r == 1,
+                preempt: preempt_rank == Some(r),
+            };
+            let b = pack(vec![1.0, 2.0], 0.5, flags, Rank(r), world);
+            for (s, x) in sum.iter_mut().zip(&b) {
+                *s += x;
+            }
         }
-    }
-    let (loss, bad) = unpack(&mut sum, 2);
+        sum
+    };
+    let mut sum = sum_of(None);
+    let got = unpack(&mut sum, 2);
     assert_eq!(sum, vec![3.0, 6.0]);
-    assert!((loss - 1.5).abs() < 1e-6);
-    assert_eq!(bad, vec![1]);
+    assert!((got.loss - 1.5).abs() < 1e-6);
+    assert_eq!(got.bad_ranks, vec![1]);
+    assert!(!got.preempt);
+    let mut sum = sum_of(Some(2));
+    let got = unpack(&mut sum, 2);
+    assert_eq!(got.bad_ranks, vec![1]);
+    assert!(got.preempt);
 }
 
 #[test]

@@ -46,22 +46,45 @@ pub fn verdict(
     }
 }
 
+/// What a rank adds to a step's allreduce besides its gradient.
+#[derive(Debug, Clone, Copy)]
+pub struct Flags {
+    /// Its non-finite loss or gradient (T-2).
+    pub bad: bool,
+    /// Its worker was asked to stop (C-8).
+    pub preempt: bool,
+}
+
 /// The buffer of a step's one allreduce: the gradient, then this rank's part of the global
-/// mean loss, then one slot per rank for its own non-finite flag (so the bad ranks are named).
-pub fn pack(mut grads: Vec<f32>, loss_part: f64, bad: bool, rank: Rank, world: u32) -> Vec<f32> {
+/// mean loss, then one slot per rank for its own non-finite flag (so the bad ranks are named),
+/// then the count of ranks asked to stop.
+pub fn pack(mut grads: Vec<f32>, loss_part: f64, flags: Flags, rank: Rank, world: u32) -> Vec<f32> {
     let n = grads.len();
     grads.push(loss_part as f32);
-    grads.extend(std::iter::repeat_n(0f32, world as usize));
-    if bad {
+    grads.extend(std::iter::repeat_n(0f32, world as usize + 1));
+    if flags.bad {
         grads[n + 1 + rank.0 as usize] = 1.0;
+    }
+    if flags.preempt {
+        grads[n + 1 + world as usize] = 1.0;
     }
     grads
 }
 
-/// The reduced buffer back into the summed gradient (left in `buf`), the mean loss and the
-/// ranks that flagged themselves.
-pub fn unpack(buf: &mut Vec<f32>, n: usize) -> (f64, Vec<u32>) {
-    let bad: Vec<u32> = buf[n + 1..]
+/// What the step's sums say besides the gradient.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summed {
+    pub loss: f64,
+    /// The ranks that flagged themselves non-finite.
+    pub bad_ranks: Vec<u32>,
+    /// Some rank was asked to stop: every rank stops after this step (C-8).
+    pub preempt: bool,
+}
+
+/// The reduced buffer back into the summed gradient (left in `buf`) and the rest.
+pub fn unpack(buf: &mut Vec<f32>, n: usize) -> Summed {
+    let preempt = buf.pop().is_some_and(|f| f > 0.5);
+    let bad_ranks: Vec<u32> = buf[n + 1..]
         .iter()
         .enumerate()
         .filter(|(_, f)| **f > 0.5)
@@ -69,5 +92,9 @@ pub fn unpack(buf: &mut Vec<f32>, n: usize) -> (f64, Vec<u32>) {
         .collect();
     buf.truncate(n + 1);
     let loss = buf.pop().unwrap_or(f32::NAN) as f64;
-    (loss, bad)
+    Summed {
+        loss,
+        bad_ranks,
+        preempt,
+    }
 }
