@@ -311,6 +311,12 @@ enum BenchCmd {
 
 #[derive(Subcommand)]
 enum CheckpointCmd {
+    /// The campaign's checkpoints in a run directory, newest first: committed or not, the
+    /// world that wrote each, its size, and whether it verifies (the one --resume would load).
+    List {
+        /// A run directory (its run.dir), holding checkpoints/.
+        run_dir: PathBuf,
+    },
     /// Check every file of a checkpoint against its manifest.
     Verify {
         /// A model or checkpoint folder (a run's model/ or checkpoints/step-N/).
@@ -747,6 +753,7 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
 /// `phalanx checkpoint verify|inspect`.
 fn checkpoint_cmd(what: CheckpointCmd) -> Result<ExitCode> {
     let dir = match &what {
+        CheckpointCmd::List { run_dir } => return checkpoint_list(run_dir),
         CheckpointCmd::Verify { dir } | CheckpointCmd::Inspect { dir } => dir,
     };
     let (m, files) = phalanx_checkpoint::verify(dir)?;
@@ -761,10 +768,48 @@ fn checkpoint_cmd(what: CheckpointCmd) -> Result<ExitCode> {
         }
         CheckpointCmd::Inspect { .. } => {
             outln!("{}", serde_json::to_string_pretty(&m)?);
-            if let Some(b) = files.get(model_io::MODEL_JSON) {
-                outln!("{}", String::from_utf8_lossy(b));
+            for side in [model_io::MODEL_JSON, phalanx_checkpoint::sharded::META] {
+                if let Some(b) = files.get(side) {
+                    outln!("{}", String::from_utf8_lossy(b));
+                }
             }
         }
+        CheckpointCmd::List { .. } => unreachable!("answered above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `phalanx checkpoint list RUN_DIR`: one line per save, newest first.
+fn checkpoint_list(run_dir: &std::path::Path) -> Result<ExitCode> {
+    use phalanx_checkpoint::sharded;
+    let root = run_dir.join("checkpoints");
+    if !root.is_dir() {
+        anyhow::bail!(
+            "{} has no checkpoints/: pass a run directory of a job with run.checkpoint_interval > 0",
+            run_dir.display()
+        );
+    }
+    let saves = sharded::saves(&root);
+    let mut resumable = None;
+    for (step, dir, committed) in &saves {
+        let line = if !committed {
+            "not committed (a save aborted or still being written; never loaded)".to_string()
+        } else {
+            match phalanx_checkpoint::verify(dir) {
+                Ok((m, files)) => {
+                    resumable.get_or_insert(*step);
+                    let bytes: u64 = files.values().map(|b| b.len() as u64).sum();
+                    let world = m.shards.as_ref().map_or(1, |s| s.world);
+                    format!("committed, verified: {world} part(s), {bytes} bytes")
+                }
+                Err(e) => format!("committed, DOES NOT VERIFY: {e}"),
+            }
+        };
+        outln!("step {step:>8}  {line}");
+    }
+    match resumable {
+        Some(s) => outln!("--resume would start at step {s}"),
+        None => outln!("no checkpoint verifies: --resume would start from step 0"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -195,6 +195,29 @@ fn a_corrupt_newest_checkpoint_is_named_and_the_one_before_is_loaded() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     std::fs::write(&part, bytes).unwrap();
+    // What the user sees before resuming: which checkpoint is damaged, where --resume starts.
+    let list = run(&["checkpoint", "list", "run"], c.dir.path());
+    assert!(list.ok(), "{}", list.stderr());
+    let out = list.stdout();
+    assert!(
+        out.contains("DOES NOT VERIFY") && out.contains("part-00001-of-00002"),
+        "{out}"
+    );
+    assert!(out.contains("--resume would start at step 40"), "{out}");
+    // A sharded checkpoint is a model like any other for `sample`.
+    let sample = run(
+        &[
+            "sample",
+            "--checkpoint",
+            "run/checkpoints/step-40",
+            "--prompt",
+            "ALL:",
+            "--max-new-tokens",
+            "20",
+        ],
+        c.dir.path(),
+    );
+    assert!(sample.ok(), "{}", sample.stderr());
     let r = c.launch(&[
         "--nproc",
         "2",

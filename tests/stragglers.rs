@@ -107,7 +107,8 @@ fn launch_for(dir: &Path, args: &[&str], for_: Duration) -> Job {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    // What the launcher does on Ctrl-C (stop its workers) is not part of the run.
+    // What the launcher does on Ctrl-C (stop its workers after a checkpoint) is not part of
+    // the run.
     let stopped_ms = unix_ms();
     send_signal(launcher.pid(), "INT");
     let (status, stderr) = launcher.wait_with_stderr();
@@ -123,11 +124,12 @@ fn launch_for(dir: &Path, args: &[&str], for_: Duration) -> Job {
     }
 }
 
-/// K-9 in a real job: the run ended as asked (interrupted), the ledger holds, and no commit
-/// ever went back to an earlier step than one before it minus one (a redo).
+/// K-9 in a real job: the run ended as asked (Ctrl-C: preempted after a checkpoint of its
+/// last step, C-8), the ledger holds, and no commit ever went back to an earlier step than one
+/// before it minus one (a redo).
 fn assert_no_restart_from_scratch(j: &Job) {
-    assert_eq!(j.code, Some(130), "{}", j.stderr);
-    assert_eq!(j.report["status"], "interrupted", "{}", j.report);
+    assert_eq!(j.code, Some(6), "{}", j.stderr);
+    assert_eq!(j.report["status"], "preempted", "{}", j.report);
     assert_eq!(
         j.report["ledger"]["exactly_once"], true,
         "{}",

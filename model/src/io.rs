@@ -261,7 +261,19 @@ fn check_shapes(m: &ModelConfig, params: &[TensorData]) -> std::result::Result<(
 }
 
 /// Loads a saved model for inference: verifies the checkpoint, rebuilds model and tokenizer.
+/// A whole model (a run's `model/`) or a sharded checkpoint (`checkpoints/step-N/`).
 pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
+    phalanx_checkpoint::recover(dir)?;
+    let (manifest, files) = phalanx_checkpoint::verify(dir)?;
+    if manifest.shards.is_some() {
+        let v = sharded::Verified {
+            step: manifest.step,
+            dir: dir.to_path_buf(),
+            manifest,
+            files,
+        };
+        return load_sharded(&v, device);
+    }
     let (_, contents) = phalanx_checkpoint::load(dir)?;
     let bad = |reason: String| ModelError::NotAModel {
         path: dir.to_path_buf(),
@@ -294,6 +306,42 @@ pub fn load(dir: &Path, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
             info.model.vocab_size
         )));
     }
+    Ok((model, tok, info))
+}
+
+/// A model from the parts of a sharded checkpoint (its parameters only).
+fn load_sharded(v: &sharded::Verified, device: Device) -> Result<(Gpt, Tokenizer, ModelInfo)> {
+    let bad = |reason: String| ModelError::NotAModel {
+        path: v.dir.clone(),
+        reason,
+    };
+    let info: ModelInfo = serde_json::from_value(v.json(sharded::META)?)
+        .map_err(|e| bad(format!("{} is invalid: {e}", sharded::META)))?;
+    info.model
+        .validate()
+        .map_err(|e| bad(format!("{}: {e}", sharded::META)))?;
+    let held = v.total()?;
+    let want: u64 = crate::gpt::param_shapes(&info.model)
+        .iter()
+        .map(|(_, s)| s.iter().product::<i64>() as u64)
+        .sum();
+    if held != want {
+        return Err(bad(format!(
+            "holds {held} values but {} describes a model of {want}",
+            sharded::META
+        )));
+    }
+    // The parts' data, checked against the plan, before anything is sized from the files.
+    let flat = v.assemble(FLAT_PARAMS)?;
+    let model = Gpt::new(&info.model, device, 0)?;
+    tch::no_grad(|| {
+        model
+            .params
+            .flat
+            .view([-1])
+            .copy_(&tch::Tensor::from_slice(&flat).to_device(device))
+    });
+    let tok = Tokenizer::from_meta(&info.tokenizer, info.vocab.as_deref())?;
     Ok((model, tok, info))
 }
 
