@@ -51,6 +51,8 @@ pub struct LaunchArgs {
     /// Simulated hosts and the faults across them.
     pub hosts: HostArgs,
     pub progress: bool,
+    /// Start over in a run directory that holds a model or checkpoints (they are deleted).
+    pub force: bool,
 }
 
 impl LaunchArgs {
@@ -166,18 +168,11 @@ fn prepare(a: &LaunchArgs) -> Result<Job> {
     // Fail here, not in N workers at once, if the dataset or model is wrong.
     crate::train::setup(&cfg)?;
     let run_dir = cfg.run.dir.clone();
-    crate::run_dir::ensure(&run_dir)?;
     if cfg.run.resume {
+        crate::run_dir::ensure(&run_dir)?;
         crate::run_dir::archive_job(&run_dir)?;
     } else {
-        for f in [
-            "metrics.jsonl",
-            "events.jsonl",
-            "report.json",
-            "coordinator-journal.json",
-        ] {
-            let _ = std::fs::remove_file(run_dir.join(f));
-        }
+        crate::run_dir::claim(&run_dir, a.force, "pass --resume to continue from them, ")?;
     }
     std::fs::create_dir_all(run_dir.join("logs"))?;
     std::fs::write(run_dir.join("config.toml"), toml::to_string_pretty(&cfg)?)?;

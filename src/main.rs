@@ -75,6 +75,10 @@ enum Cmd {
         /// The job config (TOML), e.g. configs/shakespeare-char.toml.
         #[arg(long)]
         config: PathBuf,
+        /// Start over in a run.dir that holds a saved model or checkpoints: they are deleted.
+        /// Without it such a run.dir is refused, never overwritten.
+        #[arg(long)]
+        force: bool,
         /// Overrides: section.key=value (e.g. train.max_steps=100).
         overrides: Vec<String>,
     },
@@ -378,6 +382,10 @@ struct LaunchCli {
     /// the job starts from step 0. Same as run.resume=true.
     #[arg(long)]
     resume: bool,
+    /// Start over in a run.dir that holds a saved model or checkpoints: they are deleted.
+    /// Without it (or --resume) such a run.dir is refused, never overwritten.
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
     /// Overrides: section.key=value (e.g. train.max_steps=100).
     overrides: Vec<String>,
 }
@@ -409,7 +417,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             val_fraction,
         } => prepare_cmd(input, tokenizer, out, val_fraction),
-        Cmd::Train { config, overrides } => train_cmd(&config, &overrides),
+        Cmd::Train {
+            config,
+            force,
+            overrides,
+        } => train_cmd(&config, force, &overrides),
         Cmd::Sample {
             checkpoint,
             prompt,
@@ -546,6 +558,7 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
         noise,
         hosts,
         resume,
+        force,
         mut overrides,
     } = c;
     if resume {
@@ -600,6 +613,7 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
             noise,
             hosts,
             progress: std::io::stderr().is_terminal(),
+            force,
         },
         stop,
     )?;
@@ -645,8 +659,9 @@ fn prepare_cmd(
 }
 
 /// `phalanx train`: one process, Ctrl-C saves and stops (twice: at once).
-fn train_cmd(config: &std::path::Path, overrides: &[String]) -> Result<ExitCode> {
+fn train_cmd(config: &std::path::Path, force: bool, overrides: &[String]) -> Result<ExitCode> {
     let cfg = TrainConfig::load(Some(config), overrides)?;
+    run_dir::claim(&cfg.run.dir, force, "")?;
     let stop = stop_on_ctrl_c()?;
     let progress = cfg.run.progress && std::io::stderr().is_terminal();
     let out = train::run(&cfg, &stop, progress)?;

@@ -259,7 +259,12 @@ fn summarize(
         "replica_mismatches": sdc,
         "stragglers": stragglers,
         "ledger": ledger,
-        "model_dir": run_dir.join("model"),
+        // Only a model that was written (a stopped job saved none; its checkpoint is listed).
+        "model_dir": run_dir.join("model").join(phalanx_checkpoint::MANIFEST).is_file().then(|| run_dir.join("model")),
+        "last_checkpoint": phalanx_checkpoint::sharded::saves(&run_dir.join("checkpoints"))
+            .into_iter()
+            .find(|s| s.2)
+            .map(|s| s.1),
     }))
 }
 

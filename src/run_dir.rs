@@ -29,6 +29,58 @@ pub fn ensure(dir: &Path) -> Result<()> {
     })
 }
 
+/// What a run directory holds that a new run would overwrite: a saved model, committed
+/// checkpoints.
+fn saved_work(dir: &Path) -> Option<String> {
+    let newest = phalanx_checkpoint::sharded::saves(&dir.join("checkpoints"))
+        .into_iter()
+        .find(|s| s.2)
+        .map(|s| s.0);
+    let model = dir
+        .join("model")
+        .join(phalanx_checkpoint::MANIFEST)
+        .is_file();
+    match (newest, model) {
+        (Some(step), _) => Some(format!("committed checkpoints up to step {step}")),
+        (None, true) => Some("a saved model (model/)".into()),
+        (None, false) => None,
+    }
+}
+
+/// A new run in `dir` (not a resumed one): a directory holding a model or checkpoints is
+/// refused unless `force` (then they go), never overwritten silently. The last run's records
+/// go either way.
+pub fn claim(dir: &Path, force: bool, how_to_resume: &str) -> Result<()> {
+    ensure(dir)?;
+    if let Some(what) = saved_work(dir) {
+        if !force {
+            anyhow::bail!(
+                "{} holds {what}: {how_to_resume}pass --force to start over (they are deleted), \
+                 or pick another run.dir",
+                dir.display()
+            );
+        }
+        for sub in ["checkpoints", "model", "history"] {
+            let p = dir.join(sub);
+            if p.exists() {
+                std::fs::remove_dir_all(&p)
+                    .with_context(|| format!("cannot remove {} (--force)", p.display()))?;
+            }
+        }
+    }
+    for f in [
+        "metrics.jsonl",
+        "events.jsonl",
+        "report.json",
+        "coordinator-journal.json",
+        "fingerprints.jsonl",
+        "halted.txt",
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    Ok(())
+}
+
 /// A resumed job (C-6) keeps the campaign's `metrics.jsonl` (the loss curve and the sample
 /// ledger go on) and moves the previous job's events, report and coordinator journal to
 /// `history/job-<unix_ms>/`: the new job's coordinator starts fresh, its report is its own.

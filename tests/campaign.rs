@@ -414,3 +414,59 @@ fn ctrl_c_to_the_whole_job_saves_and_the_next_job_loses_no_step() {
         .status();
     assert_stopped_and_resumed(&c, job, t);
 }
+
+// C-6: a run directory holding a campaign's checkpoints or model is resumed or refused, never
+// overwritten: a new `launch` or `train` there says how to go on and leaves it as it was;
+// `--force` starts over.
+#[test]
+fn a_run_dir_with_saved_work_is_resumed_or_refused() {
+    let _one_at_a_time = serial();
+    let c = Campaign::new();
+    let args = [
+        "--nproc",
+        "2",
+        "train.max_steps=20",
+        "optim.decay_steps=20",
+        "run.checkpoint_interval=10",
+    ];
+    c.launch(&args);
+    let manifest = c.run().join("model/manifest.json");
+    let before = std::fs::read(&manifest).unwrap();
+    let again = run(
+        &[
+            &["launch", "--config", c.cfg.to_str().unwrap()][..],
+            &args[..],
+        ]
+        .concat(),
+        c.dir.path(),
+    );
+    again.assert_user_error("--resume");
+    assert!(again.stderr().contains("--force"), "{}", again.stderr());
+    let train = run(
+        &[
+            "train",
+            "--config",
+            c.cfg.to_str().unwrap(),
+            "train.max_steps=5",
+        ],
+        c.dir.path(),
+    );
+    train.assert_user_error("--force");
+    assert_eq!(
+        std::fs::read(&manifest).unwrap(),
+        before,
+        "the model was touched"
+    );
+    assert_eq!(c.committed(), vec![10, 20]);
+    let mut forced = vec!["--force"];
+    forced.extend(args);
+    c.launch(&forced);
+    assert_eq!(c.committed(), vec![10, 20]);
+    assert!(resume_line_absent(&read_jsonl(
+        &c.run().join("metrics.jsonl")
+    )));
+}
+
+fn resume_line_absent(metrics: &[Value]) -> bool {
+    metrics.iter().all(|m| m["resume"] != true)
+}
