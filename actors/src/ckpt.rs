@@ -124,10 +124,9 @@ impl Actor for CheckpointerActor {
                 }
             }
             CheckpointerMsg::SavePart(part) => {
-                let r = save_part(*part).await;
+                let vote = save_part(*part).await;
                 st.shared.saving.store(false, Ordering::Release);
-                let vote = r?;
-                *st.shared.durable.lock() = Some(vote);
+                *st.shared.durable.lock() = Some(vote?);
                 st.shared.beat_now.notify_one();
             }
             CheckpointerMsg::Commit(order) => {
@@ -146,33 +145,35 @@ impl Actor for CheckpointerActor {
     }
 }
 
-/// Writes a part (and rank 0's side file) durably; the vote that says so.
+/// Tries of a part's write: a transient I/O error (or space freed meanwhile) gets another go.
+const WRITE_TRIES: u32 = 3;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Writes a part (and rank 0's side file) durably, with retries and backoff; the vote that
+/// says so, or that it failed (the save is then not committed; training goes on).
 async fn save_part(p: PartSave) -> Result<pb::CheckpointPart, ActorProcessingErr> {
-    let slow = crate::faults::standing("slow-checkpoint").map(Duration::from_millis);
     let t = Instant::now();
+    let (tensors, meta) = (Arc::new(p.tensors), Arc::new(p.meta));
     let name = sharded::part_name(p.rank, p.world);
-    let (dir, tensors, meta) = (p.dir.clone(), p.tensors, p.meta);
-    let files = tokio::task::spawn_blocking(move || {
-        if let Some(pause) = slow {
-            std::thread::sleep(pause);
-        }
-        let mut files = vec![sharded::write_part(&dir, &name, &tensors)?];
-        if let Some(m) = meta {
-            files.push(sharded::write_json(&dir, sharded::META, &m)?);
-        }
-        Ok::<_, phalanx_checkpoint::CheckpointError>(files)
-    })
-    .await?
-    .map_err(ActorError::from)?;
+    let written = write_with_retries(&p.dir, &name, p.step, tensors, meta).await?;
     let drain = t.elapsed();
-    info!(
-        step = p.step,
-        rank = p.rank,
-        stage_ms = p.stage.as_millis() as u64,
-        drain_ms = drain.as_millis() as u64,
-        "checkpoint part durable"
-    );
     let us = |d: Duration| d.as_micros().min(u32::MAX as u128) as u32;
+    let (files, error) = match written {
+        Ok(files) => {
+            info!(
+                step = p.step,
+                rank = p.rank,
+                stage_ms = p.stage.as_millis() as u64,
+                drain_ms = drain.as_millis() as u64,
+                "checkpoint part durable"
+            );
+            (files, String::new())
+        }
+        Err(e) => {
+            warn!(step = p.step, error = %e, "this rank's part of the checkpoint could not be written; the save is not committed, training goes on");
+            (Vec::new(), e.to_string())
+        }
+    };
     Ok(pb::CheckpointPart {
         step: p.step,
         generation: p.generation,
@@ -191,7 +192,45 @@ async fn save_part(p: PartSave) -> Result<pb::CheckpointPart, ActorProcessingErr
             .collect(),
         stage_us: us(p.stage),
         drain_us: us(drain),
+        error,
     })
+}
+
+type Written = Result<Vec<FileEntry>, phalanx_checkpoint::CheckpointError>;
+
+async fn write_with_retries(
+    dir: &std::path::Path,
+    name: &str,
+    step: u64,
+    tensors: Arc<Vec<TensorData>>,
+    meta: Arc<Option<serde_json::Value>>,
+) -> Result<Written, ActorProcessingErr> {
+    let slow = crate::faults::standing("slow-checkpoint").map(Duration::from_millis);
+    let mut backoff = FIRST_BACKOFF;
+    for tries in 1.. {
+        let (dir, name) = (dir.to_path_buf(), name.to_string());
+        let (tensors, meta) = (tensors.clone(), meta.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            if let Some(pause) = slow {
+                std::thread::sleep(pause);
+            }
+            let mut files = vec![sharded::write_part(&dir, &name, &tensors)?];
+            if let Some(m) = meta.as_ref() {
+                files.push(sharded::write_json(&dir, sharded::META, m)?);
+            }
+            Ok(files)
+        })
+        .await?;
+        match r {
+            Err(e) if tries < WRITE_TRIES => {
+                warn!(step, error = %e, tries, "cannot write this rank's part of the checkpoint; trying again");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            r => return Ok(r),
+        }
+    }
+    unreachable!("the loop returns by its last try")
 }
 
 /// Rank 0: the manifest that commits the save (written last), then retention (C-7).

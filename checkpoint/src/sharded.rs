@@ -64,7 +64,11 @@ pub fn part_name(rank: u32, world: u32) -> String {
 pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    write_synced(&tmp, bytes)?;
+    if let Err(e) = write_synced(&tmp, bytes) {
+        // A full disk keeps nothing of a failed write: the space goes back at once.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     let path = dir.join(name);
     std::fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
     sync_dir(dir)?;

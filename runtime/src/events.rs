@@ -162,6 +162,13 @@ pub enum Event {
         stage_ms: f64,
         drain_ms: f64,
     },
+    /// A rank could not write its part of a save (disk full, an I/O error) after its retries:
+    /// the save is not committed; training goes on and the next interval saves again.
+    CheckpointFailed {
+        step: u64,
+        rank: u32,
+        error: String,
+    },
     /// A save that lost a rank before every part was durable: it is never committed.
     CheckpointAborted {
         step: u64,
@@ -451,6 +458,7 @@ impl Event {
                 | Event::DecisionLoopPanicked { .. }
                 | Event::CheckpointCommitted { .. }
                 | Event::CheckpointAborted { .. }
+                | Event::CheckpointFailed { .. }
         )
     }
 }

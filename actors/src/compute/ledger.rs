@@ -106,7 +106,7 @@ impl<'a> Loop<'a> {
         self.heart.busy(true);
         self.write_fingerprint(s, ctl.member, rank, generation)?;
         let world = group.world();
-        self.final_checkpoint(
+        let mine = self.final_checkpoint(
             s,
             Place {
                 rank,
@@ -125,12 +125,14 @@ impl<'a> Loop<'a> {
         }
         // A peer lost after the last commit costs nothing but its own exit: the state is
         // complete on every rank, and rank 0 saves it with or without the others.
-        let lost = group.barrier().err().map(|e| e.to_string());
+        let (all_durable, lost) = self.settle(group, mine);
         if let Some(why) = &lost {
             warn!(%why, "a peer was lost after the last step; the job's result is complete");
         }
-        if rank.0 == 0 {
+        if rank.0 == 0 && all_durable {
             self.await_final_commit(s.trainer.step, false);
+        }
+        if rank.0 == 0 {
             let val = s
                 .trainer
                 .evaluate(&s.ds.val, s.win, p.eval_batches, p.micro_batch);
@@ -169,10 +171,12 @@ impl<'a> Loop<'a> {
             world: g.world,
             generation: g.generation,
         };
-        self.final_checkpoint(s, at, true);
-        let lost = g.group.barrier().err().map(|e| e.to_string());
+        let mine = self.final_checkpoint(s, at, true);
+        let (all_durable, lost) = self.settle(g.group, mine);
         if g.rank.0 == 0 {
-            self.await_final_commit(step, true);
+            if all_durable {
+                self.await_final_commit(step, true);
+            }
             let line = MetricLine::Final(FinalLine {
                 is_final: true,
                 step,

@@ -163,10 +163,11 @@ impl<'a> Loop<'a> {
     /// C-5: the job's last step is saved and committed before the ranks leave, so the next job
     /// of the campaign resumes where this one ended. Every rank makes its part durable (after
     /// any save still draining) and votes; rank 0 then waits, bounded, for the commit.
-    pub(super) fn final_checkpoint(&self, s: &Setup, at: Place, always: bool) {
+    /// Whether this rank's part is durable (or no checkpoint is wanted).
+    pub(super) fn final_checkpoint(&self, s: &Setup, at: Place, always: bool) -> bool {
         let step = s.trainer.step;
         if self.sh.params.checkpoint_interval == 0 && !always {
-            return;
+            return true;
         }
         let voted = |sh: &Shared| sh.durable.lock().as_ref().is_some_and(|d| d.step == step);
         let deadline = Instant::now() + FINAL_SAVE_WAIT;
@@ -182,11 +183,29 @@ impl<'a> Loop<'a> {
         if !voted(self.sh) {
             self.checkpoint_async(s, at);
         }
-        if !wait_for(&|| voted(self.sh)) {
+        let written = wait_for(&|| voted(self.sh))
+            && self
+                .sh
+                .durable
+                .lock()
+                .as_ref()
+                .is_some_and(|d| d.error.is_empty());
+        if !written {
             warn!(step, "this rank's part of the final checkpoint is not durable; the campaign resumes from an earlier one");
-            return;
         }
         self.sh.beat_now.notify_one();
+        written
+    }
+
+    /// In place of the final barrier: whether every rank's part of the final checkpoint is
+    /// durable (then rank 0 waits for the commit; else the commit cannot come), and the error
+    /// of a peer lost at the end.
+    pub(super) fn settle(&self, group: &dyn Group, mine: bool) -> (bool, Option<String>) {
+        let mut all = vec![if mine { 1f32 } else { 0f32 }];
+        match group.allreduce(&mut all) {
+            Ok(()) => (all[0] as u32 == group.world(), None),
+            Err(e) => (false, Some(e.to_string())),
+        }
     }
 
     /// Rank 0, after every rank's part of the final checkpoint is durable: its commit.

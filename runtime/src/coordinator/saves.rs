@@ -18,6 +18,8 @@ pub struct Saves {
     pending: BTreeMap<u64, Pending>,
     /// Saves said aborted (by step), so that late votes for them are not said again.
     aborted: std::collections::BTreeSet<u64>,
+    /// Parts said failed (step, rank), likewise.
+    failed: std::collections::BTreeSet<(u64, u32)>,
     /// The newest step rank 0 reported committed.
     pub committed: u64,
 }
@@ -47,6 +49,14 @@ pub struct Order {
     pub parts: Vec<pb::CheckpointPart>,
 }
 
+/// A part that could not be written, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failed {
+    pub step: u64,
+    pub rank: u32,
+    pub error: String,
+}
+
 /// A save that can never complete.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Aborted {
@@ -60,6 +70,8 @@ pub struct Aborted {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Commit(Order),
+    /// A rank could not write its part: the save cannot commit.
+    Failed(Failed),
     /// A part of a save whose generation ended before every part was durable: the first
     /// late vote for a save nobody else voted for in time says so.
     Aborted(Aborted),
@@ -74,6 +86,20 @@ impl Saves {
         part: &pb::CheckpointPart,
         who: Voter,
     ) -> Option<Outcome> {
+        if !part.error.is_empty() {
+            if !self.failed.insert((part.step, part.rank)) {
+                return None;
+            }
+            while self.failed.len() > 256 {
+                self.failed.pop_first();
+            }
+            self.pending.remove(&part.step);
+            return Some(Outcome::Failed(Failed {
+                step: part.step,
+                rank: part.rank,
+                error: part.error.clone(),
+            }));
+        }
         let stale = Generation(part.generation) < who.generation;
         if stale && part.step > self.committed && self.aborted.insert(part.step) {
             self.trim_aborted();
@@ -237,8 +263,23 @@ mod tests {
         ));
         assert!(s.on_vote(t, &part(25, 1, 2, 4), voter(1, 2, 3)).is_none());
         assert!(s.on_vote(t, &part(20, 1, 2, 4), voter(1, 2, 3)).is_none());
-        // The next save, in the new generation, commits.
+        // A part that could not be written is said once, and its save never commits.
+        let mut broken = part(30, 2, 1, 2);
+        broken.error = "No space left on device".into();
         s.vote(t, &part(30, 2, 0, 2), voter(0, 2, 2));
-        assert!(s.vote(t, &part(30, 2, 1, 2), voter(1, 2, 2)).is_some());
+        let f = s.on_vote(t, &broken, voter(1, 2, 2));
+        assert!(matches!(
+            f,
+            Some(Outcome::Failed(Failed {
+                step: 30,
+                rank: 1,
+                ..
+            }))
+        ));
+        assert!(s.on_vote(t, &broken, voter(1, 2, 2)).is_none());
+        assert!(s.vote(t, &part(30, 2, 1, 2), voter(1, 2, 2)).is_none());
+        // The next save, in the new generation, commits.
+        s.vote(t, &part(40, 2, 0, 2), voter(0, 2, 2));
+        assert!(s.vote(t, &part(40, 2, 1, 2), voter(1, 2, 2)).is_some());
     }
 }

@@ -953,6 +953,16 @@ fn checkpoint_vote(sh: &Shared, id: MemberId, part: &pb::CheckpointPart) {
             });
             return;
         }
+        Some(saves::Outcome::Failed(f)) => {
+            drop(st);
+            warn!(step = f.step, rank = f.rank, error = %f.error, "a rank could not write its part of a checkpoint");
+            sh.event(Event::CheckpointFailed {
+                step: f.step,
+                rank: f.rank,
+                error: f.error,
+            });
+            return;
+        }
         Some(saves::Outcome::Commit(order)) => order,
     };
     let Some(&first) = st.ranks.first() else {
