@@ -5,8 +5,11 @@
 //! - [`collectives`]: allreduce and friends over UCX, against gloo;
 //! - [`gloo`]: the PyTorch side of that comparison;
 //! - [`straggler`]: detection and rebalancing figures under a CPU quota;
-//! - [`coordinator`]: decisions per second of the coordinator core and its gRPC service.
+//! - [`coordinator`]: decisions per second of the coordinator core and its gRPC service;
+//! - [`checkpoint`]: a sharded checkpoint's stage, drain and throughput against the disk, and
+//!   PyTorch DCP beside it.
 
+pub mod checkpoint;
 pub mod collectives;
 pub mod coordinator;
 pub mod gloo;

@@ -1,0 +1,267 @@
+//! `phalanx bench checkpoint`: what a sharded checkpoint (C-5) costs a job of `--world` ranks.
+//! The state of the preset (parameters and AdamW moments) is built once; each save stages every
+//! rank's part (the copy the training loop waits for; ranks stage at the same time in a job, so
+//! the figure is the slowest rank's), then writes the parts at once, one writer thread per rank,
+//! each fsynced, and commits the manifest (the drain). The disk's sequential write bandwidth is
+//! measured in the same run and place (one file of the state's size, written and fdatasynced),
+//! and one training step of the preset times the stage against a step. With `--dcp`, PyTorch
+//! DCP on the same state size runs beside it (`torchrun ... dcp_ref.py`).
+
+use anyhow::{bail, Context, Result};
+use phalanx_checkpoint::sharded::{self, Part, Shards};
+use phalanx_checkpoint::FileEntry;
+use phalanx_model::config::ModelConfig;
+use phalanx_model::gpt::Gpt;
+use phalanx_model::io as model_io;
+use phalanx_model::optim::OptimConfig;
+use phalanx_model::trainer::Trainer;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+pub struct Opts {
+    pub preset: String,
+    pub world: u32,
+    pub reps: usize,
+    pub dir: PathBuf,
+    /// Micro-batches (of `micro_batch` sequences) one rank computes per step.
+    pub micro_batches: usize,
+    pub micro_batch: usize,
+    /// PyTorch DCP's script, run beside (None: not run).
+    pub dcp: Option<PathBuf>,
+}
+
+/// One save's figures.
+struct Save {
+    stage: Duration,
+    drain: Duration,
+    bytes: u64,
+}
+
+pub fn run(o: &Opts) -> Result<()> {
+    if o.world == 0 || o.reps == 0 {
+        bail!("--world and --reps must be at least 1");
+    }
+    let mut cfg = ModelConfig::preset(&o.preset)?;
+    // GPT-2's vocabulary, padded as nanoGPT pads it; the char presets' size does not matter here.
+    cfg.vocab_size = if o.preset.starts_with("gpt2") {
+        50304
+    } else {
+        65
+    };
+    tch::manual_seed(0);
+    let model = Gpt::new(&cfg, Device::Cpu, 0)?;
+    let mut trainer = Trainer::new(model, OptimConfig::default());
+    let n = trainer.model.num_params() as u64;
+    println!(
+        "{}: {n} parameters, {:.2} GB of parameters and AdamW moments (fp32), {} ranks, {} saves",
+        o.preset,
+        (n * 12) as f64 / 1e9,
+        o.world,
+        o.reps
+    );
+    std::fs::create_dir_all(&o.dir)
+        .with_context(|| format!("cannot create {} (--dir)", o.dir.display()))?;
+    let step = time_step(&mut trainer, &cfg, o)?;
+    let disk = disk_bandwidth(&o.dir, n * 12)?;
+    let mut saves = Vec::new();
+    for rep in 0..o.reps {
+        let s = save(&trainer, &o.dir, rep as u64 + 1, o.world)?;
+        println!(
+            "  save {}: stage {:.1} ms (slowest rank), drain {:.2} s, {:.2} GB/s",
+            rep + 1,
+            s.stage.as_secs_f64() * 1e3,
+            s.drain.as_secs_f64(),
+            s.bytes as f64 / s.drain.as_secs_f64() / 1e9
+        );
+        saves.push(s);
+    }
+    let _ = std::fs::remove_dir_all(o.dir.join("checkpoints"));
+    summarize(&saves, step, disk);
+    if let Some(script) = &o.dcp {
+        dcp(script, o.world)?;
+    }
+    Ok(())
+}
+
+/// One training step of one rank (its micro-batches, forward, backward, AdamW), the median of 3.
+fn time_step(trainer: &mut Trainer, cfg: &ModelConfig, o: &Opts) -> Result<Duration> {
+    let batch = || {
+        let x = Tensor::randint(
+            cfg.vocab_size as i64,
+            [o.micro_batch as i64, cfg.block_size as i64],
+            (Kind::Int64, Device::Cpu),
+        );
+        let y = x.shallow_clone();
+        (x, y)
+    };
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let batches: Vec<(Tensor, Tensor)> = (0..o.micro_batches).map(|_| batch()).collect();
+        let t = Instant::now();
+        trainer.train_step(&batches, 1e-4);
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let step = times[1];
+    println!(
+        "  one step of a rank ({} micro-batch(es) of {}x{} tokens): {:.2} s",
+        o.micro_batches,
+        o.micro_batch,
+        cfg.block_size,
+        step.as_secs_f64()
+    );
+    Ok(step)
+}
+
+/// Sequential write bandwidth where the checkpoints go: `bytes` written and fdatasynced.
+fn disk_bandwidth(dir: &Path, bytes: u64) -> Result<f64> {
+    let path = dir.join("disk-bandwidth.tmp");
+    let block = vec![0x5au8; 8 << 20];
+    let t = Instant::now();
+    {
+        let mut f = std::fs::File::create(&path)
+            .with_context(|| format!("cannot write in {}", dir.display()))?;
+        let mut left = bytes;
+        while left > 0 {
+            let k = left.min(block.len() as u64) as usize;
+            f.write_all(&block[..k])?;
+            left -= k as u64;
+        }
+        f.sync_data()?;
+    }
+    let bw = bytes as f64 / t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    println!(
+        "  disk: {:.2} GB/s sequential write with fdatasync ({:.2} GB)",
+        bw / 1e9,
+        bytes as f64 / 1e9
+    );
+    Ok(bw)
+}
+
+/// One sharded save as a job makes it: every rank's stage, the parallel writes, the commit.
+fn save(trainer: &Trainer, dir: &Path, step: u64, world: u32) -> Result<Save> {
+    let total = trainer.model.num_params() as u64;
+    let mut parts = Vec::new();
+    let mut stage = Duration::ZERO;
+    for r in 0..world {
+        let range = sharded::part_range(total, world, r);
+        let t = Instant::now();
+        let tensors = model_io::part_snapshot(trainer, &range)?;
+        stage = stage.max(t.elapsed());
+        parts.push((r, range, tensors));
+    }
+    let out = dir.join("checkpoints").join(format!("step-{step}"));
+    let t = Instant::now();
+    let written: Vec<Result<(FileEntry, Part)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .iter()
+            .map(|(r, range, tensors)| {
+                let out = &out;
+                s.spawn(move || -> Result<(FileEntry, Part)> {
+                    let name = sharded::part_name(*r, world);
+                    let f = sharded::write_part(out, &name, tensors)?;
+                    let p = Part {
+                        rank: *r,
+                        file: name,
+                        start: range.start,
+                        len: range.end - range.start,
+                    };
+                    Ok((f, p))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a writer thread panicked"))
+            .collect()
+    });
+    let mut files = Vec::new();
+    let mut plan = Vec::new();
+    for w in written {
+        let (f, p) = w?;
+        files.push(f);
+        plan.push(p);
+    }
+    let shards = Shards {
+        world,
+        generation: 1,
+        job: "bench".into(),
+        config_hash: String::new(),
+        total,
+        parts: plan,
+    };
+    let bytes = files.iter().map(|f| f.bytes).sum();
+    sharded::commit(&out, step, files, shards)?;
+    Ok(Save {
+        stage,
+        drain: t.elapsed(),
+        bytes,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn summarize(saves: &[Save], step: Duration, disk: f64) {
+    let stage = median(saves.iter().map(|s| s.stage.as_secs_f64()).collect());
+    let drain = median(saves.iter().map(|s| s.drain.as_secs_f64()).collect());
+    let bw = median(
+        saves
+            .iter()
+            .map(|s| s.bytes as f64 / s.drain.as_secs_f64())
+            .collect(),
+    );
+    println!("median over the saves:");
+    println!(
+        "  stage (the training loop waits): {:.1} ms = {:.2}% of one step",
+        stage * 1e3,
+        100.0 * stage / step.as_secs_f64()
+    );
+    println!("  drain (background write, fsync, commit): {drain:.2} s");
+    println!(
+        "  write throughput {:.2} GB/s = {:.0}% of the disk's {:.2} GB/s",
+        bw / 1e9,
+        100.0 * bw / disk,
+        disk / 1e9
+    );
+    // Not a measurement of training with saves: the drain's share of the cores and the disk
+    // while training is not in it.
+    println!(
+        "  estimate: a save every 50 steps stalls the loop for {:.3}% of its time (stage only)",
+        100.0 * stage / (50.0 * step.as_secs_f64())
+    );
+}
+
+/// PyTorch DCP on 4 ranks with the same state size, beside (its own table).
+fn dcp(script: &Path, world: u32) -> Result<()> {
+    if !script.exists() {
+        bail!(
+            "--dcp {}: no such script; pass the path of dcp_ref.py",
+            script.display()
+        );
+    }
+    let torchrun = Path::new(".venv/bin/torchrun");
+    if !torchrun.exists() {
+        bail!("--dcp needs .venv/bin/torchrun: run scripts/setup from the repository root");
+    }
+    println!(
+        "PyTorch DCP, {world} ranks (torchrun {}):",
+        script.display()
+    );
+    let st = Command::new(torchrun)
+        .arg("--nproc-per-node")
+        .arg(world.to_string())
+        .arg(script)
+        .status()
+        .context("cannot run torchrun")?;
+    if !st.success() {
+        bail!("the DCP reference failed ({st})");
+    }
+    Ok(())
+}
