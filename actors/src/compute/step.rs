@@ -47,28 +47,18 @@ impl<'a> Loop<'a> {
         }
         // Bad numerics are caught before the commit, and named: each rank flags its own
         // non-finite loss or gradient in a slot of its own that rides along with the sum.
-        let n = buf.len();
         let loss_part = local_loss * mine.len() as f64 / mbs as f64;
         let flags = Flags {
             bad: local_bad || nan,
             preempt: crate::preempt::requested(),
         };
-        let mut buf = pack(buf, loss_part, flags, rank, world);
-        let (t_reduce, stalled_before) = (Instant::now(), group.stalled());
-        let reduced = group.allreduce(&mut buf);
-        let mut in_collectives = t_reduce.elapsed();
+        let stalled_before = group.stalled();
+        let (reduced, summed, mut in_collectives) = reduce(group, &mut buf, loss_part, flags);
         let Summed {
             loss,
             bad_ranks,
             preempt,
-        } = match &reduced {
-            Ok(()) => unpack(&mut buf, n),
-            Err(_) => Summed {
-                loss: f64::NAN,
-                bad_ranks: Vec::new(),
-                preempt: false,
-            },
-        };
+        } = summed;
         let v = verdict(
             reduced.is_ok(),
             &bad_ranks,
@@ -269,4 +259,30 @@ impl<'a> Loop<'a> {
             }
         }
     }
+}
+
+/// The step's one allreduce: the gradient in `buf` (summed in place), with the loss part and
+/// the flags riding along; how long it took.
+fn reduce(
+    group: &dyn Group,
+    buf: &mut Vec<f32>,
+    loss_part: f64,
+    flags: Flags,
+) -> (Result<(), RuntimeError>, Summed, Duration) {
+    let n = buf.len();
+    let (rank, world) = (group.rank(), group.world());
+    let mut packed = pack(std::mem::take(buf), loss_part, flags, rank, world);
+    let t = Instant::now();
+    let reduced = group.allreduce(&mut packed);
+    let took = t.elapsed();
+    let summed = match &reduced {
+        Ok(()) => unpack(&mut packed, n),
+        Err(_) => Summed {
+            loss: f64::NAN,
+            bad_ranks: Vec::new(),
+            preempt: false,
+        },
+    };
+    *buf = packed;
+    (reduced, summed, took)
 }
