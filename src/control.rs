@@ -195,6 +195,7 @@ pub fn run_coordinator(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<()
             .with_context(|| format!("cannot listen on {bind}; pick another --bind address"))?;
         let addr = listener.local_addr()?;
         check_exposure(c, addr, a.insecure)?;
+        crate::run_dir::new_job_of_campaign(&a.run_dir)?;
         let opts = service_opts(c, a)?;
         write_url(&a.run_dir, addr, opts.tls.is_some())?;
         // The first line on stdout is the address, so that a launcher (or a test) that asked

@@ -81,6 +81,32 @@ pub fn claim(dir: &Path, force: bool, how_to_resume: &str) -> Result<()> {
     Ok(())
 }
 
+/// The batch job this process belongs to, as the scheduler names it.
+fn scheduler_job() -> Option<String> {
+    ["PHALANX_JOB_INSTANCE", "SLURM_JOB_ID", "PBS_JOBID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+}
+
+/// A standalone coordinator (`phalanx coordinator`) starting in a run directory: a journal left
+/// by another batch job of the campaign (C-6) is that job's, moved to `history/` with its
+/// events and report, so this job starts fresh; a journal of this same batch job is its own
+/// coordinator's, restarted after a crash (K-5), and restored. Without a scheduler's job id
+/// (`SLURM_JOB_ID`, `PBS_JOBID`, or `PHALANX_JOB_INSTANCE`) a journal is always restored.
+pub fn new_job_of_campaign(dir: &Path) -> Result<()> {
+    let Some(job) = scheduler_job() else {
+        return Ok(());
+    };
+    ensure(dir)?;
+    let mark = dir.join("coordinator-job");
+    let previous = std::fs::read_to_string(&mark).ok();
+    if previous.as_deref().map(str::trim) != Some(job.as_str()) {
+        archive_job(dir)?;
+    }
+    std::fs::write(&mark, format!("{job}\n"))
+        .with_context(|| format!("cannot write {}", mark.display()))
+}
+
 /// A resumed job (C-6) keeps the campaign's `metrics.jsonl` (the loss curve and the sample
 /// ledger go on) and moves the previous job's events, report and coordinator journal to
 /// `history/job-<unix_ms>/`: the new job's coordinator starts fresh, its report is its own.

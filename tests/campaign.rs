@@ -361,13 +361,7 @@ fn assert_stopped_and_resumed(c: &Campaign, mut job: Proc, signalled: std::time:
     let report = read_report(&c.run());
     assert_eq!(report["status"], "preempted", "{report}");
     let events = read_jsonl(&c.run().join("events.jsonl"));
-    let bad: Vec<&Value> = events
-        .iter()
-        .filter(|e| {
-            ["rank_failed", "rank_removed"].contains(&e["kind"].as_str().unwrap_or(""))
-                || (e["kind"] == "generation" && e["generation"] != 1)
-        })
-        .collect();
+    let bad = failures_or_regroups(&events);
     assert!(bad.is_empty(), "the stop was taken for failures: {bad:#?}");
     let metrics = read_jsonl(&c.run().join("metrics.jsonl"));
     let fin = metrics.last().unwrap();

@@ -263,6 +263,7 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
                             Some(pb::directive::Kind::Assign(a)) => Directive::Assign(a.into()),
                             Some(pb::directive::Kind::Evict(e)) => Directive::Evict(e.reason),
                             Some(pb::directive::Kind::Drain(_)) => Directive::Drain,
+                            Some(pb::directive::Kind::Shutdown(s)) if s.complete => Directive::JobComplete,
                             Some(pb::directive::Kind::Shutdown(s)) => Directive::Shutdown(s.reason),
                             Some(pb::directive::Kind::Commit(c)) => {
                                 commit(&shared, c);
@@ -270,7 +271,10 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
                             }
                             _ => continue,
                         };
-                        let stop = matches!(d, Directive::Evict(_) | Directive::Shutdown(_));
+                        let stop = matches!(
+                            d,
+                            Directive::Evict(_) | Directive::Shutdown(_) | Directive::JobComplete
+                        );
                         if directives.send(d).is_err() || stop { return None; }
                     }
                     Ok(None) => break,

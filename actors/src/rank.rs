@@ -163,6 +163,8 @@ pub enum Directive {
     Evict(String),
     Drain,
     Shutdown(String),
+    /// Every rank finished: a spare has nothing left to wait for (K-13).
+    JobComplete,
 }
 
 /// The registration, once the control agent has it.

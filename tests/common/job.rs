@@ -126,6 +126,18 @@ evict_stragglers = false
     p
 }
 
+/// C-8: what a clean stop must not show: a rank counted as failed or removed, or a new
+/// generation (a spare promoted).
+pub fn failures_or_regroups(events: &[Value]) -> Vec<&Value> {
+    events
+        .iter()
+        .filter(|e| {
+            ["rank_failed", "rank_removed"].contains(&e["kind"].as_str().unwrap_or(""))
+                || (e["kind"] == "generation" && e["generation"] != 1)
+        })
+        .collect()
+}
+
 /// D-4: every committed step's samples were consumed exactly once by the final model's lineage.
 pub fn assert_ledger_exactly_once(report: &Value) {
     let l = &report["ledger"];

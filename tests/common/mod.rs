@@ -5,10 +5,11 @@ mod coordinator;
 mod job;
 mod jsonl;
 mod proc;
+mod slurm;
 
 // Every test binary compiles all of these and uses only some.
 #[allow(unused_imports)]
-pub use {coordinator::*, job::*, jsonl::*, proc::*};
+pub use {coordinator::*, job::*, jsonl::*, proc::*, slurm::*};
 
 use std::path::Path;
 use std::process::{Command, Output};

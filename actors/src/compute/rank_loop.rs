@@ -251,6 +251,10 @@ impl<'a> Loop<'a> {
             match self.directive(Duration::from_millis(100))? {
                 Some(Directive::Assign(x)) => return Ok(Ok(x)),
                 Some(Directive::Drain) | None => continue,
+                Some(Directive::JobComplete) => {
+                    info!("the job is complete; this spare leaves");
+                    return Ok(Err(Next::Exit(EXIT_DONE, "the job is complete".into())));
+                }
                 Some(Directive::Evict(reason)) => {
                     warn!(%reason, "evicted");
                     return Ok(Err(Next::Exit(EXIT_FENCED, format!("evicted: {reason}"))));

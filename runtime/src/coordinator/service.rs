@@ -113,6 +113,8 @@ pub struct Shared {
     refused_at: Mutex<HashMap<&'static str, (Instant, u64)>>,
     /// Sharded checkpoints' two-phase commits (C-5).
     saves: Mutex<Saves>,
+    /// Spares told that the job is complete (once each).
+    released: Mutex<std::collections::BTreeSet<MemberId>>,
 }
 
 fn role_of(r: i32) -> Result<Role, Status> {
@@ -291,6 +293,17 @@ impl Shared {
                 *last = now;
             }
         }
+        for id in st.spares_after_the_end() {
+            if self.released.lock().insert(id) {
+                out.directives.push((
+                    id,
+                    pb::directive::Kind::Shutdown(pb::Shutdown {
+                        reason: "the job is complete".into(),
+                        complete: true,
+                    }),
+                ));
+            }
+        }
         let d = decide(now, st, &self.cfg);
         match &d {
             Decision::Steady => *self.last_hold.lock() = None,
@@ -317,6 +330,7 @@ impl Shared {
                         id,
                         pb::directive::Kind::Shutdown(pb::Shutdown {
                             reason: reason.clone(),
+                            complete: false,
                         }),
                     ));
                 }
@@ -1243,6 +1257,7 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         cfg: opts.core.clone(),
         sessions: Mutex::new(HashMap::new()),
         saves: Mutex::new(Saves::default()),
+        released: Mutex::new(std::collections::BTreeSet::new()),
         events: Mutex::new(events),
         journal,
         wake: Notify::new(),

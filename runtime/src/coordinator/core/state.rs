@@ -275,6 +275,20 @@ impl State {
         Ok(())
     }
 
+    /// K-13: once every rank of the generation finished (done, or stopped on request), the
+    /// connected spares have nothing left to wait for: under a scheduler (srun, mpiexec) the
+    /// batch job would otherwise run to its time limit.
+    pub fn spares_after_the_end(&self) -> Vec<MemberId> {
+        if self.live.is_empty() || !self.live.iter().all(|l| l.done) {
+            return Vec::new();
+        }
+        self.members
+            .values()
+            .filter(|m| m.state == MemberState::Spare && m.connected)
+            .map(|m| m.id)
+            .collect()
+    }
+
     /// The session stream ended or errored: for a rank this is a crash signal.
     pub fn session_closed(&mut self, now: Instant, id: MemberId) {
         let grace = self.stall_grace.filter(|(until, _)| now < *until);

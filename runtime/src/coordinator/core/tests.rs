@@ -459,3 +459,37 @@ fn wrong_job_and_config_are_refused() {
         Err(RuntimeError::ConfigMismatch { .. })
     ));
 }
+
+// K-13: spares are released once every rank of the generation finished, not before (under srun
+// or mpiexec a spare left waiting would hold the batch job until its time limit).
+#[test]
+fn spares_are_released_once_every_rank_finished() {
+    let cfg = cfg();
+    let t = Instant::now();
+    let mut s = job(t, 2, 1, &cfg);
+    assert!(s.spares_after_the_end().is_empty());
+    let done = |s: &mut State, id| {
+        let hb = HeartbeatMsg {
+            generation: s.generation,
+            step: Step(10),
+            collective_seq: 10,
+            phase: Phase::Done,
+            ..Default::default()
+        };
+        s.heartbeat(t, id, &hb, &cfg).unwrap();
+    };
+    let (a, b) = (s.ranks[0], s.ranks[1]);
+    done(&mut s, a);
+    assert!(
+        s.spares_after_the_end().is_empty(),
+        "one rank is still training"
+    );
+    done(&mut s, b);
+    let spare = s
+        .members
+        .values()
+        .find(|m| m.state == MemberState::Spare)
+        .map(|m| m.id)
+        .unwrap();
+    assert_eq!(s.spares_after_the_end(), vec![spare]);
+}
