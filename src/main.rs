@@ -357,6 +357,23 @@ enum CheckpointCmd {
         /// A model or checkpoint folder (a run's model/ or checkpoints/step-N/).
         dir: PathBuf,
     },
+    /// Write a model as a Hugging Face transformers folder (config.json, model.safetensors):
+    /// GPT2LMHeadModel or LlamaForCausalLM, loadable with AutoModelForCausalLM.
+    Export {
+        /// The format to write; `hf` (Hugging Face transformers) is the one there is.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// A model or checkpoint folder (a run's model/ or checkpoints/step-N/).
+        dir: PathBuf,
+        /// The folder to write (created; its config.json and model.safetensors are replaced).
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// Hugging Face transformers.
+    Hf,
 }
 
 /// `phalanx launch`'s arguments.
@@ -815,6 +832,7 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
 fn checkpoint_cmd(what: CheckpointCmd) -> Result<ExitCode> {
     let dir = match &what {
         CheckpointCmd::List { run_dir } => return checkpoint_list(run_dir),
+        CheckpointCmd::Export { format, dir, out } => return checkpoint_export(*format, dir, out),
         CheckpointCmd::Verify { dir } | CheckpointCmd::Inspect { dir } => dir,
     };
     let (m, files) = phalanx_checkpoint::verify(dir)?;
@@ -835,8 +853,31 @@ fn checkpoint_cmd(what: CheckpointCmd) -> Result<ExitCode> {
                 }
             }
         }
-        CheckpointCmd::List { .. } => unreachable!("answered above"),
+        CheckpointCmd::List { .. } | CheckpointCmd::Export { .. } => {
+            unreachable!("answered above")
+        }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `phalanx checkpoint export --format hf DIR OUT`.
+fn checkpoint_export(
+    format: ExportFormat,
+    dir: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<ExitCode> {
+    let ExportFormat::Hf = format;
+    let (model, _, info) = model_io::load(dir, tch::Device::Cpu)?;
+    phalanx_model::export::hf(&model, out)?;
+    outln!(
+        "{}: the model of step {} ({} layers) written as a Hugging Face folder {} ({} and {})",
+        dir.display(),
+        info.step,
+        model.cfg.n_layer,
+        out.display(),
+        phalanx_model::export::CONFIG,
+        phalanx_model::export::WEIGHTS
+    );
     Ok(ExitCode::SUCCESS)
 }
 

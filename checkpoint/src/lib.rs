@@ -93,6 +93,13 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 pub(crate) fn encode_tensors(ts: &[TensorData]) -> Result<Vec<u8>, String> {
+    encode_with(ts, None)
+}
+
+fn encode_with(
+    ts: &[TensorData],
+    meta: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>, String> {
     let bytes: Vec<Vec<u8>> = ts
         .iter()
         .map(|t| t.data.iter().flat_map(|f| f.to_le_bytes()).collect())
@@ -106,7 +113,14 @@ pub(crate) fn encode_tensors(ts: &[TensorData]) -> Result<Vec<u8>, String> {
                 .map_err(|e| format!("tensor {}: {e}", t.name))
         })
         .collect::<Result<Vec<_>, String>>()?;
-    safetensors::serialize(views, None).map_err(|e| e.to_string())
+    safetensors::serialize(views, meta).map_err(|e| e.to_string())
+}
+
+/// Tensors as a safetensors file that Hugging Face transformers loads (it requires the
+/// `format: pt` metadata).
+pub fn encode_for_hf(ts: &[TensorData]) -> Result<Vec<u8>, String> {
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    encode_with(ts, Some(meta))
 }
 
 pub(crate) fn decode_tensors(bytes: &[u8]) -> Result<Vec<TensorData>, String> {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod gpt;
 pub mod io;
 pub mod optim;
