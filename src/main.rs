@@ -253,6 +253,16 @@ enum BenchCmd {
         /// Run PyTorch DCP beside it: the path of dcp_ref.py (under torchrun, --world ranks).
         #[arg(long, value_name = "SCRIPT")]
         dcp: Option<PathBuf>,
+        /// Also measure training throughput with saves against none: `launch` of this many
+        /// steps of --train-config (0: not measured).
+        #[arg(long, default_value_t = 0)]
+        train_steps: u64,
+        /// The config of that training comparison.
+        #[arg(long, default_value = "configs/shakespeare-char.toml")]
+        train_config: PathBuf,
+        /// A save every this many steps in it.
+        #[arg(long, default_value_t = 50)]
+        save_every: u64,
     },
     /// tokens/s of the full train path vs a bare tch loop (phalanx's overhead).
     Train {
@@ -745,6 +755,9 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
             micro_batches,
             micro_batch,
             dcp,
+            train_steps,
+            train_config,
+            save_every,
         } => {
             bench::checkpoint::run(&bench::checkpoint::Opts {
                 preset,
@@ -754,6 +767,9 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
                 micro_batches,
                 micro_batch,
                 dcp,
+                train_config,
+                train_steps,
+                save_every,
             })?;
             Ok(ExitCode::SUCCESS)
         }

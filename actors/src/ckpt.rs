@@ -124,7 +124,7 @@ impl Actor for CheckpointerActor {
                 }
             }
             CheckpointerMsg::SavePart(part) => {
-                let vote = save_part(*part).await;
+                let vote = save_part(*part, &st.shared.part_buffers).await;
                 st.shared.saving.store(false, Ordering::Release);
                 *st.shared.durable.lock() = Some(vote?);
                 st.shared.beat_now.notify_one();
@@ -151,11 +151,18 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Writes a part (and rank 0's side file) durably, with retries and backoff; the vote that
 /// says so, or that it failed (the save is then not committed; training goes on).
-async fn save_part(p: PartSave) -> Result<pb::CheckpointPart, ActorProcessingErr> {
+async fn save_part(
+    p: PartSave,
+    buffers: &parking_lot::Mutex<Vec<Vec<f32>>>,
+) -> Result<pb::CheckpointPart, ActorProcessingErr> {
     let t = Instant::now();
     let (tensors, meta) = (Arc::new(p.tensors), Arc::new(p.meta));
     let name = sharded::part_name(p.rank, p.world);
-    let written = write_with_retries(&p.dir, &name, p.step, tensors, meta).await?;
+    let written = write_with_retries(&p.dir, &name, p.step, tensors.clone(), meta).await?;
+    // The part's host buffers go back for the next stage (the writer holds no other handle).
+    if let Ok(ts) = Arc::try_unwrap(tensors) {
+        *buffers.lock() = ts.into_iter().map(|t| t.data).collect();
+    }
     let drain = t.elapsed();
     let us = |d: Duration| d.as_micros().min(u32::MAX as u128) as u32;
     let (files, error) = match written {

@@ -215,6 +215,8 @@ pub struct Shared {
     pub committed_checkpoint: AtomicU64,
     /// The resume line is in the metrics (written once per process).
     pub resume_recorded: AtomicBool,
+    /// The host buffers of the last part written, reused by the next stage (C-5).
+    pub part_buffers: Mutex<Vec<Vec<f32>>>,
     /// Send a heartbeat now, not at the next tick (the rank's phase changed).
     pub beat_now: tokio::sync::Notify,
 }
@@ -452,6 +454,7 @@ pub fn start(params: RankParams, first: Setup) -> Result<RankHandle> {
         durable: Mutex::new(None),
         committed_checkpoint: AtomicU64::new(0),
         resume_recorded: AtomicBool::new(false),
+        part_buffers: Mutex::new(Vec::new()),
     });
     shared.progress.step.store(start_step, Ordering::Relaxed);
     let outcome = Arc::new(Mutex::new(None::<RankOutcome>));

@@ -75,18 +75,47 @@ pub const FLAT_PARAMS: &str = "params";
 pub const FLAT_EXP_AVG: &str = "exp_avg";
 pub const FLAT_EXP_AVG_SQ: &str = "exp_avg_sq";
 
-fn flat_slice(name: &str, t: &tch::Tensor, range: &Range<u64>) -> Result<TensorData> {
-    let len = (range.end - range.start) as i64;
-    let part = t.detach().view([-1]).narrow(0, range.start as i64, len);
-    flat_tensor(name, &part)
+/// `range` of the flat tensor `t`, copied into `buf` (grown only when too small: a buffer a
+/// previous save handed back costs no allocation and no first touch of fresh pages).
+fn flat_slice_into(
+    name: &str,
+    t: &tch::Tensor,
+    range: &Range<u64>,
+    mut buf: Vec<f32>,
+) -> Result<TensorData> {
+    let len = (range.end - range.start) as usize;
+    let part = t
+        .detach()
+        .to_device(Device::Cpu)
+        .view([-1])
+        .narrow(0, range.start as i64, len as i64)
+        .contiguous();
+    buf.resize(len, 0.0);
+    part.f_copy_data(&mut buf, len)?;
+    Ok(TensorData {
+        name: name.into(),
+        shape: vec![len],
+        data: buf,
+    })
 }
 
 /// A copy of this rank's range of the flat parameters and AdamW moments (the part it writes).
 pub fn part_snapshot(trainer: &Trainer, range: &Range<u64>) -> Result<Vec<TensorData>> {
+    part_snapshot_into(trainer, range, Vec::new())
+}
+
+/// [`part_snapshot`] into the buffers of an earlier part (C-5: the stage the training loop
+/// waits for is then a copy into memory it already holds).
+pub fn part_snapshot_into(
+    trainer: &Trainer,
+    range: &Range<u64>,
+    mut buffers: Vec<Vec<f32>>,
+) -> Result<Vec<TensorData>> {
+    let mut next = || buffers.pop().unwrap_or_default();
     Ok(vec![
-        flat_slice(FLAT_PARAMS, &trainer.model.params.flat, range)?,
-        flat_slice(FLAT_EXP_AVG, &trainer.opt.m, range)?,
-        flat_slice(FLAT_EXP_AVG_SQ, &trainer.opt.v, range)?,
+        flat_slice_into(FLAT_PARAMS, &trainer.model.params.flat, range, next())?,
+        flat_slice_into(FLAT_EXP_AVG, &trainer.opt.m, range, next())?,
+        flat_slice_into(FLAT_EXP_AVG_SQ, &trainer.opt.v, range, next())?,
     ])
 }
 

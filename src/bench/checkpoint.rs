@@ -31,6 +31,11 @@ pub struct Opts {
     pub micro_batch: usize,
     /// PyTorch DCP's script, run beside (None: not run).
     pub dcp: Option<PathBuf>,
+    /// Training throughput with a save every `save_every` steps against none: `phalanx launch`
+    /// of this config for `train_steps` steps (0: not measured).
+    pub train_config: PathBuf,
+    pub train_steps: u64,
+    pub save_every: u64,
 }
 
 /// One save's figures.
@@ -80,6 +85,9 @@ pub fn run(o: &Opts) -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(o.dir.join("checkpoints"));
     summarize(&saves, step, disk);
+    if o.train_steps > 0 {
+        with_and_without_saves(o)?;
+    }
     if let Some(script) = &o.dcp {
         dcp(script, o.world)?;
     }
@@ -236,6 +244,56 @@ fn summarize(saves: &[Save], step: Duration, disk: f64) {
         "  estimate: a save every 50 steps stalls the loop for {:.3}% of its time (stage only)",
         100.0 * stage / (50.0 * step.as_secs_f64())
     );
+}
+
+/// Tokens per second of training time of a `launch` with saves every `save_every` steps and
+/// without, alternated twice (the medians): what the saves cost a real job on these cores.
+fn with_and_without_saves(o: &Opts) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..4 {
+        let every = if round % 2 == 0 { 0 } else { o.save_every };
+        let dir = o.dir.join(format!("train-{round}"));
+        let out = Command::new(&exe)
+            .args([
+                "launch",
+                "--force",
+                "--nproc",
+                &o.world.to_string(),
+                "--config",
+            ])
+            .arg(&o.train_config)
+            .arg(format!("train.max_steps={}", o.train_steps))
+            .arg(format!("run.checkpoint_interval={every}"))
+            .arg(format!("run.dir={}", dir.display()))
+            .env("PHALANX_LOG", "warn")
+            .output()
+            .context("cannot run phalanx launch")?;
+        if !out.status.success() {
+            bail!(
+                "the training run failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("report.json"))?)?;
+        let rate = report["tokens_per_s_train"].as_f64().unwrap_or(f64::NAN);
+        rates[usize::from(every > 0)].push(rate);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let (none, with) = (median(rates[0].clone()), median(rates[1].clone()));
+    println!(
+        "training ({}, {} ranks, {} steps; median of 2 alternated runs each): {:.0} tokens/s \
+         without saves, {:.0} with a save every {} steps = {:.1}%",
+        o.train_config.display(),
+        o.world,
+        o.train_steps,
+        none,
+        with,
+        o.save_every,
+        100.0 * with / none
+    );
+    Ok(())
 }
 
 /// PyTorch DCP on 4 ranks with the same state size, beside (its own table).

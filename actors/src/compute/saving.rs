@@ -122,7 +122,8 @@ impl<'a> Loop<'a> {
         let staged = Instant::now();
         let total = s.trainer.model.num_params() as u64;
         let range = sharded::part_range(total, at.world, at.rank.0);
-        let tensors = match model_io::part_snapshot(&s.trainer, &range) {
+        let buffers = std::mem::take(&mut *self.sh.part_buffers.lock());
+        let tensors = match model_io::part_snapshot_into(&s.trainer, &range, buffers) {
             Ok(t) => t,
             Err(e) => {
                 warn!(step, error = %e, "cannot copy this rank's part of the checkpoint");
