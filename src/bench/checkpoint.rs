@@ -72,8 +72,10 @@ pub fn run(o: &Opts) -> Result<()> {
     let step = time_step(&mut trainer, &cfg, o)?;
     let disk = disk_bandwidth(&o.dir, n * 12)?;
     let mut saves = Vec::new();
+    // Each rank's host buffers, handed back after its write as in a job (C-5).
+    let mut pools: Vec<Vec<Vec<f32>>> = vec![Vec::new(); o.world as usize];
     for rep in 0..o.reps {
-        let s = save(&trainer, &o.dir, rep as u64 + 1, o.world)?;
+        let s = save(&trainer, &o.dir, rep as u64 + 1, o.world, &mut pools)?;
         println!(
             "  save {}: stage {:.1} ms (slowest rank), drain {:.2} s, {:.2} GB/s",
             rep + 1,
@@ -151,14 +153,21 @@ fn disk_bandwidth(dir: &Path, bytes: u64) -> Result<f64> {
 }
 
 /// One sharded save as a job makes it: every rank's stage, the parallel writes, the commit.
-fn save(trainer: &Trainer, dir: &Path, step: u64, world: u32) -> Result<Save> {
+fn save(
+    trainer: &Trainer,
+    dir: &Path,
+    step: u64,
+    world: u32,
+    pools: &mut [Vec<Vec<f32>>],
+) -> Result<Save> {
     let total = trainer.model.num_params() as u64;
     let mut parts = Vec::new();
     let mut stage = Duration::ZERO;
     for r in 0..world {
         let range = sharded::part_range(total, world, r);
+        let buffers = std::mem::take(&mut pools[r as usize]);
         let t = Instant::now();
-        let tensors = model_io::part_snapshot(trainer, &range)?;
+        let tensors = model_io::part_snapshot_into(trainer, &range, buffers)?;
         stage = stage.max(t.elapsed());
         parts.push((r, range, tensors));
     }
@@ -204,6 +213,9 @@ fn save(trainer: &Trainer, dir: &Path, step: u64, world: u32) -> Result<Save> {
     };
     let bytes = files.iter().map(|f| f.bytes).sum();
     sharded::commit(&out, step, files, shards)?;
+    for (r, _, tensors) in parts {
+        pools[r as usize] = tensors.into_iter().map(|t| t.data).collect();
+    }
     Ok(Save {
         stage,
         drain: t.elapsed(),
