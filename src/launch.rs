@@ -504,6 +504,15 @@ impl Supervision<'_> {
         }
     }
 
+    /// The worker processes still running.
+    fn running(&self) -> Vec<u32> {
+        self.workers
+            .iter()
+            .filter(|w| !w.done)
+            .map(|w| w.child.id())
+            .collect()
+    }
+
     /// C-8: SIGTERM or Ctrl-C reached the launcher (Slurm and PBS signal it, or every task;
     /// the terminal signals the whole process group). Every worker is asked, once: the ranks
     /// stop together after the next step, with a committed checkpoint of it.
@@ -512,13 +521,7 @@ impl Supervision<'_> {
             grace_s = self.preempt_grace.as_secs(),
             "asked to stop: the job saves a checkpoint after the next step and exits (again to stop at once)"
         );
-        let pids: Vec<u32> = self
-            .workers
-            .iter()
-            .filter(|w| !w.done)
-            .map(|w| w.child.id())
-            .collect();
-        signals::send(Signal::Term, &pids);
+        signals::send(Signal::Term, &self.running());
     }
 
     /// Workers that exited: recorded; the hosts of the lost ones (a new spare starts where each
@@ -655,13 +658,7 @@ impl Supervision<'_> {
         self.bar.finish_and_clear();
         // Workers take SIGTERM as a request to stop after a checkpoint (C-8); one that has
         // not left within a few seconds of it is killed.
-        let pids: Vec<u32> = self
-            .workers
-            .iter()
-            .filter(|w| !w.done)
-            .map(|w| w.child.id())
-            .collect();
-        signals::send(Signal::Term, &pids);
+        signals::send(Signal::Term, &self.running());
         let deadline = Instant::now() + Duration::from_secs(5);
         for w in self.workers.iter_mut().filter(|w| !w.done) {
             while w.child.try_wait()?.is_none() {

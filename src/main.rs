@@ -231,39 +231,7 @@ enum BenchCmd {
     /// A sharded checkpoint's cost: the stage the training loop waits for (against one step),
     /// the background drain, write throughput against the disk's bandwidth (measured in the
     /// same run); PyTorch DCP beside it with --dcp.
-    Checkpoint {
-        /// Model preset whose parameters and AdamW state are saved: tiny or gpt2-124m.
-        #[arg(long, default_value = "gpt2-124m")]
-        preset: String,
-        /// Ranks of the job: the state is cut into this many parts, written at once.
-        #[arg(long, default_value_t = 4)]
-        world: u32,
-        /// Saves measured; the figures are medians.
-        #[arg(long, default_value_t = 3)]
-        reps: usize,
-        /// Where the checkpoints (and the disk measurement) go; removed afterwards.
-        #[arg(long, default_value = "runs/bench-checkpoint")]
-        dir: PathBuf,
-        /// Micro-batches one rank computes per step (the step the stage is compared with).
-        #[arg(long, default_value_t = 1)]
-        micro_batches: usize,
-        /// Sequences per micro-batch.
-        #[arg(long, default_value_t = 4)]
-        micro_batch: usize,
-        /// Run PyTorch DCP beside it: the path of dcp_ref.py (under torchrun, --world ranks).
-        #[arg(long, value_name = "SCRIPT")]
-        dcp: Option<PathBuf>,
-        /// Also measure training throughput with saves against none: `launch` of this many
-        /// steps of --train-config (0: not measured).
-        #[arg(long, default_value_t = 0)]
-        train_steps: u64,
-        /// The config of that training comparison.
-        #[arg(long, default_value = "configs/shakespeare-char.toml")]
-        train_config: PathBuf,
-        /// A save every this many steps in it.
-        #[arg(long, default_value_t = 50)]
-        save_every: u64,
-    },
+    Checkpoint(bench::checkpoint::Opts),
     /// tokens/s of the full train path vs a bare tch loop (phalanx's overhead).
     Train {
         /// The job config (TOML) to measure.
@@ -747,30 +715,8 @@ fn train_cmd(config: &std::path::Path, force: bool, overrides: &[String]) -> Res
 /// `phalanx bench ...`: each benchmark reports its figures.
 fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
     match what {
-        BenchCmd::Checkpoint {
-            preset,
-            world,
-            reps,
-            dir,
-            micro_batches,
-            micro_batch,
-            dcp,
-            train_steps,
-            train_config,
-            save_every,
-        } => {
-            bench::checkpoint::run(&bench::checkpoint::Opts {
-                preset,
-                world,
-                reps,
-                dir,
-                micro_batches,
-                micro_batch,
-                dcp,
-                train_config,
-                train_steps,
-                save_every,
-            })?;
+        BenchCmd::Checkpoint(o) => {
+            bench::checkpoint::run(&o)?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCmd::Train {

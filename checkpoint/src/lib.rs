@@ -88,6 +88,13 @@ pub struct Contents {
     pub json: BTreeMap<String, serde_json::Value>,
 }
 
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -264,10 +271,7 @@ pub fn save(dir: &Path, step: u64, contents: &Contents) -> Result<Manifest> {
     let manifest = Manifest {
         format: FORMAT,
         step,
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        created_unix_ms: now_ms(),
         files,
         shards: None,
     };

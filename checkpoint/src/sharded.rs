@@ -6,8 +6,8 @@
 //! was aborted or is still draining: never loaded.
 
 use crate::{
-    decode_tensors, encode_tensors, hex, io, sync_dir, write_synced, CheckpointError, FileEntry,
-    Manifest, Result, TensorData, FORMAT, MANIFEST,
+    decode_tensors, encode_tensors, hex, io, now_ms, sync_dir, write_synced, CheckpointError,
+    FileEntry, Manifest, Result, TensorData, FORMAT, MANIFEST,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -99,10 +99,7 @@ pub fn commit(dir: &Path, step: u64, files: Vec<FileEntry>, shards: Shards) -> R
     let manifest = Manifest {
         format: FORMAT,
         step,
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        created_unix_ms: now_ms(),
         files,
         shards: Some(shards),
     };

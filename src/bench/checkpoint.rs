@@ -21,20 +21,38 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
+#[derive(clap::Args)]
 pub struct Opts {
+    /// Model preset whose parameters and AdamW state are saved: tiny or gpt2-124m.
+    #[arg(long, default_value = "gpt2-124m")]
     pub preset: String,
+    /// Ranks of the job: the state is cut into this many parts, written at once.
+    #[arg(long, default_value_t = 4)]
     pub world: u32,
+    /// Saves measured; the figures are medians.
+    #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Where the checkpoints (and the disk measurement) go; removed afterwards.
+    #[arg(long, default_value = "runs/bench-checkpoint")]
     pub dir: PathBuf,
-    /// Micro-batches (of `micro_batch` sequences) one rank computes per step.
+    /// Micro-batches one rank computes per step (the step the stage is compared with).
+    #[arg(long, default_value_t = 1)]
     pub micro_batches: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 4)]
     pub micro_batch: usize,
-    /// PyTorch DCP's script, run beside (None: not run).
+    /// Run PyTorch DCP beside it: the path of dcp_ref.py (under torchrun, --world ranks).
+    #[arg(long, value_name = "SCRIPT")]
     pub dcp: Option<PathBuf>,
-    /// Training throughput with a save every `save_every` steps against none: `phalanx launch`
-    /// of this config for `train_steps` steps (0: not measured).
-    pub train_config: PathBuf,
+    /// Also measure training throughput with saves against none: `launch` of this many steps
+    /// of --train-config (0: not measured).
+    #[arg(long, default_value_t = 0)]
     pub train_steps: u64,
+    /// The config of that training comparison.
+    #[arg(long, default_value = "configs/shakespeare-char.toml")]
+    pub train_config: PathBuf,
+    /// A save every this many steps in it.
+    #[arg(long, default_value_t = 50)]
     pub save_every: u64,
 }
 
