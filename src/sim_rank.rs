@@ -123,7 +123,7 @@ async fn session_loop(a: &SimArgs) -> Result<i32> {
                         } as i32,
                         last_step_time_us: (a.step_ms * 1000) as u32,
                         last_compute_time_us: (a.step_ms * 1000) as u32,
-                        loss: 0.0, stats: None, recent: Vec::new(), links: Vec::new(),
+                        loss: 0.0, stats: None, recent: Vec::new(), links: None,
                         durable: None, committed_checkpoint: 0,
                     }))};
                     if tx.send(m).await.is_err() { break; }

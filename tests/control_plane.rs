@@ -709,3 +709,79 @@ fn the_config_hash_is_pinned_at_start_not_by_the_first_caller() {
     assert_eq!(pinned[0]["config_hash"], "first");
     assert_eq!(pinned[0]["host"], "first-caller");
 }
+
+// A rank's links describe the group it built: the event names that group's generation and rank,
+// even when the heartbeat carrying them arrives after the coordinator renumbered the ranks (here
+// the member is a spare, with no rank at all, when they arrive). Reading the member's current
+// rank instead once labelled a TCP link as shared memory across simulated hosts.
+#[test]
+fn links_are_reported_with_the_rank_of_the_group_that_built_them() {
+    use phalanx_proto::pb;
+    let job = Job::start(2, 0, &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = job.client_opts();
+        let mut c = phalanx_runtime::coordinator::client::connect(&opts)
+            .await
+            .unwrap();
+        let me = c
+            .register(rq(
+                &opts,
+                pb::RegisterRequest {
+                    job_id: "phalanx".into(),
+                    host: "elsewhere".into(),
+                    role: pb::Role::Spare as i32,
+                    config_hash: "sim".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let hello = pb::rank_message::Msg::Hello(pb::SessionHello {
+            member_id: me.member_id,
+            member_secret: me.member_secret.clone(),
+        });
+        let beat = pb::rank_message::Msg::Heartbeat(pb::Heartbeat {
+            generation: 1,
+            phase: pb::Phase::Idle as i32,
+            links: Some(pb::GroupLinks {
+                generation: 1,
+                rank: 1,
+                links: vec![pb::PeerLink {
+                    peer_rank: 0,
+                    kind: pb::LinkKind::Tcp as i32,
+                    lanes: vec!["tcp/eth0".into()],
+                }],
+            }),
+            ..Default::default()
+        });
+        for m in [hello, beat] {
+            tx.send(pb::RankMessage { msg: Some(m) }).await.unwrap();
+        }
+        let _session = c
+            .session(rq(&opts, tokio_stream::wrappers::ReceiverStream::new(rx)))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let e = loop {
+            let found = job
+                .events()
+                .into_iter()
+                .find(|e| e["kind"] == "group_links" && e["member"].as_u64() == Some(me.member_id));
+            if let Some(e) = found {
+                break e;
+            }
+            assert!(std::time::Instant::now() < deadline, "no group_links event");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            (e["generation"].as_u64(), e["rank"].as_u64()),
+            (Some(1), Some(1)),
+            "{e}"
+        );
+        assert_eq!(e["host"], "elsewhere", "{e}");
+        assert_eq!(e["links"][0]["link"], "tcp", "{e}");
+    });
+}

@@ -195,7 +195,11 @@ impl Actor for CommunicatorActor {
                 if let Ok(g) = &r {
                     let links = g.lock().links();
                     info!(%generation, %rank, links = %summary(&links), "data-plane group built");
-                    *st.shared.group_links.lock() = links.iter().map(observed::to_pb).collect();
+                    *st.shared.group_links.lock() = Some(pb::GroupLinks {
+                        generation: generation.0,
+                        rank: rank.0,
+                        links: links.iter().map(observed::to_pb).collect(),
+                    });
                     st.group = Some(g.clone());
                 }
                 let _ = reply.send(r);

@@ -334,7 +334,7 @@ fn heartbeat(shared: &Shared) -> pb::RankMessage {
             loss: f32::from_bits(progress.loss_bits.load(Ordering::Relaxed)),
             stats: None,
             recent: progress.take_recent(),
-            links: std::mem::take(&mut *shared.group_links.lock()),
+            links: shared.group_links.lock().take(),
             durable: shared.durable.lock().clone(),
             committed_checkpoint: shared.committed_checkpoint.load(Ordering::Relaxed),
         })),

@@ -206,7 +206,7 @@ pub struct Shared {
     /// This rank's place in the last generation it joined (`u32::MAX`: none yet).
     pub last_rank: AtomicU32,
     /// The transports of the group just built, for the next heartbeat.
-    pub group_links: Mutex<Vec<pb::PeerLink>>,
+    pub group_links: Mutex<Option<pb::GroupLinks>>,
     /// A background checkpoint is queued or being written (at most one snapshot is held).
     pub saving: AtomicBool,
     /// The newest part of a checkpoint this rank made durable: its vote, in every heartbeat.
@@ -448,7 +448,7 @@ pub fn start(params: RankParams, first: Setup) -> Result<RankHandle> {
         handle: rt.handle().clone(),
         stopping: AtomicBool::new(false),
         last_rank: AtomicU32::new(u32::MAX),
-        group_links: Mutex::new(Vec::new()),
+        group_links: Mutex::new(None),
         beat_now: tokio::sync::Notify::new(),
         saving: AtomicBool::new(false),
         durable: Mutex::new(None),

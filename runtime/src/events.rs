@@ -128,7 +128,7 @@ pub enum Event {
         generation: Generation,
         address: Option<String>,
         links: Vec<PeerLink>,
-        rank: Option<Rank>,
+        rank: Rank,
         host: Option<String>,
         summary: String,
     },

@@ -919,13 +919,20 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
             })
             .collect(),
     };
-    let links = observed::from_pb(&hb.links)?;
+    let links = match &hb.links {
+        Some(g) => Some((
+            Generation(g.generation),
+            Rank(g.rank),
+            observed::from_pb(&g.links)?,
+        )),
+        None => None,
+    };
     let flags = sh
         .state
         .lock()
         .heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
-    if !links.is_empty() {
-        links_event(sh, id, msg.generation, links);
+    if let Some((generation, rank, links)) = links.filter(|(_, _, l)| !l.is_empty()) {
+        links_event(sh, id, generation, rank, links);
     }
     for flag in &flags {
         flag_event(sh, flag);
@@ -1010,18 +1017,21 @@ fn checkpoint_committed(sh: &Shared, step: u64) {
 }
 
 /// The transports a member's group chose, once per generation: which pairs of ranks talk over
-/// shared memory, TCP or RDMA.
-fn links_event(sh: &Shared, id: MemberId, generation: Generation, links: Vec<PeerLink>) {
+/// shared memory, TCP or RDMA. The rank is the group's own, not the member's current one: the
+/// coordinator may have renumbered the ranks before the heartbeat carrying the links arrived.
+fn links_event(
+    sh: &Shared,
+    id: MemberId,
+    generation: Generation,
+    rank: Rank,
+    links: Vec<PeerLink>,
+) {
     let address = sh.observed.lock().address(id);
     let Some(summary) = sh.observed.lock().set_links(id, generation, links.clone()) else {
         return;
     };
-    let (rank, host) = {
-        let st = sh.state.lock();
-        let m = st.members.get(&id);
-        (m.and_then(|m| m.rank), m.map(|m| m.host.clone()))
-    };
-    info!(member = id, ?rank, %summary, "group transports");
+    let host = sh.state.lock().members.get(&id).map(|m| m.host.clone());
+    info!(member = id, %rank, %summary, "group transports");
     sh.event(Event::GroupLinks {
         member: id,
         generation,
