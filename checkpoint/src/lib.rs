@@ -13,6 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub mod sharded;
+mod tensor_file;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT: u32 = 1;
@@ -99,35 +100,11 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub(crate) fn encode_tensors(ts: &[TensorData]) -> Result<Vec<u8>, String> {
-    encode_with(ts, None)
-}
-
-fn encode_with(
-    ts: &[TensorData],
-    meta: Option<std::collections::HashMap<String, String>>,
-) -> Result<Vec<u8>, String> {
-    let bytes: Vec<Vec<u8>> = ts
-        .iter()
-        .map(|t| t.data.iter().flat_map(|f| f.to_le_bytes()).collect())
-        .collect();
-    let views = ts
-        .iter()
-        .zip(&bytes)
-        .map(|(t, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b)
-                .map(|v| (t.name.clone(), v))
-                .map_err(|e| format!("tensor {}: {e}", t.name))
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    safetensors::serialize(views, meta).map_err(|e| e.to_string())
-}
-
 /// Tensors as a safetensors file that Hugging Face transformers loads (it requires the
 /// `format: pt` metadata).
 pub fn encode_for_hf(ts: &[TensorData]) -> Result<Vec<u8>, String> {
     let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    encode_with(ts, Some(meta))
+    tensor_file::encode(ts, Some(meta))
 }
 
 pub(crate) fn decode_tensors(bytes: &[u8]) -> Result<Vec<TensorData>, String> {
@@ -137,11 +114,8 @@ pub(crate) fn decode_tensors(bytes: &[u8]) -> Result<Vec<TensorData>, String> {
         if view.dtype() != safetensors::Dtype::F32 {
             return Err(format!("tensor {name} is {:?}, expected F32", view.dtype()));
         }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        // A copy, not a cast: the data need not be aligned for f32 within the file's bytes.
+        let data = bytemuck::pod_collect_to_vec(view.data());
         out.push(TensorData {
             name,
             shape: view.shape().to_vec(),
@@ -246,27 +220,21 @@ pub fn save(dir: &Path, step: u64, contents: &Contents) -> Result<Manifest> {
     }
     std::fs::create_dir(&tmp).map_err(io("create", &tmp))?;
     let mut files = Vec::new();
-    let mut put = |file: &str, bytes: Vec<u8>| -> Result<()> {
-        write_synced(&tmp.join(file), &bytes)?;
-        files.push(FileEntry {
-            name: file.to_string(),
-            bytes: bytes.len() as u64,
-            sha256: hex(&Sha256::digest(&bytes)),
-        });
-        Ok(())
+    let entry = |file: &str, (bytes, sha256): (u64, String)| FileEntry {
+        name: file.to_string(),
+        bytes,
+        sha256,
     };
     for (file, ts) in &contents.tensors {
-        let bytes = encode_tensors(ts).map_err(|reason| CheckpointError::BadTensor {
-            path: dir.join(file),
-            reason,
-        })?;
-        put(file, bytes)?;
+        let written = tensor_file::write_tensors(&tmp.join(file), ts, None);
+        files.push(entry(file, written?));
     }
     for (file, v) in &contents.json {
-        put(
+        let bytes = serde_json::to_vec_pretty(v).expect("JSON value serializes");
+        files.push(entry(
             file,
-            serde_json::to_vec_pretty(v).expect("JSON value serializes"),
-        )?;
+            tensor_file::write_bytes(&tmp.join(file), &bytes)?,
+        ));
     }
     let manifest = Manifest {
         format: FORMAT,

@@ -6,11 +6,10 @@
 //! was aborted or is still draining: never loaded.
 
 use crate::{
-    decode_tensors, encode_tensors, hex, io, now_ms, sync_dir, write_synced, CheckpointError,
-    FileEntry, Manifest, Result, TensorData, FORMAT, MANIFEST,
+    decode_tensors, io, now_ms, sync_dir, tensor_file, CheckpointError, FileEntry, Manifest,
+    Result, TensorData, FORMAT, MANIFEST,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -62,30 +61,42 @@ pub fn part_name(rank: u32, world: u32) -> String {
 /// Writes one file of a save in progress: under a temporary name, fsynced, renamed into place,
 /// the folder fsynced. The file is durable when this returns.
 pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
+    write_durably(dir, name, |tmp| tensor_file::write_bytes(tmp, bytes))
+}
+
+/// Writes a rank's part: its range of every flat tensor, as safetensors, straight from the
+/// host buffers the stage filled.
+pub fn write_part(dir: &Path, name: &str, tensors: &[TensorData]) -> Result<FileEntry> {
+    write_durably(dir, name, |tmp| {
+        tensor_file::write_tensors(tmp, tensors, None)
+    })
+}
+
+/// `write` fills a temporary file (durable when it returns); it is then renamed into place and
+/// the folder fsynced.
+fn write_durably(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&Path) -> Result<(u64, String)>,
+) -> Result<FileEntry> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    if let Err(e) = write_synced(&tmp, bytes) {
-        // A full disk keeps nothing of a failed write: the space goes back at once.
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    let (bytes, sha256) = match write(&tmp) {
+        Ok(w) => w,
+        Err(e) => {
+            // A full disk keeps nothing of a failed write: the space goes back at once.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
     let path = dir.join(name);
     std::fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
     sync_dir(dir)?;
     Ok(FileEntry {
         name: name.into(),
-        bytes: bytes.len() as u64,
-        sha256: hex(&Sha256::digest(bytes)),
+        bytes,
+        sha256,
     })
-}
-
-/// Writes a rank's part: its range of every flat tensor, as safetensors.
-pub fn write_part(dir: &Path, name: &str, tensors: &[TensorData]) -> Result<FileEntry> {
-    let bytes = encode_tensors(tensors).map_err(|reason| CheckpointError::BadTensor {
-        path: dir.join(name),
-        reason,
-    })?;
-    write_file(dir, name, &bytes)
 }
 
 pub fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<FileEntry> {

@@ -109,14 +109,44 @@ pub fn part_snapshot(trainer: &Trainer, range: &Range<u64>) -> Result<Vec<Tensor
 pub fn part_snapshot_into(
     trainer: &Trainer,
     range: &Range<u64>,
-    mut buffers: Vec<Vec<f32>>,
+    buffers: Vec<Vec<f32>>,
 ) -> Result<Vec<TensorData>> {
-    let mut next = || buffers.pop().unwrap_or_default();
-    Ok(vec![
-        flat_slice_into(FLAT_PARAMS, &trainer.model.params.flat, range, next())?,
-        flat_slice_into(FLAT_EXP_AVG, &trainer.opt.m, range, next())?,
-        flat_slice_into(FLAT_EXP_AVG_SQ, &trainer.opt.v, range, next())?,
-    ])
+    PartSource::of(trainer).snapshot_into(range, buffers)
+}
+
+/// The flat tensors a checkpoint part is copied from, sharing the trainer's storage (no copy).
+/// A stage can then run on another thread while the next step's forward and backward only
+/// read them; whoever holds one must let it finish before the parameters or the AdamW moments
+/// are written again (C-5).
+pub struct PartSource {
+    tensors: [(&'static str, tch::Tensor); 3],
+}
+
+impl PartSource {
+    pub fn of(trainer: &Trainer) -> PartSource {
+        PartSource {
+            tensors: [
+                (FLAT_PARAMS, trainer.model.params.flat.shallow_clone()),
+                (FLAT_EXP_AVG, trainer.opt.m.shallow_clone()),
+                (FLAT_EXP_AVG_SQ, trainer.opt.v.shallow_clone()),
+            ],
+        }
+    }
+
+    /// `range` of each flat tensor, copied into `buffers` (reused when given).
+    pub fn snapshot_into(
+        &self,
+        range: &Range<u64>,
+        mut buffers: Vec<Vec<f32>>,
+    ) -> Result<Vec<TensorData>> {
+        // Grad mode is per thread: a stage on its own thread records no graph either.
+        tch::no_grad(|| {
+            self.tensors
+                .iter()
+                .map(|(name, t)| flat_slice_into(name, t, range, buffers.pop().unwrap_or_default()))
+                .collect()
+        })
+    }
 }
 
 /// Rank 0's side file of a sharded checkpoint: how to rebuild the model and where training is.

@@ -230,6 +230,34 @@ mod tests {
         )
     }
 
+    // C-5: a part's stage runs beside the next step's forward and backward because they only
+    // read the parameters and AdamW moments: a copy taken on another thread during them equals
+    // one taken before, and the update (which the loop fences the copy before) changes both.
+    #[test]
+    fn a_stage_beside_forward_and_backward_copies_the_committed_state() {
+        let mut t = trainer();
+        let x = Tensor::arange(4 * 8, (Kind::Int64, Device::Cpu))
+            .remainder(23)
+            .view([4, 8]);
+        let batches = vec![(x.shallow_clone(), (&x * 5 + 1).remainder(23))];
+        t.train_step(&batches, 1e-2); // moments that are not all zero
+        let n = t.model.num_params() as u64;
+        let range = 3..n - 5;
+        let before = crate::io::part_snapshot(&t, &range).unwrap();
+        let src = crate::io::PartSource::of(&t);
+        let r = range.clone();
+        let copy = std::thread::spawn(move || src.snapshot_into(&r, Vec::new()));
+        t.local_step(&batches, 1);
+        let beside = copy.join().unwrap().unwrap();
+        assert_eq!(before, beside);
+        t.model.params.zero_grads();
+        t.train_step(&batches, 1e-2);
+        let after = crate::io::part_snapshot(&t, &range).unwrap();
+        for (b, a) in before.iter().zip(&after) {
+            assert_ne!(b.data, a.data, "{} did not change in an update", b.name);
+        }
+    }
+
     // D-3: weighting each micro-batch by 1/total gives the full-batch mean gradient, whether the
     // micro-batches run in one process or are split 3 + 1 over two "ranks" and summed.
     #[test]

@@ -43,6 +43,8 @@ impl<'a> Loop<'a> {
         let guard = shared_group.lock();
         let group: &dyn Group = &**guard;
         progress.phase.store(PHASE_HEALING, Ordering::Relaxed);
+        // A heal writes the state a part may still be copying.
+        self.fence_stage();
         let healed = match sync_state(group, s) {
             Ok(h) => h,
             Err(e) => {

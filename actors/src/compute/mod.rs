@@ -40,6 +40,7 @@ mod generation;
 mod ledger;
 mod rank_loop;
 mod saving;
+mod staging;
 mod state_sync;
 mod step;
 #[cfg(test)]

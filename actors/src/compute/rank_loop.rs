@@ -107,6 +107,8 @@ pub(super) struct Loop<'a> {
     /// The step whose non-finite result last caused a rollback: if it goes bad again, it is
     /// skipped (a rollback that replays the same data may well meet the same fault).
     pub(super) last_rollback: std::cell::Cell<Option<u64>>,
+    /// The copy of a checkpoint part in flight, if any.
+    pub(super) stager: staging::Stager,
 }
 
 impl<'a> Loop<'a> {
@@ -122,6 +124,7 @@ impl<'a> Loop<'a> {
             cancel,
             incarnation,
             last_commit: std::cell::RefCell::new(None),
+            stager: staging::Stager::default(),
             last_rollback: std::cell::Cell::new(None),
         }
     }

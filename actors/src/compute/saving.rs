@@ -104,9 +104,10 @@ impl<'a> Loop<'a> {
             })
     }
 
-    /// C-5: this rank's part of the checkpoint of the step just committed. The loop waits only
-    /// for the copy of its range (the stage); the checkpointer writes it in the background and
-    /// votes, and rank 0 commits once every rank's part is durable.
+    /// C-5: this rank's part of the checkpoint of the step just committed. Its copy starts
+    /// here and overlaps the next step's forward and backward (see `staging`); the
+    /// checkpointer writes it in the background and votes, and rank 0 commits once every
+    /// rank's part is durable.
     pub(super) fn checkpoint_async(&self, s: &Setup, at: Place) {
         let step = s.trainer.step;
         // One snapshot in flight at most: a disk slower than the checkpoint interval skips
@@ -123,14 +124,6 @@ impl<'a> Loop<'a> {
         let total = s.trainer.model.num_params() as u64;
         let range = sharded::part_range(total, at.world, at.rank.0);
         let buffers = std::mem::take(&mut *self.sh.part_buffers.lock());
-        let tensors = match model_io::part_snapshot_into(&s.trainer, &range, buffers) {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(step, error = %e, "cannot copy this rank's part of the checkpoint");
-                self.sh.saving.store(false, Ordering::Release);
-                return;
-            }
-        };
         let meta = (at.rank.0 == 0)
             .then(|| model_io::meta(&s.trainer, &s.ds.meta.tokenizer, s.ds.meta.vocab.clone()));
         let part = PartSave {
@@ -146,17 +139,13 @@ impl<'a> Loop<'a> {
             world: at.world,
             total,
             range,
-            tensors,
+            tensors: Vec::new(),
             meta,
-            stage: staged.elapsed(),
+            stage: Duration::ZERO,
         };
-        let sent = self
-            .sh
-            .checkpointer
-            .lock()
-            .clone()
-            .is_some_and(|ck| ck.cast(CheckpointerMsg::SavePart(Box::new(part))).is_ok());
-        if !sent {
+        let src = model_io::PartSource::of(&s.trainer);
+        if let Err(e) = self.stager.start(src, buffers, part, staged) {
+            warn!(step, error = %e, "cannot start copying this rank's part of the checkpoint; this save is skipped");
             self.sh.saving.store(false, Ordering::Release);
         }
     }
@@ -179,10 +168,12 @@ impl<'a> Loop<'a> {
             }
             done()
         };
-        // A save of this very step may be draining: it is the vote, once durable.
+        // A save of this very step may be staging or draining: it is the vote, once durable.
+        self.fence_stage();
         wait_for(&|| !self.sh.saving.load(Ordering::Acquire));
         if !voted(self.sh) {
             self.checkpoint_async(s, at);
+            self.fence_stage();
         }
         let written = wait_for(&|| voted(self.sh))
             && self

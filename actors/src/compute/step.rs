@@ -40,6 +40,9 @@ impl<'a> Loop<'a> {
             panic!("injected compute panic at step {step}");
         }
         let compute = t_compute.elapsed();
+        // Below, the parameters and moments may be written (update, rollback, fault): a part
+        // being copied from them is done first.
+        self.fence_stage();
         let nan = faults::fire("nan", step, Some(rank.0), generation.0);
         let mut buf = buf;
         if nan {
