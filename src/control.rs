@@ -250,7 +250,7 @@ pub struct AdminTarget {
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
     /// CA certificate (PEM) to verify a TLS coordinator.
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub tls_ca: String,
 }
 
@@ -433,11 +433,21 @@ pub fn admin_scale(opts: &ClientOpts, target: u32) -> Result<()> {
     })
 }
 
-pub fn admin_drain(opts: &ClientOpts, rank: u32) -> Result<()> {
+/// Who a drain removes.
+pub enum Drainee {
+    Rank(u32),
+    Member(u64),
+}
+
+pub fn admin_drain(opts: &ClientOpts, who: Drainee) -> Result<()> {
+    let who = Some(match who {
+        Drainee::Rank(r) => pb::drain_request::Who::Rank(r),
+        Drainee::Member(m) => pb::drain_request::Who::MemberId(m),
+    });
     tokio::runtime::Runtime::new()?.block_on(async {
         let mut c = client::connect(opts).await?;
         let r = c
-            .drain(client::request(pb::DrainRequest { rank }, opts))
+            .drain(client::request(pb::DrainRequest { who }, opts))
             .await
             .map_err(client::status_error)?;
         outln!("{}", r.into_inner().message);

@@ -132,7 +132,7 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
         /// CA certificate (PEM) to verify a TLS coordinator (default: plain text).
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", hide_default_value = true)]
         tls_ca: String,
         /// Overrides: section.key=value (e.g. train.max_steps=100). The job token comes from
         /// PHALANX_JOB_TOKEN.
@@ -202,9 +202,14 @@ enum Cmd {
     Drain {
         #[command(flatten)]
         at: control::AdminTarget,
-        /// The rank to remove, in the current generation (see `phalanx status`).
-        #[arg(long)]
-        rank: u32,
+        /// The rank to remove, in the current generation (ranks are renumbered when the world
+        /// changes; see `phalanx status`).
+        #[arg(long, required_unless_present = "member", conflicts_with = "member")]
+        rank: Option<u32>,
+        /// The member to remove, by the id `phalanx status` lists: the same process whatever
+        /// rank it holds when the drain arrives.
+        #[arg(long, value_name = "ID")]
+        member: Option<u64>,
     },
     /// A simulated rank (control-plane tests and benchmarks): a real session, no training.
     #[command(hide = true)]
@@ -221,7 +226,7 @@ enum Cmd {
         config_hash: String,
         #[arg(long, default_value_t = 30)]
         give_up_s: u64,
-        #[arg(long, default_value = "")]
+        #[arg(long, default_value = "", hide_default_value = true)]
         tls_ca: String,
     },
 }
@@ -534,8 +539,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             control::admin_scale(&at.opts()?, target)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Drain { at, rank } => {
-            control::admin_drain(&at.opts()?, rank)?;
+        Cmd::Drain { at, rank, member } => {
+            let who = match (rank, member) {
+                (Some(r), _) => control::Drainee::Rank(r),
+                (None, Some(m)) => control::Drainee::Member(m),
+                (None, None) => anyhow::bail!("name who leaves: --rank N or --member ID"),
+            };
+            control::admin_drain(&at.opts()?, who)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::SimRank {

@@ -614,7 +614,8 @@ fn a_token_holder_cannot_act_as_another_member() {
             .scale(rq(&opts, pb::ScaleRequest { target_world: 1 }))
             .await;
         denied(r.err().ok_or(()), "scale with the job token");
-        let r = c.drain(rq(&opts, pb::DrainRequest { rank: 1 })).await;
+        let who = Some(pb::drain_request::Who::Rank(1));
+        let r = c.drain(rq(&opts, pb::DrainRequest { who })).await;
         denied(r.err().ok_or(()), "drain with the job token");
     });
     std::thread::sleep(Duration::from_millis(500));
@@ -784,4 +785,74 @@ fn links_are_reported_with_the_rank_of_the_group_that_built_them() {
         assert_eq!(e["host"], "elsewhere", "{e}");
         assert_eq!(e["links"][0]["link"], "tcp", "{e}");
     });
+}
+
+// A drain can name a member (the same process whatever rank it holds) instead of a rank (which
+// changes every generation): the member's rank leaves; a member that holds no rank is refused
+// with a message that says where to look, and nothing changes.
+#[test]
+fn drain_by_member_removes_that_member() {
+    let job = Job::start(3, 0, &[]);
+    let s = job.status_json();
+    let victim = s["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rank"] == 2)
+        .and_then(|r| r["member"].as_u64())
+        .unwrap_or_else(|| panic!("no rank 2 in {s}"));
+    let drain = |who: &str| {
+        common::bin()
+            .args([
+                "drain",
+                "--coordinator",
+                &format!("http://{}", job.addr),
+                "--member",
+                who,
+            ])
+            .env("PHALANX_JOB_TOKEN", TOKEN)
+            .env("PHALANX_ADMIN_TOKEN", ADMIN)
+            .output()
+            .unwrap()
+    };
+    let out = drain("999999");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("member 999999 holds no rank") && err.contains("phalanx status"),
+        "{err}"
+    );
+    let out = drain(&victim.to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = job.wait_event("drain", Duration::from_secs(10));
+    assert_eq!(e["rank"], 2, "{e}");
+    assign_without(&job, victim);
+}
+
+/// Waits for a generation whose ranks do not include `member`.
+fn assign_without(job: &Job, member: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = job.status_json();
+        let ranks: Vec<u64> = s["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["rank"].is_u64())
+            .filter_map(|r| r["member"].as_u64())
+            .collect();
+        if s["generation"].as_u64() > Some(1) && !ranks.contains(&member) {
+            assert_eq!(s["world"], 2, "{s}");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "member {member} still holds a rank: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -848,10 +848,19 @@ impl Coordinator for Svc {
         req: Request<pb::DrainRequest>,
     ) -> Result<Response<pb::AdminResponse>, Status> {
         require_admin(&self.shared, &req)?;
-        let rank = Rank(req.into_inner().rank);
+        let who = req.into_inner().who;
         let sh = &self.shared;
-        let generation = {
+        let (rank, generation) = {
             let mut st = sh.state.lock();
+            let rank = match who {
+                Some(pb::drain_request::Who::Rank(r)) => Rank(r),
+                Some(pb::drain_request::Who::MemberId(id)) => st.rank_of(id)?,
+                None => {
+                    return Err(Status::invalid_argument(
+                        "a drain names a rank or a member id",
+                    ))
+                }
+            };
             if let Err(e) = st.drain(rank, &sh.cfg) {
                 drop(st);
                 sh.event(Event::DrainRefused {
@@ -861,7 +870,7 @@ impl Coordinator for Svc {
                 return Err(e.into());
             }
             // A drain survives a coordinator restart (K-5).
-            sh.persist(st)
+            (rank, sh.persist(st))
         };
         sh.event(Event::Drain { rank });
         sh.wake.notify_one();

@@ -516,6 +516,20 @@ impl State {
         Ok(())
     }
 
+    /// The rank a member holds in the current generation (drain by member).
+    pub fn rank_of(&self, id: MemberId) -> Result<Rank, RuntimeError> {
+        match self.ranks.iter().position(|&r| r == id) {
+            Some(r) => Ok(Rank(r as u32)),
+            None => Err(RuntimeError::InvalidRequest {
+                what: format!(
+                    "member {id} holds no rank in generation {} (a spare, or gone); \
+                     `phalanx status` lists the members and their ranks",
+                    self.generation
+                ),
+            }),
+        }
+    }
+
     pub fn drain(&mut self, rank: Rank, cfg: &CoreConfig) -> Result<(), RuntimeError> {
         let Some(&id) = self.ranks.get(rank.0 as usize) else {
             return Err(RuntimeError::InvalidRequest {
