@@ -514,6 +514,35 @@ fn peers_are_served_per_generation() {
     });
 }
 
+/// A client of the job registered as a spare on `host`: the client and its registration.
+async fn connect_as_spare(
+    opts: &phalanx_runtime::coordinator::client::ClientOpts,
+    host: &str,
+) -> (
+    phalanx_runtime::coordinator::client::Client,
+    phalanx_proto::pb::RegisterResponse,
+) {
+    use phalanx_proto::pb;
+    let mut c = phalanx_runtime::coordinator::client::connect(opts)
+        .await
+        .unwrap();
+    let me = c
+        .register(rq(
+            opts,
+            pb::RegisterRequest {
+                job_id: "phalanx".into(),
+                host: host.into(),
+                role: pb::Role::Spare as i32,
+                config_hash: "sim".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    (c, me)
+}
+
 fn rq<T>(o: &phalanx_runtime::coordinator::client::ClientOpts, m: T) -> tonic::Request<T> {
     phalanx_runtime::coordinator::client::request(m, o)
 }
@@ -530,23 +559,7 @@ fn a_token_holder_cannot_act_as_another_member() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let opts = job.client_opts();
-        let mut c = phalanx_runtime::coordinator::client::connect(&opts)
-            .await
-            .unwrap();
-        let mine = c
-            .register(rq(
-                &opts,
-                pb::RegisterRequest {
-                    job_id: "phalanx".into(),
-                    host: "intruder".into(),
-                    role: pb::Role::Spare as i32,
-                    config_hash: "sim".into(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let (mut c, mine) = connect_as_spare(&opts, "intruder").await;
         assert!(!mine.member_secret.is_empty());
         let denied = |r: Result<tonic::Status, ()>, what: &str| {
             let s = r.unwrap_or_else(|_| panic!("{what} as member {victim} was accepted"));
@@ -722,23 +735,7 @@ fn links_are_reported_with_the_rank_of_the_group_that_built_them() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let opts = job.client_opts();
-        let mut c = phalanx_runtime::coordinator::client::connect(&opts)
-            .await
-            .unwrap();
-        let me = c
-            .register(rq(
-                &opts,
-                pb::RegisterRequest {
-                    job_id: "phalanx".into(),
-                    host: "elsewhere".into(),
-                    role: pb::Role::Spare as i32,
-                    config_hash: "sim".into(),
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let (mut c, me) = connect_as_spare(&opts, "elsewhere").await;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let hello = pb::rank_message::Msg::Hello(pb::SessionHello {
             member_id: me.member_id,
