@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub mod sharded;
@@ -126,12 +125,6 @@ pub(crate) fn decode_tensors(bytes: &[u8]) -> Result<Vec<TensorData>, String> {
     Ok(out)
 }
 
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).map_err(io("create", path))?;
-    f.write_all(bytes).map_err(io("write", path))?;
-    f.sync_all().map_err(io("fsync", path))
-}
-
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -244,7 +237,7 @@ pub fn save(dir: &Path, step: u64, contents: &Contents) -> Result<Manifest> {
         shards: None,
     };
     // The manifest is written last: a folder without one is an unfinished write.
-    write_synced(
+    tensor_file::write_bytes(
         &tmp.join(MANIFEST),
         &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"),
     )?;
