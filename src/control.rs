@@ -433,17 +433,13 @@ pub fn admin_scale(opts: &ClientOpts, target: u32) -> Result<()> {
     })
 }
 
-/// Who a drain removes.
-pub enum Drainee {
-    Rank(u32),
-    Member(u64),
-}
-
-pub fn admin_drain(opts: &ClientOpts, who: Drainee) -> Result<()> {
-    let who = Some(match who {
-        Drainee::Rank(r) => pb::drain_request::Who::Rank(r),
-        Drainee::Member(m) => pb::drain_request::Who::MemberId(m),
-    });
+/// Asks for a drain of a rank or of a member (`--rank` / `--member`; `--rank` wins).
+pub fn admin_drain(opts: &ClientOpts, rank: Option<u32>, member: Option<u64>) -> Result<()> {
+    let who = match (rank, member) {
+        (Some(r), _) => Some(pb::drain_request::Who::Rank(r)),
+        (None, Some(m)) => Some(pb::drain_request::Who::MemberId(m)),
+        (None, None) => anyhow::bail!("name who leaves: --rank N or --member ID"),
+    };
     tokio::runtime::Runtime::new()?.block_on(async {
         let mut c = client::connect(opts).await?;
         let r = c

@@ -540,12 +540,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Drain { at, rank, member } => {
-            let who = match (rank, member) {
-                (Some(r), _) => control::Drainee::Rank(r),
-                (None, Some(m)) => control::Drainee::Member(m),
-                (None, None) => anyhow::bail!("name who leaves: --rank N or --member ID"),
-            };
-            control::admin_drain(&at.opts()?, who)?;
+            control::admin_drain(&at.opts()?, rank, member)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::SimRank {
