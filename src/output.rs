@@ -29,3 +29,24 @@ pub fn line(args: std::fmt::Arguments) {
         }
     }
 }
+
+/// "1 step", "2 steps": a count with its noun, singular or plural.
+pub fn count(n: impl Into<u64>, noun: &str) -> String {
+    let n = n.into();
+    let plural = match noun.strip_suffix("batch") {
+        Some(_) => format!("{noun}es"),
+        None => format!("{noun}s"),
+    };
+    format!("{n} {}", if n == 1 { noun } else { plural.as_str() })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_agree_with_their_nouns() {
+        assert_eq!(super::count(1u64, "step"), "1 step");
+        assert_eq!(super::count(2u64, "step"), "2 steps");
+        assert_eq!(super::count(1u64, "micro-batch"), "1 micro-batch");
+        assert_eq!(super::count(4u64, "micro-batch"), "4 micro-batches");
+    }
+}

@@ -11,8 +11,8 @@
 
 use crate::rank::Shared;
 use crate::ActorError;
-use phalanx_checkpoint::sharded::{self, Part, Shards};
-use phalanx_checkpoint::{Contents, FileEntry, TensorData};
+use phalanx_checkpoint::sharded::{self, Part, Sealed, Shards};
+use phalanx_checkpoint::{Contents, FileEntry};
 use phalanx_model::io as model_io;
 use phalanx_proto::pb;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -29,6 +29,10 @@ pub struct CheckpointerArgs {
     pub shared: Arc<Shared>,
 }
 
+/// A part being sealed (its header and SHA-256 computed) on the thread that copied it, beside
+/// the training step; what went wrong if it could not be.
+pub type Sealing = std::thread::JoinHandle<Result<Sealed, String>>;
+
 /// A rank's part of a sharded checkpoint, copied out of the training state.
 pub struct PartSave {
     pub dir: PathBuf,
@@ -38,7 +42,8 @@ pub struct PartSave {
     pub world: u32,
     pub total: u64,
     pub range: Range<u64>,
-    pub tensors: Vec<TensorData>,
+    /// Set once the copy is done.
+    pub sealing: Option<Sealing>,
     /// Rank 0's side file (model, tokenizer, optimizer step).
     pub meta: Option<serde_json::Value>,
     /// How long the training loop waited for the copy.
@@ -156,13 +161,27 @@ async fn save_part(
     buffers: &parking_lot::Mutex<Vec<Vec<f32>>>,
 ) -> Result<pb::CheckpointPart, ActorProcessingErr> {
     let t = Instant::now();
-    let (tensors, meta) = (Arc::new(p.tensors), Arc::new(p.meta));
+    let sealed = match p.sealing {
+        Some(s) => tokio::task::spawn_blocking(move || s.join())
+            .await?
+            .unwrap_or_else(|_| Err("the stage thread panicked".into())),
+        None => Err("the part was handed on before its copy was done".into()),
+    };
     let name = sharded::part_name(p.rank, p.world);
-    let written = write_with_retries(&p.dir, &name, p.step, tensors.clone(), meta).await?;
-    // The part's host buffers go back for the next stage (the writer holds no other handle).
-    if let Ok(ts) = Arc::try_unwrap(tensors) {
-        *buffers.lock() = ts.into_iter().map(|t| t.data).collect();
-    }
+    let written = match sealed {
+        Ok(sealed) => {
+            let sealed = Arc::new(sealed);
+            let meta = Arc::new(p.meta);
+            let w = write_with_retries(&p.dir, &name, p.step, sealed.clone(), meta).await?;
+            // The part's host buffers go back for the next stage (the writer holds no other
+            // handle).
+            if let Ok(s) = Arc::try_unwrap(sealed) {
+                *buffers.lock() = s.into_tensors().into_iter().map(|t| t.data).collect();
+            }
+            w
+        }
+        Err(reason) => Err(phalanx_checkpoint::CheckpointError::BadPart { reason }),
+    };
     let drain = t.elapsed();
     let us = |d: Duration| d.as_micros().min(u32::MAX as u128) as u32;
     let (files, error) = match written {
@@ -209,19 +228,19 @@ async fn write_with_retries(
     dir: &std::path::Path,
     name: &str,
     step: u64,
-    tensors: Arc<Vec<TensorData>>,
+    part: Arc<Sealed>,
     meta: Arc<Option<serde_json::Value>>,
 ) -> Result<Written, ActorProcessingErr> {
     let slow = crate::faults::standing("slow-checkpoint").map(Duration::from_millis);
     let mut backoff = FIRST_BACKOFF;
     for tries in 1.. {
         let (dir, name) = (dir.to_path_buf(), name.to_string());
-        let (tensors, meta) = (tensors.clone(), meta.clone());
+        let (part, meta) = (part.clone(), meta.clone());
         let r = tokio::task::spawn_blocking(move || {
             if let Some(pause) = slow {
                 std::thread::sleep(pause);
             }
-            let mut files = vec![sharded::write_part(&dir, &name, &tensors)?];
+            let mut files = vec![sharded::write_part(&dir, &name, &part)?];
             if let Some(m) = meta.as_ref() {
                 files.push(sharded::write_json(&dir, sharded::META, m)?);
             }

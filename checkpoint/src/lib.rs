@@ -37,6 +37,8 @@ pub enum CheckpointError {
     ChecksumMismatch { path: PathBuf },
     #[error("{path}: {reason}")]
     BadTensor { path: PathBuf, reason: String },
+    #[error("a checkpoint part cannot be encoded: {reason}; this is a bug, please report it")]
+    BadPart { reason: String },
     #[error("checkpoint format {found} is not supported (this build reads format {FORMAT}); use a matching phalanx version")]
     Format { found: u32 },
     #[error("{op} {path}: {source}")]

@@ -7,8 +7,9 @@
 
 use crate::{
     decode_tensors, io, now_ms, sync_dir, tensor_file, CheckpointError, FileEntry, Manifest,
-    Result, TensorData, FORMAT, MANIFEST,
+    Result, FORMAT, MANIFEST,
 };
+pub use tensor_file::Sealed;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -65,11 +66,9 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry> {
 }
 
 /// Writes a rank's part: its range of every flat tensor, as safetensors, straight from the
-/// host buffers the stage filled.
-pub fn write_part(dir: &Path, name: &str, tensors: &[TensorData]) -> Result<FileEntry> {
-    write_durably(dir, name, |tmp| {
-        tensor_file::write_tensors(tmp, tensors, None)
-    })
+/// host buffers the stage filled, hashed when they were sealed.
+pub fn write_part(dir: &Path, name: &str, part: &Sealed) -> Result<FileEntry> {
+    write_durably(dir, name, |tmp| tensor_file::write_sealed(tmp, part))
 }
 
 /// `write` fills a temporary file (durable when it returns); it is then renamed into place and
@@ -296,6 +295,7 @@ pub fn retain(root: &Path, keep_last: usize, keep_every: u64) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::TensorData;
 
     // C-5: the plan covers the flat state exactly, in rank order, with aligned boundaries.
     #[test]
@@ -334,7 +334,7 @@ mod tests {
                 shape: vec![slice.len()],
                 data: slice,
             };
-            files.push(write_part(&dir, &name, &[t]).unwrap());
+            files.push(write_part(&dir, &name, &Sealed::seal(vec![t]).unwrap()).unwrap());
             parts.push(Part {
                 rank: r,
                 file: name,

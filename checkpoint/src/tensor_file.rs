@@ -1,7 +1,8 @@
 //! Safetensors files written as a stream from the tensors' own buffers: no encoded copy of the
-//! state in memory, the SHA-256 computed on the way, and the kernel's writeback started while
-//! the file grows, so that a checkpoint's drain is bounded by the disk rather than by copies,
-//! a second pass to hash and one flush at the end.
+//! state in memory, and the kernel's writeback started while the file grows, so that a
+//! checkpoint's drain is bounded by the disk rather than by copies and one flush at the end.
+//! A part's SHA-256 is computed before its write ([`Sealed`]), on the thread that staged it,
+//! while the training step runs: the hash is CPU work the drain need not wait for.
 
 use crate::{hex, io, CheckpointError, Result, TensorData};
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -74,12 +75,53 @@ pub fn encode(ts: &[TensorData], meta: HeaderMeta) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// A file being written durably: hashed as it goes, pushed to the disk every
-/// `WRITEBACK_EVERY` bytes, fsynced by `finish`.
+/// Tensors sealed for a write: their safetensors header and the size and SHA-256 of the file
+/// they make, computed before the file is written.
+#[derive(Debug)]
+pub struct Sealed {
+    tensors: Vec<TensorData>,
+    head: Vec<u8>,
+    bytes: u64,
+    sha256: String,
+}
+
+impl Sealed {
+    /// The header of `ts` and the digest of the file they make. The tensors are kept as they
+    /// are: what is written later is what was hashed here.
+    pub fn seal(ts: Vec<TensorData>) -> Result<Sealed> {
+        let head = header(&ts, None).map_err(|reason| CheckpointError::BadPart { reason })?;
+        let mut hash = Sha256::new();
+        hash.update(&head);
+        let mut bytes = head.len() as u64;
+        for t in &ts {
+            hash.update(data(t));
+            bytes += data(t).len() as u64;
+        }
+        Ok(Sealed {
+            tensors: ts,
+            head,
+            bytes,
+            sha256: hex(&hash.finalize()),
+        })
+    }
+
+    /// The tensors back (their buffers are reused by the next stage).
+    pub fn into_tensors(self) -> Vec<TensorData> {
+        self.tensors
+    }
+
+    /// The size and SHA-256 of the file.
+    pub fn digest(&self) -> (u64, &str) {
+        (self.bytes, &self.sha256)
+    }
+}
+
+/// A file being written durably: hashed as it goes unless its digest is known, pushed to the
+/// disk every `WRITEBACK_EVERY` bytes, fsynced by `finish`.
 pub(crate) struct DurableFile {
     file: File,
     path: PathBuf,
-    hash: Sha256,
+    hash: Option<Sha256>,
     bytes: u64,
     unsynced: u64,
 }
@@ -89,16 +131,25 @@ impl DurableFile {
         Ok(DurableFile {
             file: File::create(path).map_err(io("create", path))?,
             path: path.to_path_buf(),
-            hash: Sha256::new(),
+            hash: Some(Sha256::new()),
             bytes: 0,
             unsynced: 0,
         })
     }
 
+    /// A file whose digest was computed before ([`Sealed`]).
+    fn create_sealed(path: &Path) -> Result<DurableFile> {
+        let mut f = DurableFile::create(path)?;
+        f.hash = None;
+        Ok(f)
+    }
+
     pub(crate) fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
             let (now, rest) = bytes.split_at(bytes.len().min(CHUNK));
-            self.hash.update(now);
+            if let Some(h) = &mut self.hash {
+                h.update(now);
+            }
             self.file.write_all(now).map_err(io("write", &self.path))?;
             self.bytes += now.len() as u64;
             self.unsynced += now.len() as u64;
@@ -111,15 +162,15 @@ impl DurableFile {
         Ok(())
     }
 
-    /// Durable when this returns: the file's size and SHA-256 (hex).
-    pub(crate) fn finish(self) -> Result<(u64, String)> {
+    /// Durable when this returns: the file's size, and its SHA-256 (hex) if it was hashed.
+    pub(crate) fn finish(self) -> Result<(u64, Option<String>)> {
         self.file.sync_all().map_err(io("fsync", &self.path))?;
-        Ok((self.bytes, hex(&self.hash.finalize())))
+        Ok((self.bytes, self.hash.map(|h| hex(&h.finalize()))))
     }
 }
 
-/// Writes `ts` as the safetensors file `path`, durably, straight from their buffers; its size
-/// and SHA-256.
+/// Writes `ts` as the safetensors file `path`, durably, straight from their buffers, hashed on
+/// the way; its size and SHA-256.
 pub(crate) fn write_tensors(
     path: &Path,
     ts: &[TensorData],
@@ -134,14 +185,35 @@ pub(crate) fn write_tensors(
     for t in ts {
         f.put(data(t))?;
     }
-    f.finish()
+    let (n, sha) = f.finish()?;
+    Ok((n, sha.expect("a file created unsealed is hashed")))
+}
+
+/// Writes sealed tensors as the safetensors file `path`, durably, straight from their
+/// buffers; its size and SHA-256 (the seal's).
+pub(crate) fn write_sealed(path: &Path, s: &Sealed) -> Result<(u64, String)> {
+    let mut f = DurableFile::create_sealed(path)?;
+    f.put(&s.head)?;
+    for t in &s.tensors {
+        f.put(data(t))?;
+    }
+    let (bytes, _) = f.finish()?;
+    if bytes != s.bytes {
+        return Err(CheckpointError::SizeMismatch {
+            path: path.to_path_buf(),
+            actual: bytes,
+            expected: s.bytes,
+        });
+    }
+    Ok((bytes, s.sha256.clone()))
 }
 
 /// Writes `bytes` as the file `path`, durably; its size and SHA-256.
 pub(crate) fn write_bytes(path: &Path, bytes: &[u8]) -> Result<(u64, String)> {
     let mut f = DurableFile::create(path)?;
     f.put(bytes)?;
-    f.finish()
+    let (n, sha) = f.finish()?;
+    Ok((n, sha.expect("a file created unsealed is hashed")))
 }
 
 #[cfg(test)]
@@ -168,7 +240,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ts = sample();
         let path = d.path().join("x.safetensors");
-        let (bytes, sha) = write_tensors(&path, &ts, None).unwrap();
+        let sealed = Sealed::seal(ts.clone()).unwrap();
+        let (bytes, sha) = write_sealed(&path, &sealed).unwrap();
+        assert_eq!(sealed.digest(), (bytes, sha.as_str()));
+        let hashed_on_the_way = d.path().join("y.safetensors");
+        assert_eq!(write_tensors(&hashed_on_the_way, &ts, None).unwrap(), (bytes, sha.clone()));
         let on_disk = std::fs::read(&path).unwrap();
         assert_eq!(on_disk.len() as u64, bytes);
         assert_eq!(sha, hex(&Sha256::digest(&on_disk)));
@@ -184,8 +260,7 @@ mod tests {
     fn a_shape_that_does_not_fit_the_data_is_refused() {
         let mut ts = sample();
         ts[1].shape = vec![4];
-        let d = tempfile::tempdir().unwrap();
-        let e = write_tensors(&d.path().join("x"), &ts, None).unwrap_err();
+        let e = Sealed::seal(ts).unwrap_err();
         assert!(e.to_string().contains("tensor a"), "{e}");
     }
 

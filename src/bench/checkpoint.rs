@@ -4,14 +4,18 @@
 //! and commits the manifest (the drain). The stage is measured as a job's loop meets it: rank
 //! 0's copy runs beside the next step's forward and backward, and the stage is what the loop
 //! spends starting it plus what it waits for it after the backward; the copy alone (not
-//! overlapped, the slowest rank) is given beside it. The disk's sequential write bandwidth is
-//! measured in the same run and place (the state's size written and fdatasynced, in one file
-//! and in one file per rank at once; the better counts) just before each save, since a shared disk's bandwidth drifts by 2x within minutes; the
-//! figure is the median of the per-save ratios. One training step of the preset times the stage against a step. With `--dcp`, PyTorch
-//! DCP on the same state size runs beside it (`torchrun ... dcp_ref.py`).
+//! overlapped, the slowest rank) is given beside it. As in a job, the stage thread then seals
+//! the part (its header and SHA-256) while the step runs on, so the drain only writes; the
+//! seal's time is given too. The disk's sequential write bandwidth is measured in the same run
+//! and place (the state's size written and fdatasynced, in one file and in one file per rank
+//! at once; the better counts) right before and right after each drain, since a shared disk's
+//! bandwidth drifts by 2x within minutes and a burst of writes slows the next one: the drain
+//! is compared with the mean of the two, and the figure is the median of the per-save ratios.
+//! One training step of the preset times the stage against a step. With `--dcp`, PyTorch DCP
+//! on the same state size runs beside it (`torchrun ... dcp_ref.py`).
 
 use anyhow::{bail, Context, Result};
-use phalanx_checkpoint::sharded::{self, Part, Shards};
+use phalanx_checkpoint::sharded::{self, Part, Sealed, Shards};
 use phalanx_checkpoint::FileEntry;
 use phalanx_model::config::ModelConfig;
 use phalanx_model::gpt::Gpt;
@@ -65,9 +69,12 @@ struct Save {
     stage: Duration,
     /// The slowest rank's copy on its own.
     copy: Duration,
+    /// The slowest rank's seal (on the stage thread; the loop does not wait for it).
+    seal: Duration,
     drain: Duration,
     bytes: u64,
-    /// The disk's sequential write bandwidth measured just before, bytes/s.
+    /// The disk's sequential write bandwidth measured right before and right after the drain
+    /// (their mean), bytes/s.
     disk: f64,
 }
 
@@ -107,7 +114,7 @@ pub fn run(o: &Opts) -> Result<()> {
     // Each rank's host buffers, handed back after its write as in a job (C-5).
     let mut pools: Vec<Vec<Vec<f32>>> = vec![Vec::new(); o.world as usize];
     for rep in 0..o.reps {
-        let disk = disk_bandwidth(&o.dir, n * 12, o.world)?;
+        let disk = || disk_bandwidth(&o.dir, n * 12, o.world);
         let s = save(
             &mut trainer,
             &next_step(),
@@ -118,14 +125,15 @@ pub fn run(o: &Opts) -> Result<()> {
             disk,
         )?;
         println!(
-            "  save {}: stage {:.1} ms (copy alone {:.1} ms), drain {:.2} s, {:.2} GB/s = {:.0}% \
-             of the disk just before",
+            "  save {}: stage {:.1} ms (copy alone {:.1} ms; seal beside the step {:.0} ms), \
+             drain {:.2} s, {:.2} GB/s = {:.0}% of the disk around it",
             rep + 1,
             s.stage.as_secs_f64() * 1e3,
             s.copy.as_secs_f64() * 1e3,
+            s.seal.as_secs_f64() * 1e3,
             s.drain.as_secs_f64(),
             s.throughput() / 1e9,
-            100.0 * s.throughput() / disk
+            100.0 * s.throughput() / s.disk
         );
         saves.push(s);
     }
@@ -167,8 +175,8 @@ fn time_step(trainer: &mut Trainer, cfg: &ModelConfig, o: &Opts) -> Result<Durat
     times.sort();
     let step = times[1];
     println!(
-        "  one step of a rank ({} micro-batch(es) of {}x{} tokens): {:.2} s",
-        o.micro_batches,
+        "  one step of a rank ({} of {}x{} tokens): {:.2} s",
+        crate::output::count(o.micro_batches as u64, "micro-batch"),
         o.micro_batch,
         cfg.block_size,
         step.as_secs_f64()
@@ -238,27 +246,37 @@ fn timed_writes(dir: &Path, bytes: u64, streams: u32, block: &[u8]) -> Result<f6
 }
 
 /// Rank 0's stage as its loop meets it: the copy starts, the next step's forward and backward
-/// run beside it, and the loop waits for the copy before its update. The part, and the time
-/// the loop spent.
+/// run beside it, and the loop waits for the copy before its update; the same thread then
+/// seals the part. The sealed part, the time the loop spent, and the seal's time.
 fn overlapped_stage(
     trainer: &mut Trainer,
     next_step: &[(Tensor, Tensor)],
     range: &std::ops::Range<u64>,
     buffers: Vec<Vec<f32>>,
-) -> Result<(Vec<phalanx_checkpoint::TensorData>, Duration)> {
+) -> Result<(Sealed, Duration, Duration)> {
     let t = Instant::now();
     let src = model_io::PartSource::of(trainer);
     let r = range.clone();
-    let copy = std::thread::spawn(move || src.snapshot_into(&r, buffers));
+    let (tell, copied) = std::sync::mpsc::sync_channel(1);
+    let stage = std::thread::spawn(move || -> Result<(Sealed, Duration)> {
+        let copy = src.snapshot_into(&r, buffers);
+        drop(src);
+        let _ = tell.send(());
+        let t = Instant::now();
+        Ok((Sealed::seal(copy?)?, t.elapsed()))
+    });
     let start = t.elapsed();
     trainer.local_step(next_step, next_step.len());
     trainer.model.params.zero_grads();
     let t = Instant::now();
-    let tensors = copy.join().expect("the copy thread panicked")?;
-    Ok((tensors, start + t.elapsed()))
+    let _ = copied.recv();
+    let waited = start + t.elapsed();
+    let (sealed, seal) = stage.join().expect("the stage thread panicked")?;
+    Ok((sealed, waited, seal))
 }
 
-/// One sharded save as a job makes it: every rank's stage, the parallel writes, the commit.
+/// One sharded save as a job makes it: every rank's stage, the parallel writes, the commit;
+/// the disk measured right before and right after the drain.
 fn save(
     trainer: &mut Trainer,
     next_step: &[(Tensor, Tensor)],
@@ -266,11 +284,11 @@ fn save(
     step: u64,
     world: u32,
     pools: &mut [Vec<Vec<f32>>],
-    disk: f64,
+    disk: impl Fn() -> Result<f64>,
 ) -> Result<Save> {
     let total = trainer.model.num_params() as u64;
     let mut parts = Vec::new();
-    let mut copy = Duration::ZERO;
+    let (mut copy, mut seal) = (Duration::ZERO, Duration::ZERO);
     let mut stage = Duration::ZERO;
     for r in 0..world {
         let range = sharded::part_range(total, world, r);
@@ -278,26 +296,31 @@ fn save(
         let t = Instant::now();
         let tensors = model_io::part_snapshot_into(trainer, &range, buffers)?;
         copy = copy.max(t.elapsed());
-        let tensors = if r == 0 {
+        let sealed = if r == 0 {
             let buffers = tensors.into_iter().map(|t| t.data).collect();
-            let (tensors, waited) = overlapped_stage(trainer, next_step, &range, buffers)?;
+            let (sealed, waited, took) = overlapped_stage(trainer, next_step, &range, buffers)?;
             stage = waited;
-            tensors
+            seal = seal.max(took);
+            sealed
         } else {
-            tensors
+            let t = Instant::now();
+            let sealed = Sealed::seal(tensors)?;
+            seal = seal.max(t.elapsed());
+            sealed
         };
-        parts.push((r, range, tensors));
+        parts.push((r, range, sealed));
     }
     let out = dir.join("checkpoints").join(format!("step-{step}"));
+    let disk_before = disk()?;
     let t = Instant::now();
     let written: Vec<Result<(FileEntry, Part)>> = std::thread::scope(|s| {
         let handles: Vec<_> = parts
             .iter()
-            .map(|(r, range, tensors)| {
+            .map(|(r, range, sealed)| {
                 let out = &out;
                 s.spawn(move || -> Result<(FileEntry, Part)> {
                     let name = sharded::part_name(*r, world);
-                    let f = sharded::write_part(out, &name, tensors)?;
+                    let f = sharded::write_part(out, &name, sealed)?;
                     let p = Part {
                         rank: *r,
                         file: name,
@@ -330,15 +353,18 @@ fn save(
     };
     let bytes = files.iter().map(|f| f.bytes).sum();
     sharded::commit(&out, step, files, shards)?;
-    for (r, _, tensors) in parts {
-        pools[r as usize] = tensors.into_iter().map(|t| t.data).collect();
+    let drain = t.elapsed();
+    let disk_after = disk()?;
+    for (r, _, sealed) in parts {
+        pools[r as usize] = sealed.into_tensors().into_iter().map(|t| t.data).collect();
     }
     Ok(Save {
         stage,
         copy,
-        drain: t.elapsed(),
+        seal,
+        drain,
         bytes,
-        disk,
+        disk: (disk_before + disk_after) / 2.0,
     })
 }
 
@@ -350,6 +376,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn summarize(saves: &[Save], step: Duration) {
     let stage = median(saves.iter().map(|s| s.stage.as_secs_f64()).collect());
     let copy = median(saves.iter().map(|s| s.copy.as_secs_f64()).collect());
+    let seal = median(saves.iter().map(|s| s.seal.as_secs_f64()).collect());
     let drain = median(saves.iter().map(|s| s.drain.as_secs_f64()).collect());
     let bw = median(saves.iter().map(Save::throughput).collect());
     let disk = median(saves.iter().map(|s| s.disk).collect());
@@ -363,10 +390,15 @@ fn summarize(saves: &[Save], step: Duration) {
         copy * 1e3,
         100.0 * copy / step.as_secs_f64()
     );
+    println!(
+        "  seal (a part's header and SHA-256, on the stage thread beside the step; the loop \
+         does not wait for it): {:.0} ms",
+        seal * 1e3
+    );
     println!("  drain (background write, fsync, commit): {drain:.2} s");
     println!(
         "  write throughput {:.2} GB/s, the disk {:.2} GB/s: {:.0}% (the median of each save's \
-         throughput over the disk's just before)",
+         throughput over the disk's around it)",
         bw / 1e9,
         disk / 1e9,
         100.0 * ratio
@@ -391,7 +423,7 @@ fn with_and_without_saves(o: &Opts) -> Result<()> {
             .args([
                 "launch",
                 "--force",
-                "--nproc",
+                "--world",
                 &o.world.to_string(),
                 "--config",
             ])

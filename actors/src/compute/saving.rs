@@ -139,7 +139,7 @@ impl<'a> Loop<'a> {
             world: at.world,
             total,
             range,
-            tensors: Vec::new(),
+            sealing: None,
             meta,
             stage: Duration::ZERO,
         };
