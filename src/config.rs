@@ -127,7 +127,7 @@ pub struct TrainSection {
     pub threads: usize,
     pub device: String,
     pub eval_interval: u64,
-    pub eval_batches: usize,
+    pub eval_sequences: usize,
     pub log_interval: u64,
     pub deterministic: bool,
 }
@@ -142,7 +142,7 @@ impl Default for TrainSection {
             threads: 0,
             device: "auto".into(),
             eval_interval: 500,
-            eval_batches: 50,
+            eval_sequences: 200,
             log_interval: 100,
             deterministic: false,
         }
@@ -502,6 +502,18 @@ pub fn suggest(key: &str, known: &[String]) -> Option<String> {
         .map(|(_, k)| k.clone())
 }
 
+/// The hint for a key that was renamed: its new name and what changed.
+fn renamed(key: &str) -> Option<String> {
+    match key {
+        "train.eval_batches" => Some(
+            " — it is now `train.eval_sequences`, a number of sequences (so the validation \
+             loss does not change with train.micro_batch)"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
 fn check_keys(t: &toml::Table, origin: &str) -> Result<(), ConfigError> {
     let known = known_keys();
     let sections = known_sections();
@@ -517,9 +529,11 @@ fn check_keys(t: &toml::Table, origin: &str) -> Result<(), ConfigError> {
     }
     for k in keys {
         if !known.contains(&k) {
-            let hint = suggest(&k, &known)
-                .map(|s| format!(" — did you mean `{s}`?"))
-                .unwrap_or_default();
+            let hint = renamed(&k).unwrap_or_else(|| {
+                suggest(&k, &known)
+                    .map(|s| format!(" — did you mean `{s}`?"))
+                    .unwrap_or_default()
+            });
             return Err(ConfigError::UnknownKey {
                 key: k,
                 origin: origin.into(),
@@ -718,8 +732,8 @@ impl TrainConfig {
                 "use \"auto\", \"cpu\" or \"cuda\"",
             );
         }
-        if t.eval_batches == 0 {
-            return bad("train.eval_batches", 0, "must be at least 1");
+        if t.eval_sequences == 0 {
+            return bad("train.eval_sequences", 0, "must be at least 1");
         }
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return bad("optim.lr", o.lr, "must be a positive number");
@@ -851,6 +865,14 @@ mod tests {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
             TrainConfig::load(Some(&p), &[]).unwrap();
         }
+    }
+
+    #[test]
+    fn a_renamed_key_names_its_new_name() {
+        let e = TrainConfig::load(None, &["train.eval_batches=5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("now `train.eval_sequences`"), "{e}");
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl Job {
             "train.micro_batch=4".into(),
             "train.device=cpu".into(),
             "train.threads=1".into(),
-            "train.eval_batches=2".into(),
+            "train.eval_sequences=8".into(),
             "optim.warmup_steps=5".into(),
             "coordinator.evict_stragglers=false".into(),
         ];

@@ -9,6 +9,7 @@ use crate::hosts::{self, SimHosts};
 use crate::launch_hosts::{HostArgs, HostFaults};
 use crate::launch_load::{self, Noise};
 use crate::launch_schedule::{Action, Plan, Proc, Schedule, Status};
+use crate::progress::Watch;
 use crate::report;
 use crate::run_dir::unix_ms;
 use crate::signals::{self, Signal};
@@ -18,7 +19,6 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client;
 use phalanx_runtime::events::{Cleared, Event, FaultKind, Injected, LaunchedHost, Record};
-use phalanx_runtime::metrics::{FinalLine, MetricLine};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -117,29 +117,6 @@ fn signal(
     Ok(())
 }
 
-/// Whether rank 0 wrote its `final` metrics line. Reads only what was appended since the last
-/// call (`seen` bytes), so that a long run's growing file is not read again every tick.
-fn metrics_has_final(run_dir: &Path, seen: &mut u64) -> Option<FinalLine> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(run_dir.join("metrics.jsonl")).ok()?;
-    let len = f.metadata().map_or(0, |m| m.len());
-    if len <= *seen {
-        return None;
-    }
-    let mut tail = String::new();
-    f.seek(SeekFrom::Start(*seen)).ok()?;
-    f.read_to_string(&mut tail).ok()?;
-    // Only whole lines are read: a line being written is read again, whole, next time.
-    let whole = tail.rfind('\n').map_or(0, |i| i + 1);
-    *seen += whole as u64;
-    tail[..whole]
-        .lines()
-        .find_map(|l| match serde_json::from_str::<MetricLine>(l) {
-            Ok(MetricLine::Final(f)) => Some(f),
-            _ => None,
-        })
-}
-
 /// The job's config, checked, and its run directory, emptied of the last run's records.
 struct Job {
     cfg: TrainConfig,
@@ -153,12 +130,12 @@ fn prepare(a: &LaunchArgs) -> Result<Job> {
     let cfg = TrainConfig::load(Some(&a.config), &a.overrides)?;
     let max_world = cfg.train.global_batch / cfg.train.micro_batch;
     if a.nproc == 0 {
-        bail!("--nproc 0: a job needs at least one rank");
+        bail!("--world 0: a job needs at least one rank");
     }
     if a.nproc > max_world {
         bail!(
-            "--nproc {}: a global batch of {} sequences in micro-batches of {} has only {max_world} \
-             micro-batches, so at most {max_world} ranks can share it; lower --nproc or raise \
+            "--world {}: a global batch of {} sequences in micro-batches of {} has only {max_world} \
+             micro-batches, so at most {max_world} ranks can share it; lower --world or raise \
              train.global_batch",
             a.nproc,
             cfg.train.global_batch,
@@ -397,6 +374,8 @@ struct Supervision<'a> {
     sp: Spawner<'a>,
     run_dir: PathBuf,
     max_steps: u64,
+    /// Steps between plain progress lines when the bar is hidden.
+    log_interval: u64,
     bar: ProgressBar,
     workers: Vec<Worker>,
     schedule: Schedule,
@@ -421,9 +400,9 @@ impl Supervision<'_> {
     ) -> Result<Outcome> {
         let mut final_seen: Option<(Instant, bool)> = None;
         let mut stopping: Option<Instant> = None;
-        // A resumed job's metrics hold the earlier jobs' lines, their final lines too (C-6).
-        let mut metrics_seen =
-            std::fs::metadata(self.run_dir.join("metrics.jsonl")).map_or(0, |m| m.len());
+        // A resumed job's metrics hold the earlier jobs' lines, their final lines too (C-6):
+        // the watch reads from where they end.
+        let mut watch = Watch::new(&self.run_dir);
         let mut last_status = Instant::now() - Duration::from_secs(1);
         let mut status_client = None;
         loop {
@@ -443,7 +422,9 @@ impl Supervision<'_> {
             // after the checkpoint of the last step is committed): the job is done. The other
             // ranks leave right after it; anything still running then (spares) is stopped.
             if final_seen.is_none() {
-                if let Some(f) = metrics_has_final(&self.run_dir, &mut metrics_seen) {
+                let polled = watch.poll();
+                self.show(&mut watch, polled.news);
+                if let Some(f) = polled.final_line {
                     final_seen = Some((Instant::now(), f.preempted));
                 }
             }
@@ -567,11 +548,21 @@ impl Supervision<'_> {
         Ok(())
     }
 
+    /// The progress line: the bar's message on a terminal, else a plain line now and then.
+    fn show(&self, watch: &mut Watch, news: bool) {
+        let line = watch.progress.line(self.max_steps);
+        if self.bar.is_hidden() {
+            if watch.plain_due(self.log_interval, news) {
+                info!("{line}");
+            }
+        } else {
+            self.bar.set_message(line);
+        }
+    }
+
     fn on_status(&mut self, st: &pb::StatusResponse) -> Result<()> {
         self.world = st.world.max(1);
         self.bar.set_position(st.committed_step.min(self.max_steps));
-        self.bar
-            .set_message(format!("generation {} | world {}", st.generation, st.world));
         let view = Status {
             committed_step: st.committed_step,
             world: st.world,
@@ -729,7 +720,16 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         sp,
         run_dir: job.run_dir.clone(),
         max_steps: job.cfg.train.max_steps,
-        bar: progress_bar(a.progress, job.cfg.train.max_steps),
+        log_interval: job.cfg.train.log_interval,
+        bar: {
+            let bar = progress_bar(a.progress, job.cfg.train.max_steps);
+            // The line says the step and the ETA (from the recent commits' rate).
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} [{elapsed_precise}] {msg}")
+                    .expect("valid template"),
+            );
+            bar
+        },
         workers,
         schedule: Schedule::new(a.plan(), wall),
         host_faults,

@@ -2,6 +2,8 @@
 
 #[macro_use]
 mod output;
+mod plot;
+mod progress;
 
 mod bench;
 mod cgroup;
@@ -177,6 +179,15 @@ enum Cmd {
         /// With --write: replace a report.json that is already there.
         #[arg(long, requires = "write")]
         force: bool,
+    },
+    /// Draw a run (PNG and SVG): train and validation loss, tokens/s, world size and generation
+    /// against step, with the faults marked where they struck.
+    Plot {
+        /// The job's run directory (run.dir).
+        run_dir: PathBuf,
+        /// Folder for plot.png and plot.svg. Default: the run directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Show the job's ranks as the coordinator sees them.
     Status {
@@ -362,8 +373,8 @@ enum ExportFormat {
 /// `phalanx launch`'s arguments.
 #[derive(clap::Args)]
 struct LaunchCli {
-    /// Active ranks (worker processes) the job starts with.
-    #[arg(long)]
+    /// Active ranks (worker processes) the job starts with: its world size.
+    #[arg(long = "world", visible_alias = "nproc", value_name = "N")]
     nproc: usize,
     /// Hot spares: extra worker processes that replace a lost rank at once.
     #[arg(long, default_value_t = 0)]
@@ -404,7 +415,7 @@ struct LaunchCli {
     #[command(flatten)]
     hosts: launch_hosts::HostArgs,
     /// Continue the campaign in run.dir from its newest committed checkpoint that verifies, at
-    /// this job's --nproc (any world size); the metrics and ledger go on. Without a checkpoint
+    /// this job's --world (any world size); the metrics and ledger go on. Without a checkpoint
     /// the job starts from step 0. Same as run.resume=true.
     #[arg(long)]
     resume: bool,
@@ -564,6 +575,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::from(code as u8))
         }
         Cmd::Checkpoint { what } => checkpoint_cmd(what),
+        Cmd::Plot { run_dir, out } => {
+            let (png, svg) = plot::run(&run_dir, out.as_deref())?;
+            outln!("wrote {} and {}", png.display(), svg.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -693,9 +709,9 @@ fn train_cmd(config: &std::path::Path, force: bool, overrides: &[String]) -> Res
     let out = train::run(&cfg, &stop, progress)?;
     let r = &out.report;
     outln!(
-        "{} {} steps in {:.1} s: train loss {:.4}, val loss {}; model saved to {}",
+        "{} {} in {:.1} s: train loss {:.4}, val loss {}; model saved to {}",
         r["status"].as_str().unwrap_or(""),
-        r["steps"],
+        output::count(r["steps"].as_u64().unwrap_or(0), "step"),
         r["wall_s"].as_f64().unwrap_or(0.0),
         r["final_train_loss"].as_f64().unwrap_or(f64::NAN),
         r["final_val_loss"]

@@ -446,8 +446,10 @@ pub fn print(r: &Value) {
     let l = &r["ledger"];
     if l["exactly_once"] == true {
         outln!(
-            "  sample ledger: {} samples of {} committed steps consumed exactly once ({} step(s) redone after a failure or rollback)",
-            l["samples"], l["steps"], l["redone_steps"].as_array().map_or(0, |a| a.len())
+            "  sample ledger: {} samples of {} committed steps consumed exactly once ({} redone after a failure or rollback)",
+            l["samples"],
+            l["steps"],
+            crate::output::count(l["redone_steps"].as_array().map_or(0, |a| a.len()) as u64, "step")
         );
     } else if !l.is_null() {
         outln!("  sample ledger: NOT exactly once: {l}");

@@ -12,7 +12,7 @@ use phalanx_model::sampler::Sampler;
 use phalanx_model::setup::SetupSpec;
 use phalanx_model::trainer::{Trainer, Windows};
 use phalanx_runtime::events::Event;
-use phalanx_runtime::metrics::{MetricLine, StepLine};
+use phalanx_runtime::metrics::{FinalLine, MetricLine, StepLine};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -67,7 +67,12 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
     let tokens_per_step = (cfg.train.global_batch * win.block) as f64;
     let pb = crate::launch::progress_bar(progress, cfg.train.max_steps);
     let eval = |trainer: &Trainer| {
-        trainer.evaluate(&ds.val, win, cfg.train.eval_batches, cfg.train.micro_batch)
+        trainer.evaluate(
+            &ds.val,
+            win,
+            cfg.train.eval_sequences,
+            cfg.train.micro_batch,
+        )
     };
     let mbs = sampler.micro_batches_per_step();
     let mut step_secs = Vec::with_capacity(cfg.train.max_steps as usize);
@@ -82,9 +87,11 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
             interrupted = true;
             break;
         }
+        let mut val_now = None;
         if cfg.train.eval_interval > 0 && step % cfg.train.eval_interval == 0 && step > 0 {
             if let Some(v) = eval(&trainer) {
                 last_val = Some(v);
+                val_now = Some(v);
                 pb.suspend(|| info!(step, val_loss = format!("{v:.4}"), "validation"));
                 rd.event(Event::Eval { step, val_loss: v })?;
             }
@@ -113,6 +120,7 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
             world_size: 1,
             unix_ms: Some(phalanx_runtime::events::unix_ms()),
             loss: Some(loss),
+            val_loss: val_now,
             lr: Some(lr),
             tokens_per_s: Some(tps),
             step_ms: Some(secs * 1e3),
@@ -163,6 +171,16 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         &ds.meta.tokenizer,
         ds.meta.vocab.clone(),
     )?;
+    rd.metric(&MetricLine::Final(FinalLine {
+        is_final: true,
+        step: trainer.step,
+        val_loss: last_val,
+        peer_lost_at_end: None,
+        // Stopped on request after a step, with the model saved: what a multi-rank job calls
+        // preempted (C-8), so a report rebuilt from this log never says "completed".
+        preempted: interrupted,
+        unix_ms: phalanx_runtime::events::unix_ms(),
+    }))?;
     let wall_s = wall.elapsed().as_secs_f64();
     let report = summary(&Summary {
         status: if interrupted {
@@ -303,6 +321,16 @@ fn skip_step(rd: &mut RunDir, step: u64, loss: f64, skipped: u64) -> Result<()> 
         loss: loss.to_string(),
         reason: "non-finite loss or gradient".into(),
     })?;
+    // The same line a multi-rank run writes for a skipped step (one schema for both).
+    rd.metric(&MetricLine::Step(StepLine {
+        step,
+        world_size: 1,
+        unix_ms: Some(phalanx_runtime::events::unix_ms()),
+        loss: Some(loss),
+        grad_norm: None,
+        skipped: true,
+        ..StepLine::default()
+    }))?;
     if skipped >= 10 {
         anyhow::bail!("{skipped} steps had non-finite gradients; lower optim.lr or check the data");
     }
@@ -330,8 +358,8 @@ fn announce(
         train_tokens = ds.train.len(),
         samples = sampler.num_samples(),
         steps_per_epoch = sampler.steps_per_epoch(),
-        "training {} steps",
-        cfg.train.max_steps
+        "training {}",
+        crate::output::count(cfg.train.max_steps, "step")
     );
     rd.event(Event::RunStarted {
         world_size: 1,

@@ -107,7 +107,7 @@ fn a_job_killed_whole_resumes_on_three_ranks_from_its_last_commit() {
     let log = std::fs::File::create(c.dir.path().join("first.log")).unwrap();
     let mut first = Proc::spawn(
         bin()
-            .args(["launch", "--nproc", "4", "--config"])
+            .args(["launch", "--world", "4", "--config"])
             .arg(&c.cfg)
             .args(steps)
             .arg("run.checkpoint_interval=20")
@@ -144,7 +144,7 @@ fn a_job_killed_whole_resumes_on_three_ranks_from_its_last_commit() {
     assert_committed_are_whole(&c.run());
 
     let r = c.launch(&[
-        "--nproc",
+        "--world",
         "3",
         "--resume",
         steps[0],
@@ -180,7 +180,7 @@ fn a_corrupt_newest_checkpoint_is_named_and_the_one_before_is_loaded() {
     let _one_at_a_time = serial();
     let c = Campaign::new();
     c.launch(&[
-        "--nproc",
+        "--world",
         "2",
         "train.max_steps=60",
         "optim.decay_steps=80",
@@ -219,7 +219,7 @@ fn a_corrupt_newest_checkpoint_is_named_and_the_one_before_is_loaded() {
     );
     assert!(sample.ok(), "{}", sample.stderr());
     let r = c.launch(&[
-        "--nproc",
+        "--world",
         "2",
         "--resume",
         "train.max_steps=80",
@@ -255,7 +255,7 @@ fn a_rank_lost_while_a_save_drains_never_commits_a_partial_checkpoint() {
         &c.cfg,
         Hosts::One,
         &[
-            "--nproc",
+            "--world",
             "3",
             "--kill-at",
             "21:1",
@@ -304,14 +304,14 @@ fn deterministic_mode_is_bitwise_across_a_stop_and_a_resize() {
         "train.deterministic=true",
     ];
     let one = Campaign::new();
-    let mut args = vec!["--nproc", "4", "train.max_steps=60"];
+    let mut args = vec!["--world", "4", "train.max_steps=60"];
     args.extend(common);
     one.launch(&args);
     let two = Campaign::new();
-    let mut args = vec!["--nproc", "4", "train.max_steps=30"];
+    let mut args = vec!["--world", "4", "train.max_steps=30"];
     args.extend(common);
     two.launch(&args);
-    let mut args = vec!["--nproc", "3", "--resume", "train.max_steps=60"];
+    let mut args = vec!["--world", "3", "--resume", "train.max_steps=60"];
     args.extend(common);
     let r = two.launch(&args);
     assert_eq!(resume_line(&r.metrics())["step"], 30);
@@ -333,7 +333,7 @@ fn long_job(c: &Campaign, steps: usize) -> Proc {
     let log = std::fs::File::create(c.dir.path().join("first.log")).unwrap();
     let p = Proc::spawn(
         bin()
-            .args(["launch", "--nproc", "3", "--spares", "1", "--config"])
+            .args(["launch", "--world", "3", "--spares", "1", "--config"])
             .arg(&c.cfg)
             .args(["train.max_steps=100000", "optim.decay_steps=2000"])
             .current_dir(c.dir.path())
@@ -369,7 +369,7 @@ fn assert_stopped_and_resumed(c: &Campaign, mut job: Proc, signalled: std::time:
     let stopped_at = fin["step"].as_u64().unwrap();
     assert_eq!(c.committed().last(), Some(&stopped_at));
     let until = format!("train.max_steps={}", stopped_at + 40);
-    let r = c.launch(&["--nproc", "2", "--resume", &until, "optim.decay_steps=2000"]);
+    let r = c.launch(&["--world", "2", "--resume", &until, "optim.decay_steps=2000"]);
     assert_eq!(resume_line(&r.metrics())["step"], stopped_at);
     assert_ledger_exactly_once(&r.report);
     assert_eq!(
@@ -417,7 +417,7 @@ fn a_run_dir_with_saved_work_is_resumed_or_refused() {
     let _one_at_a_time = serial();
     let c = Campaign::new();
     let args = [
-        "--nproc",
+        "--world",
         "2",
         "train.max_steps=20",
         "optim.decay_steps=20",
@@ -498,7 +498,7 @@ fn a_full_disk_fails_saves_with_an_event_and_training_goes_on() {
     assert!(ok.success(), "cannot mount a tmpfs at {}", disk.display());
     let _mounted = Mounted(disk.clone());
     let r = c.launch(&[
-        "--nproc",
+        "--world",
         "2",
         "train.max_steps=100",
         "optim.decay_steps=100",

@@ -102,7 +102,7 @@ fn a_sharded_checkpoint_exports_too() {
         &cfg,
         Hosts::One,
         &[
-            "--nproc",
+            "--world",
             "2",
             "train.max_steps=10",
             "optim.decay_steps=10",

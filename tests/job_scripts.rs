@@ -39,7 +39,7 @@ fn overrides(dir: &Path, data: &Path) -> Vec<String> {
         "train.max_steps=30".into(),
         "optim.decay_steps=30".into(),
         "optim.warmup_steps=5".into(),
-        "train.eval_batches=2".into(),
+        "train.eval_sequences=8".into(),
     ]
 }
 

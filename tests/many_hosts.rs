@@ -44,7 +44,7 @@ fn shakespeare_on_two_hosts_survives_a_kill() {
         d.path(),
         &config,
         &[
-            "--nproc",
+            "--world",
             "4",
             "--spares",
             "1",
@@ -54,7 +54,7 @@ fn shakespeare_on_two_hosts_survives_a_kill() {
             &format!("run.dir={}", d.path().join("run").display()),
             "train.max_steps=300",
             "optim.decay_steps=300",
-            "train.eval_batches=5",
+            "train.eval_sequences=20",
         ],
     );
     assert_eq!(job.code, Some(0), "{}", job.stderr);
@@ -82,7 +82,7 @@ fn a_lost_host_is_survived() {
         d.path(),
         &cfg,
         &[
-            "--nproc",
+            "--world",
             "4",
             "--spares",
             "1",
@@ -123,7 +123,7 @@ fn a_cut_off_host_is_fenced_and_nobody_commits_twice() {
         d.path(),
         &cfg,
         &[
-            "--nproc",
+            "--world",
             "4",
             "--spares",
             "1",
@@ -206,7 +206,7 @@ fn simulated_hosts_without_root_or_with_bad_faults_are_clear_errors() {
         let out = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
             .arg(env!("CARGO_BIN_EXE_phalanx"))
-            .args(["launch", "--hosts", "2", "--nproc", "2", "--config"])
+            .args(["launch", "--hosts", "2", "--world", "2", "--config"])
             .arg(&cfg)
             .output()
             .unwrap();
@@ -217,7 +217,7 @@ fn simulated_hosts_without_root_or_with_bad_faults_are_clear_errors() {
     let r = run(
         &[
             "launch",
-            "--nproc",
+            "--world",
             "2",
             "--kill-host-at",
             "10:0",
@@ -232,7 +232,7 @@ fn simulated_hosts_without_root_or_with_bad_faults_are_clear_errors() {
             "launch",
             "--hosts",
             "2",
-            "--nproc",
+            "--world",
             "2",
             "--cut-host-at",
             "10:2",

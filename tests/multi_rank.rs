@@ -61,7 +61,7 @@ fn kill_one_rank_with_a_spare_on(hosts: Hosts) {
         hosts,
         d.path(),
         &[
-            "--nproc",
+            "--world",
             "4",
             "--spares",
             "1",
@@ -109,7 +109,7 @@ fn kill_one_rank_shrinks_to_three_on(hosts: Hosts) {
         hosts,
         d.path(),
         &[
-            "--nproc",
+            "--world",
             "4",
             "--kill-at",
             "20:2",
@@ -154,7 +154,7 @@ fn sigstop_rank_is_fenced_on(hosts: Hosts) {
         hosts,
         d.path(),
         &[
-            "--nproc",
+            "--world",
             "3",
             "--stop-at",
             "20:1",
@@ -193,10 +193,10 @@ fn sigstop_rank_is_fenced_on(hosts: Hosts) {
 #[test]
 fn four_ranks_match_one_rank() {
     let d1 = test_dir();
-    let one = launch(d1.path(), &["--nproc", "1", "train.max_steps=25"]);
+    let one = launch(d1.path(), &["--world", "1", "train.max_steps=25"]);
     assert_eq!(one.code, Some(0), "{}", one.stderr);
     let d4 = test_dir();
-    let four = launch(d4.path(), &["--nproc", "4", "train.max_steps=25"]);
+    let four = launch(d4.path(), &["--world", "4", "train.max_steps=25"]);
     assert_eq!(four.code, Some(0), "{}", four.stderr);
     let (a, b) = (losses(&one.run), losses(&four.run));
     assert_eq!(a.len(), 25);
@@ -210,16 +210,76 @@ fn four_ranks_match_one_rank() {
     }
 }
 
+// T-7: a multi-rank run validates at train.eval_interval, in metrics.jsonl and on the progress
+// line, over a fixed number of sequences: the loss does not depend on the micro-batch. The
+// learning rate is all but zero, so the parameters hold still and every validation of both runs
+// (the ranks' shares summed at steps 10 and 20, rank 0's alone at the end) sees one model.
+#[test]
+fn validation_runs_at_the_interval_whatever_the_micro_batch() {
+    let vals = |micro_batch: &str| {
+        let d = test_dir();
+        let mb = format!("train.micro_batch={micro_batch}");
+        let r = launch_env(
+            Hosts::One,
+            d.path(),
+            &[
+                "--world",
+                "2",
+                "train.max_steps=21",
+                "train.global_batch=32",
+                &mb,
+                "train.eval_interval=10",
+                "train.eval_sequences=24",
+                "train.log_interval=10",
+                "optim.lr=1e-9",
+                "optim.min_lr=0",
+                "optim.decay_steps=21",
+            ],
+            &[("PHALANX_LOG", "info")],
+        );
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        let line = r
+            .stderr
+            .lines()
+            .find(|l| l.contains("step 2") && l.contains("| val "))
+            .unwrap_or_else(|| panic!("no progress line with a validation loss: {}", r.stderr));
+        assert!(
+            line.contains("tok/s") && line.contains("world 2 gen 1"),
+            "{line}"
+        );
+        let at = |s: u64| {
+            r.metrics()
+                .iter()
+                .find(|m| m["step"] == s && m["final"] != true)
+                .and_then(|m| m["val_loss"].as_f64())
+        };
+        let final_val = r.metrics().iter().find(|m| m["final"] == true).unwrap()["val_loss"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(at(9), None, "validation only at the interval");
+        (at(10).unwrap(), at(20).unwrap(), final_val)
+    };
+    let (four, sixteen) = (vals("4"), vals("16"));
+    for (a, b) in [
+        (four.0, sixteen.0),
+        (four.0, four.1),
+        (four.0, four.2),
+        (sixteen.1, sixteen.2),
+    ] {
+        assert!((a - b).abs() < 1e-4, "{four:?} vs {sixteen:?}");
+    }
+}
+
 #[test]
 fn bad_launch_input() {
     let d = test_dir();
-    let r = launch(d.path(), &["--nproc", "0"]);
+    let r = launch(d.path(), &["--world", "0"]);
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("at least one rank"), "{}", r.stderr);
-    let r = launch(d.path(), &["--nproc", "5"]);
+    let r = launch(d.path(), &["--world", "5"]);
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("at most 4 ranks"), "{}", r.stderr);
-    let r = launch(d.path(), &["--nproc", "2", "--kill-at", "x"]);
+    let r = launch(d.path(), &["--world", "2", "--kill-at", "x"]);
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("STEP:RANK"), "{}", r.stderr);
     // A file where the run directory should be: one message that names it.
@@ -227,7 +287,7 @@ fn bad_launch_input() {
     std::fs::write(&file, "not a directory").unwrap();
     let r = launch(
         d.path(),
-        &["--nproc", "2", &format!("run.dir={}", file.display())],
+        &["--world", "2", &format!("run.dir={}", file.display())],
     );
     assert_eq!(r.code, Some(1));
     assert!(
@@ -244,7 +304,7 @@ fn below_min_world_halts_with_a_saved_model() {
     let r = launch(
         d.path(),
         &[
-            "--nproc",
+            "--world",
             "2",
             "--kill-at",
             "20:1",
@@ -334,7 +394,7 @@ fn loader_and_control_agent_restart_in_place() {
     let r = launch_env(
         Hosts::One,
         d.path(),
-        &["--nproc", "2", "train.max_steps=80", "optim.decay_steps=80"],
+        &["--world", "2", "train.max_steps=80", "optim.decay_steps=80"],
         &[("PHALANX_TEST_FAULT", "loader-panic@20:1,control-panic@40")],
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
@@ -365,7 +425,7 @@ fn compute_panic_restarts_and_rejoins() {
     let r = launch_env(
         Hosts::One,
         d.path(),
-        &["--nproc", "2", "train.max_steps=80", "optim.decay_steps=80"],
+        &["--world", "2", "train.max_steps=80", "optim.decay_steps=80"],
         &[("PHALANX_TEST_FAULT", "compute-panic@30:1")],
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
@@ -412,7 +472,7 @@ fn stuck_compute_gives_the_rank_up() {
         Hosts::One,
         d.path(),
         &[
-            "--nproc",
+            "--world",
             "2",
             "--spares",
             "1",
@@ -519,7 +579,7 @@ fn nan_in_one_rank_is_skipped_and_named() {
     let r = launch_env(
         Hosts::One,
         d.path(),
-        &["--nproc", "2", "train.max_steps=60", "optim.decay_steps=60"],
+        &["--world", "2", "train.max_steps=60", "optim.decay_steps=60"],
         &[("PHALANX_TEST_FAULT", "nan@20:1")],
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
@@ -554,7 +614,7 @@ fn nan_with_rollback_returns_to_the_last_checkpoint() {
         Hosts::One,
         d.path(),
         &[
-            "--nproc",
+            "--world",
             "2",
             "train.max_steps=60",
             "optim.decay_steps=60",
@@ -594,7 +654,7 @@ fn corrupted_replica_is_named_and_healed() {
         Hosts::One,
         d.path(),
         &[
-            "--nproc",
+            "--world",
             "3",
             "train.max_steps=50",
             "optim.decay_steps=50",
@@ -647,7 +707,7 @@ fn scale_up_then_drain_loses_no_step_on(hosts: Hosts) {
     let run = d.path().join("run");
     let mut job = Proc::spawn(
         bin()
-            .args(["launch", "--nproc", "2", "--spares", "2", "--config"])
+            .args(["launch", "--world", "2", "--spares", "2", "--config"])
             .arg(&cfg)
             .args(hosts.args())
             .args(["train.max_steps=2500", "optim.decay_steps=2500"])
@@ -770,7 +830,7 @@ fn deterministic_mode_is_bitwise_identical_across_hosts() {
 
 fn deterministic_mode_on(hosts: Hosts) {
     let final_state = |args: &[&str]| {
-        let on = if args == ["--nproc", "1"] {
+        let on = if args == ["--world", "1"] {
             Hosts::One
         } else {
             hosts
@@ -807,9 +867,9 @@ fn deterministic_mode_on(hosts: Hosts) {
             (r.report["faults"].clone(), timeline),
         )
     };
-    let (one, w1, _) = final_state(&["--nproc", "1"]);
-    let (four, w4, _) = final_state(&["--nproc", "4"]);
-    let (killed, wk, faults) = final_state(&["--nproc", "4", "--kill-at", "20:1"]);
+    let (one, w1, _) = final_state(&["--world", "1"]);
+    let (four, w4, _) = final_state(&["--world", "4"]);
+    let (killed, wk, faults) = final_state(&["--world", "4", "--kill-at", "20:1"]);
     assert_eq!((w1, w4), (1, 4));
     // The killed process is restarted as a spare; when it registers before the 60 steps are
     // over (across hosts the steps are slower) it is promoted back: 3 or 4 ranks at the end,
@@ -948,7 +1008,7 @@ fn cpu_quota_straggler_is_replaced_by_the_spare_on(hosts: Hosts) {
     need_cgroup_cpu();
     let d = test_dir();
     let mut args = vec![
-        "--nproc",
+        "--world",
         "4",
         "--spares",
         "1",
@@ -1030,7 +1090,7 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
         let d = test_dir();
         let act = format!("coordinator.evict_stragglers={act}");
         let mut args = vec![
-            "--nproc",
+            "--world",
             "4",
             "--slow-at",
             "100:2",
@@ -1142,7 +1202,7 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
 fn fault_free_run_flags_no_straggler() {
     let d = test_dir();
     let mut args = vec![
-        "--nproc",
+        "--world",
         "4",
         "train.max_steps=500",
         "optim.decay_steps=500",
@@ -1170,7 +1230,7 @@ fn a_rank_lost_after_the_last_step_ends_nothing() {
     let r = launch_env(
         Hosts::One,
         d.path(),
-        &["--nproc", "2", "train.max_steps=30", "optim.decay_steps=30"],
+        &["--world", "2", "train.max_steps=30", "optim.decay_steps=30"],
         &[("PHALANX_TEST_FAULT", "exit-at-final-barrier@30:1")],
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
@@ -1208,7 +1268,7 @@ fn a_slow_disk_skips_checkpoints_instead_of_queueing_them() {
         Hosts::One,
         d.path(),
         &[
-            "--nproc",
+            "--world",
             "2",
             "train.max_steps=60",
             "optim.decay_steps=60",

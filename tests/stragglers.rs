@@ -149,14 +149,14 @@ fn assert_no_restart_from_scratch(j: &Job) {
 #[test]
 fn two_ranks_and_a_spare_quiet_then_killed_every_minute() {
     let d = test_dir();
-    let quiet = launch_for(d.path(), &["--nproc", "2", "--spares", "1"], soak());
+    let quiet = launch_for(d.path(), &["--world", "2", "--spares", "1"], soak());
     eprintln!("quiet: {}", quiet.summary());
     assert_no_restart_from_scratch(&quiet);
     assert_eq!(quiet.generations().len(), 1, "{:?}", quiet.generations());
     let d2 = test_dir();
     let killed = launch_for(
         d2.path(),
-        &["--nproc", "2", "--spares", "1", "--kill-every", "60"],
+        &["--world", "2", "--spares", "1", "--kill-every", "60"],
         soak(),
     );
     eprintln!("killed every 60 s: {}", killed.summary());
@@ -195,7 +195,7 @@ fn noisy(nproc: &str) {
     let d = test_dir();
     let j = launch_for(
         d.path(),
-        &["--nproc", nproc, "--spares", "1", "--noise", "2000:10000"],
+        &["--world", nproc, "--spares", "1", "--noise", "2000:10000"],
         soak(),
     );
     let bursts = Job::of("noise_burst", &j.events).len();
@@ -238,7 +238,7 @@ fn restarting_spares_disturb_nobody() {
     let j = launch_for(
         d.path(),
         &[
-            "--nproc",
+            "--world",
             "2",
             "--spares",
             "1",
@@ -273,7 +273,7 @@ fn losing_the_last_holder_halts_instead_of_restarting_from_step_0() {
         &cfg,
         Hosts::One,
         &[
-            "--nproc",
+            "--world",
             "1",
             "--spares",
             "1",

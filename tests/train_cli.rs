@@ -14,8 +14,21 @@ fn prepare_train_sample_end_to_end() {
     let r = train(d.path(), &small(&data, &run_dir));
     assert!(r.ok(), "train failed: {}", r.stderr());
 
-    let metrics = read_jsonl(&run_dir.join("metrics.jsonl"));
+    let mut metrics = read_jsonl(&run_dir.join("metrics.jsonl"));
+    // One schema with multi-rank runs: the last line is the final one, with the validation loss.
+    let last = metrics.pop().unwrap();
+    assert_eq!(last["final"], true, "{last}");
+    assert_eq!(last["step"], 30);
+    assert!(last["val_loss"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(last["unix_ms"].as_u64().is_some(), "{last}");
     assert_eq!(metrics.len(), 30);
+    // T-7: validation at train.eval_interval (10), in the step's own line.
+    let vals: Vec<u64> = metrics
+        .iter()
+        .filter(|m| m["val_loss"].as_f64().is_some())
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(vals, vec![10, 20]);
     for (i, m) in metrics.iter().enumerate() {
         assert_eq!(m["step"], i as u64);
         for k in [
@@ -25,6 +38,7 @@ fn prepare_train_sample_end_to_end() {
             "step_ms",
             "world_size",
             "generation",
+            "unix_ms",
         ] {
             assert!(m.get(k).is_some(), "metrics line lacks {k}: {m}");
         }
@@ -104,6 +118,7 @@ fn same_seed_same_run() {
         assert!(r.ok(), "{}", r.stderr());
         read_jsonl(&run_dir.join("metrics.jsonl"))
             .iter()
+            .filter(|m| m["final"] != true)
             .map(|m| m["loss"].as_f64().unwrap())
             .collect::<Vec<_>>()
     };
@@ -145,7 +160,15 @@ fn ctrl_c_stops_after_saving() {
     assert_eq!(report["status"], "interrupted");
     let steps = report["steps"].as_u64().unwrap();
     assert!(steps > 0 && steps < 100000);
-    assert_eq!(read_jsonl(&metrics).len() as u64, steps);
+    // Every step's line, then the final one, which says the run stopped before its end.
+    let lines = read_jsonl(&metrics);
+    assert_eq!(lines.len() as u64, steps + 1);
+    assert_eq!(
+        lines.last().unwrap()["preempted"],
+        true,
+        "{:?}",
+        lines.last()
+    );
     let v = run(
         &[
             "checkpoint",

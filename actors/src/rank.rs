@@ -68,7 +68,9 @@ pub struct RankParams {
     pub max_steps: u64,
     pub global_batch: usize,
     pub micro_batch: usize,
-    pub eval_batches: usize,
+    /// Validation every this many steps (0: only at the end), over this many sequences (T-7).
+    pub eval_interval: u64,
+    pub eval_sequences: usize,
     pub optim: OptimConfig,
     pub heartbeat_interval: Duration,
     pub checkpoint_interval: u64,

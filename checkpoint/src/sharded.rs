@@ -9,11 +9,11 @@ use crate::{
     decode_tensors, io, now_ms, sync_dir, tensor_file, CheckpointError, FileEntry, Manifest,
     Result, FORMAT, MANIFEST,
 };
-pub use tensor_file::Sealed;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+pub use tensor_file::Sealed;
 
 /// Rank 0's side file: what the flat state is (model, tokenizer, optimizer step, layout).
 pub const META: &str = "meta.json";

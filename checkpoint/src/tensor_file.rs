@@ -244,7 +244,10 @@ mod tests {
         let (bytes, sha) = write_sealed(&path, &sealed).unwrap();
         assert_eq!(sealed.digest(), (bytes, sha.as_str()));
         let hashed_on_the_way = d.path().join("y.safetensors");
-        assert_eq!(write_tensors(&hashed_on_the_way, &ts, None).unwrap(), (bytes, sha.clone()));
+        assert_eq!(
+            write_tensors(&hashed_on_the_way, &ts, None).unwrap(),
+            (bytes, sha.clone())
+        );
         let on_disk = std::fs::read(&path).unwrap();
         assert_eq!(on_disk.len() as u64, bytes);
         assert_eq!(sha, hex(&Sha256::digest(&on_disk)));

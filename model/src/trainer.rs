@@ -4,7 +4,7 @@
 use crate::data::TokenFile;
 use crate::gpt::Gpt;
 use crate::optim::{AdamW, OptimConfig};
-use crate::sampler::{mix64, Sampler};
+use crate::sampler::{mix64, permute};
 use tch::{Device, Kind, Tensor};
 
 /// Samples are windows of `block + 1` tokens at stride `block`, shifted by an offset in
@@ -178,36 +178,49 @@ impl Trainer {
         StepStats { loss, grad_norm }
     }
 
-    /// Mean loss over fixed validation windows (the same windows every time it is called).
+    /// The summed loss of the validation sequences `ids` (each its mean over its tokens),
+    /// computed `micro_batch` sequences at a time.
+    pub fn val_loss_sum(
+        &self,
+        val: &TokenFile,
+        win: Windows,
+        ids: &[u64],
+        micro_batch: usize,
+    ) -> f64 {
+        tch::no_grad(|| {
+            ids.chunks(micro_batch.max(1))
+                .map(|c| {
+                    let (x, y) = win.batch(val, 0, c, self.model.device());
+                    self.model.loss(&x, &y, false).double_value(&[]) * c.len() as f64
+                })
+                .sum()
+        })
+    }
+
+    /// Mean loss over the validation set of `sequences` sequences (see [`val_ids`]).
     pub fn evaluate(
         &self,
         val: &TokenFile,
         win: Windows,
-        batches: usize,
+        sequences: usize,
         micro_batch: usize,
     ) -> Option<f64> {
-        let n = win.count(val.len());
-        if n == 0 || batches == 0 {
+        let ids = val_ids(win, val.len(), sequences);
+        if ids.is_empty() {
             return None;
         }
-        let s = Sampler::new(
-            win.seed ^ 0x7A1,
-            n,
-            micro_batch.min(n as usize),
-            micro_batch.min(n as usize),
-        )
-        .ok()?;
-        let mut total = 0.0;
-        tch::no_grad(|| {
-            for b in 0..batches as u64 {
-                let (epoch, step) = s.locate(b);
-                let ids = s.micro_batch_ids(epoch, step, 0);
-                let (x, y) = win.batch(val, epoch, &ids, self.model.device());
-                total += self.model.loss(&x, &y, false).double_value(&[]);
-            }
-        });
-        Some(total / batches as f64)
+        Some(self.val_loss_sum(val, win, &ids, micro_batch) / ids.len() as f64)
     }
+}
+
+/// The validation set: `sequences` windows of the validation tokens (all of them if there are
+/// fewer), one fixed draw, so that the validation loss depends on the model only, not on the
+/// micro-batch, the world size or the step it is taken at.
+pub fn val_ids(win: Windows, val_tokens: usize, sequences: usize) -> Vec<u64> {
+    let n = win.count(val_tokens);
+    (0..(sequences as u64).min(n))
+        .map(|i| permute(win.seed ^ 0x7A1, 0, i, n))
+        .collect()
 }
 
 #[cfg(test)]
@@ -228,6 +241,34 @@ mod tests {
             Gpt::new(&cfg, Device::Cpu, 5).unwrap(),
             OptimConfig::default(),
         )
+    }
+
+    // T-7: the validation set is a fixed number of sequences, so its loss does not change with
+    // the micro-batch it is computed in (up to summation order).
+    #[test]
+    fn validation_loss_does_not_depend_on_the_micro_batch() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("val.bin");
+        let tokens: Vec<u8> = (0..2000u16)
+            .flat_map(|i| ((i * 7 + i / 5) % 23).to_le_bytes())
+            .collect();
+        std::fs::write(&path, tokens).unwrap();
+        let val = TokenFile::open(&path, crate::data::TokenDtype::U16, 23).unwrap();
+        let win = Windows { block: 8, seed: 3 };
+        let t = trainer();
+        let at = |mb| t.evaluate(&val, win, 48, mb).unwrap();
+        let (four, sixteen, one) = (at(4), at(16), at(1));
+        assert!((four - sixteen).abs() < 1e-5, "{four} vs {sixteen}");
+        assert!((four - one).abs() < 1e-5, "{four} vs {one}");
+        // 48 sequences, not 48 micro-batches: asking for more than there are takes them all.
+        let ids = val_ids(win, val.len(), 48);
+        assert_eq!(ids.len(), 48);
+        let all = val_ids(win, val.len(), 10_000);
+        assert_eq!(all.len() as u64, win.count(val.len()));
+        let mut sorted = all.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), all.len(), "a sequence drawn twice");
     }
 
     // C-5: a part's stage runs beside the next step's forward and backward because they only

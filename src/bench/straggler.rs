@@ -150,7 +150,7 @@ fn slow_rank(world: usize) -> usize {
 /// straggler actions, long enough for the run time; then the fault and the setting.
 fn job_args(world: usize, fault: &[&str], s: &Setting) -> Vec<String> {
     let nproc = world.to_string();
-    ["--nproc", nproc.as_str()]
+    ["--world", nproc.as_str()]
         .iter()
         .chain(fault)
         .chain(&[

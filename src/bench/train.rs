@@ -59,7 +59,7 @@ pub fn run(cfg: &TrainConfig, steps: u64, runs: usize) -> Result<()> {
     let mut cfg = cfg.clone();
     cfg.train.max_steps = steps;
     cfg.train.eval_interval = 0;
-    cfg.train.eval_batches = 1;
+    cfg.train.eval_sequences = 4;
     cfg.run.checkpoint_interval = 0;
     let tmp = tempfile::tempdir()?;
     cfg.run.dir = tmp.path().join("run");
@@ -128,7 +128,7 @@ pub fn run_world(
     let mut common: Vec<String> = overrides.to_vec();
     common.extend([
         format!("train.max_steps={steps}"),
-        "train.eval_batches=1".into(),
+        "train.eval_sequences=4".into(),
         "run.checkpoint_interval=0".into(),
         "run.progress=false".into(),
         // Both sides run the same job; step times on a shared 2-core machine are noise-prone
@@ -151,7 +151,7 @@ pub fn run_world(
             let t = if with_ft {
                 let out = std::process::Command::new(&exe)
                     .arg("launch")
-                    .args(["--nproc", &world.to_string(), "--config"])
+                    .args(["--world", &world.to_string(), "--config"])
                     .arg(config)
                     .args(&args)
                     .stdout(std::process::Stdio::null())

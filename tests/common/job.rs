@@ -44,7 +44,7 @@ pub fn small(data: &Path, run_dir: &Path) -> Vec<String> {
         "train.threads=1".into(),
         "train.device=cpu".into(),
         "train.eval_interval=10".into(),
-        "train.eval_batches=2".into(),
+        "train.eval_sequences=8".into(),
         "optim.warmup_steps=5".into(),
         "optim.decay_steps=30".into(),
     ]
@@ -107,7 +107,7 @@ global_batch = 16
 micro_batch = 4
 max_steps = 40
 device = "cpu"
-eval_batches = 2
+eval_sequences = 8
 [optim]
 warmup_steps = 5
 decay_steps = 40

@@ -67,6 +67,7 @@ impl<'a> Loop<'a> {
         }
         let line = MetricLine::Step(StepLine {
             loss: Some(m.loss),
+            val_loss: m.val_loss,
             lr: Some(m.lr),
             tokens_per_s: Some(g.tokens_per_step / dt.as_secs_f64()),
             step_ms: Some(dt.as_secs_f64() * 1e3),
@@ -135,7 +136,7 @@ impl<'a> Loop<'a> {
         if rank.0 == 0 {
             let val = s
                 .trainer
-                .evaluate(&s.ds.val, s.win, p.eval_batches, p.micro_batch);
+                .evaluate(&s.ds.val, s.win, p.eval_sequences, p.micro_batch);
             self.save_now(&p.run_dir.join("model"), s)?;
             let line = MetricLine::Final(FinalLine {
                 is_final: true,

@@ -19,6 +19,7 @@ use crate::{ActorError, Setup};
 use phalanx_checkpoint::sharded;
 use phalanx_model::io as model_io;
 use phalanx_model::optim::lr_at;
+use phalanx_model::trainer::val_ids;
 use phalanx_proto::pb;
 use phalanx_runtime::dataplane::Group;
 use phalanx_runtime::events::unix_ms;
@@ -54,7 +55,7 @@ use saving::Place;
 use state_sync::*;
 pub use state_sync::{odd_ranks, quick_fingerprint, state_fingerprint};
 use verdict::*;
-pub use verdict::{pack, unpack, verdict, Flags, Summed, Verdict};
+pub use verdict::{pack, unpack, verdict, Flags, Parts, Summed, Verdict};
 
 pub struct ComputeActor;
 

@@ -20,6 +20,8 @@ pub(super) struct Measured {
     pub(super) st: u64,
     pub(super) lr: f64,
     pub(super) loss: f64,
+    /// The validation loss of the parameters the step started from, at a validation step.
+    pub(super) val_loss: Option<f64>,
     /// None: skipped (non-finite somewhere, T-2).
     pub(super) grad_norm: Option<f64>,
     pub(super) bad_ranks: Vec<u32>,

@@ -22,6 +22,7 @@ impl<'a> Loop<'a> {
         let t_step = Instant::now();
         let batches = self.batches(g, s, step);
         let data_wait = t_step.elapsed();
+        let val = self.val_share(g, s, step);
         // Compute time excludes waiting for data and in collectives: it is the straggler
         // detector's and the rebalancer's measure of this rank's speed.
         let t_compute = Instant::now();
@@ -50,15 +51,19 @@ impl<'a> Loop<'a> {
         }
         // Bad numerics are caught before the commit, and named: each rank flags its own
         // non-finite loss or gradient in a slot of its own that rides along with the sum.
-        let loss_part = local_loss * mine.len() as f64 / mbs as f64;
+        let parts = Parts {
+            loss: local_loss * mine.len() as f64 / mbs as f64,
+            val: val.map_or(0.0, |v| v.0),
+        };
         let flags = Flags {
             bad: local_bad || nan,
             preempt: crate::preempt::requested(),
         };
         let stalled_before = group.stalled();
-        let (reduced, summed, mut in_collectives) = reduce(group, &mut buf, loss_part, flags);
+        let (reduced, summed, mut in_collectives) = reduce(group, &mut buf, parts, flags);
         let Summed {
             loss,
+            val: val_sum,
             bad_ranks,
             preempt,
         } = summed;
@@ -136,6 +141,7 @@ impl<'a> Loop<'a> {
             st,
             lr,
             loss,
+            val_loss: val.map(|v| val_sum / v.1 as f64),
             grad_norm,
             bad_ranks,
             odd,
@@ -150,6 +156,23 @@ impl<'a> Loop<'a> {
             return self.preempted(g, s).map(Some);
         }
         Ok(None)
+    }
+
+    /// T-7: at a validation step, this rank's share of the validation set's summed loss (the
+    /// parameters the step starts from) and the set's size. The shares are even and fixed by
+    /// rank, whatever the micro-batch split: the sum rides on the step's allreduce.
+    fn val_share(&self, g: &Gen, s: &Setup, step: u64) -> Option<(f64, usize)> {
+        let p = &self.sh.params;
+        if p.eval_interval == 0 || step == 0 || step % p.eval_interval != 0 {
+            return None;
+        }
+        let ids = val_ids(s.win, s.ds.val.len(), p.eval_sequences);
+        let (n, world, rank) = (ids.len(), g.world as usize, g.rank.0 as usize);
+        let mine = &ids[n * rank / world..n * (rank + 1) / world];
+        let sum = s
+            .trainer
+            .val_loss_sum(&s.ds.val, s.win, mine, p.micro_batch);
+        Some((sum, n))
     }
 
     /// This rank's micro-batches of `step`: from the loader, or built here when it is late.
@@ -269,12 +292,12 @@ impl<'a> Loop<'a> {
 fn reduce(
     group: &dyn Group,
     buf: &mut Vec<f32>,
-    loss_part: f64,
+    parts: Parts,
     flags: Flags,
 ) -> (Result<(), RuntimeError>, Summed, Duration) {
     let n = buf.len();
     let (rank, world) = (group.rank(), group.world());
-    let mut packed = pack(std::mem::take(buf), loss_part, flags, rank, world);
+    let mut packed = pack(std::mem::take(buf), parts, flags, rank, world);
     let t = Instant::now();
     let reduced = group.allreduce(&mut packed);
     let took = t.elapsed();
@@ -282,6 +305,7 @@ fn reduce(
         Ok(()) => unpack(&mut packed, n),
         Err(_) => Summed {
             loss: f64::NAN,
+            val: f64::NAN,
             bad_ranks: Vec::new(),
             preempt: false,
         },

@@ -67,16 +67,20 @@ fn the_verdict_of_a_step() {
 // one rank asked to stop makes every rank stop.
 #[test]
 fn pack_and_unpack_name_the_bad_ranks() {
-    use super::{pack, unpack, Flags};
+    use super::{pack, unpack, Flags, Parts};
     let world = 3;
     let sum_of = |preempt_rank: Option<u32>| {
-        let mut sum = vec![0f32; 2 + 1 + world as usize + 1];
+        let mut sum = vec![0f32; 2 + 2 + world as usize + 1];
         for r in 0..world {
             let flags = Flags {
                 bad: r == 1,
                 preempt: preempt_rank == Some(r),
             };
-            let b = pack(vec![1.0, 2.0], 0.5, flags, Rank(r), world);
+            let parts = Parts {
+                loss: 0.5,
+                val: 1.25 * f64::from(r),
+            };
+            let b = pack(vec![1.0, 2.0], parts, flags, Rank(r), world);
             for (s, x) in sum.iter_mut().zip(&b) {
                 *s += x;
             }
@@ -87,6 +91,7 @@ fn pack_and_unpack_name_the_bad_ranks() {
     let got = unpack(&mut sum, 2);
     assert_eq!(sum, vec![3.0, 6.0]);
     assert!((got.loss - 1.5).abs() < 1e-6);
+    assert!((got.val - 3.75).abs() < 1e-6);
     assert_eq!(got.bad_ranks, vec![1]);
     assert!(!got.preempt);
     let mut sum = sum_of(Some(2));

@@ -55,18 +55,28 @@ pub struct Flags {
     pub preempt: bool,
 }
 
+/// A rank's parts of the sums a step's allreduce carries besides the gradient.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Parts {
+    /// Its part of the global mean loss.
+    pub loss: f64,
+    /// Its share of the validation set's summed loss (T-7), at a validation step; else 0.
+    pub val: f64,
+}
+
 /// The buffer of a step's one allreduce: the gradient, then this rank's part of the global
-/// mean loss, then one slot per rank for its own non-finite flag (so the bad ranks are named),
-/// then the count of ranks asked to stop.
-pub fn pack(mut grads: Vec<f32>, loss_part: f64, flags: Flags, rank: Rank, world: u32) -> Vec<f32> {
+/// mean loss and of the validation loss, then one slot per rank for its own non-finite flag
+/// (so the bad ranks are named), then the count of ranks asked to stop.
+pub fn pack(mut grads: Vec<f32>, parts: Parts, flags: Flags, rank: Rank, world: u32) -> Vec<f32> {
     let n = grads.len();
-    grads.push(loss_part as f32);
+    grads.push(parts.loss as f32);
+    grads.push(parts.val as f32);
     grads.extend(std::iter::repeat_n(0f32, world as usize + 1));
     if flags.bad {
-        grads[n + 1 + rank.0 as usize] = 1.0;
+        grads[n + 2 + rank.0 as usize] = 1.0;
     }
     if flags.preempt {
-        grads[n + 1 + world as usize] = 1.0;
+        grads[n + 2 + world as usize] = 1.0;
     }
     grads
 }
@@ -75,6 +85,8 @@ pub fn pack(mut grads: Vec<f32>, loss_part: f64, flags: Flags, rank: Rank, world
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summed {
     pub loss: f64,
+    /// The validation set's summed loss (0 unless it was a validation step).
+    pub val: f64,
     /// The ranks that flagged themselves non-finite.
     pub bad_ranks: Vec<u32>,
     /// Some rank was asked to stop: every rank stops after this step (C-8).
@@ -84,16 +96,18 @@ pub struct Summed {
 /// The reduced buffer back into the summed gradient (left in `buf`) and the rest.
 pub fn unpack(buf: &mut Vec<f32>, n: usize) -> Summed {
     let preempt = buf.pop().is_some_and(|f| f > 0.5);
-    let bad_ranks: Vec<u32> = buf[n + 1..]
+    let bad_ranks: Vec<u32> = buf[n + 2..]
         .iter()
         .enumerate()
         .filter(|(_, f)| **f > 0.5)
         .map(|(r, _)| r as u32)
         .collect();
-    buf.truncate(n + 1);
+    buf.truncate(n + 2);
+    let val = buf.pop().unwrap_or(f32::NAN) as f64;
     let loss = buf.pop().unwrap_or(f32::NAN) as f64;
     Summed {
         loss,
+        val,
         bad_ranks,
         preempt,
     }
