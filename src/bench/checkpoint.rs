@@ -61,6 +61,9 @@ pub struct Opts {
     /// A save every this many steps in it.
     #[arg(long, default_value_t = 50)]
     pub save_every: u64,
+    /// Runs of each kind in that comparison, alternated (the figures are medians).
+    #[arg(long, default_value_t = 3)]
+    pub train_runs: usize,
 }
 
 /// One save's figures.
@@ -416,7 +419,7 @@ fn summarize(saves: &[Save], step: Duration) {
 fn with_and_without_saves(o: &Opts) -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for round in 0..4 {
+    for round in 0..2 * o.train_runs.max(1) {
         let every = if round % 2 == 0 { 0 } else { o.save_every };
         let dir = o.dir.join(format!("train-{round}"));
         let out = Command::new(&exe)
@@ -444,15 +447,24 @@ fn with_and_without_saves(o: &Opts) -> Result<()> {
             serde_json::from_slice(&std::fs::read(dir.join("report.json"))?)?;
         let rate = report["tokens_per_s_train"].as_f64().unwrap_or(f64::NAN);
         rates[usize::from(every > 0)].push(rate);
+        println!(
+            "  training run {}: {rate:.0} tokens/s over training time, {}",
+            round + 1,
+            match every {
+                0 => "no saves".to_string(),
+                k => format!("a save every {k} steps"),
+            }
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
     let (none, with) = (median(rates[0].clone()), median(rates[1].clone()));
     println!(
-        "training ({}, {} ranks, {} steps; median of 2 alternated runs each): {:.0} tokens/s \
+        "training ({}, {} ranks, {} steps; median of {} alternated runs each): {:.0} tokens/s \
          without saves, {:.0} with a save every {} steps = {:.1}%",
         o.train_config.display(),
         o.world,
         o.train_steps,
+        o.train_runs.max(1),
         none,
         with,
         o.save_every,
