@@ -32,8 +32,8 @@ pub struct LaunchArgs {
     pub spares: usize,
     pub config: PathBuf,
     pub overrides: Vec<String>,
-    /// Fault injection: SIGKILL rank R once step S is committed.
-    pub kill: Option<(u64, u32)>,
+    /// Fault injection: SIGKILL rank R once step S is committed, for each (S, R).
+    pub kill: Vec<(u64, u32)>,
     /// Fault injection: SIGSTOP rank R once step S is committed, SIGCONT `stop_for` later.
     pub stop_at: Option<(u64, u32)>,
     pub stop_for: Duration,
@@ -53,13 +53,15 @@ pub struct LaunchArgs {
     pub progress: bool,
     /// Start over in a run directory that holds a model or checkpoints (they are deleted).
     pub force: bool,
+    /// Environment for every worker process (a chaos scenario's in-rank faults).
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl LaunchArgs {
     /// The faults this launch asks for, as the schedule takes them.
     fn plan(&self) -> Plan {
         Plan {
-            kill: self.kill,
+            kill: self.kill.clone(),
             stop_at: self.stop_at,
             stop_for: self.stop_for,
             slow_at: self.slow_at,
@@ -288,6 +290,7 @@ impl Spawner<'_> {
                 "PHALANX_LOG",
                 std::env::var("PHALANX_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.a.worker_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log);
         if spare {
@@ -759,6 +762,10 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         serde_json::to_vec_pretty(&r)?,
     )?;
     report::print(&r);
+    // The run's picture beside its report (loss, throughput, world, faults).
+    if let Err(e) = crate::plot::run(&job.run_dir, None) {
+        warn!(error = %e, "no plot.png for this run");
+    }
     Ok(match outcome {
         Outcome::Completed => 0,
         Outcome::Preempted => EXIT_PREEMPTED,

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 /// The faults a launch asks for (`phalanx launch --kill-at ...`).
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
-    /// SIGKILL rank R once step S is committed.
-    pub kill: Option<(u64, u32)>,
+    /// SIGKILL rank R once step S is committed, for each (S, R): ranks given the same step are
+    /// killed at once.
+    pub kill: Vec<(u64, u32)>,
     /// SIGSTOP rank R once step S is committed, SIGCONT `stop_for` later.
     pub stop_at: Option<(u64, u32)>,
     pub stop_for: Duration,
@@ -80,7 +81,8 @@ pub enum Action {
 /// The plan and what of it has happened.
 pub struct Schedule {
     plan: Plan,
-    killed: bool,
+    /// Which of the plan's kills have fired.
+    killed: Vec<bool>,
     stopped: Option<(u32, Instant)>,
     stop_done: bool,
     /// The step the quota came at, and whether it has been lifted.
@@ -94,8 +96,8 @@ impl Schedule {
         Schedule {
             kill_every: plan.kill_every.map(|e| Periodic::new(e, start)),
             spare_every: plan.restart_spare_every.map(|e| Periodic::new(e, start)),
+            killed: vec![false; plan.kill.len()],
             plan,
-            killed: false,
             stopped: None,
             stop_done: false,
             slowed: None,
@@ -106,7 +108,7 @@ impl Schedule {
     /// within a few steps of the one asked for even when steps take milliseconds.
     pub fn waiting_for_a_step(&self) -> bool {
         let p = &self.plan;
-        (p.kill.is_some() && !self.killed)
+        self.killed.iter().any(|k| !k)
             || (p.stop_at.is_some() && !self.stop_done && self.stopped.is_none())
             || (p.slow_at.is_some() && self.slowed.is_none())
             || self
@@ -146,10 +148,10 @@ impl Schedule {
                 out.push(Action::LiftQuota);
             }
         }
-        if let Some((at, rank)) = p.kill {
-            if !self.killed && step >= at {
+        for (i, &(at, rank)) in p.kill.iter().enumerate() {
+            if !self.killed[i] && step >= at {
                 if let Some(pid) = st.active(rank) {
-                    self.killed = true;
+                    self.killed[i] = true;
                     out.push(Action::Kill {
                         rank,
                         pid,
@@ -246,7 +248,7 @@ mod tests {
         let t = Instant::now();
         let mut s = Schedule::new(
             Plan {
-                kill: Some((10, 1)),
+                kill: vec![(10, 1)],
                 ..Plan::default()
             },
             t,
@@ -339,6 +341,30 @@ mod tests {
         assert_eq!(s.due(t, &status(352)), vec![Action::LiftQuota]);
         assert!(s.due(t, &status(400)).is_empty());
         assert!(!s.waiting_for_a_step());
+    }
+
+    // Two kills at one step fire in the same poll: two ranks lost at once.
+    #[test]
+    fn kills_at_one_step_fire_together() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            Plan {
+                kill: vec![(10, 0), (10, 1)],
+                ..Plan::default()
+            },
+            t,
+        );
+        let kills: Vec<u32> = s
+            .due(t, &status(10))
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Kill { rank, .. } => Some(rank),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kills, vec![0, 1]);
+        assert!(!s.waiting_for_a_step());
+        assert!(s.due(t, &status(11)).is_empty());
     }
 
     // Periodic kills take the ranks in turn, only once training has begun; spare restarts take

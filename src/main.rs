@@ -7,6 +7,7 @@ mod progress;
 
 mod bench;
 mod cgroup;
+mod chaos;
 mod config;
 mod control;
 mod hosts;
@@ -142,6 +143,9 @@ enum Cmd {
     },
     /// A local job: coordinator + N ranks (+ K hot spares) on this machine.
     Launch(LaunchCli),
+    /// A local job with a scenario's faults placed by a seed; its invariants checked and
+    /// recorded in report.json (`--scenario list` lists the scenarios).
+    Chaos(chaos::ChaosCli),
     /// Run the job's coordinator (membership, generations, failure detection).
     Coordinator {
         /// Address to listen on (port 0 picks a free port; the first stdout line names it).
@@ -382,9 +386,10 @@ struct LaunchCli {
     /// The job config (TOML), e.g. configs/shakespeare-char.toml.
     #[arg(long)]
     config: PathBuf,
-    /// Fault injection: SIGKILL rank RANK once step STEP is committed (STEP:RANK).
+    /// Fault injection: SIGKILL rank RANK once step STEP is committed (STEP:RANK). Repeat it
+    /// to kill several ranks (at one step: at once).
     #[arg(long, value_name = "STEP:RANK")]
-    kill_at: Option<String>,
+    kill_at: Vec<String>,
     /// Fault injection: SIGSTOP rank RANK once step STEP is committed ...
     #[arg(long, value_name = "STEP:RANK")]
     stop_at: Option<String>,
@@ -575,6 +580,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::from(code as u8))
         }
         Cmd::Checkpoint { what } => checkpoint_cmd(what),
+        Cmd::Chaos(c) => {
+            let code = chaos::run(&c, stop_on_ctrl_c()?)?;
+            Ok(ExitCode::from(code as u8))
+        }
         Cmd::Plot { run_dir, out } => {
             let (png, svg) = plot::run(&run_dir, out.as_deref())?;
             outln!("wrote {} and {}", png.display(), svg.display());
@@ -618,7 +627,10 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
                 .with_context(|| format!("{flag}: RANK must be a number"))?,
         )))
     };
-    let kill = parse("--kill-at", kill_at)?;
+    let kill = kill_at
+        .into_iter()
+        .filter_map(|k| parse("--kill-at", Some(k)).transpose())
+        .collect::<Result<Vec<_>>>()?;
     let stop_at = parse("--stop-at", stop_at)?;
     let slow_at = parse("--slow-at", slow_at)?;
     if !(1..=100).contains(&slow_cpu_pct) {
@@ -656,6 +668,7 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
             hosts,
             progress: std::io::stderr().is_terminal(),
             force,
+            worker_env: Vec::new(),
         },
         stop,
     )?;

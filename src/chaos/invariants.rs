@@ -1,0 +1,361 @@
+//! What a chaos run must show, checked from its run directory alone (the records every job
+//! writes), so that a run of a user's own job is checked the same way: the final step reached,
+//! generations only growing, no commit from a fenced generation, replicas equal at the end,
+//! every sample consumed exactly once, every committed checkpoint verifying, and the final
+//! validation loss close to a fault-free run's.
+
+use phalanx_runtime::events::{Event, FaultKind, Record};
+use phalanx_runtime::metrics::MetricLine;
+use serde::Serialize;
+use serde_json::Value;
+
+/// What the checks read.
+#[derive(Debug, Default)]
+pub struct Evidence {
+    pub metrics: Vec<MetricLine>,
+    pub records: Vec<Record>,
+    /// `report.json` as the job wrote it.
+    pub report: Value,
+    /// `fingerprints.jsonl`: every rank's digest of its final state.
+    pub fingerprints: Vec<Value>,
+    /// Every committed checkpoint, and why it does not verify if it does not.
+    pub checkpoints: Vec<(String, Option<String>)>,
+    pub max_steps: u64,
+    /// The final validation loss of the fault-free run with the same seed, if it was run.
+    pub baseline_val_loss: Option<f64>,
+    /// Relative difference allowed from it.
+    pub val_tolerance: f64,
+    /// What the scenario planned: faults the launcher injects, by kind, and NaNs inside ranks.
+    pub planned: Vec<FaultKind>,
+    pub planned_nans: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub pass: bool,
+    pub detail: String,
+}
+
+fn check(name: &'static str, pass: bool, detail: String) -> Check {
+    Check { name, pass, detail }
+}
+
+pub fn checks(e: &Evidence) -> Vec<Check> {
+    vec![
+        faults_struck(e),
+        final_step(e),
+        generations_grow(e),
+        no_fenced_commit(e),
+        replicas_equal(e),
+        ledger(e),
+        checkpoints_verify(e),
+        val_loss_close(e),
+    ]
+}
+
+/// A run whose faults never struck (the job ended first) proves nothing: each planned fault
+/// must have been injected, and each NaN named by the report.
+fn faults_struck(e: &Evidence) -> Check {
+    let mut injected: Vec<FaultKind> = e
+        .records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::FaultInjected(f) => Some(f.fault),
+            _ => None,
+        })
+        .collect();
+    let mut missing = Vec::new();
+    for want in &e.planned {
+        match injected.iter().position(|k| k == want) {
+            Some(i) => {
+                injected.remove(i);
+            }
+            None => missing.push(format!("{want:?}")),
+        }
+    }
+    let named = e.report["numerics"].as_array().map_or(0, Vec::len);
+    if named < e.planned_nans {
+        missing.push(format!("{} NaN(s) named", e.planned_nans - named));
+    }
+    check(
+        "planned_faults_struck",
+        missing.is_empty(),
+        if missing.is_empty() {
+            format!(
+                "{} injected, {} NaN(s) named",
+                e.planned.len(),
+                e.planned_nans
+            )
+        } else {
+            format!("never struck: {}", missing.join(", "))
+        },
+    )
+}
+
+fn final_line(e: &Evidence) -> Option<(u64, Option<f64>)> {
+    e.metrics.iter().rev().find_map(|m| match m {
+        MetricLine::Final(f) if !f.preempted => Some((f.step, f.val_loss)),
+        _ => None,
+    })
+}
+
+fn final_step(e: &Evidence) -> Check {
+    let done = final_line(e).map(|f| f.0);
+    check(
+        "final_step_reached",
+        done == Some(e.max_steps),
+        match done {
+            Some(s) => format!("the final line says step {s} of {}", e.max_steps),
+            None => "no final metrics line: the job did not finish".into(),
+        },
+    )
+}
+
+/// G-1: each new generation's number is above every earlier one.
+fn generations_grow(e: &Evidence) -> Check {
+    let gens: Vec<u64> = e
+        .records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::Generation(g) => Some(g.generation.0),
+            _ => None,
+        })
+        .collect();
+    let bad = gens.windows(2).find(|w| w[1] <= w[0]);
+    check(
+        "generations_only_grow",
+        !gens.is_empty() && bad.is_none(),
+        match bad {
+            Some(w) => format!("generation {} formed after {}", w[1], w[0]),
+            None => format!("{} generations, increasing", gens.len()),
+        },
+    )
+}
+
+/// G-1, R-1: once a newer generation committed a step, no older one commits again (a fenced
+/// rank's group is never heard from).
+fn no_fenced_commit(e: &Evidence) -> Check {
+    let mut newest = 0;
+    let mut bad = None;
+    for m in &e.metrics {
+        if let MetricLine::Step(s) = m {
+            if s.loss.is_none() {
+                continue;
+            }
+            if s.generation < newest && bad.is_none() {
+                bad = Some((s.step, s.generation, newest));
+            }
+            newest = newest.max(s.generation);
+        }
+    }
+    check(
+        "no_commit_from_a_fenced_generation",
+        bad.is_none(),
+        match bad {
+            Some((step, g, n)) => {
+                format!("step {step} committed by generation {g} after generation {n} had")
+            }
+            None => "every commit came from the newest generation".into(),
+        },
+    )
+}
+
+/// G-2: the ranks of the last generation end with bitwise equal state.
+fn replicas_equal(e: &Evidence) -> Check {
+    let last = e
+        .fingerprints
+        .iter()
+        .filter_map(|f| f["generation"].as_u64())
+        .max();
+    let fin: Vec<&Value> = e
+        .fingerprints
+        .iter()
+        .filter(|f| f["generation"].as_u64() == last)
+        .collect();
+    let same = fin
+        .iter()
+        .all(|f| f["state_sha256"] == fin[0]["state_sha256"]);
+    check(
+        "replicas_equal_at_the_end",
+        !fin.is_empty() && same,
+        format!(
+            "{} ranks of generation {} {}",
+            fin.len(),
+            last.unwrap_or(0),
+            if same { "agree" } else { "DIFFER" }
+        ),
+    )
+}
+
+/// D-4: the report's ledger.
+fn ledger(e: &Evidence) -> Check {
+    let l = &e.report["ledger"];
+    check(
+        "ledger_exactly_once",
+        l["exactly_once"] == true,
+        format!(
+            "{} samples of {} steps; exactly once: {}",
+            l["samples"], l["steps"], l["exactly_once"]
+        ),
+    )
+}
+
+/// C-5, C-6: every committed checkpoint verifies.
+fn checkpoints_verify(e: &Evidence) -> Check {
+    let bad: Vec<String> = e
+        .checkpoints
+        .iter()
+        .filter_map(|(c, why)| why.as_ref().map(|w| format!("{c}: {w}")))
+        .collect();
+    check(
+        "committed_checkpoints_verify",
+        bad.is_empty(),
+        if bad.is_empty() {
+            format!("{} committed, all verify", e.checkpoints.len())
+        } else {
+            bad.join("; ")
+        },
+    )
+}
+
+fn val_loss_close(e: &Evidence) -> Check {
+    let val = final_line(e).and_then(|f| f.1);
+    let (pass, detail) = match (val, e.baseline_val_loss) {
+        (Some(v), Some(b)) => {
+            let rel = (v - b).abs() / b.abs().max(1e-9);
+            (
+                rel <= e.val_tolerance,
+                format!(
+                    "{v:.4} against {b:.4} without faults: {:.2}% apart (at most {:.2}%)",
+                    100.0 * rel,
+                    100.0 * e.val_tolerance
+                ),
+            )
+        }
+        (Some(v), None) => (true, format!("{v:.4}; no fault-free run to compare with")),
+        (None, _) => (false, "no final validation loss".into()),
+    };
+    check("val_loss_close_to_a_fault_free_run", pass, detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use phalanx_runtime::events::GenerationFormed;
+    use phalanx_runtime::ids::{Generation, Step};
+    use phalanx_runtime::metrics::{FinalLine, StepLine};
+    use serde_json::json;
+
+    fn step(step: u64, generation: u64) -> MetricLine {
+        MetricLine::Step(StepLine {
+            step,
+            generation,
+            world_size: 2,
+            loss: Some(2.0),
+            ..StepLine::default()
+        })
+    }
+
+    fn generation(g: u64) -> Record {
+        Record {
+            unix_ms: g,
+            t_ms: None,
+            event: Event::Generation(GenerationFormed {
+                generation: Generation(g),
+                world: 2,
+                members: vec![],
+                promoted: vec![],
+                resume_step: Step(0),
+                heal: vec![],
+                reason: String::new(),
+                shares: vec![],
+                straggler: None,
+            }),
+        }
+    }
+
+    fn injected(fault: FaultKind) -> Record {
+        let v = json!({"unix_ms": 1, "kind": "fault_injected", "fault": fault,
+                       "injected_unix_ms": 1, "ok": true});
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn good() -> Evidence {
+        Evidence {
+            metrics: vec![
+                step(0, 1),
+                step(1, 2),
+                MetricLine::Final(FinalLine {
+                    is_final: true,
+                    step: 2,
+                    val_loss: Some(2.5),
+                    peer_lost_at_end: None,
+                    preempted: false,
+                    unix_ms: 1,
+                }),
+            ],
+            records: vec![generation(1), injected(FaultKind::Sigkill), generation(2)],
+            report: json!({"ledger": {"exactly_once": true, "samples": 4, "steps": 2}}),
+            fingerprints: vec![
+                json!({"generation": 2, "state_sha256": "a"}),
+                json!({"generation": 2, "state_sha256": "a"}),
+            ],
+            checkpoints: vec![("step-2".into(), None)],
+            max_steps: 2,
+            baseline_val_loss: Some(2.51),
+            val_tolerance: 0.02,
+            planned: vec![FaultKind::Sigkill],
+            planned_nans: 0,
+        }
+    }
+
+    fn failed(e: &Evidence) -> Vec<&'static str> {
+        checks(e)
+            .into_iter()
+            .filter(|c| !c.pass)
+            .map(|c| c.name)
+            .collect()
+    }
+
+    // Every check passes on a good run and fails on the record that breaks it.
+    #[test]
+    fn each_check_fails_on_what_breaks_it() {
+        assert!(failed(&good()).is_empty(), "{:?}", checks(&good()));
+        let mut e = good();
+        e.metrics.pop();
+        assert_eq!(
+            failed(&e),
+            ["final_step_reached", "val_loss_close_to_a_fault_free_run"]
+        );
+        let mut e = good();
+        e.records.push(generation(2));
+        assert_eq!(failed(&e), ["generations_only_grow"]);
+        let mut e = good();
+        e.metrics.insert(2, step(2, 1));
+        assert_eq!(failed(&e), ["no_commit_from_a_fenced_generation"]);
+        let mut e = good();
+        e.fingerprints[1]["state_sha256"] = json!("b");
+        assert_eq!(failed(&e), ["replicas_equal_at_the_end"]);
+        let mut e = good();
+        e.report["ledger"]["exactly_once"] = json!(false);
+        assert_eq!(failed(&e), ["ledger_exactly_once"]);
+        let mut e = good();
+        e.checkpoints
+            .push(("step-1".into(), Some("part-00001 corrupt".into())));
+        assert_eq!(failed(&e), ["committed_checkpoints_verify"]);
+        let mut e = good();
+        e.baseline_val_loss = Some(2.7);
+        assert_eq!(failed(&e), ["val_loss_close_to_a_fault_free_run"]);
+        let mut e = good();
+        e.planned.push(FaultKind::Sigkill);
+        assert_eq!(
+            failed(&e),
+            ["planned_faults_struck"],
+            "two planned, one struck"
+        );
+        let mut e = good();
+        e.planned_nans = 1;
+        assert_eq!(failed(&e), ["planned_faults_struck"], "no NaN named");
+    }
+}

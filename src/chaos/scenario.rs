@@ -1,0 +1,211 @@
+//! The chaos scenarios: each a job shape and a set of faults, placed by a seed (which step,
+//! which rank, which host), so a failing run is replayed exactly with its `--seed`.
+
+use phalanx_model::sampler::mix64;
+use phalanx_runtime::events::FaultKind;
+use std::time::Duration;
+
+/// The faults of one chaos run, as `phalanx launch` takes them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Faults {
+    /// SIGKILL rank R once step S is committed, for each (S, R).
+    pub kill: Vec<(u64, u32)>,
+    /// SIGSTOP rank R once step S is committed, SIGCONT `stop_for` later.
+    pub stop_at: Option<(u64, u32)>,
+    pub stop_for: Duration,
+    /// A CPU quota of `slow_cpu_pct`% of a core on rank R from step S, for `slow_steps`.
+    pub slow_at: Option<(u64, u32)>,
+    pub slow_cpu_pct: u32,
+    pub slow_steps: u64,
+    /// Every process of host H killed at once, or H cut off by a firewall rule, at step S.
+    pub kill_host_at: Option<(u64, usize)>,
+    pub cut_host_at: Option<(u64, usize)>,
+    pub cut_for: Duration,
+    /// Faults the ranks inject into themselves (`PHALANX_TEST_FAULT`), e.g. a NaN gradient.
+    pub in_rank: Vec<String>,
+    /// Config overrides the scenario needs (e.g. a checkpoint interval to roll back to).
+    pub overrides: Vec<String>,
+}
+
+/// A scenario: the job it runs and where its faults go.
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub world: usize,
+    pub spares: usize,
+    /// Simulated hosts it needs (0: any, the ranks may share this host).
+    pub hosts: usize,
+    faults: fn(&Draw) -> Faults,
+}
+
+impl Scenario {
+    pub fn faults(&self, seed: u64, max_steps: u64) -> Faults {
+        (self.faults)(&Draw { seed, max_steps })
+    }
+}
+
+/// Where a seed puts a fault: a step in the middle of the run, a rank, a host.
+pub struct Draw {
+    seed: u64,
+    max_steps: u64,
+}
+
+impl Draw {
+    fn pick(&self, salt: u64, n: u64) -> u64 {
+        mix64(self.seed ^ mix64(salt)) % n.max(1)
+    }
+
+    /// A step between 30% and 60% of the run: after training settled, with room to recover.
+    pub fn step(&self, salt: u64) -> u64 {
+        let lo = (self.max_steps * 3 / 10).max(2);
+        let hi = (self.max_steps * 6 / 10).max(lo + 1);
+        lo + self.pick(salt, hi - lo)
+    }
+
+    /// A rank of `world`, never rank 0 when `spare_zero` (the one that writes the metrics).
+    pub fn rank(&self, salt: u64, world: usize, spare_zero: bool) -> u32 {
+        let skip = u64::from(spare_zero && world > 1);
+        (skip + self.pick(salt, world as u64 - skip)) as u32
+    }
+}
+
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "kill-one",
+        about: "SIGKILL one rank mid-run; a hot spare takes its place",
+        world: 4,
+        spares: 1,
+        hosts: 0,
+        faults: |d| Faults {
+            kill: vec![(d.step(1), d.rank(2, 4, false))],
+            ..Faults::default()
+        },
+    },
+    Scenario {
+        name: "kill-two",
+        about: "SIGKILL two ranks at the same step; one spare, so the job shrinks to 3",
+        world: 4,
+        spares: 1,
+        hosts: 0,
+        faults: |d| {
+            let (step, a) = (d.step(1), d.rank(2, 4, false));
+            let b = (a + 1 + d.rank(3, 3, false)) % 4;
+            Faults {
+                kill: vec![(step, a), (step, b)],
+                ..Faults::default()
+            }
+        },
+    },
+    Scenario {
+        name: "hang-wake",
+        about: "SIGSTOP one rank, SIGCONT it 5 s later: it is fenced out and comes back a spare",
+        world: 3,
+        spares: 1,
+        hosts: 0,
+        faults: |d| Faults {
+            stop_at: Some((d.step(1), d.rank(2, 3, true))),
+            stop_for: Duration::from_secs(5),
+            ..Faults::default()
+        },
+    },
+    Scenario {
+        name: "straggler",
+        about: "a CPU quota of 20% of a core on one rank for 30 steps: rebalanced, then lifted",
+        world: 3,
+        spares: 1,
+        hosts: 0,
+        faults: |d| Faults {
+            slow_at: Some((d.step(1), d.rank(2, 3, true))),
+            slow_cpu_pct: 20,
+            slow_steps: 30,
+            ..Faults::default()
+        },
+    },
+    Scenario {
+        name: "nan",
+        about: "a NaN in one rank's gradient: the step is skipped on every rank, the rank named",
+        world: 3,
+        spares: 0,
+        hosts: 0,
+        faults: |d| Faults {
+            in_rank: vec![format!("nan@{}:{}", d.step(1), d.rank(2, 3, false))],
+            ..Faults::default()
+        },
+    },
+    Scenario {
+        name: "host-loss",
+        about: "every process of one of 2 simulated hosts killed at once (root)",
+        world: 4,
+        spares: 2,
+        hosts: 2,
+        faults: |d| Faults {
+            kill_host_at: Some((d.step(1), 1)),
+            ..Faults::default()
+        },
+    },
+    Scenario {
+        name: "partition",
+        about: "one of 2 simulated hosts cut off by a firewall rule for 8 s (root)",
+        world: 4,
+        spares: 2,
+        hosts: 2,
+        faults: |d| Faults {
+            cut_host_at: Some((d.step(1), 1)),
+            cut_for: Duration::from_secs(8),
+            ..Faults::default()
+        },
+    },
+];
+
+impl Faults {
+    /// The faults the launcher injects, by the kind its events record.
+    pub fn injected_kinds(&self) -> Vec<FaultKind> {
+        let mut out = vec![FaultKind::Sigkill; self.kill.len()];
+        let mut one = |on: bool, k| {
+            if on {
+                out.push(k);
+            }
+        };
+        one(self.stop_at.is_some(), FaultKind::Sigstop);
+        one(self.slow_at.is_some(), FaultKind::CpuQuota);
+        one(self.kill_host_at.is_some(), FaultKind::HostLost);
+        one(self.cut_host_at.is_some(), FaultKind::HostPartition);
+        out
+    }
+
+    pub fn nans(&self) -> usize {
+        self.in_rank
+            .iter()
+            .filter(|f| f.starts_with("nan@"))
+            .count()
+    }
+}
+
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A seed places a scenario's faults the same way every time; other seeds move them.
+    #[test]
+    fn a_seed_replays_its_faults_and_others_move_them() {
+        let s = find("kill-two").unwrap();
+        assert_eq!(s.faults(7, 100), s.faults(7, 100));
+        let placed: std::collections::BTreeSet<_> = (0..20)
+            .map(|seed| format!("{:?}", s.faults(seed, 100).kill))
+            .collect();
+        assert!(placed.len() > 5, "{placed:?}");
+        for seed in 0..50 {
+            let k = s.faults(seed, 100).kill;
+            assert_eq!(k[0].0, k[1].0, "at one step");
+            assert_ne!(k[0].1, k[1].1, "two different ranks");
+            assert!((30..60).contains(&k[0].0), "{k:?}");
+            assert!(k.iter().all(|&(_, r)| r < 4));
+        }
+        let h = find("hang-wake").unwrap();
+        assert!((0..50).all(|seed| h.faults(seed, 100).stop_at.unwrap().1 != 0));
+    }
+}
