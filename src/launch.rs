@@ -48,6 +48,9 @@ pub struct LaunchArgs {
     pub restart_spare_every: Option<Duration>,
     /// ... and a noisy neighbour taking one core in bursts.
     pub noise: Option<Noise>,
+    /// Admin requests at a step: scale to N active ranks (S, N), drain rank R (S, R).
+    pub scale_at: Option<(u64, u32)>,
+    pub drain_at: Option<(u64, u32)>,
     /// Simulated hosts and the faults across them.
     pub hosts: HostArgs,
     pub progress: bool,
@@ -69,6 +72,8 @@ impl LaunchArgs {
             slow_steps: self.slow_steps,
             kill_every: self.kill_every,
             restart_spare_every: self.restart_spare_every,
+            scale_at: self.scale_at,
+            drain_at: self.drain_at,
         }
     }
 }
@@ -306,6 +311,35 @@ impl Spawner<'_> {
     }
 }
 
+/// A scale or drain request, as `phalanx scale` / `drain` send it; the coordinator's answer.
+async fn admin_request(
+    c: Option<&mut client::Client>,
+    act: &Action,
+    copts: &client::ClientOpts,
+) -> Result<String> {
+    let c = c.context("no connection to the coordinator")?;
+    let answer = match *act {
+        Action::Scale { target } => {
+            let req = pb::ScaleRequest {
+                target_world: target,
+            };
+            c.scale(client::request(req, copts))
+                .await?
+                .into_inner()
+                .message
+        }
+        Action::Drain { rank } => {
+            let who = Some(pb::drain_request::Who::Rank(rank));
+            c.drain(client::request(pb::DrainRequest { who }, copts))
+                .await?
+                .into_inner()
+                .message
+        }
+        _ => String::new(),
+    };
+    Ok(answer)
+}
+
 fn launch_event(
     a: &LaunchArgs,
     threads: usize,
@@ -392,6 +426,8 @@ struct Supervision<'a> {
     world: u32,
     /// How long a stop request may take before the launcher stops the job at once.
     preempt_grace: Duration,
+    /// Scale and drain requests due, sent with the status poll's client.
+    admin: Vec<Action>,
 }
 
 impl Supervision<'_> {
@@ -476,6 +512,13 @@ impl Supervision<'_> {
                 });
                 if let Some(st) = st {
                     self.on_status(&st)?;
+                }
+                for act in std::mem::take(&mut self.admin) {
+                    let said = rt.block_on(admin_request(status_client.as_mut(), &act, copts));
+                    match said {
+                        Ok(m) => self.bar.suspend(|| info!(?act, "{m}")),
+                        Err(e) => self.bar.suspend(|| warn!(?act, error = %e, "refused")),
+                    }
                 }
             }
             if let Some(s) = self.sp.sim {
@@ -633,6 +676,7 @@ impl Supervision<'_> {
                 append_event(run_dir, Event::FaultCleared(c))?;
                 bar.suspend(|| info!(step = at, "CPU quota lifted"));
             }
+            Action::Scale { .. } | Action::Drain { .. } => self.admin.push(act),
             Action::RestartSpare { pid } => {
                 self.planned += usize::from(launch_load::restart_spare(run_dir, pid)?);
             }
@@ -741,6 +785,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         planned: 0,
         world: a.nproc as u32,
         preempt_grace: Duration::from_secs(job.cfg.run.preempt_grace_s),
+        admin: Vec::new(),
     };
     let outcome = sup.run(&stop, &rt, &copts);
     let wound = sup.wind_down();

@@ -23,6 +23,10 @@ pub struct Plan {
     pub kill_every: Option<Duration>,
     /// Restart a spare process every so often.
     pub restart_spare_every: Option<Duration>,
+    /// Ask the coordinator for N active ranks once step S is committed (S, N) ...
+    pub scale_at: Option<(u64, u32)>,
+    /// ... and to drain rank R once step S is committed (S, R).
+    pub drain_at: Option<(u64, u32)>,
 }
 
 /// A process of the job as the coordinator sees it.
@@ -76,6 +80,13 @@ pub enum Action {
     RestartSpare {
         pid: u32,
     },
+    /// Admin requests, sent to the coordinator as `phalanx scale` / `drain` send them.
+    Scale {
+        target: u32,
+    },
+    Drain {
+        rank: u32,
+    },
 }
 
 /// The plan and what of it has happened.
@@ -89,6 +100,8 @@ pub struct Schedule {
     slowed: Option<(u64, bool)>,
     kill_every: Option<Periodic>,
     spare_every: Option<Periodic>,
+    scaled: bool,
+    drained: bool,
 }
 
 impl Schedule {
@@ -101,6 +114,8 @@ impl Schedule {
             stopped: None,
             stop_done: false,
             slowed: None,
+            scaled: false,
+            drained: false,
         }
     }
 
@@ -109,6 +124,8 @@ impl Schedule {
     pub fn waiting_for_a_step(&self) -> bool {
         let p = &self.plan;
         self.killed.iter().any(|k| !k)
+            || (p.scale_at.is_some() && !self.scaled)
+            || (p.drain_at.is_some() && !self.drained)
             || (p.stop_at.is_some() && !self.stop_done && self.stopped.is_none())
             || (p.slow_at.is_some() && self.slowed.is_none())
             || self
@@ -160,7 +177,27 @@ impl Schedule {
                 }
             }
         }
+        out.extend(self.admin(st));
         out.extend(self.periodic(now, st));
+        out
+    }
+
+    /// The scale and drain requests due at the job's step; a drain waits for its rank.
+    fn admin(&mut self, st: &Status) -> Vec<Action> {
+        let mut out = Vec::new();
+        let step = st.committed_step;
+        if let Some((at, target)) = self.plan.scale_at {
+            if !self.scaled && step >= at {
+                self.scaled = true;
+                out.push(Action::Scale { target });
+            }
+        }
+        if let Some((at, rank)) = self.plan.drain_at {
+            if !self.drained && step >= at && st.active(rank).is_some() {
+                self.drained = true;
+                out.push(Action::Drain { rank });
+            }
+        }
         out
     }
 
@@ -340,6 +377,30 @@ mod tests {
         assert!(s.due(t, &status(351)).is_empty());
         assert_eq!(s.due(t, &status(352)), vec![Action::LiftQuota]);
         assert!(s.due(t, &status(400)).is_empty());
+        assert!(!s.waiting_for_a_step());
+    }
+
+    // A scale request goes at its step; a drain waits until its rank is active (after the
+    // scale-up that makes it).
+    #[test]
+    fn scale_then_drain_at_their_steps() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            Plan {
+                scale_at: Some((5, 3)),
+                drain_at: Some((8, 2)),
+                ..Plan::default()
+            },
+            t,
+        );
+        assert!(s.waiting_for_a_step());
+        assert!(s.due(t, &status(4)).is_empty());
+        assert_eq!(s.due(t, &status(5)), vec![Action::Scale { target: 3 }]);
+        assert!(s.due(t, &status(9)).is_empty(), "no rank 2 yet");
+        let mut grown = status(10);
+        grown.procs[2].rank = Some(2);
+        grown.procs[2].active = true;
+        assert_eq!(s.due(t, &grown), vec![Action::Drain { rank: 2 }]);
         assert!(!s.waiting_for_a_step());
     }
 

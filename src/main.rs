@@ -414,6 +414,13 @@ struct LaunchCli {
     /// the CPU cost of a process start beside the training ranks.
     #[arg(long, value_name = "SECS")]
     restart_spare_every: Option<f64>,
+    /// Once step STEP is committed, ask the coordinator for N active ranks (STEP:N), as
+    /// `phalanx scale` does.
+    #[arg(long, value_name = "STEP:N")]
+    scale_at: Option<String>,
+    /// Once step STEP is committed, drain rank RANK (STEP:RANK), as `phalanx drain` does.
+    #[arg(long, value_name = "STEP:RANK")]
+    drain_at: Option<String>,
     /// A noisy neighbour: a busy-loop process takes one core for BUSY_MS every PERIOD_MS.
     #[arg(long, value_name = "BUSY_MS:PERIOD_MS")]
     noise: Option<String>,
@@ -607,6 +614,8 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
         kill_every,
         restart_spare_every,
         noise,
+        scale_at,
+        drain_at,
         hosts,
         resume,
         force,
@@ -633,6 +642,8 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
         .collect::<Result<Vec<_>>>()?;
     let stop_at = parse("--stop-at", stop_at)?;
     let slow_at = parse("--slow-at", slow_at)?;
+    let scale_at = parse("--scale-at", scale_at)?;
+    let drain_at = parse("--drain-at", drain_at)?;
     if !(1..=100).contains(&slow_cpu_pct) {
         anyhow::bail!("--slow-cpu-pct {slow_cpu_pct}: use 1..=100 (percent of one core)");
     }
@@ -665,6 +676,8 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
             kill_every,
             restart_spare_every,
             noise,
+            scale_at,
+            drain_at,
             hosts,
             progress: std::io::stderr().is_terminal(),
             force,

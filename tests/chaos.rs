@@ -50,13 +50,17 @@ fn chaos(scenario: &str, seed: u64) -> Ran {
 
 /// Every invariant held, a fault-free run was compared, and the faults are in the report.
 fn assert_held(report: &Value, faults: usize) {
+    assert_held_with(report, faults..=faults)
+}
+
+fn assert_held_with(report: &Value, faults: std::ops::RangeInclusive<usize>) {
     let c = &report["chaos"];
     assert_eq!(c["passed"], true, "{c}");
     let checks = c["checks"].as_array().unwrap();
     assert_eq!(checks.len(), 8, "{c}");
     assert!(c["baseline_val_loss"].as_f64().is_some(), "{c}");
     let f = report["faults"].as_array().unwrap();
-    assert_eq!(f.len(), faults, "{}", report["faults"]);
+    assert!(faults.contains(&f.len()), "{}", report["faults"]);
     for f in f {
         assert!(f["detection_ms"].as_u64().is_some(), "{f}");
         assert!(f["recovery_ms"].as_u64().is_some(), "{f}");
@@ -101,6 +105,19 @@ fn a_straggler() {
 }
 
 #[test]
+fn scale_up_then_drain() {
+    let ran = chaos("scale-drain", 3);
+    assert_held(&ran.report, 0);
+    let worlds: Vec<u64> = ran
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "generation")
+        .map(|e| e["world"].as_u64().unwrap())
+        .collect();
+    assert_eq!(worlds, vec![2, 4, 3], "grown to 4, drained to 3");
+}
+
+#[test]
 fn nan_in_one_rank() {
     let r = chaos("nan", 3).report;
     assert_held(&r, 0);
@@ -116,8 +133,10 @@ fn host_loss_and_partition_on_two_hosts() {
     if !Hosts::Two.available() {
         return;
     }
+    // The host held two ranks and a spare; the spare may have been promoted before its own
+    // death was seen, a third rank lost.
     let r = chaos("host-loss", 3).report;
-    assert_held(&r, 2);
+    assert_held_with(&r, 2..=3);
     let r = chaos("partition", 3).report;
     assert_eq!(r["chaos"]["passed"], true, "{}", r["chaos"]);
 }
@@ -133,6 +152,7 @@ fn scenarios_are_listed_and_an_unknown_one_is_named() {
         "hang-wake",
         "straggler",
         "nan",
+        "scale-drain",
         "host-loss",
         "partition",
     ] {

@@ -28,6 +28,8 @@ pub struct Evidence {
     /// What the scenario planned: faults the launcher injects, by kind, and NaNs inside ranks.
     pub planned: Vec<FaultKind>,
     pub planned_nans: usize,
+    /// Scale and drain requests planned.
+    pub planned_admin: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -73,6 +75,17 @@ fn faults_struck(e: &Evidence) -> Check {
             }
             None => missing.push(format!("{want:?}")),
         }
+    }
+    let accepted = e
+        .records
+        .iter()
+        .filter(|r| matches!(r.event, Event::Scale { .. } | Event::Drain { .. }))
+        .count();
+    if accepted < e.planned_admin {
+        missing.push(format!(
+            "{} of {} scale/drain requests accepted",
+            accepted, e.planned_admin
+        ));
     }
     let named = e.report["numerics"].as_array().map_or(0, Vec::len);
     if named < e.planned_nans {
@@ -307,6 +320,7 @@ mod tests {
             val_tolerance: 0.02,
             planned: vec![FaultKind::Sigkill],
             planned_nans: 0,
+            planned_admin: 0,
         }
     }
 
@@ -357,5 +371,12 @@ mod tests {
         let mut e = good();
         e.planned_nans = 1;
         assert_eq!(failed(&e), ["planned_faults_struck"], "no NaN named");
+        let mut e = good();
+        e.planned_admin = 1;
+        assert_eq!(
+            failed(&e),
+            ["planned_faults_struck"],
+            "no scale request accepted"
+        );
     }
 }

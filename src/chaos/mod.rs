@@ -120,6 +120,7 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
     e.val_tolerance = c.val_tolerance;
     e.planned = faults.injected_kinds();
     e.planned_nans = faults.nans();
+    e.planned_admin = faults.admin();
     let checks = invariants::checks(&e);
     record(&run_dir, sc, c.seed, code, &faults, &e, &checks)?;
     print(sc, c.seed, &checks);
@@ -192,6 +193,8 @@ fn launch_args(
         kill_every: None,
         restart_spare_every: None,
         noise: None,
+        scale_at: f.scale_at,
+        drain_at: f.drain_at,
         hosts: host_faults,
         progress: std::io::stderr().is_terminal(),
         // A chaos run's folder is its own: the same scenario and seed replace it.

@@ -21,6 +21,9 @@ pub struct Faults {
     pub kill_host_at: Option<(u64, usize)>,
     pub cut_host_at: Option<(u64, usize)>,
     pub cut_for: Duration,
+    /// Admin requests: scale to N active ranks at step S (S, N), drain rank R at step S (S, R).
+    pub scale_at: Option<(u64, u32)>,
+    pub drain_at: Option<(u64, u32)>,
     /// Faults the ranks inject into themselves (`PHALANX_TEST_FAULT`), e.g. a NaN gradient.
     pub in_rank: Vec<String>,
     /// Config overrides the scenario needs (e.g. a checkpoint interval to roll back to).
@@ -133,6 +136,21 @@ pub const SCENARIOS: &[Scenario] = &[
         },
     },
     Scenario {
+        name: "scale-drain",
+        about: "scale 2 ranks up to 4 (spares promoted and healed), then drain one",
+        world: 2,
+        spares: 2,
+        hosts: 0,
+        faults: |d| {
+            let up = d.step(1);
+            Faults {
+                scale_at: Some((up, 4)),
+                drain_at: Some((up + d.max_steps / 5, d.rank(2, 4, true))),
+                ..Faults::default()
+            }
+        },
+    },
+    Scenario {
         name: "host-loss",
         about: "every process of one of 2 simulated hosts killed at once (root)",
         world: 4,
@@ -171,6 +189,11 @@ impl Faults {
         one(self.kill_host_at.is_some(), FaultKind::HostLost);
         one(self.cut_host_at.is_some(), FaultKind::HostPartition);
         out
+    }
+
+    /// Scale and drain requests (the coordinator records each it accepts).
+    pub fn admin(&self) -> usize {
+        usize::from(self.scale_at.is_some()) + usize::from(self.drain_at.is_some())
     }
 
     pub fn nans(&self) -> usize {
