@@ -68,11 +68,11 @@ impl Series {
                 .collect::<Vec<_>>()
         };
         Series {
-            loss: pick(&|s| s.loss),
+            loss: thin(pick(&|s| s.loss), Thin::Mean),
             val: vals.into_iter().collect(),
-            tokens_per_s: pick(&|s| s.tokens_per_s),
-            world: pick(&|s| Some(s.world_size as f64)),
-            generation: pick(&|s| Some(s.generation as f64)),
+            tokens_per_s: thin(pick(&|s| s.tokens_per_s), Thin::Mean),
+            world: thin(pick(&|s| Some(s.world_size as f64)), Thin::Last),
+            generation: thin(pick(&|s| Some(s.generation as f64)), Thin::Last),
             faults: records.iter().filter_map(|r| fault(r, &stamps)).collect(),
         }
     }
@@ -81,6 +81,35 @@ impl Series {
         let last = |v: &[(u64, f64)]| v.last().map_or(0, |p| p.0);
         last(&self.loss).max(last(&self.val)).max(1)
     }
+}
+
+/// Points drawn per line at most: a months-long run has millions of steps, a picture a few
+/// thousand pixels.
+const MAX_POINTS: usize = 2000;
+
+#[derive(Clone, Copy)]
+enum Thin {
+    /// A bucket's mean (loss, throughput).
+    Mean,
+    /// A bucket's last value (world size, generation: steps, not averages).
+    Last,
+}
+
+/// `points` in at most [`MAX_POINTS`] buckets of consecutive points, each at its last step.
+fn thin(points: Vec<(u64, f64)>, how: Thin) -> Vec<(u64, f64)> {
+    if points.len() <= MAX_POINTS {
+        return points;
+    }
+    points
+        .chunks(points.len().div_ceil(MAX_POINTS))
+        .map(|c| {
+            let last = c[c.len() - 1];
+            match how {
+                Thin::Mean => (last.0, c.iter().map(|p| p.1).sum::<f64>() / c.len() as f64),
+                Thin::Last => last,
+            }
+        })
+        .collect()
 }
 
 /// A rank lost to a fault (not one drained or scaled down on purpose), at the first step
@@ -373,6 +402,26 @@ mod tests {
             }],
             "a drain is no fault"
         );
+    }
+
+    #[test]
+    fn a_long_run_is_thinned_to_a_picture_s_worth_of_points() {
+        let long: Vec<(u64, f64)> = (0..1_000_000).map(|s| (s, (s % 10) as f64)).collect();
+        let mean = thin(long.clone(), Thin::Mean);
+        assert!(
+            mean.len() <= MAX_POINTS && mean.len() > MAX_POINTS / 2,
+            "{}",
+            mean.len()
+        );
+        assert_eq!(mean.last().unwrap().0, 999_999, "the last step stays");
+        assert!(
+            mean.iter().all(|p| (p.1 - 4.5).abs() < 1e-9),
+            "a bucket of 500 averages 4.5"
+        );
+        let last = thin(long, Thin::Last);
+        assert_eq!(last[0], (499, 9.0));
+        let short = vec![(0, 1.0), (1, 2.0)];
+        assert_eq!(thin(short.clone(), Thin::Mean), short);
     }
 
     #[test]

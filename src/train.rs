@@ -151,36 +151,9 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         rd.event(Event::Interrupted { step: trainer.step })?;
     }
     if trainer.step > 0 {
-        if let Some(v) = eval(&trainer) {
-            last_val = Some(v);
-            info!(
-                step = trainer.step,
-                val_loss = format!("{v:.4}"),
-                "validation"
-            );
-            rd.event(Event::Eval {
-                step: trainer.step,
-                val_loss: v,
-            })?;
-        }
+        last_val = final_validation(&mut rd, trainer.step, eval(&trainer))?.or(last_val);
     }
-    let model_dir = cfg.run.dir.join("model");
-    model_io::save(
-        &model_dir,
-        &trainer,
-        &ds.meta.tokenizer,
-        ds.meta.vocab.clone(),
-    )?;
-    rd.metric(&MetricLine::Final(FinalLine {
-        is_final: true,
-        step: trainer.step,
-        val_loss: last_val,
-        peer_lost_at_end: None,
-        // Stopped on request after a step, with the model saved: what a multi-rank job calls
-        // preempted (C-8), so a report rebuilt from this log never says "completed".
-        preempted: interrupted,
-        unix_ms: phalanx_runtime::events::unix_ms(),
-    }))?;
+    let model_dir = save_final(cfg, &mut rd, &trainer, &ds, last_val, interrupted)?;
     let wall_s = wall.elapsed().as_secs_f64();
     let report = summary(&Summary {
         status: if interrupted {
@@ -214,6 +187,45 @@ pub fn run(cfg: &TrainConfig, stop: &AtomicBool, progress: bool) -> Result<Outco
         report,
         interrupted,
     })
+}
+
+/// The final model's validation loss, said and recorded.
+fn final_validation(rd: &mut RunDir, step: u64, val: Option<f64>) -> Result<Option<f64>> {
+    if let Some(v) = val {
+        info!(step, val_loss = format!("{v:.4}"), "validation");
+        rd.event(Event::Eval { step, val_loss: v })?;
+    }
+    Ok(val)
+}
+
+/// The model saved, then the final metrics line (the same a multi-rank job writes); the model's
+/// folder.
+fn save_final(
+    cfg: &TrainConfig,
+    rd: &mut RunDir,
+    trainer: &Trainer,
+    ds: &Dataset,
+    val_loss: Option<f64>,
+    interrupted: bool,
+) -> Result<std::path::PathBuf> {
+    let model_dir = cfg.run.dir.join("model");
+    model_io::save(
+        &model_dir,
+        trainer,
+        &ds.meta.tokenizer,
+        ds.meta.vocab.clone(),
+    )?;
+    rd.metric(&MetricLine::Final(FinalLine {
+        is_final: true,
+        step: trainer.step,
+        val_loss,
+        peer_lost_at_end: None,
+        // Stopped on request after a step, with the model saved: what a multi-rank job calls
+        // preempted (C-8), so a report rebuilt from this log never says "completed".
+        preempted: interrupted,
+        unix_ms: phalanx_runtime::events::unix_ms(),
+    }))?;
+    Ok(model_dir)
 }
 
 /// The micro-batches of `step`, from its place in its epoch's permutation.

@@ -111,12 +111,7 @@ impl<'a> Loop<'a> {
             s.trainer.step += 1;
         }
         if faults::fire("sdc", step, Some(rank.0), generation.0) {
-            // A flipped low bit in one parameter: what a bad DIMM or a silent GPU error does.
-            tch::no_grad(|| {
-                let flat = s.trainer.model.params.flat.shallow_clone();
-                let v = flat.double_value(&[0]) as f32;
-                let _ = flat.get(0).fill_(f32::from_bits(v.to_bits() ^ 1) as f64);
-            });
+            flip_a_bit(s);
         }
         let mut odd = Vec::new();
         if p.fingerprint_interval > 0 && s.trainer.step % p.fingerprint_interval == 0 {
@@ -289,6 +284,15 @@ impl<'a> Loop<'a> {
 
 /// The step's one allreduce: the gradient in `buf` (summed in place), with the loss part and
 /// the flags riding along; how long it took.
+/// A flipped low bit in one parameter: what a bad DIMM or a silent GPU error does (T-5).
+fn flip_a_bit(s: &mut Setup) {
+    tch::no_grad(|| {
+        let flat = s.trainer.model.params.flat.shallow_clone();
+        let v = flat.double_value(&[0]) as f32;
+        let _ = flat.get(0).fill_(f32::from_bits(v.to_bits() ^ 1) as f64);
+    });
+}
+
 fn reduce(
     group: &dyn Group,
     buf: &mut Vec<f32>,
