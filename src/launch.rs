@@ -32,25 +32,10 @@ pub struct LaunchArgs {
     pub spares: usize,
     pub config: PathBuf,
     pub overrides: Vec<String>,
-    /// Fault injection: SIGKILL rank R once step S is committed, for each (S, R).
-    pub kill: Vec<(u64, u32)>,
-    /// Fault injection: SIGSTOP rank R once step S is committed, SIGCONT `stop_for` later.
-    pub stop_at: Option<(u64, u32)>,
-    pub stop_for: Duration,
-    /// Fault injection: once step S is committed, cap rank R at `slow_cpu_pct`% of a core.
-    pub slow_at: Option<(u64, u32)>,
-    pub slow_cpu_pct: u32,
-    /// ... and lift the quota this many committed steps later (0: never).
-    pub slow_steps: u64,
-    /// Periodic faults: SIGKILL an active rank (ranks in turn) every so often ...
-    pub kill_every: Option<Duration>,
-    /// ... restart a spare process every so often ...
-    pub restart_spare_every: Option<Duration>,
-    /// ... and a noisy neighbour taking one core in bursts.
+    /// The faults and admin requests at steps or periods (the schedule's plan).
+    pub plan: Plan,
+    /// A noisy neighbour taking one core in bursts.
     pub noise: Option<Noise>,
-    /// Admin requests at a step: scale to N active ranks (S, N), drain rank R (S, R).
-    pub scale_at: Option<(u64, u32)>,
-    pub drain_at: Option<(u64, u32)>,
     /// Simulated hosts and the faults across them.
     pub hosts: HostArgs,
     pub progress: bool,
@@ -58,24 +43,6 @@ pub struct LaunchArgs {
     pub force: bool,
     /// Environment for every worker process (a chaos scenario's in-rank faults).
     pub worker_env: Vec<(String, String)>,
-}
-
-impl LaunchArgs {
-    /// The faults this launch asks for, as the schedule takes them.
-    fn plan(&self) -> Plan {
-        Plan {
-            kill: self.kill.clone(),
-            stop_at: self.stop_at,
-            stop_for: self.stop_for,
-            slow_at: self.slow_at,
-            slow_cpu_pct: self.slow_cpu_pct,
-            slow_steps: self.slow_steps,
-            kill_every: self.kill_every,
-            restart_spare_every: self.restart_spare_every,
-            scale_at: self.scale_at,
-            drain_at: self.drain_at,
-        }
-    }
 }
 
 struct Worker {
@@ -778,7 +745,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
             bar
         },
         workers,
-        schedule: Schedule::new(a.plan(), wall),
+        schedule: Schedule::new(a.plan.clone(), wall),
         host_faults,
         quota: None,
         restarts: 0,

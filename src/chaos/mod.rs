@@ -166,7 +166,6 @@ fn launch_args(
     f: &Faults,
 ) -> Result<LaunchArgs> {
     let mut overrides = overrides.to_vec();
-    overrides.extend(f.overrides.iter().cloned());
     overrides.push(format!("run.dir={}", run_dir.display()));
     let at = |x: Option<(u64, usize)>| x.map(|(s, h)| format!("{s}:{h}"));
     let host_faults = HostArgs {
@@ -184,17 +183,8 @@ fn launch_args(
         spares: sc.spares,
         config: c.config.clone(),
         overrides,
-        kill: f.kill.clone(),
-        stop_at: f.stop_at,
-        stop_for: f.stop_for,
-        slow_at: f.slow_at,
-        slow_cpu_pct: f.slow_cpu_pct.max(1),
-        slow_steps: f.slow_steps,
-        kill_every: None,
-        restart_spare_every: None,
+        plan: f.plan.clone(),
         noise: None,
-        scale_at: f.scale_at,
-        drain_at: f.drain_at,
         hosts: host_faults,
         progress: std::io::stderr().is_terminal(),
         // A chaos run's folder is its own: the same scenario and seed replace it.

@@ -1,33 +1,22 @@
 //! The chaos scenarios: each a job shape and a set of faults, placed by a seed (which step,
 //! which rank, which host), so a failing run is replayed exactly with its `--seed`.
 
+use crate::launch_schedule::Plan;
 use phalanx_model::sampler::mix64;
 use phalanx_runtime::events::FaultKind;
 use std::time::Duration;
 
-/// The faults of one chaos run, as `phalanx launch` takes them.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The faults of one chaos run: the launcher's plan (signals, quota, admin requests at steps),
+/// the faults across simulated hosts, and those the ranks inject into themselves.
+#[derive(Debug, Clone, Default)]
 pub struct Faults {
-    /// SIGKILL rank R once step S is committed, for each (S, R).
-    pub kill: Vec<(u64, u32)>,
-    /// SIGSTOP rank R once step S is committed, SIGCONT `stop_for` later.
-    pub stop_at: Option<(u64, u32)>,
-    pub stop_for: Duration,
-    /// A CPU quota of `slow_cpu_pct`% of a core on rank R from step S, for `slow_steps`.
-    pub slow_at: Option<(u64, u32)>,
-    pub slow_cpu_pct: u32,
-    pub slow_steps: u64,
+    pub plan: Plan,
     /// Every process of host H killed at once, or H cut off by a firewall rule, at step S.
     pub kill_host_at: Option<(u64, usize)>,
     pub cut_host_at: Option<(u64, usize)>,
     pub cut_for: Duration,
-    /// Admin requests: scale to N active ranks at step S (S, N), drain rank R at step S (S, R).
-    pub scale_at: Option<(u64, u32)>,
-    pub drain_at: Option<(u64, u32)>,
-    /// Faults the ranks inject into themselves (`PHALANX_TEST_FAULT`), e.g. a NaN gradient.
+    /// `PHALANX_TEST_FAULT` entries, e.g. a NaN gradient on one rank at one step.
     pub in_rank: Vec<String>,
-    /// Config overrides the scenario needs (e.g. a checkpoint interval to roll back to).
-    pub overrides: Vec<String>,
 }
 
 /// A scenario: the job it runs and where its faults go.
@@ -79,9 +68,11 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 4,
         spares: 1,
         hosts: 0,
-        faults: |d| Faults {
-            kill: vec![(d.step(1), d.rank(2, 4, false))],
-            ..Faults::default()
+        faults: |d| {
+            Faults::of(Plan {
+                kill: vec![(d.step(1), d.rank(2, 4, false))],
+                ..Plan::default()
+            })
         },
     },
     Scenario {
@@ -93,10 +84,10 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: |d| {
             let (step, a) = (d.step(1), d.rank(2, 4, false));
             let b = (a + 1 + d.rank(3, 3, false)) % 4;
-            Faults {
+            Faults::of(Plan {
                 kill: vec![(step, a), (step, b)],
-                ..Faults::default()
-            }
+                ..Plan::default()
+            })
         },
     },
     Scenario {
@@ -105,10 +96,12 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 3,
         spares: 1,
         hosts: 0,
-        faults: |d| Faults {
-            stop_at: Some((d.step(1), d.rank(2, 3, true))),
-            stop_for: Duration::from_secs(5),
-            ..Faults::default()
+        faults: |d| {
+            Faults::of(Plan {
+                stop_at: Some((d.step(1), d.rank(2, 3, true))),
+                stop_for: Duration::from_secs(5),
+                ..Plan::default()
+            })
         },
     },
     Scenario {
@@ -117,11 +110,13 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 3,
         spares: 1,
         hosts: 0,
-        faults: |d| Faults {
-            slow_at: Some((d.step(1), d.rank(2, 3, true))),
-            slow_cpu_pct: 20,
-            slow_steps: 30,
-            ..Faults::default()
+        faults: |d| {
+            Faults::of(Plan {
+                slow_at: Some((d.step(1), d.rank(2, 3, true))),
+                slow_cpu_pct: 20,
+                slow_steps: 30,
+                ..Plan::default()
+            })
         },
     },
     Scenario {
@@ -143,11 +138,11 @@ pub const SCENARIOS: &[Scenario] = &[
         hosts: 0,
         faults: |d| {
             let up = d.step(1);
-            Faults {
+            Faults::of(Plan {
                 scale_at: Some((up, 4)),
                 drain_at: Some((up + d.max_steps / 5, d.rank(2, 4, true))),
-                ..Faults::default()
-            }
+                ..Plan::default()
+            })
         },
     },
     Scenario {
@@ -176,16 +171,24 @@ pub const SCENARIOS: &[Scenario] = &[
 ];
 
 impl Faults {
+    fn of(plan: Plan) -> Faults {
+        Faults {
+            plan,
+            ..Faults::default()
+        }
+    }
+
     /// The faults the launcher injects, by the kind its events record.
     pub fn injected_kinds(&self) -> Vec<FaultKind> {
-        let mut out = vec![FaultKind::Sigkill; self.kill.len()];
+        let p = &self.plan;
+        let mut out = vec![FaultKind::Sigkill; p.kill.len()];
         let mut one = |on: bool, k| {
             if on {
                 out.push(k);
             }
         };
-        one(self.stop_at.is_some(), FaultKind::Sigstop);
-        one(self.slow_at.is_some(), FaultKind::CpuQuota);
+        one(p.stop_at.is_some(), FaultKind::Sigstop);
+        one(p.slow_at.is_some(), FaultKind::CpuQuota);
         one(self.kill_host_at.is_some(), FaultKind::HostLost);
         one(self.cut_host_at.is_some(), FaultKind::HostPartition);
         out
@@ -193,7 +196,7 @@ impl Faults {
 
     /// Scale and drain requests (the coordinator records each it accepts).
     pub fn admin(&self) -> usize {
-        usize::from(self.scale_at.is_some()) + usize::from(self.drain_at.is_some())
+        usize::from(self.plan.scale_at.is_some()) + usize::from(self.plan.drain_at.is_some())
     }
 
     pub fn nans(&self) -> usize {
@@ -216,19 +219,18 @@ mod tests {
     #[test]
     fn a_seed_replays_its_faults_and_others_move_them() {
         let s = find("kill-two").unwrap();
-        assert_eq!(s.faults(7, 100), s.faults(7, 100));
-        let placed: std::collections::BTreeSet<_> = (0..20)
-            .map(|seed| format!("{:?}", s.faults(seed, 100).kill))
-            .collect();
+        let placed = |seed| format!("{:?}", s.faults(seed, 100));
+        assert_eq!(placed(7), placed(7));
+        let placed: std::collections::BTreeSet<_> = (0..20).map(placed).collect();
         assert!(placed.len() > 5, "{placed:?}");
         for seed in 0..50 {
-            let k = s.faults(seed, 100).kill;
+            let k = s.faults(seed, 100).plan.kill;
             assert_eq!(k[0].0, k[1].0, "at one step");
             assert_ne!(k[0].1, k[1].1, "two different ranks");
             assert!((30..60).contains(&k[0].0), "{k:?}");
             assert!(k.iter().all(|&(_, r)| r < 4));
         }
         let h = find("hang-wake").unwrap();
-        assert!((0..50).all(|seed| h.faults(seed, 100).stop_at.unwrap().1 != 0));
+        assert!((0..50).all(|seed| h.faults(seed, 100).plan.stop_at.unwrap().1 != 0));
     }
 }
