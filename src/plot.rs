@@ -4,7 +4,7 @@
 //! single-process run and a multi-rank one alike.
 
 use anyhow::{bail, Context, Result};
-use phalanx_runtime::events::{self, Cause, Event, Record};
+use phalanx_runtime::events::{self, Record};
 use phalanx_runtime::metrics::{self, MetricLine};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -115,28 +115,13 @@ fn thin(points: Vec<(u64, f64)>, how: Thin) -> Vec<(u64, f64)> {
 /// A rank lost to a fault (not one drained or scaled down on purpose), at the first step
 /// recorded after it.
 fn fault(r: &Record, stamps: &[(u64, u64)]) -> Option<Mark> {
-    let (Event::RankFailed(x) | Event::RankRemoved(x)) = &r.event else {
-        return None;
-    };
-    if matches!(x.cause, Cause::Drained | Cause::ScaledDown) {
-        return None;
-    }
+    let what = crate::progress::fault_words(r)?;
     let step = stamps
         .iter()
         .find(|(t, _)| *t >= r.unix_ms)
         .or(stamps.last())?
         .1;
-    let who = x
-        .rank
-        .map_or(format!("member {}", x.member), |r| format!("rank {r}"));
-    let how = serde_json::to_value(x.cause)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    Some(Mark {
-        step,
-        what: format!("{who} {how}"),
-    })
+    Some(Mark { step, what })
 }
 
 /// Reads the run's records and writes `plot.png` and `plot.svg` into `out`; their paths.
@@ -341,8 +326,7 @@ fn panel<DB: DrawingBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use phalanx_runtime::events::Removed;
-    use phalanx_runtime::ids::{Generation, Rank};
+    use phalanx_runtime::events::Cause;
     use phalanx_runtime::metrics::{FinalLine, StepLine};
 
     fn step(step: u64, generation: u64, world: usize, t: u64) -> MetricLine {
@@ -358,20 +342,7 @@ mod tests {
     }
 
     fn lost(cause: Cause, t: u64) -> Record {
-        Record {
-            unix_ms: t,
-            t_ms: None,
-            event: Event::RankFailed(Removed {
-                member: 7,
-                rank: Some(Rank(1)),
-                host: "h".into(),
-                pid: 1,
-                generation: Generation(1),
-                reason: String::new(),
-                cause,
-                detect_ms: None,
-            }),
-        }
+        crate::progress::rank_failed(7, 1, cause, t)
     }
 
     #[test]

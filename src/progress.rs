@@ -105,18 +105,15 @@ impl Progress {
 
     /// Folds an event; whether it is news worth a plain line (a fault).
     pub fn on_event(&mut self, r: &Record) -> bool {
+        if let Some(what) = fault_words(r) {
+            self.fault = Some(Fault {
+                what,
+                at_unix_ms: r.unix_ms,
+                recovery_ms: None,
+            });
+            return true;
+        }
         match &r.event {
-            Event::RankFailed(x) | Event::RankRemoved(x) => {
-                let who = x
-                    .rank
-                    .map_or(format!("member {}", x.member), |r| format!("rank {r}"));
-                self.fault = Some(Fault {
-                    what: format!("{who} {}", cause_words(x.cause)),
-                    at_unix_ms: r.unix_ms,
-                    recovery_ms: None,
-                });
-                true
-            }
             Event::Generation(g) => {
                 self.world = g.world;
                 self.generation = g.generation.0;
@@ -164,6 +161,42 @@ impl Progress {
             });
         }
         parts.join(" | ")
+    }
+}
+
+/// "rank 2 crashed": a rank lost to a fault, in words; None for any other record (a drain or
+/// a scale-down is no fault). The progress line and `phalanx plot` label faults with it.
+pub fn fault_words(r: &Record) -> Option<String> {
+    let (Event::RankFailed(x) | Event::RankRemoved(x)) = &r.event else {
+        return None;
+    };
+    if matches!(x.cause, Cause::Drained | Cause::ScaledDown) {
+        return None;
+    }
+    let who = x
+        .rank
+        .map_or(format!("member {}", x.member), |r| format!("rank {r}"));
+    Some(format!("{who} {}", cause_words(x.cause)))
+}
+
+/// A rank lost at `unix_ms` (for the tests of the readers of the records).
+#[cfg(test)]
+pub fn rank_failed(member: u64, rank: u32, cause: Cause, unix_ms: u64) -> Record {
+    use phalanx_runtime::events::Removed;
+    use phalanx_runtime::ids::{Generation, Rank};
+    Record {
+        unix_ms,
+        t_ms: None,
+        event: Event::RankFailed(Removed {
+            member,
+            rank: Some(Rank(rank)),
+            host: "h".into(),
+            pid: 1,
+            generation: Generation(1),
+            reason: String::new(),
+            cause,
+            detect_ms: None,
+        }),
     }
 }
 
@@ -250,8 +283,6 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use phalanx_runtime::events::Removed;
-    use phalanx_runtime::ids::{Generation, Rank};
     use phalanx_runtime::metrics::StepLine;
 
     fn step(step: u64, unix_ms: u64, val: Option<f64>) -> MetricLine {
@@ -282,20 +313,7 @@ mod tests {
             ),
             "{line}"
         );
-        let lost = Record {
-            unix_ms: 6_000,
-            t_ms: None,
-            event: Event::RankFailed(Removed {
-                member: 3,
-                rank: Some(Rank(2)),
-                host: "h".into(),
-                pid: 1,
-                generation: Generation(1),
-                reason: String::new(),
-                cause: Cause::Crashed,
-                detect_ms: None,
-            }),
-        };
+        let lost = rank_failed(3, 2, Cause::Crashed, 6_000);
         assert!(p.on_event(&lost));
         assert!(
             p.line(30)
