@@ -40,8 +40,32 @@ pub fn count(n: impl Into<u64>, noun: &str) -> String {
     format!("{n} {}", if n == 1 { noun } else { plural.as_str() })
 }
 
+/// An error and its causes on one line, each cause once: a library error that already names its
+/// source in its message (as `thiserror`'s `{source}` does) is not followed by that source again.
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_error_names_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let named = anyhow::Error::new(io).context("cannot read x: entity not found");
+        assert_eq!(super::error_line(&named), "cannot read x: entity not found");
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let bare = anyhow::Error::new(io).context("cannot read x");
+        assert_eq!(super::error_line(&bare), "cannot read x: entity not found");
+    }
+
     #[test]
     fn counts_agree_with_their_nouns() {
         assert_eq!(super::count(1u64, "step"), "1 step");

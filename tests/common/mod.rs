@@ -44,6 +44,24 @@ impl Run {
         assert!(err.contains("error:"), "no error line:\n{err}");
         assert!(!err.contains("panicked"), "panicked:\n{err}");
         assert!(err.contains(needle), "stderr lacks {needle:?}:\n{err}");
+        assert_no_clause_twice(&err);
+    }
+}
+
+/// An error line says each thing once ("tcp connect error: tcp connect error" was a bug).
+pub fn assert_no_clause_twice(err: &str) {
+    for line in err.lines().filter(|l| l.starts_with("error:")) {
+        let clauses: Vec<&str> = line
+            .split(": ")
+            .map(str::trim)
+            .filter(|c| c.len() > 8)
+            .collect();
+        for (i, c) in clauses.iter().enumerate() {
+            assert!(
+                !clauses[i + 1..].contains(c),
+                "{c:?} is said twice in the error line:\n{line}"
+            );
+        }
     }
 }
 
