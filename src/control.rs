@@ -171,13 +171,13 @@ fn check_exposure(
     }
     if c.token().is_none() && !insecure {
         bail!(
-            "refusing to serve on {addr} without a job token: anyone who reaches it could join              or steer the job. Set PHALANX_JOB_TOKEN (or coordinator.token), or pass --insecure              on a trusted network"
+            "refusing to serve on {addr} without a job token: anyone who reaches it could join or steer the job. Set PHALANX_JOB_TOKEN (or coordinator.token), or pass --insecure on a trusted network"
         );
     }
     if c.tls_cert.is_empty() {
         tracing::warn!(
             %addr,
-            "serving without TLS on a non-loopback address: tokens and directives travel in              clear; set coordinator.tls_cert and tls_key"
+            "serving without TLS on a non-loopback address: tokens and directives travel in clear; set coordinator.tls_cert and tls_key"
         );
     }
     Ok(())

@@ -81,7 +81,7 @@ impl Job {
                 config_hash: None,
             },
         )?;
-        let (tx, coordinator) = crate::launch::serve_on_a_thread(opts, listener)?;
+        let (tx, coordinator) = crate::launch_coordinator::serve_on_a_thread(opts, listener)?;
         Ok(Job {
             cfg,
             run_dir,

@@ -4,8 +4,8 @@
 
 use crate::cgroup::CpuQuota;
 use crate::config::TrainConfig;
-use crate::control::{self, CoordinatorArgs};
 use crate::hosts::{self, SimHosts};
+use crate::launch_coordinator::{Coordinator, CoordinatorJob};
 use crate::launch_hosts::{HostArgs, HostFaults};
 use crate::launch_load::{self, Noise};
 use crate::launch_schedule::{Action, Plan, Proc, Schedule, Status};
@@ -141,94 +141,6 @@ fn prepare(a: &LaunchArgs) -> Result<Job> {
         run_dir,
         max_world,
     })
-}
-
-/// The coordinator, on a thread of this process.
-struct Coordinator {
-    url: String,
-    job_token: String,
-    admin_token: String,
-    shutdown: tokio::sync::oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<Result<()>>,
-}
-
-impl Coordinator {
-    /// Serves on loopback, or with simulated hosts on the bridge they all reach.
-    fn start(a: &LaunchArgs, job: &Job, sim: Option<&SimHosts>) -> Result<Coordinator> {
-        let job_token = match job.cfg.coordinator.token() {
-            Some(t) => t,
-            None => control::random_token()?,
-        };
-        let bind_ip = sim.map_or_else(|| "127.0.0.1".to_string(), |s| s.gateway().to_string());
-        let listener = std::net::TcpListener::bind(format!("{bind_ip}:0"))?;
-        listener.set_nonblocking(true)?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let mut ccfg = job.cfg.coordinator.clone();
-        ccfg.token = job_token.clone();
-        let opts = control::service_opts(
-            &ccfg,
-            &CoordinatorArgs {
-                bind: None,
-                world: a.nproc,
-                max_world: job.max_world,
-                run_dir: job.run_dir.clone(),
-                insecure: false,
-                config_hash: crate::worker::config_hash_of(&job.cfg),
-            },
-        )?;
-        let admin_token = opts.admin_token.clone().unwrap_or_default();
-        let (shutdown, thread) = serve_on_a_thread(opts, listener)?;
-        Ok(Coordinator {
-            url,
-            job_token,
-            admin_token,
-            shutdown,
-            thread,
-        })
-    }
-
-    /// Operators (and `phalanx scale` / `drain` / `status`) need the address and the tokens:
-    /// they go to the run directory, the tokens readable by this user only.
-    fn write_access(&self, run_dir: &Path) -> Result<()> {
-        std::fs::write(run_dir.join("coordinator.url"), format!("{}\n", self.url))?;
-        control::write_secret(&run_dir.join("job-token"), &self.job_token)?;
-        control::write_secret(&run_dir.join("admin-token"), &self.admin_token)?;
-        Ok(())
-    }
-
-    fn stop(self) {
-        let _ = self.shutdown.send(());
-        let _ = self.thread.join();
-    }
-}
-
-/// The coordinator service on a thread of its own, on `listener` (non-blocking); it stops when
-/// the sender is used or dropped.
-pub(crate) fn serve_on_a_thread(
-    opts: phalanx_runtime::coordinator::service::ServiceOpts,
-    listener: std::net::TcpListener,
-) -> Result<(
-    tokio::sync::oneshot::Sender<()>,
-    std::thread::JoinHandle<Result<()>>,
-)> {
-    let (shutdown, shut_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("coordinator".into())
-        .spawn(move || -> Result<()> {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(listener)?;
-                phalanx_runtime::coordinator::service::run(opts, l, async {
-                    let _ = shut_rx.await;
-                })
-                .await?;
-                Ok(())
-            })
-        })?;
-    Ok((shutdown, thread))
 }
 
 /// Starts worker processes of the job.
@@ -395,6 +307,7 @@ struct Supervision<'a> {
     preempt_grace: Duration,
     /// Scale and drain requests due, sent with the status poll's client.
     admin: Vec<Action>,
+    coord: Coordinator,
 }
 
 impl Supervision<'_> {
@@ -472,10 +385,16 @@ impl Supervision<'_> {
                         status_client = client::connect(copts).await.ok();
                     }
                     let c = status_client.as_mut()?;
-                    c.status(client::request(pb::StatusRequest {}, copts))
+                    let answer = c
+                        .status(client::request(pb::StatusRequest {}, copts))
                         .await
                         .ok()
-                        .map(|r| r.into_inner())
+                        .map(|r| r.into_inner());
+                    // A coordinator that restarted is reached on a new connection.
+                    if answer.is_none() {
+                        status_client = None;
+                    }
+                    answer
                 });
                 if let Some(st) = st {
                     self.on_status(&st)?;
@@ -647,7 +566,39 @@ impl Supervision<'_> {
             Action::RestartSpare { pid } => {
                 self.planned += usize::from(launch_load::restart_spare(run_dir, pid)?);
             }
+            Action::KillCoordinator => self.kill_coordinator(step)?,
+            Action::RestartCoordinator => self.restart_coordinator()?,
         }
+        Ok(())
+    }
+
+    /// SIGKILL of the coordinator process; the ranks train on without it (K-5).
+    fn kill_coordinator(&mut self, step: Option<u64>) -> Result<()> {
+        let Some(p) = self.coord.process() else {
+            bail!("the plan kills the coordinator but it runs inside the launcher");
+        };
+        let pid = p.pid();
+        let mut f = Injected::of(FaultKind::CoordinatorKill, false);
+        f.ok = p.kill();
+        f.pid = pid;
+        f.step = step;
+        append_event(&self.run_dir, Event::FaultInjected(f))?;
+        self.bar
+            .suspend(|| info!(?pid, ?step, "injected: SIGKILL of the coordinator"));
+        Ok(())
+    }
+
+    /// The coordinator started again on its address, from its journal.
+    fn restart_coordinator(&mut self) -> Result<()> {
+        let Some(p) = self.coord.process() else {
+            return Ok(());
+        };
+        let pid = p.start()?;
+        let mut c = Cleared::of(FaultKind::CoordinatorKill);
+        c.pid = Some(pid);
+        append_event(&self.run_dir, Event::FaultCleared(c))?;
+        self.bar
+            .suspend(|| info!(pid, "the coordinator started again from its journal"));
         Ok(())
     }
 
@@ -692,7 +643,20 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         Some(h) => Some(SimHosts::create(h, "phalanx")?),
         None => None,
     };
-    let coord = Coordinator::start(a, &job, sim.as_ref())?;
+    let coord = Coordinator::start(
+        &CoordinatorJob {
+            cfg: &job.cfg,
+            config: &a.config,
+            overrides: &a.overrides,
+            world: a.nproc,
+            max_world: job.max_world,
+            run_dir: &job.run_dir,
+            bind_ip: sim
+                .as_ref()
+                .map_or_else(|| "127.0.0.1".to_string(), |s| s.gateway().to_string()),
+        },
+        a.plan.kill_coordinator_at.is_some(),
+    )?;
     let sp = Spawner {
         a,
         job: &job,
@@ -753,6 +717,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         world: a.nproc as u32,
         preempt_grace: Duration::from_secs(job.cfg.run.preempt_grace_s),
         admin: Vec::new(),
+        coord,
     };
     let outcome = sup.run(&stop, &rt, &copts);
     let wound = sup.wind_down();
@@ -760,7 +725,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     if let Some(h) = noise {
         let _ = h.join();
     }
-    coord.stop();
+    sup.coord.stop();
     let outcome = outcome?;
     wound?;
     let r = report::build(

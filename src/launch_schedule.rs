@@ -27,6 +27,10 @@ pub struct Plan {
     pub scale_at: Option<(u64, u32)>,
     /// ... and to drain rank R once step S is committed (S, R).
     pub drain_at: Option<(u64, u32)>,
+    /// SIGKILL the coordinator once step S is committed, and start it again from its journal
+    /// `coordinator_down` later (the launcher then runs it as a process of its own).
+    pub kill_coordinator_at: Option<u64>,
+    pub coordinator_down: Duration,
 }
 
 /// A process of the job as the coordinator sees it.
@@ -87,6 +91,8 @@ pub enum Action {
     Drain {
         rank: u32,
     },
+    KillCoordinator,
+    RestartCoordinator,
 }
 
 /// The plan and what of it has happened.
@@ -102,6 +108,8 @@ pub struct Schedule {
     spare_every: Option<Periodic>,
     scaled: bool,
     drained: bool,
+    /// When the coordinator was killed, and whether it has been started again.
+    coordinator_killed: Option<(Instant, bool)>,
 }
 
 impl Schedule {
@@ -116,6 +124,7 @@ impl Schedule {
             slowed: None,
             scaled: false,
             drained: false,
+            coordinator_killed: None,
         }
     }
 
@@ -128,6 +137,7 @@ impl Schedule {
             || (p.drain_at.is_some() && !self.drained)
             || (p.stop_at.is_some() && !self.stop_done && self.stopped.is_none())
             || (p.slow_at.is_some() && self.slowed.is_none())
+            || (p.kill_coordinator_at.is_some() && self.coordinator_killed.is_none())
             || self
                 .slowed
                 .is_some_and(|(_, lifted)| !lifted && p.slow_steps > 0)
@@ -175,6 +185,12 @@ impl Schedule {
                         periodic: false,
                     });
                 }
+            }
+        }
+        if let Some(at) = p.kill_coordinator_at {
+            if self.coordinator_killed.is_none() && step >= at {
+                self.coordinator_killed = Some((now, false));
+                out.push(Action::KillCoordinator);
             }
         }
         out.extend(self.admin(st));
@@ -226,24 +242,40 @@ impl Schedule {
         out
     }
 
-    /// Faults that end with time, whatever the job's status: the SIGCONT of a stopped rank.
+    /// Faults that end with time, whatever the job's status (there is none while the
+    /// coordinator is down): the SIGCONT of a stopped rank, the coordinator started again.
     pub fn timed(&mut self, now: Instant) -> Vec<Action> {
-        match self.stopped {
-            Some((pid, at)) if now.saturating_duration_since(at) >= self.plan.stop_for => {
+        let mut out = Vec::new();
+        if let Some((pid, at)) = self.stopped {
+            if now.saturating_duration_since(at) >= self.plan.stop_for {
                 self.stopped = None;
                 self.stop_done = true;
-                vec![Action::Cont { pid }]
+                out.push(Action::Cont { pid });
             }
-            _ => Vec::new(),
         }
+        if let Some((at, restarted @ false)) = &mut self.coordinator_killed {
+            if now.saturating_duration_since(*at) >= self.plan.coordinator_down {
+                *restarted = true;
+                out.push(Action::RestartCoordinator);
+            }
+        }
+        out
     }
 
-    /// What must be undone when the launch ends early: a rank left stopped.
+    /// What must be undone when the launch ends early: a rank left stopped, a coordinator left
+    /// down.
     pub fn on_exit(&mut self) -> Vec<Action> {
-        self.stopped
+        let mut out: Vec<Action> = self
+            .stopped
             .take()
-            .map(|(pid, _)| vec![Action::Cont { pid }])
-            .unwrap_or_default()
+            .map(|(pid, _)| Action::Cont { pid })
+            .into_iter()
+            .collect();
+        if let Some((_, restarted @ false)) = &mut self.coordinator_killed {
+            *restarted = true;
+            out.push(Action::RestartCoordinator);
+        }
+        out
     }
 }
 
@@ -308,6 +340,51 @@ mod tests {
         );
         assert!(s.due(t, &status(13)).is_empty());
         assert!(!s.waiting_for_a_step());
+    }
+
+    // The coordinator is killed at its step and started again `coordinator_down` later, with no
+    // status in between (nobody answers while it is down); once each.
+    #[test]
+    fn the_coordinator_is_killed_at_its_step_and_restarted_after_its_time() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            Plan {
+                kill_coordinator_at: Some(20),
+                coordinator_down: Duration::from_secs(2),
+                ..Plan::default()
+            },
+            t,
+        );
+        assert!(s.waiting_for_a_step());
+        assert!(s.due(t, &status(19)).is_empty());
+        assert_eq!(s.due(t, &status(20)), vec![Action::KillCoordinator]);
+        assert!(!s.waiting_for_a_step());
+        assert!(s.due(t, &status(21)).is_empty());
+        assert!(s.timed(t + Duration::from_secs(1)).is_empty());
+        assert_eq!(
+            s.timed(t + Duration::from_secs(2)),
+            vec![Action::RestartCoordinator]
+        );
+        assert!(s.timed(t + Duration::from_secs(9)).is_empty());
+        assert!(s.on_exit().is_empty(), "restarted already");
+    }
+
+    // A launch that ends while the coordinator is down starts it again (its journal and events
+    // end cleanly), once.
+    #[test]
+    fn a_coordinator_left_down_is_restarted_on_exit() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            Plan {
+                kill_coordinator_at: Some(1),
+                coordinator_down: Duration::from_secs(60),
+                ..Plan::default()
+            },
+            t,
+        );
+        assert_eq!(s.due(t, &status(1)), vec![Action::KillCoordinator]);
+        assert_eq!(s.on_exit(), vec![Action::RestartCoordinator]);
+        assert!(s.on_exit().is_empty());
     }
 
     // SIGSTOP at its step, SIGCONT `stop_for` later whatever the status; never twice.

@@ -14,6 +14,7 @@ mod hosts;
 #[cfg(test)]
 mod in_process;
 mod launch;
+mod launch_coordinator;
 mod launch_hosts;
 mod launch_load;
 mod launch_schedule;
@@ -421,6 +422,14 @@ struct LaunchCli {
     /// Once step STEP is committed, drain rank RANK (STEP:RANK), as `phalanx drain` does.
     #[arg(long, value_name = "STEP:RANK")]
     drain_at: Option<String>,
+    /// Once step STEP is committed, SIGKILL the coordinator and start it again from its journal
+    /// on the same address --coordinator-down-ms later (the coordinator then runs as a process
+    /// of its own, logs/coordinator.log). The ranks train on meanwhile.
+    #[arg(long, value_name = "STEP")]
+    kill_coordinator_at: Option<u64>,
+    /// With --kill-coordinator-at: how long the coordinator stays down.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    coordinator_down_ms: u64,
     /// A noisy neighbour: a busy-loop process takes one core for BUSY_MS every PERIOD_MS.
     #[arg(long, value_name = "BUSY_MS:PERIOD_MS")]
     noise: Option<String>,
@@ -616,6 +625,8 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
         noise,
         scale_at,
         drain_at,
+        kill_coordinator_at,
+        coordinator_down_ms,
         hosts,
         resume,
         force,
@@ -678,6 +689,8 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
                 restart_spare_every,
                 scale_at,
                 drain_at,
+                kill_coordinator_at,
+                coordinator_down: std::time::Duration::from_millis(coordinator_down_ms),
             },
             noise,
             hosts,

@@ -137,7 +137,12 @@ fn faults(
     let injected: Vec<u64> = events
         .iter()
         .filter_map(|e| match &e.event {
-            Event::FaultInjected(f) if f.fault != FaultKind::CpuQuota => Some(f.injected_unix_ms),
+            // Faults that fail no rank are no rank failure's cause.
+            Event::FaultInjected(f)
+                if !matches!(f.fault, FaultKind::CpuQuota | FaultKind::CoordinatorKill) =>
+            {
+                Some(f.injected_unix_ms)
+            }
             _ => None,
         })
         .collect();
@@ -255,6 +260,7 @@ fn summarize(
         "world_size_final": last.map(|m| m.world_size),
         "generation_final": last.map(|m| m.generation),
         "faults": faults,
+        "coordinator_outages": coordinator_outages(&steps, events),
         "numerics": numerics,
         "replica_mismatches": sdc,
         "stragglers": stragglers,
@@ -266,6 +272,43 @@ fn summarize(
             .find(|s| s.2)
             .map(|s| s.1),
     }))
+}
+
+/// K-5: each time the coordinator was killed: how long it was down (to its restart from the
+/// journal), the steps the ranks committed meanwhile, and how many rejoined in their places.
+fn coordinator_outages(steps: &BTreeMap<u64, &StepLine>, events: &[Record]) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let Event::FaultInjected(f) = &e.event else {
+            continue;
+        };
+        if f.fault != FaultKind::CoordinatorKill {
+            continue;
+        }
+        let killed = f.injected_unix_ms;
+        let later = &events[i + 1..];
+        let restarted = later.iter().find_map(|r| match r.event {
+            Event::CoordinatorRestarted(_) => Some(r.unix_ms),
+            _ => None,
+        });
+        let rejoined = later
+            .iter()
+            .filter(|r| matches!(r.event, Event::Rejoined(_)))
+            .filter(|r| restarted.is_some_and(|t| r.unix_ms >= t && r.unix_ms < t + 30_000))
+            .count();
+        let committed_while_down = steps
+            .values()
+            .filter_map(|m| m.unix_ms)
+            .filter(|&t| t > killed && restarted.is_none_or(|r| t < r))
+            .count();
+        out.push(json!({
+            "killed_unix_ms": killed,
+            "down_ms": restarted.map(|r| r.saturating_sub(killed)),
+            "steps_committed_while_down": committed_while_down,
+            "ranks_rejoined": rejoined,
+        }));
+    }
+    out
 }
 
 /// K-7, K-8: a straggler flag, and what was done about it (replaced, or the global batch
@@ -501,6 +544,12 @@ pub fn print(r: &Value) {
             ),
             None => {}
         }
+    }
+    for o in r["coordinator_outages"].as_array().into_iter().flatten() {
+        outln!(
+            "  coordinator: down {} ms (killed, started again from its journal); {} steps committed meanwhile, {} ranks rejoined",
+            o["down_ms"], o["steps_committed_while_down"], o["ranks_rejoined"]
+        );
     }
     for f in r["faults"].as_array().into_iter().flatten() {
         outln!(

@@ -14,8 +14,12 @@ struct Ran {
     events: Vec<Value>,
 }
 
-/// Runs a scenario.
+/// Runs a scenario for 150 steps.
 fn chaos(scenario: &str, seed: u64) -> Ran {
+    chaos_for(scenario, seed, 150)
+}
+
+fn chaos_for(scenario: &str, seed: u64, steps: u64) -> Ran {
     let _one_at_a_time = serial();
     let d = test_dir();
     let data = dataset(d.path());
@@ -28,7 +32,8 @@ fn chaos(scenario: &str, seed: u64) -> Ran {
         .arg(format!("run.dir={}", run.display()))
         // Steps of a few ms: enough of them that a fault placed mid-run lands before the end
         // (the launcher polls the job's step every 20 ms).
-        .args(["train.max_steps=150", "optim.decay_steps=150"])
+        .arg(format!("train.max_steps={steps}"))
+        .arg(format!("optim.decay_steps={steps}"))
         .current_dir(d.path())
         .output()
         .unwrap();
@@ -57,7 +62,7 @@ fn assert_held_with(report: &Value, faults: std::ops::RangeInclusive<usize>) {
     let c = &report["chaos"];
     assert_eq!(c["passed"], true, "{c}");
     let checks = c["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 8, "{c}");
+    assert_eq!(checks.len(), 9, "{c}");
     assert!(c["baseline_val_loss"].as_f64().is_some(), "{c}");
     let f = report["faults"].as_array().unwrap();
     assert!(faults.contains(&f.len()), "{}", report["faults"]);
@@ -72,7 +77,7 @@ fn kill_one() {
     let ran = chaos("kill-one", 3);
     assert_held(&ran.report, 1);
     assert!(
-        ran.stdout.contains("8 of 8 invariants hold"),
+        ran.stdout.contains("9 of 9 invariants hold"),
         "{}",
         ran.stdout
     );
@@ -128,6 +133,23 @@ fn nan_in_one_rank() {
     assert_eq!(n[0]["ranks"].as_array().unwrap().len(), 1, "{r}");
 }
 
+// K-5 under chaos: the coordinator process SIGKILLed and started again 2 s later from its
+// journal; the ranks train on (steps committed while it is down), every one rejoins in its
+// place and nobody is evicted. 1500 steps of a few ms: the outage lands well before the end.
+#[test]
+fn coordinator_kill_and_restart() {
+    let ran = chaos_for("coordinator-restart", 3, 1500);
+    assert_held(&ran.report, 0);
+    let o = &ran.report["coordinator_outages"];
+    assert_eq!(o.as_array().map(Vec::len), Some(1), "{o}");
+    assert!(o[0]["down_ms"].as_u64().unwrap() >= 2000, "{o}");
+    assert!(
+        o[0]["steps_committed_while_down"].as_u64().unwrap() > 0,
+        "the ranks stopped with the coordinator: {o}"
+    );
+    assert!(o[0]["ranks_rejoined"].as_u64().unwrap() >= 3, "{o}");
+}
+
 #[test]
 fn host_loss_and_partition_on_two_hosts() {
     if !Hosts::Two.available() {
@@ -155,6 +177,7 @@ fn scenarios_are_listed_and_an_unknown_one_is_named() {
         "scale-drain",
         "host-loss",
         "partition",
+        "coordinator-restart",
     ] {
         assert!(list.stdout().contains(s), "{}", list.stdout());
     }

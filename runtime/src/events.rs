@@ -334,6 +334,8 @@ pub enum FaultKind {
     HostLost,
     HostPartition,
     SpareRestart,
+    /// The coordinator process SIGKILLed (and started again from its journal).
+    CoordinatorKill,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -53,7 +53,48 @@ pub fn checks(e: &Evidence) -> Vec<Check> {
         ledger(e),
         checkpoints_verify(e),
         val_loss_close(e),
+        coordinator_restart_evicts_nobody(e),
     ]
+}
+
+/// K-5: the coordinator's outage is its own, not the ranks': from its SIGKILL until 10 s after
+/// it started again (every rank rejoins within the grace), nobody is failed or removed.
+fn coordinator_restart_evicts_nobody(e: &Evidence) -> Check {
+    let mut windows = Vec::new();
+    for r in &e.records {
+        match &r.event {
+            Event::FaultInjected(f) if f.fault == FaultKind::CoordinatorKill => {
+                windows.push((f.injected_unix_ms, u64::MAX));
+            }
+            Event::FaultCleared(c) if c.fault == FaultKind::CoordinatorKill => {
+                if let Some(w) = windows.last_mut() {
+                    w.1 = c.cleared_unix_ms.unwrap_or(r.unix_ms) + 10_000;
+                }
+            }
+            _ => {}
+        }
+    }
+    let lost: Vec<String> = e
+        .records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::RankFailed(x) | Event::RankRemoved(x)
+                if windows.iter().any(|&(a, b)| (a..=b).contains(&r.unix_ms)) =>
+            {
+                Some(format!("member {} ({:?})", x.member, x.cause))
+            }
+            _ => None,
+        })
+        .collect();
+    check(
+        "coordinator_restart_evicts_nobody",
+        lost.is_empty(),
+        match (windows.len(), lost.is_empty()) {
+            (0, _) => "no coordinator restart in this run".into(),
+            (n, true) => format!("{n} coordinator restart(s), no rank lost around them"),
+            (_, false) => format!("lost around a coordinator restart: {}", lost.join(", ")),
+        },
+    )
 }
 
 /// A run whose faults never struck (the job ended first) proves nothing: each planned fault
@@ -294,6 +335,13 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
+    fn rank_failed(member: u64) -> Record {
+        let v = json!({"unix_ms": 2, "kind": "rank_failed", "member": member, "rank": 1,
+                       "generation": 1, "cause": "crashed", "reason": "x",
+                       "host": "h", "pid": 1});
+        serde_json::from_value(v).unwrap()
+    }
+
     fn good() -> Evidence {
         Evidence {
             metrics: vec![
@@ -371,6 +419,13 @@ mod tests {
         let mut e = good();
         e.planned_nans = 1;
         assert_eq!(failed(&e), ["planned_faults_struck"], "no NaN named");
+        let mut e = good();
+        e.records.push(injected(FaultKind::CoordinatorKill));
+        e.records.push(rank_failed(2));
+        assert_eq!(failed(&e), ["coordinator_restart_evicts_nobody"]);
+        let mut e = good();
+        e.records.push(rank_failed(2));
+        assert!(failed(&e).is_empty(), "a rank lost with no restart near");
         let mut e = good();
         e.planned_admin = 1;
         assert_eq!(

@@ -168,6 +168,21 @@ pub const SCENARIOS: &[Scenario] = &[
             ..Faults::default()
         },
     },
+    Scenario {
+        name: "coordinator-restart",
+        about: "SIGKILL the coordinator, start it again 2 s later from its journal: the ranks \
+                train on and rejoin in their places",
+        world: 3,
+        spares: 1,
+        hosts: 0,
+        faults: |d| {
+            Faults::of(Plan {
+                kill_coordinator_at: Some(d.step(1)),
+                coordinator_down: Duration::from_secs(2),
+                ..Plan::default()
+            })
+        },
+    },
 ];
 
 impl Faults {
@@ -191,6 +206,7 @@ impl Faults {
         one(p.slow_at.is_some(), FaultKind::CpuQuota);
         one(self.kill_host_at.is_some(), FaultKind::HostLost);
         one(self.cut_host_at.is_some(), FaultKind::HostPartition);
+        one(p.kill_coordinator_at.is_some(), FaultKind::CoordinatorKill);
         out
     }
 

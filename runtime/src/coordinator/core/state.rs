@@ -180,8 +180,12 @@ impl State {
                         generation: self.generation,
                     });
                 }
-                let same_place = generation == self.generation
-                    && (m.state != MemberState::Active || m.rank == Some(rank));
+                // A spare holds no place in any generation: whichever it last saw, it is back
+                // as the spare it was (one that waited through a regroup was refused once, and
+                // its process restarted for nothing).
+                let same_place = m.state == MemberState::Spare
+                    || (generation == self.generation
+                        && (m.state != MemberState::Active || m.rank == Some(rank)));
                 if m.rejoin_deadline.is_some() && !same_place {
                     return Err(RuntimeError::StaleGeneration {
                         got: generation,

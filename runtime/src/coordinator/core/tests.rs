@@ -415,6 +415,31 @@ fn a_member_re_registering_before_its_stream_end_is_read_keeps_its_place() {
     assert_ne!(r.id, a);
 }
 
+// K-5: a spare that registered before the first generation (it knows generation 0) rejoins a
+// restarted coordinator at generation 1 as the spare it was, under its id.
+#[test]
+fn a_spare_from_an_earlier_generation_rejoins_as_itself() {
+    let cfg = cfg();
+    let t = Instant::now();
+    let mut s = State::new("job", 2);
+    for _ in 0..2 {
+        let r = s.register(t, reg(Role::Active), &cfg).unwrap();
+        s.session_opened(t, r.id).unwrap();
+    }
+    let spare = s.register(t, reg(Role::Spare), &cfg).unwrap().id;
+    s.session_opened(t, spare).unwrap();
+    let d = decide(t, &s, &cfg);
+    apply(&mut s, &d);
+    assert_eq!(s.generation, Generation(1));
+    assert!(!s.ranks.contains(&spare));
+    s.await_rejoin(t, &cfg);
+    let mut again = reg(Role::Spare);
+    again.rejoin = Some((spare, Generation(0), Rank(0)));
+    let r = s.register(t, again, &cfg).unwrap();
+    assert!(r.rejoined, "{r:?}");
+    assert_eq!(r.id, spare);
+}
+
 #[test]
 fn scale_and_drain_bounds() {
     let cfg = CoreConfig {
