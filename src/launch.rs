@@ -9,6 +9,7 @@ use crate::launch_coordinator::{Coordinator, CoordinatorJob};
 use crate::launch_hosts::{HostArgs, HostFaults};
 use crate::launch_load::{self, Noise};
 use crate::launch_schedule::{Action, Plan, Proc, Schedule, Status};
+use crate::launch_storage;
 use crate::progress::Watch;
 use crate::report;
 use crate::run_dir::unix_ms;
@@ -308,6 +309,8 @@ struct Supervision<'a> {
     /// Scale and drain requests due, sent with the status poll's client.
     admin: Vec<Action>,
     coord: Coordinator,
+    /// The plan killed the whole job: nothing is restarted, the launch ends.
+    job_killed: bool,
 }
 
 impl Supervision<'_> {
@@ -335,6 +338,9 @@ impl Supervision<'_> {
                     "the job did not stop within run.preempt_grace_s; stopping it now"
                 );
                 return Ok(Outcome::Interrupted);
+            }
+            if self.job_killed {
+                return Ok(Outcome::Failed);
             }
             let (lost, halted) = self.reap()?;
             // Rank 0 writes the `final` metrics line after saving the model (or, preempted,
@@ -568,7 +574,40 @@ impl Supervision<'_> {
             }
             Action::KillCoordinator => self.kill_coordinator(step)?,
             Action::RestartCoordinator => self.restart_coordinator()?,
+            Action::CorruptCheckpoint => {
+                let part = launch_storage::corrupt_newest(run_dir)?;
+                let mut f = Injected::of(FaultKind::CheckpointCorrupt, part.is_some());
+                f.step = step;
+                f.path = part.map(|p| p.display().to_string());
+                bar.suspend(|| info!(path = ?f.path, "injected: a bit flipped in a checkpoint"));
+                append_event(run_dir, Event::FaultInjected(f))?;
+            }
+            Action::KillJob => self.kill_job(step)?,
         }
+        Ok(())
+    }
+
+    /// Every worker SIGKILLed at once and reaped, as when a job's nodes lose power.
+    fn kill_job(&mut self, step: Option<u64>) -> Result<()> {
+        let pids = self.running();
+        let ok = signals::send(Signal::Kill, &pids);
+        let mut f = Injected::of(FaultKind::JobKilled, ok);
+        f.step = step;
+        f.pids = pids.clone();
+        append_event(&self.run_dir, Event::FaultInjected(f))?;
+        for w in self.workers.iter_mut().filter(|w| !w.done) {
+            w.code = w.child.wait()?.code();
+            w.done = true;
+            let exit = Event::WorkerExit {
+                pid: w.child.id(),
+                code: w.code,
+                spare: w.spare,
+            };
+            append_event(&self.run_dir, exit)?;
+        }
+        self.job_killed = true;
+        self.bar
+            .suspend(|| warn!(?step, "injected: every worker SIGKILLed; the job is over"));
         Ok(())
     }
 
@@ -718,6 +757,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         preempt_grace: Duration::from_secs(job.cfg.run.preempt_grace_s),
         admin: Vec::new(),
         coord,
+        job_killed: false,
     };
     let outcome = sup.run(&stop, &rt, &copts);
     let wound = sup.wind_down();

@@ -31,6 +31,11 @@ pub struct Plan {
     /// `coordinator_down` later (the launcher then runs it as a process of its own).
     pub kill_coordinator_at: Option<u64>,
     pub coordinator_down: Duration,
+    /// Once step S is committed, flip a byte in the newest committed checkpoint ...
+    pub corrupt_checkpoint_at: Option<u64>,
+    /// ... and SIGKILL every worker once step S is committed: the job dies whole (its next
+    /// job resumes, C-6).
+    pub kill_job_at: Option<u64>,
 }
 
 /// A process of the job as the coordinator sees it.
@@ -93,6 +98,8 @@ pub enum Action {
     },
     KillCoordinator,
     RestartCoordinator,
+    CorruptCheckpoint,
+    KillJob,
 }
 
 /// The plan and what of it has happened.
@@ -110,6 +117,8 @@ pub struct Schedule {
     drained: bool,
     /// When the coordinator was killed, and whether it has been started again.
     coordinator_killed: Option<(Instant, bool)>,
+    corrupted: bool,
+    job_killed: bool,
 }
 
 impl Schedule {
@@ -125,6 +134,8 @@ impl Schedule {
             scaled: false,
             drained: false,
             coordinator_killed: None,
+            corrupted: false,
+            job_killed: false,
         }
     }
 
@@ -138,6 +149,8 @@ impl Schedule {
             || (p.stop_at.is_some() && !self.stop_done && self.stopped.is_none())
             || (p.slow_at.is_some() && self.slowed.is_none())
             || (p.kill_coordinator_at.is_some() && self.coordinator_killed.is_none())
+            || (p.corrupt_checkpoint_at.is_some() && !self.corrupted)
+            || (p.kill_job_at.is_some() && !self.job_killed)
             || self
                 .slowed
                 .is_some_and(|(_, lifted)| !lifted && p.slow_steps > 0)
@@ -192,6 +205,19 @@ impl Schedule {
                 self.coordinator_killed = Some((now, false));
                 out.push(Action::KillCoordinator);
             }
+        }
+        // The corruption first: a job killed at the same step dies with it on disk.
+        if p.corrupt_checkpoint_at
+            .is_some_and(|at| !self.corrupted && step >= at)
+        {
+            self.corrupted = true;
+            out.push(Action::CorruptCheckpoint);
+        }
+        if p.kill_job_at
+            .is_some_and(|at| !self.job_killed && step >= at)
+        {
+            self.job_killed = true;
+            out.push(Action::KillJob);
         }
         out.extend(self.admin(st));
         out.extend(self.periodic(now, st));
@@ -367,6 +393,28 @@ mod tests {
         );
         assert!(s.timed(t + Duration::from_secs(9)).is_empty());
         assert!(s.on_exit().is_empty(), "restarted already");
+    }
+
+    // A corruption and a whole-job kill at one step come in that order, once each.
+    #[test]
+    fn a_corruption_comes_before_the_job_kill_at_its_step() {
+        let t = Instant::now();
+        let mut s = Schedule::new(
+            Plan {
+                corrupt_checkpoint_at: Some(30),
+                kill_job_at: Some(30),
+                ..Plan::default()
+            },
+            t,
+        );
+        assert!(s.due(t, &status(29)).is_empty());
+        assert!(s.waiting_for_a_step());
+        assert_eq!(
+            s.due(t, &status(31)),
+            vec![Action::CorruptCheckpoint, Action::KillJob]
+        );
+        assert!(s.due(t, &status(32)).is_empty());
+        assert!(!s.waiting_for_a_step());
     }
 
     // A launch that ends while the coordinator is down starts it again (its journal and events

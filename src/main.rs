@@ -18,6 +18,7 @@ mod launch_coordinator;
 mod launch_hosts;
 mod launch_load;
 mod launch_schedule;
+mod launch_storage;
 use phalanx_model::io as model_io;
 mod report;
 mod resume;
@@ -430,6 +431,14 @@ struct LaunchCli {
     /// With --kill-coordinator-at: how long the coordinator stays down.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     coordinator_down_ms: u64,
+    /// Once step STEP is committed, flip a byte in a part of the newest committed checkpoint
+    /// (a later --resume must name it and load the one before).
+    #[arg(long, value_name = "STEP")]
+    corrupt_checkpoint_at: Option<u64>,
+    /// Once step STEP is committed, SIGKILL every worker process: the job dies whole and the
+    /// launch ends (exit 1); continue it with --resume.
+    #[arg(long, value_name = "STEP")]
+    kill_job_at: Option<u64>,
     /// A noisy neighbour: a busy-loop process takes one core for BUSY_MS every PERIOD_MS.
     #[arg(long, value_name = "BUSY_MS:PERIOD_MS")]
     noise: Option<String>,
@@ -627,6 +636,8 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
         drain_at,
         kill_coordinator_at,
         coordinator_down_ms,
+        corrupt_checkpoint_at,
+        kill_job_at,
         hosts,
         resume,
         force,
@@ -691,6 +702,8 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
                 drain_at,
                 kill_coordinator_at,
                 coordinator_down: std::time::Duration::from_millis(coordinator_down_ms),
+                corrupt_checkpoint_at,
+                kill_job_at,
             },
             noise,
             hosts,

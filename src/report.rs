@@ -62,8 +62,21 @@ pub fn for_cli(run_dir: &Path, write: bool, force: bool) -> Result<Value> {
     Ok(r)
 }
 
+/// When the run directory's last job started: its resume line (C-6), else the beginning.
+fn job_start_ms(metrics: &[MetricLine]) -> u64 {
+    metrics
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            MetricLine::Resume(r) => Some(r.unix_ms),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 /// The report of a finished or stopped run directory, without the launcher that ran it: the
-/// wall time is taken from the first to the last commit, the status from rank 0's final line.
+/// wall time is taken from the first to the last commit of its last job, the status from rank
+/// 0's final line.
 pub fn from_run_dir(run_dir: &Path) -> Result<Value> {
     let path = run_dir.join("metrics.jsonl");
     if !path.exists() {
@@ -81,6 +94,7 @@ pub fn from_run_dir(run_dir: &Path) -> Result<Value> {
             MetricLine::Rollback(r) => Some(r.unix_ms),
             MetricLine::Resume(r) => Some(r.unix_ms),
         })
+        .filter(|&t| t >= job_start_ms(&metrics))
         .collect();
     let wall = match (times.iter().min(), times.iter().max()) {
         (Some(a), Some(b)) => Duration::from_millis(b - a),
@@ -202,13 +216,21 @@ fn summarize(
 ) -> Result<Value> {
     let steps = last_commits(metrics);
     let final_line = final_line(metrics);
-    let productive_ms: f64 = steps.values().filter_map(|m| m.step_ms).sum();
-    let mut tps: Vec<f64> = steps.values().filter_map(|m| m.tokens_per_s).collect();
+    // A resumed job's metrics hold the campaign's earlier jobs too (C-6): its time and tokens
+    // are the steps it committed itself, after its resume line.
+    let started = job_start_ms(metrics);
+    let this_job: Vec<&StepLine> = steps
+        .values()
+        .copied()
+        .filter(|m| m.unix_ms.is_none_or(|t| t >= started))
+        .collect();
+    let productive_ms: f64 = this_job.iter().filter_map(|m| m.step_ms).sum();
+    let mut tps: Vec<f64> = this_job.iter().filter_map(|m| m.tokens_per_s).collect();
     tps.sort_by(f64::total_cmp);
     // Every step trains the same global batch: its tokens are any committed step's rate times
     // its time. Counted over committed steps, so a redone step counts once.
-    let tokens: f64 = steps
-        .values()
+    let tokens: f64 = this_job
+        .iter()
         .filter(|m| !m.skipped)
         .filter_map(|m| Some(m.tokens_per_s? * m.step_ms? / 1e3))
         .sum();
@@ -593,6 +615,35 @@ mod tests {
 
     // D-4: a step redone after its first commit was lost is consumed once; across a resize the
     // shares still tile the global batch; across the epoch boundary positions start again.
+    // C-6: a resumed job's report counts its own time and steps, not the campaign's: the first
+    // job's 10 s of steps are not this job's (a report once said ETTR 1.032).
+    #[test]
+    fn a_resumed_job_reports_its_own_time() {
+        let d = tempfile::tempdir().unwrap();
+        let at = |step: u64, t: u64| {
+            let mut l = line(step, 1, 1);
+            l.unix_ms = Some(t);
+            l.step_ms = Some(1000.0);
+            l.tokens_per_s = Some(100.0);
+            MetricLine::Step(l)
+        };
+        let mut m: Vec<MetricLine> = (0..10).map(|k| at(k, 1_000 * (k + 1))).collect();
+        m.push(MetricLine::Resume(phalanx_runtime::metrics::ResumeLine {
+            resume: true,
+            step: 8,
+            checkpoint: "step-8".into(),
+            world_size: 1,
+            skipped: vec![],
+            unix_ms: 20_000,
+        }));
+        m.extend((8..12).map(|k| at(k, 20_000 + 1_000 * (k - 7))));
+        let wall = std::time::Duration::from_secs(5);
+        let r = super::summarize(d.path(), &m, &[], wall, "completed", 12).unwrap();
+        assert_eq!(r["productive_s"], 4.0, "{r}");
+        assert_eq!(r["ettr"], 0.8, "{r}");
+        assert_eq!(r["steps"], 12, "{r}");
+    }
+
     #[test]
     fn ledger_accepts_redone_steps_and_resizes() {
         let mut m: Vec<MetricLine> = (0..6).map(|k| commit(k, 1, 4)).collect();

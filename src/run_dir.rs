@@ -111,7 +111,13 @@ pub fn new_job_of_campaign(dir: &Path) -> Result<()> {
 /// ledger go on) and moves the previous job's events, report and coordinator journal to
 /// `history/job-<unix_ms>/`: the new job's coordinator starts fresh, its report is its own.
 pub fn archive_job(dir: &Path) -> Result<()> {
-    let files = ["events.jsonl", "report.json", "coordinator-journal.json"];
+    // The job's own records; fingerprints.jsonl too: its final states are this job's.
+    let files = [
+        "events.jsonl",
+        "report.json",
+        "coordinator-journal.json",
+        "fingerprints.jsonl",
+    ];
     if !files.iter().any(|f| dir.join(f).exists()) {
         return Ok(());
     }

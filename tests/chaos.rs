@@ -150,6 +150,32 @@ fn coordinator_kill_and_restart() {
     assert!(o[0]["ranks_rejoined"].as_u64().unwrap() >= 3, "{o}");
 }
 
+// C-6 under chaos: a bit flipped in the newest committed checkpoint, then every worker
+// SIGKILLed; the next job names the corrupt checkpoint, resumes from the one before, and the
+// campaign's ledger holds every sample exactly once.
+#[test]
+fn a_corrupt_checkpoint_then_the_whole_job_lost() {
+    let ran = chaos("corrupt-checkpoint", 3);
+    assert_held(&ran.report, 0);
+    assert!(
+        ran.stdout.contains("the next job resumes the campaign"),
+        "{}",
+        ran.stdout
+    );
+    let checks = ran.report["chaos"]["checks"].as_array().unwrap();
+    let verify = checks
+        .iter()
+        .find(|c| c["name"] == "committed_checkpoints_verify")
+        .unwrap();
+    assert!(
+        verify["detail"]
+            .as_str()
+            .unwrap()
+            .contains("corrupted on purpose"),
+        "{verify}"
+    );
+}
+
 #[test]
 fn host_loss_and_partition_on_two_hosts() {
     if !Hosts::Two.available() {
@@ -178,6 +204,7 @@ fn scenarios_are_listed_and_an_unknown_one_is_named() {
         "host-loss",
         "partition",
         "coordinator-restart",
+        "corrupt-checkpoint",
     ] {
         assert!(list.stdout().contains(s), "{}", list.stdout());
     }

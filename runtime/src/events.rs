@@ -336,6 +336,12 @@ pub enum FaultKind {
     SpareRestart,
     /// The coordinator process SIGKILLed (and started again from its journal).
     CoordinatorKill,
+    /// A byte flipped in a part of the newest committed checkpoint.
+    CheckpointCorrupt,
+    /// Every worker process of the job SIGKILLed at once: the job dies whole.
+    JobKilled,
+    /// The checkpoint disk filled up (and later emptied again).
+    DiskFull,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -359,6 +365,9 @@ pub struct Injected {
     pub cpu_pct: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub for_ms: Option<u64>,
+    /// The file or directory a storage fault struck.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     pub injected_unix_ms: u64,
     /// The signal or rule took effect.
     pub ok: bool,
@@ -377,6 +386,7 @@ impl Injected {
             step: None,
             cpu_pct: None,
             for_ms: None,
+            path: None,
             injected_unix_ms: unix_ms(),
             ok,
         }

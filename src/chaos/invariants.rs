@@ -168,21 +168,31 @@ fn final_step(e: &Evidence) -> Check {
 
 /// G-1: each new generation's number is above every earlier one.
 fn generations_grow(e: &Evidence) -> Check {
-    let gens: Vec<u64> = e
-        .records
-        .iter()
-        .filter_map(|r| match &r.event {
-            Event::Generation(g) => Some(g.generation.0),
-            _ => None,
-        })
-        .collect();
-    let bad = gens.windows(2).find(|w| w[1] <= w[0]);
+    // Each job of a campaign (C-6) counts its own generations from 1; a job begins where a
+    // coordinator starts (a restart from the journal goes on counting).
+    let mut gens: Vec<u64> = Vec::new();
+    let mut bad = None;
+    let mut newest = 0;
+    for r in &e.records {
+        match &r.event {
+            Event::CoordinatorStarted(_) => newest = 0,
+            Event::Generation(g) => {
+                let g = g.generation.0;
+                if g <= newest && bad.is_none() {
+                    bad = Some([newest, g]);
+                }
+                newest = g;
+                gens.push(g);
+            }
+            _ => {}
+        }
+    }
     check(
         "generations_only_grow",
         !gens.is_empty() && bad.is_none(),
         match bad {
             Some(w) => format!("generation {} formed after {}", w[1], w[0]),
-            None => format!("{} generations, increasing", gens.len()),
+            None => format!("{} generations, increasing within each job", gens.len()),
         },
     )
 }
@@ -193,6 +203,10 @@ fn no_fenced_commit(e: &Evidence) -> Check {
     let mut newest = 0;
     let mut bad = None;
     for m in &e.metrics {
+        // A resumed job's generations start again from 1 (C-6).
+        if let MetricLine::Resume(_) = m {
+            newest = 0;
+        }
         if let MetricLine::Step(s) = m {
             if s.loss.is_none() {
                 continue;
@@ -255,22 +269,70 @@ fn ledger(e: &Evidence) -> Check {
     )
 }
 
-/// C-5, C-6: every committed checkpoint verifies.
+/// C-5, C-6: every committed checkpoint verifies, but one the scenario corrupted, which must
+/// not, and which the next job's resume must have skipped.
 fn checkpoints_verify(e: &Evidence) -> Check {
-    let bad: Vec<String> = e
-        .checkpoints
+    let struck = corrupted(e);
+    let skipped: Vec<&str> = e
+        .metrics
         .iter()
-        .filter_map(|(c, why)| why.as_ref().map(|w| format!("{c}: {w}")))
+        .filter_map(|m| match m {
+            MetricLine::Resume(r) => Some(r),
+            _ => None,
+        })
+        .flat_map(|r| r.skipped.iter().map(|s| s.checkpoint.as_str()))
         .collect();
+    let mut bad: Vec<String> = Vec::new();
+    for (c, why) in &e.checkpoints {
+        let name = step_dir(c);
+        match (struck.contains(&name), why) {
+            (false, Some(w)) => bad.push(format!("{c}: {w}")),
+            (true, None) => bad.push(format!("{c} was corrupted but verifies")),
+            (true, Some(_)) if !skipped.iter().any(|s| step_dir(s) == name) => {
+                bad.push(format!("{c} was corrupted and no resume skipped it"))
+            }
+            _ => {}
+        }
+    }
     check(
         "committed_checkpoints_verify",
         bad.is_empty(),
-        if bad.is_empty() {
+        if bad.is_empty() && struck.is_empty() {
             format!("{} committed, all verify", e.checkpoints.len())
+        } else if bad.is_empty() {
+            format!(
+                "{} committed; all verify but the {} corrupted on purpose, which the resume \
+                 named and skipped",
+                e.checkpoints.len(),
+                struck.join(", ")
+            )
         } else {
             bad.join("; ")
         },
     )
+}
+
+/// The `step-N` folder a checkpoint path or a part's path names.
+fn step_dir(path: &str) -> String {
+    std::path::Path::new(path)
+        .ancestors()
+        .filter_map(|p| p.file_name()?.to_str())
+        .find(|n| n.starts_with("step-"))
+        .unwrap_or(path)
+        .to_string()
+}
+
+/// The checkpoints the scenario corrupted (their `step-N` folders).
+fn corrupted(e: &Evidence) -> Vec<String> {
+    e.records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::FaultInjected(f) if f.fault == FaultKind::CheckpointCorrupt => {
+                f.path.as_deref().map(step_dir)
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 fn val_loss_close(e: &Evidence) -> Check {
@@ -340,6 +402,50 @@ mod tests {
                        "generation": 1, "cause": "crashed", "reason": "x",
                        "host": "h", "pid": 1});
         serde_json::from_value(v).unwrap()
+    }
+
+    fn corrupt(path: &str) -> Record {
+        let v = json!({"unix_ms": 1, "kind": "fault_injected", "fault": "checkpoint_corrupt",
+                       "path": path, "injected_unix_ms": 1, "ok": true});
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn started() -> Record {
+        let v = json!({"unix_ms": 1, "kind": "coordinator_started", "job": "j",
+                       "generation": 0, "target_world": 2});
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn resumed_skipping(checkpoint: &str) -> MetricLine {
+        let v = json!({"resume": true, "step": 1, "checkpoint": "r/checkpoints/step-1",
+                       "world_size": 2, "unix_ms": 1,
+                       "skipped": [{"checkpoint": checkpoint, "why": "corrupt"}]});
+        serde_json::from_value(v).unwrap()
+    }
+
+    // A campaign of two jobs (C-6): the second counts generations from 1 again, and a
+    // checkpoint corrupted on purpose must fail to verify and be skipped by the resume.
+    #[test]
+    fn a_corrupted_checkpoint_must_be_caught_and_a_new_job_may_count_again() {
+        let mut e = good();
+        e.records.push(started());
+        e.records.push(generation(1));
+        e.metrics
+            .insert(2, resumed_skipping("r/checkpoints/step-2"));
+        e.metrics.insert(3, step(2, 1));
+        assert!(failed(&e).is_empty(), "{:?}", checks(&e));
+        e.records.push(corrupt(
+            "r/checkpoints/step-2/part-00000-of-00002.safetensors",
+        ));
+        assert_eq!(failed(&e), ["committed_checkpoints_verify"], "it verifies");
+        e.checkpoints[0].1 = Some("part-00000 does not match".into());
+        assert!(failed(&e).is_empty(), "{:?}", checks(&e));
+        e.metrics[2] = resumed_skipping("r/checkpoints/step-1");
+        assert_eq!(
+            failed(&e),
+            ["committed_checkpoints_verify"],
+            "never skipped"
+        );
     }
 
     fn good() -> Evidence {

@@ -114,7 +114,17 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
         run_dir.display()
     );
     let a = launch_args(c, sc, hosts, &overrides, &run_dir, &faults)?;
-    let code = launch::run(&a, stop)?;
+    let mut code = launch::run(&a, stop.clone())?;
+    if sc.resume_after {
+        outln!(
+            "the job died whole (exit {code}); the next job resumes the campaign from the newest \
+             checkpoint that verifies:"
+        );
+        let mut resumed = overrides.clone();
+        resumed.push("run.resume=true".into());
+        let a = launch_args(c, sc, hosts, &resumed, &run_dir, &Faults::default())?;
+        code = launch::run(&a, stop)?;
+    }
     let mut e = evidence(&run_dir, max_steps)?;
     e.baseline_val_loss = baseline;
     e.val_tolerance = c.val_tolerance;
@@ -210,7 +220,7 @@ fn evidence(run_dir: &Path, max_steps: u64) -> Result<Evidence> {
         .collect();
     Ok(Evidence {
         metrics: crate::report::metrics_in(run_dir),
-        records: phalanx_runtime::events::read(&read("events.jsonl")).0,
+        records: campaign_records(run_dir),
         report,
         fingerprints: read("fingerprints.jsonl")
             .lines()
@@ -220,6 +230,25 @@ fn evidence(run_dir: &Path, max_steps: u64) -> Result<Evidence> {
         max_steps,
         ..Evidence::default()
     })
+}
+
+/// The events of every job in the run directory, oldest first: the earlier jobs' as a resume
+/// archived them (`history/job-<unix_ms>/`), then the last job's.
+fn campaign_records(run_dir: &Path) -> Vec<phalanx_runtime::events::Record> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(run_dir.join("history"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path().join("events.jsonl"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.push(run_dir.join("events.jsonl"));
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| phalanx_runtime::events::read(&text).0)
+        .collect()
 }
 
 /// The chaos section of `report.json`.

@@ -27,6 +27,9 @@ pub struct Scenario {
     pub spares: usize,
     /// Simulated hosts it needs (0: any, the ranks may share this host).
     pub hosts: usize,
+    /// The faults end the job whole: a second job resumes the campaign (C-6) and runs to the
+    /// end, and the checks read both.
+    pub resume_after: bool,
     faults: fn(&Draw) -> Faults,
 }
 
@@ -68,6 +71,7 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 4,
         spares: 1,
         hosts: 0,
+        resume_after: false,
         faults: |d| {
             Faults::of(Plan {
                 kill: vec![(d.step(1), d.rank(2, 4, false))],
@@ -81,6 +85,7 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 4,
         spares: 1,
         hosts: 0,
+        resume_after: false,
         faults: |d| {
             let (step, a) = (d.step(1), d.rank(2, 4, false));
             let b = (a + 1 + d.rank(3, 3, false)) % 4;
@@ -96,6 +101,7 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 3,
         spares: 1,
         hosts: 0,
+        resume_after: false,
         faults: |d| {
             Faults::of(Plan {
                 stop_at: Some((d.step(1), d.rank(2, 3, true))),
@@ -110,6 +116,7 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 3,
         spares: 1,
         hosts: 0,
+        resume_after: false,
         faults: |d| {
             Faults::of(Plan {
                 slow_at: Some((d.step(1), d.rank(2, 3, true))),
@@ -125,6 +132,7 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 3,
         spares: 0,
         hosts: 0,
+        resume_after: false,
         faults: |d| Faults {
             in_rank: vec![format!("nan@{}:{}", d.step(1), d.rank(2, 3, false))],
             ..Faults::default()
@@ -136,6 +144,7 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 2,
         spares: 2,
         hosts: 0,
+        resume_after: false,
         faults: |d| {
             let up = d.step(1);
             Faults::of(Plan {
@@ -151,6 +160,7 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 4,
         spares: 2,
         hosts: 2,
+        resume_after: false,
         faults: |d| Faults {
             kill_host_at: Some((d.step(1), 1)),
             ..Faults::default()
@@ -162,6 +172,7 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 4,
         spares: 2,
         hosts: 2,
+        resume_after: false,
         faults: |d| Faults {
             cut_host_at: Some((d.step(1), 1)),
             cut_for: Duration::from_secs(8),
@@ -175,10 +186,28 @@ pub const SCENARIOS: &[Scenario] = &[
         world: 3,
         spares: 1,
         hosts: 0,
+        resume_after: false,
         faults: |d| {
             Faults::of(Plan {
                 kill_coordinator_at: Some(d.step(1)),
                 coordinator_down: Duration::from_secs(2),
+                ..Plan::default()
+            })
+        },
+    },
+    Scenario {
+        name: "corrupt-checkpoint",
+        about: "a bit flipped in the newest committed checkpoint, then the whole job killed: \
+                the next job names it, resumes from the one before, and loses no sample",
+        world: 3,
+        spares: 0,
+        hosts: 0,
+        resume_after: true,
+        faults: |d| {
+            let at = d.step(1);
+            Faults::of(Plan {
+                corrupt_checkpoint_at: Some(at),
+                kill_job_at: Some(at),
                 ..Plan::default()
             })
         },
@@ -207,6 +236,11 @@ impl Faults {
         one(self.kill_host_at.is_some(), FaultKind::HostLost);
         one(self.cut_host_at.is_some(), FaultKind::HostPartition);
         one(p.kill_coordinator_at.is_some(), FaultKind::CoordinatorKill);
+        one(
+            p.corrupt_checkpoint_at.is_some(),
+            FaultKind::CheckpointCorrupt,
+        );
+        one(p.kill_job_at.is_some(), FaultKind::JobKilled);
         out
     }
 
