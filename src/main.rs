@@ -144,7 +144,7 @@ enum Cmd {
         overrides: Vec<String>,
     },
     /// A local job: coordinator + N ranks (+ K hot spares) on this machine.
-    Launch(LaunchCli),
+    Launch(Box<LaunchCli>),
     /// A local job with a scenario's faults placed by a seed; its invariants checked and
     /// recorded in report.json (`--scenario list` lists the scenarios).
     Chaos(chaos::ChaosCli),
@@ -533,7 +533,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::from(code as u8))
         }
-        Cmd::Launch(c) => launch_cmd(c),
+        Cmd::Launch(c) => launch_cmd(*c),
         Cmd::Coordinator {
             bind,
             config,
