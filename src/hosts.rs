@@ -49,17 +49,22 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 /// Says what to do when simulated hosts cannot be made here, instead of a silent fallback to
 /// one host.
-pub fn check_can_simulate() -> Result<()> {
-    // Root is needed for namespaces, veth pairs and the bridge.
+/// This process runs as root (effective uid 0).
+pub fn is_root() -> bool {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+                .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
         })
         .unwrap_or_default();
-    if uid != "0" {
+    uid == "0"
+}
+
+pub fn check_can_simulate() -> Result<()> {
+    // Root is needed for namespaces, veth pairs and the bridge.
+    if !is_root() {
         bail!(
             "--hosts simulates hosts with network namespaces, veth pairs and a bridge, which needs \
              root; run as root, or run without --hosts (one host)"

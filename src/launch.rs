@@ -99,6 +99,8 @@ struct Job {
     max_world: usize,
     /// libtorch threads per rank.
     threads: usize,
+    /// Parameters of the model.
+    params: u64,
 }
 
 fn prepare(a: &LaunchArgs) -> Result<Job> {
@@ -118,7 +120,7 @@ fn prepare(a: &LaunchArgs) -> Result<Job> {
         );
     }
     // Fail here, not in N workers at once, if the dataset or model is wrong.
-    crate::train::setup(&cfg)?;
+    let params = crate::train::setup(&cfg)?.trainer.model.num_params().max(0) as u64;
     let run_dir = cfg.run.dir.clone();
     if cfg.run.resume {
         crate::run_dir::ensure(&run_dir)?;
@@ -138,6 +140,7 @@ fn prepare(a: &LaunchArgs) -> Result<Job> {
     };
     Ok(Job {
         threads: (budget / a.nproc).max(1),
+        params,
         cfg,
         run_dir,
         max_world,
@@ -311,6 +314,10 @@ struct Supervision<'a> {
     coord: Coordinator,
     /// The plan killed the whole job: nothing is restarted, the launch ends.
     job_killed: bool,
+    /// The checkpoint disk the plan fills, and whether it is full now (kept full: what the job
+    /// deletes is taken again).
+    disk: Option<launch_storage::CheckpointDisk>,
+    disk_full: bool,
 }
 
 impl Supervision<'_> {
@@ -415,6 +422,9 @@ impl Supervision<'_> {
             }
             if let Some(s) = self.sp.sim {
                 self.host_faults.heal(s, &self.run_dir, false)?;
+            }
+            if let Some(d) = self.disk.as_ref().filter(|_| self.disk_full) {
+                d.fill()?;
             }
             for act in self.schedule.timed(Instant::now()) {
                 self.carry_out(act, None)?;
@@ -583,7 +593,40 @@ impl Supervision<'_> {
                 append_event(run_dir, Event::FaultInjected(f))?;
             }
             Action::KillJob => self.kill_job(step)?,
+            Action::FillDisk => self.fill_disk(step)?,
+            Action::FreeDisk => {
+                self.disk_full = false;
+                if let Some(d) = &self.disk {
+                    d.free()?;
+                    let mut c = Cleared::of(FaultKind::DiskFull);
+                    c.step = step;
+                    c.cleared_unix_ms = Some(unix_ms());
+                    append_event(run_dir, Event::FaultCleared(c))?;
+                    bar.suspend(|| info!("the checkpoint disk has room again"));
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// The checkpoint disk filled to its last byte.
+    fn fill_disk(&mut self, step: Option<u64>) -> Result<()> {
+        let Some(d) = &self.disk else {
+            bail!("the plan fills the checkpoint disk but none was mounted");
+        };
+        let bytes = d.fill()?;
+        self.disk_full = true;
+        let mut f = Injected::of(FaultKind::DiskFull, true);
+        f.step = step;
+        f.path = Some(d.dir().display().to_string());
+        append_event(&self.run_dir, Event::FaultInjected(f))?;
+        self.bar.suspend(|| {
+            info!(
+                ?step,
+                mib = bytes >> 20,
+                "injected: the checkpoint disk is full"
+            )
+        });
         Ok(())
     }
 
@@ -682,6 +725,13 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         Some(h) => Some(SimHosts::create(h, "phalanx")?),
         None => None,
     };
+    let disk = match a.plan.fill_disk_at {
+        Some(_) => Some(launch_storage::CheckpointDisk::mount(
+            &job.run_dir,
+            launch_storage::disk_mib_for(job.params, job.cfg.run.keep_checkpoints),
+        )?),
+        None => None,
+    };
     let coord = Coordinator::start(
         &CoordinatorJob {
             cfg: &job.cfg,
@@ -758,6 +808,8 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         admin: Vec::new(),
         coord,
         job_killed: false,
+        disk,
+        disk_full: false,
     };
     let outcome = sup.run(&stop, &rt, &copts);
     let wound = sup.wind_down();
@@ -766,8 +818,11 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         let _ = h.join();
     }
     sup.coord.stop();
+    // Its checkpoints back on the disk below, before the report and the checks read them.
+    let released = sup.disk.as_mut().map_or(Ok(()), |d| d.release());
     let outcome = outcome?;
     wound?;
+    released?;
     let r = report::build(
         &job.run_dir,
         wall.elapsed(),

@@ -36,6 +36,10 @@ pub struct Plan {
     /// ... and SIGKILL every worker once step S is committed: the job dies whole (its next
     /// job resumes, C-6).
     pub kill_job_at: Option<u64>,
+    /// Once step S is committed, fill the checkpoint disk (a tmpfs the launcher mounts), and
+    /// empty it again `disk_full_steps` committed steps later.
+    pub fill_disk_at: Option<u64>,
+    pub disk_full_steps: u64,
 }
 
 /// A process of the job as the coordinator sees it.
@@ -100,6 +104,8 @@ pub enum Action {
     RestartCoordinator,
     CorruptCheckpoint,
     KillJob,
+    FillDisk,
+    FreeDisk,
 }
 
 /// The plan and what of it has happened.
@@ -119,6 +125,8 @@ pub struct Schedule {
     coordinator_killed: Option<(Instant, bool)>,
     corrupted: bool,
     job_killed: bool,
+    /// The step the disk was filled at, and whether it has been emptied again.
+    disk_filled: Option<(u64, bool)>,
 }
 
 impl Schedule {
@@ -136,6 +144,7 @@ impl Schedule {
             coordinator_killed: None,
             corrupted: false,
             job_killed: false,
+            disk_filled: None,
         }
     }
 
@@ -151,6 +160,7 @@ impl Schedule {
             || (p.kill_coordinator_at.is_some() && self.coordinator_killed.is_none())
             || (p.corrupt_checkpoint_at.is_some() && !self.corrupted)
             || (p.kill_job_at.is_some() && !self.job_killed)
+            || (p.fill_disk_at.is_some() && !matches!(self.disk_filled, Some((_, true))))
             || self
                 .slowed
                 .is_some_and(|(_, lifted)| !lifted && p.slow_steps > 0)
@@ -212,6 +222,17 @@ impl Schedule {
         {
             self.corrupted = true;
             out.push(Action::CorruptCheckpoint);
+        }
+        if p.fill_disk_at
+            .is_some_and(|at| self.disk_filled.is_none() && step >= at)
+        {
+            self.disk_filled = Some((step, false));
+            out.push(Action::FillDisk);
+        } else if let Some((at, freed @ false)) = &mut self.disk_filled {
+            if step >= *at + p.disk_full_steps {
+                *freed = true;
+                out.push(Action::FreeDisk);
+            }
         }
         if p.kill_job_at
             .is_some_and(|at| !self.job_killed && step >= at)
@@ -300,6 +321,10 @@ impl Schedule {
         if let Some((_, restarted @ false)) = &mut self.coordinator_killed {
             *restarted = true;
             out.push(Action::RestartCoordinator);
+        }
+        if let Some((_, freed @ false)) = &mut self.disk_filled {
+            *freed = true;
+            out.push(Action::FreeDisk);
         }
         out
     }
@@ -393,6 +418,29 @@ mod tests {
         );
         assert!(s.timed(t + Duration::from_secs(9)).is_empty());
         assert!(s.on_exit().is_empty(), "restarted already");
+    }
+
+    // The disk fills at its step and is emptied its number of steps later, or when the launch
+    // ends.
+    #[test]
+    fn a_full_disk_is_emptied_after_its_steps_or_at_the_end() {
+        let t = Instant::now();
+        let plan = Plan {
+            fill_disk_at: Some(10),
+            disk_full_steps: 30,
+            ..Plan::default()
+        };
+        let mut s = Schedule::new(plan.clone(), t);
+        assert_eq!(s.due(t, &status(10)), vec![Action::FillDisk]);
+        assert!(s.waiting_for_a_step());
+        assert!(s.due(t, &status(39)).is_empty());
+        assert_eq!(s.due(t, &status(40)), vec![Action::FreeDisk]);
+        assert!(!s.waiting_for_a_step());
+        assert!(s.due(t, &status(41)).is_empty());
+        assert!(s.on_exit().is_empty());
+        let mut s = Schedule::new(plan, t);
+        assert_eq!(s.due(t, &status(11)), vec![Action::FillDisk]);
+        assert_eq!(s.on_exit(), vec![Action::FreeDisk]);
     }
 
     // A corruption and a whole-job kill at one step come in that order, once each.

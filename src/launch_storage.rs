@@ -44,9 +44,180 @@ fn flip_a_bit(file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A checkpoint disk for a model of `params` parameters that keeps `keep` checkpoints: room for
+/// them, one being written and one more (parameters and two AdamW moments in f32 each), at
+/// least 64 MiB. A tmpfs takes memory only for what it holds.
+pub fn disk_mib_for(params: u64, keep: usize) -> u64 {
+    let save = params * 12;
+    ((save * (keep as u64 + 2)) >> 20).max(64)
+}
+
+/// The run's checkpoint folder on a tmpfs of its own, so that it can be filled up without
+/// touching the machine's disks. When the launch ends its checkpoints are copied back to the
+/// folder underneath and the tmpfs unmounted: the run directory keeps them.
+pub struct CheckpointDisk {
+    dir: PathBuf,
+    filler: PathBuf,
+    mounted: bool,
+}
+
+impl CheckpointDisk {
+    /// Mounts a tmpfs of `size_mib` at `<run_dir>/checkpoints`, which must hold nothing yet.
+    pub fn mount(run_dir: &Path, size_mib: u64) -> Result<Self> {
+        if !crate::hosts::is_root() {
+            bail!(
+                "--fill-disk-at mounts a tmpfs as the checkpoint disk, which needs root; run as \
+                 root or without it"
+            );
+        }
+        let dir = run_dir.join("checkpoints");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        if std::fs::read_dir(&dir)?.next().is_some() {
+            bail!(
+                "--fill-disk-at needs an empty {} (a tmpfs goes over it); start a new run.dir",
+                dir.display()
+            );
+        }
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .context("cannot run mount")?;
+        if !ok.success() {
+            bail!("cannot mount a tmpfs at {}", dir.display());
+        }
+        Ok(CheckpointDisk {
+            filler: dir.join(".disk-filler"),
+            dir,
+            mounted: true,
+        })
+    }
+
+    /// Takes every free byte of the disk with one file (allocated at once, not written: a
+    /// filesystem fills in milliseconds even beside a busy job); its size.
+    /// Called again, it takes what was freed since (the job's retention deletes old
+    /// checkpoints; a disk filled by something else stays full while that goes on writing).
+    pub fn fill(&self) -> Result<u64> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&self.filler)
+            .with_context(|| format!("cannot open {}", self.filler.display()))?;
+        let st = rustix::fs::statvfs(&self.dir)
+            .with_context(|| format!("cannot read the free space of {}", self.dir.display()))?;
+        if st.f_bavail == 0 {
+            return Ok(f.metadata()?.len());
+        }
+        // The free count includes what the filesystem keeps for itself: take it in halving
+        // pieces down to a page, so that not one page is left.
+        let mut at = f.metadata()?.len();
+        let mut piece = (st.f_bavail * st.f_frsize).max(4096);
+        while piece >= 4096 {
+            match rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), at, piece) {
+                Ok(()) => at += piece,
+                Err(rustix::io::Errno::NOSPC) => piece /= 2,
+                Err(e) => return Err(e).context("cannot fill the checkpoint disk"),
+            }
+        }
+        Ok(at)
+    }
+
+    /// Removes the filler: room again.
+    pub fn free(&self) -> Result<()> {
+        match std::fs::remove_file(&self.filler) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", self.filler.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Copies the checkpoints back under the mount point and unmounts the tmpfs.
+    pub fn release(&mut self) -> Result<()> {
+        if !std::mem::replace(&mut self.mounted, false) {
+            return Ok(());
+        }
+        self.free()?;
+        let keep = self.dir.with_file_name(".checkpoints-from-tmpfs");
+        let _ = std::fs::remove_dir_all(&keep);
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&self.dir)
+            .arg(&keep)
+            .status()
+            .context("cannot run cp")?;
+        let unmounted = std::process::Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .context("cannot run umount")?;
+        if !unmounted.success() {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.dir)
+                .status();
+        }
+        if !copied.success() {
+            bail!(
+                "cannot copy the checkpoints off the tmpfs at {}",
+                self.dir.display()
+            );
+        }
+        std::fs::remove_dir(&self.dir).ok();
+        std::fs::rename(&keep, &self.dir)
+            .with_context(|| format!("cannot move the checkpoints back to {}", self.dir.display()))
+    }
+}
+
+impl Drop for CheckpointDisk {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::warn!(error = %e, "the checkpoint tmpfs was not released cleanly");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The tmpfs fills to ENOSPC, empties again, and its files outlive it on the disk below.
+    #[test]
+    fn a_filled_checkpoint_disk_keeps_its_files_when_released() {
+        if !crate::hosts::is_root() {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut disk = CheckpointDisk::mount(d.path(), 8).unwrap();
+        std::fs::write(disk.dir().join("kept"), b"x").unwrap();
+        let filled = disk.fill().unwrap();
+        assert!(filled > 7 << 20 && filled <= 8 << 20, "{filled}");
+        let fs = rustix::fs::statvfs(disk.dir()).unwrap();
+        assert_eq!(fs.f_bavail, 0, "not full");
+        let e = std::fs::write(disk.dir().join("more"), vec![1u8; 1 << 20]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(28), "{e}");
+        // Room made while full is taken again.
+        std::fs::remove_file(disk.dir().join("kept")).unwrap();
+        disk.fill().unwrap();
+        assert_eq!(rustix::fs::statvfs(disk.dir()).unwrap().f_bavail, 0);
+        std::fs::write(disk.dir().join("kept"), b"x").unwrap_err();
+        disk.free().unwrap();
+        std::fs::write(disk.dir().join("kept"), b"x").unwrap();
+        std::fs::write(disk.dir().join("more"), vec![1u8; 1 << 20]).unwrap();
+        disk.release().unwrap();
+        assert_eq!(
+            std::fs::read(d.path().join("checkpoints/kept")).unwrap(),
+            b"x"
+        );
+        assert!(!d.path().join("checkpoints/.disk-filler").exists());
+        drop(disk);
+    }
 
     // The newest committed save is struck, not a newer one still being written.
     #[test]

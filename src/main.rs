@@ -439,6 +439,14 @@ struct LaunchCli {
     /// launch ends (exit 1); continue it with --resume.
     #[arg(long, value_name = "STEP")]
     kill_job_at: Option<u64>,
+    /// Once step STEP is committed, fill the checkpoint disk, and empty it --disk-full-steps
+    /// steps later: run.dir/checkpoints is then a 1 GiB tmpfs mounted for the run (needs root; its
+    /// checkpoints are copied back when the launch ends).
+    #[arg(long, value_name = "STEP")]
+    fill_disk_at: Option<u64>,
+    /// With --fill-disk-at: how many committed steps the disk stays full.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    disk_full_steps: u64,
     /// A noisy neighbour: a busy-loop process takes one core for BUSY_MS every PERIOD_MS.
     #[arg(long, value_name = "BUSY_MS:PERIOD_MS")]
     noise: Option<String>,
@@ -638,6 +646,8 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
         coordinator_down_ms,
         corrupt_checkpoint_at,
         kill_job_at,
+        fill_disk_at,
+        disk_full_steps,
         hosts,
         resume,
         force,
@@ -704,6 +714,8 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
                 coordinator_down: std::time::Duration::from_millis(coordinator_down_ms),
                 corrupt_checkpoint_at,
                 kill_job_at,
+                fill_disk_at,
+                disk_full_steps,
             },
             noise,
             hosts,

@@ -62,7 +62,7 @@ fn assert_held_with(report: &Value, faults: std::ops::RangeInclusive<usize>) {
     let c = &report["chaos"];
     assert_eq!(c["passed"], true, "{c}");
     let checks = c["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 9, "{c}");
+    assert_eq!(checks.len(), 10, "{c}");
     assert!(c["baseline_val_loss"].as_f64().is_some(), "{c}");
     let f = report["faults"].as_array().unwrap();
     assert!(faults.contains(&f.len()), "{}", report["faults"]);
@@ -77,7 +77,7 @@ fn kill_one() {
     let ran = chaos("kill-one", 3);
     assert_held(&ran.report, 1);
     assert!(
-        ran.stdout.contains("9 of 9 invariants hold"),
+        ran.stdout.contains("10 of 10 invariants hold"),
         "{}",
         ran.stdout
     );
@@ -176,6 +176,30 @@ fn a_corrupt_checkpoint_then_the_whole_job_lost() {
     );
 }
 
+// C-4 under chaos: the checkpoint disk (a tmpfs the launcher mounts) full for a fifth of the
+// run: a save fails with the system's reason, none is committed partial, the job goes on and a
+// later save commits. 600 steps: a save every 75, before, during and after.
+#[test]
+fn the_checkpoint_disk_fills_up() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs as the checkpoint disk needs root");
+        return;
+    }
+    let ran = chaos_for("disk-full", 3, 600);
+    assert_held(&ran.report, 0);
+    let failed: Vec<&Value> = ran
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "checkpoint_failed")
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|e| e["error"].as_str().unwrap().contains("No space left")),
+        "{failed:?}"
+    );
+}
+
 #[test]
 fn host_loss_and_partition_on_two_hosts() {
     if !Hosts::Two.available() {
@@ -205,6 +229,7 @@ fn scenarios_are_listed_and_an_unknown_one_is_named() {
         "partition",
         "coordinator-restart",
         "corrupt-checkpoint",
+        "disk-full",
     ] {
         assert!(list.stdout().contains(s), "{}", list.stdout());
     }

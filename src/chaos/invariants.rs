@@ -54,7 +54,55 @@ pub fn checks(e: &Evidence) -> Vec<Check> {
         checkpoints_verify(e),
         val_loss_close(e),
         coordinator_restart_evicts_nobody(e),
+        full_disk_fails_saves_not_the_job(e),
     ]
+}
+
+/// C-4: while the checkpoint disk is full a save fails (said in an event) and the job goes on;
+/// once there is room again a later save is committed.
+fn full_disk_fails_saves_not_the_job(e: &Evidence) -> Check {
+    let (mut full, mut freed) = (None, None);
+    for r in &e.records {
+        match &r.event {
+            Event::FaultInjected(f) if f.fault == FaultKind::DiskFull => {
+                full.get_or_insert(f.injected_unix_ms);
+            }
+            Event::FaultCleared(c) if c.fault == FaultKind::DiskFull => {
+                freed.get_or_insert(c.cleared_unix_ms.unwrap_or(r.unix_ms));
+            }
+            _ => {}
+        }
+    }
+    let Some(full) = full else {
+        return check(
+            "full_disk_fails_saves_not_the_job",
+            true,
+            "no full disk in this run".into(),
+        );
+    };
+    let freed = freed.unwrap_or(u64::MAX);
+    let failed = e
+        .records
+        .iter()
+        .filter(|r| matches!(r.event, Event::CheckpointFailed { .. }))
+        .filter(|r| r.unix_ms >= full)
+        .count();
+    let after = e.records.iter().find_map(|r| match r.event {
+        Event::CheckpointCommitted { step, .. } if r.unix_ms > freed => Some(step),
+        _ => None,
+    });
+    check(
+        "full_disk_fails_saves_not_the_job",
+        failed > 0 && after.is_some(),
+        match after {
+            Some(step) if failed > 0 => format!(
+                "{failed} part write(s) failed on the full disk; step {step} committed once it \
+                 had room"
+            ),
+            Some(_) => "no save failed while the disk was full: the fault missed".into(),
+            None => "no checkpoint committed once the disk had room again".into(),
+        },
+    )
 }
 
 /// K-5: the coordinator's outage is its own, not the ranks': from its SIGKILL until 10 s after
@@ -402,6 +450,50 @@ mod tests {
                        "generation": 1, "cause": "crashed", "reason": "x",
                        "host": "h", "pid": 1});
         serde_json::from_value(v).unwrap()
+    }
+
+    fn record(v: Value) -> Record {
+        serde_json::from_value(v).unwrap()
+    }
+
+    // C-4: a full disk must fail a save, and a save must commit once it has room.
+    #[test]
+    fn a_full_disk_must_fail_a_save_and_a_later_one_must_commit() {
+        let full = record(
+            json!({"unix_ms": 10, "kind": "fault_injected", "fault": "disk_full",
+                                  "injected_unix_ms": 10, "ok": true}),
+        );
+        let failed_save = record(
+            json!({"unix_ms": 11, "kind": "checkpoint_failed", "step": 5,
+                                         "rank": 0, "error": "No space left on device"}),
+        );
+        let freed = record(
+            json!({"unix_ms": 12, "kind": "fault_cleared", "fault": "disk_full",
+                                   "cleared_unix_ms": 12}),
+        );
+        let committed = record(
+            json!({"unix_ms": 13, "kind": "checkpoint_committed", "step": 6,
+                                       "world": 2, "bytes": 1, "stage_ms": 0.0, "drain_ms": 0.0}),
+        );
+        let mut e = good();
+        e.records
+            .extend([full.clone(), freed.clone(), committed.clone()]);
+        assert_eq!(
+            failed(&e),
+            ["full_disk_fails_saves_not_the_job"],
+            "nothing failed"
+        );
+        let mut e = good();
+        e.records
+            .extend([full.clone(), failed_save.clone(), freed.clone()]);
+        assert_eq!(
+            failed(&e),
+            ["full_disk_fails_saves_not_the_job"],
+            "nothing after"
+        );
+        let mut e = good();
+        e.records.extend([full, failed_save, freed, committed]);
+        assert!(failed(&e).is_empty(), "{:?}", checks(&e));
     }
 
     fn corrupt(path: &str) -> Record {

@@ -212,6 +212,25 @@ pub const SCENARIOS: &[Scenario] = &[
             })
         },
     },
+    Scenario {
+        name: "disk-full",
+        about: "the checkpoint disk (a tmpfs) full for a fifth of the run (root): the saves \
+                meanwhile fail with an event, none is committed partial, training goes on and \
+                saves again",
+        world: 3,
+        spares: 0,
+        hosts: 0,
+        resume_after: false,
+        faults: |d| {
+            Faults::of(Plan {
+                fill_disk_at: Some(d.step(1)),
+                // Longer than the save interval chaos sets (an eighth of the run), and over
+                // by 80% of the run at the latest: a save fails, a later one commits.
+                disk_full_steps: d.max_steps / 5,
+                ..Plan::default()
+            })
+        },
+    },
 ];
 
 impl Faults {
@@ -241,6 +260,7 @@ impl Faults {
             FaultKind::CheckpointCorrupt,
         );
         one(p.kill_job_at.is_some(), FaultKind::JobKilled);
+        one(p.fill_disk_at.is_some(), FaultKind::DiskFull);
         out
     }
 
