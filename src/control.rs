@@ -105,6 +105,7 @@ pub fn service_opts(c: &CoordinatorSection, a: &CoordinatorArgs) -> Result<Servi
     opts.core = core_config(c, a.max_world);
     opts.journal = Some(a.run_dir.join("coordinator-journal.json"));
     opts.events = Some(a.run_dir.join("events.jsonl"));
+    opts.step_times = Some(a.run_dir.join("step_times.jsonl"));
     opts.tick = ms(c.tick_ms);
     opts.keepalive_interval = ms(c.keepalive_interval_ms);
     opts.keepalive_timeout = ms(c.keepalive_timeout_ms);

@@ -3,6 +3,7 @@
 #[macro_use]
 mod output;
 mod plot;
+mod plot_heat;
 mod progress;
 
 mod bench;

@@ -3,6 +3,7 @@
 //! struck. Read from the same records as the report (`metrics.jsonl`, `events.jsonl`), for a
 //! single-process run and a multi-rank one alike.
 
+use crate::plot_heat::HeatMap;
 use anyhow::{bail, Context, Result};
 use phalanx_runtime::events::{self, Record};
 use phalanx_runtime::metrics::{self, MetricLine};
@@ -139,6 +140,10 @@ pub fn run(run_dir: &Path, out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
         .map(|t| events::read(&t).0)
         .unwrap_or_default();
     let s = Series::of(&lines, &records);
+    let step_times = std::fs::read_to_string(run_dir.join("step_times.jsonl"))
+        .map(|t| events::read_lines(&t).0)
+        .unwrap_or_default();
+    let heat = HeatMap::of(&step_times, s.last_step());
     if s.loss.is_empty() {
         bail!(
             "{} holds no training step yet: nothing to plot",
@@ -155,12 +160,23 @@ pub fn run(run_dir: &Path, out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     // Both backends measure text with the font (the legend's box is sized by it).
     register_font()?;
     let svg = out.join("plot.svg");
-    draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), &s, &title)
-        .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", svg.display()))?;
+    let size = if heat.is_some() {
+        SIZE_WITH_RANKS
+    } else {
+        SIZE
+    };
+    draw(
+        SVGBackend::new(&svg, size).into_drawing_area(),
+        &s,
+        heat.as_ref(),
+        &title,
+    )
+    .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", svg.display()))?;
     let png = out.join("plot.png");
     draw(
-        BitMapBackend::new(&png, SIZE).into_drawing_area(),
+        BitMapBackend::new(&png, size).into_drawing_area(),
         &s,
+        heat.as_ref(),
         &title,
     )
     .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", png.display()))?;
@@ -168,6 +184,8 @@ pub fn run(run_dir: &Path, out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
 }
 
 const SIZE: (u32, u32) = (1200, 1100);
+/// With the per-rank heat map below the three panels.
+const SIZE_WITH_RANKS: (u32, u32) = (1200, 1450);
 
 fn register_font() -> Result<()> {
     let Some(bytes) = FONTS.iter().find_map(|p| std::fs::read(p).ok()) else {
@@ -183,13 +201,22 @@ fn register_font() -> Result<()> {
         .map_err(|_| anyhow::anyhow!("the DejaVu Sans font could not be read"))
 }
 
-type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
+pub(crate) type Drawn<DB> = Result<(), DrawingAreaErrorKind<<DB as DrawingBackend>::ErrorType>>;
 
-/// Three panels, one above the other, sharing the step axis; faults as red lines in each.
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, s: &Series, title: &str) -> Drawn<DB> {
+/// Three panels, one above the other, sharing the step axis, and the per-rank heat map below
+/// them for a multi-rank run; faults as lines in each.
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    s: &Series,
+    heat: Option<&HeatMap>,
+    title: &str,
+) -> Drawn<DB> {
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 18))?;
-    let panels = root.split_evenly((3, 1));
+    let panels = root.split_evenly((if heat.is_some() { 4 } else { 3 }, 1));
+    if let Some(h) = heat {
+        crate::plot_heat::panel(&panels[3], h, 0..s.last_step() + 1, &s.faults)?;
+    }
     let x = 0..s.last_step() + 1;
     panel(
         &panels[0],

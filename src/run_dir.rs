@@ -74,6 +74,7 @@ pub fn claim(dir: &Path, force: bool, how_to_resume: &str) -> Result<()> {
         "report.json",
         "coordinator-journal.json",
         "fingerprints.jsonl",
+        "step_times.jsonl",
         "halted.txt",
     ] {
         let _ = std::fs::remove_file(dir.join(f));
@@ -117,6 +118,7 @@ pub fn archive_job(dir: &Path) -> Result<()> {
         "report.json",
         "coordinator-journal.json",
         "fingerprints.jsonl",
+        "step_times.jsonl",
     ];
     if !files.iter().any(|f| dir.join(f).exists()) {
         return Ok(());

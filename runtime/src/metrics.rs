@@ -126,6 +126,29 @@ impl MetricLine {
 
 /// Reads a metrics log: the lines it holds, and how many were not metric lines (a torn last
 /// line after a crash).
+/// One rank's own time in one step, as its heartbeat reported it (`step_times.jsonl`, written by
+/// the coordinator): what the per-rank heat map of a run is drawn from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankStepLine {
+    pub unix_ms: u64,
+    pub member: u64,
+    pub rank: u32,
+    pub generation: u64,
+    pub step: u64,
+    /// Forward and backward passes (scales with the micro-batches) ...
+    pub compute_ms: f64,
+    /// ... and the rest of the rank's own time in the step.
+    pub fixed_ms: f64,
+    pub micro_batches: u32,
+}
+
+impl RankStepLine {
+    /// The rank's own time per micro-batch (the straggler detector's measure, K-7).
+    pub fn ms_per_micro_batch(&self) -> f64 {
+        (self.compute_ms + self.fixed_ms) / f64::from(self.micro_batches.max(1))
+    }
+}
+
 pub fn read(text: &str) -> (Vec<MetricLine>, usize) {
     crate::events::read_lines(text)
 }

@@ -12,6 +12,7 @@ pub mod observed;
 pub mod saves;
 pub mod service;
 pub mod stall;
+pub mod step_times;
 pub mod straggler;
 #[cfg(test)]
 mod straggler_tests;

@@ -51,6 +51,8 @@ pub struct ServiceOpts {
     pub target_world: usize,
     pub journal: Option<PathBuf>,
     pub events: Option<PathBuf>,
+    /// `step_times.jsonl`: every rank's own time in every step.
+    pub step_times: Option<PathBuf>,
     /// How often the decision loop runs when nothing wakes it.
     pub tick: Duration,
     pub keepalive_interval: Duration,
@@ -72,6 +74,7 @@ impl ServiceOpts {
             target_world,
             journal: None,
             events: None,
+            step_times: None,
             tick: Duration::from_millis(50),
             keepalive_interval: Duration::from_secs(1),
             keepalive_timeout: Duration::from_secs(1),
@@ -115,6 +118,7 @@ pub struct Shared {
     saves: Mutex<Saves>,
     /// Spares told that the job is complete (once each).
     released: Mutex<std::collections::BTreeSet<MemberId>>,
+    step_times: super::step_times::StepTimes,
 }
 
 fn role_of(r: i32) -> Result<Role, Status> {
@@ -936,10 +940,22 @@ fn handle_message(sh: &Shared, id: MemberId, msg: pb::RankMessage) -> Result<(),
         )),
         None => None,
     };
-    let flags = sh
-        .state
-        .lock()
-        .heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
+    let (flags, place) = {
+        let mut st = sh.state.lock();
+        let flags = st.heartbeat(Instant::now(), id, &msg, &sh.cfg)?;
+        let place = st
+            .members
+            .get(&id)
+            .filter(|m| m.state == MemberState::Active)
+            .and_then(|m| m.rank)
+            .map(|r| (r, st.generation));
+        (flags, place)
+    };
+    // Steps of an older generation (a heartbeat in flight across a regroup) are not this rank's.
+    if let Some((rank, generation)) = place.filter(|p| p.1 == msg.generation) {
+        sh.step_times
+            .record(crate::events::unix_ms(), id, rank, generation, &msg.recent);
+    }
     if let Some((generation, rank, links)) = links.filter(|(_, _, l)| !l.is_empty()) {
         links_event(sh, id, generation, rank, links);
     }
@@ -1287,6 +1303,7 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
         journal_io: Mutex::new(()),
         admin_token: opts.admin_token.clone(),
         refused_at: Mutex::new(HashMap::new()),
+        step_times: super::step_times::StepTimes::open(opts.step_times.as_deref()),
     });
     let started = Started {
         job: opts.job_id.clone(),
