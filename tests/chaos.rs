@@ -46,6 +46,13 @@ fn chaos_for(scenario: &str, seed: u64, steps: u64) -> Ran {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(Path::new(&run).join("plot.png").exists());
+    // The heat map's input: every rank's own time in its steps.
+    let times = read_jsonl(&run.join("step_times.jsonl"));
+    assert!(
+        times.iter().any(|t| t["rank"] == 1) && times.iter().all(|t| t["compute_ms"].is_f64()),
+        "{} step_times lines",
+        times.len()
+    );
     Ran {
         report,
         stdout,
