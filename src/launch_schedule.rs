@@ -37,9 +37,11 @@ pub struct Plan {
     /// job resumes, C-6).
     pub kill_job_at: Option<u64>,
     /// Once step S is committed, fill the checkpoint disk (a tmpfs the launcher mounts), and
-    /// empty it again `disk_full_steps` committed steps later.
+    /// empty it again once both `disk_full_steps` committed steps and `disk_full_min` have
+    /// passed (a save's write retries must run out while it is full, whatever the step time).
     pub fill_disk_at: Option<u64>,
     pub disk_full_steps: u64,
+    pub disk_full_min: Duration,
 }
 
 /// A process of the job as the coordinator sees it.
@@ -125,8 +127,8 @@ pub struct Schedule {
     coordinator_killed: Option<(Instant, bool)>,
     corrupted: bool,
     job_killed: bool,
-    /// The step the disk was filled at, and whether it has been emptied again.
-    disk_filled: Option<(u64, bool)>,
+    /// The step and time the disk was filled at, and whether it has been emptied again.
+    disk_filled: Option<(u64, Instant, bool)>,
 }
 
 impl Schedule {
@@ -160,7 +162,7 @@ impl Schedule {
             || (p.kill_coordinator_at.is_some() && self.coordinator_killed.is_none())
             || (p.corrupt_checkpoint_at.is_some() && !self.corrupted)
             || (p.kill_job_at.is_some() && !self.job_killed)
-            || (p.fill_disk_at.is_some() && !matches!(self.disk_filled, Some((_, true))))
+            || (p.fill_disk_at.is_some() && !matches!(self.disk_filled, Some((_, _, true))))
             || self
                 .slowed
                 .is_some_and(|(_, lifted)| !lifted && p.slow_steps > 0)
@@ -226,10 +228,12 @@ impl Schedule {
         if p.fill_disk_at
             .is_some_and(|at| self.disk_filled.is_none() && step >= at)
         {
-            self.disk_filled = Some((step, false));
+            self.disk_filled = Some((step, now, false));
             out.push(Action::FillDisk);
-        } else if let Some((at, freed @ false)) = &mut self.disk_filled {
-            if step >= *at + p.disk_full_steps {
+        } else if let Some((at, since, freed @ false)) = &mut self.disk_filled {
+            if step >= *at + p.disk_full_steps
+                && now.saturating_duration_since(*since) >= p.disk_full_min
+            {
                 *freed = true;
                 out.push(Action::FreeDisk);
             }
@@ -322,7 +326,7 @@ impl Schedule {
             *restarted = true;
             out.push(Action::RestartCoordinator);
         }
-        if let Some((_, freed @ false)) = &mut self.disk_filled {
+        if let Some((_, _, freed @ false)) = &mut self.disk_filled {
             *freed = true;
             out.push(Action::FreeDisk);
         }
@@ -420,21 +424,24 @@ mod tests {
         assert!(s.on_exit().is_empty(), "restarted already");
     }
 
-    // The disk fills at its step and is emptied its number of steps later, or when the launch
-    // ends.
+    // The disk fills at its step and is emptied once its steps and its time have passed, or
+    // when the launch ends.
     #[test]
     fn a_full_disk_is_emptied_after_its_steps_or_at_the_end() {
         let t = Instant::now();
         let plan = Plan {
             fill_disk_at: Some(10),
             disk_full_steps: 30,
+            disk_full_min: Duration::from_secs(2),
             ..Plan::default()
         };
         let mut s = Schedule::new(plan.clone(), t);
+        let later = t + Duration::from_secs(2);
         assert_eq!(s.due(t, &status(10)), vec![Action::FillDisk]);
         assert!(s.waiting_for_a_step());
-        assert!(s.due(t, &status(39)).is_empty());
-        assert_eq!(s.due(t, &status(40)), vec![Action::FreeDisk]);
+        assert!(s.due(later, &status(39)).is_empty(), "not enough steps");
+        assert!(s.due(t, &status(45)).is_empty(), "not long enough");
+        assert_eq!(s.due(later, &status(40)), vec![Action::FreeDisk]);
         assert!(!s.waiting_for_a_step());
         assert!(s.due(t, &status(41)).is_empty());
         assert!(s.on_exit().is_empty());

@@ -440,14 +440,18 @@ struct LaunchCli {
     /// launch ends (exit 1); continue it with --resume.
     #[arg(long, value_name = "STEP")]
     kill_job_at: Option<u64>,
-    /// Once step STEP is committed, fill the checkpoint disk, and empty it --disk-full-steps
-    /// steps later: run.dir/checkpoints is then a 1 GiB tmpfs mounted for the run (needs root; its
+    /// Once step STEP is committed, fill the checkpoint disk, and empty it once
+    /// --disk-full-steps steps and --disk-full-ms have passed: run.dir/checkpoints is then a 1 GiB tmpfs mounted for the run (needs root; its
     /// checkpoints are copied back when the launch ends).
     #[arg(long, value_name = "STEP")]
     fill_disk_at: Option<u64>,
-    /// With --fill-disk-at: how many committed steps the disk stays full.
+    /// With --fill-disk-at: the committed steps the disk stays full at least.
     #[arg(long, value_name = "N", default_value_t = 100)]
     disk_full_steps: u64,
+    /// With --fill-disk-at: the time the disk stays full at least (longer than a save's write
+    /// retries, 0.6 s, for a save to fail).
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    disk_full_ms: u64,
     /// A noisy neighbour: a busy-loop process takes one core for BUSY_MS every PERIOD_MS.
     #[arg(long, value_name = "BUSY_MS:PERIOD_MS")]
     noise: Option<String>,
@@ -649,6 +653,7 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
         kill_job_at,
         fill_disk_at,
         disk_full_steps,
+        disk_full_ms,
         hosts,
         resume,
         force,
@@ -717,6 +722,7 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
                 kill_job_at,
                 fill_disk_at,
                 disk_full_steps,
+                disk_full_min: std::time::Duration::from_millis(disk_full_ms),
             },
             noise,
             hosts,

@@ -214,7 +214,8 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "disk-full",
-        about: "the checkpoint disk (a tmpfs) full for a fifth of the run (root): the saves \
+        about:
+            "the checkpoint disk (a tmpfs) full for a fifth of the run and 2 s (root): the saves \
                 meanwhile fail with an event, none is committed partial, training goes on and \
                 saves again",
         world: 3,
@@ -224,9 +225,10 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: |d| {
             Faults::of(Plan {
                 fill_disk_at: Some(d.step(1)),
-                // Longer than the save interval chaos sets (an eighth of the run), and over
-                // by 80% of the run at the latest: a save fails, a later one commits.
+                // Longer than the save interval chaos sets (an eighth of the run), and than a
+                // save's write retries (0.6 s): a save fails; a later one commits.
                 disk_full_steps: d.max_steps / 5,
+                disk_full_min: Duration::from_secs(2),
                 ..Plan::default()
             })
         },
