@@ -218,7 +218,14 @@ impl Schedule {
                 out.push(Action::KillCoordinator);
             }
         }
-        // The corruption first: a job killed at the same step dies with it on disk.
+        // The job killed first, then its newest committed checkpoint corrupted: no commit can
+        // land between the two (one in flight once made a newer checkpoint the resume's).
+        if p.kill_job_at
+            .is_some_and(|at| !self.job_killed && step >= at)
+        {
+            self.job_killed = true;
+            out.push(Action::KillJob);
+        }
         if p.corrupt_checkpoint_at
             .is_some_and(|at| !self.corrupted && step >= at)
         {
@@ -237,12 +244,6 @@ impl Schedule {
                 *freed = true;
                 out.push(Action::FreeDisk);
             }
-        }
-        if p.kill_job_at
-            .is_some_and(|at| !self.job_killed && step >= at)
-        {
-            self.job_killed = true;
-            out.push(Action::KillJob);
         }
         out.extend(self.admin(st));
         out.extend(self.periodic(now, st));
@@ -450,9 +451,9 @@ mod tests {
         assert_eq!(s.on_exit(), vec![Action::FreeDisk]);
     }
 
-    // A corruption and a whole-job kill at one step come in that order, once each.
+    // A whole-job kill and a corruption at one step come in that order, once each.
     #[test]
-    fn a_corruption_comes_before_the_job_kill_at_its_step() {
+    fn the_job_is_killed_before_its_checkpoint_is_corrupted() {
         let t = Instant::now();
         let mut s = Schedule::new(
             Plan {
@@ -466,7 +467,7 @@ mod tests {
         assert!(s.waiting_for_a_step());
         assert_eq!(
             s.due(t, &status(31)),
-            vec![Action::CorruptCheckpoint, Action::KillJob]
+            vec![Action::KillJob, Action::CorruptCheckpoint]
         );
         assert!(s.due(t, &status(32)).is_empty());
         assert!(!s.waiting_for_a_step());

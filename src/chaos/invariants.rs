@@ -332,14 +332,18 @@ fn checkpoints_verify(e: &Evidence) -> Check {
         .collect();
     let mut bad: Vec<String> = Vec::new();
     for (c, why) in &e.checkpoints {
-        let name = step_dir(c);
-        match (struck.contains(&name), why) {
+        match (struck.contains(&step_dir(c)), why) {
             (false, Some(w)) => bad.push(format!("{c}: {w}")),
             (true, None) => bad.push(format!("{c} was corrupted but verifies")),
-            (true, Some(_)) if !skipped.iter().any(|s| step_dir(s) == name) => {
-                bad.push(format!("{c} was corrupted and no resume skipped it"))
-            }
             _ => {}
+        }
+    }
+    // Named by the resume whatever retention did with it since.
+    for name in &struck {
+        if !skipped.iter().any(|s| step_dir(s) == *name) {
+            bad.push(format!(
+                "{name} was corrupted and no resume named and skipped it"
+            ));
         }
     }
     check(
