@@ -5,6 +5,7 @@
 use crate::control::{self, CoordinatorArgs};
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -161,9 +162,12 @@ impl CoordinatorProcess {
             .append(true)
             .open(&self.log)
             .with_context(|| format!("cannot open {}", self.log.display()))?;
+        // A process group of its own: a Ctrl-C at the terminal is the launcher's to handle
+        // (the ranks save and stop, C-8), not a reason for the coordinator to leave first.
         let mut child = Command::new(std::env::current_exe()?)
             .args(&self.command)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .process_group(0)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -180,10 +184,13 @@ impl CoordinatorProcess {
         });
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) if line.contains("listening on") => Ok(pid),
-            _ => bail!(
-                "the coordinator process did not start listening within 30 s; see {}",
-                self.log.display()
-            ),
+            _ => {
+                self.kill();
+                bail!(
+                    "the coordinator process did not start listening within 30 s; see {}",
+                    self.log.display()
+                )
+            }
         }
     }
 
@@ -205,6 +212,10 @@ impl CoordinatorProcess {
 
     /// SIGTERM, then SIGKILL if it has not left within 5 s.
     fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
         let Some(mut c) = self.child.take() else {
             return;
         };
@@ -215,6 +226,13 @@ impl CoordinatorProcess {
         }
         let _ = c.kill();
         let _ = c.wait();
+    }
+}
+
+/// A launch that ends on an error path leaves no coordinator behind.
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        self.stop_now();
     }
 }
 

@@ -140,7 +140,7 @@ impl CheckpointDisk {
 
     /// Copies the checkpoints back under the mount point and unmounts the tmpfs.
     pub fn release(&mut self) -> Result<()> {
-        if !std::mem::replace(&mut self.mounted, false) {
+        if !self.mounted {
             return Ok(());
         }
         self.free()?;
@@ -152,6 +152,15 @@ impl CheckpointDisk {
             .arg(&keep)
             .status()
             .context("cannot run cp")?;
+        // Never unmount the only copy of the checkpoints.
+        if !copied.success() {
+            bail!(
+                "cannot copy the checkpoints off the tmpfs at {}; it stays mounted: copy them \
+                 and run `umount {}`",
+                self.dir.display(),
+                self.dir.display()
+            );
+        }
         let unmounted = std::process::Command::new("umount")
             .arg(&self.dir)
             .status()
@@ -162,12 +171,7 @@ impl CheckpointDisk {
                 .arg(&self.dir)
                 .status();
         }
-        if !copied.success() {
-            bail!(
-                "cannot copy the checkpoints off the tmpfs at {}",
-                self.dir.display()
-            );
-        }
+        self.mounted = false;
         std::fs::remove_dir(&self.dir).ok();
         std::fs::rename(&keep, &self.dir)
             .with_context(|| format!("cannot move the checkpoints back to {}", self.dir.display()))

@@ -441,7 +441,7 @@ struct LaunchCli {
     #[arg(long, value_name = "STEP")]
     kill_job_at: Option<u64>,
     /// Once step STEP is committed, fill the checkpoint disk, and empty it once
-    /// --disk-full-steps steps and --disk-full-ms have passed: run.dir/checkpoints is then a 1 GiB tmpfs mounted for the run (needs root; its
+    /// --disk-full-steps steps and --disk-full-ms have passed: run.dir/checkpoints is then a tmpfs mounted for the run (needs root; its
     /// checkpoints are copied back when the launch ends).
     #[arg(long, value_name = "STEP")]
     fill_disk_at: Option<u64>,

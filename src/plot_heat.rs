@@ -1,7 +1,9 @@
 //! The per-rank heat map of a run: each rank's own time per micro-batch (its heartbeats'
 //! forward, backward and the rest of its step, `step_times.jsonl`) against step, as a colour
 //! from the run's median (white) to three times it (red): a straggler is a red row, a fault a
-//! gap, a rebalance a row that pales.
+//! line. The fixed part of a step is spread over the rank's own micro-batches here (the
+//! detector spreads it over the even share), so a rank given fewer micro-batches by a
+//! rebalance looks slower per micro-batch than the detector judges it.
 
 use crate::plot::{Drawn, Mark};
 use phalanx_runtime::metrics::RankStepLine;

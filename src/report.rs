@@ -86,6 +86,7 @@ pub fn from_run_dir(run_dir: &Path) -> Result<Value> {
         );
     }
     let metrics = metrics_in(run_dir);
+    let started = job_start_ms(&metrics);
     let times: Vec<u64> = metrics
         .iter()
         .filter_map(|m| match m {
@@ -94,7 +95,7 @@ pub fn from_run_dir(run_dir: &Path) -> Result<Value> {
             MetricLine::Rollback(r) => Some(r.unix_ms),
             MetricLine::Resume(r) => Some(r.unix_ms),
         })
-        .filter(|&t| t >= job_start_ms(&metrics))
+        .filter(|&t| t >= started)
         .collect();
     let wall = match (times.iter().min(), times.iter().max()) {
         (Some(a), Some(b)) => Duration::from_millis(b - a),
@@ -153,7 +154,13 @@ fn faults(
         .filter_map(|e| match &e.event {
             // Faults that fail no rank are no rank failure's cause.
             Event::FaultInjected(f)
-                if !matches!(f.fault, FaultKind::CpuQuota | FaultKind::CoordinatorKill) =>
+                if !matches!(
+                    f.fault,
+                    FaultKind::CpuQuota
+                        | FaultKind::CoordinatorKill
+                        | FaultKind::DiskFull
+                        | FaultKind::CheckpointCorrupt
+                ) =>
             {
                 Some(f.injected_unix_ms)
             }

@@ -143,7 +143,8 @@ pub struct RankStepLine {
 }
 
 impl RankStepLine {
-    /// The rank's own time per micro-batch (the straggler detector's measure, K-7).
+    /// The rank's own time per micro-batch of its own share (the straggler detector spreads
+    /// the fixed part over the even share instead, K-7).
     pub fn ms_per_micro_batch(&self) -> f64 {
         (self.compute_ms + self.fixed_ms) / f64::from(self.micro_batches.max(1))
     }

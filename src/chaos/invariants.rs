@@ -85,7 +85,8 @@ fn full_disk_fails_saves_not_the_job(e: &Evidence) -> Check {
         .records
         .iter()
         .filter(|r| matches!(r.event, Event::CheckpointFailed { .. }))
-        .filter(|r| r.unix_ms >= full)
+        // While full, or reported within a second of its end (the last write try's report).
+        .filter(|r| r.unix_ms >= full && r.unix_ms <= freed.saturating_add(1_000))
         .count();
     let after = e.records.iter().find_map(|r| match r.event {
         Event::CheckpointCommitted { step, .. } if r.unix_ms > freed => Some(step),
@@ -152,7 +153,8 @@ fn faults_struck(e: &Evidence) -> Check {
         .records
         .iter()
         .filter_map(|r| match &r.event {
-            Event::FaultInjected(f) => Some(f.fault),
+            // A fault that did not take effect (nothing to corrupt yet) did not strike.
+            Event::FaultInjected(f) if f.ok => Some(f.fault),
             _ => None,
         })
         .collect();

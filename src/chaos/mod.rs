@@ -115,7 +115,8 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
     );
     let a = launch_args(c, sc, hosts, &overrides, &run_dir, &faults)?;
     let mut code = launch::run(&a, stop.clone())?;
-    if sc.resume_after {
+    // Only a job that died (not one that finished before its fault, or was stopped by Ctrl-C).
+    if sc.resume_after && code == 1 && !stop.load(std::sync::atomic::Ordering::SeqCst) {
         outln!(
             "the job died whole (exit {code}); the next job resumes the campaign from the newest \
              checkpoint that verifies:"
