@@ -506,16 +506,7 @@ fn a_full_disk_fails_saves_with_an_event_and_training_goes_on() {
         "run.keep_checkpoints=1",
     ]);
     let events = r.events();
-    let failed: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["kind"] == "checkpoint_failed")
-        .collect();
-    assert!(
-        failed
-            .iter()
-            .any(|e| e["error"].as_str().unwrap().contains("No space left")),
-        "no save failed for the full disk: {failed:?}"
-    );
+    assert_a_save_failed_for_space(&events);
     assert!(
         events.iter().any(|e| e["kind"] == "checkpoint_committed"),
         "not even the first save was committed"

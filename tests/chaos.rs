@@ -195,17 +195,7 @@ fn the_checkpoint_disk_fills_up() {
     }
     let ran = chaos_for("disk-full", 3, 3000);
     assert_held(&ran.report, 0);
-    let failed: Vec<&Value> = ran
-        .events
-        .iter()
-        .filter(|e| e["kind"] == "checkpoint_failed")
-        .collect();
-    assert!(
-        failed
-            .iter()
-            .any(|e| e["error"].as_str().unwrap().contains("No space left")),
-        "{failed:?}"
-    );
+    assert_a_save_failed_for_space(&ran.events);
 }
 
 #[test]

@@ -48,6 +48,20 @@ impl Run {
     }
 }
 
+/// C-4: a `checkpoint_failed` event names the full disk as the system said it.
+pub fn assert_a_save_failed_for_space(events: &[serde_json::Value]) {
+    let failed: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "checkpoint_failed")
+        .collect();
+    assert!(
+        failed
+            .iter()
+            .any(|e| e["error"].as_str().unwrap_or("").contains("No space left")),
+        "no save failed for the full disk: {failed:?}"
+    );
+}
+
 /// An error line says each thing once ("tcp connect error: tcp connect error" was a bug).
 pub fn assert_no_clause_twice(err: &str) {
     for line in err.lines().filter(|l| l.starts_with("error:")) {
