@@ -2,6 +2,7 @@
 
 #[macro_use]
 mod output;
+mod panic_hook;
 mod plot;
 mod plot_heat;
 mod progress;
@@ -471,6 +472,7 @@ struct LaunchCli {
 }
 
 fn main() -> ExitCode {
+    panic_hook::install();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         // A worker's stderr is a log file under `launch`: colour only on a terminal.

@@ -165,24 +165,24 @@ impl<'a> Loop<'a> {
     }
 
     pub(super) fn run(&self) -> Result<(i32, String), ActorError> {
-        let Some(mut guard) = self.take_model()? else {
-            return Ok((EXIT_DONE, "rank stopping".into()));
-        };
-        self.heart.busy(false);
         let Some(ctl) = self.sh.wait_control(&|| self.cancelled()) else {
             return Ok((EXIT_DONE, "rank stopping".into()));
         };
-        let progress = &self.sh.progress;
-        let held = progress.generation.load(Ordering::Relaxed);
+        let held = self.sh.progress.generation.load(Ordering::Relaxed);
         if held > 0 {
             // A restarted incarnation: the old generation's collectives are lost to it. Ask
             // for a regroup under its own name first (so the peers' reports of this rank do
-            // not evict it), then let go of the group so the peers stop waiting on it.
+            // not evict it), then let go of the group so the peers stop waiting on it; both
+            // before the model is taken, which may mean rebuilding a torn one.
             self.report_self(&ctl, held);
             if let Some(c) = self.sh.communicator.lock().clone() {
                 let _ = c.cast(CommunicatorMsg::Release);
             }
         }
+        let Some(mut guard) = self.take_model()? else {
+            return Ok((EXIT_DONE, "rank stopping".into()));
+        };
+        self.heart.busy(false);
         let mut next = Next::Regroup(None);
         loop {
             next = match next {
