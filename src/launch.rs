@@ -836,7 +836,7 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     report::print(&r);
     // The run's picture beside its report (loss, throughput, world, faults).
     if let Err(e) = crate::plot::run(&job.run_dir, None) {
-        warn!(error = %e, "no plot.png for this run");
+        warn!(error = %e, "no report.png for this run");
     }
     Ok(match outcome {
         Outcome::Completed => 0,

@@ -3,6 +3,7 @@
 //! records them; the schedule only decides, so it is tested without processes or sleeps.
 
 use crate::launch_load::Periodic;
+use crate::launch_placed::{Placed, PlacedFault};
 use std::time::{Duration, Instant};
 
 /// The faults a launch asks for (`phalanx launch --kill-at ...`).
@@ -42,6 +43,8 @@ pub struct Plan {
     pub fill_disk_at: Option<u64>,
     pub disk_full_steps: u64,
     pub disk_full_min: Duration,
+    /// Faults placed one by one, at steps or times (a scenario file, a soak).
+    pub placed: Vec<PlacedFault>,
 }
 
 /// A process of the job as the coordinator sees it.
@@ -62,7 +65,7 @@ pub struct Status {
 }
 
 impl Status {
-    fn active(&self, rank: u32) -> Option<u32> {
+    pub fn active(&self, rank: u32) -> Option<u32> {
         self.procs
             .iter()
             .find(|p| p.active && p.rank == Some(rank))
@@ -129,6 +132,7 @@ pub struct Schedule {
     job_killed: bool,
     /// The step and time the disk was filled at, and whether it has been emptied again.
     disk_filled: Option<(u64, Instant, bool)>,
+    placed: Placed,
 }
 
 impl Schedule {
@@ -137,6 +141,7 @@ impl Schedule {
             kill_every: plan.kill_every.map(|e| Periodic::new(e, start)),
             spare_every: plan.restart_spare_every.map(|e| Periodic::new(e, start)),
             killed: vec![false; plan.kill.len()],
+            placed: Placed::new(plan.placed.clone()),
             plan,
             stopped: None,
             stop_done: false,
@@ -155,6 +160,7 @@ impl Schedule {
     pub fn waiting_for_a_step(&self) -> bool {
         let p = &self.plan;
         self.killed.iter().any(|k| !k)
+            || self.placed.pending()
             || (p.scale_at.is_some() && !self.scaled)
             || (p.drain_at.is_some() && !self.drained)
             || (p.stop_at.is_some() && !self.stop_done && self.stopped.is_none())
@@ -247,6 +253,7 @@ impl Schedule {
         }
         out.extend(self.admin(st));
         out.extend(self.periodic(now, st));
+        out.extend(self.placed.due(now, st));
         out
     }
 
@@ -297,7 +304,7 @@ impl Schedule {
     /// Faults that end with time, whatever the job's status (there is none while the
     /// coordinator is down): the SIGCONT of a stopped rank, the coordinator started again.
     pub fn timed(&mut self, now: Instant) -> Vec<Action> {
-        let mut out = Vec::new();
+        let mut out = self.placed.timed(now);
         if let Some((pid, at)) = self.stopped {
             if now.saturating_duration_since(at) >= self.plan.stop_for {
                 self.stopped = None;
@@ -323,6 +330,7 @@ impl Schedule {
             .map(|(pid, _)| Action::Cont { pid })
             .into_iter()
             .collect();
+        out.extend(self.placed.on_exit());
         if let Some((_, restarted @ false)) = &mut self.coordinator_killed {
             *restarted = true;
             out.push(Action::RestartCoordinator);

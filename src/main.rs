@@ -19,6 +19,7 @@ mod launch;
 mod launch_coordinator;
 mod launch_hosts;
 mod launch_load;
+mod launch_placed;
 mod launch_schedule;
 mod launch_storage;
 use phalanx_model::io as model_io;
@@ -193,7 +194,7 @@ enum Cmd {
     Plot {
         /// The job's run directory (run.dir).
         run_dir: PathBuf,
-        /// Folder for plot.png and plot.svg. Default: the run directory.
+        /// Folder for report.png and report.svg. Default: the run directory.
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -725,6 +726,7 @@ fn launch_cmd(c: LaunchCli) -> Result<ExitCode> {
                 fill_disk_at,
                 disk_full_steps,
                 disk_full_min: std::time::Duration::from_millis(disk_full_ms),
+                placed: Vec::new(),
             },
             noise,
             hosts,

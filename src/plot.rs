@@ -125,7 +125,7 @@ fn fault(r: &Record, stamps: &[(u64, u64)]) -> Option<Mark> {
     Some(Mark { step, what })
 }
 
-/// Reads the run's records and writes `plot.png` and `plot.svg` into `out`; their paths.
+/// Reads the run's records and writes `report.png` and `report.svg` into `out`; their paths.
 pub fn run(run_dir: &Path, out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
     let metrics_path = run_dir.join("metrics.jsonl");
     let text = std::fs::read_to_string(&metrics_path).with_context(|| {
@@ -159,7 +159,7 @@ pub fn run(run_dir: &Path, out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
         .to_string();
     // Both backends measure text with the font (the legend's box is sized by it).
     register_font()?;
-    let svg = out.join("plot.svg");
+    let svg = out.join("report.svg");
     let size = if heat.is_some() {
         SIZE_WITH_RANKS
     } else {
@@ -172,7 +172,7 @@ pub fn run(run_dir: &Path, out: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
         &title,
     )
     .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", svg.display()))?;
-    let png = out.join("plot.png");
+    let png = out.join("report.png");
     draw(
         BitMapBackend::new(&png, size).into_drawing_area(),
         &s,

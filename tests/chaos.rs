@@ -45,7 +45,7 @@ fn chaos_for(scenario: &str, seed: u64, steps: u64) -> Ran {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(Path::new(&run).join("plot.png").exists());
+    assert!(Path::new(&run).join("report.png").exists());
     // The heat map's input: every rank's own time in its steps.
     let times = read_jsonl(&run.join("step_times.jsonl"));
     assert!(
@@ -228,10 +228,53 @@ fn scenarios_are_listed_and_an_unknown_one_is_named() {
         "coordinator-restart",
         "corrupt-checkpoint",
         "disk-full",
+        "soak",
     ] {
         assert!(list.stdout().contains(s), "{}", list.stdout());
     }
     let bad = run(&["chaos", "--scenario", "kil-one"], d.path());
     assert_eq!(bad.out.status.code(), Some(1));
     assert!(bad.stderr().contains("--scenario list"), "{}", bad.stderr());
+    // A scenario file with a mistake is named with what to change, before any job runs.
+    let f = d.path().join("mine.toml");
+    std::fs::write(
+        &f,
+        "world = 3\n[[fault]]\nkind = \"kill\"\nstep = 5\nrank = 3\n",
+    )
+    .unwrap();
+    let bad = run(&["chaos", "--scenario", f.to_str().unwrap()], d.path());
+    bad.assert_user_error("mine.toml");
+    bad.assert_user_error("rank 3 is not a rank of a world of 3");
+}
+
+// The soak in small, from a scenario file: faults drawn every 2.5 s for 12 s of training (a
+// SIGKILL or a hang of 1.5 s) plus one kill placed at a step, on 2 simulated hosts where there
+// are (root). Every invariant holds, every fault struck, goodput and memory are reported.
+#[test]
+fn a_soak_from_a_scenario_file() {
+    let d = test_dir();
+    let hosts = if Hosts::Two.available() { 2 } else { 0 };
+    let f = d.path().join("soak-small.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "about = \"the soak in small\"\nworld = 4\nspares = 2\nhosts = {hosts}\n\
+             [[fault]]\nkind = \"kill\"\nstep = 200\nrank = 3\n\
+             [draw]\nevery_s = 2.5\nfor_min = 0.2\nmix = {{ kill = 1, hang = 1 }}\nhang_ms = 1500\n"
+        ),
+    )
+    .unwrap();
+    let ran = chaos_for(f.to_str().unwrap(), 3, 4000);
+    let c = &ran.report["chaos"];
+    assert_eq!(c["passed"], true, "{c}");
+    assert_eq!(c["scenario"], "soak-small", "{c}");
+    let struck = ran
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "fault_injected" && e["ok"] == true)
+        .count();
+    assert_eq!(struck, 5, "1 placed + 4 drawn: {:?}", ran.events);
+    let g = c["goodput"].as_f64().unwrap();
+    assert!(g > 0.3 && g < 1.5, "{c}");
+    assert!(ran.stdout.contains("goodput"), "{}", ran.stdout);
 }

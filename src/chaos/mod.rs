@@ -4,7 +4,9 @@
 //! A fault-free run of the same config and seed comes first, for the validation loss to be
 //! compared with.
 
+pub mod file;
 pub mod invariants;
+pub mod rss;
 pub mod scenario;
 
 use crate::config::TrainConfig;
@@ -12,16 +14,18 @@ use crate::launch::{self, LaunchArgs};
 use crate::launch_hosts::HostArgs;
 use anyhow::{bail, Context, Result};
 use invariants::{Check, Evidence};
-use scenario::{Faults, Scenario, SCENARIOS};
+use scenario::{Faults, Scenario};
 use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct ChaosCli {
-    /// The scenario to run; `list` lists them.
+    /// The scenario to run: a name, or a scenario file (TOML, e.g. scenarios/soak.toml);
+    /// `list` lists the named ones.
     #[arg(long)]
     pub scenario: String,
     /// Places the faults (which step, rank, host) and seeds training (train.seed): a run is
@@ -47,7 +51,7 @@ pub struct ChaosCli {
 
 pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
     if c.scenario == "list" {
-        for s in SCENARIOS {
+        for s in scenario::builtin() {
             let hosts = match s.hosts {
                 0 => String::new(),
                 h => format!(", {h} simulated hosts"),
@@ -62,12 +66,7 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
         }
         return Ok(0);
     }
-    let Some(sc) = scenario::find(&c.scenario) else {
-        bail!(
-            "no scenario {:?}; `phalanx chaos --scenario list` lists them",
-            c.scenario
-        );
-    };
+    let sc = &scenario::resolve(&c.scenario).map_err(anyhow::Error::msg)?;
     if !(c.val_tolerance.is_finite() && c.val_tolerance >= 0.0) {
         bail!(
             "--val-tolerance {}: use a fraction such as 0.02",
@@ -114,7 +113,9 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
         run_dir.display()
     );
     let a = launch_args(c, sc, hosts, &overrides, &run_dir, &faults)?;
+    let sampler = rss::Sampler::start(&run_dir, rss::EVERY);
     let mut code = launch::run(&a, stop.clone())?;
+    drop(sampler);
     // Only a job that died (not one that finished before its fault, or was stopped by Ctrl-C).
     if sc.resume_after && code == 1 && !stop.load(std::sync::atomic::Ordering::SeqCst) {
         outln!(
@@ -127,18 +128,49 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
         code = launch::run(&a, stop)?;
     }
     let mut e = evidence(&run_dir, max_steps)?;
-    e.baseline_val_loss = baseline;
+    e.baseline_val_loss = baseline.map(|b| b.val_loss);
     e.val_tolerance = c.val_tolerance;
     e.planned = faults.injected_kinds();
     e.planned_nans = faults.nans();
     e.planned_admin = faults.admin();
     let checks = invariants::checks(&e);
-    record(&run_dir, sc, c.seed, code, &faults, &e, &checks)?;
-    print(sc, c.seed, &checks);
+    let goodput = baseline.and_then(|b| goodput(&e.report, &b));
+    // Past the first half minute (libtorch and the allocator settle), over processes that
+    // lived a minute: a soak's long-lived ones.
+    let memory = rss::spans(
+        &rss::read(&run_dir),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+    );
+    let outcome = Outcome {
+        code,
+        goodput,
+        memory: &memory,
+    };
+    record(&run_dir, sc, c.seed, &outcome, &faults, &e, &checks)?;
+    print(sc, c.seed, &checks, goodput);
+    print_memory(&memory);
     Ok(if checks.iter().all(|c| c.pass) { 0 } else { 1 })
 }
 
-/// The same job without faults: its final validation loss.
+/// What the fault-free run of the same job and seed gives to compare with.
+#[derive(Clone, Copy)]
+struct Baseline {
+    val_loss: f64,
+    /// Tokens over the job's wall time.
+    tokens_per_s_wall: Option<f64>,
+}
+
+/// The share of the fault-free run's throughput the run with faults kept: tokens over wall
+/// time, both jobs counted from their launch, so that faults are the only difference.
+fn goodput(report: &Value, b: &Baseline) -> Option<f64> {
+    let with_faults = report["tokens_per_s_wall"].as_f64()?;
+    b.tokens_per_s_wall
+        .filter(|&t| t > 0.0)
+        .map(|t| with_faults / t)
+}
+
+/// The same job without faults.
 fn fault_free(
     c: &ChaosCli,
     sc: &Scenario,
@@ -146,7 +178,7 @@ fn fault_free(
     overrides: &[String],
     run_dir: &Path,
     stop: Arc<AtomicBool>,
-) -> Result<f64> {
+) -> Result<Baseline> {
     let dir = PathBuf::from(format!("{}-fault-free", run_dir.display()));
     outln!(
         "fault-free run of the same job and seed (for the validation loss), in {}:",
@@ -160,7 +192,10 @@ fn fault_free(
         _ => None,
     });
     match (code, val) {
-        (0, Some(v)) => Ok(v),
+        (0, Some(val_loss)) => Ok(Baseline {
+            val_loss,
+            tokens_per_s_wall: e.report["tokens_per_s_wall"].as_f64(),
+        }),
         _ => bail!(
             "the fault-free run in {} did not finish (exit {code}); see its logs",
             dir.display()
@@ -252,12 +287,19 @@ fn campaign_records(run_dir: &Path) -> Vec<phalanx_runtime::events::Record> {
         .collect()
 }
 
+/// What the run with faults measured, beside its checks.
+struct Outcome<'a> {
+    code: i32,
+    goodput: Option<f64>,
+    memory: &'a [rss::RssSpan],
+}
+
 /// The chaos section of `report.json`.
 fn record(
     run_dir: &Path,
     sc: &Scenario,
     seed: u64,
-    code: i32,
+    o: &Outcome,
     faults: &Faults,
     e: &Evidence,
     checks: &[Check],
@@ -265,8 +307,10 @@ fn record(
     let mut report = e.report.clone();
     report["chaos"] = json!({
         "scenario": sc.name,
+        "goodput": o.goodput,
+        "memory": o.memory,
         "seed": seed,
-        "launch_exit_code": code,
+        "launch_exit_code": o.code,
         "faults_planned": format!("{faults:?}"),
         "baseline_val_loss": e.baseline_val_loss,
         "checks": checks,
@@ -277,10 +321,13 @@ fn record(
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn print(sc: &Scenario, seed: u64, checks: &[Check]) {
+fn print(sc: &Scenario, seed: u64, checks: &[Check], goodput: Option<f64>) {
     let held = checks.iter().filter(|c| c.pass).count();
+    let kept = goodput.map_or(String::new(), |g| {
+        format!("; goodput {g:.3} of the fault-free run's tokens/s")
+    });
     outln!(
-        "chaos {} (seed {seed}): {held} of {} invariants hold",
+        "chaos {} (seed {seed}): {held} of {} invariants hold{kept}",
         sc.name,
         checks.len()
     );
@@ -288,4 +335,28 @@ fn print(sc: &Scenario, seed: u64, checks: &[Check]) {
         let mark = if c.pass { "ok  " } else { "FAIL" };
         outln!("  {mark} {}: {}", c.name, c.detail);
     }
+}
+
+/// Resident memory of the long-lived processes, from after the warm-up to the end.
+fn print_memory(spans: &[rss::RssSpan]) {
+    if spans.is_empty() {
+        return;
+    }
+    let mib = |k: u64| k as f64 / 1024.0;
+    let each: Vec<String> = spans
+        .iter()
+        .map(|s| {
+            let who = if s.launcher { "launcher" } else { "pid" };
+            format!(
+                "{who} {} {:.0} -> {:.0} MiB",
+                s.pid,
+                mib(s.start_kib),
+                mib(s.end_kib)
+            )
+        })
+        .collect();
+    outln!(
+        "  memory (after 30 s, then at the end): {}",
+        each.join("; ")
+    );
 }

@@ -1,9 +1,13 @@
 //! The chaos scenarios: each a job shape and a set of faults, placed by a seed (which step,
 //! which rank, which host), so a failing run is replayed exactly with its `--seed`.
 
+use super::file::ScenarioFile;
+use crate::launch_placed::PlacedKind;
 use crate::launch_schedule::Plan;
 use phalanx_model::sampler::mix64;
 use phalanx_runtime::events::FaultKind;
+use std::borrow::Cow;
+use std::path::Path;
 use std::time::Duration;
 
 /// The faults of one chaos run: the launcher's plan (signals, quota, admin requests at steps),
@@ -20,9 +24,10 @@ pub struct Faults {
 }
 
 /// A scenario: the job it runs and where its faults go.
+#[derive(Clone)]
 pub struct Scenario {
-    pub name: &'static str,
-    pub about: &'static str,
+    pub name: Cow<'static, str>,
+    pub about: Cow<'static, str>,
     pub world: usize,
     pub spares: usize,
     /// Simulated hosts it needs (0: any, the ranks may share this host).
@@ -30,12 +35,37 @@ pub struct Scenario {
     /// The faults end the job whole: a second job resumes the campaign (C-6) and runs to the
     /// end, and the checks read both.
     pub resume_after: bool,
-    faults: fn(&Draw) -> Faults,
+    faults: Source,
+}
+
+/// Where a scenario's faults come from: code placing them by the seed, or a scenario file.
+#[derive(Clone)]
+enum Source {
+    Code(fn(&Draw) -> Faults),
+    File(Box<ScenarioFile>),
 }
 
 impl Scenario {
     pub fn faults(&self, seed: u64, max_steps: u64) -> Faults {
-        (self.faults)(&Draw { seed, max_steps })
+        match &self.faults {
+            Source::Code(f) => f(&Draw { seed, max_steps }),
+            Source::File(s) => Faults::of(Plan {
+                placed: s.placed(seed),
+                ..Plan::default()
+            }),
+        }
+    }
+
+    fn of_file(name: String, f: ScenarioFile) -> Scenario {
+        Scenario {
+            name: Cow::Owned(name),
+            about: Cow::Owned(f.about.clone()),
+            world: f.world,
+            spares: f.spares,
+            hosts: f.hosts,
+            resume_after: false,
+            faults: Source::File(Box::new(f)),
+        }
     }
 }
 
@@ -66,163 +96,176 @@ impl Draw {
 
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
-        name: "kill-one",
-        about: "SIGKILL one rank mid-run; a hot spare takes its place",
+        name: Cow::Borrowed("kill-one"),
+        about: Cow::Borrowed("SIGKILL one rank mid-run; a hot spare takes its place"),
         world: 4,
         spares: 1,
         hosts: 0,
         resume_after: false,
-        faults: |d| {
+        faults: Source::Code(|d| {
             Faults::of(Plan {
                 kill: vec![(d.step(1), d.rank(2, 4, false))],
                 ..Plan::default()
             })
-        },
+        }),
     },
     Scenario {
-        name: "kill-two",
-        about: "SIGKILL two ranks at the same step; one spare, so the job shrinks to 3",
+        name: Cow::Borrowed("kill-two"),
+        about: Cow::Borrowed(
+            "SIGKILL two ranks at the same step; one spare, so the job shrinks to 3",
+        ),
         world: 4,
         spares: 1,
         hosts: 0,
         resume_after: false,
-        faults: |d| {
+        faults: Source::Code(|d| {
             let (step, a) = (d.step(1), d.rank(2, 4, false));
             let b = (a + 1 + d.rank(3, 3, false)) % 4;
             Faults::of(Plan {
                 kill: vec![(step, a), (step, b)],
                 ..Plan::default()
             })
-        },
+        }),
     },
     Scenario {
-        name: "hang-wake",
-        about: "SIGSTOP one rank, SIGCONT it 5 s later: it is fenced out and comes back a spare",
+        name: Cow::Borrowed("hang-wake"),
+        about: Cow::Borrowed(
+            "SIGSTOP one rank, SIGCONT it 5 s later: it is fenced out and comes back a spare",
+        ),
         world: 3,
         spares: 1,
         hosts: 0,
         resume_after: false,
-        faults: |d| {
+        faults: Source::Code(|d| {
             Faults::of(Plan {
                 stop_at: Some((d.step(1), d.rank(2, 3, true))),
                 stop_for: Duration::from_secs(5),
                 ..Plan::default()
             })
-        },
+        }),
     },
     Scenario {
-        name: "straggler",
-        about: "a CPU quota of 20% of a core on one rank for 30 steps: rebalanced, then lifted",
+        name: Cow::Borrowed("straggler"),
+        about: Cow::Borrowed(
+            "a CPU quota of 20% of a core on one rank for 30 steps: rebalanced, then lifted",
+        ),
         world: 3,
         spares: 1,
         hosts: 0,
         resume_after: false,
-        faults: |d| {
+        faults: Source::Code(|d| {
             Faults::of(Plan {
                 slow_at: Some((d.step(1), d.rank(2, 3, true))),
                 slow_cpu_pct: 20,
                 slow_steps: 30,
                 ..Plan::default()
             })
-        },
+        }),
     },
     Scenario {
-        name: "nan",
-        about: "a NaN in one rank's gradient: the step is skipped on every rank, the rank named",
+        name: Cow::Borrowed("nan"),
+        about: Cow::Borrowed(
+            "a NaN in one rank's gradient: the step is skipped on every rank, the rank named",
+        ),
         world: 3,
         spares: 0,
         hosts: 0,
         resume_after: false,
-        faults: |d| Faults {
+        faults: Source::Code(|d| Faults {
             in_rank: vec![format!("nan@{}:{}", d.step(1), d.rank(2, 3, false))],
             ..Faults::default()
-        },
+        }),
     },
     Scenario {
-        name: "scale-drain",
-        about: "scale 2 ranks up to 4 (spares promoted and healed), then drain one",
+        name: Cow::Borrowed("scale-drain"),
+        about: Cow::Borrowed("scale 2 ranks up to 4 (spares promoted and healed), then drain one"),
         world: 2,
         spares: 2,
         hosts: 0,
         resume_after: false,
-        faults: |d| {
+        faults: Source::Code(|d| {
             let up = d.step(1);
             Faults::of(Plan {
                 scale_at: Some((up, 4)),
                 drain_at: Some((up + d.max_steps / 5, d.rank(2, 4, true))),
                 ..Plan::default()
             })
-        },
+        }),
     },
     Scenario {
-        name: "host-loss",
-        about: "every process of one of 2 simulated hosts killed at once (root)",
+        name: Cow::Borrowed("host-loss"),
+        about: Cow::Borrowed("every process of one of 2 simulated hosts killed at once (root)"),
         world: 4,
         spares: 2,
         hosts: 2,
         resume_after: false,
-        faults: |d| Faults {
+        faults: Source::Code(|d| Faults {
             kill_host_at: Some((d.step(1), 1)),
             ..Faults::default()
-        },
+        }),
     },
     Scenario {
-        name: "partition",
-        about: "one of 2 simulated hosts cut off by a firewall rule for 8 s (root)",
+        name: Cow::Borrowed("partition"),
+        about: Cow::Borrowed("one of 2 simulated hosts cut off by a firewall rule for 8 s (root)"),
         world: 4,
         spares: 2,
         hosts: 2,
         resume_after: false,
-        faults: |d| Faults {
+        faults: Source::Code(|d| Faults {
             cut_host_at: Some((d.step(1), 1)),
             cut_for: Duration::from_secs(8),
             ..Faults::default()
-        },
+        }),
     },
     Scenario {
-        name: "coordinator-restart",
-        about: "SIGKILL the coordinator, start it again 2 s later from its journal: the ranks \
+        name: Cow::Borrowed("coordinator-restart"),
+        about: Cow::Borrowed(
+            "SIGKILL the coordinator, start it again 2 s later from its journal: the ranks \
                 train on and rejoin in their places",
+        ),
         world: 3,
         spares: 1,
         hosts: 0,
         resume_after: false,
-        faults: |d| {
+        faults: Source::Code(|d| {
             Faults::of(Plan {
                 kill_coordinator_at: Some(d.step(1)),
                 coordinator_down: Duration::from_secs(2),
                 ..Plan::default()
             })
-        },
+        }),
     },
     Scenario {
-        name: "corrupt-checkpoint",
-        about: "a bit flipped in the newest committed checkpoint, then the whole job killed: \
+        name: Cow::Borrowed("corrupt-checkpoint"),
+        about: Cow::Borrowed(
+            "a bit flipped in the newest committed checkpoint, then the whole job killed: \
                 the next job names it, resumes from the one before, and loses no sample",
+        ),
         world: 3,
         spares: 0,
         hosts: 0,
         resume_after: true,
-        faults: |d| {
+        faults: Source::Code(|d| {
             let at = d.step(1);
             Faults::of(Plan {
                 corrupt_checkpoint_at: Some(at),
                 kill_job_at: Some(at),
                 ..Plan::default()
             })
-        },
+        }),
     },
     Scenario {
-        name: "disk-full",
-        about:
+        name: Cow::Borrowed("disk-full"),
+        about: Cow::Borrowed(
             "the checkpoint disk (a tmpfs) full for a fifth of the run and 2 s (root): the saves \
                 meanwhile fail with an event, none is committed partial, training goes on and \
                 saves again",
+        ),
         world: 3,
         spares: 0,
         hosts: 0,
         resume_after: false,
-        faults: |d| {
+        faults: Source::Code(|d| {
             Faults::of(Plan {
                 fill_disk_at: Some(d.step(1)),
                 // Longer than the save interval chaos sets (an eighth of the run), and than a
@@ -231,7 +274,7 @@ pub const SCENARIOS: &[Scenario] = &[
                 disk_full_min: Duration::from_secs(2),
                 ..Plan::default()
             })
-        },
+        }),
     },
 ];
 
@@ -263,6 +306,10 @@ impl Faults {
         );
         one(p.kill_job_at.is_some(), FaultKind::JobKilled);
         one(p.fill_disk_at.is_some(), FaultKind::DiskFull);
+        out.extend(p.placed.iter().map(|f| match f.kind {
+            PlacedKind::Kill => FaultKind::Sigkill,
+            PlacedKind::Hang { .. } => FaultKind::Sigstop,
+        }));
         out
     }
 
@@ -279,8 +326,40 @@ impl Faults {
     }
 }
 
-pub fn find(name: &str) -> Option<&'static Scenario> {
-    SCENARIOS.iter().find(|s| s.name == name)
+/// The soak, shipped as a scenario file (copy it to change its period, length or mix).
+const SOAK: &str = include_str!("../../scenarios/soak.toml");
+
+/// Every built-in scenario, the soak last.
+pub fn builtin() -> Vec<Scenario> {
+    let mut all = SCENARIOS.to_vec();
+    if let Ok(f) = ScenarioFile::parse(SOAK) {
+        all.push(Scenario::of_file("soak".into(), f));
+    }
+    all
+}
+
+/// A built-in scenario by name, or a scenario file by path.
+pub fn resolve(name: &str) -> Result<Scenario, String> {
+    if let Some(s) = builtin().into_iter().find(|s| s.name == name) {
+        return Ok(s);
+    }
+    let path = Path::new(name);
+    if !path.is_file() {
+        return Err(format!(
+            "no scenario {name:?}: `phalanx chaos --scenario list` lists them, or give a \
+             scenario file (TOML, e.g. scenarios/soak.toml)"
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the scenario file {name}: {e}"))?;
+    let f = ScenarioFile::parse(&text).map_err(|e| format!("scenario file {name}: {e}"))?;
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+    Ok(Scenario::of_file(stem.unwrap_or_else(|| name.into()), f))
+}
+
+#[cfg(test)]
+pub fn find(name: &str) -> Option<Scenario> {
+    builtin().into_iter().find(|s| s.name == name)
 }
 
 #[cfg(test)]
