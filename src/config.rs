@@ -269,7 +269,7 @@ impl Default for CoordinatorSection {
             token: String::new(),
             admin_token: String::new(),
             heartbeat_interval_ms: 200,
-            heartbeat_timeout_ms: 1500,
+            heartbeat_timeout_ms: 800,
             rejoin_grace_ms: 10_000,
             min_world: 1,
             hang_timeout_floor_ms: 10_000,

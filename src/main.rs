@@ -257,6 +257,9 @@ enum BenchCmd {
     /// the background drain, write throughput against the disk's bandwidth (measured in the
     /// same run); PyTorch DCP beside it with --dcp.
     Checkpoint(bench::checkpoint::Opts),
+    /// How soon a crashed (SIGKILL) and a hung (SIGSTOP) rank are declared failed, over many
+    /// faults on simulated rank processes, and false detections in a fault-free stretch.
+    Detection(bench::detection::Opts),
     /// tokens/s of the full train path vs a bare tch loop (phalanx's overhead).
     Train {
         /// The job config (TOML) to measure.
@@ -815,6 +818,10 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
     match what {
         BenchCmd::Checkpoint(o) => {
             bench::checkpoint::run(&o)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        BenchCmd::Detection(o) => {
+            bench::detection::run(&o)?;
             Ok(ExitCode::SUCCESS)
         }
         BenchCmd::Train {

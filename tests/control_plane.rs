@@ -153,9 +153,11 @@ fn sigkill_is_detected_within_half_a_second() {
     );
 }
 
-// G-1: a stopped rank is detected by the heartbeat deadline; woken up, it is fenced, not merged.
+// G-1, K-2: a stopped rank is detected by the heartbeat deadline (0.8 s, plus a tick; here with
+// room for a loaded machine, the p99 is `phalanx bench detection`'s); woken up, it is fenced,
+// not merged.
 #[test]
-fn sigstop_is_detected_within_two_seconds_and_stays_fenced() {
+fn sigstop_is_detected_at_the_heartbeat_deadline_and_stays_fenced() {
     let mut job = Job::start(3, 0, &[]);
     let victim = job.ranks[2].pid();
     let t_stop = unix_ms();
@@ -163,7 +165,7 @@ fn sigstop_is_detected_within_two_seconds_and_stays_fenced() {
     let ev = job.wait_event("rank_failed", Duration::from_secs(6));
     let detect_ms = ev["unix_ms"].as_u64().unwrap() - t_stop;
     eprintln!("SIGSTOP detected in {detect_ms} ms: {ev}");
-    assert!(detect_ms <= 2000, "detection took {detect_ms} ms");
+    assert!(detect_ms <= 1300, "detection took {detect_ms} ms");
     assigned(&job.ranks[0], 2);
     signal(victim, "CONT");
     // The woken rank heartbeats for generation 1 and is told it is fenced out.

@@ -524,7 +524,7 @@ fn woken_worker_rejoins_as_a_spare() {
     assert!(wait_for(&|m| m.len() >= 30, 60), "training did not start");
     let pid = b.pid();
     signal(pid, "STOP");
-    // Fenced after heartbeat_timeout_ms (1.5 s); the survivor trains on alone.
+    // Fenced after heartbeat_timeout_ms (0.8 s); the survivor trains on alone.
     assert!(
         wait_for(&|m| m.iter().any(|x| x["world_size"] == 1), 20),
         "the stopped rank was not fenced out"

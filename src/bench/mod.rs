@@ -6,12 +6,14 @@
 //! - [`gloo`]: the PyTorch side of that comparison;
 //! - [`straggler`]: detection and rebalancing figures under a CPU quota;
 //! - [`coordinator`]: decisions per second of the coordinator core and its gRPC service;
+//! - [`detection`]: crash and hang detection latency over many real faults, false detections;
 //! - [`checkpoint`]: a sharded checkpoint's stage, drain and throughput against the disk, and
 //!   PyTorch DCP beside it.
 
 pub mod checkpoint;
 pub mod collectives;
 pub mod coordinator;
+pub mod detection;
 pub mod gloo;
 pub mod straggler;
 pub mod train;

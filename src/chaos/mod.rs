@@ -20,7 +20,6 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(clap::Args)]
 pub struct ChaosCli {
@@ -134,21 +133,16 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
     e.planned_nans = faults.nans();
     e.planned_admin = faults.admin();
     let checks = invariants::checks(&e);
-    let goodput = baseline.and_then(|b| goodput(&e.report, &b));
-    // Past the first half minute (libtorch and the allocator settle), over processes that
-    // lived a minute: a soak's long-lived ones.
-    let memory = rss::spans(
-        &rss::read(&run_dir),
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-    );
+    let (goodput, throughput) = baseline.map_or((None, None), |b| goodput(&e.report, &b));
+    let memory = rss::spans(&rss::read(&run_dir));
     let outcome = Outcome {
         code,
         goodput,
+        throughput,
         memory: &memory,
     };
     record(&run_dir, sc, c.seed, &outcome, &faults, &e, &checks)?;
-    print(sc, c.seed, &checks, goodput);
+    print(sc, c.seed, &checks, (goodput, throughput));
     print_memory(&memory);
     Ok(if checks.iter().all(|c| c.pass) { 0 } else { 1 })
 }
@@ -157,17 +151,23 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
 #[derive(Clone, Copy)]
 struct Baseline {
     val_loss: f64,
-    /// Tokens over the job's wall time.
+    /// Its share of wall time in committed steps, and its tokens over wall time.
+    ettr: Option<f64>,
     tokens_per_s_wall: Option<f64>,
 }
 
-/// The share of the fault-free run's throughput the run with faults kept: tokens over wall
-/// time, both jobs counted from their launch, so that faults are the only difference.
-fn goodput(report: &Value, b: &Baseline) -> Option<f64> {
-    let with_faults = report["tokens_per_s_wall"].as_f64()?;
-    b.tokens_per_s_wall
-        .filter(|&t| t > 0.0)
-        .map(|t| with_faults / t)
+/// Goodput: the share of wall time in committed steps (ETTR) with the faults, over the same
+/// share without them; the time the faults cost (detection, regroups, redone steps, heals),
+/// whatever else the job spends time on. Between two runs of minutes this machine's speed
+/// drifts by several percent, so a ratio of tokens/s (also given) says less about the faults.
+fn goodput(report: &Value, b: &Baseline) -> (Option<f64>, Option<f64>) {
+    let ratio = |with: Option<f64>, without: Option<f64>| {
+        without.filter(|&w| w > 0.0).and_then(|w| Some(with? / w))
+    };
+    (
+        ratio(report["ettr"].as_f64(), b.ettr),
+        ratio(report["tokens_per_s_wall"].as_f64(), b.tokens_per_s_wall),
+    )
 }
 
 /// The same job without faults.
@@ -194,6 +194,7 @@ fn fault_free(
     match (code, val) {
         (0, Some(val_loss)) => Ok(Baseline {
             val_loss,
+            ettr: e.report["ettr"].as_f64(),
             tokens_per_s_wall: e.report["tokens_per_s_wall"].as_f64(),
         }),
         _ => bail!(
@@ -291,6 +292,8 @@ fn campaign_records(run_dir: &Path) -> Vec<phalanx_runtime::events::Record> {
 struct Outcome<'a> {
     code: i32,
     goodput: Option<f64>,
+    /// Tokens/s over wall time against the fault-free run's.
+    throughput: Option<f64>,
     memory: &'a [rss::RssSpan],
 }
 
@@ -308,6 +311,7 @@ fn record(
     report["chaos"] = json!({
         "scenario": sc.name,
         "goodput": o.goodput,
+        "throughput_vs_fault_free": o.throughput,
         "memory": o.memory,
         "seed": seed,
         "launch_exit_code": o.code,
@@ -321,11 +325,14 @@ fn record(
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn print(sc: &Scenario, seed: u64, checks: &[Check], goodput: Option<f64>) {
+fn print(sc: &Scenario, seed: u64, checks: &[Check], kept: (Option<f64>, Option<f64>)) {
     let held = checks.iter().filter(|c| c.pass).count();
-    let kept = goodput.map_or(String::new(), |g| {
-        format!("; goodput {g:.3} of the fault-free run's tokens/s")
-    });
+    let kept = match kept {
+        (Some(g), Some(t)) => {
+            format!("; goodput {g:.3} (ETTR against the fault-free run's), tokens/s {t:.3} of its")
+        }
+        _ => String::new(),
+    };
     outln!(
         "chaos {} (seed {seed}): {held} of {} invariants hold{kept}",
         sc.name,
@@ -356,7 +363,7 @@ fn print_memory(spans: &[rss::RssSpan]) {
         })
         .collect();
     outln!(
-        "  memory (after 30 s, then at the end): {}",
+        "  memory (a third into the run, then at the end): {}",
         each.join("; ")
     );
 }

@@ -21,7 +21,7 @@ pub struct RssSample {
     pub rss_kib: u64,
 }
 
-/// A long-lived process's memory from its first sample past the warm-up to its last.
+/// A long-lived process's memory a third into the run and at the end.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct RssSpan {
     pub pid: u32,
@@ -133,13 +133,19 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Per process sampled over at least `min_life`: its memory once `warmup` into the run (or at
-/// its first sample, if it started later) and at its last sample.
-pub fn spans(samples: &[RssSample], warmup: Duration, min_life: Duration) -> Vec<RssSpan> {
-    let Some(t0) = samples.iter().map(|s| s.unix_ms).min() else {
+/// The processes that lived through the last two thirds of the run (a rank's memory grows for
+/// minutes as it first trains, saves, evaluates and heals; a leak keeps growing after): each
+/// one's memory at its first sample a third into the run and at its last.
+pub fn spans(samples: &[RssSample]) -> Vec<RssSpan> {
+    let (Some(t0), Some(t1)) = (
+        samples.iter().map(|s| s.unix_ms).min(),
+        samples.iter().map(|s| s.unix_ms).max(),
+    ) else {
         return Vec::new();
     };
-    let from = t0 + warmup.as_millis() as u64;
+    let from = t0 + (t1 - t0) / 3;
+    // Alive at the end: sampled in the last two rounds.
+    let to = t1.saturating_sub(2 * EVERY.as_millis() as u64);
     let mut by_pid: BTreeMap<u32, Vec<&RssSample>> = BTreeMap::new();
     for s in samples {
         by_pid.entry(s.pid).or_default().push(s);
@@ -148,10 +154,10 @@ pub fn spans(samples: &[RssSample], warmup: Duration, min_life: Duration) -> Vec
         .into_iter()
         .filter_map(|(pid, v)| {
             let (first, last) = (v.first()?, v.last()?);
-            let lived = Duration::from_millis(last.unix_ms - first.unix_ms);
-            if lived < min_life {
+            if first.unix_ms > from || last.unix_ms < to {
                 return None;
             }
+            let lived = Duration::from_millis(last.unix_ms - first.unix_ms);
             let start = v.iter().find(|s| s.unix_ms >= from).unwrap_or(first);
             Some(RssSpan {
                 pid,
@@ -185,26 +191,30 @@ mod tests {
         }
     }
 
-    // A process's span starts after the warm-up (or at its birth), ends at its last sample;
-    // short-lived processes (a killed rank, a spare restarted) are left out.
+    // A span starts a third into the run and ends at the process's last sample; processes born
+    // after that point (a spare started late) or gone before the end (a killed rank) are left
+    // out.
     #[test]
-    fn spans_cover_long_lived_processes_after_the_warm_up() {
+    fn spans_cover_processes_alive_through_the_last_two_thirds() {
         let v = vec![
             s(0, 1, 100),
             s(0, 7, 50),
             s(10, 1, 300),
             s(10, 7, 60),
-            s(30, 1, 310),
+            s(20, 9, 70),
+            s(40, 1, 310),
             s(40, 9, 80),
-            s(100, 1, 320),
-            s(100, 9, 90),
+            s(50, 11, 80),
+            s(90, 1, 320),
+            s(90, 9, 90),
+            s(90, 11, 95),
         ];
-        let sp = spans(&v, Duration::from_secs(20), Duration::from_secs(30));
+        let sp = spans(&v);
         assert_eq!(sp.len(), 2, "{sp:?}");
         assert_eq!((sp[0].pid, sp[0].start_kib, sp[0].end_kib), (1, 310, 320));
         assert!(sp[0].launcher);
         assert_eq!((sp[1].pid, sp[1].start_kib, sp[1].end_kib), (9, 80, 90));
-        assert!(spans(&[], Duration::ZERO, Duration::ZERO).is_empty());
+        assert!(spans(&[]).is_empty());
     }
 
     // The sampler finds this process and a child it started, with their memory.

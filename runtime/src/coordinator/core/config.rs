@@ -31,7 +31,7 @@ impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {
             heartbeat_interval: Duration::from_millis(200),
-            heartbeat_timeout: Duration::from_millis(1500),
+            heartbeat_timeout: Duration::from_millis(800),
             rejoin_grace: Duration::from_secs(10),
             min_world: 1,
             max_world: usize::MAX,

@@ -373,7 +373,7 @@ fn rejoin_after_restart_keeps_the_generation() {
     assert!(s.register(t, rb, &cfg).unwrap().rejoined);
     s.session_opened(t, b).unwrap();
     assert_eq!(
-        decide(t + Duration::from_secs(1), &s, &cfg),
+        decide(t + cfg.heartbeat_timeout / 2, &s, &cfg),
         Decision::Steady
     );
     assert_eq!(s.generation, Generation(1));
