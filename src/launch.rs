@@ -389,7 +389,8 @@ impl Supervision<'_> {
                     Outcome::Failed
                 });
             }
-            let fast = self.schedule.waiting_for_a_step() || self.host_faults.pending();
+            let fast =
+                self.schedule.waiting_for_a_step(Instant::now()) || self.host_faults.pending();
             let poll = Duration::from_millis(if fast { 20 } else { 200 });
             if last_status.elapsed() >= poll {
                 last_status = Instant::now();
@@ -547,12 +548,16 @@ impl Supervision<'_> {
             Action::Kill {
                 rank,
                 pid,
-                periodic,
+                replaced,
             } => {
                 signal(run_dir, at, rank, pid, Signal::Kill, bar)?;
-                self.planned += usize::from(periodic);
+                self.planned += usize::from(replaced);
             }
-            Action::Stop { rank, pid } => signal(run_dir, at, rank, pid, Signal::Stop, bar)?,
+            Action::Stop { rank, pid } => {
+                signal(run_dir, at, rank, pid, Signal::Stop, bar)?;
+                // Woken, the rank is fenced and its process started again as a spare.
+                self.planned += 1;
+            }
             Action::Cont { pid } => {
                 signals::send(Signal::Cont, &[pid]);
                 let mut c = Cleared::of(FaultKind::Sigstop);

@@ -39,6 +39,9 @@ pub struct Placed {
     trained_from: Option<Instant>,
     /// Stopped processes and when each is to be continued.
     hung: Vec<(u32, Instant)>,
+    /// Every process a fault was sent to: a killed one may still be listed by the coordinator
+    /// for a moment, and signalling a dead process would count as a fault that struck.
+    struck: Vec<u32>,
 }
 
 impl Placed {
@@ -50,9 +53,19 @@ impl Placed {
         }
     }
 
-    /// Some fault has yet to strike: the launcher polls often.
-    pub fn pending(&self) -> bool {
-        self.fired.iter().any(|f| !f)
+    /// A fault is waiting for a step, or is due within a second: the launcher polls often
+    /// (a soak's faults a minute apart do not keep it polling every 20 ms for its whole run,
+    /// which the fault-free run it is compared with does not do).
+    pub fn due_soon(&self, now: Instant) -> bool {
+        self.faults.iter().zip(&self.fired).any(|(f, fired)| {
+            !fired
+                && match f.at {
+                    Trigger::Step(_) => true,
+                    Trigger::After(d) => self.trained_from.is_none_or(|t| {
+                        now + Duration::from_secs(1) >= t.checked_add(d).unwrap_or(now)
+                    }),
+                }
+        })
     }
 
     /// The faults due now. A fault whose rank has no active process now stays due.
@@ -61,6 +74,7 @@ impl Placed {
             self.trained_from.get_or_insert(now);
         }
         let mut out = Vec::new();
+        let mut ranks_struck = Vec::new();
         for (i, f) in self.faults.iter().enumerate() {
             let struck = match f.at {
                 Trigger::Step(s) => st.committed_step >= s,
@@ -71,28 +85,30 @@ impl Placed {
             if self.fired[i] || !struck {
                 continue;
             }
-            // One fault per rank at a time: a rank still stopped is no target yet.
-            let Some(pid) = st.active(f.rank).filter(|p| !self.is_hung(*p)) else {
+            // One fault per rank and poll, and none on a process already struck: the next one
+            // waits for whichever process holds the rank next.
+            if ranks_struck.contains(&f.rank) {
+                continue;
+            }
+            let Some(pid) = st.active(f.rank).filter(|p| !self.struck.contains(p)) else {
                 continue;
             };
             self.fired[i] = true;
+            self.struck.push(pid);
+            ranks_struck.push(f.rank);
             out.push(match f.kind {
                 PlacedKind::Kill => Action::Kill {
                     rank: f.rank,
                     pid,
-                    periodic: true,
+                    replaced: true,
                 },
                 PlacedKind::Hang { for_ } => {
-                    self.hung.push((pid, now + for_));
+                    self.hung.push((pid, now.checked_add(for_).unwrap_or(now)));
                     Action::Stop { rank: f.rank, pid }
                 }
             });
         }
         out
-    }
-
-    fn is_hung(&self, pid: u32) -> bool {
-        self.hung.iter().any(|&(p, _)| p == pid)
     }
 
     /// The SIGCONTs due, whatever the job's status.
@@ -164,21 +180,21 @@ mod tests {
                 Action::Kill {
                     rank: 1,
                     pid: 11,
-                    periodic: true
+                    replaced: true
                 },
                 Action::Kill {
                     rank: 0,
                     pid: 10,
-                    periodic: true
+                    replaced: true
                 }
             ]
         );
-        assert!(!p.pending());
+        assert!(!p.due_soon(t1 + s5));
         assert!(p.due(t1 + s5 * 9, &status(90, [12, 13])).is_empty());
     }
 
-    // A hang stops the rank's process and continues it after its time; a second hang of the
-    // same rank waits for the first to end, then strikes whichever process holds the rank.
+    // A hang stops the rank's process and continues it after its time; a second fault on the
+    // same rank waits for another process to hold it (a woken one is fenced).
     #[test]
     fn hangs_are_continued_after_their_time_and_do_not_stack() {
         let t = Instant::now();
@@ -200,11 +216,56 @@ mod tests {
             p.timed(t + Duration::from_secs(3)),
             vec![Action::Cont { pid: 11 }]
         );
+        assert!(
+            p.due(t, &status(13, [10, 11])).is_empty(),
+            "woken, but struck once already"
+        );
         assert_eq!(
             p.due(t + Duration::from_secs(4), &status(20, [10, 14])),
             vec![Action::Stop { rank: 1, pid: 14 }]
         );
         assert_eq!(p.on_exit(), vec![Action::Cont { pid: 14 }]);
         assert!(p.timed(t + Duration::from_secs(60)).is_empty());
+    }
+
+    // Two kills of one rank due in the same poll strike one process, not the same one twice;
+    // the second waits for the process that takes the rank over, even while the coordinator
+    // still lists the killed one. A soak's faults far ahead do not keep the launcher polling.
+    #[test]
+    fn a_process_is_struck_once_and_far_faults_are_not_due_soon() {
+        let t = Instant::now();
+        let kill = |at| PlacedFault {
+            at,
+            rank: 1,
+            kind: PlacedKind::Kill,
+        };
+        let minute = Duration::from_secs(60);
+        let mut p = Placed::new(vec![
+            kill(Trigger::Step(5)),
+            kill(Trigger::Step(5)),
+            kill(Trigger::After(minute)),
+        ]);
+        let st = |pid| Status {
+            committed_step: 6,
+            world: 2,
+            procs: vec![Proc {
+                rank: Some(1),
+                pid,
+                active: true,
+                spare: false,
+            }],
+        };
+        assert_eq!(p.due(t, &st(20)).len(), 1);
+        assert!(p.due(t, &st(20)).is_empty(), "20 is dead, still listed");
+        assert_eq!(
+            p.due(t, &st(21)),
+            vec![Action::Kill {
+                rank: 1,
+                pid: 21,
+                replaced: true
+            }]
+        );
+        assert!(!p.due_soon(t), "the next fault is a minute away");
+        assert!(p.due_soon(t + minute - Duration::from_millis(500)));
     }
 }

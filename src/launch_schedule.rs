@@ -75,12 +75,12 @@ impl Status {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// SIGKILL; `periodic` when it comes from `kill_every` (the launcher restarts the process
-    /// without counting it as lost).
+    /// SIGKILL; `replaced` when the plan kills over and over (`kill_every`, a scenario's placed
+    /// or drawn kills): the launcher's budget of restarted workers grows by one for it.
     Kill {
         rank: u32,
         pid: u32,
-        periodic: bool,
+        replaced: bool,
     },
     Stop {
         rank: u32,
@@ -157,10 +157,10 @@ impl Schedule {
 
     /// A fault waits for a step: the launcher polls the coordinator often, so that it lands
     /// within a few steps of the one asked for even when steps take milliseconds.
-    pub fn waiting_for_a_step(&self) -> bool {
+    pub fn waiting_for_a_step(&self, now: Instant) -> bool {
         let p = &self.plan;
         self.killed.iter().any(|k| !k)
-            || self.placed.pending()
+            || self.placed.due_soon(now)
             || (p.scale_at.is_some() && !self.scaled)
             || (p.drain_at.is_some() && !self.drained)
             || (p.stop_at.is_some() && !self.stop_done && self.stopped.is_none())
@@ -213,7 +213,7 @@ impl Schedule {
                     out.push(Action::Kill {
                         rank,
                         pid,
-                        periodic: false,
+                        replaced: false,
                     });
                 }
             }
@@ -286,7 +286,7 @@ impl Schedule {
                     out.push(Action::Kill {
                         rank,
                         pid,
-                        periodic: true,
+                        replaced: true,
                     });
                 }
             }
@@ -386,7 +386,7 @@ mod tests {
             },
             t,
         );
-        assert!(s.waiting_for_a_step());
+        assert!(s.waiting_for_a_step(t));
         assert!(s.due(t, &status(9)).is_empty());
         let mut gone = status(12);
         gone.procs[1].active = false;
@@ -399,11 +399,11 @@ mod tests {
             vec![Action::Kill {
                 rank: 1,
                 pid: 101,
-                periodic: false
+                replaced: false
             }]
         );
         assert!(s.due(t, &status(13)).is_empty());
-        assert!(!s.waiting_for_a_step());
+        assert!(!s.waiting_for_a_step(t));
     }
 
     // The coordinator is killed at its step and started again `coordinator_down` later, with no
@@ -419,10 +419,10 @@ mod tests {
             },
             t,
         );
-        assert!(s.waiting_for_a_step());
+        assert!(s.waiting_for_a_step(t));
         assert!(s.due(t, &status(19)).is_empty());
         assert_eq!(s.due(t, &status(20)), vec![Action::KillCoordinator]);
-        assert!(!s.waiting_for_a_step());
+        assert!(!s.waiting_for_a_step(t));
         assert!(s.due(t, &status(21)).is_empty());
         assert!(s.timed(t + Duration::from_secs(1)).is_empty());
         assert_eq!(
@@ -447,11 +447,11 @@ mod tests {
         let mut s = Schedule::new(plan.clone(), t);
         let later = t + Duration::from_secs(2);
         assert_eq!(s.due(t, &status(10)), vec![Action::FillDisk]);
-        assert!(s.waiting_for_a_step());
+        assert!(s.waiting_for_a_step(t));
         assert!(s.due(later, &status(39)).is_empty(), "not enough steps");
         assert!(s.due(t, &status(45)).is_empty(), "not long enough");
         assert_eq!(s.due(later, &status(40)), vec![Action::FreeDisk]);
-        assert!(!s.waiting_for_a_step());
+        assert!(!s.waiting_for_a_step(t));
         assert!(s.due(t, &status(41)).is_empty());
         assert!(s.on_exit().is_empty());
         let mut s = Schedule::new(plan, t);
@@ -472,13 +472,13 @@ mod tests {
             t,
         );
         assert!(s.due(t, &status(29)).is_empty());
-        assert!(s.waiting_for_a_step());
+        assert!(s.waiting_for_a_step(t));
         assert_eq!(
             s.due(t, &status(31)),
             vec![Action::KillJob, Action::CorruptCheckpoint]
         );
         assert!(s.due(t, &status(32)).is_empty());
-        assert!(!s.waiting_for_a_step());
+        assert!(!s.waiting_for_a_step(t));
     }
 
     // A launch that ends while the coordinator is down starts it again (its journal and events
@@ -562,11 +562,11 @@ mod tests {
                 pct: 12
             }]
         );
-        assert!(s.waiting_for_a_step());
+        assert!(s.waiting_for_a_step(t));
         assert!(s.due(t, &status(351)).is_empty());
         assert_eq!(s.due(t, &status(352)), vec![Action::LiftQuota]);
         assert!(s.due(t, &status(400)).is_empty());
-        assert!(!s.waiting_for_a_step());
+        assert!(!s.waiting_for_a_step(t));
     }
 
     // A scale request goes at its step; a drain waits until its rank is active (after the
@@ -582,7 +582,7 @@ mod tests {
             },
             t,
         );
-        assert!(s.waiting_for_a_step());
+        assert!(s.waiting_for_a_step(t));
         assert!(s.due(t, &status(4)).is_empty());
         assert_eq!(s.due(t, &status(5)), vec![Action::Scale { target: 3 }]);
         assert!(s.due(t, &status(9)).is_empty(), "no rank 2 yet");
@@ -590,7 +590,7 @@ mod tests {
         grown.procs[2].rank = Some(2);
         grown.procs[2].active = true;
         assert_eq!(s.due(t, &grown), vec![Action::Drain { rank: 2 }]);
-        assert!(!s.waiting_for_a_step());
+        assert!(!s.waiting_for_a_step(t));
     }
 
     // Two kills at one step fire in the same poll: two ranks lost at once.
@@ -613,7 +613,7 @@ mod tests {
             })
             .collect();
         assert_eq!(kills, vec![0, 1]);
-        assert!(!s.waiting_for_a_step());
+        assert!(!s.waiting_for_a_step(t));
         assert!(s.due(t, &status(11)).is_empty());
     }
 
@@ -642,7 +642,7 @@ mod tests {
                 Action::Kill {
                     rank: 0,
                     pid: 100,
-                    periodic: true
+                    replaced: true
                 },
                 Action::RestartSpare { pid: 102 }
             ]
@@ -653,7 +653,7 @@ mod tests {
             Action::Kill {
                 rank: 1,
                 pid: 101,
-                periodic: true
+                replaced: true
             }
         );
         assert!(

@@ -6,11 +6,16 @@
 //! wait in a collective) and the coordinator for that long, and a rank that could restart in
 //! place in a few milliseconds is evicted for being slow (S-4).
 
-use std::backtrace::{Backtrace, BacktraceStatus};
+use std::backtrace::Backtrace;
 use std::panic::PanicHookInfo;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Replaces the default panic hook (same first line, same backtrace when `RUST_BACKTRACE`
-/// asks for one).
+/// A backtrace is being resolved. Taking one waits on the same lock the resolution holds, so
+/// a second panic meanwhile goes without one rather than wait.
+static RESOLVING: AtomicBool = AtomicBool::new(false);
+
+/// Replaces the default panic hook: the same first lines, and a backtrace when
+/// `RUST_BACKTRACE` asks for one (as the default hook reads it).
 pub fn install() {
     std::panic::set_hook(Box::new(report));
 }
@@ -26,21 +31,34 @@ fn report(info: &PanicHookInfo<'_>) {
         "thread '{thread}' panicked at {location}:\n{}",
         message(info)
     );
-    // Taking the frames is cheap; naming them is what takes time.
-    let trace = Backtrace::capture();
-    if trace.status() != BacktraceStatus::Captured {
+    if !wanted() {
         return;
     }
+    if RESOLVING.swap(true, Ordering::SeqCst) {
+        eprintln!("(no backtrace: another panic's is being resolved)");
+        return;
+    }
+    // Taking the frames is cheap; naming them is what takes time.
+    let trace = Backtrace::force_capture();
     let name = thread.to_string();
-    let print = move || eprintln!("stack backtrace of the panic in thread '{name}':\n{trace}");
+    let print = move || {
+        eprintln!("stack backtrace of the panic in thread '{name}':\n{trace}");
+        RESOLVING.store(false, Ordering::SeqCst);
+    };
     // The main thread's panic ends the process: a thread of its own would not finish.
     if thread == "main" {
         print();
-    } else {
-        let _ = std::thread::Builder::new()
-            .name("panic-backtrace".into())
-            .spawn(print);
+    } else if std::thread::Builder::new()
+        .name("panic-backtrace".into())
+        .spawn(print)
+        .is_err()
+    {
+        RESOLVING.store(false, Ordering::SeqCst);
     }
+}
+
+fn wanted() -> bool {
+    std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0")
 }
 
 fn message(info: &PanicHookInfo<'_>) -> String {

@@ -264,17 +264,23 @@ fn a_soak_from_a_scenario_file() {
         ),
     )
     .unwrap();
-    let ran = chaos_for(f.to_str().unwrap(), 3, 4000);
+    let ran = chaos_for(f.to_str().unwrap(), 3, 3500);
     let c = &ran.report["chaos"];
     assert_eq!(c["passed"], true, "{c}");
     assert_eq!(c["scenario"], "soak-small", "{c}");
-    let struck = ran
+    // Each fault struck a process of its own (planned_faults_struck counted all five).
+    let mut pids: Vec<u64> = ran
         .events
         .iter()
         .filter(|e| e["kind"] == "fault_injected" && e["ok"] == true)
-        .count();
-    assert_eq!(struck, 5, "1 placed + 4 drawn: {:?}", ran.events);
+        .filter_map(|e| e["pid"].as_u64())
+        .collect();
+    assert_eq!(pids.len(), 5, "1 placed + 4 drawn: {:?}", ran.events);
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 5, "a process struck twice: {:?}", ran.events);
+    // Five faults in some 20 s of training cost time, but far from all of it.
     let g = c["goodput"].as_f64().unwrap();
-    assert!(g > 0.3 && g < 1.5, "{c}");
+    assert!(g > 0.4 && g < 1.0, "{c}");
     assert!(ran.stdout.contains("goodput"), "{}", ran.stdout);
 }

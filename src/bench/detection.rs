@@ -54,7 +54,7 @@ pub struct Opts {
     pub overrides: Vec<String>,
 }
 
-/// A struck rank and how long the coordinator took to declare it failed.
+/// A struck rank's process and when the signal went.
 struct Struck {
     pid: u32,
     signalled_ms: u64,
@@ -75,9 +75,8 @@ pub fn run(o: &Opts) -> Result<()> {
     let stop_load = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = (0..o.load).map(|_| busy(stop_load.clone())).collect();
     let dir = tempfile::tempdir()?;
-    let mut job = Job::start(dir.path(), o)?;
-    let result = measure(&mut job, o);
-    job.stop();
+    // The job's processes are stopped when `job` drops, whatever ends the bench.
+    let result = Job::start(dir.path(), o).and_then(|mut job| measure(&mut job, o));
     stop_load.store(true, Ordering::SeqCst);
     for t in load {
         let _ = t.join();
@@ -102,9 +101,9 @@ fn measure(job: &mut Job, o: &Opts) -> Result<()> {
          timeout {} ms, decisions every {} ms{}",
         o.ranks,
         o.at_once,
-        job.settings.0,
-        job.settings.1,
-        job.settings.2,
+        job.settings.heartbeat_interval_ms,
+        job.settings.heartbeat_timeout_ms,
+        job.settings.tick_ms,
         if o.load > 0 {
             format!(", {} busy threads beside it", o.load)
         } else {
@@ -114,6 +113,9 @@ fn measure(job: &mut Job, o: &Opts) -> Result<()> {
     job.wait_whole(Duration::from_secs(120))?;
     let mut round = 0u64;
     for (kind, n) in [(Signal::Kill, o.kills), (Signal::Stop, o.hangs)] {
+        if n == 0 {
+            continue;
+        }
         let mut detect = Vec::new();
         let mut missed = 0;
         let started = Instant::now();
@@ -162,6 +164,13 @@ fn what(kind: Signal) -> &'static str {
 }
 
 fn summary(kind: Signal, ms: &mut [u64], missed: usize) {
+    if ms.is_empty() {
+        outln!(
+            "{}: none detected, {missed} missed (none within 10 s)",
+            what(kind)
+        );
+        return;
+    }
     ms.sort_unstable();
     let q = |p: f64| {
         ms.get(((ms.len() as f64 * p).ceil() as usize).saturating_sub(1))
@@ -222,8 +231,14 @@ struct Job {
     world: usize,
     spares: usize,
     rt: tokio::runtime::Runtime,
-    /// Heartbeat interval, timeout and tick, in ms, as the coordinator runs them.
-    settings: (u64, u64, u64),
+    settings: Settings,
+}
+
+/// The detection settings the coordinator runs with.
+struct Settings {
+    heartbeat_interval_ms: u64,
+    heartbeat_timeout_ms: u64,
+    tick_ms: u64,
 }
 
 impl Job {
@@ -235,7 +250,11 @@ impl Job {
         overrides.extend(o.overrides.iter().cloned());
         let cfg = crate::config::TrainConfig::load(None, &overrides)?;
         let c = &cfg.coordinator;
-        let settings = (c.heartbeat_interval_ms, c.heartbeat_timeout_ms, c.tick_ms);
+        let settings = Settings {
+            heartbeat_interval_ms: c.heartbeat_interval_ms,
+            heartbeat_timeout_ms: c.heartbeat_timeout_ms,
+            tick_ms: c.tick_ms,
+        };
         let mut coordinator = Command::new(std::env::current_exe()?)
             .args(["coordinator", "--bind", "127.0.0.1:0", "--world"])
             .arg(o.ranks.to_string())
@@ -250,6 +269,11 @@ impl Job {
             .context("cannot start the coordinator")?;
         let mut first = String::new();
         BufReader::new(coordinator.stdout.take().context("stdout")?).read_line(&mut first)?;
+        if !first.contains("listening on") {
+            let _ = coordinator.kill();
+            let _ = coordinator.wait();
+            bail!("the coordinator did not start; its error is above");
+        }
         let addr = first.trim().rsplit(' ').next().unwrap_or("").to_string();
         let mut job = Job {
             coordinator,
@@ -336,8 +360,14 @@ impl Job {
             .filter(|r| r.state() == pb::MemberState::Active)
             .map(|r| r.pid)
             .collect();
+        if active.len() < k {
+            bail!(
+                "only {} active ranks to strike {k} of (the job did not stay whole)",
+                active.len()
+            );
+        }
         let mut struck = Vec::new();
-        for i in 0..k.min(active.len()) {
+        for i in 0..k {
             let pid = active.remove((mix64(seed ^ mix64(i as u64)) % active.len() as u64) as usize);
             let signalled_ms = unix_ms();
             signal(pid, kind)?;
@@ -383,12 +413,9 @@ impl Job {
     }
 
     fn failed_events(&self) -> Result<Vec<serde_json::Value>> {
-        let text = std::fs::read_to_string(&self.events).unwrap_or_default();
-        Ok(text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["kind"] == "rank_failed")
-            .collect())
+        Ok(rank_failed(
+            &std::fs::read_to_string(&self.events).unwrap_or_default(),
+        ))
     }
 
     /// The `rank_failed` events written since the last call: only the new bytes are read (the
@@ -403,14 +430,21 @@ impl Job {
         self.read_to += f.read_to_string(&mut text)? as u64;
         let complete = text.rfind('\n').map_or(0, |i| i + 1);
         self.partial = text[complete..].to_string();
-        Ok(text[..complete]
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|e| e["kind"] == "rank_failed")
-            .collect())
+        Ok(rank_failed(&text[..complete]))
     }
+}
 
-    fn stop(&mut self) {
+/// The coordinator's `rank_failed` events among `lines` of events.jsonl.
+fn rank_failed(lines: &str) -> Vec<serde_json::Value> {
+    lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["kind"] == "rank_failed")
+        .collect()
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
         let pids: Vec<u32> = self.ranks.iter().map(Child::id).collect();
         signals::send(Signal::Kill, &pids);
         for c in &mut self.ranks {

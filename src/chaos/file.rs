@@ -27,6 +27,8 @@ use std::time::Duration;
 
 /// More faults than a run could take in: a typo in a period, not a plan.
 const MAX_FAULTS: usize = 10_000;
+/// Thirty days: no time in a scenario is longer (and none overflows a clock).
+const MAX_SECONDS: f64 = 30.0 * 86_400.0;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,9 +103,18 @@ impl ScenarioFile {
             let which = format!("fault {} ({:?})", i + 1, f.kind);
             match (f.step, f.after_s) {
                 (Some(_), None) => {}
-                (None, Some(s)) if s.is_finite() && s >= 0.0 => {}
-                (None, Some(s)) => return Err(format!("{which}: after_s = {s}: use seconds >= 0")),
+                (None, Some(s)) if (0.0..=MAX_SECONDS).contains(&s) => {}
+                (None, Some(s)) => {
+                    return Err(format!(
+                        "{which}: after_s = {s}: use seconds from 0 to {MAX_SECONDS} (30 days)"
+                    ))
+                }
                 _ => return Err(format!("{which}: give either step or after_s")),
+            }
+            if f.kind == KindName::Kill && f.hang_ms.is_some() {
+                return Err(format!(
+                    "{which}: hang_ms is for a hang; a kill has no length (remove it)"
+                ));
             }
             if let Some(r) = f.rank.filter(|&r| r as usize >= self.world) {
                 return Err(format!(
@@ -159,7 +170,7 @@ impl ScenarioFile {
         if let Some(d) = &self.draw {
             for (i, at) in d.times(seed).into_iter().enumerate() {
                 let salt = 2000 + 3 * i as u64;
-                let k = d.mix.pick(pick(salt, u64::from(d.mix.total())) as u32);
+                let k = d.mix.pick(pick(salt, d.mix.total()));
                 out.push(PlacedFault {
                     at: Trigger::After(at),
                     rank: rank(salt + 1, k),
@@ -182,8 +193,8 @@ fn kind_of(k: KindName, hang_ms: Option<u64>) -> PlacedKind {
 
 fn check_hang(which: &str, hang_ms: Option<u64>) -> Result<(), String> {
     match hang_ms {
-        Some(ms) if ms < 100 => Err(format!(
-            "{which}: hang_ms = {ms}: use at least 100 (a shorter stop is no hang)"
+        Some(ms) if !(100..=3_600_000).contains(&ms) => Err(format!(
+            "{which}: hang_ms = {ms}: use 100 to 3600000 (an hour)"
         )),
         _ => Ok(()),
     }
@@ -195,12 +206,14 @@ impl DrawSpec {
             (Some(g), None) | (None, Some(g)) => g,
             _ => return Err("[draw]: give either every_s or mean_every_s".into()),
         };
-        if !(gap.is_finite() && gap > 0.0) {
-            return Err(format!("[draw]: a gap of {gap} s: use seconds > 0"));
-        }
-        if !(self.for_min.is_finite() && self.for_min > 0.0) {
+        if !(gap > 0.0 && gap <= MAX_SECONDS) {
             return Err(format!(
-                "[draw]: for_min = {}: use minutes > 0",
+                "[draw]: a gap of {gap} s: use seconds > 0 and at most {MAX_SECONDS} (30 days)"
+            ));
+        }
+        if !(self.for_min > 0.0 && self.for_min * 60.0 <= MAX_SECONDS) {
+            return Err(format!(
+                "[draw]: for_min = {}: use minutes > 0 and at most 43200 (30 days)",
                 self.for_min
             ));
         }
@@ -235,13 +248,13 @@ impl DrawSpec {
 }
 
 impl Mix {
-    fn total(&self) -> u32 {
-        self.kill + self.hang
+    fn total(&self) -> u64 {
+        u64::from(self.kill) + u64::from(self.hang)
     }
 
     /// The kind at `x` in 0..total.
-    fn pick(&self, x: u32) -> KindName {
-        if x < self.kill {
+    fn pick(&self, x: u64) -> KindName {
+        if x < u64::from(self.kill) {
             KindName::Kill
         } else {
             KindName::Hang
@@ -362,9 +375,23 @@ mod tests {
             err("world = 2\n[draw]\nevery_s = 0.001\nfor_min = 60\nmix = { kill = 1 }")
                 .contains("more than")
         );
+        let hang =
+            |ms: &str| format!("world = 2\n[[fault]]\nkind = \"hang\"\nstep = 3\nhang_ms = {ms}\n");
+        assert!(err(&hang("5")).contains("use 100 to"));
+        assert!(err(&hang("18446744073709551615")).contains("use 100 to"));
         assert!(
-            err("world = 2\n[[fault]]\nkind = \"hang\"\nstep = 3\nhang_ms = 5\n")
-                .contains("at least 100")
+            err("world = 2\n[[fault]]\nkind = \"kill\"\nstep = 3\nhang_ms = 500\n")
+                .contains("a kill has no length")
         );
+        assert!(err("world = 2\n[[fault]]\nkind = \"kill\"\nafter_s = 1e30\n").contains("30 days"));
+        assert!(
+            err("world = 2\n[draw]\nevery_s = 1e28\nfor_min = 1e30\nmix = { kill = 1 }")
+                .contains("30 days")
+        );
+        // Weights at the top of their range are summed without overflow.
+        assert!(ScenarioFile::parse(
+            "world = 2\n[draw]\nevery_s = 60\nfor_min = 1\nmix = { kill = 4294967295, hang = 4294967295 }"
+        )
+        .is_ok());
     }
 }

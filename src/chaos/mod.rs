@@ -93,6 +93,7 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
     };
     let max_steps = cfg.train.max_steps;
     let faults = sc.faults(c.seed, max_steps);
+    check_hangs(&faults, &cfg)?;
     let baseline = if c.no_baseline {
         None
     } else {
@@ -168,6 +169,24 @@ fn goodput(report: &Value, b: &Baseline) -> (Option<f64>, Option<f64>) {
         ratio(report["ettr"].as_f64(), b.ettr),
         ratio(report["tokens_per_s_wall"].as_f64(), b.tokens_per_s_wall),
     )
+}
+
+/// A hang the coordinator cannot see (it ends before the heartbeat deadline and a tick) would
+/// be a fault that never struck: refused before any job runs.
+fn check_hangs(f: &Faults, cfg: &TrainConfig) -> Result<()> {
+    let c = &cfg.coordinator;
+    let seen_after = std::time::Duration::from_millis(c.heartbeat_timeout_ms + 2 * c.tick_ms);
+    match f.shortest_hang() {
+        Some(h) if h < seen_after => bail!(
+            "a hang of {} ms ends before the coordinator can see it (coordinator.heartbeat_timeout_ms \
+             = {} plus two ticks of {} ms): use hang_ms of at least {} in the scenario",
+            h.as_millis(),
+            c.heartbeat_timeout_ms,
+            c.tick_ms,
+            seen_after.as_millis()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// The same job without faults.
@@ -315,7 +334,7 @@ fn record(
         "memory": o.memory,
         "seed": seed,
         "launch_exit_code": o.code,
-        "faults_planned": format!("{faults:?}"),
+        "faults_planned": faults.summary(),
         "baseline_val_loss": e.baseline_val_loss,
         "checks": checks,
         "passed": checks.iter().all(|c| c.pass),
@@ -366,4 +385,35 @@ fn print_memory(spans: &[rss::RssSpan]) {
         "  memory (a third into the run, then at the end): {}",
         each.join("; ")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch_placed::{PlacedFault, PlacedKind, Trigger};
+
+    // A hang shorter than the heartbeat deadline plus two ticks is refused, saying the least
+    // that would do; one that long is taken.
+    #[test]
+    fn a_hang_nobody_could_see_is_refused() {
+        let cfg = TrainConfig::default();
+        let hang = |ms| Faults {
+            plan: crate::launch_schedule::Plan {
+                placed: vec![PlacedFault {
+                    at: Trigger::Step(1),
+                    rank: 1,
+                    kind: PlacedKind::Hang {
+                        for_: std::time::Duration::from_millis(ms),
+                    },
+                }],
+                ..Default::default()
+            },
+            ..Faults::default()
+        };
+        let least = cfg.coordinator.heartbeat_timeout_ms + 2 * cfg.coordinator.tick_ms;
+        let err = check_hangs(&hang(least - 1), &cfg).unwrap_err().to_string();
+        assert!(err.contains(&format!("at least {least}")), "{err}");
+        assert!(check_hangs(&hang(least), &cfg).is_ok());
+        assert!(check_hangs(&Faults::default(), &cfg).is_ok());
+    }
 }

@@ -313,6 +313,30 @@ impl Faults {
         out
     }
 
+    /// The faults for the report: placed ones counted, not listed, past a few (a soak draws
+    /// up to thousands).
+    pub fn summary(&self) -> String {
+        if self.plan.placed.len() <= 20 {
+            return format!("{self:?}");
+        }
+        let mut short = self.clone();
+        let n = short.plan.placed.len();
+        short.plan.placed.truncate(20);
+        format!("{short:?} (and {} more placed faults)", n - 20)
+    }
+
+    /// The shortest hang placed, if any: it must outlast the coordinator's detection.
+    pub fn shortest_hang(&self) -> Option<Duration> {
+        self.plan
+            .placed
+            .iter()
+            .filter_map(|f| match f.kind {
+                PlacedKind::Hang { for_ } => Some(for_),
+                PlacedKind::Kill => None,
+            })
+            .min()
+    }
+
     /// Scale and drain requests (the coordinator records each it accepts).
     pub fn admin(&self) -> usize {
         usize::from(self.plan.scale_at.is_some()) + usize::from(self.plan.drain_at.is_some())
@@ -332,9 +356,9 @@ const SOAK: &str = include_str!("../../scenarios/soak.toml");
 /// Every built-in scenario, the soak last.
 pub fn builtin() -> Vec<Scenario> {
     let mut all = SCENARIOS.to_vec();
-    if let Ok(f) = ScenarioFile::parse(SOAK) {
-        all.push(Scenario::of_file("soak".into(), f));
-    }
+    // Shipped with the binary and parsed by a unit test: it cannot fail here.
+    let soak = ScenarioFile::parse(SOAK).expect("scenarios/soak.toml parses");
+    all.push(Scenario::of_file("soak".into(), soak));
     all
 }
 

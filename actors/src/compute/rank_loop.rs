@@ -135,7 +135,8 @@ impl<'a> Loop<'a> {
         self.cancel.load(Ordering::Relaxed) || self.sh.stopping.load(Ordering::Relaxed)
     }
 
-    /// Takes the model from the slot; a torn one is rebuilt (it heals from a peer).
+    /// Takes the model from the slot once a predecessor let go of it; a torn one is rebuilt
+    /// by `rebuild_if_torn`.
     pub(super) fn take_model(&self) -> Result<Option<SlotGuard<'a>>, ActorError> {
         let mut slot = self.sh.model.lock();
         self.heart.busy(true);
@@ -149,23 +150,34 @@ impl<'a> Loop<'a> {
                 .model_back
                 .wait_for(&mut slot, Duration::from_millis(50));
         }
-        let mut setup = slot.setup.take();
+        let setup = slot.setup.take();
         let torn = slot.torn;
         drop(slot);
-        if torn {
-            warn!("the model was torn by a failure mid-update; rebuilding it to heal from a peer");
-            setup = Some((self.sh.params.setup)()?);
-        }
         self.heart.beat();
         Ok(Some(SlotGuard {
             shared: self.sh,
             setup,
-            torn: false,
+            torn,
         }))
+    }
+
+    /// A model a failure left half-updated is built again (it heals from a peer); should the
+    /// build fail, the guard hands the torn one back, still marked, to the next incarnation.
+    fn rebuild_if_torn(&self, guard: &mut SlotGuard<'a>) -> Result<(), ActorError> {
+        if guard.torn {
+            warn!("the model was torn by a failure mid-update; rebuilding it to heal from a peer");
+            guard.setup = Some((self.sh.params.setup)()?);
+            guard.torn = false;
+        }
+        Ok(())
     }
 
     pub(super) fn run(&self) -> Result<(i32, String), ActorError> {
         let Some(ctl) = self.sh.wait_control(&|| self.cancelled()) else {
+            return Ok((EXIT_DONE, "rank stopping".into()));
+        };
+        // Once the predecessor let go (it has stopped using the group).
+        let Some(mut guard) = self.take_model()? else {
             return Ok((EXIT_DONE, "rank stopping".into()));
         };
         let held = self.sh.progress.generation.load(Ordering::Relaxed);
@@ -173,15 +185,13 @@ impl<'a> Loop<'a> {
             // A restarted incarnation: the old generation's collectives are lost to it. Ask
             // for a regroup under its own name first (so the peers' reports of this rank do
             // not evict it), then let go of the group so the peers stop waiting on it; both
-            // before the model is taken, which may mean rebuilding a torn one.
+            // before a torn model is rebuilt, which takes a while.
             self.report_self(&ctl, held);
             if let Some(c) = self.sh.communicator.lock().clone() {
                 let _ = c.cast(CommunicatorMsg::Release);
             }
         }
-        let Some(mut guard) = self.take_model()? else {
-            return Ok((EXIT_DONE, "rank stopping".into()));
-        };
+        self.rebuild_if_torn(&mut guard)?;
         self.heart.busy(false);
         let mut next = Next::Regroup(None);
         loop {
