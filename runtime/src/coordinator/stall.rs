@@ -46,8 +46,9 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coordinator::core::{decide, Decision};
+    use crate::coordinator::core::{decide, Decision, Role};
     use crate::coordinator::testkit::{cfg, job};
+    use crate::{Generation, Rank};
 
     // K-11: after a 3 s stall every rank is silent and two streams are closed (one before the
     // stall was noticed, one after): nobody is removed; the closed ones wait to re-register.
@@ -78,6 +79,33 @@ mod tests {
         }
         s.rebuild_live();
         assert!(matches!(decide(late, &s, &cfg), Decision::Regroup(_)));
+    }
+
+    // K-11, seen in the suite: waking from a stall, the coordinator reads a rank's
+    // re-registration, then the end of the stream it replaces (within the stall's grace, so a
+    // deadline to re-register is set), then the rank's new session. The rank trains on: it is
+    // not removed once the deadline has passed.
+    #[test]
+    fn a_stream_end_read_between_a_rejoin_and_its_session_evicts_nobody() {
+        let cfg = cfg();
+        let t0 = Instant::now();
+        let mut s = job(t0, 4, 0, &cfg);
+        let a = s.ranks[2];
+        let t1 = t0 + Duration::from_secs(3);
+        assert!(s
+            .observe_clock(t1, t0 + Duration::from_millis(50), &cfg)
+            .is_some());
+        let mut again = crate::coordinator::testkit::reg(Role::Active);
+        again.rejoin = Some((a, Generation(1), Rank(2)));
+        assert!(s.register(t1, again, &cfg).unwrap().rejoined);
+        s.session_closed(t1 + Duration::from_millis(5), a);
+        s.session_opened(t1 + Duration::from_millis(10), a).unwrap();
+        let late = t1 + cfg.rejoin_grace + Duration::from_secs(1);
+        for &id in &s.ranks.clone() {
+            s.members.get_mut(&id).unwrap().last_heartbeat = late;
+        }
+        s.rebuild_live();
+        assert_eq!(decide(late, &s, &cfg), Decision::Steady);
     }
 
     // Without a stall a closed stream is still a crash at once (G-1).

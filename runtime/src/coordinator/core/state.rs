@@ -275,6 +275,11 @@ impl State {
         m.connected = true;
         m.closed_at = None;
         m.last_heartbeat = now;
+        // K-11: a member with an open session is back, whatever was awaited of it. Waking from
+        // a stall, the coordinator may read a member's re-registration, then the end of the
+        // stream it replaces (which sets a deadline to re-register, already met), then its
+        // new session: the deadline must not outlive the session and evict a training rank.
+        m.rejoin_deadline = None;
         self.sync_live(id);
         Ok(())
     }
