@@ -213,6 +213,17 @@ fn faults(
     out
 }
 
+/// From the start of the job's first committed step to its last commit: the stretch in which
+/// time is either training or lost to what interrupts it, without the start (processes, libtorch,
+/// the first group) and the end (evaluation, the model's save), whose share of a short run
+/// changes with the machine's speed.
+fn training_window_ms(this_job: &[&StepLine]) -> Option<f64> {
+    let first = this_job.first()?;
+    let start = first.unix_ms? as f64 - first.step_ms?;
+    let end = this_job.last()?.unix_ms? as f64;
+    (end > start).then_some(end - start)
+}
+
 fn summarize(
     run_dir: &Path,
     metrics: &[MetricLine],
@@ -232,6 +243,7 @@ fn summarize(
         .filter(|m| m.unix_ms.is_none_or(|t| t >= started))
         .collect();
     let productive_ms: f64 = this_job.iter().filter_map(|m| m.step_ms).sum();
+    let window_ms = training_window_ms(&this_job);
     let mut tps: Vec<f64> = this_job.iter().filter_map(|m| m.tokens_per_s).collect();
     tps.sort_by(f64::total_cmp);
     // Every step trains the same global batch: its tokens are any committed step's rate times
@@ -286,6 +298,8 @@ fn summarize(
         "wall_s": wall.as_secs_f64(),
         "productive_s": productive_ms / 1e3,
         "ettr": productive_ms / 1e3 / wall.as_secs_f64().max(1e-9),
+        "training_window_s": window_ms.map(|w| w / 1e3),
+        "ettr_in_training": window_ms.map(|w| (productive_ms / w.max(1e-9)).min(1.0)),
         "world_size_final": last.map(|m| m.world_size),
         "generation_final": last.map(|m| m.generation),
         "faults": faults,
@@ -649,6 +663,34 @@ mod tests {
         assert_eq!(r["productive_s"], 4.0, "{r}");
         assert_eq!(r["ettr"], 0.8, "{r}");
         assert_eq!(r["steps"], 12, "{r}");
+        // Its steps ran back to back from 20 s to 24 s: all of its training window is steps.
+        assert_eq!(r["training_window_s"], 4.0, "{r}");
+        assert_eq!(r["ettr_in_training"], 1.0, "{r}");
+    }
+
+    // What a fault costs between two steps counts against the training window; what the job
+    // spends before its first step and after its last (start, evaluation, save) does not.
+    #[test]
+    fn the_training_window_holds_the_gaps_between_steps_not_the_start() {
+        let d = tempfile::tempdir().unwrap();
+        let at = |step: u64, t: u64| {
+            let mut l = line(step, 1, 1);
+            l.unix_ms = Some(t);
+            l.step_ms = Some(1000.0);
+            l.tokens_per_s = Some(100.0);
+            MetricLine::Step(l)
+        };
+        // Steps end at 11, 12, 13 s; a 2 s outage; steps end at 16, 17 s.
+        let m: Vec<MetricLine> = [11, 12, 13, 16, 17]
+            .iter()
+            .enumerate()
+            .map(|(k, t)| at(k as u64, t * 1000))
+            .collect();
+        let wall = std::time::Duration::from_secs(20);
+        let r = super::summarize(d.path(), &m, &[], wall, "completed", 5).unwrap();
+        assert_eq!(r["ettr"], 0.25, "{r}");
+        assert_eq!(r["training_window_s"], 7.0, "{r}");
+        assert_eq!(r["ettr_in_training"], 5.0 / 7.0, "{r}");
     }
 
     #[test]

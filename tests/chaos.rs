@@ -281,6 +281,10 @@ fn a_soak_from_a_scenario_file() {
     assert_eq!(pids.len(), 5, "a process struck twice: {:?}", ran.events);
     // Five faults in some 20 s of training cost time, but far from all of it.
     let g = c["goodput"].as_f64().unwrap();
+    eprintln!(
+        "goodput {g:.3}, tokens/s {} of the fault-free run's",
+        c["throughput_vs_fault_free"]
+    );
     assert!(g > 0.4 && g < 1.0, "{c}");
     assert!(ran.stdout.contains("goodput"), "{}", ran.stdout);
 }

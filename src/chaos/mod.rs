@@ -152,21 +152,22 @@ pub fn run(c: &ChaosCli, stop: Arc<AtomicBool>) -> Result<i32> {
 #[derive(Clone, Copy)]
 struct Baseline {
     val_loss: f64,
-    /// Its share of wall time in committed steps, and its tokens over wall time.
+    /// Its share of the training window in committed steps, and its tokens over wall time.
     ettr: Option<f64>,
     tokens_per_s_wall: Option<f64>,
 }
 
-/// Goodput: the share of wall time in committed steps (ETTR) with the faults, over the same
-/// share without them; the time the faults cost (detection, regroups, redone steps, heals),
-/// whatever else the job spends time on. Between two runs of minutes this machine's speed
-/// drifts by several percent, so a ratio of tokens/s (also given) says less about the faults.
+/// Goodput: the share of the training window in committed steps with the faults, over the same
+/// share without them; the time the faults cost (detection, regroups, redone steps, heals).
+/// The window leaves out the start and the end, whose share of a short run grows as the
+/// machine speeds up. Between two runs this machine's speed drifts by up to a third (other
+/// jobs on the cores), so a ratio of tokens/s (also given) says less about the faults.
 fn goodput(report: &Value, b: &Baseline) -> (Option<f64>, Option<f64>) {
     let ratio = |with: Option<f64>, without: Option<f64>| {
         without.filter(|&w| w > 0.0).and_then(|w| Some(with? / w))
     };
     (
-        ratio(report["ettr"].as_f64(), b.ettr),
+        ratio(report["ettr_in_training"].as_f64(), b.ettr),
         ratio(report["tokens_per_s_wall"].as_f64(), b.tokens_per_s_wall),
     )
 }
@@ -213,7 +214,7 @@ fn fault_free(
     match (code, val) {
         (0, Some(val_loss)) => Ok(Baseline {
             val_loss,
-            ettr: e.report["ettr"].as_f64(),
+            ettr: e.report["ettr_in_training"].as_f64(),
             tokens_per_s_wall: e.report["tokens_per_s_wall"].as_f64(),
         }),
         _ => bail!(
@@ -348,7 +349,7 @@ fn print(sc: &Scenario, seed: u64, checks: &[Check], kept: (Option<f64>, Option<
     let held = checks.iter().filter(|c| c.pass).count();
     let kept = match kept {
         (Some(g), Some(t)) => {
-            format!("; goodput {g:.3} (ETTR against the fault-free run's), tokens/s {t:.3} of its")
+            format!("; goodput {g:.3} (time in steps over the training window, against the fault-free run's), tokens/s {t:.3} of its")
         }
         _ => String::new(),
     };
