@@ -205,11 +205,37 @@ impl SimHosts {
     /// A partition: a firewall rule inside the host drops every packet in and out except on
     /// loopback (its own ranks still reach each other; nobody else reaches them).
     pub fn cut_off(&self, host: usize) -> Result<()> {
-        let pid = self.hosts[host].holder.id().to_string();
         let rules = "table inet phalanx_cut {\n\
              chain in { type filter hook input priority 0; policy drop; iif lo accept; }\n\
              chain out { type filter hook output priority 0; policy drop; oif lo accept; }\n\
              }\n";
+        self.nft(host, rules)
+            .with_context(|| format!("cannot cut off {}", self.name(host)))
+    }
+
+    /// Every TCP connection between `host` and the other hosts goes through a local port:
+    /// connections out of it and into it are redirected there (the coordinator's address, the
+    /// host's own and connections carrying `mark` are let through). Made before the job's
+    /// connections are, since a redirect applies to a connection when it is opened.
+    pub fn route_through(&self, host: usize, port: u16, mark: u32) -> Result<()> {
+        let h = &self.hosts[host];
+        let subnet = format!("{}/24", self.gateway);
+        let rules = format!(
+            "table ip phalanx_link {{\n\
+             chain out {{ type nat hook output priority -100; ip daddr {subnet} ip daddr != {gw} \
+             ip daddr != {own} meta mark != {mark} meta l4proto tcp redirect to :{port}; }}\n\
+             chain pre {{ type nat hook prerouting priority -100; iifname \"eth0\" \
+             ip saddr {subnet} ip saddr != {gw} meta l4proto tcp redirect to :{port}; }}\n}}\n",
+            gw = self.gateway,
+            own = h.addr,
+        );
+        self.nft(host, &rules)
+            .with_context(|| format!("cannot route {} through a proxy", h.name))
+    }
+
+    /// Loads `rules` into `host`'s firewall.
+    fn nft(&self, host: usize, rules: &str) -> Result<()> {
+        let pid = self.hosts[host].holder.id().to_string();
         let mut nft = Command::new("nsenter");
         nft.args(["-t", &pid, "--net", "--", "nft", "-f", "-"])
             .stdin(Stdio::piped())
@@ -222,11 +248,7 @@ impl SimHosts {
         }
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!(
-                "cannot cut off {}: nft: {}",
-                self.name(host),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(())
     }

@@ -721,7 +721,7 @@ impl Supervision<'_> {
 pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
     let wall = Instant::now();
     // Before anything else: never a silent fallback to one host.
-    let host_faults = HostFaults::new(a.hosts.faults()?);
+    let mut host_faults = HostFaults::new(a.hosts.faults()?);
     if a.hosts.hosts.is_some() {
         hosts::check_can_simulate()?;
     }
@@ -751,11 +751,15 @@ pub fn run(a: &LaunchArgs, stop: Arc<AtomicBool>) -> Result<i32> {
         },
         a.plan.kill_coordinator_at.is_some(),
     )?;
+    let exe = std::env::current_exe()?;
+    if let Some(s) = sim.as_ref() {
+        host_faults.prepare(s, &exe)?;
+    }
     let sp = Spawner {
         a,
         job: &job,
         sim: sim.as_ref(),
-        exe: std::env::current_exe()?,
+        exe,
         url: coord.url.clone(),
         job_token: coord.job_token.clone(),
     };

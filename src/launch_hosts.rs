@@ -1,13 +1,18 @@
 //! `phalanx launch --hosts H`: the ranks on H simulated hosts (see `hosts`), and the faults that
-//! only exist across hosts: a whole host lost, and a host cut off by a firewall rule.
+//! only exist across hosts: a whole host lost, a host cut off by a firewall rule, and a host
+//! whose links to the others turn slow (a proxy on the path, see `link_proxy`).
 
 use crate::hosts::SimHosts;
 use crate::launch::append_event;
+use crate::link_proxy::{self, Slowness};
 use crate::run_dir::unix_ms;
+use crate::signals::{self, Signal};
 use anyhow::{bail, Context, Result};
 use phalanx_proto::pb;
 use phalanx_runtime::events::{Cleared, Event, FaultKind, Injected};
+use std::io::BufRead;
 use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use tracing::info;
 
@@ -27,6 +32,19 @@ pub struct HostArgs {
     /// ... for this many seconds (then its processes reach the coordinator again).
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub cut_for: f64,
+    /// Fault injection: the links between host HOST and the others turn slow once step STEP
+    /// is committed (a proxy on their path from the start holds and paces their bytes) ...
+    #[arg(long, value_name = "STEP:HOST")]
+    pub slow_link_at: Option<String>,
+    /// ... for this many seconds ...
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub slow_link_for: f64,
+    /// ... adding this much latency each way ...
+    #[arg(long, value_name = "MS", default_value_t = 20)]
+    pub slow_link_ms: u64,
+    /// ... with this bandwidth per connection and direction (0: no cap).
+    #[arg(long, value_name = "MBIT_S", default_value_t = 100)]
+    pub slow_link_mbit: u32,
 }
 
 /// A host fault to inject once a step is committed.
@@ -41,6 +59,22 @@ pub enum HostFault {
         host: usize,
         for_: Duration,
     },
+    SlowLink {
+        at: u64,
+        host: usize,
+        for_: Duration,
+        how: Slowness,
+    },
+}
+
+impl HostFault {
+    fn at(&self) -> u64 {
+        match self {
+            HostFault::Kill { at, .. }
+            | HostFault::Cut { at, .. }
+            | HostFault::SlowLink { at, .. } => *at,
+        }
+    }
 }
 
 impl HostArgs {
@@ -77,6 +111,29 @@ impl HostArgs {
                 for_: Duration::from_secs_f64(self.cut_for),
             });
         }
+        if let Some((at, host)) = parse("--slow-link-at", &self.slow_link_at)? {
+            if !(self.slow_link_for.is_finite() && self.slow_link_for >= 1.0) {
+                bail!(
+                    "--slow-link-for {}: use a number of seconds >= 1",
+                    self.slow_link_for
+                );
+            }
+            if self.slow_link_ms > 10_000 {
+                bail!("--slow-link-ms {}: at most 10000", self.slow_link_ms);
+            }
+            if self.slow_link_ms == 0 && self.slow_link_mbit == 0 {
+                bail!("a slow link needs --slow-link-ms or --slow-link-mbit above 0");
+            }
+            out.push(HostFault::SlowLink {
+                at,
+                host,
+                for_: Duration::from_secs_f64(self.slow_link_for),
+                how: Slowness {
+                    delay: Duration::from_millis(self.slow_link_ms),
+                    rate_mbit_s: self.slow_link_mbit,
+                },
+            });
+        }
         if self.hosts == Some(0) {
             bail!("--hosts 0: use at least 1 (or leave it out for one host)");
         }
@@ -89,6 +146,21 @@ pub struct HostFaults {
     pending: Vec<HostFault>,
     /// A cut host and when to reconnect it.
     cut: Option<(usize, Instant)>,
+    /// The link proxy of the host a slow link is planned on, and when a slow link ends.
+    proxy: Option<LinkProxy>,
+    slowed: Option<(usize, Instant)>,
+}
+
+/// The proxy process on a host's links; it goes with its guard.
+struct LinkProxy {
+    child: Child,
+}
+
+impl Drop for LinkProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl HostFaults {
@@ -96,7 +168,42 @@ impl HostFaults {
         HostFaults {
             pending: faults,
             cut: None,
+            proxy: None,
+            slowed: None,
         }
+    }
+
+    /// Before any worker starts: the proxy of a planned slow link on its host's path, so the
+    /// job's connections are made through it.
+    pub fn prepare(&mut self, hosts: &SimHosts, exe: &Path) -> Result<()> {
+        let Some(&HostFault::SlowLink { host, how, .. }) = self
+            .pending
+            .iter()
+            .find(|f| matches!(f, HostFault::SlowLink { .. }))
+        else {
+            return Ok(());
+        };
+        let mut cmd = hosts.command(host, exe);
+        cmd.arg("link-proxy")
+            .arg(format!("--delay-ms={}", how.delay.as_millis()))
+            .arg(format!("--rate-mbit={}", how.rate_mbit_s))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().context("cannot start the link proxy")?;
+        // It says when it listens; nothing may connect before.
+        let mut ready = String::new();
+        let out = child.stdout.take().context("the link proxy's stdout")?;
+        std::io::BufReader::new(out).read_line(&mut ready)?;
+        let proxy = LinkProxy { child };
+        if ready.trim() != "listening" {
+            bail!(
+                "the link proxy on {} did not start; see the launch log",
+                hosts.name(host)
+            );
+        }
+        hosts.route_through(host, link_proxy::PORT, link_proxy::MARK)?;
+        self.proxy = Some(proxy);
+        Ok(())
     }
 
     /// Whether a fault waits for its step (the launcher polls faster then).
@@ -117,9 +224,7 @@ impl HostFaults {
             .pending
             .iter()
             .copied()
-            .filter(|f| match f {
-                HostFault::Kill { at, .. } | HostFault::Cut { at, .. } => st.committed_step >= *at,
-            })
+            .filter(|f| st.committed_step >= f.at())
             .collect();
         self.pending.retain(|f| !due.contains(f));
         for f in due {
@@ -140,13 +245,61 @@ impl HostFaults {
                     append_event(run_dir, Event::FaultInjected(f))?;
                     info!(host = hosts.name(host), "injected: host cut off");
                 }
+                HostFault::SlowLink {
+                    host, for_, how, ..
+                } => self.slow_down(hosts, host, for_, how, st, pids, run_dir)?,
             }
         }
         Ok(killed)
     }
 
-    /// Ends a partition whose time is up (also called when the job ends).
+    #[allow(clippy::too_many_arguments)]
+    fn slow_down(
+        &mut self,
+        hosts: &SimHosts,
+        host: usize,
+        for_: Duration,
+        how: Slowness,
+        st: &pb::StatusResponse,
+        pids: &[u32],
+        run_dir: &Path,
+    ) -> Result<()> {
+        let proxy = self.proxy.as_ref().context("no link proxy was started")?;
+        let ok = signals::send(Signal::Usr1, &[proxy.child.id()]);
+        self.slowed = Some((host, Instant::now() + for_));
+        let on = on_host(hosts, host, pids);
+        let mut f = Injected::of(FaultKind::SlowLink, ok);
+        f.host = Some(hosts.name(host).to_string());
+        f.ranks = ranks_of(st, &on);
+        f.pids = on;
+        f.step = Some(st.committed_step);
+        f.for_ms = Some(for_.as_millis() as u64);
+        f.delay_ms = Some(how.delay.as_millis() as u64);
+        f.rate_mbit_s = Some(how.rate_mbit_s);
+        append_event(run_dir, Event::FaultInjected(f))?;
+        info!(host = hosts.name(host), "injected: slow links");
+        Ok(())
+    }
+
+    /// Ends a partition or a slow link whose time is up (also called when the job ends).
     pub fn heal(&mut self, hosts: &SimHosts, run_dir: &Path, now: bool) -> Result<()> {
+        if let (Some((host, until)), Some(p)) = (self.slowed, self.proxy.as_ref()) {
+            if now || Instant::now() >= until {
+                signals::send(Signal::Usr2, &[p.child.id()]);
+                self.slowed = None;
+                append_event(
+                    run_dir,
+                    Event::FaultCleared(Cleared {
+                        fault: FaultKind::SlowLink,
+                        pid: None,
+                        host: Some(hosts.name(host).to_string()),
+                        step: None,
+                        cleared_unix_ms: Some(unix_ms()),
+                    }),
+                )?;
+                info!(host = hosts.name(host), "links fast again");
+            }
+        }
         if let Some((host, until)) = self.cut {
             if now || Instant::now() >= until {
                 hosts.reconnect(host)?;
@@ -218,6 +371,10 @@ mod tests {
             kill_host_at: Some("200:1".into()),
             cut_host_at: Some("50:0".into()),
             cut_for: 5.0,
+            slow_link_at: Some("70:1".into()),
+            slow_link_for: 3.0,
+            slow_link_ms: 20,
+            slow_link_mbit: 0,
         };
         let f = a.faults().unwrap();
         assert_eq!(f[0], HostFault::Kill { at: 200, host: 1 });
@@ -229,6 +386,24 @@ mod tests {
                 ..
             }
         ));
+        assert!(matches!(
+            f[2],
+            HostFault::SlowLink {
+                at: 70,
+                host: 1,
+                how: Slowness { rate_mbit_s: 0, .. },
+                ..
+            }
+        ));
+        let never_slow = HostArgs {
+            slow_link_ms: 0,
+            ..a.clone()
+        };
+        assert!(never_slow
+            .faults()
+            .unwrap_err()
+            .to_string()
+            .contains("above 0"));
         let bad = HostArgs {
             kill_host_at: Some("200:2".into()),
             ..a.clone()

@@ -23,6 +23,7 @@ mod launch_placed;
 mod launch_schedule;
 mod launch_storage;
 use phalanx_model::io as model_io;
+mod link_proxy;
 mod report;
 mod resume;
 mod run_dir;
@@ -248,6 +249,15 @@ enum Cmd {
         give_up_s: u64,
         #[arg(long, default_value = "", hide_default_value = true)]
         tls_ca: String,
+    },
+    /// A simulated host's slow link (started by `launch` inside the host): a transparent TCP
+    /// proxy, fast until SIGUSR1, slow until SIGUSR2; it ends when its stdin closes.
+    #[command(hide = true)]
+    LinkProxy {
+        #[arg(long, default_value_t = 20)]
+        delay_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        rate_mbit: u32,
     },
 }
 
@@ -602,6 +612,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Drain { at, rank, member } => {
             control::admin_drain(&at.opts()?, rank, member)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::LinkProxy {
+            delay_ms,
+            rate_mbit,
+        } => {
+            let code = link_proxy::run(link_proxy::Slowness {
+                delay: std::time::Duration::from_millis(delay_ms),
+                rate_mbit_s: rate_mbit,
+            })?;
+            Ok(ExitCode::from(code as u8))
         }
         Cmd::SimRank {
             coordinator,

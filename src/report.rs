@@ -160,6 +160,7 @@ fn faults(
                         | FaultKind::CoordinatorKill
                         | FaultKind::DiskFull
                         | FaultKind::CheckpointCorrupt
+                        | FaultKind::SlowLink
                 ) =>
             {
                 Some(f.injected_unix_ms)

@@ -11,6 +11,9 @@ pub enum Signal {
     Cont,
     Term,
     Int,
+    /// The link proxy's "slow" and "fast" switches.
+    Usr1,
+    Usr2,
 }
 
 impl Signal {
@@ -21,6 +24,8 @@ impl Signal {
             Signal::Cont => "CONT",
             Signal::Term => "TERM",
             Signal::Int => "INT",
+            Signal::Usr1 => "USR1",
+            Signal::Usr2 => "USR2",
         }
     }
 }

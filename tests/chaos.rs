@@ -211,6 +211,39 @@ fn host_loss_and_partition_on_two_hosts() {
     assert_eq!(r["chaos"]["passed"], true, "{}", r["chaos"]);
 }
 
+// A slow link is no failure: with a proxy on the path between the 2 simulated hosts (root),
+// 20 ms more each way for 4 s. The check itself fails a link that did not slow the steps by at
+// least its latency, or a rank lost while it was slow.
+#[test]
+fn a_slow_link_slows_the_steps_and_evicts_nobody() {
+    if !Hosts::Two.available() {
+        return;
+    }
+    let ran = chaos_for("slow-link", 3, 300);
+    let c = &ran.report["chaos"];
+    assert_eq!(c["passed"], true, "{c}");
+    let slow = c["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "slow_link_slows_and_evicts_nobody")
+        .unwrap_or_else(|| panic!("{c}"));
+    assert!(
+        slow["detail"].as_str().unwrap().contains("while slow"),
+        "{slow}"
+    );
+    let injected = ran
+        .events
+        .iter()
+        .find(|e| e["kind"] == "fault_injected" && e["fault"] == "slow_link")
+        .unwrap_or_else(|| panic!("{:?}", ran.events));
+    assert_eq!(injected["delay_ms"], 20, "{injected}");
+    assert!(ran
+        .events
+        .iter()
+        .any(|e| e["kind"] == "fault_cleared" && e["fault"] == "slow_link"));
+}
+
 #[test]
 fn scenarios_are_listed_and_an_unknown_one_is_named() {
     let d = test_dir();
@@ -225,6 +258,7 @@ fn scenarios_are_listed_and_an_unknown_one_is_named() {
         "scale-drain",
         "host-loss",
         "partition",
+        "slow-link",
         "coordinator-restart",
         "corrupt-checkpoint",
         "disk-full",

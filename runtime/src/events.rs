@@ -342,6 +342,8 @@ pub enum FaultKind {
     JobKilled,
     /// The checkpoint disk filled up (and later emptied again).
     DiskFull,
+    /// A host's links to the others slowed down (latency added, bandwidth capped) for a while.
+    SlowLink,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -368,6 +370,11 @@ pub struct Injected {
     /// The file or directory a storage fault struck.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// A slow link's added latency each way, and its bandwidth (0: not capped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_mbit_s: Option<u32>,
     pub injected_unix_ms: u64,
     /// The signal or rule took effect.
     pub ok: bool,
@@ -387,6 +394,8 @@ impl Injected {
             cpu_pct: None,
             for_ms: None,
             path: None,
+            delay_ms: None,
+            rate_mbit_s: None,
             injected_unix_ms: unix_ms(),
             ok,
         }

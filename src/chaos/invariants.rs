@@ -55,6 +55,7 @@ pub fn checks(e: &Evidence) -> Vec<Check> {
         val_loss_close(e),
         coordinator_restart_evicts_nobody(e),
         full_disk_fails_saves_not_the_job(e),
+        super::slow_link::slow_link_slows_and_evicts_nobody(e),
     ]
 }
 

@@ -8,6 +8,7 @@ pub mod file;
 pub mod invariants;
 pub mod rss;
 pub mod scenario;
+mod slow_link;
 
 use crate::config::TrainConfig;
 use crate::launch::{self, LaunchArgs};
@@ -240,6 +241,10 @@ fn launch_args(
         kill_host_at: at(f.kill_host_at),
         cut_host_at: at(f.cut_host_at),
         cut_for: f.cut_for.as_secs_f64().max(1.0),
+        slow_link_at: at(f.slow_link_at),
+        slow_link_for: f.slow_link_for.as_secs_f64().max(1.0),
+        slow_link_ms: f.slow_link.delay.as_millis() as u64,
+        slow_link_mbit: f.slow_link.rate_mbit_s,
     };
     let worker_env = match f.in_rank.is_empty() {
         true => Vec::new(),

@@ -4,6 +4,7 @@
 use super::file::ScenarioFile;
 use crate::launch_placed::PlacedKind;
 use crate::launch_schedule::Plan;
+use crate::link_proxy::Slowness;
 use phalanx_model::sampler::mix64;
 use phalanx_runtime::events::FaultKind;
 use std::borrow::Cow;
@@ -19,6 +20,10 @@ pub struct Faults {
     pub kill_host_at: Option<(u64, usize)>,
     pub cut_host_at: Option<(u64, usize)>,
     pub cut_for: Duration,
+    /// The links of host H to the others slow from step S, for a while, this slow.
+    pub slow_link_at: Option<(u64, usize)>,
+    pub slow_link_for: Duration,
+    pub slow_link: Slowness,
     /// `PHALANX_TEST_FAULT` entries, e.g. a NaN gradient on one rank at one step.
     pub in_rank: Vec<String>,
 }
@@ -218,6 +223,26 @@ pub const SCENARIOS: &[Scenario] = &[
         }),
     },
     Scenario {
+        name: Cow::Borrowed("slow-link"),
+        about: Cow::Borrowed(
+            "the links of one of 2 simulated hosts slow for 4 s: 20 ms more each way, 100 Mbit/s \
+                (a proxy on their path, root); the steps slow down, nobody is evicted",
+        ),
+        world: 4,
+        spares: 1,
+        hosts: 2,
+        resume_after: false,
+        faults: Source::Code(|d| Faults {
+            slow_link_at: Some((d.step(1), 1)),
+            slow_link_for: Duration::from_secs(4),
+            slow_link: Slowness {
+                delay: Duration::from_millis(20),
+                rate_mbit_s: 100,
+            },
+            ..Faults::default()
+        }),
+    },
+    Scenario {
         name: Cow::Borrowed("coordinator-restart"),
         about: Cow::Borrowed(
             "SIGKILL the coordinator, start it again 2 s later from its journal: the ranks \
@@ -299,6 +324,7 @@ impl Faults {
         one(p.slow_at.is_some(), FaultKind::CpuQuota);
         one(self.kill_host_at.is_some(), FaultKind::HostLost);
         one(self.cut_host_at.is_some(), FaultKind::HostPartition);
+        one(self.slow_link_at.is_some(), FaultKind::SlowLink);
         one(p.kill_coordinator_at.is_some(), FaultKind::CoordinatorKill);
         one(
             p.corrupt_checkpoint_at.is_some(),
