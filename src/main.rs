@@ -5,6 +5,7 @@ mod output;
 mod panic_hook;
 mod plot;
 mod plot_heat;
+mod plot_spans;
 mod progress;
 
 mod bench;

@@ -36,6 +36,8 @@ pub struct Series {
     pub world: Vec<(u64, f64)>,
     pub generation: Vec<(u64, f64)>,
     pub faults: Vec<Mark>,
+    /// Faults that failed no rank, over the steps they lasted.
+    pub spans: Vec<crate::plot_spans::Span>,
 }
 
 impl Series {
@@ -75,6 +77,7 @@ impl Series {
             world: thin(pick(&|s| Some(s.world_size as f64)), Thin::Last),
             generation: thin(pick(&|s| Some(s.generation as f64)), Thin::Last),
             faults: records.iter().filter_map(|r| fault(r, &stamps)).collect(),
+            spans: crate::plot_spans::of(records, &stamps),
         }
     }
 
@@ -223,14 +226,14 @@ fn draw<DB: DrawingBackend>(
         Axis::LOSS,
         x.clone(),
         &[("train", &s.loss, BLUE), ("validation", &s.val, RED)],
-        &s.faults,
+        (&s.faults, &s.spans),
     )?;
     panel(
         &panels[1],
         Axis::RATE,
         x.clone(),
         &[("tokens/s", &s.tokens_per_s, GREEN)],
-        &s.faults,
+        (&s.faults, &s.spans),
     )?;
     panel(
         &panels[2],
@@ -240,7 +243,7 @@ fn draw<DB: DrawingBackend>(
             ("world size", &s.world, BLACK),
             ("generation", &s.generation, MAGENTA),
         ],
-        &s.faults,
+        (&s.faults, &s.spans),
     )?;
     root.present()
 }
@@ -278,7 +281,7 @@ fn panel<DB: DrawingBackend>(
     axis: Axis,
     x: std::ops::Range<u64>,
     lines: &[Line],
-    faults: &[Mark],
+    (faults, spans): (&[Mark], &[crate::plot_spans::Span]),
 ) -> Drawn<DB> {
     let ys = lines.iter().flat_map(|l| l.1.iter().map(|p| p.1));
     let (lo, hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| {
@@ -310,6 +313,7 @@ fn panel<DB: DrawingBackend>(
         .y_label_formatter(&|v| format!("{v:.decimals$}"))
         .light_line_style(WHITE.mix(0.0))
         .draw()?;
+    crate::plot_spans::draw(&mut chart, y.clone(), spans)?;
     for (name, points, color) in lines {
         let points = points.iter().map(|&(s, v)| (s, v));
         if points.len() == 1 || *name == "validation" {
@@ -434,15 +438,29 @@ mod tests {
             })
             .collect();
         std::fs::write(d.path().join("metrics.jsonl"), lines).unwrap();
+        let mut slow = phalanx_runtime::events::Injected::of(
+            phalanx_runtime::events::FaultKind::SlowLink,
+            true,
+        );
+        slow.injected_unix_ms = 1200;
+        let slow = Record {
+            unix_ms: 1200,
+            t_ms: None,
+            event: phalanx_runtime::events::Event::FaultInjected(slow),
+        };
         std::fs::write(
             d.path().join("events.jsonl"),
-            format!("{}\n", lost(Cause::Crashed, 1145).to_line()),
+            format!(
+                "{}\n{}\n",
+                lost(Cause::Crashed, 1145).to_line(),
+                slow.to_line()
+            ),
         )
         .unwrap();
         let (png, svg) = run(d.path(), None).unwrap();
         let svg = std::fs::read_to_string(svg).unwrap();
         assert!(
-            svg.contains("tokens/s") && svg.contains("rank 1 crashed"),
+            svg.contains("tokens/s") && svg.contains("rank 1 crashed") && svg.contains("slow link"),
             "{svg}"
         );
         let png = std::fs::read(png).unwrap();
