@@ -102,9 +102,27 @@ fn full_disk_fails_saves_not_the_job(e: &Evidence) -> Check {
                  had room"
             ),
             Some(_) => "no save failed while the disk was full: the fault missed".into(),
+            None if freed != u64::MAX && freed > last_step_ms(e) => format!(
+                "the disk had room again only after the last step ({:.1} s after it filled): \
+                 the run was too short to show a save committed after a full disk; give the job \
+                 more steps (train.max_steps)",
+                freed.saturating_sub(full) as f64 / 1e3
+            ),
             None => "no checkpoint committed once the disk had room again".into(),
         },
     )
+}
+
+/// When the last step was committed (0 if none was).
+fn last_step_ms(e: &Evidence) -> u64 {
+    e.metrics
+        .iter()
+        .filter_map(|m| match m {
+            MetricLine::Step(s) => s.unix_ms,
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// K-5: the coordinator's outage is its own, not the ranks': from its SIGKILL until 10 s after

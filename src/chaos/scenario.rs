@@ -92,6 +92,15 @@ impl Draw {
         lo + self.pick(salt, hi - lo)
     }
 
+    /// A step between 10% and 30% of the run: for a fault that lasts a while (a fifth of the
+    /// run and at least seconds) and must end with room for a save before the end, also when
+    /// the whole run is a few seconds of fast steps.
+    pub fn early_step(&self, salt: u64) -> u64 {
+        let lo = (self.max_steps / 10).max(2);
+        let hi = (self.max_steps * 3 / 10).max(lo + 1);
+        lo + self.pick(salt, hi - lo)
+    }
+
     /// A rank of `world`, never rank 0 when `spare_zero` (the one that writes the metrics).
     pub fn rank(&self, salt: u64, world: usize, spare_zero: bool) -> u32 {
         let skip = u64::from(spare_zero && world > 1);
@@ -292,7 +301,7 @@ pub const SCENARIOS: &[Scenario] = &[
         resume_after: false,
         faults: Source::Code(|d| {
             Faults::of(Plan {
-                fill_disk_at: Some(d.step(1)),
+                fill_disk_at: Some(d.early_step(1)),
                 // Longer than the save interval chaos sets (an eighth of the run), and than a
                 // save's write retries (0.6 s): a save fails; a later one commits.
                 disk_full_steps: d.max_steps / 5,
