@@ -156,6 +156,21 @@ struct LinkProxy {
     child: Child,
 }
 
+impl LinkProxy {
+    /// Its pid, once it is known to run: a proxy that died would leave the host's connections
+    /// redirected to nothing, a partition nobody planned.
+    fn running(&mut self, hosts: &SimHosts, host: usize) -> Result<u32> {
+        if let Some(st) = self.child.try_wait()? {
+            bail!(
+                "the link proxy on {} exited ({st}): the host's connections to the others are \
+                 cut; see the launch log",
+                hosts.name(host)
+            );
+        }
+        Ok(self.child.id())
+    }
+}
+
 impl Drop for LinkProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -264,8 +279,8 @@ impl HostFaults {
         pids: &[u32],
         run_dir: &Path,
     ) -> Result<()> {
-        let proxy = self.proxy.as_ref().context("no link proxy was started")?;
-        let ok = signals::send(Signal::Usr1, &[proxy.child.id()]);
+        let proxy = self.proxy.as_mut().context("no link proxy was started")?;
+        let ok = signals::send(Signal::Usr1, &[proxy.running(hosts, host)?]);
         self.slowed = Some((host, Instant::now() + for_));
         let on = on_host(hosts, host, pids);
         let mut f = Injected::of(FaultKind::SlowLink, ok);
@@ -283,9 +298,9 @@ impl HostFaults {
 
     /// Ends a partition or a slow link whose time is up (also called when the job ends).
     pub fn heal(&mut self, hosts: &SimHosts, run_dir: &Path, now: bool) -> Result<()> {
-        if let (Some((host, until)), Some(p)) = (self.slowed, self.proxy.as_ref()) {
+        if let (Some((host, until)), Some(p)) = (self.slowed, self.proxy.as_mut()) {
             if now || Instant::now() >= until {
-                signals::send(Signal::Usr2, &[p.child.id()]);
+                signals::send(Signal::Usr2, &[p.running(hosts, host)?]);
                 self.slowed = None;
                 append_event(
                     run_dir,

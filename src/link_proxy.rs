@@ -44,7 +44,11 @@ async fn serve(slow: Slowness) -> Result<i32> {
         .await
         .with_context(|| format!("the link proxy cannot listen on port {PORT}"))?;
     let is_slow = Arc::new(AtomicBool::new(false));
-    tokio::spawn(follow_signals(is_slow.clone()));
+    // Before the launcher hears of the proxy: SIGUSR1's default action would end it.
+    use tokio::signal::unix::{signal, SignalKind};
+    let slow_sig = signal(SignalKind::user_defined1())?;
+    let fast_sig = signal(SignalKind::user_defined2())?;
+    tokio::spawn(follow_signals(slow_sig, fast_sig, is_slow.clone()));
     // The launcher routes the host's connections here only once this is read.
     println!("listening");
     let mut stdin = tokio::io::stdin();
@@ -64,10 +68,11 @@ async fn serve(slow: Slowness) -> Result<i32> {
     }
 }
 
-async fn follow_signals(is_slow: Arc<AtomicBool>) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut slow = signal(SignalKind::user_defined1())?;
-    let mut fast = signal(SignalKind::user_defined2())?;
+async fn follow_signals(
+    mut slow: tokio::signal::unix::Signal,
+    mut fast: tokio::signal::unix::Signal,
+    is_slow: Arc<AtomicBool>,
+) {
     loop {
         tokio::select! {
             _ = slow.recv() => is_slow.store(true, Ordering::SeqCst),

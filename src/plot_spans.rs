@@ -1,6 +1,7 @@
-//! Faults that fail no rank by themselves (a slow link, a full disk, a CPU quota, the
-//! coordinator down, a host cut off, a corrupted checkpoint) as bands over the steps they
-//! lasted: a lost rank is marked by its loss, these would otherwise not be seen at all.
+//! Faults that last a while or fail no rank by themselves (a slow link, a full disk, a CPU
+//! quota, the coordinator down, a host cut off, a corrupted checkpoint) as bands over the steps
+//! they lasted: a lost rank is marked by its loss, but most of these would otherwise not be
+//! seen at all, and a partition's length is what its lost ranks do not show.
 
 use phalanx_runtime::events::{Event, FaultKind, Record};
 use plotters::coord::types::RangedCoordu64;

@@ -198,7 +198,8 @@ fn on_directive(d: pb::Directive, pos: &mut Position, assigned: &mut bool) -> Op
             *assigned = true;
             emit(
                 json!({"directive": "assign", "generation": x.generation, "rank": x.rank,
-                        "world": x.world, "resume_step": x.resume_step, "heal_from": x.heal_from}),
+                        "world": x.world, "resume_step": x.resume_step, "heal_from": x.heal_from,
+                        "abandon_previous": x.abandon_previous}),
             );
         }
         Some(pb::directive::Kind::Evict(x)) => {

@@ -166,7 +166,9 @@ fn sigstop_is_detected_at_the_heartbeat_deadline_and_stays_fenced() {
     let detect_ms = ev["unix_ms"].as_u64().unwrap() - t_stop;
     eprintln!("SIGSTOP detected in {detect_ms} ms: {ev}");
     assert!(detect_ms <= 1300, "detection took {detect_ms} ms");
-    assigned(&job.ranks[0], 2);
+    // P-10: the survivors hear that generation 1 lost a member and give up its collectives.
+    let a = assigned(&job.ranks[0], 2);
+    assert_eq!(a["abandon_previous"], true, "{a}");
     signal(victim, "CONT");
     // The woken rank heartbeats for generation 1 and is told it is fenced out.
     let code = job.ranks[2].wait_exit(Duration::from_secs(10));
@@ -830,6 +832,26 @@ fn drain_by_member_removes_that_member() {
     let e = job.wait_event("drain", Duration::from_secs(10));
     assert_eq!(e["rank"], 2, "{e}");
     assign_without(&job, victim);
+    // P-10: a drain is planned; the old generation's step in flight is not given up. The two
+    // members that stay are told so (which processes they are is the coordinator's choice).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let gen2 = loop {
+        let a: Vec<Value> = job
+            .ranks
+            .iter()
+            .flat_map(|p| p.lines())
+            .filter(|v| v["directive"] == "assign" && v["generation"] == 2)
+            .collect();
+        if a.len() >= 2 || std::time::Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(gen2.len(), 2, "{gen2:?}");
+    assert!(
+        gen2.iter().all(|a| a["abandon_previous"] == false),
+        "{gen2:?}"
+    );
 }
 
 /// Waits for a generation whose ranks do not include `member`.

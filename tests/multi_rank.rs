@@ -134,8 +134,9 @@ fn kill_one_rank_shrinks_to_three_on(hosts: Hosts) {
     }
 }
 
-// G-1: a stopped rank is fenced out within the heartbeat deadline; woken up 5 s later it cannot
-// rejoin its old generation (it exits as fenced and comes back as a new spare).
+// G-1, P-10: a stopped rank is fenced out within the heartbeat deadline and its peers go on at
+// once; woken up 2.5 s after the stop it cannot rejoin its old generation (it exits as fenced and
+// comes back as a new spare).
 #[test]
 fn sigstop_rank_is_fenced() {
     sigstop_rank_is_fenced_on(Hosts::One);
@@ -168,6 +169,16 @@ fn sigstop_rank_is_fenced_on(hosts: Hosts) {
     let f = &r.report["faults"][0];
     eprintln!("fault: {f}");
     assert!(f["recovery_ms"].as_u64().unwrap() < 3000, "{f}");
+    // P-10: the peers give up the stopped rank's generation when the coordinator replaces it
+    // (detection at the 0.8 s heartbeat deadline), not at the 2 s collective deadline.
+    let logs: String = std::fs::read_dir(r.run.join("logs"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(
+        logs.contains("gave up generation"),
+        "no survivor gave up the stopped rank's generation: {f}"
+    );
     let events = r.events();
     let stopped_pid = events
         .iter()

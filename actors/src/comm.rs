@@ -16,6 +16,7 @@ use phalanx_runtime::dataplane::{
 };
 use phalanx_runtime::{Generation, Rank, RuntimeError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -71,6 +72,8 @@ pub struct GroupRequest {
     pub advertise_ip: String,
     /// The address rendezvous through the coordinator, which also hands out the group key.
     pub exchange: Box<dyn AddressExchange>,
+    /// See `Shared::abandoned_below`.
+    pub abandoned_below: Arc<AtomicU64>,
 }
 
 /// Builds a generation's group: over UCX in a worker process, over in-process ranks in tests
@@ -84,6 +87,7 @@ pub fn ucx() -> DataPlane {
         let mut ucx = UcxConfig::default();
         ucx.coll.timeout = r.collective_timeout;
         ucx.liveness_ip = r.advertise_ip;
+        ucx.abandoned_below = Some(r.abandoned_below);
         let g = UcxGroup::connect(r.rank, r.world, r.generation, ucx, r.exchange)?;
         Ok(Box::new(g) as Box<dyn Group>)
     })
@@ -186,6 +190,7 @@ impl Actor for CommunicatorActor {
                         member: ctl.member,
                         secret: ctl.secret,
                     }),
+                    abandoned_below: st.shared.abandoned_below.clone(),
                 };
                 let build = st.shared.params.data_plane.clone();
                 let r = tokio::task::spawn_blocking(move || build(req)).await?;

@@ -260,7 +260,14 @@ async fn session(shared: Arc<Shared>, heart: Heart) -> Option<String> {
                 msg = s.inbound.message() => match msg {
                     Ok(Some(d)) => {
                         let d = match d.kind {
-                            Some(pb::directive::Kind::Assign(a)) => Directive::Assign(a.into()),
+                            Some(pb::directive::Kind::Assign(a)) => {
+                                // Before the compute loop reads it: a wait in the old
+                                // generation may be under way (P-10).
+                                if a.abandon_previous {
+                                    shared.abandoned_below.fetch_max(a.generation, Ordering::SeqCst);
+                                }
+                                Directive::Assign(a.into())
+                            }
                             Some(pb::directive::Kind::Evict(e)) => Directive::Evict(e.reason),
                             Some(pb::directive::Kind::Drain(_)) => Directive::Drain,
                             Some(pb::directive::Kind::Shutdown(s)) if s.complete => Directive::JobComplete,

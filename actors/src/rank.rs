@@ -145,6 +145,8 @@ pub struct Assignment {
     pub resume_step: u64,
     /// Micro-batches of each global batch per rank, in rank order; empty: the even split.
     pub shares: Vec<u32>,
+    /// The generation before lost a member (P-10).
+    pub abandon_previous: bool,
 }
 
 impl From<pb::Assign> for Assignment {
@@ -155,6 +157,7 @@ impl From<pb::Assign> for Assignment {
             world: a.world,
             resume_step: a.resume_step,
             shares: a.shares,
+            abandon_previous: a.abandon_previous,
         }
     }
 }
@@ -207,6 +210,9 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// This rank's place in the last generation it joined (`u32::MAX`: none yet).
     pub last_rank: AtomicU32,
+    /// The newest generation assigned in place of one that lost a member: a collective of an
+    /// older generation gives up when it sees it (P-10).
+    pub abandoned_below: Arc<AtomicU64>,
     /// The transports of the group just built, for the next heartbeat.
     pub group_links: Mutex<Option<pb::GroupLinks>>,
     /// A background checkpoint is queued or being written (at most one snapshot is held).
@@ -450,6 +456,7 @@ pub fn start(params: RankParams, first: Setup) -> Result<RankHandle> {
         handle: rt.handle().clone(),
         stopping: AtomicBool::new(false),
         last_rank: AtomicU32::new(u32::MAX),
+        abandoned_below: Arc::new(AtomicU64::new(0)),
         group_links: Mutex::new(None),
         beat_now: tokio::sync::Notify::new(),
         saving: AtomicBool::new(false),

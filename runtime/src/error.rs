@@ -20,6 +20,13 @@ pub enum RuntimeError {
         after: Duration,
         generation: Generation,
     },
+    /// The coordinator replaced this generation because a member failed (P-10): its
+    /// collectives cannot complete, and the rank goes on in the newer one.
+    #[error("{op} gave up generation {generation}: the coordinator replaced it after a member failed; this rank goes on in the newer generation (nothing to do)")]
+    Abandoned {
+        op: &'static str,
+        generation: Generation,
+    },
     /// A peer sent bytes that are not a valid message of this group.
     #[error("malformed message from rank {from} during {op}: {reason}; the peer runs another phalanx version or is not a member of this group")]
     MalformedMessage {

@@ -223,6 +223,59 @@ fn ucx_bad_input_is_an_error_not_a_hang() {
     )));
 }
 
+/// P-10: rank 2 never calls the allreduce (a hung peer). Ranks 0 and 1 wait; 300 ms in, the
+/// mark says generation 6 replaced generation 5 after a failure, and they give up at once,
+/// long before their 5 s deadline: with `Abandoned`, or, if the other one's abort arrives
+/// first, `GroupBroken`. The same mark at 5 (their own generation) gives nothing up: the 3
+/// ranks first finish an allreduce together.
+#[test]
+fn a_replaced_generation_is_given_up_at_once() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mark = Arc::new(AtomicU64::new(5));
+    let c = UcxConfig {
+        abandoned_below: Some(mark.clone()),
+        ..cfg(1 << 20)
+    };
+    let got = ucx_ranks(3, 5, c, |g| {
+        let mut ok = vec![1.0f32; 1000];
+        g.allreduce(&mut ok).unwrap();
+        assert_eq!(ok[0], 3.0);
+        if g.rank().0 == 2 {
+            std::thread::sleep(Duration::from_millis(1500));
+            return None;
+        }
+        if g.rank().0 == 0 {
+            let m = mark.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                m.store(6, Ordering::SeqCst);
+            });
+        }
+        let t0 = std::time::Instant::now();
+        let e = g.allreduce(&mut vec![1.0f32; 1000]).unwrap_err();
+        Some((e, t0.elapsed()))
+    });
+    for (e, took) in got.iter().flatten() {
+        assert!(
+            matches!(
+                e,
+                RuntimeError::Abandoned { .. } | RuntimeError::GroupBroken { .. }
+            ),
+            "{e}"
+        );
+        assert!(
+            *took >= Duration::from_millis(250) && *took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+    }
+    assert_eq!(got.iter().flatten().count(), 2);
+    assert!(got
+        .iter()
+        .flatten()
+        .any(|(e, _)| matches!(e, RuntimeError::Abandoned { .. })));
+}
+
 /// P-9: an abort that is not signed with the generation's key (a stranger's, or garbage) is
 /// dropped unread: the group goes on, and counts it.
 #[test]

@@ -101,14 +101,14 @@ fn full_disk_fails_saves_not_the_job(e: &Evidence) -> Check {
                 "{failed} part write(s) failed on the full disk; step {step} committed once it \
                  had room"
             ),
-            Some(_) => "no save failed while the disk was full: the fault missed".into(),
+            _ if failed == 0 => "no save failed while the disk was full: the fault missed".into(),
             None if freed != u64::MAX && freed > last_step_ms(e) => format!(
                 "the disk had room again only after the last step ({:.1} s after it filled): \
                  the run was too short to show a save committed after a full disk; give the job \
                  more steps (train.max_steps)",
                 freed.saturating_sub(full) as f64 / 1e3
             ),
-            None => "no checkpoint committed once the disk had room again".into(),
+            _ => "no checkpoint committed once the disk had room again".into(),
         },
     )
 }

@@ -76,6 +76,10 @@ pub(super) fn report_fault(
     e: &RuntimeError,
     step: u64,
 ) {
+    // The coordinator replaced the generation itself: a report about it would be stale.
+    if matches!(e, RuntimeError::Abandoned { .. }) {
+        return;
+    }
     let _ = comm.cast(CommunicatorMsg::Fault(pb::FaultReport {
         member_id: ctl.member,
         generation: generation.0,
@@ -306,6 +310,12 @@ impl<'a> Loop<'a> {
         ));
         match built {
             Ok(ractor::rpc::CallResult::Success(Ok(g))) => Ok(Some(g)),
+            Ok(ractor::rpc::CallResult::Success(Err(
+                e @ ActorError::Runtime(RuntimeError::Abandoned { .. }),
+            ))) => {
+                info!(error = %e, %generation, "the generation was replaced while its group was built; waiting for the next one");
+                Ok(None)
+            }
             Ok(ractor::rpc::CallResult::Success(Err(e))) => {
                 warn!(error = %e, %generation, "could not build the data-plane group; reported, waiting for the next generation");
                 let _ = comm.cast(CommunicatorMsg::Fault(pb::FaultReport {

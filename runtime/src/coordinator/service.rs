@@ -239,6 +239,7 @@ impl Shared {
             resume_step: st.committed_step.0,
             heal_from: heal.iter().find(|(h, _)| *h == id).map(|(_, r)| r.0),
             shares: assigned_shares(st, cfg),
+            abandon_previous: false,
         })
     }
 
@@ -377,8 +378,14 @@ impl Shared {
                     };
                     out.directives.push((*id, kind));
                 }
+                // A member that only missed re-registering may still be in the old data plane.
+                let lost = r
+                    .removed
+                    .iter()
+                    .any(|(_, why)| why.is_failure() && !matches!(why, Removal::NotRejoined));
                 for &id in &r.ranks {
-                    if let Some(a) = Self::assign_for(st, &self.cfg, id, &r.heal) {
+                    if let Some(mut a) = Self::assign_for(st, &self.cfg, id, &r.heal) {
+                        a.abandon_previous = lost;
                         out.directives.push((id, pb::directive::Kind::Assign(a)));
                     }
                 }

@@ -33,6 +33,8 @@ pub use transport::UcxTransport;
 
 use super::collectives::CollConfig;
 use crate::error::RuntimeError;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Settings of a UCX group. Defaults and their reasons: docs/dataplane.md.
@@ -53,6 +55,9 @@ pub struct UcxConfig {
     /// peer-failure support (CMA single-copy reads); crashes are still seen through the
     /// liveness connections and hangs through the deadline. See docs/dataplane.md.
     pub peer_error_mode: bool,
+    /// The newest generation that replaced an older one because a member failed (set by the
+    /// rank's control session): a wait in an older generation gives up at once (P-10).
+    pub abandoned_below: Option<Arc<AtomicU64>>,
 }
 
 impl Default for UcxConfig {
@@ -64,6 +69,7 @@ impl Default for UcxConfig {
             spin: Duration::ZERO,
             liveness_ip: "127.0.0.1".into(),
             peer_error_mode: true,
+            abandoned_below: None,
         }
     }
 }

@@ -198,6 +198,14 @@ impl UcxTransport {
                 self.sweep();
                 self.last_sweep = now;
             }
+            // Only while nothing moves: bytes still arriving may finish the collective.
+            if !active && self.abandoned() {
+                let e = RuntimeError::Abandoned {
+                    op,
+                    generation: self.generation,
+                };
+                return Err(self.fail(e));
+            }
             if now >= deadline {
                 let e = RuntimeError::Timeout {
                     op,
@@ -231,6 +239,16 @@ impl UcxTransport {
             planned = (deadline - now).min(Duration::from_millis(1));
             self.sleep(planned);
         }
+    }
+
+    /// P-10: the coordinator replaced this generation after a member failed; waiting on for the
+    /// deadline would only delay the next one. The mark never goes down: generations only grow,
+    /// also across a coordinator restart, which resumes from its journal (written before any
+    /// rank hears of a generation; a failed write is an event, `journal_error`).
+    fn abandoned(&self) -> bool {
+        self.abandoned_below
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::Relaxed) > self.generation.0)
     }
 
     /// The lowest rank whose endpoint UCX reported failed, and the status it reported.

@@ -55,6 +55,8 @@ pub struct UcxTransport {
     /// Nanoseconds this rank's waits were descheduled beyond what they asked for (see
     /// `STALL_MIN`): time the rank itself held its peers up, not time it waited for them.
     pub(super) stalled: Arc<AtomicU64>,
+    /// See `UcxConfig::abandoned_below`.
+    pub(super) abandoned_below: Option<Arc<AtomicU64>>,
 }
 
 impl UcxTransport {
@@ -99,6 +101,7 @@ impl UcxTransport {
             peer_mode: cfg.peer_error_mode,
             patient: false,
             stalled: Arc::new(AtomicU64::new(0)),
+            abandoned_below: cfg.abandoned_below.clone(),
         };
         let listener = LivenessListener::bind(&cfg.liveness_ip)?;
         let address = t
