@@ -31,8 +31,12 @@ pub struct Slowness {
     pub rate_mbit_s: u32,
 }
 
-/// Serves until stdin closes.
-pub fn run(slow: Slowness) -> Result<i32> {
+/// Serves until stdin closes; slow: `delay_ms` more each way, `rate_mbit_s` (0: no cap).
+pub fn run(delay_ms: u64, rate_mbit_s: u32) -> Result<i32> {
+    let slow = Slowness {
+        delay: Duration::from_millis(delay_ms),
+        rate_mbit_s,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -617,13 +617,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::LinkProxy {
             delay_ms,
             rate_mbit,
-        } => {
-            let code = link_proxy::run(link_proxy::Slowness {
-                delay: std::time::Duration::from_millis(delay_ms),
-                rate_mbit_s: rate_mbit,
-            })?;
-            Ok(ExitCode::from(code as u8))
-        }
+        } => Ok(ExitCode::from(link_proxy::run(delay_ms, rate_mbit)? as u8)),
         Cmd::SimRank {
             coordinator,
             spare,

@@ -69,7 +69,7 @@ fn assert_held_with(report: &Value, faults: std::ops::RangeInclusive<usize>) {
     let c = &report["chaos"];
     assert_eq!(c["passed"], true, "{c}");
     let checks = c["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 10, "{c}");
+    assert_eq!(checks.len(), 11, "{c}");
     assert!(c["baseline_val_loss"].as_f64().is_some(), "{c}");
     let f = report["faults"].as_array().unwrap();
     assert!(faults.contains(&f.len()), "{}", report["faults"]);
@@ -84,7 +84,7 @@ fn kill_one() {
     let ran = chaos("kill-one", 3);
     assert_held(&ran.report, 1);
     assert!(
-        ran.stdout.contains("10 of 10 invariants hold"),
+        ran.stdout.contains("11 of 11 invariants hold"),
         "{}",
         ran.stdout
     );

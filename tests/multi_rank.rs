@@ -405,12 +405,20 @@ fn loader_and_control_agent_restart_in_place() {
     let r = launch_env(
         Hosts::One,
         d.path(),
-        &["--world", "2", "train.max_steps=80", "optim.decay_steps=80"],
+        // The control-agent panic fires at a heartbeat tick once step 40 is passed: steps of a
+        // few ms need a few hundred more for every rank's agent to tick before the job ends
+        // (with 80 steps, one rank once finished first).
+        &[
+            "--world",
+            "2",
+            "train.max_steps=400",
+            "optim.decay_steps=400",
+        ],
         &[("PHALANX_TEST_FAULT", "loader-panic@20:1,control-panic@40")],
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_eq!(r.report["status"], "completed", "{}", r.report);
-    assert_eq!(r.report["steps"], 80);
+    assert_eq!(r.report["steps"], 400);
     // Worker i is not necessarily rank i: look at both.
     let (w0, w1) = (worker_log(&r.run, 0), worker_log(&r.run, 1));
     let one = |s: &str| [&w0, &w1].iter().filter(|w| w.contains(s)).count();
