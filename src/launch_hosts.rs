@@ -302,16 +302,7 @@ impl HostFaults {
             if now || Instant::now() >= until {
                 signals::send(Signal::Usr2, &[p.running(hosts, host)?]);
                 self.slowed = None;
-                append_event(
-                    run_dir,
-                    Event::FaultCleared(Cleared {
-                        fault: FaultKind::SlowLink,
-                        pid: None,
-                        host: Some(hosts.name(host).to_string()),
-                        step: None,
-                        cleared_unix_ms: Some(unix_ms()),
-                    }),
-                )?;
+                cleared(run_dir, FaultKind::SlowLink, hosts.name(host))?;
                 info!(host = hosts.name(host), "links fast again");
             }
         }
@@ -319,21 +310,26 @@ impl HostFaults {
             if now || Instant::now() >= until {
                 hosts.reconnect(host)?;
                 self.cut = None;
-                append_event(
-                    run_dir,
-                    Event::FaultCleared(Cleared {
-                        fault: FaultKind::HostPartition,
-                        pid: None,
-                        host: Some(hosts.name(host).to_string()),
-                        step: None,
-                        cleared_unix_ms: Some(unix_ms()),
-                    }),
-                )?;
+                cleared(run_dir, FaultKind::HostPartition, hosts.name(host))?;
                 info!(host = hosts.name(host), "host reconnected");
             }
         }
         Ok(())
     }
+}
+
+/// A host fault's end, in the run's events.
+fn cleared(run_dir: &Path, fault: FaultKind, host: &str) -> Result<()> {
+    append_event(
+        run_dir,
+        Event::FaultCleared(Cleared {
+            fault,
+            pid: None,
+            host: Some(host.to_string()),
+            step: None,
+            cleared_unix_ms: Some(unix_ms()),
+        }),
+    )
 }
 
 fn on_host(hosts: &SimHosts, host: usize, pids: &[u32]) -> Vec<u32> {

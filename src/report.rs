@@ -626,6 +626,15 @@ mod tests {
         }
     }
 
+    /// A one-rank step of 1 s committed at `t` ms.
+    fn at(step: u64, t: u64) -> MetricLine {
+        let mut l = line(step, 1, 1);
+        l.unix_ms = Some(t);
+        l.step_ms = Some(1000.0);
+        l.tokens_per_s = Some(100.0);
+        MetricLine::Step(l)
+    }
+
     fn commit(step: u64, gen: u64, world: u64) -> MetricLine {
         MetricLine::Step(line(step, gen, world))
     }
@@ -642,13 +651,6 @@ mod tests {
     #[test]
     fn a_resumed_job_reports_its_own_time() {
         let d = tempfile::tempdir().unwrap();
-        let at = |step: u64, t: u64| {
-            let mut l = line(step, 1, 1);
-            l.unix_ms = Some(t);
-            l.step_ms = Some(1000.0);
-            l.tokens_per_s = Some(100.0);
-            MetricLine::Step(l)
-        };
         let mut m: Vec<MetricLine> = (0..10).map(|k| at(k, 1_000 * (k + 1))).collect();
         m.push(MetricLine::Resume(phalanx_runtime::metrics::ResumeLine {
             resume: true,
@@ -674,13 +676,6 @@ mod tests {
     #[test]
     fn the_training_window_holds_the_gaps_between_steps_not_the_start() {
         let d = tempfile::tempdir().unwrap();
-        let at = |step: u64, t: u64| {
-            let mut l = line(step, 1, 1);
-            l.unix_ms = Some(t);
-            l.step_ms = Some(1000.0);
-            l.tokens_per_s = Some(100.0);
-            MetricLine::Step(l)
-        };
         // Steps end at 11, 12, 13 s; a 2 s outage; steps end at 16, 17 s.
         let m: Vec<MetricLine> = [11, 12, 13, 16, 17]
             .iter()
