@@ -42,8 +42,11 @@ fn report(info: &PanicHookInfo<'_>) {
     let trace = Backtrace::force_capture();
     let name = thread.to_string();
     let print = move || {
-        eprintln!("stack backtrace of the panic in thread '{name}':\n{trace}");
+        // Named before the write: `eprintln!` holds the stderr lock while it formats, and every
+        // log line of the process (the supervisor's restart, the compute's) would wait on it.
+        let named = trace.to_string();
         RESOLVING.store(false, Ordering::SeqCst);
+        eprintln!("stack backtrace of the panic in thread '{name}':\n{named}");
     };
     // The main thread's panic ends the process: a thread of its own would not finish.
     if thread == "main" {

@@ -414,7 +414,11 @@ fn loader_and_control_agent_restart_in_place() {
             "train.max_steps=400",
             "optim.decay_steps=400",
         ],
-        &[("PHALANX_TEST_FAULT", "loader-panic@20:1,control-panic@40")],
+        // With backtraces asked for, a panic's must be named off the log's path (S-4).
+        &[
+            ("PHALANX_TEST_FAULT", "loader-panic@20:1,control-panic@40"),
+            ("RUST_BACKTRACE", "1"),
+        ],
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_eq!(r.report["status"], "completed", "{}", r.report);
@@ -424,6 +428,17 @@ fn loader_and_control_agent_restart_in_place() {
     let one = |s: &str| [&w0, &w1].iter().filter(|w| w.contains(s)).count();
     assert_eq!(one("data-loader failed"), 1, "{w0}\n{w1}");
     assert_eq!(one("restarting data-loader"), 1, "{w0}\n{w1}");
+    // Naming the frames takes a fraction of a second at least; the restart must not wait on it.
+    let panicked = if w0.contains("data-loader failed") {
+        &w0
+    } else {
+        &w1
+    };
+    let at = |s: &str| panicked.find(s).unwrap_or(usize::MAX);
+    assert!(
+        at("restarting data-loader") < at("stack backtrace of the panic"),
+        "the restart waited for the backtrace:\n{panicked}"
+    );
     assert_eq!(one("control-agent failed"), 2, "{w0}\n{w1}");
     assert_eq!(generations(&r.run).len(), 1, "no regroup expected");
     assert_eq!(
@@ -1242,10 +1257,12 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
     );
 }
 
-// No false alarm: a fault-free 4-rank run of 500 steps on this shared machine raises no
-// straggler flag (robust peer statistics with hysteresis, a grace after each regroup).
+// K-7, K-8: no false alarm acted on. A fault-free 4-rank run of 500 steps on this shared machine
+// rebalances and evicts nobody (one generation). A flag is allowed only as K-7 allows it: backed
+// by at least the severe time bound of slow steps (on a loaded 2-core machine a rank can be
+// descheduled for a quarter of a second), cleared again before the end, and rare.
 #[test]
-fn fault_free_run_flags_no_straggler() {
+fn fault_free_run_acts_on_no_straggler() {
     let d = test_dir();
     let mut args = vec![
         "--world",
@@ -1257,13 +1274,20 @@ fn fault_free_run_flags_no_straggler() {
     args.extend(STRAGGLER_MODEL);
     let r = launch(d.path(), &args);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    let events = r.events();
-    let flags: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["kind"] == "straggler_flagged")
-        .collect();
-    assert!(flags.is_empty(), "{flags:?}");
     assert_eq!(r.report["generation_final"], 1, "{}", r.report);
+    let events = r.events();
+    let kind = |k: &str| -> Vec<&Value> { events.iter().filter(|e| e["kind"] == k).collect() };
+    let (flags, cleared) = (kind("straggler_flagged"), kind("straggler_cleared"));
+    assert!(flags.len() <= 2, "{flags:?}");
+    for f in &flags {
+        let slow_ms = f["slow_for_ms"].as_f64().unwrap_or(0.0);
+        assert!(slow_ms >= 200.0, "a burst shorter than the bound: {f}");
+        let at = |e: &Value| e["unix_ms"].as_u64().unwrap_or(0);
+        let later = cleared
+            .iter()
+            .any(|c| c["member"] == f["member"] && at(c) >= at(f));
+        assert!(later, "never cleared: {f}");
+    }
 }
 
 // K-13: a rank lost after the last committed step (its process exits at the final barrier)
