@@ -982,12 +982,20 @@ const QUOTA_PCT: &str = "12";
 
 /// K-7: the slowed rank is flagged, by name, within 5 steps of its first slowed step. A quota
 /// bites only once the rank has used its budget for the current period, a step or a few after it
-/// is set; the flag's window of per-step times shows where the slowdown began.
+/// is set; the flag's window of per-step times shows where the slowdown began. A flag before the
+/// quota is this shared machine's noise, which K-7 allows (a burst past the time bound) and
+/// which must not have been acted on (the callers check every removal).
 fn assert_flagged_within_five_steps(events: &[Value]) -> Value {
     let (at, member) = quota_target(events);
+    let flagged = |e: &&Value| e["kind"] == "straggler_flagged";
+    let step = |e: &Value| e["at_step"].as_u64().unwrap_or(0);
+    for noise in events.iter().filter(flagged).filter(|e| step(e) < at) {
+        eprintln!("flagged before the quota (noise): {noise}");
+    }
     let flag = events
         .iter()
-        .find(|e| e["kind"] == "straggler_flagged")
+        .filter(flagged)
+        .find(|e| step(e) >= at)
         .expect("the slowed rank is flagged")
         .clone();
     assert_eq!(flag["member"], member, "the wrong rank was flagged: {flag}");
