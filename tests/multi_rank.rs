@@ -1157,6 +1157,13 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
     need_cgroup_cpu();
     let run = |act: bool| {
         let d = test_dir();
+        // Left alone, the job is only measured while slowed (80 steps of ~4x): it ends soon
+        // after the lift.
+        let (slowed, steps) = if act { ("250", 550) } else { ("80", 200) };
+        let (max, decay) = (
+            format!("train.max_steps={steps}"),
+            format!("optim.decay_steps={steps}"),
+        );
         let act = format!("coordinator.evict_stragglers={act}");
         let mut args = vec![
             "--world",
@@ -1166,10 +1173,10 @@ fn cpu_quota_straggler_without_spare_is_rebalanced() {
             "--slow-cpu-pct",
             QUOTA_PCT,
             "--slow-steps",
-            "250",
+            slowed,
             "train.micro_batch=1",
-            "train.max_steps=550",
-            "optim.decay_steps=550",
+            &max,
+            &decay,
             &act,
         ];
         args.extend(STRAGGLER_MODEL);
