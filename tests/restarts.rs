@@ -129,7 +129,7 @@ impl Job {
 #[test]
 fn coordinator_restart_under_real_workers_evicts_nobody() {
     let _one_at_a_time = serial();
-    let job = Job::new(700);
+    let job = Job::new(400);
     let mut coord = job.coordinator(4);
     let workers: Vec<Proc> = (0..4).map(|i| job.worker(i)).collect();
     job.wait_committed(150, 90);
@@ -152,7 +152,7 @@ fn coordinator_restart_under_real_workers_evicts_nobody() {
 #[test]
 fn a_stalled_coordinator_evicts_nobody() {
     let _one_at_a_time = serial();
-    let job = Job::new(800);
+    let job = Job::new(450);
     let coord = job.coordinator(4);
     let workers: Vec<Proc> = (0..4).map(|i| job.worker(i)).collect();
     job.wait_committed(150, 90);
