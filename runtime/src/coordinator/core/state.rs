@@ -183,7 +183,14 @@ impl State {
                 // A spare holds no place in any generation: whichever it last saw, it is back
                 // as the spare it was (one that waited through a regroup was refused once, and
                 // its process restarted for nothing).
+                // An active member that names an older generation missed a regroup that kept
+                // it (one formed while it was away): its place is the current one, and the
+                // data plane heals it if it is behind (G-2).
+                let missed_a_regroup = generation < self.generation
+                    && m.state == MemberState::Active
+                    && self.ranks.contains(&id);
                 let same_place = m.state == MemberState::Spare
+                    || missed_a_regroup
                     || (generation == self.generation
                         && (m.state != MemberState::Active || m.rank == Some(rank)));
                 if m.rejoin_deadline.is_some() && !same_place {
@@ -194,8 +201,13 @@ impl State {
                 }
                 // Awaited after a restart or a stall (K-5, K-11), or not yet: a member whose
                 // stream broke may re-register before the coordinator reads the stream's end
-                // (it wakes from a stall to both at once). Either way it keeps its place.
-                if same_place {
+                // (it wakes from a stall to both at once). Either way it keeps its place. Not
+                // awaited, it keeps it whatever generation it names: it is retrying a
+                // registration whose answer it lost while a regroup went on, and the session
+                // it opens is sent the current assignment. Registered anew, its old self would
+                // stay in the group, silent, and be evicted (or hold the job, when every rank
+                // did so at once).
+                if same_place || m.rejoin_deadline.is_none() {
                     m.rejoin_deadline = None;
                     // Counted as connected until its session opens: the heartbeat deadline, not
                     // a missing stream, decides if it never does.

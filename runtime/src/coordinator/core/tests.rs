@@ -407,12 +407,47 @@ fn a_member_re_registering_before_its_stream_end_is_read_keeps_its_place() {
     assert_eq!(r.id, a);
     s.session_opened(t, a).unwrap();
     assert_eq!(decide(t, &s, &cfg), Decision::Steady);
-    // Another place (a generation it missed) is not this one: it registers anew.
+    // A retry of a registration whose answer was lost while a regroup went on names the
+    // generation before it: the same member, kept in its place (the suite once saw every rank
+    // of a job registered anew this way, their old selves silent, and the job held).
     let mut stale = reg(Role::Active);
     stale.rejoin = Some((a, Generation(0), Rank(0)));
     let r = s.register(t, stale, &cfg).unwrap();
-    assert!(!r.rejoined);
-    assert_ne!(r.id, a);
+    assert!(r.rejoined);
+    assert_eq!(r.id, a);
+    assert_eq!(s.members.len(), 2);
+}
+
+// K-11: after a stall the coordinator awaits the ranks; one rejoins and asks for a regroup,
+// which forms before the other is back. The other names the generation it knew: it missed a
+// regroup that kept it, so it keeps its id (not refused as stale, its process replaced and its
+// old self removed 10 s later), and so does a retry of that registration.
+#[test]
+fn a_rejoin_across_a_regroup_keeps_the_member() {
+    let cfg = cfg();
+    let t = Instant::now();
+    let mut s = job(t, 2, 0, &cfg);
+    let (a, b) = (s.ranks[0], s.ranks[1]);
+    s.await_rejoin(t, &cfg);
+    let mut rb = reg(Role::Active);
+    rb.rejoin = Some((b, Generation(1), Rank(1)));
+    assert_eq!(s.register(t, rb, &cfg).unwrap().id, b);
+    s.session_opened(t, b).unwrap();
+    s.report_fault(t, b, Generation(1), Rank(1)).unwrap();
+    let r = regroup(decide(t, &s, &cfg));
+    apply(&mut s, &Decision::Regroup(r));
+    assert_eq!(s.generation, Generation(2));
+    for _ in 0..2 {
+        let mut ra = reg(Role::Active);
+        ra.rejoin = Some((a, Generation(1), Rank(0)));
+        let again = s.register(t, ra, &cfg).unwrap();
+        assert_eq!((again.id, again.rejoined), (a, true));
+    }
+    s.session_opened(t, a).unwrap();
+    let later = t + Duration::from_millis(100);
+    all_beat(&mut s, later, 1, &cfg);
+    assert_eq!(decide(later, &s, &cfg), Decision::Steady);
+    assert_eq!(s.members.len(), 2);
 }
 
 // K-5: a spare that registered before the first generation (it knows generation 0) rejoins a
