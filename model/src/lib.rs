@@ -22,6 +22,7 @@ pub mod sampler;
 pub mod setup;
 pub mod tokenizer;
 pub mod trainer;
+pub mod zero;
 
 pub use config::{Arch, ModelConfig};
 pub use error::ModelError;

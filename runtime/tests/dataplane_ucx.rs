@@ -2,8 +2,9 @@
 //! `UCX_TLS` selects), ranks as threads of one process: every collective against a sequential
 //! reference, and bad input. Process-level faults are in `dataplane_faults.rs`.
 
+use phalanx_runtime::dataplane::collectives::even_segments;
 use phalanx_runtime::dataplane::transport::{
-    encode_ctrl, part, tag, Ctrl, MsgKey, CTRL_LEN, KIND_CTRL, KIND_DATA, SLOT_ABORT,
+    encode_ctrl, tag, Ctrl, MsgKey, CTRL_LEN, KIND_CTRL, KIND_DATA, SLOT_ABORT,
 };
 use phalanx_runtime::dataplane::{
     AddressExchange, BootstrapServer, CollConfig, Exchanged, GroupKey, TcpBootstrap, UcxConfig,
@@ -58,11 +59,15 @@ fn input(rank: u32, len: usize) -> Vec<f32> {
 
 /// The ring's order of addition: segment k is summed over ranks k+1, ..., k.
 fn reference(n: u32, len: usize) -> Vec<u32> {
+    reference_in(n, len, &even_segments(len, n as usize))
+}
+
+fn reference_in(n: u32, len: usize, segs: &[std::ops::Range<usize>]) -> Vec<u32> {
     let ins: Vec<Vec<f32>> = (0..n).map(|r| input(r, len)).collect();
     let n = n as usize;
     let mut out = vec![0f32; len];
-    for k in 0..n {
-        for i in part(len, n, k) {
+    for (k, seg) in segs.iter().enumerate() {
+        for i in seg.clone() {
             let mut acc = ins[(k + 1) % n][i];
             for j in 2..=n {
                 acc += ins[(k + j) % n][i];
@@ -75,6 +80,12 @@ fn reference(n: u32, len: usize) -> Vec<u32> {
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A plan of unequal segments (cut at len * k^2 / n^2), as a sharded optimizer's may be.
+fn skewed(len: usize, n: usize) -> Vec<std::ops::Range<usize>> {
+    let cut = |k: usize| len * k * k / (n * n);
+    (0..n).map(|k| cut(k)..cut(k + 1)).collect()
 }
 
 /// P-2 over UCX: allreduce, reduce-scatter, allgather, broadcast, barrier and striped transfer
@@ -90,12 +101,15 @@ fn ucx_collectives_match_the_reference() {
             let mut b = input(r, len);
             g.allreduce(&mut b).unwrap();
             out.push(bits(&b));
-            let mut b = input(r, len);
-            let seg = g.reduce_scatter(&mut b).unwrap();
-            let mut full = vec![f32::NAN; len];
-            full[seg.clone()].copy_from_slice(&b[seg]);
-            g.allgather(&mut full).unwrap();
-            out.push(bits(&full));
+            for segs in [even_segments(len, n as usize), skewed(len, n as usize)] {
+                let mut b = input(r, len);
+                g.reduce_scatter(&mut b, &segs).unwrap();
+                let seg = segs[r as usize].clone();
+                let mut full = vec![f32::NAN; len];
+                full[seg.clone()].copy_from_slice(&b[seg]);
+                g.allgather(&mut full, &segs).unwrap();
+                out.push(bits(&full));
+            }
         }
         g.barrier().unwrap();
         let mut bc: Vec<u8> = if r == 2 {
@@ -140,12 +154,14 @@ fn ucx_collectives_match_the_reference() {
     for (r, (out, bc_ok, striped, dropped, windows)) in got.into_iter().enumerate() {
         for (i, &len) in lens.iter().enumerate() {
             let want = reference(n, len);
-            assert_eq!(out[2 * i], want, "allreduce len={len} rank={r}");
+            assert_eq!(out[3 * i], want, "allreduce len={len} rank={r}");
             assert_eq!(
-                out[2 * i + 1],
+                out[3 * i + 1],
                 want,
                 "reduce_scatter+allgather len={len} rank={r}"
             );
+            let uneven = reference_in(n, len, &skewed(len, n as usize));
+            assert_eq!(out[3 * i + 2], uneven, "uneven segments len={len} rank={r}");
         }
         assert!(bc_ok, "broadcast rank={r}");
         if let Some(w) = want_windows {

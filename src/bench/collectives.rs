@@ -9,6 +9,7 @@ use super::gloo;
 use crate::hosts::{self, SimHosts};
 use crate::train::median;
 use anyhow::{anyhow, bail, Context, Result};
+use phalanx_runtime::dataplane::collectives::even_segments;
 use phalanx_runtime::dataplane::links::summary;
 use phalanx_runtime::dataplane::{
     advertised_ip, AddressSettings, BootstrapServer, CollConfig, TcpBootstrap, UcxConfig, UcxGroup,
@@ -414,13 +415,12 @@ pub fn worker(
                 }
             }
             g.barrier()?;
+            let segs = even_segments(f.len(), g.world() as usize);
             let t0 = Instant::now();
             match op {
                 Op::Allreduce => g.allreduce(&mut f)?,
-                Op::ReduceScatter => {
-                    g.reduce_scatter(&mut f)?;
-                }
-                Op::Allgather => g.allgather(&mut f)?,
+                Op::ReduceScatter => g.reduce_scatter(&mut f, &segs)?,
+                Op::Allgather => g.allgather(&mut f, &segs)?,
                 Op::Broadcast => g.broadcast(&mut b, Rank(0))?,
             }
             let dt = t0.elapsed();

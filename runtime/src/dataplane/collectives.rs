@@ -81,6 +81,11 @@ struct Schedule {
     sources: usize,
 }
 
+/// Near-equal contiguous segments of `len` elements, one per rank of `n` (the allreduce's).
+pub fn even_segments(len: usize, n: usize) -> Vec<Range<usize>> {
+    (0..n).map(|k| part(len, n, k)).collect()
+}
+
 fn chunks(r: Range<usize>, chunk: usize) -> impl Iterator<Item = Range<usize>> {
     let chunk = chunk.max(1);
     (r.start..r.end)
@@ -98,14 +103,14 @@ fn byte_range(elems: Range<usize>, size: usize) -> Range<usize> {
 /// order `k+1, k+2, ..., k`. The allgather then ships the owner's bytes to everyone, which is
 /// why every rank ends with bitwise the same result (P-2).
 fn ring_schedule(
-    n: usize,
     r: usize,
-    len: usize,
+    segs: &[Range<usize>],
     elem: usize,
     chunk: usize,
     rs: bool,
     ag: bool,
 ) -> Schedule {
+    let n = segs.len();
     let mut s = Schedule {
         sources: 1,
         ..Default::default()
@@ -113,7 +118,7 @@ fn ring_schedule(
     if n < 2 {
         return s;
     }
-    let seg = |k: usize| byte_range(part(len, n, k % n), elem);
+    let seg = |k: usize| byte_range(segs[k % n].clone(), elem);
     let right = Rank(((r + 1) % n) as u32);
     let left = Rank(((r + n - 1) % n) as u32);
     // Chunk boundaries must fall on element boundaries.
@@ -772,26 +777,64 @@ impl<T: Transport> Collectives<T> {
     /// values. Extra memory: `window` staging chunks (`window * chunk_bytes`).
     pub fn allreduce(&mut self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
         let (n, r) = self.me();
-        let s = ring_schedule(n, r, buf.len(), 4, self.cfg.chunk_bytes, true, true);
+        let segs = even_segments(buf.len(), n);
+        let s = ring_schedule(r, &segs, 4, self.cfg.chunk_bytes, true, true);
         self.run_f32("allreduce", buf, s)
     }
 
-    /// Sums `buf` over all ranks and leaves this rank's segment of the sum (returned, in
-    /// elements: part `rank` of `world` near-equal parts) in place; the rest of `buf` holds
-    /// partial sums.
-    pub fn reduce_scatter(&mut self, buf: &mut Vec<f32>) -> Result<Range<usize>, RuntimeError> {
-        let (n, r) = self.me();
-        let s = ring_schedule(n, r, buf.len(), 4, self.cfg.chunk_bytes, true, false);
-        self.run_f32("reduce_scatter", buf, s)?;
-        Ok(part(buf.len(), n, r))
+    /// Sums `buf` over all ranks and leaves segment `rank` of the sum in place (`segs`: one
+    /// contiguous range per rank, in rank order, covering `buf`); the rest of `buf` holds
+    /// partial sums. Element `i` of segment `k` is added in rank order `k+1, ..., k`, so with
+    /// [`even_segments`] the result is bitwise the allreduce's.
+    pub fn reduce_scatter(
+        &mut self,
+        buf: &mut Vec<f32>,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError> {
+        let (_, r) = self.me();
+        self.check_segments("reduce_scatter", buf.len(), segs)?;
+        let s = ring_schedule(r, segs, 4, self.cfg.chunk_bytes, true, false);
+        self.run_f32("reduce_scatter", buf, s)
     }
 
-    /// Every rank contributes its segment (`part(len, world, rank)`) of `buf`; afterwards every
-    /// rank holds all segments.
-    pub fn allgather(&mut self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
-        let (n, r) = self.me();
-        let s = ring_schedule(n, r, buf.len(), 4, self.cfg.chunk_bytes, false, true);
+    /// Every rank contributes its segment of `buf` (`segs` as in [`Self::reduce_scatter`]);
+    /// afterwards every rank holds all segments, bitwise their owners'.
+    pub fn allgather(
+        &mut self,
+        buf: &mut Vec<f32>,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError> {
+        let (_, r) = self.me();
+        self.check_segments("allgather", buf.len(), segs)?;
+        let s = ring_schedule(r, segs, 4, self.cfg.chunk_bytes, false, true);
         self.run_f32("allgather", buf, s)
+    }
+
+    /// A segment plan every rank can follow: one range per rank, contiguous from 0 to `len`.
+    fn check_segments(
+        &self,
+        op: &'static str,
+        len: usize,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError> {
+        let (n, _) = self.me();
+        let mut at = 0;
+        for s in segs {
+            if s.start != at || s.end < s.start {
+                break;
+            }
+            at = s.end;
+        }
+        if segs.len() == n && at == len && segs.iter().all(|s| s.start <= s.end) {
+            return Ok(());
+        }
+        Err(RuntimeError::InvalidArgument {
+            op,
+            reason: format!(
+                "segments {segs:?} do not cover 0..{len} in {n} contiguous ranges, one per rank; \
+                 every rank must pass the same plan"
+            ),
+        })
     }
 
     /// Copies `root`'s `buf` into every rank's `buf` (same length everywhere).
@@ -948,11 +991,15 @@ pub(crate) mod tests {
     /// The sequential reference of the ring's sum: element `i` of segment `k` is added in rank
     /// order `k+1, ..., n-1, 0, ..., k`.
     pub(crate) fn reference(n: u32, len: usize) -> Vec<f32> {
+        reference_in(n, len, &even_segments(len, n as usize))
+    }
+
+    fn reference_in(n: u32, len: usize, segs: &[Range<usize>]) -> Vec<f32> {
         let ins: Vec<Vec<f32>> = (0..n).map(|r| input(r, len)).collect();
         let n = n as usize;
         let mut out = vec![0f32; len];
-        for k in 0..n {
-            for i in part(len, n, k) {
+        for (k, seg) in segs.iter().enumerate() {
+            for i in seg.clone() {
                 let mut acc = ins[(k + 1) % n][i];
                 for j in 2..=n {
                     acc += ins[(k + j) % n][i];
@@ -1003,21 +1050,61 @@ pub(crate) mod tests {
         for n in 1..=8u32 {
             for len in LENS {
                 let want = reference(n, len);
+                let segs = even_segments(len, n as usize);
                 let got = ranks(n, 12, |c| {
                     let mut b = input(c.rank().0, len);
-                    let seg = c.reduce_scatter(&mut b).unwrap();
+                    c.reduce_scatter(&mut b, &segs).unwrap();
+                    let seg = segs[c.rank().0 as usize].clone();
                     let mine = b[seg.clone()].to_vec();
                     // Allgather of the reduced segments must rebuild the full sum.
                     let mut g = vec![f32::NAN; len];
                     g[seg.clone()].copy_from_slice(&mine);
-                    c.allgather(&mut g).unwrap();
+                    c.allgather(&mut g, &segs).unwrap();
                     (seg, mine, g)
                 });
                 for (r, (seg, mine, g)) in got.into_iter().enumerate() {
-                    assert_eq!(seg, part(len, n as usize, r));
                     assert_eq!(bits(&mine), bits(&want[seg]), "n={n} len={len} rank={r}");
                     assert_eq!(bits(&g), bits(&want), "n={n} len={len} rank={r}");
                 }
+            }
+        }
+    }
+
+    /// A sharded optimizer's plan: unequal segments, some empty. Each segment is summed in its
+    /// owner's ring order and gathered bitwise.
+    #[test]
+    fn uneven_segments_follow_the_plan() {
+        for n in 1..=6u32 {
+            for len in [0usize, 5, 1031] {
+                let nu = n as usize;
+                let cut = |k: usize| len * k * k / (nu * nu);
+                let segs: Vec<Range<usize>> = (0..nu).map(|k| cut(k)..cut(k + 1)).collect();
+                let want = bits(&reference_in(n, len, &segs));
+                let got = ranks(n, 12, |c| {
+                    let mut b = input(c.rank().0, len);
+                    c.reduce_scatter(&mut b, &segs).unwrap();
+                    c.allgather(&mut b, &segs).unwrap();
+                    bits(&b)
+                });
+                for (r, g) in got.iter().enumerate() {
+                    assert_eq!(g, &want, "n={n} len={len} rank={r} segs={segs:?}");
+                }
+            }
+        }
+    }
+
+    /// A plan that does not cover the buffer, or has a segment per rank too few, is refused
+    /// before anything is sent (every rank checks the same plan, so none waits on another).
+    #[test]
+    fn a_plan_that_does_not_cover_the_buffer_is_refused() {
+        let bad: [Vec<Range<usize>>; 3] = [vec![0..4, 5..10], [0..10].to_vec(), vec![0..6, 6..9]];
+        for segs in &bad {
+            let got = ranks(2, 12, |c| {
+                let mut b = input(c.rank().0, 10);
+                c.reduce_scatter(&mut b, segs).unwrap_err().to_string()
+            });
+            for e in got {
+                assert!(e.contains("do not cover 0..10"), "{e}");
             }
         }
     }

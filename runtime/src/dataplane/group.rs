@@ -10,6 +10,7 @@ use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::Duration;
 
 /// One rank's membership in one generation's group. Every member calls the same operations in
@@ -20,6 +21,12 @@ pub trait Group: Send {
     fn generation(&self) -> Generation;
     /// Element-wise sum over the ranks, in place.
     fn allreduce(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError>;
+    /// The sum over the ranks of segment `rank` of `buf` (`segs`: one contiguous range per
+    /// rank, the same plan on every rank), in place; the rest of `buf` is scratch.
+    fn reduce_scatter(&self, buf: &mut Vec<f32>, segs: &[Range<usize>])
+        -> Result<(), RuntimeError>;
+    /// Every rank's segment of `buf` to every rank.
+    fn allgather(&self, buf: &mut Vec<f32>, segs: &[Range<usize>]) -> Result<(), RuntimeError>;
     /// `root`'s bytes to every rank; the others pass a buffer of the same length.
     fn broadcast(&self, buf: &mut Vec<u8>, root: Rank) -> Result<(), RuntimeError>;
     fn barrier(&self) -> Result<(), RuntimeError>;
@@ -69,6 +76,16 @@ impl Group for UcxGroup {
     }
     fn allreduce(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
         UcxGroup::allreduce(self, buf)
+    }
+    fn reduce_scatter(
+        &self,
+        buf: &mut Vec<f32>,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError> {
+        UcxGroup::reduce_scatter(self, buf, segs)
+    }
+    fn allgather(&self, buf: &mut Vec<f32>, segs: &[Range<usize>]) -> Result<(), RuntimeError> {
+        UcxGroup::allgather(self, buf, segs)
     }
     fn broadcast(&self, buf: &mut Vec<u8>, root: Rank) -> Result<(), RuntimeError> {
         UcxGroup::broadcast(self, buf, root)
@@ -144,6 +161,16 @@ impl Group for InProcGroup {
     }
     fn allreduce(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
         self.coll.lock().allreduce(buf)
+    }
+    fn reduce_scatter(
+        &self,
+        buf: &mut Vec<f32>,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError> {
+        self.coll.lock().reduce_scatter(buf, segs)
+    }
+    fn allgather(&self, buf: &mut Vec<f32>, segs: &[Range<usize>]) -> Result<(), RuntimeError> {
+        self.coll.lock().allgather(buf, segs)
     }
     fn broadcast(&self, buf: &mut Vec<u8>, root: Rank) -> Result<(), RuntimeError> {
         self.coll.lock().broadcast(buf, root)

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 enum Cmd {
     Allreduce(Vec<f32>),
-    ReduceScatter(Vec<f32>),
-    Allgather(Vec<f32>),
+    ReduceScatter(Vec<f32>, Vec<Range<usize>>),
+    Allgather(Vec<f32>, Vec<Range<usize>>),
     Broadcast(Vec<u8>, Rank),
     Barrier,
     SendStriped(Rank, Vec<Rank>, Vec<u8>),
@@ -33,7 +33,7 @@ enum Cmd {
 
 enum Reply {
     Connected(Result<(Arc<AtomicU64>, Vec<PeerLink>), RuntimeError>),
-    F32(Vec<f32>, Result<Option<Range<usize>>, RuntimeError>),
+    F32(Vec<f32>, Result<(), RuntimeError>),
     Bytes(Vec<u8>, Result<(), RuntimeError>),
     Stats(UcxStats),
 }
@@ -145,8 +145,8 @@ impl UcxGroup {
         &self,
         op: &'static str,
         buf: &mut Vec<f32>,
-        mk: fn(Vec<f32>) -> Cmd,
-    ) -> Result<Option<Range<usize>>, RuntimeError> {
+        mk: impl FnOnce(Vec<f32>) -> Cmd,
+    ) -> Result<(), RuntimeError> {
         match self.call(op, mk(std::mem::take(buf)))? {
             Reply::F32(b, res) => {
                 *buf = b;
@@ -168,16 +168,23 @@ impl UcxGroup {
 
     /// See [`Collectives::allreduce`]. After an error `buf` may be empty or hold partial sums.
     pub fn allreduce(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
-        self.f32_op("allreduce", buf, Cmd::Allreduce).map(|_| ())
+        self.f32_op("allreduce", buf, Cmd::Allreduce)
     }
 
-    pub fn reduce_scatter(&self, buf: &mut Vec<f32>) -> Result<Range<usize>, RuntimeError> {
-        self.f32_op("reduce_scatter", buf, Cmd::ReduceScatter)?
-            .ok_or_else(|| gone("reduce_scatter", self.generation))
+    /// See [`Collectives::reduce_scatter`].
+    pub fn reduce_scatter(
+        &self,
+        buf: &mut Vec<f32>,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError> {
+        let segs = segs.to_vec();
+        self.f32_op("reduce_scatter", buf, |b| Cmd::ReduceScatter(b, segs))
     }
 
-    pub fn allgather(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
-        self.f32_op("allgather", buf, Cmd::Allgather).map(|_| ())
+    /// See [`Collectives::allgather`].
+    pub fn allgather(&self, buf: &mut Vec<f32>, segs: &[Range<usize>]) -> Result<(), RuntimeError> {
+        let segs = segs.to_vec();
+        self.f32_op("allgather", buf, |b| Cmd::Allgather(b, segs))
     }
 
     pub fn broadcast(&self, buf: &mut Vec<u8>, root: Rank) -> Result<(), RuntimeError> {
@@ -241,15 +248,15 @@ fn serve(mut c: Collectives<UcxTransport>, rx: mpsc::Receiver<Cmd>, tx: mpsc::Se
     while let Ok(cmd) = rx.recv() {
         let reply = match cmd {
             Cmd::Allreduce(mut b) => {
-                let r = c.allreduce(&mut b).map(|_| None);
+                let r = c.allreduce(&mut b);
                 Reply::F32(b, r)
             }
-            Cmd::ReduceScatter(mut b) => {
-                let r = c.reduce_scatter(&mut b).map(Some);
+            Cmd::ReduceScatter(mut b, segs) => {
+                let r = c.reduce_scatter(&mut b, &segs);
                 Reply::F32(b, r)
             }
-            Cmd::Allgather(mut b) => {
-                let r = c.allgather(&mut b).map(|_| None);
+            Cmd::Allgather(mut b, segs) => {
+                let r = c.allgather(&mut b, &segs);
                 Reply::F32(b, r)
             }
             Cmd::Broadcast(mut b, root) => {

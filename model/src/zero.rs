@@ -1,0 +1,310 @@
+//! ZeRO-1's optimizer: each rank keeps the AdamW moments and the master parameters of one
+//! shard of the flat parameter buffer, cut by the checkpoint plan (`part_range`, aligned to
+//! blocks of `ALIGN` values), and updates only that shard.
+//!
+//! The update is one fused pass over host slices, element by element in plain IEEE f32 (Rust
+//! contracts no multiply-add on its own), so a value's update does not depend on where its
+//! shard starts or how many ranks share the buffer: sharded over any world it is bitwise the
+//! update of the whole buffer.
+
+use crate::optim::OptimConfig;
+use phalanx_checkpoint::sharded::part_range;
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Elements per parallel task: large enough that a task outweighs its scheduling.
+const TASK: usize = 1 << 16;
+
+/// The shard of a flat buffer of `total` values that `rank` of `world` owns.
+pub fn shard_range(total: usize, world: u32, rank: u32) -> Range<usize> {
+    let r = part_range(total as u64, world, rank);
+    r.start as usize..r.end as usize
+}
+
+/// Every rank's shard, in rank order: the segments of the reduce-scatter and the allgather.
+pub fn shard_plan(total: usize, world: u32) -> Vec<Range<usize>> {
+    (0..world.max(1))
+        .map(|r| shard_range(total, world, r))
+        .collect()
+}
+
+/// The scalars of one AdamW update, computed once per step as `torch.optim.AdamW` does.
+#[derive(Debug, Clone, Copy)]
+pub struct Update {
+    /// Multiplies the gradient (clipping); 1 when the norm is within bounds.
+    pub grad_scale: f32,
+    pub decay: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+}
+
+impl Update {
+    /// Update number `t` (1-based) at learning rate `lr`, with the gradient norm `norm` before
+    /// clipping.
+    pub fn new(c: &OptimConfig, lr: f64, t: u64, norm: f64) -> Self {
+        let coef = c.grad_clip / (norm + 1e-6);
+        let t = t.min(i32::MAX as u64) as i32;
+        Update {
+            grad_scale: if c.grad_clip > 0.0 && coef < 1.0 {
+                coef as f32
+            } else {
+                1.0
+            },
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            one_minus_beta1: (1.0 - c.beta1) as f32,
+            beta2: c.beta2 as f32,
+            one_minus_beta2: (1.0 - c.beta2) as f32,
+            step_size: (-lr / (1.0 - c.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+            eps: c.eps as f32,
+        }
+    }
+
+    /// One element: parameter `p`, gradient `g`, moments `m` and `v`; `decays` for matrices
+    /// and embeddings.
+    #[inline(always)]
+    fn apply(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32, decays: bool) {
+        let g = g * self.grad_scale;
+        if decays {
+            *p *= self.decay;
+        }
+        // lerp with a weight below 0.5, as torch computes it: m + w (g - m).
+        *m += self.one_minus_beta1 * (g - *m);
+        *v = *v * self.beta2 + (g * self.one_minus_beta2) * g;
+        let denom = v.sqrt() / self.bc2_sqrt + self.eps;
+        *p += (*m * self.step_size) / denom;
+    }
+}
+
+/// AdamW over host slices: `p`, `g`, `m`, `v` of one length, the first `decay_len` values
+/// decayed. Parallel over fixed tasks; the result does not depend on them.
+pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay_len: usize, u: &Update) {
+    assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len());
+    p.par_chunks_mut(TASK)
+        .zip(g.par_chunks(TASK))
+        .zip(m.par_chunks_mut(TASK))
+        .zip(v.par_chunks_mut(TASK))
+        .enumerate()
+        .for_each(|(task, (((p, g), m), v))| {
+            let first = task * TASK;
+            for i in 0..p.len() {
+                u.apply(&mut p[i], g[i], &mut m[i], &mut v[i], first + i < decay_len);
+            }
+        });
+}
+
+/// Sum of squares of `g` in f64, over fixed blocks added in order: the same figure on every
+/// rank for the same values.
+pub fn sum_of_squares(g: &[f32]) -> f64 {
+    g.par_chunks(TASK)
+        .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+        .collect::<Vec<f64>>()
+        .into_iter()
+        .sum()
+}
+
+/// Fractional bits of [`exact_sum_of_squares`]: squares below 2^-64 count as zero.
+const SQ_FRAC: i32 = 64;
+
+/// Sum of squares of `g` in fixed point (64 fractional bits), exact: the shards' sums add up
+/// to the whole buffer's whatever the cut, so deterministic mode clips by the same norm at any
+/// world. A square of an f32 is exact in f64, and |g| < 2^15 (deterministic mode clamps its
+/// sums there) keeps 2^30 squares of up to 2^30 within the i128.
+pub fn exact_sum_of_squares(g: &[f32]) -> i128 {
+    let scale = 2f64.powi(SQ_FRAC);
+    g.par_chunks(TASK)
+        .map(|c| {
+            c.iter()
+                .map(|&x| {
+                    let sq = f64::from(x) * f64::from(x);
+                    // Finite squares only; a non-finite gradient is refused before this.
+                    if sq.is_finite() {
+                        (sq * scale) as i128
+                    } else {
+                        0
+                    }
+                })
+                .sum::<i128>()
+        })
+        .sum()
+}
+
+/// The norm of an [`exact_sum_of_squares`].
+pub fn norm_of_exact(sum: i128) -> f64 {
+    (sum as f64 * 2f64.powi(-SQ_FRAC)).sqrt()
+}
+
+/// One rank's share of the optimizer: master parameters and moments of its shard.
+#[derive(Debug, Clone)]
+pub struct ShardedAdamW {
+    pub range: Range<usize>,
+    pub master: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Updates applied (Adam's t).
+    pub t: u64,
+    /// Values of the shard that decay (the flat buffer's first `n_decay`, within the shard).
+    decay_len: usize,
+}
+
+impl ShardedAdamW {
+    /// A fresh shard of the flat parameters `flat` (moments zero).
+    pub fn new(flat: &[f32], range: Range<usize>, n_decay: usize) -> Self {
+        let len = range.len();
+        ShardedAdamW {
+            master: flat[range.clone()].to_vec(),
+            m: vec![0.0; len],
+            v: vec![0.0; len],
+            t: 0,
+            decay_len: n_decay.saturating_sub(range.start).min(len),
+            range,
+        }
+    }
+
+    /// Applies one update with this shard's slice of the summed gradient.
+    pub fn step(&mut self, grads: &[f32], lr: f64, norm: f64, c: &OptimConfig) {
+        self.t += 1;
+        let u = Update::new(c, lr, self.t, norm);
+        adamw(
+            &mut self.master,
+            grads,
+            &mut self.m,
+            &mut self.v,
+            self.decay_len,
+            &u,
+        );
+    }
+
+    /// Bytes of optimizer state this rank holds (master parameters and both moments).
+    pub fn state_bytes(&self) -> usize {
+        4 * (self.master.len() + self.m.len() + self.v.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::AdamW;
+    use tch::Tensor;
+
+    fn values(n: usize, salt: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = ((i as u32).wrapping_mul(2654435761) ^ salt.wrapping_mul(40503)) % 10007;
+                (x as f32 - 5000.0) * 1e-4 * 10f32.powi((i % 5) as i32 - 2)
+            })
+            .collect()
+    }
+
+    fn cfg() -> OptimConfig {
+        OptimConfig {
+            grad_clip: 1.0,
+            ..OptimConfig::default()
+        }
+    }
+
+    // The fused pass is AdamW as torch writes it: a few steps match the libtorch update on the
+    // whole buffer to float rounding.
+    #[test]
+    fn the_fused_pass_matches_the_libtorch_update() {
+        let n = 3000;
+        let (c, n_decay) = (cfg(), 1700);
+        let flat = values(n, 1);
+        let p = Tensor::from_slice(&flat);
+        let mut torch = AdamW::new(&p, n_decay as i64);
+        let mut mine = ShardedAdamW::new(&flat, 0..n, n_decay);
+        for t in 0..4u32 {
+            let g = values(n, 7 + t);
+            let norm = sum_of_squares(&g).sqrt();
+            let mut gt = Tensor::from_slice(&g);
+            AdamW::clip_with_norm(&mut gt, norm, c.grad_clip);
+            torch.step(&p, &gt, 1e-3, &c);
+            mine.step(&g, 1e-3, norm, &c);
+        }
+        let want = Vec::<f32>::try_from(&p).unwrap();
+        for (i, (a, b)) in mine.master.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{i}: {a} vs {b}");
+        }
+        assert!(mine.master.iter().zip(&flat).any(|(a, b)| a != b));
+    }
+
+    // ZeRO-1's promise: cut over any world by the plan, the shards' updates are bitwise the
+    // whole buffer's, decay boundary and clipping included.
+    #[test]
+    fn sharded_over_any_world_is_bitwise_the_whole_update() {
+        let n = 256 * 11 + 37;
+        let (c, n_decay) = (cfg(), 256 * 6 + 100);
+        let flat = values(n, 3);
+        let grads: Vec<Vec<f32>> = (0..3).map(|t| values(n, 20 + t)).collect();
+        let run = |world: u32| -> Vec<u32> {
+            let mut shards: Vec<ShardedAdamW> = shard_plan(n, world)
+                .into_iter()
+                .map(|r| ShardedAdamW::new(&flat, r, n_decay))
+                .collect();
+            for g in &grads {
+                let norm = sum_of_squares(g).sqrt();
+                for s in &mut shards {
+                    let r = s.range.clone();
+                    s.step(&g[r], 1e-2, norm, &c);
+                }
+            }
+            shards
+                .iter()
+                .flat_map(|s| s.master.iter().map(|x| x.to_bits()))
+                .collect()
+        };
+        let whole = run(1);
+        assert_eq!(whole.len(), n);
+        for world in [2, 3, 4, 5, 8, 16] {
+            assert_eq!(run(world), whole, "world {world}");
+        }
+    }
+
+    #[test]
+    fn exact_squares_add_up_whatever_the_cut() {
+        let g = values(100_003, 9);
+        let whole = exact_sum_of_squares(&g);
+        for world in [2, 3, 7] {
+            let parts: i128 = shard_plan(g.len(), world)
+                .into_iter()
+                .map(|r| exact_sum_of_squares(&g[r]))
+                .sum();
+            assert_eq!(parts, whole, "world {world}");
+        }
+        let norm = norm_of_exact(whole);
+        assert!(
+            (norm - sum_of_squares(&g).sqrt()).abs() < 1e-9 * norm,
+            "{norm}"
+        );
+    }
+
+    #[test]
+    fn the_plan_covers_the_buffer_in_aligned_shards() {
+        for total in [0usize, 1, 255, 256, 257, 10_000, 1_000_003] {
+            for world in 1..=7 {
+                let plan = shard_plan(total, world);
+                assert_eq!(plan.len(), world as usize);
+                assert_eq!(plan[0].start, 0);
+                assert_eq!(plan.last().unwrap().end, total);
+                for w in plan.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                    assert!(w[1].start % 256 == 0 || w[1].start == total);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_shard_holds_a_third_of_the_state_of_three() {
+        let n = 256 * 30;
+        let flat = values(n, 5);
+        let one = ShardedAdamW::new(&flat, 0..n, 0);
+        let third = ShardedAdamW::new(&flat, shard_range(n, 3, 1), 0);
+        assert_eq!(one.state_bytes(), 12 * n);
+        assert_eq!(third.state_bytes() * 3, one.state_bytes());
+    }
+}
