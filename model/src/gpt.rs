@@ -8,6 +8,9 @@ use crate::config::{Arch, ModelConfig};
 use crate::{ModelError, Result};
 use tch::{Device, Kind, Tensor};
 
+/// Held while a seeded sequence of draws from libtorch's process-wide generator runs.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[derive(Debug, Clone, Copy)]
 enum Init {
     Normal(f64),
@@ -90,6 +93,9 @@ impl Params {
     }
 
     fn init(&mut self, seed: i64) {
+        // libtorch's generator is one per process: two models built at once on two threads
+        // (in-process ranks, tests) would interleave their draws and differ from the seed's.
+        let _seeded = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(seed);
         tch::no_grad(|| {
             for (s, v) in self.specs.iter().zip(&self.views) {
@@ -490,6 +496,7 @@ impl Gpt {
         top_k: Option<i64>,
         seed: i64,
     ) -> Vec<i64> {
+        let _seeded = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
         tch::manual_seed(seed);
         let mut toks = prompt.to_vec();
         tch::no_grad(|| {
