@@ -818,14 +818,11 @@ impl<T: Transport> Collectives<T> {
         segs: &[Range<usize>],
     ) -> Result<(), RuntimeError> {
         let (n, _) = self.me();
-        let mut at = 0;
-        for s in segs {
-            if s.start != at || s.end < s.start {
-                break;
-            }
-            at = s.end;
-        }
-        if segs.len() == n && at == len && segs.iter().all(|s| s.start <= s.end) {
+        // Each range starts where the one before ended; the last ends at `len`.
+        let end = segs.iter().try_fold(0, |at, s| {
+            (s.start == at && s.end >= s.start).then_some(s.end)
+        });
+        if segs.len() == n && end == Some(len) {
             return Ok(());
         }
         Err(RuntimeError::InvalidArgument {
