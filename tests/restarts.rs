@@ -167,6 +167,49 @@ fn a_stalled_coordinator_evicts_nobody() {
     drop(coord);
 }
 
+// K-3 / S-4: rank 1's compute panics while the coordinator is stopped for longer than the RPC
+// timeout (5 s). Its report of itself is retried until the coordinator answers, so the
+// coordinator regroups and keeps it rather than evict it on the peers' reports (or wait for
+// progress that cannot come).
+#[test]
+fn a_compute_restart_during_a_coordinator_stall_keeps_the_rank() {
+    let _one_at_a_time = serial();
+    let job = Job::new(350);
+    let coord = job.coordinator(4);
+    let fault = [("PHALANX_TEST_FAULT", "compute-panic@200:1")];
+    let workers: Vec<Proc> = (0..4).map(|i| job.worker_env(i, &fault)).collect();
+    job.wait_committed(150, 90);
+    signal(coord.pid(), "STOP");
+    let stopped = Instant::now();
+    let logs = || {
+        (0..4)
+            .map(|i| {
+                std::fs::read_to_string(job.dir.path().join(format!("w{i}.log")))
+                    .unwrap_or_default()
+            })
+            .collect::<String>()
+    };
+    while !logs().contains("restarting compute") && stopped.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let panicked_after = stopped.elapsed();
+    // Past the RPC timeout from the panic on: the first report cannot be answered.
+    std::thread::sleep(Duration::from_millis(6500));
+    signal(coord.pid(), "CONT");
+    assert!(
+        panicked_after < Duration::from_secs(5),
+        "rank 1 did not panic while the coordinator was stopped"
+    );
+    let events = job.finish(workers);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.to_string().contains("asked for a regroup")),
+        "the restarted rank's report never reached the coordinator"
+    );
+    drop(coord);
+}
+
 /// K-13: waits until every worker exits; the coordinator's halt event.
 fn halted_within(job: &Job, workers: Vec<Proc>, secs: u64) -> (Value, Vec<Option<i32>>) {
     let t = Instant::now();

@@ -67,6 +67,20 @@ impl Gen<'_> {
 
 /// Tells the coordinator, through the communicator, that a collective of `generation` failed
 /// and whom it suspects.
+/// Attempts at a restarted compute's report of itself (each bounded by the RPC timeout).
+const SELF_REPORT_ATTEMPTS: u32 = 3;
+
+/// The coordinator gave no answer (as opposed to a refusal, which is final).
+fn unanswered(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+    )
+}
+
 pub(super) fn report_fault(
     comm: &ActorRef<CommunicatorMsg>,
     ctl: &Control,
@@ -228,9 +242,23 @@ impl<'a> Loop<'a> {
             step: self.sh.progress.step.load(Ordering::Relaxed),
             member_secret: ctl.secret.clone(),
         };
+        // Retried while the coordinator does not answer (it may be stalled or restarting):
+        // without this report the peers' reports of a closed connection evict a live rank.
+        // Any answer ends it, a refusal too (a newer generation, or fenced: nothing to keep).
         let r = self.sh.handle.block_on(async move {
-            c.report_fault(phalanx_runtime::coordinator::client::request(req, &opts))
-                .await
+            let mut last = None;
+            for attempt in 0..SELF_REPORT_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(200) * attempt).await;
+                }
+                let req = phalanx_runtime::coordinator::client::request(req.clone(), &opts);
+                match c.report_fault(req).await {
+                    Ok(_) => return Ok(()),
+                    Err(s) if unanswered(&s) => last = Some(s),
+                    Err(s) => return Err(s),
+                }
+            }
+            Err(last.expect("at least one attempt"))
         });
         if let Err(s) = r {
             warn!(code = ?s.code(), msg = s.message(), "could not ask the coordinator for a regroup");
