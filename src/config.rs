@@ -130,6 +130,8 @@ pub struct TrainSection {
     pub eval_sequences: usize,
     pub log_interval: u64,
     pub deterministic: bool,
+    /// ZeRO stage: 0 replicates the optimizer on every rank, 1 shards its moments (Z-1).
+    pub zero: u8,
 }
 
 impl Default for TrainSection {
@@ -145,6 +147,7 @@ impl Default for TrainSection {
             eval_sequences: 200,
             log_interval: 100,
             deterministic: false,
+            zero: 0,
         }
     }
 }
@@ -716,6 +719,21 @@ impl TrainConfig {
                     "sums at most 64 micro-batches exactly; train.global_batch / train.micro_batch = {}: raise train.micro_batch",
                     t.global_batch / t.micro_batch
                 ),
+            );
+        }
+        if t.zero > 1 {
+            return bad(
+                "train.zero",
+                t.zero,
+                "must be 0 (optimizer replicated) or 1 (its moments sharded over the ranks)",
+            );
+        }
+        if t.zero == 1 && self.run.on_nonfinite == OnNonfinite::Rollback {
+            return bad(
+                "run.on_nonfinite",
+                "rollback",
+                "is not available with train.zero = 1 yet (a rollback sends one rank's whole \
+                 optimizer state); use \"skip\", or train.zero = 0",
             );
         }
         if t.threads > 4096 {

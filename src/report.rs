@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use phalanx_runtime::coordinator::core::StragglerAct;
 use phalanx_runtime::events::{self, Cause, Event, FaultKind, Record};
-use phalanx_runtime::metrics::{self, FinalLine, MetricLine, StepLine};
+use phalanx_runtime::metrics::{self, FinalLine, MetricLine, RollbackCause, StepLine};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -263,11 +263,23 @@ fn summarize(
         .map(|m| json!({"step": m.step, "ranks": m.nonfinite_ranks, "action": "skipped"}))
         .collect();
     numerics.extend(metrics.iter().filter_map(|m| match m {
-        MetricLine::Rollback(r) => Some(json!({"step": r.step, "ranks": r.nonfinite_ranks,
-                                               "action": "rolled back", "to_step": r.to_step})),
+        MetricLine::Rollback(r) if r.cause == RollbackCause::Nonfinite => {
+            Some(json!({"step": r.step, "ranks": r.nonfinite_ranks,
+                        "action": "rolled back", "to_step": r.to_step}))
+        }
         _ => None,
     }));
     numerics.sort_by_key(|n| n["step"].as_u64());
+    // Z-3: returns to the last checkpoint because optimizer moments were lost with every
+    // rank that held them.
+    let shard_losses: Vec<Value> = metrics
+        .iter()
+        .filter_map(|m| match m {
+            MetricLine::Rollback(r) if r.cause == RollbackCause::ShardLost => Some(json!({
+                "step": r.step, "to_step": r.to_step, "generation": r.generation})),
+            _ => None,
+        })
+        .collect();
     // Replica checks that found ranks differing from the majority (healed from it).
     let sdc: Vec<Value> = steps
         .values()
@@ -306,6 +318,7 @@ fn summarize(
         "faults": faults,
         "coordinator_outages": coordinator_outages(&steps, events),
         "numerics": numerics,
+        "optimizer_shards_lost": shard_losses,
         "replica_mismatches": sdc,
         "stragglers": stragglers,
         "ledger": ledger,
@@ -607,7 +620,7 @@ pub fn print(r: &Value) {
 #[cfg(test)]
 mod tests {
     use super::ledger;
-    use phalanx_runtime::metrics::{MetricLine, RollbackLine, StepLine};
+    use phalanx_runtime::metrics::{MetricLine, RollbackCause, RollbackLine, StepLine};
     use serde_json::json;
     use std::collections::BTreeMap;
 
@@ -711,6 +724,7 @@ mod tests {
             to_step: 5,
             nonfinite_ranks: vec![1],
             unix_ms: 0,
+            cause: RollbackCause::Nonfinite,
         }));
         m.extend((5..12).map(|k| commit(k, 1, 2)));
         let l = ledger(&m, &resumed(&[(1, 0)]));

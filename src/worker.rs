@@ -212,6 +212,7 @@ pub fn rank_params(
         fingerprint_interval: r.fingerprint_interval,
         rollback_on_nonfinite: r.on_nonfinite == crate::config::OnNonfinite::Rollback,
         deterministic: cfg.train.deterministic,
+        zero: cfg.train.zero == 1,
         seed: cfg.train.seed,
         collective_timeout: Duration::from_millis(cfg.dataplane.collective_timeout_ms),
         watchdog: Duration::from_millis(r.watchdog_timeout_ms),

@@ -80,6 +80,8 @@ pub struct RankParams {
     pub keep_every: u64,
     /// Deterministic mode (exact fixed-point gradient sums).
     pub deterministic: bool,
+    /// ZeRO-1: the AdamW moments sharded over the ranks (Z-1).
+    pub zero: bool,
     /// The job's seed (dropout per micro-batch in deterministic mode).
     pub seed: u64,
     /// Every this many steps the ranks compare digests of their state (0: never).

@@ -119,6 +119,32 @@ impl Params {
         self.flat.size1().expect("flat is 1-D")
     }
 
+    /// A host copy of the flat parameters.
+    pub fn host(&self) -> Vec<f32> {
+        self.host_range(0..self.numel() as usize)
+    }
+
+    /// A host copy of `range` of the flat parameters.
+    pub fn host_range(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+        let part = self.flat.detach().to_device(tch::Device::Cpu).narrow(
+            0,
+            range.start as i64,
+            range.len() as i64,
+        );
+        Vec::<f32>::try_from(&part).unwrap_or_default()
+    }
+
+    /// Writes the flat parameters from a host buffer of their length (the views see it).
+    pub fn set_host(&self, values: &[f32]) {
+        assert_eq!(values.len() as i64, self.numel());
+        let dev = self.flat.device();
+        tch::no_grad(|| {
+            self.flat
+                .shallow_clone()
+                .copy_(&Tensor::from_slice(values).to_device(dev))
+        });
+    }
+
     /// Number of leading elements of `flat` that get weight decay.
     pub fn n_decay(&self) -> i64 {
         self.n_decay

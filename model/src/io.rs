@@ -49,13 +49,17 @@ pub fn snapshot(trainer: &Trainer, tokenizer: &str, vocab: Option<String>) -> Re
         .map(|(name, shape, data)| TensorData { name, shape, data })
         .collect();
     c.tensors.insert(MODEL_FILE.into(), params);
-    c.tensors.insert(
-        OPTIM_FILE.into(),
-        vec![
-            flat_tensor("exp_avg", &trainer.opt.m)?,
-            flat_tensor("exp_avg_sq", &trainer.opt.v)?,
-        ],
-    );
+    // Under ZeRO-1 no rank holds all the moments: the model is saved without them (its
+    // checkpoints hold them, one shard per part).
+    if trainer.opt.is_whole(trainer.model.num_params() as usize) {
+        c.tensors.insert(
+            OPTIM_FILE.into(),
+            vec![
+                flat_tensor("exp_avg", &trainer.opt.m)?,
+                flat_tensor("exp_avg_sq", &trainer.opt.v)?,
+            ],
+        );
+    }
     let info = ModelInfo {
         model: trainer.model.cfg.clone(),
         tokenizer: tokenizer.into(),
@@ -75,20 +79,31 @@ pub const FLAT_PARAMS: &str = "params";
 pub const FLAT_EXP_AVG: &str = "exp_avg";
 pub const FLAT_EXP_AVG_SQ: &str = "exp_avg_sq";
 
-/// `range` of the flat tensor `t`, copied into `buf` (grown only when too small: a buffer a
-/// previous save handed back costs no allocation and no first touch of fresh pages).
+/// `range` of a flat tensor `t` that holds the values from `base` on, copied into `buf` (grown
+/// only when too small: a buffer a previous save handed back costs no allocation and no first
+/// touch of fresh pages).
 fn flat_slice_into(
     name: &str,
-    t: &tch::Tensor,
+    (t, base): &(tch::Tensor, u64),
     range: &Range<u64>,
     mut buf: Vec<f32>,
 ) -> Result<TensorData> {
     let len = (range.end - range.start) as usize;
+    let held = *base..*base + t.numel() as u64;
+    if range.start < held.start || range.end > held.end {
+        return Err(ModelError::Parameter {
+            name: name.into(),
+            reason: format!(
+                "values {range:?} asked of a tensor that holds {held:?}; a checkpoint part must \
+                 be cut by the plan of the ZeRO-1 shards (a bug: please report it)"
+            ),
+        });
+    }
     let part = t
         .detach()
         .to_device(Device::Cpu)
         .view([-1])
-        .narrow(0, range.start as i64, len as i64)
+        .narrow(0, (range.start - base) as i64, len as i64)
         .contiguous();
     buf.resize(len, 0.0);
     part.f_copy_data(&mut buf, len)?;
@@ -119,16 +134,19 @@ pub fn part_snapshot_into(
 /// read them; whoever holds one must let it finish before the parameters or the AdamW moments
 /// are written again (C-5).
 pub struct PartSource {
-    tensors: [(&'static str, tch::Tensor); 3],
+    /// Each tensor with the first flat value it holds (the moments of a ZeRO-1 shard start at
+    /// the shard).
+    tensors: [(&'static str, (tch::Tensor, u64)); 3],
 }
 
 impl PartSource {
     pub fn of(trainer: &Trainer) -> PartSource {
+        let base = trainer.opt.base as u64;
         PartSource {
             tensors: [
-                (FLAT_PARAMS, trainer.model.params.flat.shallow_clone()),
-                (FLAT_EXP_AVG, trainer.opt.m.shallow_clone()),
-                (FLAT_EXP_AVG_SQ, trainer.opt.v.shallow_clone()),
+                (FLAT_PARAMS, (trainer.model.params.flat.shallow_clone(), 0)),
+                (FLAT_EXP_AVG, (trainer.opt.m.shallow_clone(), base)),
+                (FLAT_EXP_AVG_SQ, (trainer.opt.v.shallow_clone(), base)),
             ],
         }
     }
@@ -183,17 +201,19 @@ pub fn restore_sharded(v: &sharded::Verified, trainer: &mut Trainer) -> Result<u
         )));
     }
     let dev = trainer.model.device();
-    let put = |dst: &tch::Tensor, name: &str| -> Result<()> {
+    // Whole tensors, or the values a ZeRO-1 shard's moments hold.
+    let put = |dst: &tch::Tensor, name: &str, from: usize| -> Result<()> {
         let data = v.assemble(name)?;
+        let len = dst.numel();
         tch::no_grad(|| {
             dst.view([-1])
-                .copy_(&tch::Tensor::from_slice(&data).to_device(dev))
+                .copy_(&tch::Tensor::from_slice(&data[from..from + len]).to_device(dev))
         });
         Ok(())
     };
-    put(&trainer.model.params.flat, FLAT_PARAMS)?;
-    put(&trainer.opt.m, FLAT_EXP_AVG)?;
-    put(&trainer.opt.v, FLAT_EXP_AVG_SQ)?;
+    put(&trainer.model.params.flat, FLAT_PARAMS, 0)?;
+    put(&trainer.opt.m, FLAT_EXP_AVG, trainer.opt.base)?;
+    put(&trainer.opt.v, FLAT_EXP_AVG_SQ, trainer.opt.base)?;
     trainer.step = info.step;
     trainer.opt.t = info.adam_t;
     trainer.model.params.zero_grads();

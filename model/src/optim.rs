@@ -51,11 +51,14 @@ pub fn lr_at(c: &OptimConfig, step: u64) -> f64 {
 
 /// AdamW (decoupled decay) with the same update as `torch.optim.AdamW`, on flat buffers.
 pub struct AdamW {
+    /// The moments of the values `base..base + m.numel()` of the flat buffer: all of them, or
+    /// under ZeRO-1 (`zero.rs`) one rank's shard.
     pub m: Tensor,
     pub v: Tensor,
     /// Number of updates applied (Adam's t).
     pub t: u64,
-    n_decay: i64,
+    pub(crate) n_decay: i64,
+    pub base: usize,
 }
 
 impl AdamW {
@@ -65,7 +68,18 @@ impl AdamW {
             v: params.zeros_like(),
             t: 0,
             n_decay,
+            base: 0,
         }
+    }
+
+    /// The values of the flat buffer whose moments this optimizer holds.
+    pub fn covers(&self) -> std::ops::Range<usize> {
+        self.base..self.base + self.m.numel()
+    }
+
+    /// Whether it holds the moments of all `n` values (no ZeRO-1 shard).
+    pub fn is_whole(&self, n: usize) -> bool {
+        self.covers() == (0..n)
     }
 
     /// Scales `grads` so that their L2 norm is at most `max_norm` (as

@@ -1,16 +1,18 @@
-//! ZeRO-1's optimizer: each rank keeps the AdamW moments and the master parameters of one
-//! shard of the flat parameter buffer, cut by the checkpoint plan (`part_range`, aligned to
-//! blocks of `ALIGN` values), and updates only that shard.
+//! ZeRO-1's optimizer: each rank keeps the AdamW moments of one shard of the flat parameter
+//! buffer, cut by the checkpoint plan (`part_range`, aligned to blocks of `ALIGN` values), and
+//! updates only that shard's parameters (which are f32 on every rank: they are their own
+//! master copy).
 //!
 //! The update is one fused pass over host slices, element by element in plain IEEE f32 (Rust
 //! contracts no multiply-add on its own), so a value's update does not depend on where its
 //! shard starts or how many ranks share the buffer: sharded over any world it is bitwise the
 //! update of the whole buffer.
 
-use crate::optim::OptimConfig;
+use crate::optim::{AdamW, OptimConfig};
 use phalanx_checkpoint::sharded::part_range;
 use rayon::prelude::*;
 use std::ops::Range;
+use tch::Tensor;
 
 /// Elements per parallel task: large enough that a task outweighs its scheduling.
 const TASK: usize = 1 << 16;
@@ -138,58 +140,77 @@ pub fn norm_of_exact(sum: i128) -> f64 {
     (sum as f64 * 2f64.powi(-SQ_FRAC)).sqrt()
 }
 
-/// One rank's share of the optimizer: master parameters and moments of its shard.
-#[derive(Debug, Clone)]
-pub struct ShardedAdamW {
-    pub range: Range<usize>,
-    pub master: Vec<f32>,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
-    /// Updates applied (Adam's t).
-    pub t: u64,
-    /// Values of the shard that decay (the flat buffer's first `n_decay`, within the shard).
-    decay_len: usize,
+/// Host copy of a flat tensor.
+fn host(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu).view([-1])).unwrap_or_default()
 }
 
-impl ShardedAdamW {
-    /// A fresh shard of the flat parameters `flat` (moments zero).
-    pub fn new(flat: &[f32], range: Range<usize>, n_decay: usize) -> Self {
-        let len = range.len();
-        ShardedAdamW {
-            master: flat[range.clone()].to_vec(),
-            m: vec![0.0; len],
-            v: vec![0.0; len],
-            t: 0,
-            decay_len: n_decay.saturating_sub(range.start).min(len),
-            range,
-        }
+impl AdamW {
+    /// Keeps the moments of `range` only (this rank's shard), given as `m` and `v`.
+    pub fn set_shard(&mut self, range: Range<usize>, m: &[f32], v: &[f32]) {
+        assert!(m.len() == range.len() && v.len() == range.len());
+        let dev = self.m.device();
+        self.m = Tensor::from_slice(m).to_device(dev);
+        self.v = Tensor::from_slice(v).to_device(dev);
+        self.base = range.start;
     }
 
-    /// Applies one update with this shard's slice of the summed gradient.
-    pub fn step(&mut self, grads: &[f32], lr: f64, norm: f64, c: &OptimConfig) {
+    /// Host copies of the moments this optimizer holds.
+    pub fn moments(&self) -> (Vec<f32>, Vec<f32>) {
+        (host(&self.m), host(&self.v))
+    }
+
+    /// One update of the values this optimizer covers: `p` their parameters (updated in
+    /// place), `g` their summed gradient, `norm` the whole gradient's norm before clipping.
+    pub fn step_fused(&mut self, p: &mut [f32], g: &[f32], lr: f64, norm: f64, c: &OptimConfig) {
+        let (m, v) = self.fused_update(p, g, lr, norm, c);
+        self.keep_update(m, v);
+    }
+
+    /// [`step_fused`](Self::step_fused) without keeping its moments: the new ones are
+    /// returned, for [`keep_update`](Self::keep_update) once the step commits.
+    pub fn fused_update(
+        &self,
+        p: &mut [f32],
+        g: &[f32],
+        lr: f64,
+        norm: f64,
+        c: &OptimConfig,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let u = Update::new(c, lr, self.t + 1, norm);
+        let (mut m, mut v) = self.moments();
+        let decay_len = (self.n_decay.max(0) as usize)
+            .saturating_sub(self.base)
+            .min(p.len());
+        adamw(p, g, &mut m, &mut v, decay_len, &u);
+        (m, v)
+    }
+
+    /// Keeps the moments of a [`fused_update`](Self::fused_update) and counts it.
+    pub fn keep_update(&mut self, m: Vec<f32>, v: Vec<f32>) {
+        let dev = self.m.device();
+        self.m = Tensor::from_slice(&m).to_device(dev);
+        self.v = Tensor::from_slice(&v).to_device(dev);
         self.t += 1;
-        let u = Update::new(c, lr, self.t, norm);
-        adamw(
-            &mut self.master,
-            grads,
-            &mut self.m,
-            &mut self.v,
-            self.decay_len,
-            &u,
-        );
     }
 
-    /// Bytes of optimizer state this rank holds (master parameters and both moments).
+    /// Bytes of optimizer state held (both moments).
     pub fn state_bytes(&self) -> usize {
-        4 * (self.master.len() + self.m.len() + self.v.len())
+        8 * self.m.numel()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::AdamW;
-    use tch::Tensor;
+
+    /// The optimizer of `range` of `flat` (moments zero) and its parameters.
+    fn shard(flat: &[f32], range: Range<usize>, n_decay: usize) -> (AdamW, Vec<f32>) {
+        let mut o = AdamW::new(&Tensor::from_slice(flat), n_decay as i64);
+        let zeros = vec![0.0; range.len()];
+        o.set_shard(range.clone(), &zeros, &zeros);
+        (o, flat[range].to_vec())
+    }
 
     fn values(n: usize, salt: u32) -> Vec<f32> {
         (0..n)
@@ -216,20 +237,20 @@ mod tests {
         let flat = values(n, 1);
         let p = Tensor::from_slice(&flat);
         let mut torch = AdamW::new(&p, n_decay as i64);
-        let mut mine = ShardedAdamW::new(&flat, 0..n, n_decay);
+        let (mut mine, mut master) = shard(&flat, 0..n, n_decay);
         for t in 0..4u32 {
             let g = values(n, 7 + t);
             let norm = sum_of_squares(&g).sqrt();
             let mut gt = Tensor::from_slice(&g);
             AdamW::clip_with_norm(&mut gt, norm, c.grad_clip);
             torch.step(&p, &gt, 1e-3, &c);
-            mine.step(&g, 1e-3, norm, &c);
+            mine.step_fused(&mut master, &g, 1e-3, norm, &c);
         }
         let want = Vec::<f32>::try_from(&p).unwrap();
-        for (i, (a, b)) in mine.master.iter().zip(&want).enumerate() {
+        for (i, (a, b)) in master.iter().zip(&want).enumerate() {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{i}: {a} vs {b}");
         }
-        assert!(mine.master.iter().zip(&flat).any(|(a, b)| a != b));
+        assert!(master.iter().zip(&flat).any(|(a, b)| a != b));
     }
 
     // ZeRO-1's promise: cut over any world by the plan, the shards' updates are bitwise the
@@ -241,20 +262,20 @@ mod tests {
         let flat = values(n, 3);
         let grads: Vec<Vec<f32>> = (0..3).map(|t| values(n, 20 + t)).collect();
         let run = |world: u32| -> Vec<u32> {
-            let mut shards: Vec<ShardedAdamW> = shard_plan(n, world)
+            let mut shards: Vec<(AdamW, Vec<f32>)> = shard_plan(n, world)
                 .into_iter()
-                .map(|r| ShardedAdamW::new(&flat, r, n_decay))
+                .map(|r| shard(&flat, r, n_decay))
                 .collect();
             for g in &grads {
                 let norm = sum_of_squares(g).sqrt();
-                for s in &mut shards {
-                    let r = s.range.clone();
-                    s.step(&g[r], 1e-2, norm, &c);
+                for (o, p) in &mut shards {
+                    let r = o.covers();
+                    o.step_fused(p, &g[r], 1e-2, norm, &c);
                 }
             }
             shards
                 .iter()
-                .flat_map(|s| s.master.iter().map(|x| x.to_bits()))
+                .flat_map(|(_, p)| p.iter().map(|x| x.to_bits()))
                 .collect()
         };
         let whole = run(1);
@@ -302,9 +323,10 @@ mod tests {
     fn a_shard_holds_a_third_of_the_state_of_three() {
         let n = 256 * 30;
         let flat = values(n, 5);
-        let one = ShardedAdamW::new(&flat, 0..n, 0);
-        let third = ShardedAdamW::new(&flat, shard_range(n, 3, 1), 0);
-        assert_eq!(one.state_bytes(), 12 * n);
+        let (one, _) = shard(&flat, 0..n, 0);
+        let (third, _) = shard(&flat, shard_range(n, 3, 1), 0);
+        assert_eq!(one.state_bytes(), 8 * n);
         assert_eq!(third.state_bytes() * 3, one.state_bytes());
+        assert_eq!(third.covers(), shard_range(n, 3, 1));
     }
 }

@@ -35,7 +35,8 @@ pub struct FinalLine {
     pub unix_ms: u64,
 }
 
-/// Every rank went back to the last checkpoint after a non-finite step (T-4).
+/// Every rank went back to the last checkpoint: after a non-finite step (T-4), or because
+/// some of ZeRO-1's optimizer moments were lost with every rank that held them (Z-3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RollbackLine {
     /// Always true; it tells this line from the others.
@@ -45,6 +46,19 @@ pub struct RollbackLine {
     pub to_step: u64,
     pub nonfinite_ranks: Vec<u32>,
     pub unix_ms: u64,
+    #[serde(default)]
+    pub cause: RollbackCause,
+}
+
+/// Why the job went back to its last checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackCause {
+    /// A non-finite loss or gradient (T-4).
+    #[default]
+    Nonfinite,
+    /// Optimizer moments lost with their owner and every copy (Z-3).
+    ShardLost,
 }
 
 /// A job of the campaign started from a committed checkpoint (C-6): the steps after `step`
@@ -187,6 +201,7 @@ mod tests {
             to_step: 5,
             nonfinite_ranks: vec![1],
             unix_ms: 6,
+            cause: RollbackCause::Nonfinite,
         });
         let resumed = MetricLine::Resume(ResumeLine {
             resume: true,

@@ -45,7 +45,7 @@ impl<'a> Loop<'a> {
         progress.phase.store(PHASE_HEALING, Ordering::Relaxed);
         // A heal writes the state a part may still be copying.
         self.fence_stage();
-        let healed = match sync_state(group, s) {
+        let healed = match sync_state(group, s, p.zero) {
             Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "state sync failed; waiting for the next generation");
@@ -64,6 +64,11 @@ impl<'a> Loop<'a> {
             );
             warn!(%why, "no committed state in the group");
             return Ok(Next::Exit(EXIT_HALTED, format!("halted: {why}")));
+        }
+        if p.zero {
+            if let Some(next) = self.join_shards(ctl, &comm, group, s) {
+                return Ok(next);
+            }
         }
         progress.step.store(s.trainer.step, Ordering::Relaxed);
         info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed, shares = ?assign.shares,

@@ -23,7 +23,9 @@ use phalanx_model::trainer::val_ids;
 use phalanx_proto::pb;
 use phalanx_runtime::dataplane::Group;
 use phalanx_runtime::events::unix_ms;
-use phalanx_runtime::metrics::{FinalLine, MetricLine, ResumeLine, RollbackLine, StepLine};
+use phalanx_runtime::metrics::{
+    FinalLine, MetricLine, ResumeLine, RollbackCause, RollbackLine, StepLine,
+};
 use phalanx_runtime::{Generation, Rank, RuntimeError};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::json;
@@ -47,6 +49,8 @@ mod step;
 #[cfg(test)]
 mod tests;
 mod verdict;
+mod zero;
+mod zero_plan;
 
 pub use fixed_point::fixed;
 use fixed_point::*;

@@ -32,7 +32,7 @@ impl<'a> Loop<'a> {
         rank: Rank,
         generation: Generation,
     ) -> Result<(), ActorError> {
-        let fp = state_fingerprint(s);
+        let fp = state_fingerprint(s, self.sh.params.zero);
         let path = self.sh.params.run_dir.join("fingerprints.jsonl");
         let io = |source| ActorError::Io {
             what: format!("cannot append to {}", path.display()),

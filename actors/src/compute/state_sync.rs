@@ -7,12 +7,22 @@ pub(super) fn tensor_vec(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu).view([-1])).unwrap_or_default()
 }
 
-/// SHA-256 of parameters and optimizer state: equal on every member at a commit (G-2).
-pub fn state_fingerprint(s: &Setup) -> String {
-    use sha2::{Digest, Sha256};
+/// The state every member holds alike: parameters and, unless ZeRO-1 shards them, the
+/// optimizer moments.
+fn replicated(s: &Setup, zero: bool) -> Vec<&Tensor> {
     let t = &s.trainer;
+    if zero {
+        vec![&t.model.params.flat]
+    } else {
+        vec![&t.model.params.flat, &t.opt.m, &t.opt.v]
+    }
+}
+
+/// SHA-256 of the replicated state: equal on every member at a commit (G-2).
+pub fn state_fingerprint(s: &Setup, zero: bool) -> String {
+    use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for x in [&t.model.params.flat, &t.opt.m, &t.opt.v] {
+    for x in replicated(s, zero) {
         for f in tensor_vec(x) {
             h.update(f.to_le_bytes());
         }
@@ -35,7 +45,11 @@ pub(super) enum Healed {
 /// ranks at the highest step send parameters, optimizer state and step to the others, striped
 /// over all of them when there are several (a joiner then pulls from every holder at once),
 /// broadcast from the one otherwise.
-pub(super) fn sync_state(group: &dyn Group, s: &mut Setup) -> Result<Option<Healed>, RuntimeError> {
+pub(super) fn sync_state(
+    group: &dyn Group,
+    s: &mut Setup,
+    zero: bool,
+) -> Result<Option<Healed>, RuntimeError> {
     let world = group.world() as usize;
     let all = group.gather_u64(s.trainer.step)?;
     let max = *all.iter().max().unwrap_or(&0);
@@ -46,15 +60,16 @@ pub(super) fn sync_state(group: &dyn Group, s: &mut Setup) -> Result<Option<Heal
         .filter(|&r| all[r as usize] == max)
         .map(Rank)
         .collect();
+    let me = group.rank();
     if holders.len() == 1 {
-        transfer_state(group, s, holders[0].0)?;
+        transfer_state(group, s, holders[0].0, zero)?;
+        forget_moments(s, zero, !holders.contains(&me));
         return Ok(Some(Healed::From(holders[0].0)));
     }
-    let me = group.rank();
-    let need = state_len(s);
+    let need = state_len(s, zero);
     // One round per joiner, on every rank, so that the group's operation count stays equal.
     let mut buf = if holders.contains(&me) {
-        state_bytes(s)
+        state_bytes(s, zero)
     } else {
         vec![0u8; need]
     };
@@ -68,29 +83,42 @@ pub(super) fn sync_state(group: &dyn Group, s: &mut Setup) -> Result<Option<Heal
         }
     }
     if !holders.contains(&me) {
-        load_state(s, &buf)?;
+        load_state(s, &buf, zero)?;
     }
+    forget_moments(s, zero, !holders.contains(&me));
     Ok(Some(Healed::Striped(holders.iter().map(|r| r.0).collect())))
 }
 
-pub(super) fn state_len(s: &Setup) -> usize {
-    3 * s.trainer.model.num_params() as usize * 4 + 16
+/// Z-2: a healed rank's own ZeRO-1 moments are of an older step (or none), though its update
+/// count is now the holders': it holds no moments until the reshard gives it its shard.
+fn forget_moments(s: &mut Setup, zero: bool, healed: bool) {
+    if zero && healed {
+        s.trainer.opt.set_shard(0..0, &[], &[]);
+    }
 }
 
-/// Parameters, optimizer moments, step and optimizer step count, little-endian.
-pub(super) fn state_bytes(s: &Setup) -> Vec<u8> {
+/// Bytes of a state transfer: the replicated tensors, step and optimizer step count.
+pub(super) fn state_len(s: &Setup, zero: bool) -> usize {
+    let tensors = if zero { 1 } else { 3 };
+    tensors * s.trainer.model.num_params() as usize * 4 + 16
+}
+
+/// The replicated tensors, step and optimizer step count, little-endian (ZeRO-1's moments
+/// move in their own plan, Z-2).
+pub(super) fn state_bytes(s: &Setup, zero: bool) -> Vec<u8> {
     let t = &s.trainer;
-    let mut floats = tensor_vec(&t.model.params.flat);
-    floats.extend(tensor_vec(&t.opt.m));
-    floats.extend(tensor_vec(&t.opt.v));
+    let floats: Vec<f32> = replicated(s, zero)
+        .into_iter()
+        .flat_map(tensor_vec)
+        .collect();
     let mut buf: Vec<u8> = floats.iter().flat_map(|f| f.to_le_bytes()).collect();
     buf.extend(t.step.to_le_bytes());
     buf.extend(t.opt.t.to_le_bytes());
     buf
 }
 
-pub(super) fn load_state(s: &mut Setup, buf: &[u8]) -> Result<(), RuntimeError> {
-    let need = state_len(s);
+pub(super) fn load_state(s: &mut Setup, buf: &[u8], zero: bool) -> Result<(), RuntimeError> {
+    let need = state_len(s, zero);
     if buf.len() != need {
         return Err(RuntimeError::InvalidArgument {
             op: "state transfer",
@@ -99,7 +127,7 @@ pub(super) fn load_state(s: &mut Setup, buf: &[u8]) -> Result<(), RuntimeError> 
     }
     let t = &mut s.trainer;
     let n = t.model.num_params() as usize;
-    let floats: Vec<f32> = buf[..3 * n * 4]
+    let floats: Vec<f32> = buf[..need - 16]
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
@@ -110,14 +138,16 @@ pub(super) fn load_state(s: &mut Setup, buf: &[u8]) -> Result<(), RuntimeError> 
             .flat
             .shallow_clone()
             .copy_(&Tensor::from_slice(&floats[..n]).to_device(dev));
-        t.opt
-            .m
-            .copy_(&Tensor::from_slice(&floats[n..2 * n]).to_device(dev));
-        t.opt
-            .v
-            .copy_(&Tensor::from_slice(&floats[2 * n..]).to_device(dev));
+        if !zero {
+            t.opt
+                .m
+                .copy_(&Tensor::from_slice(&floats[n..2 * n]).to_device(dev));
+            t.opt
+                .v
+                .copy_(&Tensor::from_slice(&floats[2 * n..]).to_device(dev));
+        }
     });
-    let tail = &buf[3 * n * 4..];
+    let tail = &buf[need - 16..];
     t.step = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes"));
     t.opt.t = u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes"));
     t.model.params.zero_grads();
@@ -129,26 +159,27 @@ pub(super) fn transfer_state(
     group: &dyn Group,
     s: &mut Setup,
     leader: u32,
+    zero: bool,
 ) -> Result<(), RuntimeError> {
     let mut buf = if group.rank().0 == leader {
-        state_bytes(s)
+        state_bytes(s, zero)
     } else {
         // Every rank passes a buffer of the broadcast's size.
-        vec![0u8; state_len(s)]
+        vec![0u8; state_len(s, zero)]
     };
     group.broadcast(&mut buf, Rank(leader))?;
     if group.rank().0 != leader {
-        load_state(s, &buf)?;
+        load_state(s, &buf, zero)?;
     }
     Ok(())
 }
 
 /// A 64-bit digest of parameters and optimizer state, for the periodic cross-rank comparison
 /// (fixed, so every build of phalanx computes the same value).
-pub fn quick_fingerprint(s: &Setup) -> u64 {
+pub fn quick_fingerprint(s: &Setup, zero: bool) -> u64 {
     let t = &s.trainer;
     let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
-    for x in [&t.model.params.flat, &t.opt.m, &t.opt.v] {
+    for x in replicated(s, zero) {
         for f in tensor_vec(x) {
             h = (h.rotate_left(5) ^ f.to_bits() as u64).wrapping_mul(0x0100_0000_01B3);
         }
@@ -176,11 +207,15 @@ pub fn odd_ranks(digests: &[u64]) -> (Vec<u32>, u32) {
 
 /// Silent-data-corruption check: every rank's digest goes to every rank; ranks that differ
 /// from the majority are named and healed from it.
-pub(super) fn check_replicas(group: &dyn Group, s: &mut Setup) -> Result<Vec<u32>, RuntimeError> {
-    let digests = group.gather_u64(quick_fingerprint(s))?;
+pub(super) fn check_replicas(
+    group: &dyn Group,
+    s: &mut Setup,
+    zero: bool,
+) -> Result<Vec<u32>, RuntimeError> {
+    let digests = group.gather_u64(quick_fingerprint(s, zero))?;
     let (odd, leader) = odd_ranks(&digests);
     if !odd.is_empty() {
-        transfer_state(group, s, leader)?;
+        transfer_state(group, s, leader, zero)?;
     }
     Ok(odd)
 }

@@ -60,7 +60,13 @@ impl<'a> Loop<'a> {
             preempt: crate::preempt::requested(),
         };
         let stalled_before = group.stalled();
-        let (reduced, summed, mut in_collectives) = reduce(group, &mut buf, parts, flags);
+        let n = s.trainer.model.num_params() as usize;
+        let segs = zero::segments(n, world, p.deterministic);
+        let (reduced, summed, mut in_collectives) = if p.zero {
+            zero::reduce(group, &mut buf, &segs, parts, flags)
+        } else {
+            reduce(group, &mut buf, parts, flags)
+        };
         let Summed {
             loss,
             val: val_sum,
@@ -84,14 +90,30 @@ impl<'a> Loop<'a> {
                 s.trainer.model.params.zero_grads();
                 return Ok(Some(Next::Regroup(None)));
             }
-            Verdict::Commit => {
-                if p.deterministic {
-                    buf = fixed::decode(&buf, world);
+            Verdict::Commit if p.zero => {
+                // Z-1: the update keeps nothing until the allgather is complete, so a failure
+                // leaves the state whole (the step is redone next generation).
+                let t = Instant::now();
+                let applied = zero::apply(group, s, &buf, &segs, lr, p.deterministic);
+                in_collectives += t.elapsed();
+                match applied {
+                    Ok(norm) => grad_norm = norm,
+                    Err(e) => {
+                        warn!(error = %e, step, "parameter allgather failed; the step will be redone in the next generation");
+                        g.report(&e, step);
+                        return Ok(Some(Next::Regroup(None)));
+                    }
                 }
+            }
+            Verdict::Commit => {
                 *torn = true;
-                grad_norm = s
-                    .trainer
-                    .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr);
+                grad_norm = if p.deterministic {
+                    // T-6: the fused update, element by element what ZeRO-1's shards do.
+                    Some(s.trainer.apply_fused(&fixed::decode(&buf, world), lr))
+                } else {
+                    s.trainer
+                        .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr)
+                };
                 *torn = false;
             }
             Verdict::Skip | Verdict::RollBack => {
@@ -116,7 +138,7 @@ impl<'a> Loop<'a> {
         let mut odd = Vec::new();
         if p.fingerprint_interval > 0 && s.trainer.step % p.fingerprint_interval == 0 {
             let t_check = Instant::now();
-            let checked = check_replicas(group, s);
+            let checked = check_replicas(group, s, p.zero);
             in_collectives += t_check.elapsed();
             match checked {
                 Ok(o) => odd = o,
@@ -222,7 +244,7 @@ impl<'a> Loop<'a> {
         if head[..8] != 1u64.to_le_bytes() {
             return Ok(None);
         }
-        transfer_state(group, s, 0)?;
+        transfer_state(group, s, 0, self.sh.params.zero)?;
         Ok(Some(u64::from_le_bytes(
             head[8..].try_into().expect("8 bytes"),
         )))
@@ -253,6 +275,7 @@ impl<'a> Loop<'a> {
                         to_step: to,
                         nonfinite_ranks: bad_ranks.to_vec(),
                         unix_ms: unix_ms(),
+                        cause: RollbackCause::Nonfinite,
                     });
                     let _ = g
                         .metrics
@@ -293,6 +316,30 @@ fn flip_a_bit(s: &mut Setup) {
     });
 }
 
+/// The loss parts and flags alone, in a small allreduce of their own (ZeRO-1's gradient goes
+/// through a reduce-scatter), unless the collective before it (`prior`) failed.
+pub(super) fn reduce_extras(
+    group: &dyn Group,
+    prior: Result<(), RuntimeError>,
+    parts: Parts,
+    flags: Flags,
+) -> (Result<(), RuntimeError>, Summed, Duration) {
+    let mut none = Vec::new();
+    match prior {
+        Ok(()) => reduce(group, &mut none, parts, flags),
+        Err(e) => (Err(e), failed(), Duration::ZERO),
+    }
+}
+
+fn failed() -> Summed {
+    Summed {
+        loss: f64::NAN,
+        val: f64::NAN,
+        bad_ranks: Vec::new(),
+        preempt: false,
+    }
+}
+
 fn reduce(
     group: &dyn Group,
     buf: &mut Vec<f32>,
@@ -307,12 +354,7 @@ fn reduce(
     let took = t.elapsed();
     let summed = match &reduced {
         Ok(()) => unpack(&mut packed, n),
-        Err(_) => Summed {
-            loss: f64::NAN,
-            val: f64::NAN,
-            bad_ranks: Vec::new(),
-            preempt: false,
-        },
+        Err(_) => failed(),
     };
     *buf = packed;
     (reduced, summed, took)
