@@ -437,6 +437,28 @@ pub struct TrainConfig {
     pub run: RunSection,
     pub coordinator: CoordinatorSection,
     pub dataplane: DataplaneSection,
+    pub zero: ZeroSection,
+}
+
+/// ZeRO-1's buddy replicas (Z-4), used with `train.zero = 1`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ZeroSection {
+    /// Ranks that keep a copy of each rank's shard (0: none; a lost shard then costs a return
+    /// to the last checkpoint).
+    pub replicas: u32,
+    /// The copies are refreshed every this many steps (and when a generation starts): a lost
+    /// shard sends the job back at most this many steps, from memory.
+    pub replica_interval: u64,
+}
+
+impl Default for ZeroSection {
+    fn default() -> Self {
+        ZeroSection {
+            replicas: 1,
+            replica_interval: 10,
+        }
+    }
 }
 
 /// Dotted paths of every key in a table (tables themselves are not keys).
@@ -726,6 +748,20 @@ impl TrainConfig {
                 "train.zero",
                 t.zero,
                 "must be 0 (optimizer replicated) or 1 (its moments sharded over the ranks)",
+            );
+        }
+        if self.zero.replicas > 8 {
+            return bad(
+                "zero.replicas",
+                self.zero.replicas,
+                "must be between 0 and 8 (each copy costs a shard's memory on another rank)",
+            );
+        }
+        if self.zero.replica_interval == 0 {
+            return bad(
+                "zero.replica_interval",
+                0,
+                "must be at least 1 (steps between refreshes of the replicas)",
             );
         }
         if t.zero == 1 && self.run.on_nonfinite == OnNonfinite::Rollback {

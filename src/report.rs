@@ -275,8 +275,10 @@ fn summarize(
     let shard_losses: Vec<Value> = metrics
         .iter()
         .filter_map(|m| match m {
-            MetricLine::Rollback(r) if r.cause == RollbackCause::ShardLost => Some(json!({
-                "step": r.step, "to_step": r.to_step, "generation": r.generation})),
+            MetricLine::Rollback(r) if r.cause != RollbackCause::Nonfinite => Some(json!({
+                "step": r.step, "to_step": r.to_step, "generation": r.generation,
+                "restored_from": if r.cause == RollbackCause::ShardFromReplica {
+                    "replicas in memory" } else { "checkpoint" }})),
             _ => None,
         })
         .collect();

@@ -213,6 +213,8 @@ pub fn rank_params(
         rollback_on_nonfinite: r.on_nonfinite == crate::config::OnNonfinite::Rollback,
         deterministic: cfg.train.deterministic,
         zero: cfg.train.zero == 1,
+        zero_replicas: cfg.zero.replicas,
+        zero_replica_interval: cfg.zero.replica_interval,
         seed: cfg.train.seed,
         collective_timeout: Duration::from_millis(cfg.dataplane.collective_timeout_ms),
         watchdog: Duration::from_millis(r.watchdog_timeout_ms),

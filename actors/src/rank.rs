@@ -82,6 +82,9 @@ pub struct RankParams {
     pub deterministic: bool,
     /// ZeRO-1: the AdamW moments sharded over the ranks (Z-1).
     pub zero: bool,
+    /// Z-4: ranks that hold a copy of each shard, refreshed every this many steps.
+    pub zero_replicas: u32,
+    pub zero_replica_interval: u64,
     /// The job's seed (dropout per micro-batch in deterministic mode).
     pub seed: u64,
     /// Every this many steps the ranks compare digests of their state (0: never).

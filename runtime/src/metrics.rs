@@ -59,6 +59,9 @@ pub enum RollbackCause {
     Nonfinite,
     /// Optimizer moments lost with their owner and every copy (Z-3).
     ShardLost,
+    /// Optimizer moments lost with their owner, restored from the buddy replicas' step (Z-4,
+    /// no disk read).
+    ShardFromReplica,
 }
 
 /// A job of the campaign started from a committed checkpoint (C-6): the steps after `step`

@@ -51,6 +51,7 @@ mod tests;
 mod verdict;
 mod zero;
 mod zero_plan;
+mod zero_replica;
 
 pub use fixed_point::fixed;
 use fixed_point::*;

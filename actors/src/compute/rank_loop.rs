@@ -129,6 +129,8 @@ pub(super) struct Loop<'a> {
     pub(super) last_rollback: std::cell::Cell<Option<u64>>,
     /// The copy of a checkpoint part in flight, if any.
     pub(super) stager: staging::Stager,
+    /// Z-4: this rank's last ZeRO-1 snapshot and its copies of its predecessors'.
+    pub(super) replicas: std::cell::RefCell<zero_replica::Replicas>,
 }
 
 impl<'a> Loop<'a> {
@@ -145,6 +147,7 @@ impl<'a> Loop<'a> {
             incarnation,
             last_commit: std::cell::RefCell::new(None),
             stager: staging::Stager::default(),
+            replicas: Default::default(),
             last_rollback: std::cell::Cell::new(None),
         }
     }

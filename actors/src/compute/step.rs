@@ -132,6 +132,20 @@ impl<'a> Loop<'a> {
             // Every rank sees the same flags, so every rank skips the same step (T-2).
             s.trainer.step += 1;
         }
+        if p.zero
+            && p.zero_replicas > 0
+            && grad_norm.is_some()
+            && s.trainer.step % p.zero_replica_interval.max(1) == 0
+        {
+            let t = Instant::now();
+            let refreshed = zero_replica::refresh(group, s, &mut self.replicas.borrow_mut(), p.zero_replicas);
+            in_collectives += t.elapsed();
+            if let Err(e) = refreshed {
+                warn!(error = %e, step, "refreshing the optimizer shard replicas failed; regrouping");
+                g.report(&e, step);
+                return Ok(Some(Next::Regroup(None)));
+            }
+        }
         if faults::fire("sdc", step, Some(rank.0), generation.0) {
             flip_a_bit(s);
         }

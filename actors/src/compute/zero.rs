@@ -186,6 +186,8 @@ fn f32_at(bytes: &[u8], i: usize) -> f32 {
 /// How a ZeRO-1 generation got its shards.
 enum Joined {
     Resharded(Resharded),
+    /// Z-4: back to the replicas' step, from memory.
+    Restored(u64),
     /// Z-3: back to the checkpoint of this step.
     Rewound(u64),
 }
@@ -206,23 +208,30 @@ impl Loop<'_> {
         let step = s.trainer.step;
         let joined = match reshard(group, s) {
             Ok(Ok(r)) => Ok(Ok(Joined::Resharded(r))),
-            Ok(Err(lost)) => {
-                warn!(values = ?lost.values, step, "optimizer moments were lost with every rank that held them; going back to the last committed checkpoint");
-                self.rewind(group, s, &lost).map(|r| r.map(Joined::Rewound))
-            }
+            Ok(Err(lost)) => self.recover(group, s, &lost),
             Err(e) => Err(e),
         };
+        let joined = joined.and_then(|j| {
+            // Z-4: every generation starts with fresh replicas of its shards.
+            if j.is_ok() && self.sh.params.zero_replicas > 0 {
+                let mut reps = self.replicas.borrow_mut();
+                zero_replica::refresh(group, s, &mut reps, self.sh.params.zero_replicas)?;
+            }
+            Ok(j)
+        });
+        let ms = t0.elapsed().as_millis() as u64;
         match joined {
             Ok(Ok(Joined::Resharded(r))) => {
-                info!(values = r.values, broadcasts = r.broadcasts, ms = t0.elapsed().as_millis() as u64,
-                      shard = ?s.trainer.opt.covers(), "optimizer moments moved to this generation's shards");
+                info!(values = r.values, broadcasts = r.broadcasts, ms, shard = ?s.trainer.opt.covers(),
+                      "optimizer moments moved to this generation's shards");
+                None
+            }
+            Ok(Ok(Joined::Restored(to))) => {
+                warn!(from = step, to, ms, "restored the lost optimizer shard from replicas in memory (no disk read)");
                 None
             }
             Ok(Ok(Joined::Rewound(to))) => {
-                warn!(
-                    from = step,
-                    to, "went back to the last committed checkpoint"
-                );
+                warn!(from = step, to, ms, "went back to the last committed checkpoint");
                 None
             }
             Ok(Err(why)) => Some(Next::Exit(EXIT_HALTED, format!("halted: {why}"))),
@@ -232,6 +241,30 @@ impl Loop<'_> {
                 Some(Next::Regroup(None))
             }
         }
+    }
+
+    /// Z-4, then Z-3: the newest step the buddy replicas cover, else the last checkpoint.
+    fn recover(
+        &self,
+        group: &dyn Group,
+        s: &mut Setup,
+        lost: &Lost,
+    ) -> Result<Result<Joined, String>, RuntimeError> {
+        let step = s.trainer.step;
+        let k = self.sh.params.zero_replicas;
+        if k > 0 {
+            warn!(values = ?lost.values, step, "optimizer moments were lost with the rank that held them; restoring them from the replicas");
+            let restored = zero_replica::restore(group, s, &self.replicas.borrow(), k)?;
+            if let Some(to) = restored {
+                if group.rank().0 == 0 {
+                    let generation = group.generation().0;
+                    self.record_rewind(generation, step, to, RollbackCause::ShardFromReplica);
+                }
+                return Ok(Ok(Joined::Restored(to)));
+            }
+        }
+        warn!(values = ?lost.values, step, "optimizer moments were lost with every rank that held them; going back to the last committed checkpoint");
+        Ok(self.rewind(group, s, lost)?.map(Joined::Rewound))
     }
 
     /// Z-3: every rank restores the newest committed checkpoint rank 0 finds (parameters, and
@@ -285,13 +318,13 @@ impl Loop<'_> {
             return Ok(Err(format!("cannot restore checkpoint step-{to}: {e}")));
         }
         if group.rank().0 == 0 {
-            self.record_rewind(group.generation().0, from, to);
+            self.record_rewind(group.generation().0, from, to, RollbackCause::ShardLost);
         }
         group.barrier()?;
         Ok(Ok(to))
     }
 
-    fn record_rewind(&self, generation: u64, from: u64, to: u64) {
+    fn record_rewind(&self, generation: u64, from: u64, to: u64, cause: RollbackCause) {
         let line = MetricLine::Rollback(RollbackLine {
             rollback: true,
             step: from,
@@ -299,7 +332,7 @@ impl Loop<'_> {
             to_step: to,
             nonfinite_ranks: Vec::new(),
             unix_ms: unix_ms(),
-            cause: RollbackCause::ShardLost,
+            cause,
         });
         let path = self.sh.params.run_dir.join("metrics.jsonl");
         let written = std::fs::OpenOptions::new()
