@@ -138,7 +138,8 @@ impl<'a> Loop<'a> {
             && s.trainer.step % p.zero_replica_interval.max(1) == 0
         {
             let t = Instant::now();
-            let refreshed = zero_replica::refresh(group, s, &mut self.replicas.borrow_mut(), p.zero_replicas);
+            let refreshed =
+                zero_replica::refresh(group, s, &mut self.replicas.borrow_mut(), p.zero_replicas);
             in_collectives += t.elapsed();
             if let Err(e) = refreshed {
                 warn!(error = %e, step, "refreshing the optimizer shard replicas failed; regrouping");

@@ -227,11 +227,19 @@ impl Loop<'_> {
                 None
             }
             Ok(Ok(Joined::Restored(to))) => {
-                warn!(from = step, to, ms, "restored the lost optimizer shard from replicas in memory (no disk read)");
+                warn!(
+                    from = step,
+                    to,
+                    ms,
+                    "restored the lost optimizer shard from replicas in memory (no disk read)"
+                );
                 None
             }
             Ok(Ok(Joined::Rewound(to))) => {
-                warn!(from = step, to, ms, "went back to the last committed checkpoint");
+                warn!(
+                    from = step,
+                    to, ms, "went back to the last committed checkpoint"
+                );
                 None
             }
             Ok(Err(why)) => Some(Next::Exit(EXIT_HALTED, format!("halted: {why}"))),

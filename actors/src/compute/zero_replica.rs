@@ -280,7 +280,9 @@ mod tests {
         assert_eq!(step, 20);
         let covered: usize = src.iter().map(|s| s.values.len()).sum();
         assert_eq!(covered, 300);
-        assert!(src.iter().any(|s| s.rank == 2 && s.slot == 1 && s.values == (100..200)));
+        assert!(src
+            .iter()
+            .any(|s| s.rank == 2 && s.slot == 1 && s.values == (100..200)));
     }
 
     // Z-4: a shard with no snapshot left (owner and buddy both lost) covers no step.
