@@ -283,7 +283,8 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Ranks (local processes): with N > 1, the per-step cost of fault tolerance, the
-        /// job under `phalanx launch` against bare ranks doing the same steps.
+        /// job under `phalanx launch` against bare ranks doing the same steps; with N > 1 and
+        /// train.zero=1, ZeRO-1 against replicated training (memory per rank, step time).
         #[arg(long, default_value_t = 1)]
         world: usize,
         /// Overrides: section.key=value (e.g. train.micro_batch=4).
@@ -847,7 +848,9 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
             overrides,
         } => {
             let cfg = TrainConfig::load(Some(&config), &overrides)?;
-            if world > 1 {
+            if world > 1 && cfg.train.zero == 1 {
+                bench::zero::compare(&config, &overrides, world, steps.max(20), runs.max(1))?;
+            } else if world > 1 {
                 bench::train::run_world(
                     &cfg,
                     &config,

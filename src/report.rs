@@ -125,7 +125,26 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
     let (events, unreadable) = events::read(&text);
     let mut r = summarize(run_dir, &metrics, &events, wall, status, max_steps)?;
     r["unreadable_event_lines"] = json!(unreadable);
+    r["memory"] = json!(memory(run_dir));
     Ok(r)
+}
+
+/// Z-5: each rank's training-state memory, as it last recorded it (at the end of the job, or
+/// when it last joined a generation): the newest generation's ranks only.
+fn memory(run_dir: &Path) -> Vec<metrics::MemoryLine> {
+    let text = std::fs::read_to_string(run_dir.join("memory.jsonl")).unwrap_or_default();
+    let lines: Vec<metrics::MemoryLine> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let Some(last) = lines.iter().map(|m| m.generation).max() else {
+        return Vec::new();
+    };
+    let mut by_rank: BTreeMap<u32, metrics::MemoryLine> = BTreeMap::new();
+    for m in lines.into_iter().filter(|m| m.generation == last) {
+        by_rank.insert(m.rank, m);
+    }
+    by_rank.into_values().collect()
 }
 
 /// The last commit of each step (a step redone after a failure may appear twice; a restated
@@ -524,6 +543,26 @@ fn ledger(metrics: &[MetricLine], resume: &BTreeMap<u64, u64>) -> Value {
     })
 }
 
+/// One line for the ranks' training-state memory (Z-5), when the run recorded it.
+fn print_memory(r: &Value) {
+    let Ok(m) = serde_json::from_value::<Vec<metrics::MemoryLine>>(r["memory"].clone()) else {
+        return;
+    };
+    let Some(first) = m.first() else {
+        return;
+    };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let most = |f: fn(&metrics::MemoryLine) -> u64| m.iter().map(f).max().unwrap_or(0);
+    outln!(
+        "  memory per rank: parameters {:.2} MiB, gradients {:.2} MiB, optimizer up to {:.2} MiB, replicas up to {:.2} MiB, peak RSS up to {} MiB",
+        mib(first.params_bytes),
+        mib(first.grads_bytes),
+        mib(most(|l| l.optimizer_bytes)),
+        mib(most(|l| l.replica_bytes)),
+        most(|l| l.peak_rss_kib.unwrap_or(0)) / 1024
+    );
+}
+
 pub fn print(r: &Value) {
     let num = |k: &str, digits: usize| {
         r[k].as_f64()
@@ -556,6 +595,7 @@ pub fn print(r: &Value) {
     } else if !l.is_null() {
         outln!("  sample ledger: NOT exactly once: {l}");
     }
+    print_memory(r);
     if let Some(h) = r["halt_reason"].as_str() {
         outln!("  halted: {h}");
     }

@@ -50,6 +50,25 @@ pub struct RollbackLine {
     pub cause: RollbackCause,
 }
 
+/// One rank's memory for training state (Z-5), a line of `memory.jsonl` written when the rank
+/// joins a generation and when the job ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryLine {
+    pub rank: u32,
+    pub world: u32,
+    pub generation: u64,
+    pub step: u64,
+    pub params_bytes: u64,
+    pub grads_bytes: u64,
+    /// AdamW moments this rank holds: all of them, or its ZeRO-1 shard's.
+    pub optimizer_bytes: u64,
+    /// ZeRO-1 snapshots: this rank's own and its copies of other ranks' shards (Z-4).
+    pub replica_bytes: u64,
+    /// The process's peak resident memory so far (Linux `VmHWM`).
+    pub peak_rss_kib: Option<u64>,
+    pub unix_ms: u64,
+}
+
 /// Why the job went back to its last checkpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,7 +8,8 @@
 //! - [`coordinator`]: decisions per second of the coordinator core and its gRPC service;
 //! - [`detection`]: crash and hang detection latency over many real faults, false detections;
 //! - [`checkpoint`]: a sharded checkpoint's stage, drain and throughput against the disk, and
-//!   PyTorch DCP beside it.
+//!   PyTorch DCP beside it;
+//! - [`zero`]: ZeRO-1 against replicated data parallel: memory per rank and step time.
 
 pub mod checkpoint;
 pub mod collectives;
@@ -17,3 +18,4 @@ pub mod detection;
 pub mod gloo;
 pub mod straggler;
 pub mod train;
+pub mod zero;

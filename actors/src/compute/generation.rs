@@ -70,6 +70,7 @@ impl<'a> Loop<'a> {
                 return Ok(next);
             }
         }
+        self.record_memory(s, rank, world, generation);
         progress.step.store(s.trainer.step, Ordering::Relaxed);
         info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed, shares = ?assign.shares,
               ready_ms = t0.elapsed().as_millis() as u64, incarnation = self.incarnation, "joined generation");

@@ -107,6 +107,7 @@ impl<'a> Loop<'a> {
         self.heart.busy(true);
         self.write_fingerprint(s, ctl.member, rank, generation)?;
         let world = group.world();
+        self.record_memory(s, rank, world, generation);
         let mine = self.final_checkpoint(
             s,
             Place {

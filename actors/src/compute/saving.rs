@@ -227,3 +227,40 @@ pub(super) struct Place {
     pub(super) world: u32,
     pub(super) generation: Generation,
 }
+
+/// The process's peak resident memory in KiB (Linux), for the memory record.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+impl Loop<'_> {
+    /// Z-5: this rank's bytes of parameters, gradients, optimizer state and replicas, to
+    /// `memory.jsonl` (the report and `phalanx bench train` read it).
+    pub(super) fn record_memory(&self, s: &Setup, rank: Rank, world: u32, generation: Generation) {
+        let n = s.trainer.model.num_params() as u64;
+        let line = phalanx_runtime::metrics::MemoryLine {
+            rank: rank.0,
+            world,
+            generation: generation.0,
+            step: s.trainer.step,
+            params_bytes: 4 * n,
+            grads_bytes: 4 * n,
+            optimizer_bytes: s.trainer.opt.state_bytes() as u64,
+            replica_bytes: self.replicas.borrow().bytes() as u64,
+            peak_rss_kib: peak_rss_kib(),
+            unix_ms: unix_ms(),
+        };
+        let path = self.sh.params.run_dir.join("memory.jsonl");
+        let text = serde_json::to_string(&line).expect("a memory line serializes");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(format!("{text}\n").as_bytes()));
+        if let Err(e) = written {
+            warn!(error = %e, path = %path.display(), "cannot record this rank's memory");
+        }
+    }
+}

@@ -34,9 +34,9 @@ impl Replicas {
         self.own.iter().chain(&self.copies)
     }
 
-    /// Bytes held for other ranks.
-    pub fn copy_bytes(&self) -> usize {
-        self.copies.iter().map(|c| 4 * c.data.len()).sum()
+    /// Bytes of snapshots held: this rank's own and its copies of others'.
+    pub fn bytes(&self) -> usize {
+        self.all().map(|c| 4 * c.data.len()).sum()
     }
 }
 
