@@ -603,7 +603,49 @@ pub fn apply_override(t: &mut toml::Table, spec: &str) -> Result<(), ConfigError
     Ok(())
 }
 
+fn bad<T: std::fmt::Display>(key: &str, v: T, reason: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key: key.into(),
+        value: v.to_string(),
+        reason: reason.into(),
+    })
+}
+
 impl TrainConfig {
+    /// `train.zero` and the `[zero]` section.
+    fn validate_zero(&self) -> Result<(), ConfigError> {
+        if self.train.zero > 1 {
+            return bad(
+                "train.zero",
+                self.train.zero,
+                "must be 0 (optimizer replicated) or 1 (its moments sharded over the ranks)",
+            );
+        }
+        if self.zero.replicas > 8 {
+            return bad(
+                "zero.replicas",
+                self.zero.replicas,
+                "must be between 0 and 8 (each copy costs a shard's memory on another rank)",
+            );
+        }
+        if self.zero.replica_interval == 0 {
+            return bad(
+                "zero.replica_interval",
+                0,
+                "must be at least 1 (steps between refreshes of the replicas)",
+            );
+        }
+        if self.train.zero == 1 && self.run.on_nonfinite == OnNonfinite::Rollback {
+            return bad(
+                "run.on_nonfinite",
+                "rollback",
+                "is not available with train.zero = 1 yet (a rollback sends one rank's whole \
+                 optimizer state); use \"skip\", or train.zero = 0",
+            );
+        }
+        Ok(())
+    }
+
     /// Reads a config file (or none: the defaults) and applies `section.key=value` overrides.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
         let (mut table, origin) = match path {
@@ -662,13 +704,7 @@ impl TrainConfig {
 
     /// Range checks that the types alone do not express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn bad<T: std::fmt::Display>(key: &str, v: T, reason: &str) -> Result<(), ConfigError> {
-            Err(ConfigError::Invalid {
-                key: key.into(),
-                value: v.to_string(),
-                reason: reason.into(),
-            })
-        }
+        self.validate_zero()?;
         let t = &self.train;
         let o = &self.optim;
         let r = &self.run;
@@ -741,35 +777,6 @@ impl TrainConfig {
                     "sums at most 64 micro-batches exactly; train.global_batch / train.micro_batch = {}: raise train.micro_batch",
                     t.global_batch / t.micro_batch
                 ),
-            );
-        }
-        if t.zero > 1 {
-            return bad(
-                "train.zero",
-                t.zero,
-                "must be 0 (optimizer replicated) or 1 (its moments sharded over the ranks)",
-            );
-        }
-        if self.zero.replicas > 8 {
-            return bad(
-                "zero.replicas",
-                self.zero.replicas,
-                "must be between 0 and 8 (each copy costs a shard's memory on another rank)",
-            );
-        }
-        if self.zero.replica_interval == 0 {
-            return bad(
-                "zero.replica_interval",
-                0,
-                "must be at least 1 (steps between refreshes of the replicas)",
-            );
-        }
-        if t.zero == 1 && self.run.on_nonfinite == OnNonfinite::Rollback {
-            return bad(
-                "run.on_nonfinite",
-                "rollback",
-                "is not available with train.zero = 1 yet (a rollback sends one rank's whole \
-                 optimizer state); use \"skip\", or train.zero = 0",
             );
         }
         if t.threads > 4096 {

@@ -3,6 +3,37 @@
 use super::*;
 
 impl<'a> Loop<'a> {
+    /// After the heal: the K-9 refusal to train from scratch, ZeRO-1's shards (Z-2..Z-4), the
+    /// memory record (Z-5). `Some` ends the generation.
+    fn joined(
+        &self,
+        ctl: &Control,
+        comm: &ActorRef<CommunicatorMsg>,
+        group: &dyn Group,
+        s: &mut Setup,
+        resume_step: u64,
+    ) -> Option<Next> {
+        let generation = group.generation();
+        if s.trainer.step == 0 && resume_step > 0 {
+            // K-9: nobody in this generation holds the committed state; training on would
+            // silently restart the job from step 0. The coordinator halts before this; a rank
+            // never trusts that alone.
+            let why = format!(
+                "generation {generation} resumes at step {resume_step} but no member holds a \
+                 state past step 0; refusing to train from scratch"
+            );
+            warn!(%why, "no committed state in the group");
+            return Some(Next::Exit(EXIT_HALTED, format!("halted: {why}")));
+        }
+        if self.sh.params.zero {
+            if let Some(next) = self.join_shards(ctl, comm, group, s) {
+                return Some(next);
+            }
+        }
+        self.record_memory(s, group.rank(), group.world(), generation);
+        None
+    }
+
     /// One generation: wait for it, join, train until it ends.
     pub(super) fn generation(
         &self,
@@ -53,24 +84,9 @@ impl<'a> Loop<'a> {
                 return Ok(Next::Regroup(None));
             }
         };
-        if s.trainer.step == 0 && assign.resume_step > 0 {
-            // K-9: nobody in this generation holds the committed state; training on would
-            // silently restart the job from step 0. The coordinator halts before this; a rank
-            // never trusts that alone.
-            let why = format!(
-                "generation {generation} resumes at step {} but no member holds a state past step \
-                 0; refusing to train from scratch",
-                assign.resume_step
-            );
-            warn!(%why, "no committed state in the group");
-            return Ok(Next::Exit(EXIT_HALTED, format!("halted: {why}")));
+        if let Some(next) = self.joined(ctl, &comm, group, s, assign.resume_step) {
+            return Ok(next);
         }
-        if p.zero {
-            if let Some(next) = self.join_shards(ctl, &comm, group, s) {
-                return Ok(next);
-            }
-        }
-        self.record_memory(s, rank, world, generation);
         progress.step.store(s.trainer.step, Ordering::Relaxed);
         info!(%generation, %rank, world, step = s.trainer.step, healed_from = ?healed, shares = ?assign.shares,
               ready_ms = t0.elapsed().as_millis() as u64, incarnation = self.incarnation, "joined generation");

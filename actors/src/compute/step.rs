@@ -14,7 +14,7 @@ impl<'a> Loop<'a> {
     ) -> Result<Option<Next>, ActorError> {
         let p = &self.sh.params;
         let (generation, rank, world, group) = (g.generation, g.rank, g.world, g.group);
-        let (mbs, device) = (g.mbs, g.device);
+        let mbs = g.mbs;
         let mine = g.mine.clone();
         let step = s.trainer.step;
         let (epoch, st) = s.sampler.locate(step);
@@ -90,31 +90,17 @@ impl<'a> Loop<'a> {
                 s.trainer.model.params.zero_grads();
                 return Ok(Some(Next::Regroup(None)));
             }
-            Verdict::Commit if p.zero => {
-                // Z-1: the update keeps nothing until the allgather is complete, so a failure
-                // leaves the state whole (the step is redone next generation).
+            Verdict::Commit => {
                 let t = Instant::now();
-                let applied = zero::apply(group, s, &buf, &segs, lr, p.deterministic);
-                in_collectives += t.elapsed();
+                let applied = self.update(g, s, &buf, &segs, lr, torn);
+                if p.zero {
+                    // ZeRO-1's update holds the parameter allgather.
+                    in_collectives += t.elapsed();
+                }
                 match applied {
                     Ok(norm) => grad_norm = norm,
-                    Err(e) => {
-                        warn!(error = %e, step, "parameter allgather failed; the step will be redone in the next generation");
-                        g.report(&e, step);
-                        return Ok(Some(Next::Regroup(None)));
-                    }
+                    Err(next) => return Ok(Some(next)),
                 }
-            }
-            Verdict::Commit => {
-                *torn = true;
-                grad_norm = if p.deterministic {
-                    // T-6: the fused update, element by element what ZeRO-1's shards do.
-                    Some(s.trainer.apply_fused(&fixed::decode(&buf, world), lr))
-                } else {
-                    s.trainer
-                        .apply_flat(&Tensor::from_slice(&buf).to_device(device), lr)
-                };
-                *torn = false;
             }
             Verdict::Skip | Verdict::RollBack => {
                 warn!(step, ranks = ?bad_ranks, "non-finite loss or gradient; the step is skipped");
@@ -132,41 +118,13 @@ impl<'a> Loop<'a> {
             // Every rank sees the same flags, so every rank skips the same step (T-2).
             s.trainer.step += 1;
         }
-        if p.zero
-            && p.zero_replicas > 0
-            && grad_norm.is_some()
-            && s.trainer.step % p.zero_replica_interval.max(1) == 0
-        {
-            let t = Instant::now();
-            let refreshed =
-                zero_replica::refresh(group, s, &mut self.replicas.borrow_mut(), p.zero_replicas);
-            in_collectives += t.elapsed();
-            if let Err(e) = refreshed {
-                warn!(error = %e, step, "refreshing the optimizer shard replicas failed; regrouping");
-                g.report(&e, step);
-                return Ok(Some(Next::Regroup(None)));
+        let odd = match self.after_commit(g, s, step, grad_norm.is_some()) {
+            Ok((odd, took)) => {
+                in_collectives += took;
+                odd
             }
-        }
-        if faults::fire("sdc", step, Some(rank.0), generation.0) {
-            flip_a_bit(s);
-        }
-        let mut odd = Vec::new();
-        if p.fingerprint_interval > 0 && s.trainer.step % p.fingerprint_interval == 0 {
-            let t_check = Instant::now();
-            let checked = check_replicas(group, s, p.zero);
-            in_collectives += t_check.elapsed();
-            match checked {
-                Ok(o) => odd = o,
-                Err(e) => {
-                    warn!(error = %e, step, "replica check failed; the step will be redone in the next generation");
-                    g.report(&e, step);
-                    return Ok(Some(Next::Regroup(None)));
-                }
-            }
-            if !odd.is_empty() {
-                warn!(step, ranks = ?odd, "replicas differ (silent data corruption): healed from the majority");
-            }
-        }
+            Err(next) => return Ok(Some(next)),
+        };
         let measured = Measured {
             step,
             epoch,
@@ -188,6 +146,81 @@ impl<'a> Loop<'a> {
             return self.preempted(g, s).map(Some);
         }
         Ok(None)
+    }
+
+    /// The committed step's update: ZeRO-1's (Z-1; it keeps nothing until the allgather is
+    /// complete, so a failure leaves the state whole and the step is redone next generation),
+    /// deterministic mode's fused one (T-6), or libtorch's AdamW. The gradient norm, `None`
+    /// when it was not finite (the step is skipped).
+    fn update(
+        &self,
+        g: &mut Gen,
+        s: &mut Setup,
+        buf: &[f32],
+        segs: &[std::ops::Range<usize>],
+        lr: f64,
+        torn: &mut bool,
+    ) -> Result<Option<f64>, Next> {
+        let p = &self.sh.params;
+        let step = s.trainer.step;
+        if p.zero {
+            return zero::apply(g.group, s, buf, segs, lr, p.deterministic).map_err(|e| {
+                warn!(error = %e, step, "parameter allgather failed; the step will be redone in the next generation");
+                g.report(&e, step);
+                Next::Regroup(None)
+            });
+        }
+        *torn = true;
+        let norm = if p.deterministic {
+            // T-6: the fused update, element by element what ZeRO-1's shards do.
+            Some(s.trainer.apply_fused(&fixed::decode(buf, g.world), lr))
+        } else {
+            let grads = Tensor::from_slice(buf).to_device(g.device);
+            s.trainer.apply_flat(&grads, lr)
+        };
+        *torn = false;
+        Ok(norm)
+    }
+
+    /// What follows a step's update: the refresh of ZeRO-1's replicas when due (Z-4), the
+    /// injected bit flip, the periodic replica check (T-5). The ranks named by the check, and the
+    /// time in collectives; `Err` ends the generation.
+    fn after_commit(
+        &self,
+        g: &mut Gen,
+        s: &mut Setup,
+        step: u64,
+        updated: bool,
+    ) -> Result<(Vec<u32>, Duration), Next> {
+        let p = &self.sh.params;
+        let t = Instant::now();
+        let refresh = p.zero && p.zero_replicas > 0 && updated;
+        if refresh && s.trainer.step % p.zero_replica_interval.max(1) == 0 {
+            let reps = &mut self.replicas.borrow_mut();
+            if let Err(e) = zero_replica::refresh(g.group, s, reps, p.zero_replicas) {
+                warn!(error = %e, step, "refreshing the optimizer shard replicas failed; regrouping");
+                g.report(&e, step);
+                return Err(Next::Regroup(None));
+            }
+        }
+        if faults::fire("sdc", step, Some(g.rank.0), g.generation.0) {
+            flip_a_bit(s);
+        }
+        let mut odd = Vec::new();
+        if p.fingerprint_interval > 0 && s.trainer.step % p.fingerprint_interval == 0 {
+            match check_replicas(g.group, s, p.zero) {
+                Ok(o) => odd = o,
+                Err(e) => {
+                    warn!(error = %e, step, "replica check failed; the step will be redone in the next generation");
+                    g.report(&e, step);
+                    return Err(Next::Regroup(None));
+                }
+            }
+            if !odd.is_empty() {
+                warn!(step, ranks = ?odd, "replicas differ (silent data corruption): healed from the majority");
+            }
+        }
+        Ok((odd, t.elapsed()))
     }
 
     /// T-7: at a validation step, this rank's share of the validation set's summed loss (the
