@@ -294,7 +294,14 @@ pub fn admin_opts(url: &str, tls_ca: &str) -> Result<ClientOpts> {
     Ok(o)
 }
 
-pub fn status(opts: &ClientOpts, as_json: bool, all: bool) -> Result<()> {
+/// `phalanx status`; with the run directory, each rank's training-state memory too (Z-5).
+pub fn status(
+    opts: &ClientOpts,
+    as_json: bool,
+    all: bool,
+    run_dir: Option<&std::path::Path>,
+) -> Result<()> {
+    let memory = run_dir.map(crate::report::memory).unwrap_or_default();
     let opts = opts.clone();
     let rt = tokio::runtime::Runtime::new()?;
     let s = rt.block_on(async {
@@ -322,6 +329,7 @@ pub fn status(opts: &ClientOpts, as_json: bool, all: bool) -> Result<()> {
             serde_json::to_string_pretty(&json!({
                 "job": s.job_id, "generation": s.generation, "step": s.committed_step,
                 "world": s.world, "target_world": s.target_world, "ranks": ranks,
+                "memory": memory,
             }))?
         );
         return Ok(());
@@ -370,7 +378,25 @@ pub fn status(opts: &ClientOpts, as_json: bool, all: bool) -> Result<()> {
     if hidden > 0 {
         outln!("({hidden} member(s) that left the job not shown; --all lists them)");
     }
+    print_memory(&memory);
     Ok(())
+}
+
+/// One line per rank of the newest generation that recorded its memory.
+fn print_memory(memory: &[phalanx_runtime::metrics::MemoryLine]) {
+    let kib = |b: u64| b / 1024;
+    for m in memory {
+        outln!(
+            "rank {} memory (generation {}): parameters {} KiB, gradients {} KiB, optimizer {} KiB, replicas {} KiB, peak RSS {} MiB",
+            m.rank,
+            m.generation,
+            kib(m.params_bytes),
+            kib(m.grads_bytes),
+            kib(m.optimizer_bytes),
+            kib(m.replica_bytes),
+            m.peak_rss_kib.unwrap_or(0) / 1024
+        );
+    }
 }
 
 /// A rank's group transports as reported (a malformed entry is left out, not fatal here).

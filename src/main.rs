@@ -604,7 +604,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { at, json, all } => {
-            control::status(&at.opts()?, json, all)?;
+            control::status(&at.opts()?, json, all, at.run_dir.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Scale { at, target } => {

@@ -131,7 +131,7 @@ pub fn build(run_dir: &Path, wall: Duration, status: &str, max_steps: u64) -> Re
 
 /// Z-5: each rank's training-state memory, as it last recorded it (at the end of the job, or
 /// when it last joined a generation): the newest generation's ranks only.
-fn memory(run_dir: &Path) -> Vec<metrics::MemoryLine> {
+pub fn memory(run_dir: &Path) -> Vec<metrics::MemoryLine> {
     let text = std::fs::read_to_string(run_dir.join("memory.jsonl")).unwrap_or_default();
     let lines: Vec<metrics::MemoryLine> = text
         .lines()
