@@ -157,13 +157,7 @@ pub fn run_world(
                     .stdout(std::process::Stdio::null())
                     .output()?;
                 if !out.status.success() {
-                    let err = String::from_utf8_lossy(&out.stderr);
-                    let tail: Vec<&str> = err.lines().rev().take(3).collect();
-                    anyhow::bail!(
-                        "the launched job failed ({}): {}",
-                        out.status,
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    );
+                    return Err(launch_failed("the launched job", &out));
                 }
                 let mut v: Vec<f64> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?
                     .lines()
@@ -316,4 +310,15 @@ pub fn bare_rank(
         std::fs::File::create(out)?.write_all(lines.as_bytes())?;
     }
     Ok(())
+}
+
+/// A launched job that failed, with the last lines it wrote to stderr.
+pub fn launch_failed(what: &str, out: &std::process::Output) -> anyhow::Error {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = err.lines().rev().take(3).collect();
+    anyhow::anyhow!(
+        "{what} failed ({}): {}",
+        out.status,
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
 }

@@ -38,13 +38,8 @@ fn launch(
         .stdout(std::process::Stdio::null())
         .output()?;
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(3).collect();
-        anyhow::bail!(
-            "the launched job (train.zero={zero}) failed ({}): {}",
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
+        let what = format!("the launched job (train.zero={zero})");
+        return Err(super::train::launch_failed(&what, &out));
     }
     let jsonl = |name: &str| std::fs::read_to_string(run_dir.join(name)).unwrap_or_default();
     let mut steps: Vec<f64> = jsonl("metrics.jsonl")
