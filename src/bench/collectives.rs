@@ -75,6 +75,13 @@ pub struct Tuning {
     /// Chunks a broadcast root stages in its shared-memory window.
     #[arg(long, default_value_t = 8)]
     pub bcast_slots: usize,
+    /// Keep allreduce, reduce-scatter and allgather on the ring even where every rank can map
+    /// the others' shared-memory windows.
+    #[arg(long)]
+    pub no_mesh: bool,
+    /// KiB of the buffer a shared-memory allreduce, reduce-scatter or allgather moves per round.
+    #[arg(long, default_value_t = 256)]
+    pub mesh_round_kb: usize,
 }
 
 /// Parses `1K,1M,16M,64M` (binary units) into byte counts.
@@ -191,12 +198,14 @@ pub fn run(world: usize, op: Op, sizes: &str, t: &Tuning, place: &Placement) -> 
     }
     let tls = std::env::var("UCX_TLS").unwrap_or_else(|_| "(UCX default)".into());
     outln!(
-        "# phalanx bench collectives: op {} world {world} iters {iters} warmup {} chunk {} KiB window {} bcast-slots {} err-mode {} UCX_TLS={tls}",
+        "# phalanx bench collectives: op {} world {world} iters {iters} warmup {} chunk {} KiB window {} bcast-slots {} mesh {} (rounds of {} KiB) err-mode {} UCX_TLS={tls}",
         op.name(),
         t.warmup,
         t.chunk_kb,
         t.window,
         t.bcast_slots,
+        if t.no_mesh { "off" } else { "on" },
+        t.mesh_round_kb,
         t.err_mode
     );
     if let Some(s) = &sim {
@@ -335,6 +344,8 @@ fn spawn_rank(
         .args(["--spin-us", &t.spin_us.to_string()])
         .args(["--err-mode", &t.err_mode])
         .args(["--bcast-slots", &t.bcast_slots.to_string()])
+        .args(t.no_mesh.then_some("--no-mesh"))
+        .args(["--mesh-round-kb", &t.mesh_round_kb.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning rank {r}"))
@@ -363,6 +374,8 @@ pub fn worker(
             window: t.window.max(1),
             timeout: Duration::from_millis(t.timeout_ms),
             bcast_slots: t.bcast_slots.max(1),
+            mesh: !t.no_mesh,
+            mesh_round_bytes: t.mesh_round_kb.max(1) * 1024,
         },
         spin: Duration::from_micros(t.spin_us),
         peer_error_mode: match t.err_mode.as_str() {

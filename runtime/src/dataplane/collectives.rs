@@ -10,6 +10,7 @@
 //! most receives touch the caller's buffer directly (zero copy); only the reduce-scatter's
 //! receives land in staging buffers (`window` of `chunk_bytes` each), to be added in.
 
+use super::mesh;
 use super::transport::*;
 use crate::error::RuntimeError;
 use crate::ids::Rank;
@@ -32,6 +33,13 @@ pub struct CollConfig {
     /// (when every receiver can map it): the root runs at most this many chunks ahead of the
     /// slowest receiver.
     pub bcast_slots: usize,
+    /// Allreduce, reduce-scatter and allgather through every rank's shared-memory window when
+    /// all ranks can map each other's (one node); off: always the ring.
+    pub mesh: bool,
+    /// Bytes of the buffer a mesh collective moves per round (at most half the window): small
+    /// enough that what a rank puts in its window is still in the shared cache when its peers
+    /// read it.
+    pub mesh_round_bytes: usize,
 }
 
 impl Default for CollConfig {
@@ -41,6 +49,8 @@ impl Default for CollConfig {
             window: 4,
             timeout: Duration::from_secs(2),
             bcast_slots: 8,
+            mesh: true,
+            mesh_round_bytes: 256 << 10,
         }
     }
 }
@@ -414,7 +424,7 @@ fn run<T: Transport>(
 
 /// Posts owned sends and receives of small messages and waits for all of them; returns the
 /// received buffers in the order of `recvs`.
-fn exchange<T: Transport>(
+pub(super) fn exchange<T: Transport>(
     t: &mut T,
     op: &'static str,
     seq: u16,
@@ -442,7 +452,7 @@ fn exchange<T: Transport>(
 
 /// The window offer a root sends every receiver: key length (`u32::MAX`: no window), window
 /// size, key; padded to a fixed length so that it is received like any fixed-size message.
-const OFFER_LEN: usize = 4096;
+pub(super) const OFFER_LEN: usize = 4096;
 const OFFER_HEAD: usize = 12;
 const SLOT_OFFER: u32 = 0;
 const SLOT_REPLY: u32 = 1;
@@ -454,6 +464,30 @@ fn u32_at(b: &[u8], i: usize) -> Option<u32> {
 
 fn u64_at(b: &[u8], i: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
+}
+
+/// A window offer: the key of a window of `bytes` (`None`: this rank has no window).
+pub(super) fn offer(key: Option<&[u8]>, bytes: usize) -> Vec<u8> {
+    let mut offer = vec![0u8; OFFER_LEN];
+    match key {
+        Some(k) if k.len() <= OFFER_LEN - OFFER_HEAD => {
+            offer[0..4].copy_from_slice(&(k.len() as u32).to_le_bytes());
+            offer[4..12].copy_from_slice(&(bytes as u64).to_le_bytes());
+            offer[OFFER_HEAD..OFFER_HEAD + k.len()].copy_from_slice(k);
+        }
+        _ => offer[0..4].copy_from_slice(&u32::MAX.to_le_bytes()),
+    }
+    offer
+}
+
+/// The key in an offer, if it offers a window of `bytes`.
+pub(super) fn offered_key(offer: &[u8], bytes: usize) -> Option<&[u8]> {
+    match (u32_at(offer, 0), u64_at(offer, 4)) {
+        (Some(len), Some(size)) if len != u32::MAX && size == bytes as u64 => {
+            offer.get(OFFER_HEAD..OFFER_HEAD + len as usize)
+        }
+        _ => None,
+    }
 }
 
 /// Decides, once per root and group, whether `root`'s broadcasts go through its shared-memory
@@ -470,15 +504,7 @@ fn negotiate_window<T: Transport>(
     let (n, me) = (t.world(), t.rank());
     if me == root {
         let key = t.window_key(bytes)?;
-        let mut offer = vec![0u8; OFFER_LEN];
-        match &key {
-            Some(k) if k.len() <= OFFER_LEN - OFFER_HEAD => {
-                offer[0..4].copy_from_slice(&(k.len() as u32).to_le_bytes());
-                offer[4..12].copy_from_slice(&(bytes as u64).to_le_bytes());
-                offer[OFFER_HEAD..OFFER_HEAD + k.len()].copy_from_slice(k);
-            }
-            _ => offer[0..4].copy_from_slice(&u32::MAX.to_le_bytes()),
-        }
+        let offer = offer(key.as_deref(), bytes);
         let peers: Vec<Rank> = (0..n).map(Rank).filter(|&r| r != me).collect();
         let sends = peers
             .iter()
@@ -505,12 +531,7 @@ fn negotiate_window<T: Transport>(
         )?
         .pop()
         .unwrap_or_default();
-        let mapped = match (u32_at(&offer, 0), u64_at(&offer, 4)) {
-            (Some(len), Some(size)) if len != u32::MAX && size == bytes as u64 => offer
-                .get(OFFER_HEAD..OFFER_HEAD + len as usize)
-                .is_some_and(|k| t.window_map(root, k)),
-            _ => false,
-        };
+        let mapped = offered_key(&offer, bytes).is_some_and(|k| t.window_map(root, k));
         let reply = u32::from(mapped).to_le_bytes().to_vec();
         let verdict = exchange(
             t,
@@ -679,6 +700,11 @@ pub struct Collectives<T: Transport> {
     windows: HashMap<Rank, bool>,
     /// Broadcasts that went through a window.
     window_bcasts: u64,
+    /// Whether allreduce, reduce-scatter and allgather go through every rank's window (decided
+    /// by [`mesh::negotiate`] at the first of them in this group).
+    mesh: Option<bool>,
+    /// Collectives so far that went through the windows.
+    mesh_ops: u64,
 }
 
 impl<T: Transport> Collectives<T> {
@@ -689,6 +715,8 @@ impl<T: Transport> Collectives<T> {
             seq: 0,
             windows: HashMap::new(),
             window_bcasts: 0,
+            mesh: None,
+            mesh_ops: 0,
         }
     }
 
@@ -715,8 +743,75 @@ impl<T: Transport> Collectives<T> {
         self.window_bcasts
     }
 
+    /// Whether this group's allreduce, reduce-scatter and allgather go through shared memory
+    /// (`None`: not decided yet).
+    pub fn mesh(&self) -> Option<bool> {
+        self.mesh
+    }
+
+    /// Allreduces, reduce-scatters and allgathers so far that went through shared memory.
+    pub fn mesh_collectives(&self) -> u64 {
+        self.mesh_ops
+    }
+
     pub fn rank(&self) -> Rank {
         self.t.rank()
+    }
+
+    /// The size of every rank's shared-memory window (one per rank and group, for broadcasts
+    /// and the mesh alike).
+    fn window_bytes(&self) -> usize {
+        self.cfg.bcast_slots.max(1) * self.cfg.chunk_bytes.max(1)
+    }
+
+    /// A mesh round's bytes: as configured, at most half the window.
+    fn mesh_round(&self) -> usize {
+        self.cfg.mesh_round_bytes.min(self.window_bytes() / 2)
+    }
+
+    /// Whether the mesh path is taken, negotiated at the first call in the group. Every rank
+    /// decides whether to negotiate from the world and the config alone, so all ask together.
+    fn use_mesh(&mut self) -> Result<bool, RuntimeError> {
+        let small = self.mesh_round() < mesh::MIN_ROUND_BYTES;
+        if !self.cfg.mesh || self.t.world() < 2 || small {
+            return Ok(false);
+        }
+        if let Some(yes) = self.mesh {
+            return Ok(yes);
+        }
+        let (seq, bytes) = (self.next_seq(), self.window_bytes());
+        let yes = mesh::negotiate(&mut self.t, seq, bytes, self.cfg.timeout)?;
+        self.mesh = Some(yes);
+        Ok(yes)
+    }
+
+    /// A mesh collective on `buf`: `Ok(None)` when the group does not use the mesh.
+    fn run_mesh(
+        &mut self,
+        op: &'static str,
+        buf: &mut Vec<f32>,
+        segs: &[Range<usize>],
+        phases: mesh::Phases,
+    ) -> Result<Option<()>, RuntimeError> {
+        if !self.use_mesh()? {
+            return Ok(None);
+        }
+        let seq = self.next_seq();
+        let len = buf.len();
+        let round = self.mesh_round();
+        if let Err((e, back)) = self.t.attach(OpBuf::F32(std::mem::take(buf))) {
+            if let OpBuf::F32(v) = back {
+                *buf = v;
+            }
+            return Err(e);
+        }
+        let timeout = self.cfg.timeout;
+        let res = mesh::run(&mut self.t, op, seq, segs, len, phases, round, timeout);
+        if let OpBuf::F32(v) = self.t.detach() {
+            *buf = v;
+        }
+        self.mesh_ops += 1;
+        res.map(Some)
     }
 
     pub fn world(&self) -> u32 {
@@ -778,6 +873,13 @@ impl<T: Transport> Collectives<T> {
     pub fn allreduce(&mut self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
         let (n, r) = self.me();
         let segs = even_segments(buf.len(), n);
+        let both = mesh::Phases {
+            reduce: true,
+            gather: true,
+        };
+        if self.run_mesh("allreduce", buf, &segs, both)?.is_some() {
+            return Ok(());
+        }
         let s = ring_schedule(r, &segs, 4, self.cfg.chunk_bytes, true, true);
         self.run_f32("allreduce", buf, s)
     }
@@ -793,6 +895,16 @@ impl<T: Transport> Collectives<T> {
     ) -> Result<(), RuntimeError> {
         let (_, r) = self.me();
         self.check_segments("reduce_scatter", buf.len(), segs)?;
+        let reduce = mesh::Phases {
+            reduce: true,
+            gather: false,
+        };
+        if self
+            .run_mesh("reduce_scatter", buf, segs, reduce)?
+            .is_some()
+        {
+            return Ok(());
+        }
         let s = ring_schedule(r, segs, 4, self.cfg.chunk_bytes, true, false);
         self.run_f32("reduce_scatter", buf, s)
     }
@@ -806,6 +918,13 @@ impl<T: Transport> Collectives<T> {
     ) -> Result<(), RuntimeError> {
         let (_, r) = self.me();
         self.check_segments("allgather", buf.len(), segs)?;
+        let gather = mesh::Phases {
+            reduce: false,
+            gather: true,
+        };
+        if self.run_mesh("allgather", buf, segs, gather)?.is_some() {
+            return Ok(());
+        }
         let s = ring_schedule(r, segs, 4, self.cfg.chunk_bytes, false, true);
         self.run_f32("allgather", buf, s)
     }
@@ -877,7 +996,7 @@ impl<T: Transport> Collectives<T> {
         (n, r): (usize, usize),
         len: usize,
     ) -> Result<(), RuntimeError> {
-        let window_bytes = self.cfg.bcast_slots.max(1) * self.cfg.chunk_bytes.max(1);
+        let window_bytes = self.window_bytes();
         if let Some(nseq) = negotiate {
             let yes = negotiate_window(&mut self.t, nseq, root, window_bytes, self.cfg.timeout)?;
             self.windows.insert(root, yes);
@@ -952,6 +1071,8 @@ pub(crate) mod tests {
             window: 3,
             timeout: Duration::from_secs(5),
             bcast_slots: 3,
+            mesh: true,
+            mesh_round_bytes: 256 << 10,
         }
     }
 
@@ -991,7 +1112,7 @@ pub(crate) mod tests {
         reference_in(n, len, &even_segments(len, n as usize))
     }
 
-    fn reference_in(n: u32, len: usize, segs: &[Range<usize>]) -> Vec<f32> {
+    pub(crate) fn reference_in(n: u32, len: usize, segs: &[Range<usize>]) -> Vec<f32> {
         let ins: Vec<Vec<f32>> = (0..n).map(|r| input(r, len)).collect();
         let n = n as usize;
         let mut out = vec![0f32; len];

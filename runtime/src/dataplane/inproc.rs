@@ -547,4 +547,19 @@ impl Transport for InProcTransport {
         out.copy_from_slice(&w[at..at + n]);
         Ok(())
     }
+
+    fn window_read(&mut self, peer: Rank, at: usize, out: &mut [u8]) -> Result<(), RuntimeError> {
+        self.check_open("window_read")?;
+        let Some(w) = self.mapped.get(&peer) else {
+            return Err(RuntimeError::InvalidArgument {
+                op: "window_read",
+                reason: format!("rank {peer}'s window is not mapped"),
+            });
+        };
+        let w = lock(w);
+        check_window("window_read", at, out.len(), w.len())?;
+        let n = out.len();
+        out.copy_from_slice(&w[at..at + n]);
+        Ok(())
+    }
 }

@@ -3,6 +3,8 @@
 //! - [`transport`]: the `Transport` contract and the wire format (tags, control messages).
 //! - [`collectives`]: ring allreduce, reduce-scatter, allgather, broadcast, barrier, striped
 //!   point-to-point, over any transport.
+//! - `mesh`: allreduce, reduce-scatter and allgather through every rank's shared-memory window,
+//!   when all ranks share a node.
 //! - [`inproc`]: an in-process transport for fast tests of the algorithms.
 //! - [`group`]: the [`Group`] a training loop uses, over UCX or in-process ranks.
 //! - [`ucx`]: the UCX transport and [`UcxGroup`], the handle the runtime uses.
@@ -22,6 +24,7 @@ pub mod group;
 pub mod inproc;
 pub mod links;
 pub mod liveness;
+mod mesh;
 pub mod transport;
 pub mod ucx;
 

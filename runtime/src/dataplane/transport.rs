@@ -162,6 +162,13 @@ pub trait Transport {
         let _ = (peer, at, dst);
         Err(no_window("window_get"))
     }
+
+    /// Copies `out.len()` bytes of `peer`'s mapped window from offset `at` into `out`, memory of
+    /// the caller's (staging for a reduction), not the attached buffer.
+    fn window_read(&mut self, peer: Rank, at: usize, out: &mut [u8]) -> Result<(), RuntimeError> {
+        let _ = (peer, at, out);
+        Err(no_window("window_read"))
+    }
 }
 
 fn no_window(op: &'static str) -> RuntimeError {

@@ -490,4 +490,8 @@ impl Transport for UcxTransport {
     fn window_get(&mut self, peer: Rank, at: usize, dst: Range<usize>) -> Result<(), RuntimeError> {
         self.get_peer_window(peer, at, dst)
     }
+
+    fn window_read(&mut self, peer: Rank, at: usize, out: &mut [u8]) -> Result<(), RuntimeError> {
+        self.read_peer_window(peer, at, out)
+    }
 }

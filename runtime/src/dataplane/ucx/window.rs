@@ -108,6 +108,33 @@ impl UcxTransport {
     }
 }
 
+impl UcxTransport {
+    pub(super) fn read_peer_window(
+        &mut self,
+        peer: Rank,
+        at: usize,
+        out: &mut [u8],
+    ) -> Result<(), RuntimeError> {
+        self.check_open("window_read")?;
+        let Some(w) = self
+            .eps
+            .get(peer.0 as usize)
+            .and_then(|ep| ep.as_ref()?.window())
+        else {
+            return Err(RuntimeError::InvalidArgument {
+                op: "window_read",
+                reason: format!("rank {peer}'s window is not mapped"),
+            });
+        };
+        // As in `get_peer_window`: the reads sit between the announcement and the
+        // acknowledgement.
+        fence(Ordering::SeqCst);
+        w.read("window_read", at, out)?;
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 fn u64_le(b: &[u8], i: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
 }
