@@ -103,7 +103,7 @@ impl Trainer {
 
     /// The local half of a training step, the same for one process and for a rank of many:
     /// forward and backward of this process's micro-batches (see `accumulate`), and whether
-    /// the result is unusable. T-2: a non-finite loss or gradient anywhere means the step is
+    /// the result is unusable. Leaves the gradient gathered in the flat buffer. T-2: a non-finite loss or gradient anywhere means the step is
     /// not applied, whatever the gradient's norm would say.
     pub fn local_step(
         &mut self,
@@ -111,14 +111,15 @@ impl Trainer {
         total_micro_batches: usize,
     ) -> Local {
         let loss = self.accumulate(batches, total_micro_batches);
+        // One pass: a sum in f64 cannot overflow on finite f32 values, and any NaN or infinity
+        // makes it non-finite.
         let finite_grads = self
             .model
             .params
             .flat_grads()
-            .isfinite()
-            .all()
-            .int64_value(&[])
-            != 0;
+            .sum(Kind::Double)
+            .double_value(&[])
+            .is_finite();
         Local {
             loss,
             bad: !loss.is_finite() || !finite_grads,
@@ -141,10 +142,8 @@ impl Trainer {
 
     /// `apply_checked` with the gradient given as one flat buffer (e.g. the allreduced sum):
     /// it goes straight to the optimizer, without a round trip through the parameters' grads.
-    pub fn apply_flat(&mut self, grads: &Tensor, lr: f64) -> Option<f64> {
-        let mut flat = self.model.params.flat_grads_buffer();
-        tch::no_grad(|| flat.copy_(grads));
-        self.apply_gathered(flat, lr)
+    pub fn apply_flat(&mut self, grads: Tensor, lr: f64) -> Option<f64> {
+        self.apply_gathered(grads, lr)
     }
 
     fn apply_gathered(&mut self, mut grads: Tensor, lr: f64) -> Option<f64> {

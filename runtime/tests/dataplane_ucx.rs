@@ -142,13 +142,15 @@ fn ucx_collectives_match_the_reference() {
         // as "exited": leave together, after a barrier, so that no peer is still receiving.
         g.barrier().unwrap();
         let st = g.stats().unwrap();
-        (out, bc_ok, striped, st.dropped_stale, st.window_broadcasts)
+        let paths = (st.window_broadcasts, st.mesh_collectives);
+        (out, bc_ok, striped, st.dropped_stale, paths)
     });
     // Shared memory (UCX's default between local ranks) carries broadcasts through the root's
-    // window; TCP cannot map it, and the chain takes over.
+    // window and the reductions and gathers through every rank's (P-11, 5 lengths x 5 calls);
+    // TCP cannot map them, and the chain and the ring take over.
     let want_windows = match std::env::var("UCX_TLS").as_deref() {
-        Err(_) => Some(2),
-        Ok("tcp,self") | Ok("tcp") => Some(0),
+        Err(_) => Some((2, 25)),
+        Ok("tcp,self") | Ok("tcp") => Some((0, 0)),
         Ok(_) => None,
     };
     for (r, (out, bc_ok, striped, dropped, windows)) in got.into_iter().enumerate() {
@@ -165,7 +167,10 @@ fn ucx_collectives_match_the_reference() {
         }
         assert!(bc_ok, "broadcast rank={r}");
         if let Some(w) = want_windows {
-            assert_eq!(windows, w, "broadcasts through a window, rank={r}");
+            assert_eq!(
+                windows, w,
+                "(broadcasts, reductions) through windows, rank={r}"
+            );
         }
         assert!(striped, "striped transfer");
         assert_eq!(dropped, 0);

@@ -298,7 +298,7 @@ pub fn bare_rank(
         buf.pop();
         let dev = s.trainer.model.device();
         if s.trainer
-            .apply_flat(&Tensor::from_slice(&buf).to_device(dev), lr)
+            .apply_flat(Tensor::from_slice(&buf).to_device(dev), lr)
             .is_none()
         {
             s.trainer.step += 1;

@@ -131,6 +131,9 @@ pub(super) struct Loop<'a> {
     pub(super) stager: staging::Stager,
     /// Z-4: this rank's last ZeRO-1 snapshot and its copies of its predecessors'.
     pub(super) replicas: std::cell::RefCell<zero_replica::Replicas>,
+    /// The gradient buffer of the last step, kept so that the next step neither allocates nor
+    /// grows one (the allreduce's extras ride at its end).
+    pub(super) grad_buf: std::cell::RefCell<Vec<f32>>,
 }
 
 impl<'a> Loop<'a> {
@@ -148,6 +151,7 @@ impl<'a> Loop<'a> {
             last_commit: std::cell::RefCell::new(None),
             stager: staging::Stager::default(),
             replicas: Default::default(),
+            grad_buf: Default::default(),
             last_rollback: std::cell::Cell::new(None),
         }
     }

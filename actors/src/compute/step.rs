@@ -35,7 +35,7 @@ impl<'a> Loop<'a> {
             deterministic_grads(s, &batches, mine.clone(), mbs, step, p.seed)
         } else {
             let local = s.trainer.local_step(&batches, mbs);
-            (local.loss, tensor_vec(s.trainer.flat_grads()), local.bad)
+            (local.loss, self.grads(s, world), local.bad)
         };
         if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
             panic!("injected compute panic at step {step}");
@@ -142,10 +142,24 @@ impl<'a> Loop<'a> {
             stalled: group.stalled().saturating_sub(stalled_before),
         };
         self.record_commit(g, s, measured);
+        self.grad_buf.replace(buf);
         if preempt {
             return self.preempted(g, s).map(Some);
         }
         Ok(None)
+    }
+
+    /// This rank's accumulated gradient, copied into the buffer the last step left (room for
+    /// the allreduce's extras included). `local_step` just gathered it into the flat buffer.
+    fn grads(&self, s: &mut Setup, world: u32) -> Vec<f32> {
+        let flat = s.trainer.model.params.flat_grads_buffer();
+        let n = flat.numel();
+        let mut buf = self.grad_buf.take();
+        buf.clear();
+        buf.reserve(n + verdict::extras(world));
+        buf.resize(n, 0.0);
+        flat.copy_data(&mut buf, n);
+        buf
     }
 
     /// The committed step's update: ZeRO-1's (Z-1; it keeps nothing until the allgather is
@@ -176,7 +190,7 @@ impl<'a> Loop<'a> {
             Some(s.trainer.apply_fused(&fixed::decode(buf, g.world), lr))
         } else {
             let grads = Tensor::from_slice(buf).to_device(g.device);
-            s.trainer.apply_flat(&grads, lr)
+            s.trainer.apply_flat(grads, lr)
         };
         *torn = false;
         Ok(norm)

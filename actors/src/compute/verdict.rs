@@ -67,6 +67,12 @@ pub struct Parts {
 /// The buffer of a step's one allreduce: the gradient, then this rank's part of the global
 /// mean loss and of the validation loss, then one slot per rank for its own non-finite flag
 /// (so the bad ranks are named), then the count of ranks asked to stop.
+/// The values [`pack`] adds after the gradient: loss, validation loss, a flag per rank, and
+/// the preemption flag.
+pub fn extras(world: u32) -> usize {
+    2 + world as usize + 1
+}
+
 pub fn pack(mut grads: Vec<f32>, parts: Parts, flags: Flags, rank: Rank, world: u32) -> Vec<f32> {
     let n = grads.len();
     grads.push(parts.loss as f32);

@@ -284,6 +284,7 @@ fn serve(mut c: Collectives<UcxTransport>, rx: mpsc::Receiver<Cmd>, tx: mpsc::Se
                 dropped_stale: c.transport().dropped_stale(),
                 forged: c.transport().forged,
                 window_broadcasts: c.window_broadcasts(),
+                mesh_collectives: c.mesh_collectives(),
             }),
         };
         if tx.send(reply).is_err() {

@@ -83,6 +83,9 @@ pub struct UcxStats {
     pub forged: u64,
     /// Broadcasts that went through the root's shared-memory window (the rest took the chain).
     pub window_broadcasts: u64,
+    /// Allreduces, reduce-scatters and allgathers that went through the ranks' shared-memory
+    /// windows (P-11; the rest took the ring).
+    pub mesh_collectives: u64,
 }
 
 fn ucx_err(op: &'static str, st: ffi::Status) -> RuntimeError {
