@@ -19,6 +19,7 @@ fn cfg(chunk: usize) -> UcxConfig {
             chunk_bytes: chunk,
             window: 4,
             timeout: Duration::from_secs(5),
+            mesh: true,
             ..CollConfig::default()
         },
         connect_timeout: Duration::from_secs(20),

@@ -49,7 +49,9 @@ impl Default for CollConfig {
             window: 4,
             timeout: Duration::from_secs(2),
             bcast_slots: 8,
-            mesh: true,
+            // Off until a rank throttled to a CPU quota is shown not to hold every round up
+            // (the rebalanced straggler test ran no faster than the unbalanced job with it on).
+            mesh: false,
             mesh_round_bytes: 256 << 10,
         }
     }
