@@ -5,7 +5,7 @@
 //! endian) followed by the packed rkey.
 #![forbid(unsafe_code)]
 
-use super::ffi::MemWindow;
+use super::ffi::{Endpoint, MemWindow, RemoteWindow};
 use super::transport::{peer_ep, UcxTransport};
 use crate::dataplane::transport::check_window;
 use crate::error::RuntimeError;
@@ -87,16 +87,7 @@ impl UcxTransport {
         dst: Range<usize>,
     ) -> Result<(), RuntimeError> {
         self.check_open("window_get")?;
-        let Some(w) = self
-            .eps
-            .get(peer.0 as usize)
-            .and_then(|ep| ep.as_ref()?.window())
-        else {
-            return Err(RuntimeError::InvalidArgument {
-                op: "window_get",
-                reason: format!("rank {peer}'s window is not mapped"),
-            });
-        };
+        let w = mapped(&self.eps, peer, "window_get")?;
         check_window("window_get", at, dst.len(), w.len())?;
         let out = self.buf.region_mut(dst)?;
         // The announcement that these bytes are written was received before this read.
@@ -116,16 +107,7 @@ impl UcxTransport {
         out: &mut [u8],
     ) -> Result<(), RuntimeError> {
         self.check_open("window_read")?;
-        let Some(w) = self
-            .eps
-            .get(peer.0 as usize)
-            .and_then(|ep| ep.as_ref()?.window())
-        else {
-            return Err(RuntimeError::InvalidArgument {
-                op: "window_read",
-                reason: format!("rank {peer}'s window is not mapped"),
-            });
-        };
+        let w = mapped(&self.eps, peer, "window_read")?;
         // As in `get_peer_window`: the reads sit between the announcement and the
         // acknowledgement.
         fence(Ordering::SeqCst);
@@ -133,6 +115,20 @@ impl UcxTransport {
         fence(Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// `peer`'s window as mapped here.
+fn mapped<'a>(
+    eps: &'a [Option<Endpoint>],
+    peer: Rank,
+    op: &'static str,
+) -> Result<&'a RemoteWindow, RuntimeError> {
+    eps.get(peer.0 as usize)
+        .and_then(|ep| ep.as_ref()?.window())
+        .ok_or_else(|| RuntimeError::InvalidArgument {
+            op,
+            reason: format!("rank {peer}'s window is not mapped"),
+        })
 }
 
 fn u64_le(b: &[u8], i: usize) -> Option<u64> {
