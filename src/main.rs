@@ -287,6 +287,12 @@ enum BenchCmd {
         /// train.zero=1, ZeRO-1 against replicated training (memory per rank, step time).
         #[arg(long, default_value_t = 1)]
         world: usize,
+        /// Compare with PyTorch instead: this nanoGPT reference script (e.g.
+        /// ../shared/bench/nanogpt_ref.py) on the same model, batch, micro-batches, threads per
+        /// rank and steps, in turns with `phalanx launch`: eager on one rank, DDP over gloo
+        /// under torchrun on N.
+        #[arg(long, value_name = "SCRIPT")]
+        torch: Option<PathBuf>,
         /// Overrides: section.key=value (e.g. train.micro_batch=4).
         overrides: Vec<String>,
     },
@@ -845,10 +851,22 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
             steps,
             runs,
             world,
+            torch,
             overrides,
         } => {
             let cfg = TrainConfig::load(Some(&config), &overrides)?;
-            if world > 1 && cfg.train.zero == 1 {
+            if let Some(script) = torch {
+                let v = bench::versus::Versus {
+                    cfg: &cfg,
+                    config: &config,
+                    overrides: &overrides,
+                    script: &script,
+                    world: world.max(1),
+                    steps: steps.max(20),
+                    runs: runs.max(1),
+                };
+                bench::versus::run(&v)?;
+            } else if world > 1 && cfg.train.zero == 1 {
                 bench::zero::compare(&config, &overrides, world, steps.max(20), runs.max(1))?;
             } else if world > 1 {
                 bench::train::run_world(

@@ -115,7 +115,10 @@ impl AdamW {
             let _ = self.v.addcmul_(&(grads * (1.0 - c.beta2)), grads);
             let bc1 = 1.0 - c.beta1.powi(t);
             let bc2 = 1.0 - c.beta2.powi(t);
-            let denom = (self.v.sqrt() / bc2.sqrt()) + c.eps;
+            // In place where the arithmetic stays the same: one buffer per step, not three.
+            let mut denom = self.v.sqrt();
+            let _ = denom.g_div_scalar_(bc2.sqrt());
+            let _ = denom.g_add_scalar_(c.eps);
             let _ = p.addcdiv_(&(&self.m * (-lr / bc1)), &denom);
         });
     }

@@ -9,6 +9,7 @@
 //! - [`detection`]: crash and hang detection latency over many real faults, false detections;
 //! - [`checkpoint`]: a sharded checkpoint's stage, drain and throughput against the disk, and
 //!   PyTorch DCP beside it;
+//! - [`versus`]: phalanx's training against PyTorch eager (one rank) or DDP (N ranks);
 //! - [`zero`]: ZeRO-1 against replicated data parallel: memory per rank and step time.
 
 pub mod checkpoint;
@@ -18,4 +19,5 @@ pub mod detection;
 pub mod gloo;
 pub mod straggler;
 pub mod train;
+pub mod versus;
 pub mod zero;

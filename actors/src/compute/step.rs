@@ -188,6 +188,10 @@ impl<'a> Loop<'a> {
         let norm = if p.deterministic {
             // T-6: the fused update, element by element what ZeRO-1's shards do.
             Some(s.trainer.apply_fused(&fixed::decode(buf, g.world), lr))
+        } else if g.world == 1 {
+            // A sum over one rank is its own gradient, still in the flat buffer.
+            let grads = s.trainer.model.params.flat_grads_buffer();
+            s.trainer.apply_flat(grads, lr)
         } else {
             let grads = Tensor::from_slice(buf).to_device(g.device);
             s.trainer.apply_flat(grads, lr)
