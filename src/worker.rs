@@ -234,6 +234,7 @@ pub fn rank_params(
         zero_replica_interval: cfg.zero.replica_interval,
         seed: cfg.train.seed,
         collective_timeout: Duration::from_millis(cfg.dataplane.collective_timeout_ms),
+        mesh: cfg.dataplane.mesh,
         watchdog: Duration::from_millis(r.watchdog_timeout_ms),
         intensity: Intensity {
             max_restarts: r.max_restarts,

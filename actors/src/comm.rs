@@ -68,6 +68,8 @@ pub struct GroupRequest {
     pub world: u32,
     pub generation: Generation,
     pub collective_timeout: Duration,
+    /// Shared-memory collectives within a node (P-11).
+    pub mesh: bool,
     /// The address this rank's peers reach its listeners at.
     pub advertise_ip: String,
     /// The address rendezvous through the coordinator, which also hands out the group key.
@@ -86,6 +88,7 @@ pub fn ucx() -> DataPlane {
     Arc::new(|r: GroupRequest| {
         let mut ucx = UcxConfig::default();
         ucx.coll.timeout = r.collective_timeout;
+        ucx.coll.mesh = r.mesh;
         ucx.liveness_ip = r.advertise_ip;
         ucx.abandoned_below = Some(r.abandoned_below);
         let g = UcxGroup::connect(r.rank, r.world, r.generation, ucx, r.exchange)?;
@@ -106,6 +109,7 @@ pub fn in_process(fabrics: Arc<InProcFabrics>) -> DataPlane {
         )?;
         let cfg = CollConfig {
             timeout: r.collective_timeout,
+            mesh: r.mesh,
             ..CollConfig::default()
         };
         Ok(Box::new(fabrics.join(r.rank, r.world, r.generation, cfg)) as Box<dyn Group>)
@@ -183,6 +187,7 @@ impl Actor for CommunicatorActor {
                     world,
                     generation,
                     collective_timeout: st.shared.params.collective_timeout,
+                    mesh: st.shared.params.mesh,
                     advertise_ip: st.shared.params.advertise_ip.clone(),
                     exchange: Box::new(CoordExchange {
                         handle: st.shared.handle.clone(),

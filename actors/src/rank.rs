@@ -92,6 +92,8 @@ pub struct RankParams {
     /// Roll back to the last saved checkpoint on a non-finite step instead of skipping it.
     pub rollback_on_nonfinite: bool,
     pub collective_timeout: Duration,
+    /// Shared-memory collectives within a node (P-11).
+    pub mesh: bool,
     /// The compute child's watchdog deadline (a step, a heal, a collective included).
     pub watchdog: Duration,
     pub intensity: Intensity,

@@ -4,9 +4,9 @@
 //! (`torchrun --nproc-per-node N SCRIPT`). SCRIPT is a nanoGPT reference that takes nanoGPT's
 //! hyperparameters as flags and prints `tokens_per_s_median T final_train_loss L` last.
 
-use anyhow::{anyhow, bail, Context, Result};
 use crate::config::TrainConfig;
 use crate::train::median;
+use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -111,11 +111,10 @@ impl Versus<'_> {
         if !out.status.success() {
             return Err(launch_failed("the launched job", &out));
         }
-        let lines: Vec<serde_json::Value> =
-            std::fs::read_to_string(run_dir.join("metrics.jsonl"))?
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(run_dir.join("metrics.jsonl"))?
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
         let mut steps: Vec<f64> = lines.iter().filter_map(|m| m["step_ms"].as_f64()).collect();
         let loss = lines
             .iter()
@@ -146,7 +145,11 @@ fn parse_reference(out: &str) -> Result<Figures> {
 
 /// Runs both in turns (phalanx first in odd runs) and prints each run and the medians.
 pub fn run(v: &Versus) -> Result<()> {
-    let what = if v.world == 1 { "PyTorch eager" } else { "PyTorch DDP over gloo" };
+    let what = if v.world == 1 {
+        "PyTorch eager"
+    } else {
+        "PyTorch DDP over gloo"
+    };
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for r in 0..v.runs {
         let (a, b) = if r % 2 == 0 {
@@ -167,10 +170,12 @@ pub fn run(v: &Versus) -> Result<()> {
         ours.push(a);
         theirs.push(b);
     }
-    let med = |v: &[Figures], f: fn(&Figures) -> f64| {
-        median(&mut v.iter().map(f).collect::<Vec<_>>())
-    };
-    let (ot, tt) = (med(&ours, |f| f.tokens_per_s), med(&theirs, |f| f.tokens_per_s));
+    let med =
+        |v: &[Figures], f: fn(&Figures) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    let (ot, tt) = (
+        med(&ours, |f| f.tokens_per_s),
+        med(&theirs, |f| f.tokens_per_s),
+    );
     let (ol, tl) = (med(&ours, |f| f.loss), med(&theirs, |f| f.loss));
     outln!(
         "median over {} runs of {} steps on {} rank(s), {} thread(s) each: phalanx {ot:.0} \
@@ -191,8 +196,10 @@ mod tests {
 
     #[test]
     fn the_references_last_line_is_read_and_garbage_is_an_error() {
-        let f = parse_reference("step 500 val_loss 2.1\ntokens_per_s_median 15998 final_train_loss 1.8927\n")
-            .unwrap();
+        let f = parse_reference(
+            "step 500 val_loss 2.1\ntokens_per_s_median 15998 final_train_loss 1.8927\n",
+        )
+        .unwrap();
         assert_eq!((f.tokens_per_s, f.loss), (15998.0, 1.8927));
         assert!(parse_reference("nothing here").is_err());
         assert!(parse_reference("tokens_per_s_median x final_train_loss y").is_err());
