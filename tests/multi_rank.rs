@@ -919,6 +919,33 @@ fn deterministic_mode_on(hosts: Hosts) {
     assert_eq!(one, killed, "1 rank vs 4 ranks with a kill");
 }
 
+// P-11 and P-2 with real processes: the same job ends in the same bits whether its ranks sum
+// through each other's shared memory or over the ring (the mesh adds in the ring's order).
+#[test]
+fn shared_memory_collectives_train_bitwise_as_the_ring() {
+    let final_state = |mesh: &str| {
+        let d = test_dir();
+        let mesh = format!("dataplane.mesh={mesh}");
+        let args = [
+            "--world",
+            "3",
+            "train.max_steps=40",
+            "optim.decay_steps=40",
+            &mesh,
+        ];
+        let r = launch_on(Hosts::One, d.path(), &args);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        assert_identical_final_state(&r.run, 3);
+        read_jsonl(&r.run.join("fingerprints.jsonl"))
+            .last()
+            .unwrap()["state_sha256"]
+            .clone()
+    };
+    let (mesh, ring) = (final_state("true"), final_state("false"));
+    assert!(mesh.is_string(), "{mesh}");
+    assert_eq!(mesh, ring);
+}
+
 /// Steps long enough (tens of ms) that a CPU quota shows against scheduling noise.
 const STRAGGLER_MODEL: [&str; 3] = ["model.n_layer=2", "model.n_embd=128", "model.block_size=64"];
 
