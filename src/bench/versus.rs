@@ -72,11 +72,23 @@ impl Versus<'_> {
         .collect())
     }
 
+    /// The reference's figures. torchrun's ranks sometimes abort at start-up here (SIGABRT
+    /// before the first step, about one run in five at 4 ranks on 2 cores): such a run is said
+    /// and made once more.
     fn torch(&self) -> Result<Figures> {
+        self.torch_once().or_else(|e| {
+            outln!("# {e:#}; running it once more");
+            self.torch_once()
+        })
+    }
+
+    fn torch_once(&self) -> Result<Figures> {
         let mut cmd = if self.world == 1 {
             Command::new(venv("python"))
         } else {
             let mut c = Command::new(venv("torchrun"));
+            // A free port of its own, not 29500, which another job may hold.
+            c.arg("--standalone");
             c.args(["--nproc-per-node", &self.world.to_string()]);
             c
         };
