@@ -534,32 +534,33 @@ impl Transport for InProcTransport {
 
     fn window_get(&mut self, peer: Rank, at: usize, dst: Range<usize>) -> Result<(), RuntimeError> {
         self.check_open("window_get")?;
-        let Some(w) = self.mapped.get(&peer) else {
-            return Err(RuntimeError::InvalidArgument {
-                op: "window_get",
-                reason: format!("rank {peer}'s window is not mapped"),
-            });
-        };
-        let w = lock(w);
-        check_window("window_get", at, dst.len(), w.len())?;
         let out = super::transport::region_mut(&mut self.buf, &self.inflight, dst)?;
-        let n = out.len();
-        out.copy_from_slice(&w[at..at + n]);
-        Ok(())
+        read_mapped(&self.mapped, peer, at, out, "window_get")
     }
 
     fn window_read(&mut self, peer: Rank, at: usize, out: &mut [u8]) -> Result<(), RuntimeError> {
         self.check_open("window_read")?;
-        let Some(w) = self.mapped.get(&peer) else {
-            return Err(RuntimeError::InvalidArgument {
-                op: "window_read",
-                reason: format!("rank {peer}'s window is not mapped"),
-            });
-        };
-        let w = lock(w);
-        check_window("window_read", at, out.len(), w.len())?;
-        let n = out.len();
-        out.copy_from_slice(&w[at..at + n]);
-        Ok(())
+        read_mapped(&self.mapped, peer, at, out, "window_read")
     }
+}
+
+/// Copies `out.len()` bytes at `at` of `peer`'s window, as mapped by this rank, into `out`.
+fn read_mapped(
+    mapped: &HashMap<Rank, Window>,
+    peer: Rank,
+    at: usize,
+    out: &mut [u8],
+    op: &'static str,
+) -> Result<(), RuntimeError> {
+    let Some(w) = mapped.get(&peer) else {
+        return Err(RuntimeError::InvalidArgument {
+            op,
+            reason: format!("rank {peer}'s window is not mapped"),
+        });
+    };
+    let w = lock(w);
+    check_window(op, at, out.len(), w.len())?;
+    let n = out.len();
+    out.copy_from_slice(&w[at..at + n]);
+    Ok(())
 }
