@@ -798,20 +798,10 @@ impl<T: Transport> Collectives<T> {
         if !self.use_mesh()? {
             return Ok(None);
         }
-        let seq = self.next_seq();
-        let len = buf.len();
-        let round = self.mesh_round();
-        if let Err((e, back)) = self.t.attach(OpBuf::F32(std::mem::take(buf))) {
-            if let OpBuf::F32(v) = back {
-                *buf = v;
-            }
-            return Err(e);
-        }
-        let timeout = self.cfg.timeout;
-        let res = mesh::run(&mut self.t, op, seq, segs, len, phases, round, timeout);
-        if let OpBuf::F32(v) = self.t.detach() {
-            *buf = v;
-        }
+        let (len, round) = (buf.len(), self.mesh_round());
+        let res = self.on_f32(buf, |t, seq, cfg| {
+            mesh::run(t, op, seq, segs, len, phases, round, cfg.timeout)
+        });
         self.mesh_ops += 1;
         res.map(Some)
     }
@@ -826,18 +816,31 @@ impl<T: Transport> Collectives<T> {
         self.seq
     }
 
+    /// Runs `f` on the transport with `buf` attached, under a fresh sequence number, and takes
+    /// the buffer back whatever happened.
     fn with_buf(
         &mut self,
-        op: &'static str,
         buf: OpBuf,
-        s: &Schedule,
+        f: impl FnOnce(&mut T, u16, &CollConfig) -> Result<(), RuntimeError>,
     ) -> (OpBuf, Result<(), RuntimeError>) {
         let seq = self.next_seq();
         if let Err((e, buf)) = self.t.attach(buf) {
             return (buf, Err(e));
         }
-        let res = run(&mut self.t, op, seq, s, &self.cfg);
+        let res = f(&mut self.t, seq, &self.cfg);
         (self.t.detach(), res)
+    }
+
+    fn on_f32(
+        &mut self,
+        buf: &mut Vec<f32>,
+        f: impl FnOnce(&mut T, u16, &CollConfig) -> Result<(), RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        let (back, res) = self.with_buf(OpBuf::F32(std::mem::take(buf)), f);
+        if let OpBuf::F32(v) = back {
+            *buf = v;
+        }
+        res
     }
 
     fn run_f32(
@@ -846,11 +849,7 @@ impl<T: Transport> Collectives<T> {
         buf: &mut Vec<f32>,
         s: Schedule,
     ) -> Result<(), RuntimeError> {
-        let (back, res) = self.with_buf(op, OpBuf::F32(std::mem::take(buf)), &s);
-        if let OpBuf::F32(v) = back {
-            *buf = v;
-        }
-        res
+        self.on_f32(buf, |t, seq, cfg| run(t, op, seq, &s, cfg))
     }
 
     fn run_bytes(
@@ -859,7 +858,8 @@ impl<T: Transport> Collectives<T> {
         buf: &mut Vec<u8>,
         s: Schedule,
     ) -> Result<(), RuntimeError> {
-        let (back, res) = self.with_buf(op, OpBuf::Bytes(std::mem::take(buf)), &s);
+        let bytes = OpBuf::Bytes(std::mem::take(buf));
+        let (back, res) = self.with_buf(bytes, |t, seq, cfg| run(t, op, seq, &s, cfg));
         if let OpBuf::Bytes(v) = back {
             *buf = v;
         }
