@@ -210,6 +210,9 @@ impl Actor for CommunicatorActor {
                         rank: rank.0,
                         links: links.iter().map(observed::to_pb).collect(),
                     });
+                    // Reported at once, not at the next heartbeat: a rank stopped or killed a
+                    // few steps into its generation would otherwise never say how it linked.
+                    st.shared.beat_now.notify_one();
                     st.group = Some(g.clone());
                 }
                 let _ = reply.send(r);
