@@ -112,6 +112,14 @@ fn ucx_collectives_match_the_reference() {
                 out.push(bits(&full));
             }
         }
+        // P-12: integers, whose partial sums wrap while the total fits (ranks 0 and 2 add
+        // 2^62 each, ranks 1 and 3 take 2^62 + i each away).
+        let big = 1i64 << 62;
+        let mut ints: Vec<i64> = (0..100_003i64)
+            .map(|i| if r % 2 == 0 { big } else { -big - i })
+            .collect();
+        g.allreduce(&mut ints).unwrap();
+        let ints_ok = ints.iter().enumerate().all(|(i, &v)| v == -2 * i as i64);
         g.barrier().unwrap();
         let mut bc: Vec<u8> = if r == 2 {
             (0..777_777).map(|i| (i % 253) as u8).collect()
@@ -144,13 +152,14 @@ fn ucx_collectives_match_the_reference() {
         g.barrier().unwrap();
         let st = g.stats().unwrap();
         let paths = (st.window_broadcasts, st.mesh_collectives);
-        (out, bc_ok, striped, st.dropped_stale, paths)
+        (out, bc_ok && ints_ok, striped, st.dropped_stale, paths)
     });
     // Shared memory (UCX's default between local ranks) carries broadcasts through the root's
-    // window and the reductions and gathers through every rank's (P-11, 5 lengths x 5 calls);
+    // window and the reductions and gathers through every rank's (P-11, 5 lengths x 5 calls,
+    // and the integer sum);
     // TCP cannot map them, and the chain and the ring take over.
     let want_windows = match std::env::var("UCX_TLS").as_deref() {
-        Err(_) => Some((2, 25)),
+        Err(_) => Some((2, 26)),
         Ok("tcp,self") | Ok("tcp") => Some((0, 0)),
         Ok(_) => None,
     };
@@ -166,7 +175,7 @@ fn ucx_collectives_match_the_reference() {
             let uneven = reference_in(n, len, &skewed(len, n as usize));
             assert_eq!(out[3 * i + 2], uneven, "uneven segments len={len} rank={r}");
         }
-        assert!(bc_ok, "broadcast rank={r}");
+        assert!(bc_ok, "broadcast and integer sum rank={r}");
         if let Some(w) = want_windows {
             assert_eq!(
                 windows, w,

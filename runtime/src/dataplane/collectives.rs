@@ -91,6 +91,8 @@ struct Schedule {
     recvs: Vec<RecvItem>,
     /// How many peers send to this rank at once (scales the receive window).
     sources: usize,
+    /// What a `Reduce` receive adds.
+    elem: Elem,
 }
 
 /// Near-equal contiguous segments of `len` elements, one per rank of `n` (the allreduce's).
@@ -109,7 +111,7 @@ fn byte_range(elems: Range<usize>, size: usize) -> Range<usize> {
     elems.start * size..elems.end * size
 }
 
-/// The ring schedule of rank `r` in a world of `n` over `len` elements of `elem` bytes.
+/// The ring schedule of rank `r` in a world of `n` over `len` elements of type `elem`.
 /// Segment `k` ends up reduced on rank `k` (its owner); the reduce-scatter passes it around the
 /// ring starting at `k + 1`, each rank adding its own values, so segment `k` is summed in the
 /// order `k+1, k+2, ..., k`. The allgather then ships the owner's bytes to everyone, which is
@@ -117,7 +119,7 @@ fn byte_range(elems: Range<usize>, size: usize) -> Range<usize> {
 fn ring_schedule(
     r: usize,
     segs: &[Range<usize>],
-    elem: usize,
+    elem: Elem,
     chunk: usize,
     rs: bool,
     ag: bool,
@@ -125,11 +127,13 @@ fn ring_schedule(
     let n = segs.len();
     let mut s = Schedule {
         sources: 1,
+        elem,
         ..Default::default()
     };
     if n < 2 {
         return s;
     }
+    let elem = elem.size();
     let seg = |k: usize| byte_range(segs[k % n].clone(), elem);
     let right = Rank(((r + 1) % n) as u32);
     let left = Rank(((r + n - 1) % n) as u32);
@@ -359,7 +363,7 @@ fn run<T: Transport>(
                 continue;
             }
             let (idx, staged) = to_reduce.swap_remove(i);
-            add_f32(t.region_mut(range)?, &staged);
+            s.elem.add(t.region_mut(range)?, &staged);
             pool.push(staged);
             landed[idx] = true;
             recvs_done += 1;
@@ -692,6 +696,32 @@ fn window_receive<T: Transport>(
     Ok(())
 }
 
+/// A collective that adds or gathers values (see [`Collectives::allreduce`] and the others).
+#[derive(Debug, Clone)]
+pub enum Reduction {
+    All,
+    /// One contiguous range per rank, in rank order, the same plan on every rank.
+    Scatter(Vec<Range<usize>>),
+    Gather(Vec<Range<usize>>),
+}
+
+impl Reduction {
+    fn op(&self) -> &'static str {
+        match self {
+            Reduction::All => "allreduce",
+            Reduction::Scatter(_) => "reduce_scatter",
+            Reduction::Gather(_) => "allgather",
+        }
+    }
+
+    fn phases(&self) -> mesh::Phases {
+        mesh::Phases {
+            reduce: !matches!(self, Reduction::Gather(_)),
+            gather: !matches!(self, Reduction::Scatter(_)),
+        }
+    }
+}
+
 /// The collectives of one group, over one transport.
 pub struct Collectives<T: Transport> {
     t: T,
@@ -787,23 +817,31 @@ impl<T: Transport> Collectives<T> {
         Ok(yes)
     }
 
-    /// A mesh collective on `buf`: `Ok(None)` when the group does not use the mesh.
+    /// A mesh collective on the attached buffer: `Ok(None)` when the group does not use the
+    /// mesh.
     fn run_mesh(
         &mut self,
         op: &'static str,
-        buf: &mut Vec<f32>,
+        buf: OpBuf,
         segs: &[Range<usize>],
         phases: mesh::Phases,
-    ) -> Result<Option<()>, RuntimeError> {
-        if !self.use_mesh()? {
-            return Ok(None);
+    ) -> (OpBuf, Result<Option<()>, RuntimeError>) {
+        match self.use_mesh() {
+            Ok(true) => {}
+            Ok(false) => return (buf, Ok(None)),
+            Err(e) => return (buf, Err(e)),
         }
-        let (len, round) = (buf.len(), self.mesh_round());
-        let res = self.on_f32(buf, |t, seq, cfg| {
-            mesh::run(t, op, seq, segs, len, phases, round, cfg.timeout)
-        });
+        let plan = mesh::Plan {
+            segs,
+            len: buf.bytes().len() / buf.elem().unwrap_or_default().size(),
+            elem: buf.elem().unwrap_or_default(),
+            phases,
+            round: self.mesh_round(),
+        };
+        let (back, res) =
+            self.with_buf(buf, |t, seq, cfg| mesh::run(t, op, seq, &plan, cfg.timeout));
         self.mesh_ops += 1;
-        res.map(Some)
+        (back, res.map(Some))
     }
 
     pub fn world(&self) -> u32 {
@@ -831,25 +869,49 @@ impl<T: Transport> Collectives<T> {
         (self.t.detach(), res)
     }
 
-    fn on_f32(
+    /// Runs a reducing collective on `buf`'s values, through the mesh when the group uses it,
+    /// else on the ring.
+    fn reduce_values<V: Values>(
         &mut self,
-        buf: &mut Vec<f32>,
-        f: impl FnOnce(&mut T, u16, &CollConfig) -> Result<(), RuntimeError>,
+        r: Reduction,
+        buf: &mut Vec<V>,
     ) -> Result<(), RuntimeError> {
-        let (back, res) = self.with_buf(OpBuf::F32(std::mem::take(buf)), f);
-        if let OpBuf::F32(v) = back {
-            *buf = v;
-        }
+        let (back, res) = self.reduce_buf(r, V::wrap(std::mem::take(buf)));
+        *buf = V::unwrap(back);
         res
     }
 
-    fn run_f32(
-        &mut self,
-        op: &'static str,
-        buf: &mut Vec<f32>,
-        s: Schedule,
-    ) -> Result<(), RuntimeError> {
-        self.on_f32(buf, |t, seq, cfg| run(t, op, seq, &s, cfg))
+    /// [`Self::reduce_values`] on a buffer of values of any [`Elem`] type: what a transport's
+    /// thread runs for its callers.
+    pub fn reduce_buf(&mut self, r: Reduction, buf: OpBuf) -> (OpBuf, Result<(), RuntimeError>) {
+        let (n, rank) = self.me();
+        let Some(elem) = buf.elem() else {
+            let e = RuntimeError::InvalidArgument {
+                op: r.op(),
+                reason: "a reducing collective takes a buffer of f32 or i64 values".into(),
+            };
+            return (buf, Err(e));
+        };
+        let len = buf.bytes().len() / elem.size();
+        let segs = match &r {
+            Reduction::All => even_segments(len, n),
+            Reduction::Scatter(segs) | Reduction::Gather(segs) => {
+                if let Err(e) = self.check_segments(r.op(), len, segs) {
+                    return (buf, Err(e));
+                }
+                segs.clone()
+            }
+        };
+        let phases = r.phases();
+        let (buf, res) = self.run_mesh(r.op(), buf, &segs, phases);
+        match res {
+            Ok(Some(())) => return (buf, Ok(())),
+            Err(e) => return (buf, Err(e)),
+            Ok(None) => {}
+        }
+        let chunk = self.cfg.chunk_bytes;
+        let s = ring_schedule(rank, &segs, elem, chunk, phases.reduce, phases.gather);
+        self.with_buf(buf, |t, seq, cfg| run(t, r.op(), seq, &s, cfg))
     }
 
     fn run_bytes(
@@ -872,63 +934,30 @@ impl<T: Transport> Collectives<T> {
 
     /// Sums `buf` elementwise over all ranks, in place. Every rank ends with bitwise identical
     /// values. Extra memory: `window` staging chunks (`window * chunk_bytes`).
-    pub fn allreduce(&mut self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
-        let (n, r) = self.me();
-        let segs = even_segments(buf.len(), n);
-        let both = mesh::Phases {
-            reduce: true,
-            gather: true,
-        };
-        if self.run_mesh("allreduce", buf, &segs, both)?.is_some() {
-            return Ok(());
-        }
-        let s = ring_schedule(r, &segs, 4, self.cfg.chunk_bytes, true, true);
-        self.run_f32("allreduce", buf, s)
+    pub fn allreduce<V: Values>(&mut self, buf: &mut Vec<V>) -> Result<(), RuntimeError> {
+        self.reduce_values(Reduction::All, buf)
     }
 
     /// Sums `buf` over all ranks and leaves segment `rank` of the sum in place (`segs`: one
     /// contiguous range per rank, in rank order, covering `buf`); the rest of `buf` holds
     /// partial sums. Element `i` of segment `k` is added in rank order `k+1, ..., k`, so with
     /// [`even_segments`] the result is bitwise the allreduce's.
-    pub fn reduce_scatter(
+    pub fn reduce_scatter<V: Values>(
         &mut self,
-        buf: &mut Vec<f32>,
+        buf: &mut Vec<V>,
         segs: &[Range<usize>],
     ) -> Result<(), RuntimeError> {
-        let (_, r) = self.me();
-        self.check_segments("reduce_scatter", buf.len(), segs)?;
-        let reduce = mesh::Phases {
-            reduce: true,
-            gather: false,
-        };
-        if self
-            .run_mesh("reduce_scatter", buf, segs, reduce)?
-            .is_some()
-        {
-            return Ok(());
-        }
-        let s = ring_schedule(r, segs, 4, self.cfg.chunk_bytes, true, false);
-        self.run_f32("reduce_scatter", buf, s)
+        self.reduce_values(Reduction::Scatter(segs.to_vec()), buf)
     }
 
     /// Every rank contributes its segment of `buf` (`segs` as in [`Self::reduce_scatter`]);
     /// afterwards every rank holds all segments, bitwise their owners'.
-    pub fn allgather(
+    pub fn allgather<V: Values>(
         &mut self,
-        buf: &mut Vec<f32>,
+        buf: &mut Vec<V>,
         segs: &[Range<usize>],
     ) -> Result<(), RuntimeError> {
-        let (_, r) = self.me();
-        self.check_segments("allgather", buf.len(), segs)?;
-        let gather = mesh::Phases {
-            reduce: false,
-            gather: true,
-        };
-        if self.run_mesh("allgather", buf, segs, gather)?.is_some() {
-            return Ok(());
-        }
-        let s = ring_schedule(r, segs, 4, self.cfg.chunk_bytes, false, true);
-        self.run_f32("allgather", buf, s)
+        self.reduce_values(Reduction::Gather(segs.to_vec()), buf)
     }
 
     /// A segment plan every rank can follow: one range per rank, contiguous from 0 to `len`.

@@ -21,10 +21,19 @@ pub trait Group: Send {
     fn generation(&self) -> Generation;
     /// Element-wise sum over the ranks, in place.
     fn allreduce(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError>;
+    /// Element-wise sum of integers over the ranks, in place. Wrapping, so exact and the same
+    /// in any order whenever the true sum fits.
+    fn allreduce_i64(&self, buf: &mut Vec<i64>) -> Result<(), RuntimeError>;
     /// The sum over the ranks of segment `rank` of `buf` (`segs`: one contiguous range per
     /// rank, the same plan on every rank), in place; the rest of `buf` is scratch.
     fn reduce_scatter(&self, buf: &mut Vec<f32>, segs: &[Range<usize>])
         -> Result<(), RuntimeError>;
+    /// [`Group::reduce_scatter`] of integers, summed as [`Group::allreduce_i64`] does.
+    fn reduce_scatter_i64(
+        &self,
+        buf: &mut Vec<i64>,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError>;
     /// Every rank's segment of `buf` to every rank.
     fn allgather(&self, buf: &mut Vec<f32>, segs: &[Range<usize>]) -> Result<(), RuntimeError>;
     /// `root`'s bytes to every rank; the others pass a buffer of the same length.
@@ -49,18 +58,12 @@ pub trait Group: Send {
         Vec::new()
     }
 
-    /// Every rank's `mine`, by rank: 16-bit limbs in f32 slots of one allreduce, exact.
+    /// Every rank's `mine`, by rank: a slot per rank of one integer allreduce, exact.
     fn gather_u64(&self, mine: u64) -> Result<Vec<u64>, RuntimeError> {
-        let world = self.world() as usize;
-        let me = self.rank().0 as usize;
-        let mut slots = vec![0f32; world * 4];
-        for i in 0..4 {
-            slots[me * 4 + i] = ((mine >> (16 * i)) & 0xFFFF) as f32;
-        }
-        self.allreduce(&mut slots)?;
-        Ok((0..world)
-            .map(|r| (0..4).fold(0u64, |acc, i| acc | ((slots[r * 4 + i] as u64) << (16 * i))))
-            .collect())
+        let mut slots = vec![0i64; self.world() as usize];
+        slots[self.rank().0 as usize] = mine as i64;
+        self.allreduce_i64(&mut slots)?;
+        Ok(slots.into_iter().map(|v| v as u64).collect())
     }
 }
 
@@ -76,6 +79,16 @@ impl Group for UcxGroup {
     }
     fn allreduce(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
         UcxGroup::allreduce(self, buf)
+    }
+    fn allreduce_i64(&self, buf: &mut Vec<i64>) -> Result<(), RuntimeError> {
+        UcxGroup::allreduce(self, buf)
+    }
+    fn reduce_scatter_i64(
+        &self,
+        buf: &mut Vec<i64>,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError> {
+        UcxGroup::reduce_scatter(self, buf, segs)
     }
     fn reduce_scatter(
         &self,
@@ -161,6 +174,16 @@ impl Group for InProcGroup {
     }
     fn allreduce(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
         self.coll.lock().allreduce(buf)
+    }
+    fn allreduce_i64(&self, buf: &mut Vec<i64>) -> Result<(), RuntimeError> {
+        self.coll.lock().allreduce(buf)
+    }
+    fn reduce_scatter_i64(
+        &self,
+        buf: &mut Vec<i64>,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError> {
+        self.coll.lock().reduce_scatter(buf, segs)
     }
     fn reduce_scatter(
         &self,

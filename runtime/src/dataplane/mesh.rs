@@ -23,8 +23,8 @@ use std::time::Duration;
 /// Rounds smaller than this would be ruled by their messages: such a group keeps the ring.
 pub(super) const MIN_ROUND_BYTES: usize = 4096;
 
-/// Elements a reduction reads from a peer's window at a time (staging that stays in cache).
-const STAGE_ELEMS: usize = 16 * 1024;
+/// Bytes a reduction reads from a peer's window at a time (staging that stays in cache).
+const STAGE_BYTES: usize = 64 * 1024;
 
 const SLOT_OFFER: u32 = 0;
 const SLOT_MAPPED: u32 = 1;
@@ -63,7 +63,7 @@ pub(super) fn negotiate<T: Transport>(
     Ok(mapped && bits.iter().all(|b| b.first() == Some(&1)))
 }
 
-/// What a mesh collective does with the attached buffer of f32.
+/// What a mesh collective does with the attached buffer of values.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Phases {
     /// Sum every rank's values into each rank's own segment.
@@ -88,15 +88,18 @@ struct Rounds {
     len: usize,
     elems: usize,
     half: usize,
+    size: usize,
 }
 
 impl Rounds {
-    fn new(len: usize, round_bytes: usize) -> Self {
-        let elems = (round_bytes / 4).max(1);
+    fn new(len: usize, round_bytes: usize, elem: Elem) -> Self {
+        let size = elem.size();
+        let elems = (round_bytes / size).max(1);
         Rounds {
             len,
             elems,
-            half: elems * 4,
+            half: elems * size,
+            size,
         }
     }
 
@@ -110,7 +113,12 @@ impl Rounds {
 
     /// Where element `e` of round `i` sits in a window.
     fn at(&self, i: usize, e: usize) -> usize {
-        (i % 2) * self.half + (e - i * self.elems) * 4
+        (i % 2) * self.half + (e - i * self.elems) * self.size
+    }
+
+    /// The bytes of the elements `r` in the buffer.
+    fn bytes(&self, r: &Range<usize>) -> Range<usize> {
+        r.start * self.size..r.end * self.size
     }
 }
 
@@ -119,17 +127,16 @@ fn meet(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
     s..a.end.min(b.end).max(s)
 }
 
-fn bytes_of(r: &Range<usize>) -> Range<usize> {
-    r.start * 4..r.end * 4
-}
-
 /// One mesh collective in progress: what it posted, and what arrived.
 struct Mesh<'a, T: Transport> {
     t: &'a mut T,
     op: &'static str,
     seq: u16,
     timeout: Duration,
-    len: usize,
+    /// The buffer's length in bytes, which every rank announces: a peer with another length
+    /// (or another type of values) breaks the group.
+    bytes: usize,
+    elem: Elem,
     peers: Vec<Rank>,
     /// Receives by id: slot and sender. Sends are not tracked past their completion.
     posted: HashMap<ReqId, Option<(u32, Rank)>>,
@@ -138,20 +145,32 @@ struct Mesh<'a, T: Transport> {
     to_copy: Vec<(usize, Rank)>,
 }
 
-/// Runs one mesh collective on the attached buffer of `len` f32; `segs` gives each rank's
+/// One mesh collective: the attached buffer's `len` values of type `elem`, `segs` each rank's
 /// segment (every rank passes the same), `round` the bytes per round (at most half a window).
-#[allow(clippy::too_many_arguments)]
+pub(super) struct Plan<'a> {
+    pub segs: &'a [Range<usize>],
+    pub len: usize,
+    pub elem: Elem,
+    pub phases: Phases,
+    pub round: usize,
+}
+
+/// Runs one mesh collective on the attached buffer.
 pub(super) fn run<T: Transport>(
     t: &mut T,
     op: &'static str,
     seq: u16,
-    segs: &[Range<usize>],
-    len: usize,
-    phases: Phases,
-    round: usize,
+    plan: &Plan,
     timeout: Duration,
 ) -> Result<(), RuntimeError> {
-    let rounds = Rounds::new(len, round);
+    let Plan {
+        segs,
+        len,
+        elem,
+        phases,
+        round,
+    } = *plan;
+    let rounds = Rounds::new(len, round, elem);
     if rounds.count() * 3 > MAX_SLOTS as usize {
         return Err(RuntimeError::InvalidArgument {
             op,
@@ -168,7 +187,8 @@ pub(super) fn run<T: Transport>(
         op,
         seq,
         timeout,
-        len,
+        bytes: len * elem.size(),
+        elem,
         peers,
         posted: HashMap::new(),
         arrived: HashSet::new(),
@@ -224,7 +244,7 @@ impl<T: Transport> Mesh<'_, T> {
             for part in parts {
                 if !part.is_empty() {
                     self.t
-                        .window_put(rounds.at(i, part.start), bytes_of(&part))?;
+                        .window_put(rounds.at(i, part.start), rounds.bytes(&part))?;
                 }
             }
             self.announce(i, Kind::Ready)?;
@@ -234,7 +254,7 @@ impl<T: Transport> Mesh<'_, T> {
         if phases.gather {
             if !mine.is_empty() {
                 self.t
-                    .window_put(rounds.at(i, mine.start), bytes_of(&mine))?;
+                    .window_put(rounds.at(i, mine.start), rounds.bytes(&mine))?;
             }
             self.announce(i, Kind::Published)?;
             self.gather(rounds, i, segs)?;
@@ -259,7 +279,7 @@ impl<T: Transport> Mesh<'_, T> {
         let body = if kind == Kind::Done {
             Vec::new()
         } else {
-            (self.len as u64).to_le_bytes().to_vec()
+            (self.bytes as u64).to_le_bytes().to_vec()
         };
         for p in self.peers.clone() {
             let key = MsgKey {
@@ -282,11 +302,11 @@ impl<T: Transport> Mesh<'_, T> {
         if slot % 3 != Kind::Done as u32 {
             let got = c.buf.as_deref().and_then(|b| b.try_into().ok());
             let got = got.map_or(0, u64::from_le_bytes);
-            if got != self.len as u64 {
+            if got != self.bytes as u64 {
                 return Err(self.t.abort(RuntimeError::MessageLength {
                     from,
                     op: self.op,
-                    expected: self.len,
+                    expected: self.bytes,
                     got: got as usize,
                 }));
             }
@@ -319,23 +339,26 @@ impl<T: Transport> Mesh<'_, T> {
     ) -> Result<(), RuntimeError> {
         let n = self.t.world() as usize;
         let me = self.t.rank().0 as usize;
-        let mut acc = vec![0f32; STAGE_ELEMS.min(mine.len())];
-        let mut stage = acc.clone();
+        let per = STAGE_BYTES / rounds.size;
+        // u64 storage: aligned for every type of values.
+        let words = rounds.bytes(&(0..per.min(mine.len()))).end.div_ceil(8);
+        let mut acc_words = vec![0u64; words];
+        let mut stage_words = acc_words.clone();
+        let elem = self.elem;
         let mut at = mine.start;
         while at < mine.end {
-            let piece = at..(at + STAGE_ELEMS).min(mine.end);
-            let (acc, stage) = (&mut acc[..piece.len()], &mut stage[..piece.len()]);
+            let piece = at..(at + per).min(mine.end);
+            let bytes = rounds.bytes(&piece);
+            let acc = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut acc_words)[..bytes.len()];
+            let stage = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut stage_words)[..bytes.len()];
             let off = rounds.at(i, piece.start);
-            self.t
-                .window_read(Rank(((me + 1) % n) as u32), off, f32_bytes_mut(acc))?;
+            self.t.window_read(Rank(((me + 1) % n) as u32), off, acc)?;
             for j in 2..n {
                 let from = Rank(((me + j) % n) as u32);
-                self.t.window_read(from, off, f32_bytes_mut(stage))?;
-                for (a, s) in acc.iter_mut().zip(stage.iter()) {
-                    *a += *s;
-                }
+                self.t.window_read(from, off, stage)?;
+                elem.add(acc, stage);
             }
-            add_f32(self.t.region_mut(bytes_of(&piece))?, f32_bytes(acc));
+            elem.add(self.t.region_mut(bytes)?, acc);
             at = piece.end;
         }
         Ok(())
@@ -360,7 +383,7 @@ impl<T: Transport> Mesh<'_, T> {
             let seg = meet(&segs[from.0 as usize], &range);
             if !seg.is_empty() {
                 self.t
-                    .window_get(from, rounds.at(i, seg.start), bytes_of(&seg))?;
+                    .window_get(from, rounds.at(i, seg.start), rounds.bytes(&seg))?;
             }
             self.arrived.remove(&(slot(i, Kind::Published), from));
             copied += 1;

@@ -194,3 +194,70 @@ fn different_lengths_are_an_error_not_a_hang() {
         );
     }
 }
+
+/// Rank `r`'s integers: large enough that partial sums wrap around while the total fits.
+fn ints(r: u32, len: usize) -> Vec<i64> {
+    (0..len)
+        .map(|i| {
+            let x = (i as i64).wrapping_mul(0x9E37_79B9) ^ i64::from(r) << 20;
+            let big = if (i + r as usize) % 3 == 0 {
+                1i64 << 62
+            } else {
+                -(1i64 << 61)
+            };
+            if r % 2 == 0 {
+                big
+            } else {
+                x % (1 << 40)
+            }
+        })
+        .collect()
+}
+
+fn int_sum(n: u32, len: usize) -> Vec<i64> {
+    (0..len)
+        .map(|i| {
+            let s: i128 = (0..n).map(|r| i128::from(ints(r, len)[i])).sum();
+            i64::try_from(s).expect("the test's totals fit in i64")
+        })
+        .collect()
+}
+
+// P-12: integer allreduce and reduce-scatter are exact, also when partial sums wrap, on the
+// mesh and on the ring, in a group that also reduces f32 (the types' messages never mix).
+#[test]
+fn integer_sums_are_exact_on_the_mesh_and_on_the_ring() {
+    for n in [2u32, 3, 5] {
+        let len = 3000;
+        let want = int_sum(n, len);
+        let segs: Vec<Range<usize>> = (0..n as usize)
+            .map(|k| len * k / n as usize..len * (k + 1) / n as usize)
+            .collect();
+        for windowless in [false, true] {
+            let got = ranks_on(
+                n,
+                |net| {
+                    if windowless {
+                        net.windowless(Rank(0))
+                    }
+                },
+                |c| {
+                    let me = c.rank().0 as usize;
+                    let mut f = input(c.rank().0, len);
+                    c.allreduce(&mut f).unwrap();
+                    let mut a = ints(c.rank().0, len);
+                    c.allreduce(&mut a).unwrap();
+                    let mut s = ints(c.rank().0, len);
+                    c.reduce_scatter(&mut s, &segs).unwrap();
+                    (a, s[segs[me].clone()].to_vec(), bits(&f), c.mesh())
+                },
+            );
+            for (r, (a, s, f, mesh)) in got.into_iter().enumerate() {
+                assert_eq!(mesh, Some(!windowless), "n={n} rank={r}");
+                assert_eq!(a, want, "n={n} rank={r} windowless={windowless}");
+                assert_eq!(s, want[segs[r].clone()], "n={n} rank={r}");
+                assert_eq!(f, bits(&reference(n, len)), "n={n} rank={r}");
+            }
+        }
+    }
+}

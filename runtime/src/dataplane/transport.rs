@@ -27,13 +27,14 @@ pub struct MsgKey {
     pub slot: u32,
 }
 
-/// The buffer an operation works on. `F32` keeps the caller's `Vec<f32>` (no conversion copy);
-/// the transport sees it as bytes.
+/// The buffer an operation works on. `F32` and `I64` keep the caller's vector (no conversion
+/// copy); the transport sees it as bytes.
 #[derive(Debug, Default)]
 pub enum OpBuf {
     #[default]
     None,
     F32(Vec<f32>),
+    I64(Vec<i64>),
     Bytes(Vec<u8>),
 }
 
@@ -42,6 +43,7 @@ impl OpBuf {
         match self {
             OpBuf::None => &[],
             OpBuf::F32(v) => f32_bytes(v),
+            OpBuf::I64(v) => bytemuck::cast_slice(v),
             OpBuf::Bytes(v) => v,
         }
     }
@@ -50,7 +52,77 @@ impl OpBuf {
         match self {
             OpBuf::None => &mut [],
             OpBuf::F32(v) => f32_bytes_mut(v),
+            OpBuf::I64(v) => bytemuck::cast_slice_mut(v),
             OpBuf::Bytes(v) => v,
+        }
+    }
+
+    /// The type of the values a reducing collective adds, for a buffer of values.
+    pub fn elem(&self) -> Option<Elem> {
+        match self {
+            OpBuf::F32(_) => Some(Elem::F32),
+            OpBuf::I64(_) => Some(Elem::I64),
+            OpBuf::None | OpBuf::Bytes(_) => None,
+        }
+    }
+}
+
+/// What a reducing collective adds: f32 (gradients), or i64 with wrapping addition, which is
+/// exact and associative, so an integer sum is the same in any order or grouping (deterministic
+/// mode's fixed-point gradients, T-6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Elem {
+    #[default]
+    F32,
+    I64,
+}
+
+impl Elem {
+    /// Bytes per value.
+    pub fn size(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::I64 => 8,
+        }
+    }
+
+    /// `dst[i] += src[i]` over values of this type stored as native-endian bytes.
+    pub fn add(self, dst: &mut [u8], src: &[u8]) {
+        match self {
+            Elem::F32 => add_f32(dst, src),
+            Elem::I64 => add_i64(dst, src),
+        }
+    }
+}
+
+/// The vectors a reducing collective takes: each is one [`OpBuf`] variant.
+pub trait Values: Sized + Send + 'static {
+    fn wrap(v: Vec<Self>) -> OpBuf;
+    /// The vector back; empty when `b` holds another type (never, for a buffer this type
+    /// wrapped).
+    fn unwrap(b: OpBuf) -> Vec<Self>;
+}
+
+impl Values for f32 {
+    fn wrap(v: Vec<f32>) -> OpBuf {
+        OpBuf::F32(v)
+    }
+    fn unwrap(b: OpBuf) -> Vec<f32> {
+        match b {
+            OpBuf::F32(v) => v,
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Values for i64 {
+    fn wrap(v: Vec<i64>) -> OpBuf {
+        OpBuf::I64(v)
+    }
+    fn unwrap(b: OpBuf) -> Vec<i64> {
+        match b {
+            OpBuf::I64(v) => v,
+            _ => Vec::new(),
         }
     }
 }
@@ -510,6 +582,29 @@ pub fn add_f32(dst: &mut [u8], src: &[u8]) {
     }
 }
 
+/// `dst[i] = dst[i].wrapping_add(src[i])` over i64 values stored as native-endian bytes.
+pub fn add_i64(dst: &mut [u8], src: &[u8]) {
+    debug_assert_eq!(dst.len(), src.len());
+    match (
+        bytemuck::try_cast_slice_mut::<u8, i64>(dst),
+        bytemuck::try_cast_slice::<u8, i64>(src),
+    ) {
+        (Ok(d), Ok(s)) => {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d = d.wrapping_add(*s);
+            }
+        }
+        // Misaligned staging memory: same arithmetic, byte-wise loads.
+        (Err(_), _) | (_, Err(_)) => {
+            for (d, s) in dst.chunks_exact_mut(8).zip(src.chunks_exact(8)) {
+                let a = i64::from_ne_bytes(d.try_into().unwrap_or([0; 8]));
+                let b = i64::from_ne_bytes(s.try_into().unwrap_or([0; 8]));
+                d.copy_from_slice(&a.wrapping_add(b).to_ne_bytes());
+            }
+        }
+    }
+}
+
 /// Part `i` of `len` items split into `parts` contiguous parts whose sizes differ by at most
 /// one (the first `len % parts` get one more).
 pub fn part(len: usize, parts: usize, i: usize) -> Range<usize> {
@@ -681,6 +776,20 @@ mod tests {
         assert!(!f.busy(&(10..20), true));
         f.remove(ReqId(2));
         assert!(!f.busy(&(25..26), true));
+    }
+
+    #[test]
+    fn add_i64_wraps_and_agrees_misaligned() {
+        let a: Vec<i64> = vec![i64::MAX, -5, 1 << 61, 0];
+        let b: Vec<i64> = vec![1, 7, 1 << 61, -1];
+        let mut d1 = bytemuck::cast_slice::<i64, u8>(&a).to_vec();
+        Elem::I64.add(&mut d1, bytemuck::cast_slice(&b));
+        let mut raw = [0u8; 4 * 8 + 1];
+        raw[1..].copy_from_slice(bytemuck::cast_slice(&a));
+        add_i64(&mut raw[1..], bytemuck::cast_slice(&b));
+        assert_eq!(d1, raw[1..]);
+        let want: Vec<i64> = vec![i64::MIN, 2, 1 << 62, -1];
+        assert_eq!(d1, bytemuck::cast_slice::<i64, u8>(&want));
     }
 
     #[test]

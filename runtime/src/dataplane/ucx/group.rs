@@ -6,9 +6,9 @@
 use super::transport::UcxTransport;
 use super::{UcxConfig, UcxStats};
 use crate::dataplane::bootstrap::AddressExchange;
-use crate::dataplane::collectives::Collectives;
+use crate::dataplane::collectives::{Collectives, Reduction};
 use crate::dataplane::links::PeerLink;
-use crate::dataplane::transport::Transport;
+use crate::dataplane::transport::{OpBuf, Transport, Values};
 use crate::error::RuntimeError;
 use crate::ids::{Generation, Rank};
 use std::ops::Range;
@@ -18,9 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 enum Cmd {
-    Allreduce(Vec<f32>),
-    ReduceScatter(Vec<f32>, Vec<Range<usize>>),
-    Allgather(Vec<f32>, Vec<Range<usize>>),
+    Reduce(Reduction, OpBuf),
     Broadcast(Vec<u8>, Rank),
     Barrier,
     SendStriped(Rank, Vec<Rank>, Vec<u8>),
@@ -33,7 +31,7 @@ enum Cmd {
 
 enum Reply {
     Connected(Result<(Arc<AtomicU64>, Vec<PeerLink>), RuntimeError>),
-    F32(Vec<f32>, Result<(), RuntimeError>),
+    Values(OpBuf, Result<(), RuntimeError>),
     Bytes(Vec<u8>, Result<(), RuntimeError>),
     Stats(UcxStats),
 }
@@ -141,15 +139,15 @@ impl UcxGroup {
         self.rx.recv().map_err(|_| gone(op, self.generation))
     }
 
-    fn f32_op(
+    fn values_op<V: Values>(
         &self,
         op: &'static str,
-        buf: &mut Vec<f32>,
-        mk: impl FnOnce(Vec<f32>) -> Cmd,
+        buf: &mut Vec<V>,
+        r: Reduction,
     ) -> Result<(), RuntimeError> {
-        match self.call(op, mk(std::mem::take(buf)))? {
-            Reply::F32(b, res) => {
-                *buf = b;
+        match self.call(op, Cmd::Reduce(r, V::wrap(std::mem::take(buf))))? {
+            Reply::Values(b, res) => {
+                *buf = V::unwrap(b);
                 res
             }
             _ => Err(gone(op, self.generation)),
@@ -167,24 +165,26 @@ impl UcxGroup {
     }
 
     /// See [`Collectives::allreduce`]. After an error `buf` may be empty or hold partial sums.
-    pub fn allreduce(&self, buf: &mut Vec<f32>) -> Result<(), RuntimeError> {
-        self.f32_op("allreduce", buf, Cmd::Allreduce)
+    pub fn allreduce<V: Values>(&self, buf: &mut Vec<V>) -> Result<(), RuntimeError> {
+        self.values_op("allreduce", buf, Reduction::All)
     }
 
     /// See [`Collectives::reduce_scatter`].
-    pub fn reduce_scatter(
+    pub fn reduce_scatter<V: Values>(
         &self,
-        buf: &mut Vec<f32>,
+        buf: &mut Vec<V>,
         segs: &[Range<usize>],
     ) -> Result<(), RuntimeError> {
-        let segs = segs.to_vec();
-        self.f32_op("reduce_scatter", buf, |b| Cmd::ReduceScatter(b, segs))
+        self.values_op("reduce_scatter", buf, Reduction::Scatter(segs.to_vec()))
     }
 
     /// See [`Collectives::allgather`].
-    pub fn allgather(&self, buf: &mut Vec<f32>, segs: &[Range<usize>]) -> Result<(), RuntimeError> {
-        let segs = segs.to_vec();
-        self.f32_op("allgather", buf, |b| Cmd::Allgather(b, segs))
+    pub fn allgather<V: Values>(
+        &self,
+        buf: &mut Vec<V>,
+        segs: &[Range<usize>],
+    ) -> Result<(), RuntimeError> {
+        self.values_op("allgather", buf, Reduction::Gather(segs.to_vec()))
     }
 
     pub fn broadcast(&self, buf: &mut Vec<u8>, root: Rank) -> Result<(), RuntimeError> {
@@ -247,17 +247,9 @@ impl Drop for UcxGroup {
 fn serve(mut c: Collectives<UcxTransport>, rx: mpsc::Receiver<Cmd>, tx: mpsc::Sender<Reply>) {
     while let Ok(cmd) = rx.recv() {
         let reply = match cmd {
-            Cmd::Allreduce(mut b) => {
-                let r = c.allreduce(&mut b);
-                Reply::F32(b, r)
-            }
-            Cmd::ReduceScatter(mut b, segs) => {
-                let r = c.reduce_scatter(&mut b, &segs);
-                Reply::F32(b, r)
-            }
-            Cmd::Allgather(mut b, segs) => {
-                let r = c.allgather(&mut b, &segs);
-                Reply::F32(b, r)
+            Cmd::Reduce(r, b) => {
+                let (b, res) = c.reduce_buf(r, b);
+                Reply::Values(b, res)
             }
             Cmd::Broadcast(mut b, root) => {
                 let r = c.broadcast(&mut b, root);
