@@ -770,9 +770,8 @@ impl TrainConfig {
         if t.max_steps == 0 {
             return bad("train.max_steps", 0, "must be at least 1");
         }
-        // The exact fixed-point sum holds 2^62 over 64 micro-batches of |g| < 2^15 and its 16-bit
-        // limbs, summed as f32 over the ranks, stay exact up to 256 of them: beyond, deterministic
-        // mode would silently stop being exact.
+        // The exact fixed-point sum (i64, 40 fractional bits) of 64 micro-batches of |g| < 2^15
+        // stays below 2^61: beyond, deterministic mode could silently stop being exact.
         if t.deterministic && t.global_batch / t.micro_batch > 64 {
             return bad(
                 "train.deterministic",
@@ -846,8 +845,8 @@ impl TrainConfig {
 mod tests {
     use super::*;
 
-    // Deterministic mode above 64 micro-batches (so above 64 ranks, and far from the 256 where
-    // the f32 limb sums stop being exact) is refused instead of silently inexact.
+    // Deterministic mode above 64 micro-batches (so above 64 ranks), where its i64 sums could
+    // overflow, is refused instead of silently inexact.
     #[test]
     fn deterministic_mode_refuses_what_it_cannot_sum_exactly() {
         let over = [

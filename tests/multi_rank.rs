@@ -870,9 +870,11 @@ fn deterministic_mode_on(hosts: Hosts) {
             hosts
         };
         let d = test_dir();
+        // Long enough that the kill (when the launcher hears of step 20, on a heartbeat) lands
+        // mid-job: a deterministic step of this model takes a few ms.
         let mut a = vec![
-            "train.max_steps=60",
-            "optim.decay_steps=60",
+            "train.max_steps=400",
+            "optim.decay_steps=400",
             "train.deterministic=true",
         ];
         a.extend_from_slice(args);
@@ -905,7 +907,7 @@ fn deterministic_mode_on(hosts: Hosts) {
     let (four, w4, _) = final_state(&["--world", "4"]);
     let (killed, wk, faults) = final_state(&["--world", "4", "--kill-at", "20:1"]);
     assert_eq!((w1, w4), (1, 4));
-    // The killed process is restarted as a spare; when it registers before the 60 steps are
+    // The killed process is restarted as a spare; when it registers before the 400 steps are
     // over (across hosts the steps are slower) it is promoted back: 3 or 4 ranks at the end,
     // bitwise equal either way.
     assert!(wk == 3 || wk == 4, "world after the kill: {wk}");

@@ -39,9 +39,11 @@ fn restores(report: &Value) -> Vec<String> {
 // (Z-4: its shard restored from its buddy's copy in memory) end with the same bytes.
 #[test]
 fn zero_is_bitwise_replicated_training_in_deterministic_mode() {
+    // Long enough that the kill (when the launcher hears of step 20, on a heartbeat) lands
+    // mid-job: a deterministic step of this model takes a few ms.
     let det = [
-        "train.max_steps=60",
-        "optim.decay_steps=60",
+        "train.max_steps=400",
+        "optim.decay_steps=400",
         "train.deterministic=true",
     ];
     let run = |extra: &[&str]| {

@@ -92,11 +92,27 @@ pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], decay_len: 
         .zip(v.par_chunks_mut(TASK))
         .enumerate()
         .for_each(|(task, (((p, g), m), v))| {
-            let first = task * TASK;
-            for i in 0..p.len() {
-                u.apply(&mut p[i], g[i], &mut m[i], &mut v[i], first + i < decay_len);
-            }
+            let cut = decay_len.saturating_sub(task * TASK).min(p.len());
+            let (pd, pr) = p.split_at_mut(cut);
+            let (md, mr) = m.split_at_mut(cut);
+            let (vd, vr) = v.split_at_mut(cut);
+            adamw_run::<true>(pd, &g[..cut], md, vd, u);
+            adamw_run::<false>(pr, &g[cut..], mr, vr, u);
         });
+}
+
+/// A run of values that all decay or all do not: a loop without a branch, which the compiler
+/// vectorizes (the same IEEE operations per element, so the same bits).
+fn adamw_run<const DECAYS: bool>(
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    u: &Update,
+) {
+    for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        u.apply(p, *g, m, v, DECAYS);
+    }
 }
 
 /// Sum of squares of `g` in f64, over fixed blocks added in order: the same figure on every
@@ -117,22 +133,37 @@ const SQ_FRAC: i32 = 64;
 /// world. A square of an f32 is exact in f64, and |g| < 2^15 (deterministic mode clamps its
 /// sums there) keeps 2^30 squares of up to 2^30 within the i128.
 pub fn exact_sum_of_squares(g: &[f32]) -> i128 {
-    let scale = 2f64.powi(SQ_FRAC);
     g.par_chunks(TASK)
-        .map(|c| {
-            c.iter()
-                .map(|&x| {
-                    let sq = f64::from(x) * f64::from(x);
-                    // Finite squares only; a non-finite gradient is refused before this.
-                    if sq.is_finite() {
-                        (sq * scale) as i128
-                    } else {
-                        0
-                    }
-                })
-                .sum::<i128>()
-        })
+        .map(|c| c.iter().map(|&x| fixed_square(x)).sum::<i128>())
         .sum()
+}
+
+/// `x * x * 2^SQ_FRAC` truncated to an integer, as `(sq * 2^64) as i128` would give it, from the
+/// square's bits: a float to i128 conversion is a slow library call, this is a shift. A
+/// non-finite square counts as 0 (a non-finite gradient is refused before this).
+#[inline]
+fn fixed_square(x: f32) -> i128 {
+    let sq = f64::from(x) * f64::from(x);
+    let bits = sq.to_bits();
+    let exp = ((bits >> 52) & 0x7ff) as i32;
+    // The square of an f32 is never subnormal in f64: 0 is the only value with exponent 0.
+    if exp == 0 || exp == 0x7ff {
+        return 0;
+    }
+    let mant = i128::from((bits & ((1u64 << 52) - 1)) | (1u64 << 52));
+    // sq = mant * 2^(exp - 1075), so sq * 2^SQ_FRAC = mant * 2^shift.
+    let shift = exp - 1075 + SQ_FRAC;
+    if shift > 74 {
+        // |x| of 2^31 or more, far beyond any gradient deterministic mode sums (it clamps at
+        // 2^15): saturate, leaving room for 2^40 such squares in the sum.
+        i128::MAX >> 40
+    } else if shift >= 0 {
+        mant << shift
+    } else if shift > -64 {
+        mant >> -shift
+    } else {
+        0
+    }
 }
 
 /// The norm of an [`exact_sum_of_squares`].
@@ -283,6 +314,31 @@ mod tests {
         for world in [2, 3, 4, 5, 8, 16] {
             assert_eq!(run(world), whole, "world {world}");
         }
+    }
+
+    // Z-3: the shift-based fixed-point square is the float conversion's, bit for bit, from
+    // subnormal f32 to the largest gradient deterministic mode allows.
+    #[test]
+    fn fixed_squares_are_the_conversions() {
+        let scale = 2f64.powi(SQ_FRAC);
+        let mut xs = vec![
+            0.0f32,
+            -0.0,
+            f32::MIN_POSITIVE,
+            1e-40,
+            1e-20,
+            3e-10,
+            1.0,
+            -2.5,
+            32767.0,
+        ];
+        xs.extend((0..10_000).map(|i| ((i as f32) * 0.7311).sin() * 10f32.powi(i % 13 - 8)));
+        for x in xs {
+            let sq = f64::from(x) * f64::from(x);
+            assert_eq!(fixed_square(x), (sq * scale) as i128, "x={x:e}");
+        }
+        assert_eq!(fixed_square(f32::NAN), 0);
+        assert_eq!(fixed_square(f32::INFINITY), 0);
     }
 
     #[test]

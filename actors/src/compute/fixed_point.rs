@@ -2,21 +2,23 @@
 //! across worlds.
 
 use super::*;
+use tch::{Device, Kind};
 
 /// Deterministic mode: every micro-batch's gradient alone (dropout seeded by step and
-/// micro-batch), summed as exact fixed-point integers and encoded for an allreduce whose
-/// result does not depend on the order or grouping of the sum. Returns the local mean loss,
-/// the encoded buffer and whether any gradient or loss was non-finite.
+/// micro-batch), converted to fixed point and summed as exact integers, which the allreduce
+/// sums on as integers (P-12), so the result does not depend on the order or grouping of the
+/// sum. Returns the local mean loss, the integer sum in `out` (capacity kept across steps, room
+/// for the allreduce's extras included) and whether any gradient or loss was non-finite.
 pub(super) fn deterministic_grads(
     s: &mut Setup,
     batches: &[(Tensor, Tensor)],
     mine: std::ops::Range<usize>,
-    mbs: usize,
-    step: u64,
-    seed: u64,
-) -> (f64, Vec<f32>, bool) {
+    (mbs, world): (usize, u32),
+    (step, seed): (u64, u64),
+    mut out: Vec<i64>,
+) -> (f64, Vec<i64>, bool) {
     let n = s.trainer.model.num_params() as usize;
-    let mut acc = vec![0i64; n];
+    let mut acc = Tensor::zeros([n as i64], (Kind::Int64, s.trainer.model.device()));
     let (mut loss, mut bad) = (0.0, false);
     for (i, mb) in mine.enumerate() {
         tch::manual_seed(
@@ -24,62 +26,56 @@ pub(super) fn deterministic_grads(
         );
         s.trainer.model.params.zero_grads();
         let l = s.trainer.accumulate(&batches[i..i + 1], mbs);
-        let g = tensor_vec(s.trainer.flat_grads());
-        bad |= !l.is_finite() || g.iter().any(|x| !x.is_finite());
+        let g = s.trainer.flat_grads();
+        // One f64 sum finds any NaN or infinity.
+        bad |= !l.is_finite() || !g.sum(Kind::Double).double_value(&[]).is_finite();
         loss += l;
-        fixed::add(&mut acc, &g);
+        let _ = acc.g_add_(&fixed::quantize(g));
     }
     s.trainer.model.params.zero_grads();
-    (loss / batches.len().max(1) as f64, fixed::encode(&acc), bad)
+    out.clear();
+    out.reserve(n + verdict::extras(world));
+    out.resize(n, 0);
+    acc.to_device(Device::Cpu).copy_data(&mut out, n);
+    (loss / batches.len().max(1) as f64, out, bad)
 }
 
 /// Exact, order-independent sums of f32 gradients: fixed point with 40 fractional bits in
-/// i64, carried through an f32 allreduce as four 16-bit limbs of a biased u64. A limb sum over
-/// up to 256 ranks stays below 2^24, where f32 holds every integer exactly, so the allreduced
-/// limbs are the same whatever order the ring adds them in.
+/// i64. A micro-batch's gradient is clamped below 2^15, so its fixed point is below 2^55 and
+/// the 64 micro-batches deterministic mode allows sum below 2^61: the integer sum over the
+/// ranks is exact whatever order the collective adds in (P-12).
 pub mod fixed {
-    const FRAC: i32 = 40;
+    use tch::{Kind, Tensor};
+
+    pub const FRAC: i32 = 40;
     /// |gradient element| is clamped below 2^15 so that 64 micro-batches cannot overflow.
     const LIMIT: f64 = 32767.0;
-    const BIAS: i128 = 1 << 62;
 
-    pub fn add(acc: &mut [i64], g: &[f32]) {
-        let scale = (2f64).powi(FRAC);
-        for (a, x) in acc.iter_mut().zip(g) {
-            let v = if x.is_finite() {
-                (*x as f64).clamp(-LIMIT, LIMIT)
-            } else {
-                0.0
-            };
-            *a += (v * scale).round() as i64;
-        }
+    /// A gradient in fixed point (i64): non-finite elements count as 0 (their rank flags
+    /// itself), the rest are clamped and rounded half to even. Every step is exact in f32: the
+    /// scale is a power of two and the scaled values stay below 2^55, so the result does not
+    /// depend on how libtorch splits the work.
+    pub fn quantize(g: &Tensor) -> Tensor {
+        let mut q = g.nan_to_num(Some(0.0), Some(0.0), Some(0.0));
+        let _ = q.clamp_(-LIMIT, LIMIT);
+        let _ = q.g_mul_scalar_(2f64.powi(FRAC));
+        let _ = q.round_();
+        q.to_kind(Kind::Int64)
     }
 
-    pub fn encode(acc: &[i64]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(acc.len() * 4);
-        for &a in acc {
-            let u = (a as i128 + BIAS) as u64;
-            for l in 0..4 {
-                out.push(((u >> (16 * l)) & 0xFFFF) as f32);
-            }
-        }
-        out
+    /// A sum of fixed-point gradients back to f32.
+    pub fn decode(sum: &[i64]) -> Vec<f32> {
+        let scale = 2f64.powi(-FRAC);
+        sum.iter().map(|&v| (v as f64 * scale) as f32).collect()
     }
 
-    /// The sum over `world` ranks' encodings, back to f32.
-    pub fn decode(limbs: &[f32], world: u32) -> Vec<f32> {
-        let scale = (2f64).powi(-FRAC);
-        limbs
-            .chunks_exact(4)
-            .map(|c| {
-                let total: i128 = c
-                    .iter()
-                    .enumerate()
-                    .map(|(l, v)| (*v as i128) << (16 * l))
-                    .sum::<i128>()
-                    - BIAS * world as i128;
-                (total as f64 * scale) as f32
-            })
-            .collect()
+    /// A loss part or flag in the fixed point a deterministic step's allreduce carries.
+    pub fn of(x: f64) -> i64 {
+        (x * 2f64.powi(FRAC)).round() as i64
+    }
+
+    /// [`of`] back to f64.
+    pub fn value(v: i64) -> f64 {
+        v as f64 * 2f64.powi(-FRAC)
     }
 }

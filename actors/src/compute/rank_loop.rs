@@ -134,6 +134,8 @@ pub(super) struct Loop<'a> {
     /// The gradient buffer of the last step, kept so that the next step neither allocates nor
     /// grows one (the allreduce's extras ride at its end).
     pub(super) grad_buf: std::cell::RefCell<Vec<f32>>,
+    /// Deterministic mode's: the fixed-point sum's.
+    pub(super) fixed_buf: std::cell::RefCell<Vec<i64>>,
 }
 
 impl<'a> Loop<'a> {
@@ -152,6 +154,7 @@ impl<'a> Loop<'a> {
             stager: staging::Stager::default(),
             replicas: Default::default(),
             grad_buf: Default::default(),
+            fixed_buf: Default::default(),
             last_rollback: std::cell::Cell::new(None),
         }
     }

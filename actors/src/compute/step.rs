@@ -31,11 +31,14 @@ impl<'a> Loop<'a> {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
-        let (local_loss, buf, local_bad) = if p.deterministic {
-            deterministic_grads(s, &batches, mine.clone(), mbs, step, p.seed)
+        let (local_loss, grads, local_bad) = if p.deterministic {
+            let out = self.fixed_buf.take();
+            let (loss, sums, bad) =
+                deterministic_grads(s, &batches, mine.clone(), (mbs, world), (step, p.seed), out);
+            (loss, Grads::Fixed(sums), bad)
         } else {
             let local = s.trainer.local_step(&batches, mbs);
-            (local.loss, self.grads(s, world), local.bad)
+            (local.loss, Grads::Float(self.grads(s, world)), local.bad)
         };
         if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
             panic!("injected compute panic at step {step}");
@@ -45,8 +48,8 @@ impl<'a> Loop<'a> {
         // being copied from them is done first.
         self.fence_stage();
         let nan = faults::fire("nan", step, Some(rank.0), generation.0);
-        let mut buf = buf;
-        if nan {
+        let mut grads = grads;
+        if let (true, Grads::Float(buf)) = (nan, &mut grads) {
             buf[0] = f32::NAN;
         }
         // Bad numerics are caught before the commit, and named: each rank flags its own
@@ -61,11 +64,11 @@ impl<'a> Loop<'a> {
         };
         let stalled_before = group.stalled();
         let n = s.trainer.model.num_params() as usize;
-        let segs = zero::segments(n, world, p.deterministic);
+        let segs = phalanx_model::zero::shard_plan(n, world);
         let (reduced, summed, mut in_collectives) = if p.zero {
-            zero::reduce(group, &mut buf, &segs, parts, flags)
+            zero::reduce(group, &mut grads, &segs, parts, flags)
         } else {
-            reduce(group, &mut buf, parts, flags)
+            reduce(group, &mut grads, parts, flags)
         };
         let Summed {
             loss,
@@ -92,7 +95,7 @@ impl<'a> Loop<'a> {
             }
             Verdict::Commit => {
                 let t = Instant::now();
-                let applied = self.update(g, s, &buf, &segs, lr, torn);
+                let applied = self.update(g, s, &grads, &segs, lr, torn);
                 if p.zero {
                     // ZeRO-1's update holds the parameter allgather.
                     in_collectives += t.elapsed();
@@ -142,7 +145,10 @@ impl<'a> Loop<'a> {
             stalled: group.stalled().saturating_sub(stalled_before),
         };
         self.record_commit(g, s, measured);
-        self.grad_buf.replace(buf);
+        match grads {
+            Grads::Float(buf) => drop(self.grad_buf.replace(buf)),
+            Grads::Fixed(buf) => drop(self.fixed_buf.replace(buf)),
+        }
         if preempt {
             return self.preempted(g, s).map(Some);
         }
@@ -170,7 +176,7 @@ impl<'a> Loop<'a> {
         &self,
         g: &mut Gen,
         s: &mut Setup,
-        buf: &[f32],
+        grads: &Grads,
         segs: &[std::ops::Range<usize>],
         lr: f64,
         torn: &mut bool,
@@ -178,23 +184,25 @@ impl<'a> Loop<'a> {
         let p = &self.sh.params;
         let step = s.trainer.step;
         if p.zero {
-            return zero::apply(g.group, s, buf, segs, lr, p.deterministic).map_err(|e| {
+            return zero::apply(g.group, s, grads, segs, lr, p.deterministic).map_err(|e| {
                 warn!(error = %e, step, "parameter allgather failed; the step will be redone in the next generation");
                 g.report(&e, step);
                 Next::Regroup(None)
             });
         }
         *torn = true;
-        let norm = if p.deterministic {
+        let norm = match grads {
             // T-6: the fused update, element by element what ZeRO-1's shards do.
-            Some(s.trainer.apply_fused(&fixed::decode(buf, g.world), lr))
-        } else if g.world == 1 {
+            Grads::Fixed(sums) => Some(s.trainer.apply_fused(&fixed::decode(sums), lr)),
             // A sum over one rank is its own gradient, still in the flat buffer.
-            let grads = s.trainer.model.params.flat_grads_buffer();
-            s.trainer.apply_flat(grads, lr)
-        } else {
-            let grads = Tensor::from_slice(buf).to_device(g.device);
-            s.trainer.apply_flat(grads, lr)
+            Grads::Float(_) if g.world == 1 => {
+                let flat = s.trainer.model.params.flat_grads_buffer();
+                s.trainer.apply_flat(flat, lr)
+            }
+            Grads::Float(buf) => {
+                let summed = Tensor::from_slice(buf).to_device(g.device);
+                s.trainer.apply_flat(summed, lr)
+            }
         };
         *torn = false;
         Ok(norm)
@@ -390,9 +398,10 @@ pub(super) fn reduce_extras(
     parts: Parts,
     flags: Flags,
 ) -> (Result<(), RuntimeError>, Summed, Duration) {
-    let mut none = Vec::new();
     match prior {
-        Ok(()) => reduce(group, &mut none, parts, flags),
+        Ok(()) => reduce_as(group, &mut Vec::<f32>::new(), parts, flags, |b| {
+            group.allreduce(b)
+        }),
         Err(e) => (Err(e), failed(), Duration::ZERO),
     }
 }
@@ -406,17 +415,31 @@ fn failed() -> Summed {
     }
 }
 
+/// The step's one allreduce: the gradient with the loss parts and the flags.
 fn reduce(
     group: &dyn Group,
-    buf: &mut Vec<f32>,
+    grads: &mut Grads,
     parts: Parts,
     flags: Flags,
+) -> (Result<(), RuntimeError>, Summed, Duration) {
+    match grads {
+        Grads::Float(buf) => reduce_as(group, buf, parts, flags, |b| group.allreduce(b)),
+        Grads::Fixed(buf) => reduce_as(group, buf, parts, flags, |b| group.allreduce_i64(b)),
+    }
+}
+
+fn reduce_as<V: Slot>(
+    group: &dyn Group,
+    buf: &mut Vec<V>,
+    parts: Parts,
+    flags: Flags,
+    allreduce: impl FnOnce(&mut Vec<V>) -> Result<(), RuntimeError>,
 ) -> (Result<(), RuntimeError>, Summed, Duration) {
     let n = buf.len();
     let (rank, world) = (group.rank(), group.world());
     let mut packed = pack(std::mem::take(buf), parts, flags, rank, world);
     let t = Instant::now();
-    let reduced = group.allreduce(&mut packed);
+    let reduced = allreduce(&mut packed);
     let took = t.elapsed();
     let summed = match &reduced {
         Ok(()) => unpack(&mut packed, n),

@@ -4,7 +4,7 @@ use super::odd_ranks;
 use phalanx_runtime::Rank;
 
 // DET-1: the fixed-point sum is the same for any grouping and order of the addends, and
-// close to the float sum.
+// close to the float sum; non-finite elements count as zero and large ones are clamped.
 #[test]
 fn fixed_point_sum_is_order_independent() {
     use super::fixed;
@@ -15,26 +15,33 @@ fn fixed_point_sum_is_order_independent() {
                 .collect()
         })
         .collect();
+    let q = |v: &[f32]| -> Vec<i64> {
+        let mut out = vec![0i64; v.len()];
+        fixed::quantize(&tch::Tensor::from_slice(v)).copy_data(&mut out, v.len());
+        out
+    };
     // World 1: one rank sums all six; world 3: ranks sum 2 each; world 4: 2,2,1,1.
     let run = |split: &[&[usize]]| {
-        let encs: Vec<Vec<f32>> = split
+        let ranks: Vec<Vec<i64>> = split
             .iter()
             .map(|mbs| {
                 let mut acc = vec![0i64; 50];
                 for &m in *mbs {
-                    fixed::add(&mut acc, &g[m]);
+                    for (a, x) in acc.iter_mut().zip(q(&g[m])) {
+                        *a += x;
+                    }
                 }
-                fixed::encode(&acc)
+                acc
             })
             .collect();
-        // The allreduce: element-wise f32 sums, here in reverse rank order.
-        let mut sum = vec![0f32; encs[0].len()];
-        for e in encs.iter().rev() {
-            for (s, x) in sum.iter_mut().zip(e) {
-                *s += x;
+        // The allreduce: wrapping integer sums, here in reverse rank order.
+        let mut sum = vec![0i64; 50];
+        for r in ranks.iter().rev() {
+            for (s, x) in sum.iter_mut().zip(r) {
+                *s = s.wrapping_add(*x);
             }
         }
-        fixed::decode(&sum, split.len() as u32)
+        fixed::decode(&sum)
     };
     let one = run(&[&[0, 1, 2, 3, 4, 5]]);
     let three = run(&[&[0, 1], &[2, 3], &[4, 5]]);
@@ -46,6 +53,36 @@ fn fixed_point_sum_is_order_independent() {
     for (a, b) in one.iter().zip(&float) {
         assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
     }
+    let odd = fixed::decode(&q(&[f32::NAN, f32::INFINITY, 1e9, -1e9, 0.5]));
+    assert_eq!(odd, vec![0.0, 0.0, 32767.0, -32767.0, 0.5]);
+}
+
+// T-6: a deterministic step's loss parts and flags ride in fixed point and come back whole.
+#[test]
+fn fixed_point_extras_round_trip() {
+    use super::{pack, unpack, Flags, Parts};
+    let world = 3;
+    let mut sum = vec![0i64; 2 + 2 + world as usize + 1];
+    for r in 0..world {
+        let parts = Parts {
+            loss: 1.25 + f64::from(r),
+            val: 0.5,
+        };
+        let flags = Flags {
+            bad: r == 1,
+            preempt: false,
+        };
+        let b = pack(vec![7i64, -7], parts, flags, Rank(r), world);
+        for (s, x) in sum.iter_mut().zip(b) {
+            *s += x;
+        }
+    }
+    let got = unpack(&mut sum, 2);
+    assert_eq!(sum, vec![21, -21]);
+    assert!((got.loss - 6.75).abs() < 1e-9, "{}", got.loss);
+    assert!((got.val - 1.5).abs() < 1e-9, "{}", got.val);
+    assert_eq!(got.bad_ranks, vec![1]);
+    assert!(!got.preempt);
 }
 
 // SDC-1: the odd rank out is named and the majority is the reference.

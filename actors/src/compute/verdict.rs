@@ -73,16 +73,54 @@ pub fn extras(world: u32) -> usize {
     2 + world as usize + 1
 }
 
-pub fn pack(mut grads: Vec<f32>, parts: Parts, flags: Flags, rank: Rank, world: u32) -> Vec<f32> {
+/// A value of a step's allreduce buffer: f32, or deterministic mode's fixed point (T-6).
+pub trait Slot: Copy + Default {
+    fn of(x: f64) -> Self;
+    fn value(self) -> f64;
+}
+
+impl Slot for f32 {
+    fn of(x: f64) -> f32 {
+        x as f32
+    }
+    fn value(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Slot for i64 {
+    fn of(x: f64) -> i64 {
+        fixed::of(x)
+    }
+    fn value(self) -> f64 {
+        fixed::value(self)
+    }
+}
+
+/// A rank's gradient as the step's allreduce carries it.
+pub enum Grads {
+    /// Summed as f32, in the ring's order (P-2).
+    Float(Vec<f32>),
+    /// Deterministic mode: fixed-point integers, summed exactly (T-6, P-12).
+    Fixed(Vec<i64>),
+}
+
+pub fn pack<V: Slot>(
+    mut grads: Vec<V>,
+    parts: Parts,
+    flags: Flags,
+    rank: Rank,
+    world: u32,
+) -> Vec<V> {
     let n = grads.len();
-    grads.push(parts.loss as f32);
-    grads.push(parts.val as f32);
-    grads.extend(std::iter::repeat_n(0f32, world as usize + 1));
+    grads.push(V::of(parts.loss));
+    grads.push(V::of(parts.val));
+    grads.extend(std::iter::repeat_n(V::default(), world as usize + 1));
     if flags.bad {
-        grads[n + 2 + rank.0 as usize] = 1.0;
+        grads[n + 2 + rank.0 as usize] = V::of(1.0);
     }
     if flags.preempt {
-        grads[n + 2 + world as usize] = 1.0;
+        grads[n + 2 + world as usize] = V::of(1.0);
     }
     grads
 }
@@ -100,17 +138,17 @@ pub struct Summed {
 }
 
 /// The reduced buffer back into the summed gradient (left in `buf`) and the rest.
-pub fn unpack(buf: &mut Vec<f32>, n: usize) -> Summed {
-    let preempt = buf.pop().is_some_and(|f| f > 0.5);
+pub fn unpack<V: Slot>(buf: &mut Vec<V>, n: usize) -> Summed {
+    let preempt = buf.pop().is_some_and(|f| f.value() > 0.5);
     let bad_ranks: Vec<u32> = buf[n + 2..]
         .iter()
         .enumerate()
-        .filter(|(_, f)| **f > 0.5)
+        .filter(|(_, f)| f.value() > 0.5)
         .map(|(r, _)| r as u32)
         .collect();
     buf.truncate(n + 2);
-    let val = buf.pop().unwrap_or(f32::NAN) as f64;
-    let loss = buf.pop().unwrap_or(f32::NAN) as f64;
+    let val = buf.pop().map_or(f64::NAN, Slot::value);
+    let loss = buf.pop().map_or(f64::NAN, Slot::value);
     Summed {
         loss,
         val,

@@ -8,35 +8,20 @@ use super::*;
 use phalanx_model::zero::{exact_sum_of_squares, norm_of_exact, shard_plan, sum_of_squares};
 use std::ops::Range;
 
-/// Values per slot of the gradient buffer: deterministic mode carries four 16-bit limbs.
-fn slots(deterministic: bool) -> usize {
-    if deterministic {
-        4
-    } else {
-        1
-    }
-}
-
-/// The reduce-scatter's segments of the gradient buffer: the shard plan, in slots.
-pub(super) fn segments(n: usize, world: u32, deterministic: bool) -> Vec<Range<usize>> {
-    let k = slots(deterministic);
-    shard_plan(n, world)
-        .into_iter()
-        .map(|r| r.start * k..r.end * k)
-        .collect()
-}
-
 /// Z-1: the step's collectives before the update: this rank's shard of the summed gradient
 /// (left in its segment of `buf`), then the loss parts and the flags in one small allreduce.
 pub(super) fn reduce(
     group: &dyn Group,
-    buf: &mut Vec<f32>,
+    grads: &mut Grads,
     segs: &[Range<usize>],
     parts: Parts,
     flags: Flags,
 ) -> (Result<(), RuntimeError>, Summed, Duration) {
     let t = Instant::now();
-    let scattered = group.reduce_scatter(buf, segs);
+    let scattered = match grads {
+        Grads::Float(buf) => group.reduce_scatter(buf, segs),
+        Grads::Fixed(buf) => group.reduce_scatter_i64(buf, segs),
+    };
     let (reduced, summed, _) = super::step::reduce_extras(group, scattered, parts, flags);
     (reduced, summed, t.elapsed())
 }
@@ -67,17 +52,16 @@ fn global_norm(group: &dyn Group, g: &[f32], deterministic: bool) -> Result<f64,
 pub(super) fn apply(
     group: &dyn Group,
     s: &mut Setup,
-    buf: &[f32],
+    grads: &Grads,
     segs: &[Range<usize>],
     lr: f64,
     deterministic: bool,
 ) -> Result<Option<f64>, RuntimeError> {
     let (me, world) = (group.rank().0 as usize, group.world());
-    let seg = &buf[segs[me].clone()];
-    let g = if deterministic {
-        fixed::decode(seg, world)
-    } else {
-        seg.to_vec()
+    let seg = segs[me].clone();
+    let g = match grads {
+        Grads::Float(buf) => buf[seg].to_vec(),
+        Grads::Fixed(sums) => fixed::decode(&sums[seg]),
     };
     let norm = global_norm(group, &g, deterministic)?;
     if !norm.is_finite() {
