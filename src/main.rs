@@ -284,7 +284,9 @@ enum BenchCmd {
         runs: usize,
         /// Ranks (local processes): with N > 1, the per-step cost of fault tolerance, the
         /// job under `phalanx launch` against bare ranks doing the same steps; with N > 1 and
-        /// train.zero=1, ZeRO-1 against replicated training (memory per rank, step time).
+        /// train.zero=1, ZeRO-1 against replicated training (memory per rank, step time); with
+        /// N > 1 and train.deterministic=true, deterministic mode's step time against the
+        /// default's (one thread per rank in both).
         #[arg(long, default_value_t = 1)]
         world: usize,
         /// Compare with PyTorch instead: this nanoGPT reference script (e.g.
@@ -868,6 +870,9 @@ fn bench_cmd(what: BenchCmd) -> Result<ExitCode> {
                 bench::versus::run(&v)?;
             } else if world > 1 && cfg.train.zero == 1 {
                 bench::zero::compare(&config, &overrides, world, steps.max(20), runs.max(1))?;
+            } else if world > 1 && cfg.train.deterministic {
+                let (steps, runs) = (steps.max(20), runs.max(1));
+                bench::deterministic::compare(&config, &overrides, world, steps, runs)?;
             } else if world > 1 {
                 bench::train::run_world(
                     &cfg,

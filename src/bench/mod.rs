@@ -10,13 +10,17 @@
 //! - [`checkpoint`]: a sharded checkpoint's stage, drain and throughput against the disk, and
 //!   PyTorch DCP beside it;
 //! - [`versus`]: phalanx's training against PyTorch eager (one rank) or DDP (N ranks);
-//! - [`zero`]: ZeRO-1 against replicated data parallel: memory per rank and step time.
+//! - [`zero`]: ZeRO-1 against replicated data parallel: memory per rank and step time;
+//! - [`deterministic`]: deterministic mode's step time against the default's;
+//! - [`launched`]: one launched job's figures, for the comparisons of variants.
 
 pub mod checkpoint;
 pub mod collectives;
 pub mod coordinator;
+pub mod deterministic;
 pub mod detection;
 pub mod gloo;
+pub mod launched;
 pub mod straggler;
 pub mod train;
 pub mod versus;

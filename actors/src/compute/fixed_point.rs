@@ -27,10 +27,14 @@ pub(super) fn deterministic_grads(
         s.trainer.model.params.zero_grads();
         let l = s.trainer.accumulate(&batches[i..i + 1], mbs);
         let g = s.trainer.flat_grads();
-        // One f64 sum finds any NaN or infinity.
-        bad |= !l.is_finite() || !g.sum(Kind::Double).double_value(&[]).is_finite();
+        // One f64 sum finds any NaN or infinity. A bad micro-batch's gradient is left out:
+        // every rank skips the step anyway (T-2).
+        let finite = l.is_finite() && g.sum(Kind::Double).double_value(&[]).is_finite();
+        bad |= !finite;
         loss += l;
-        let _ = acc.g_add_(&fixed::quantize(g));
+        if finite {
+            let _ = acc.g_add_(&fixed::quantize_in_place(g));
+        }
     }
     s.trainer.model.params.zero_grads();
     out.clear();
@@ -51,16 +55,15 @@ pub mod fixed {
     /// |gradient element| is clamped below 2^15 so that 64 micro-batches cannot overflow.
     const LIMIT: f64 = 32767.0;
 
-    /// A gradient in fixed point (i64): non-finite elements count as 0 (their rank flags
-    /// itself), the rest are clamped and rounded half to even. Every step is exact in f32: the
-    /// scale is a power of two and the scaled values stay below 2^55, so the result does not
-    /// depend on how libtorch splits the work.
-    pub fn quantize(g: &Tensor) -> Tensor {
-        let mut q = g.nan_to_num(Some(0.0), Some(0.0), Some(0.0));
-        let _ = q.clamp_(-LIMIT, LIMIT);
-        let _ = q.g_mul_scalar_(2f64.powi(FRAC));
-        let _ = q.round_();
-        q.to_kind(Kind::Int64)
+    /// A finite gradient in fixed point (i64): clamped, scaled and rounded half to even, in
+    /// place (`g` is left scaled). Every step is exact in f32: the scale is a power of two and
+    /// the scaled values stay below 2^55, so the result does not depend on how libtorch splits
+    /// the work.
+    pub fn quantize_in_place(g: &mut Tensor) -> Tensor {
+        let _ = g.clamp_(-LIMIT, LIMIT);
+        let _ = g.g_mul_scalar_(2f64.powi(FRAC));
+        let _ = g.round_();
+        g.to_kind(Kind::Int64)
     }
 
     /// A sum of fixed-point gradients back to f32.

@@ -1,0 +1,50 @@
+//! `phalanx bench train --world N train.deterministic=true`: what deterministic mode costs,
+//! side by side in one run: the same job launched on N local ranks with `train.deterministic`
+//! false and true in alternating order, both with one libtorch thread per rank (deterministic
+//! mode's), and the median step time of each.
+
+use super::launched::{common, launch, Run};
+use crate::train::median;
+use anyhow::Result;
+use std::path::Path;
+
+/// Runs the comparison `runs` times and prints each run and the medians.
+pub fn compare(
+    config: &Path,
+    overrides: &[String],
+    world: usize,
+    steps: u64,
+    runs: usize,
+) -> Result<()> {
+    let mut common = common(overrides, "train.deterministic", steps);
+    // One thread per rank on both sides: deterministic mode's, whatever the config says.
+    common.retain(|o| !o.starts_with("train.threads="));
+    common.push(format!("train.threads={world}"));
+    let skip = 10usize.min(steps as usize / 2);
+    let mut by_mode: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..runs {
+        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        for det in order {
+            let variant = [format!("train.deterministic={det}")];
+            let run = launch(config, &common, &variant, world, skip)?;
+            outln!(
+                "run {} train.deterministic={det}: median step {:.2} ms, final train loss {:.4}",
+                r + 1,
+                run.step_ms,
+                run.loss
+            );
+            by_mode[usize::from(det)].push(run);
+        }
+    }
+    let med = |d: usize, f: fn(&Run) -> f64| median(&mut by_mode[d].iter().map(f).collect::<Vec<f64>>());
+    let (default, det) = (med(0, |r| r.step_ms), med(1, |r| r.step_ms));
+    outln!(
+        "median over {runs} runs of {steps} steps on {world} ranks, 1 thread each: default \
+         {default:.2} ms per step, deterministic {det:.2} ms ({:+.1}%); final train loss {:.4} vs \
+         {:.4}",
+        (det / default - 1.0) * 100.0,
+        med(0, |r| r.loss),
+        med(1, |r| r.loss)
+    );
+    Ok(())
+}
