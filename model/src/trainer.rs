@@ -161,16 +161,14 @@ impl Trainer {
     }
 
     /// Deterministic mode's update (T-6), the same element by element as ZeRO-1's on a shard:
-    /// the fused AdamW pass on the whole buffer with the summed gradient `grads`, clipped by the
-    /// exact norm. Returns that norm.
-    pub fn apply_fused(&mut self, grads: &[f32], lr: f64) -> f64 {
-        let norm = crate::zero::norm_of_exact(crate::zero::exact_sum_of_squares(grads));
+    /// the fused AdamW pass on the whole buffer with the summed gradient `grads`, clipped by
+    /// `norm` (the caller's exact one).
+    pub fn apply_fused(&mut self, grads: &[f32], norm: f64, lr: f64) {
         let mut p = self.model.params.host();
         self.opt.step_fused(&mut p, grads, lr, norm, &self.optim);
         self.model.params.set_host(&p);
         self.model.params.zero_grads();
         self.step += 1;
-        norm
     }
 
     /// Applies a step's local half on one process: refused (None, gradients cleared) when it

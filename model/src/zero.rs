@@ -125,52 +125,6 @@ pub fn sum_of_squares(g: &[f32]) -> f64 {
         .sum()
 }
 
-/// Fractional bits of [`exact_sum_of_squares`]: squares below 2^-64 count as zero.
-const SQ_FRAC: i32 = 64;
-
-/// Sum of squares of `g` in fixed point (64 fractional bits), exact: the shards' sums add up
-/// to the whole buffer's whatever the cut, so deterministic mode clips by the same norm at any
-/// world. A square of an f32 is exact in f64, and |g| < 2^15 (deterministic mode clamps its
-/// sums there) keeps 2^30 squares of up to 2^30 within the i128.
-pub fn exact_sum_of_squares(g: &[f32]) -> i128 {
-    g.par_chunks(TASK)
-        .map(|c| c.iter().map(|&x| fixed_square(x)).sum::<i128>())
-        .sum()
-}
-
-/// `x * x * 2^SQ_FRAC` truncated to an integer, as `(sq * 2^64) as i128` would give it, from the
-/// square's bits: a float to i128 conversion is a slow library call, this is a shift. A
-/// non-finite square counts as 0 (a non-finite gradient is refused before this).
-#[inline]
-fn fixed_square(x: f32) -> i128 {
-    let sq = f64::from(x) * f64::from(x);
-    let bits = sq.to_bits();
-    let exp = ((bits >> 52) & 0x7ff) as i32;
-    // The square of an f32 is never subnormal in f64: 0 is the only value with exponent 0.
-    if exp == 0 || exp == 0x7ff {
-        return 0;
-    }
-    let mant = i128::from((bits & ((1u64 << 52) - 1)) | (1u64 << 52));
-    // sq = mant * 2^(exp - 1075), so sq * 2^SQ_FRAC = mant * 2^shift.
-    let shift = exp - 1075 + SQ_FRAC;
-    if shift > 74 {
-        // |x| of 2^31 or more, far beyond any gradient deterministic mode sums (it clamps at
-        // 2^15): saturate, leaving room for 2^40 such squares in the sum.
-        i128::MAX >> 40
-    } else if shift >= 0 {
-        mant << shift
-    } else if shift > -64 {
-        mant >> -shift
-    } else {
-        0
-    }
-}
-
-/// The norm of an [`exact_sum_of_squares`].
-pub fn norm_of_exact(sum: i128) -> f64 {
-    (sum as f64 * 2f64.powi(-SQ_FRAC)).sqrt()
-}
-
 /// Host copy of a flat tensor.
 fn host(t: &Tensor) -> Vec<f32> {
     Vec::<f32>::try_from(&t.to_device(tch::Device::Cpu).view([-1])).unwrap_or_default()
@@ -314,49 +268,6 @@ mod tests {
         for world in [2, 3, 4, 5, 8, 16] {
             assert_eq!(run(world), whole, "world {world}");
         }
-    }
-
-    // Z-3: the shift-based fixed-point square is the float conversion's, bit for bit, from
-    // subnormal f32 to the largest gradient deterministic mode allows.
-    #[test]
-    fn fixed_squares_are_the_conversions() {
-        let scale = 2f64.powi(SQ_FRAC);
-        let mut xs = vec![
-            0.0f32,
-            -0.0,
-            f32::MIN_POSITIVE,
-            1e-40,
-            1e-20,
-            3e-10,
-            1.0,
-            -2.5,
-            32767.0,
-        ];
-        xs.extend((0..10_000).map(|i| ((i as f32) * 0.7311).sin() * 10f32.powi(i % 13 - 8)));
-        for x in xs {
-            let sq = f64::from(x) * f64::from(x);
-            assert_eq!(fixed_square(x), (sq * scale) as i128, "x={x:e}");
-        }
-        assert_eq!(fixed_square(f32::NAN), 0);
-        assert_eq!(fixed_square(f32::INFINITY), 0);
-    }
-
-    #[test]
-    fn exact_squares_add_up_whatever_the_cut() {
-        let g = values(100_003, 9);
-        let whole = exact_sum_of_squares(&g);
-        for world in [2, 3, 7] {
-            let parts: i128 = shard_plan(g.len(), world)
-                .into_iter()
-                .map(|r| exact_sum_of_squares(&g[r]))
-                .sum();
-            assert_eq!(parts, whole, "world {world}");
-        }
-        let norm = norm_of_exact(whole);
-        assert!(
-            (norm - sum_of_squares(&g).sqrt()).abs() < 1e-9 * norm,
-            "{norm}"
-        );
     }
 
     #[test]

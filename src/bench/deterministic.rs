@@ -23,7 +23,11 @@ pub fn compare(
     let skip = 10usize.min(steps as usize / 2);
     let mut by_mode: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
     for r in 0..runs {
-        let order = if r % 2 == 0 { [false, true] } else { [true, false] };
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
         for det in order {
             let variant = [format!("train.deterministic={det}")];
             let run = launch(config, &common, &variant, world, skip)?;
@@ -36,7 +40,8 @@ pub fn compare(
             by_mode[usize::from(det)].push(run);
         }
     }
-    let med = |d: usize, f: fn(&Run) -> f64| median(&mut by_mode[d].iter().map(f).collect::<Vec<f64>>());
+    let med =
+        |d: usize, f: fn(&Run) -> f64| median(&mut by_mode[d].iter().map(f).collect::<Vec<f64>>());
     let (default, det) = (med(0, |r| r.step_ms), med(1, |r| r.step_ms));
     outln!(
         "median over {runs} runs of {steps} steps on {world} ranks, 1 thread each: default \

@@ -17,8 +17,8 @@
 pub mod checkpoint;
 pub mod collectives;
 pub mod coordinator;
-pub mod deterministic;
 pub mod detection;
+pub mod deterministic;
 pub mod gloo;
 pub mod launched;
 pub mod straggler;

@@ -66,6 +66,28 @@ pub mod fixed {
         g.to_kind(Kind::Int64)
     }
 
+    /// Bits of a square of a fixed-point value dropped before the sum of squares: what is left
+    /// has 56 fractional bits.
+    const SQ_DROP: u32 = 2 * FRAC as u32 - 56;
+
+    /// The sum of squares of a fixed-point gradient, exact (each square is truncated to 56
+    /// fractional bits first), so the shards' sums add up to the whole's whatever the cut and
+    /// deterministic mode clips by the same norm at any world (T-6, Z-1). A square is below
+    /// 2^122 and keeps below 2^98 after the drop: 2^30 of them fit the u128.
+    pub fn sum_of_squares(sums: &[i64]) -> u128 {
+        sums.iter()
+            .map(|&v| {
+                let s = i128::from(v);
+                ((s * s) as u128) >> SQ_DROP
+            })
+            .sum()
+    }
+
+    /// The norm of a [`sum_of_squares`].
+    pub fn norm(sum_of_squares: u128) -> f64 {
+        (sum_of_squares as f64 * 2f64.powi(-56)).sqrt()
+    }
+
     /// A sum of fixed-point gradients back to f32.
     pub fn decode(sum: &[i64]) -> Vec<f32> {
         let scale = 2f64.powi(-FRAC);

@@ -184,7 +184,7 @@ impl<'a> Loop<'a> {
         let p = &self.sh.params;
         let step = s.trainer.step;
         if p.zero {
-            return zero::apply(g.group, s, grads, segs, lr, p.deterministic).map_err(|e| {
+            return zero::apply(g.group, s, grads, segs, lr).map_err(|e| {
                 warn!(error = %e, step, "parameter allgather failed; the step will be redone in the next generation");
                 g.report(&e, step);
                 Next::Regroup(None)
@@ -193,7 +193,11 @@ impl<'a> Loop<'a> {
         *torn = true;
         let norm = match grads {
             // T-6: the fused update, element by element what ZeRO-1's shards do.
-            Grads::Fixed(sums) => Some(s.trainer.apply_fused(&fixed::decode(sums), lr)),
+            Grads::Fixed(sums) => {
+                let norm = fixed::norm(fixed::sum_of_squares(sums));
+                s.trainer.apply_fused(&fixed::decode(sums), norm, lr);
+                Some(norm)
+            }
             // A sum over one rank is its own gradient, still in the flat buffer.
             Grads::Float(_) if g.world == 1 => {
                 let flat = s.trainer.model.params.flat_grads_buffer();

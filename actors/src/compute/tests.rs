@@ -146,3 +146,31 @@ fn odd_rank_out_is_found_by_majority() {
     assert_eq!(odd_ranks(&[1, 2]), (vec![1], 0));
     assert_eq!(odd_ranks(&[3]), (vec![], 0));
 }
+
+// T-6, Z-1: the exact sum of squares of a fixed-point gradient adds up over any cut of the
+// buffer, and its norm is the gradient's.
+#[test]
+fn fixed_point_squares_add_up_whatever_the_cut() {
+    use super::fixed;
+    let sums: Vec<i64> = (0..100_003i64)
+        .map(|i| (i * 2_654_435_761 % 2_000_003 - 1_000_001) << (i % 23))
+        .collect();
+    let whole = fixed::sum_of_squares(&sums);
+    for world in [2, 3, 7] {
+        let parts: u128 = phalanx_model::zero::shard_plan(sums.len(), world)
+            .into_iter()
+            .map(|r| fixed::sum_of_squares(&sums[r]))
+            .sum();
+        assert_eq!(parts, whole, "world {world}");
+    }
+    let want: f64 = fixed::decode(&sums)
+        .iter()
+        .map(|&g| f64::from(g) * f64::from(g))
+        .sum::<f64>()
+        .sqrt();
+    let norm = fixed::norm(whole);
+    assert!((norm - want).abs() < 1e-6 * want, "{norm} vs {want}");
+    // The largest squares fit, with room to spare.
+    let top = (i64::MAX as u128 * i64::MAX as u128) >> 24;
+    assert_eq!(fixed::sum_of_squares(&[i64::MIN + 1, i64::MAX]), 2 * top);
+}

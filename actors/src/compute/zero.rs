@@ -5,7 +5,7 @@
 
 use super::zero_plan::{plan, Held, Lost};
 use super::*;
-use phalanx_model::zero::{exact_sum_of_squares, norm_of_exact, shard_plan, sum_of_squares};
+use phalanx_model::zero::{shard_plan, sum_of_squares};
 use std::ops::Range;
 
 /// Z-1: the step's collectives before the update: this rank's shard of the summed gradient
@@ -27,20 +27,23 @@ pub(super) fn reduce(
 }
 
 /// The whole gradient's norm before clipping, from every rank's sum of squares over its shard:
-/// exact (fixed point, summed in rank order) in deterministic mode, so that any cut gives the
-/// norm of replicated training; in f64 otherwise. Non-finite when a square is.
-fn global_norm(group: &dyn Group, g: &[f32], deterministic: bool) -> Result<f64, RuntimeError> {
-    if deterministic {
-        let mine = exact_sum_of_squares(g) as u128;
-        let lo = group.gather_u64(mine as u64)?;
-        let hi = group.gather_u64((mine >> 64) as u64)?;
-        let sum: i128 = lo
-            .iter()
-            .zip(&hi)
-            .map(|(&l, &h)| ((u128::from(h) << 64) | u128::from(l)) as i128)
-            .sum();
-        return Ok(norm_of_exact(sum));
-    }
+/// exact (of the fixed-point sums) in deterministic mode, so that any cut gives the norm of
+/// replicated training; in f64 otherwise. Non-finite when a square is.
+fn global_norm(group: &dyn Group, grads: &Grads, seg: Range<usize>) -> Result<f64, RuntimeError> {
+    let g = match grads {
+        Grads::Float(buf) => &buf[seg],
+        Grads::Fixed(sums) => {
+            let mine = fixed::sum_of_squares(&sums[seg]);
+            let lo = group.gather_u64(mine as u64)?;
+            let hi = group.gather_u64((mine >> 64) as u64)?;
+            let sum: u128 = lo
+                .iter()
+                .zip(&hi)
+                .map(|(&l, &h)| (u128::from(h) << 64) | u128::from(l))
+                .sum();
+            return Ok(fixed::norm(sum));
+        }
+    };
     let sums = group.gather_u64(sum_of_squares(g).to_bits())?;
     Ok(sums.iter().map(|&b| f64::from_bits(b)).sum::<f64>().sqrt())
 }
@@ -55,15 +58,14 @@ pub(super) fn apply(
     grads: &Grads,
     segs: &[Range<usize>],
     lr: f64,
-    deterministic: bool,
 ) -> Result<Option<f64>, RuntimeError> {
     let (me, world) = (group.rank().0 as usize, group.world());
     let seg = segs[me].clone();
     let g = match grads {
-        Grads::Float(buf) => buf[seg].to_vec(),
-        Grads::Fixed(sums) => fixed::decode(&sums[seg]),
+        Grads::Float(buf) => buf[seg.clone()].to_vec(),
+        Grads::Fixed(sums) => fixed::decode(&sums[seg.clone()]),
     };
-    let norm = global_norm(group, &g, deterministic)?;
+    let norm = global_norm(group, grads, seg)?;
     if !norm.is_finite() {
         s.trainer.model.params.zero_grads();
         return Ok(None);
