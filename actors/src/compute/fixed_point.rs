@@ -27,13 +27,15 @@ pub(super) fn deterministic_grads(
         s.trainer.model.params.zero_grads();
         let l = s.trainer.accumulate(&batches[i..i + 1], mbs);
         let g = s.trainer.flat_grads();
-        // One f64 sum finds any NaN or infinity. A bad micro-batch's gradient is left out:
-        // every rank skips the step anyway (T-2).
-        let finite = l.is_finite() && g.sum(Kind::Double).double_value(&[]).is_finite();
+        // One pass finds the range, with any NaN or infinity in it. A bad micro-batch's
+        // gradient is left out: every rank skips the step anyway (T-2).
+        let (lo, hi) = g.aminmax(None, false);
+        let range = (lo.double_value(&[]), hi.double_value(&[]));
+        let finite = l.is_finite() && range.0.is_finite() && range.1.is_finite();
         bad |= !finite;
         loss += l;
         if finite {
-            let _ = acc.g_add_(&fixed::quantize_in_place(g));
+            let _ = acc.g_add_(&fixed::quantize_in_place(g, range));
         }
     }
     s.trainer.model.params.zero_grads();
@@ -55,13 +57,16 @@ pub mod fixed {
     /// |gradient element| is clamped below 2^15 so that 64 micro-batches cannot overflow.
     const LIMIT: f64 = 32767.0;
 
-    /// A finite gradient in fixed point (i64): clamped, scaled in place (`g` is left scaled)
-    /// and truncated toward zero by the conversion. Every step is exact: the scale is a power
-    /// of two and the scaled values stay below 2^55, so the result does not depend on how
-    /// libtorch splits the work. (Truncation, not rounding: one pass fewer, and a bias of at
-    /// most 2^-40 per element and micro-batch, far below the gradient's own f32 rounding.)
-    pub fn quantize_in_place(g: &mut Tensor) -> Tensor {
-        let _ = g.clamp_(-LIMIT, LIMIT);
+    /// A finite gradient whose values lie in `range` in fixed point (i64): clamped (only if
+    /// the range goes past the limit), scaled in place (`g` is left scaled) and truncated
+    /// toward zero by the conversion. Every step is exact: the scale is a power of two and the
+    /// scaled values stay below 2^55, so the result does not depend on how libtorch splits the
+    /// work. (Truncation, not rounding: one pass fewer, and a bias of at most 2^-40 per element
+    /// and micro-batch, far below the gradient's own f32 rounding.)
+    pub fn quantize_in_place(g: &mut Tensor, range: (f64, f64)) -> Tensor {
+        if range.0 < -LIMIT || range.1 > LIMIT {
+            let _ = g.clamp_(-LIMIT, LIMIT);
+        }
         let _ = g.g_mul_scalar_(2f64.powi(FRAC));
         g.to_kind(Kind::Int64)
     }

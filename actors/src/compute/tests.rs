@@ -17,7 +17,11 @@ fn fixed_point_sum_is_order_independent() {
         .collect();
     let q = |v: &[f32]| -> Vec<i64> {
         let mut out = vec![0i64; v.len()];
-        fixed::quantize_in_place(&mut tch::Tensor::from_slice(v)).copy_data(&mut out, v.len());
+        let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let range = (f64::from(lo), f64::from(hi));
+        fixed::quantize_in_place(&mut tch::Tensor::from_slice(v), range)
+            .copy_data(&mut out, v.len());
         out
     };
     // World 1: one rank sums all six; world 3: ranks sum 2 each; world 4: 2,2,1,1.
