@@ -254,7 +254,7 @@ impl InProcFabrics {
 mod tests {
     use super::*;
 
-    // The provided gather is exact for any u64 (16-bit limbs in f32 slots).
+    // The provided gather is exact for any u64 (one slot per rank of an integer allreduce).
     #[test]
     fn gather_u64_is_exact() {
         let fabrics = InProcFabrics::default();
