@@ -17,7 +17,8 @@ pub fn compare(
     runs: usize,
 ) -> Result<()> {
     let mut common = common(overrides, "train.deterministic", steps);
-    // One thread per rank on both sides: deterministic mode's, whatever the config says.
+    // One thread per rank on both sides: deterministic mode's, whatever the config says
+    // (`train.threads` is the whole job's budget, shared by its ranks).
     common.retain(|o| !o.starts_with("train.threads="));
     common.push(format!("train.threads={world}"));
     let skip = 10usize.min(steps as usize / 2);

@@ -78,8 +78,10 @@ pub mod fixed {
     /// The sum of squares of a fixed-point gradient, exact (each square is truncated to 56
     /// fractional bits first), so the shards' sums add up to the whole's whatever the cut and
     /// deterministic mode clips by the same norm at any world (T-6, Z-1). A square is below
-    /// 2^122 and keeps below 2^98 after the drop: 2^30 of them fit the u128.
+    /// 2^122 and keeps below 2^98 after the drop: 2^30 of them (a billion parameters, far more
+    /// than a rank holds here) fit the u128.
     pub fn sum_of_squares(sums: &[i64]) -> u128 {
+        debug_assert!(sums.len() <= 1 << 30, "the sum of squares could overflow");
         sums.iter()
             .map(|&v| {
                 let s = i128::from(v);
@@ -99,9 +101,14 @@ pub mod fixed {
         sum.iter().map(|&v| (v as f64 * scale) as f32).collect()
     }
 
-    /// A loss part or flag in the fixed point a deterministic step's allreduce carries.
+    /// A loss part or flag in the fixed point a deterministic step's allreduce carries; a
+    /// non-finite part counts as 0 (its rank flags itself, and the step shows no loss).
     pub fn of(x: f64) -> i64 {
-        (x * 2f64.powi(FRAC)).round() as i64
+        if x.is_finite() {
+            (x * 2f64.powi(FRAC)).round() as i64
+        } else {
+            0
+        }
     }
 
     /// [`of`] back to f64.

@@ -134,7 +134,8 @@ pub(super) struct Loop<'a> {
     /// The gradient buffer of the last step, kept so that the next step neither allocates nor
     /// grows one (the allreduce's extras ride at its end).
     pub(super) grad_buf: std::cell::RefCell<Vec<f32>>,
-    /// Deterministic mode's: the fixed-point sum's.
+    /// The `grad_buf` of deterministic mode (i64 fixed-point sums), kept so that the next step
+    /// does not allocate.
     pub(super) fixed_buf: std::cell::RefCell<Vec<i64>>,
 }
 

@@ -31,15 +31,7 @@ impl<'a> Loop<'a> {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
-        let (local_loss, grads, local_bad) = if p.deterministic {
-            let out = self.fixed_buf.take();
-            let (loss, sums, bad) =
-                deterministic_grads(s, &batches, mine.clone(), (mbs, world), (step, p.seed), out);
-            (loss, Grads::Fixed(sums), bad)
-        } else {
-            let local = s.trainer.local_step(&batches, mbs);
-            (local.loss, Grads::Float(self.grads(s, world)), local.bad)
-        };
+        let (local_loss, grads, local_bad) = self.local_grads(s, &batches, g, step);
         if faults::fire("compute-panic", step, Some(rank.0), generation.0) {
             panic!("injected compute panic at step {step}");
         }
@@ -153,6 +145,29 @@ impl<'a> Loop<'a> {
             return self.preempted(g, s).map(Some);
         }
         Ok(None)
+    }
+
+    /// This rank's forward and backward passes over its micro-batches: its mean loss, its
+    /// gradient as the allreduce carries it (fixed point in deterministic mode, T-6), and
+    /// whether a loss or gradient was not finite.
+    fn local_grads(
+        &self,
+        s: &mut Setup,
+        batches: &[(Tensor, Tensor)],
+        g: &Gen,
+        step: u64,
+    ) -> (f64, Grads, bool) {
+        let p = &self.sh.params;
+        if p.deterministic {
+            let out = self.fixed_buf.take();
+            let (mine, shape) = (g.mine.clone(), (g.mbs, g.world));
+            let (loss, sums, bad) =
+                deterministic_grads(s, batches, mine, shape, (step, p.seed), out);
+            (loss, Grads::Fixed(sums), bad)
+        } else {
+            let local = s.trainer.local_step(batches, g.mbs);
+            (local.loss, Grads::Float(self.grads(s, g.world)), local.bad)
+        }
     }
 
     /// This rank's accumulated gradient, copied into the buffer the last step left (room for
@@ -383,8 +398,6 @@ impl<'a> Loop<'a> {
     }
 }
 
-/// The step's one allreduce: the gradient in `buf` (summed in place), with the loss part and
-/// the flags riding along; how long it took.
 /// A flipped low bit in one parameter: what a bad DIMM or a silent GPU error does (T-5).
 fn flip_a_bit(s: &mut Setup) {
     tch::no_grad(|| {
@@ -428,7 +441,16 @@ fn reduce(
 ) -> (Result<(), RuntimeError>, Summed, Duration) {
     match grads {
         Grads::Float(buf) => reduce_as(group, buf, parts, flags, |b| group.allreduce(b)),
-        Grads::Fixed(buf) => reduce_as(group, buf, parts, flags, |b| group.allreduce_i64(b)),
+        Grads::Fixed(buf) => {
+            let (res, mut summed, took) =
+                reduce_as(group, buf, parts, flags, |b| group.allreduce_i64(b));
+            // A fixed-point loss cannot carry a NaN or an infinity: a step a rank flagged has
+            // no loss to show, as in f32, where the non-finite part spoils the sum.
+            if !summed.bad_ranks.is_empty() {
+                summed.loss = f64::NAN;
+            }
+            (res, summed, took)
+        }
     }
 }
 

@@ -822,7 +822,7 @@ impl<T: Transport> Collectives<T> {
     fn run_mesh(
         &mut self,
         op: &'static str,
-        buf: OpBuf,
+        (buf, elem): (OpBuf, Elem),
         segs: &[Range<usize>],
         phases: mesh::Phases,
     ) -> (OpBuf, Result<Option<()>, RuntimeError>) {
@@ -833,8 +833,8 @@ impl<T: Transport> Collectives<T> {
         }
         let plan = mesh::Plan {
             segs,
-            len: buf.bytes().len() / buf.elem().unwrap_or_default().size(),
-            elem: buf.elem().unwrap_or_default(),
+            len: buf.bytes().len() / elem.size(),
+            elem,
             phases,
             round: self.mesh_round(),
         };
@@ -877,7 +877,7 @@ impl<T: Transport> Collectives<T> {
         buf: &mut Vec<V>,
     ) -> Result<(), RuntimeError> {
         let (back, res) = self.reduce_buf(r, V::wrap(std::mem::take(buf)));
-        *buf = V::unwrap(back);
+        *buf = V::into_vec(back);
         res
     }
 
@@ -888,7 +888,9 @@ impl<T: Transport> Collectives<T> {
         let Some(elem) = buf.elem() else {
             let e = RuntimeError::InvalidArgument {
                 op: r.op(),
-                reason: "a reducing collective takes a buffer of f32 or i64 values".into(),
+                reason: "allreduce, reduce-scatter and allgather take a buffer of f32 or i64 \
+                         values"
+                    .into(),
             };
             return (buf, Err(e));
         };
@@ -903,7 +905,7 @@ impl<T: Transport> Collectives<T> {
             }
         };
         let phases = r.phases();
-        let (buf, res) = self.run_mesh(r.op(), buf, &segs, phases);
+        let (buf, res) = self.run_mesh(r.op(), (buf, elem), &segs, phases);
         match res {
             Ok(Some(())) => return (buf, Ok(())),
             Err(e) => return (buf, Err(e)),

@@ -133,8 +133,8 @@ struct Mesh<'a, T: Transport> {
     op: &'static str,
     seq: u16,
     timeout: Duration,
-    /// The buffer's length in bytes, which every rank announces: a peer with another length
-    /// (or another type of values) breaks the group.
+    /// The buffer's length in bytes, which every rank announces: a peer with another length in
+    /// bytes breaks the group.
     bytes: usize,
     elem: Elem,
     peers: Vec<Rank>,
@@ -175,7 +175,8 @@ pub(super) fn run<T: Transport>(
         return Err(RuntimeError::InvalidArgument {
             op,
             reason: format!(
-                "{} rounds exceed what a collective may use; raise chunk_bytes or bcast_slots",
+                "{} rounds exceed what a collective may use; raise mesh_round_bytes (at most half \
+                 of chunk_bytes x bcast_slots)",
                 rounds.count()
             ),
         });

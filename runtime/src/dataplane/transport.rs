@@ -100,14 +100,14 @@ pub trait Values: Sized + Send + 'static {
     fn wrap(v: Vec<Self>) -> OpBuf;
     /// The vector back; empty when `b` holds another type (never, for a buffer this type
     /// wrapped).
-    fn unwrap(b: OpBuf) -> Vec<Self>;
+    fn into_vec(b: OpBuf) -> Vec<Self>;
 }
 
 impl Values for f32 {
     fn wrap(v: Vec<f32>) -> OpBuf {
         OpBuf::F32(v)
     }
-    fn unwrap(b: OpBuf) -> Vec<f32> {
+    fn into_vec(b: OpBuf) -> Vec<f32> {
         match b {
             OpBuf::F32(v) => v,
             _ => Vec::new(),
@@ -119,7 +119,7 @@ impl Values for i64 {
     fn wrap(v: Vec<i64>) -> OpBuf {
         OpBuf::I64(v)
     }
-    fn unwrap(b: OpBuf) -> Vec<i64> {
+    fn into_vec(b: OpBuf) -> Vec<i64> {
         match b {
             OpBuf::I64(v) => v,
             _ => Vec::new(),

@@ -147,7 +147,7 @@ impl UcxGroup {
     ) -> Result<(), RuntimeError> {
         match self.call(op, Cmd::Reduce(r, V::wrap(std::mem::take(buf))))? {
             Reply::Values(b, res) => {
-                *buf = V::unwrap(b);
+                *buf = V::into_vec(b);
                 res
             }
             _ => Err(gone(op, self.generation)),
