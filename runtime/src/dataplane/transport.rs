@@ -561,45 +561,35 @@ pub fn region_mut<'a>(
 /// given chunk in the same order (the ring's), and only the chunk's owner's result is kept,
 /// so the sum is bitwise identical everywhere.
 pub fn add_f32(dst: &mut [u8], src: &[u8]) {
-    debug_assert_eq!(dst.len(), src.len());
-    match (
-        bytemuck::try_cast_slice_mut::<u8, f32>(dst),
-        bytemuck::try_cast_slice::<u8, f32>(src),
-    ) {
-        (Ok(d), Ok(s)) => {
-            for (d, s) in d.iter_mut().zip(s) {
-                *d += *s;
-            }
-        }
-        // Misaligned staging memory: same arithmetic, byte-wise loads.
-        (Err(_), _) | (_, Err(_)) => {
-            for (d, s) in dst.chunks_exact_mut(4).zip(src.chunks_exact(4)) {
-                let v = f32::from_ne_bytes([d[0], d[1], d[2], d[3]])
-                    + f32::from_ne_bytes([s[0], s[1], s[2], s[3]]);
-                d.copy_from_slice(&v.to_ne_bytes());
-            }
-        }
-    }
+    add_each::<f32>(dst, src, |a, b| a + b);
 }
 
 /// `dst[i] = dst[i].wrapping_add(src[i])` over i64 values stored as native-endian bytes.
 pub fn add_i64(dst: &mut [u8], src: &[u8]) {
+    add_each::<i64>(dst, src, i64::wrapping_add);
+}
+
+/// `dst[i] = add(dst[i], src[i])` over values of `T` stored as native-endian bytes.
+fn add_each<T: bytemuck::Pod>(dst: &mut [u8], src: &[u8], add: impl Fn(T, T) -> T) {
     debug_assert_eq!(dst.len(), src.len());
     match (
-        bytemuck::try_cast_slice_mut::<u8, i64>(dst),
-        bytemuck::try_cast_slice::<u8, i64>(src),
+        bytemuck::try_cast_slice_mut::<u8, T>(dst),
+        bytemuck::try_cast_slice::<u8, T>(src),
     ) {
         (Ok(d), Ok(s)) => {
             for (d, s) in d.iter_mut().zip(s) {
-                *d = d.wrapping_add(*s);
+                *d = add(*d, *s);
             }
         }
         // Misaligned staging memory: same arithmetic, byte-wise loads.
         (Err(_), _) | (_, Err(_)) => {
-            for (d, s) in dst.chunks_exact_mut(8).zip(src.chunks_exact(8)) {
-                let a = i64::from_ne_bytes(d.try_into().unwrap_or([0; 8]));
-                let b = i64::from_ne_bytes(s.try_into().unwrap_or([0; 8]));
-                d.copy_from_slice(&a.wrapping_add(b).to_ne_bytes());
+            let n = std::mem::size_of::<T>();
+            for (d, s) in dst.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
+                let v = add(
+                    bytemuck::pod_read_unaligned(d),
+                    bytemuck::pod_read_unaligned(s),
+                );
+                d.copy_from_slice(bytemuck::bytes_of(&v));
             }
         }
     }
