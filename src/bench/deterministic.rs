@@ -3,8 +3,7 @@
 //! false and true in alternating order, both with one libtorch thread per rank (deterministic
 //! mode's), and the median step time of each.
 
-use super::launched::{common, launch, Run};
-use crate::train::median;
+use super::launched::{common, in_turns, median_of, Run};
 use anyhow::Result;
 use std::path::Path;
 
@@ -22,27 +21,17 @@ pub fn compare(
     common.retain(|o| !o.starts_with("train.threads="));
     common.push(format!("train.threads={world}"));
     let skip = 10usize.min(steps as usize / 2);
-    let mut by_mode: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
-    for r in 0..runs {
-        let order = if r % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for det in order {
-            let variant = [format!("train.deterministic={det}")];
-            let run = launch(config, &common, &variant, world, skip)?;
-            outln!(
-                "run {} train.deterministic={det}: median step {:.2} ms, final train loss {:.4}",
-                r + 1,
-                run.step_ms,
-                run.loss
-            );
-            by_mode[usize::from(det)].push(run);
-        }
-    }
-    let med =
-        |d: usize, f: fn(&Run) -> f64| median(&mut by_mode[d].iter().map(f).collect::<Vec<f64>>());
+    let job = (config, common.as_slice(), world, skip);
+    let modes = ("train.deterministic", ["false", "true"]);
+    let by_mode = in_turns(job, modes, runs, |r, d, run: &Run| {
+        outln!(
+            "run {r} train.deterministic={}: median step {:.2} ms, final train loss {:.4}",
+            d == 1,
+            run.step_ms,
+            run.loss
+        );
+    })?;
+    let med = |d: usize, f: fn(&Run) -> f64| median_of(&by_mode[d], f);
     let (default, det) = (med(0, |r| r.step_ms), med(1, |r| r.step_ms));
     outln!(
         "median over {runs} runs of {steps} steps on {world} ranks, 1 thread each: default \

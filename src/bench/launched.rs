@@ -89,3 +89,35 @@ pub fn common(overrides: &[String], compared: &str, steps: u64) -> Vec<String> {
     ]);
     common
 }
+
+/// Runs the job with the `key=value0` and `key=value1` variants `runs` times each, in
+/// alternating order (value0 first in odd runs) so that the machine's drift falls on both,
+/// saying each run with `say(run, variant, figures)`. Every run's figures, by variant.
+pub fn in_turns(
+    (config, common, world, skip): (&Path, &[String], usize, usize),
+    (key, values): (&str, [&str; 2]),
+    runs: usize,
+    mut say: impl FnMut(usize, usize, &Run),
+) -> Result<[Vec<Run>; 2]> {
+    let mut by: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..runs {
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for v in order {
+            let run = launch(
+                config,
+                common,
+                &[format!("{key}={}", values[v])],
+                world,
+                skip,
+            )?;
+            say(r + 1, v, &run);
+            by[v].push(run);
+        }
+    }
+    Ok(by)
+}
+
+/// The median over `runs` of one figure.
+pub fn median_of(runs: &[Run], f: fn(&Run) -> f64) -> f64 {
+    crate::train::median(&mut runs.iter().map(f).collect::<Vec<f64>>())
+}

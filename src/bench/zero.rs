@@ -3,8 +3,7 @@
 //! in alternating order, each rank's training-state memory (what it recorded in
 //! `memory.jsonl`), its peak RSS, and the median step time.
 
-use super::launched::{common, launch, Run};
-use crate::train::median;
+use super::launched::{common, in_turns, median_of, Run};
 use anyhow::Result;
 use std::path::Path;
 
@@ -18,24 +17,17 @@ pub fn compare(
 ) -> Result<()> {
     let common = common(overrides, "train.zero", steps);
     let skip = 10usize.min(steps as usize / 2);
-    let mut by_zero: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
-    for r in 0..runs {
-        let order = if r % 2 == 0 { [0u8, 1] } else { [1, 0] };
-        for z in order {
-            let run = launch(config, &common, &[format!("train.zero={z}")], world, skip)?;
-            outln!(
-                "run {} train.zero={z}: median step {:.2} ms; per rank: optimizer {} KiB, replicas {} KiB, peak RSS {} MiB",
-                r + 1,
-                run.step_ms,
-                run.optimizer / 1024,
-                run.replicas / 1024,
-                run.rss_kib / 1024
-            );
-            by_zero[z as usize].push(run);
-        }
-    }
-    let med =
-        |z: usize, f: fn(&Run) -> f64| median(&mut by_zero[z].iter().map(f).collect::<Vec<f64>>());
+    let job = (config, common.as_slice(), world, skip);
+    let by_zero = in_turns(job, ("train.zero", ["0", "1"]), runs, |r, z, run: &Run| {
+        outln!(
+            "run {r} train.zero={z}: median step {:.2} ms; per rank: optimizer {} KiB, replicas {} KiB, peak RSS {} MiB",
+            run.step_ms,
+            run.optimizer / 1024,
+            run.replicas / 1024,
+            run.rss_kib / 1024
+        );
+    })?;
+    let med = |z: usize, f: fn(&Run) -> f64| median_of(&by_zero[z], f);
     let (rep, zero) = (med(0, |r| r.step_ms), med(1, |r| r.step_ms));
     let kib = |z: usize, f: fn(&Run) -> u64| by_zero[z].first().map_or(0, f) / 1024;
     outln!(
