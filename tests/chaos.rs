@@ -300,7 +300,9 @@ fn a_soak_from_a_scenario_file() {
         ),
     )
     .unwrap();
-    let ran = chaos_for(f.to_str().unwrap(), 3, 3500);
+    // Long enough that the last fault drawn (about 12 s in) strikes before the end: steps of
+    // this model take a few ms, fewer since ranks sum through shared memory.
+    let ran = chaos_for(f.to_str().unwrap(), 3, 6000);
     let c = &ran.report["chaos"];
     assert_eq!(c["passed"], true, "{c}");
     assert_eq!(c["scenario"], "soak-small", "{c}");
