@@ -19,7 +19,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use phalanx_proto::pb;
 use phalanx_runtime::coordinator::client;
-use phalanx_runtime::events::{Cleared, Event, FaultKind, Injected, LaunchedHost, Record};
+use phalanx_runtime::events::{
+    append_lines, Cleared, Event, FaultKind, Injected, LaunchedHost, Record,
+};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,10 +59,7 @@ struct Worker {
 
 pub(crate) fn append_event(run_dir: &Path, event: Event) -> Result<()> {
     let line = Record::now(event).to_line();
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(run_dir.join("events.jsonl"))?;
+    let mut f = append_lines(&run_dir.join("events.jsonl"))?;
     // One write per line: the coordinator appends to the same file.
     f.write_all(format!("{line}\n").as_bytes())?;
     Ok(())

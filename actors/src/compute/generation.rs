@@ -112,11 +112,8 @@ impl<'a> Loop<'a> {
         let plan = sh
             .loader
             .set_plan(rank.0 as usize, mine.clone(), s.trainer.step, p.max_steps);
-        let mut metrics = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p.run_dir.join("metrics.jsonl"))
-            .map_err(|source| ActorError::Io {
+        let mut metrics =
+            append_lines(&p.run_dir.join("metrics.jsonl")).map_err(|source| ActorError::Io {
                 what: format!("cannot open {}/metrics.jsonl", p.run_dir.display()),
                 source,
             })?;

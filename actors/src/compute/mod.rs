@@ -22,7 +22,7 @@ use phalanx_model::optim::lr_at;
 use phalanx_model::trainer::val_ids;
 use phalanx_proto::pb;
 use phalanx_runtime::dataplane::Group;
-use phalanx_runtime::events::unix_ms;
+use phalanx_runtime::events::{append_lines, unix_ms};
 use phalanx_runtime::metrics::{
     FinalLine, MetricLine, ResumeLine, RollbackCause, RollbackLine, StepLine,
 };

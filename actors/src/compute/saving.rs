@@ -38,11 +38,7 @@ impl<'a> Loop<'a> {
             what: format!("cannot append to {}", path.display()),
             source,
         };
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io)?;
+        let mut f = append_lines(&path).map_err(io)?;
         // One write per line: every rank appends to this file at the same moment.
         let line = json!({"member": member, "rank": rank.0, "generation": generation.0,
                           "step": s.trainer.step, "state_sha256": fp});
@@ -254,11 +250,8 @@ impl Loop<'_> {
         };
         let path = self.sh.params.run_dir.join("memory.jsonl");
         let text = serde_json::to_string(&line).expect("a memory line serializes");
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| f.write_all(format!("{text}\n").as_bytes()));
+        let written =
+            append_lines(&path).and_then(|mut f| f.write_all(format!("{text}\n").as_bytes()));
         if let Err(e) = written {
             warn!(error = %e, path = %path.display(), "cannot record this rank's memory");
         }

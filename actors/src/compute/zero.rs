@@ -329,10 +329,7 @@ impl Loop<'_> {
             cause,
         });
         let path = self.sh.params.run_dir.join("metrics.jsonl");
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
+        let written = append_lines(&path)
             .and_then(|mut f| f.write_all(format!("{}\n", line.to_line()).as_bytes()));
         if let Err(e) = written {
             warn!(error = %e, path = %path.display(), "cannot record the return to the checkpoint");

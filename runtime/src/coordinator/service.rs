@@ -1257,14 +1257,10 @@ pub fn load_shared(opts: &ServiceOpts) -> Result<Arc<Shared>, RuntimeError> {
                     reason: e.to_string(),
                 })?;
             }
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|e| RuntimeError::EventLog {
-                    path: p.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+            let f = crate::events::append_lines(p).map_err(|e| RuntimeError::EventLog {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })?;
             Some(BufWriter::new(f))
         }
         None => None,

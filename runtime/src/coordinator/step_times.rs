@@ -19,10 +19,7 @@ impl StepTimes {
     /// Appends to `path`; without one (or if it cannot be opened) records nothing.
     pub fn open(path: Option<&Path>) -> StepTimes {
         let out = path.and_then(|p| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
+            crate::events::append_lines(p)
                 .map_err(|e| warn!(path = %p.display(), error = %e, "no step_times.jsonl"))
                 .ok()
         });
