@@ -125,6 +125,8 @@ pub struct TrainSection {
     pub max_steps: u64,
     pub seed: u64,
     pub threads: usize,
+    /// A rank's micro-batches side by side, one per thread (`phalanx_model::lanes`).
+    pub lanes: bool,
     pub device: String,
     pub eval_interval: u64,
     pub eval_sequences: usize,
@@ -142,6 +144,7 @@ impl Default for TrainSection {
             max_steps: 2000,
             seed: 1337,
             threads: 0,
+            lanes: true,
             device: "auto".into(),
             eval_interval: 500,
             eval_sequences: 200,

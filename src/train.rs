@@ -44,6 +44,7 @@ pub fn setup(cfg: &TrainConfig) -> phalanx_model::Result<Setup> {
         data_dir: &cfg.data.dir,
         device: &cfg.train.device,
         threads: cfg.train.threads,
+        lanes: cfg.train.lanes,
         seed: cfg.train.seed,
         global_batch: cfg.train.global_batch,
         micro_batch: cfg.train.micro_batch,

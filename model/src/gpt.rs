@@ -186,6 +186,24 @@ impl Params {
         });
     }
 
+    /// Another handle on the same parameters (the same autograd leaves), for a thread of its
+    /// own: tensors are not shared between threads, handles on them are.
+    fn shallow(&self) -> Params {
+        let all = |v: &[Tensor]| v.iter().map(Tensor::shallow_clone).collect();
+        Params {
+            flat: self.flat.shallow_clone(),
+            specs: self.specs.clone(),
+            views: all(&self.views),
+            grads: self.grads.shallow_clone(),
+            n_decay: self.n_decay,
+        }
+    }
+
+    /// The parameters as the tensors autograd differentiates with respect to.
+    pub fn leaves(&self) -> &[Tensor] {
+        &self.views
+    }
+
     pub fn zero_grads(&self) {
         tch::no_grad(|| {
             for v in &self.views {
@@ -373,6 +391,20 @@ impl Gpt {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The same model for another thread: handles on the same parameters, so gradients taken
+    /// there are with respect to this model's parameters.
+    pub fn lane(&self) -> Gpt {
+        Gpt {
+            cfg: self.cfg.clone(),
+            params: self.params.shallow(),
+            device: self.device,
+            rope: self
+                .rope
+                .as_ref()
+                .map(|(c, s)| (c.shallow_clone(), s.shallow_clone())),
+        }
     }
 
     pub fn num_params(&self) -> i64 {

@@ -16,6 +16,7 @@ pub mod error;
 pub mod export;
 pub mod gpt;
 pub mod io;
+pub mod lanes;
 pub mod optim;
 pub mod prepare;
 pub mod sampler;

@@ -27,6 +27,8 @@ pub struct SetupSpec<'a> {
     pub device: &'a str,
     /// 0 = one per core.
     pub threads: usize,
+    /// Micro-batches side by side, one per thread (`crate::lanes`).
+    pub lanes: bool,
     pub seed: u64,
     pub global_batch: usize,
     pub micro_batch: usize,
@@ -58,7 +60,8 @@ impl Setup {
         }
         let sampler = Sampler::new(spec.seed, n, spec.global_batch, spec.micro_batch)?;
         let model = Gpt::new(&mcfg, device, spec.seed as i64)?;
-        let trainer = Trainer::new(model, spec.optim.clone());
+        let mut trainer = Trainer::new(model, spec.optim.clone());
+        trainer.use_threads(threads, spec.lanes);
         Ok(Setup {
             ds,
             trainer,

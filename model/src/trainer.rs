@@ -3,6 +3,7 @@
 
 use crate::data::TokenFile;
 use crate::gpt::Gpt;
+use crate::lanes::{Lanes, Plan};
 use crate::optim::{AdamW, OptimConfig};
 use crate::sampler::{mix64, permute};
 use tch::{Device, Kind, Tensor};
@@ -65,6 +66,13 @@ pub struct Trainer {
     pub optim: OptimConfig,
     /// Steps committed so far (the next step to run).
     pub step: u64,
+    /// libtorch threads of this rank, and whether its micro-batches may be computed side by
+    /// side on them (see `use_threads`).
+    threads: usize,
+    lanes_allowed: bool,
+    lanes: Lanes,
+    /// libtorch's threads now: a step with lanes runs everything at the lanes' count.
+    intra: std::cell::Cell<usize>,
 }
 
 /// What a step's local half computed: the mean loss of its micro-batches, and whether the loss
@@ -83,6 +91,30 @@ impl Trainer {
             opt,
             optim,
             step: 0,
+            threads: 1,
+            lanes_allowed: false,
+            lanes: Lanes::default(),
+            intra: std::cell::Cell::new(0),
+        }
+    }
+
+    /// This rank's `threads` (libtorch's are set to them), and whether several micro-batches
+    /// may be computed at once, one lane per thread (`lanes`). A model with dropout runs one
+    /// lane: its masks come from libtorch's one generator, whose draws would interleave across
+    /// lanes, and a run would no longer repeat itself.
+    pub fn use_threads(&mut self, threads: usize, lanes: bool) {
+        self.threads = threads.max(1);
+        self.lanes_allowed = lanes && self.model.cfg.dropout == 0.0;
+        self.set_intra(self.threads);
+    }
+
+    /// Sets libtorch's threads only when they change: a change resizes its thread team, which
+    /// measured here costs more per step than the lanes gain (and the optimizer's small passes
+    /// run as fast on one thread as on two).
+    fn set_intra(&self, n: usize) {
+        if self.intra.get() != n {
+            tch::set_num_threads(n as i32);
+            self.intra.set(n);
         }
     }
 
@@ -90,14 +122,26 @@ impl Trainer {
     /// micro-batch's mean loss is weighted by `1 / total_micro_batches` (the count over all
     /// ranks), so that summing the ranks' gradients gives the global-batch mean exactly however
     /// unevenly the micro-batches are split. Returns the mean loss of these micro-batches.
+    ///
+    /// With several threads and micro-batches, the micro-batches are computed side by side,
+    /// one lane per thread (`lanes`).
     pub fn accumulate(&mut self, batches: &[(Tensor, Tensor)], total_micro_batches: usize) -> f64 {
         let scale = 1.0 / total_micro_batches as f64;
-        let mut sum = Tensor::zeros([], (Kind::Float, self.model.device()));
-        for (x, y) in batches {
-            let loss = self.model.loss(x, y, true);
-            (&loss * scale).backward();
-            sum += loss.detach();
+        let plan = Plan::of(self.threads, batches.len(), self.lanes_allowed);
+        if self.lanes_allowed {
+            self.set_intra(plan.intra_threads);
         }
+        let sum = if plan.lanes > 1 {
+            self.lanes.accumulate(&self.model, batches, scale, plan)
+        } else {
+            let mut sum = Tensor::zeros([], (Kind::Float, self.model.device()));
+            for (x, y) in batches {
+                let loss = self.model.loss(x, y, true);
+                (&loss * scale).backward();
+                sum += loss.detach();
+            }
+            sum
+        };
         sum.double_value(&[]) / batches.len().max(1) as f64
     }
 
@@ -197,6 +241,10 @@ impl Trainer {
         ids: &[u64],
         micro_batch: usize,
     ) -> f64 {
+        if self.lanes_allowed {
+            // One micro-batch at a time: on every thread.
+            self.set_intra(self.threads);
+        }
         tch::no_grad(|| {
             ids.chunks(micro_batch.max(1))
                 .map(|c| {
@@ -330,6 +378,58 @@ mod tests {
         b.accumulate(&mb[3..], 4);
         let summed = a.flat_grads().copy() + b.flat_grads().copy();
         assert!(summed.allclose(&g_full, 1e-5, 1e-6, false));
+    }
+
+    // D-3 with lanes: micro-batches computed side by side (4 over 2 lanes, 3 over 2, 5 over 3)
+    // give the one-after-another gradient and loss up to summation order, on both
+    // architectures, and the same lanes give the same bits run after run.
+    #[test]
+    fn lanes_give_the_sequential_gradient_and_repeat_themselves() {
+        for arch in [crate::config::Arch::Gpt, crate::config::Arch::Llama] {
+            let cfg = ModelConfig {
+                arch,
+                vocab_size: 23,
+                block_size: 8,
+                n_layer: 1,
+                n_head: 2,
+                n_embd: 16,
+                ..ModelConfig::preset("tiny").unwrap()
+            };
+            let fresh = |threads: usize| {
+                let mut t = Trainer::new(
+                    Gpt::new(&cfg, Device::Cpu, 5).unwrap(),
+                    OptimConfig::default(),
+                );
+                t.use_threads(threads, true);
+                t
+            };
+            let x = Tensor::arange(5 * 8, (Kind::Int64, Device::Cpu))
+                .remainder(23)
+                .view([5, 8]);
+            let y = (&x * 7 + 3).remainder(23);
+            let mb: Vec<_> = (0..5)
+                .map(|i| (x.narrow(0, i, 1), y.narrow(0, i, 1)))
+                .collect();
+            for (n, threads) in [(4, 2), (3, 2), (5, 3)] {
+                let mut one = fresh(1);
+                let l1 = one.accumulate(&mb[..n], 5);
+                let g1 = one.flat_grads().copy();
+                let mut side = fresh(threads);
+                let l2 = side.accumulate(&mb[..n], 5);
+                let g2 = side.flat_grads().copy();
+                assert!((l1 - l2).abs() < 1e-6, "{arch:?} {n}: loss {l1} vs {l2}");
+                assert!(
+                    g1.allclose(&g2, 1e-5, 1e-7, false),
+                    "{arch:?} {n} micro-batches"
+                );
+                let mut again = fresh(threads);
+                again.accumulate(&mb[..n], 5);
+                assert!(
+                    again.flat_grads().equal(&g2),
+                    "{arch:?} {n}: lanes not repeatable"
+                );
+            }
+        }
     }
 
     // T-2: a non-finite gradient leaves parameters and optimizer state untouched.
