@@ -172,12 +172,13 @@ pub fn run(v: &Versus) -> Result<()> {
             (v.phalanx()?, b)
         };
         outln!(
-            "run {}: phalanx {:.0} tokens/s (loss {:.4}), {what} {:.0} tokens/s (loss {:.4})",
+            "run {}: phalanx {:.0} tokens/s (loss {:.4}), {what} {:.0} tokens/s (loss {:.4}): {:.2}x",
             r + 1,
             a.tokens_per_s,
             a.loss,
             b.tokens_per_s,
-            b.loss
+            b.loss,
+            a.tokens_per_s / b.tokens_per_s
         );
         ours.push(a);
         theirs.push(b);
@@ -189,9 +190,19 @@ pub fn run(v: &Versus) -> Result<()> {
         med(&theirs, |f| f.tokens_per_s),
     );
     let (ol, tl) = (med(&ours, |f| f.loss), med(&theirs, |f| f.loss));
+    // Each run's two sides ran back to back: the median of their ratios is blind to the
+    // machine's speed drifting between runs, which moves both medians here by up to a fifth.
+    let paired = median(
+        &mut ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| a.tokens_per_s / b.tokens_per_s)
+            .collect::<Vec<_>>(),
+    );
     outln!(
         "median over {} runs of {} steps on {} rank(s), {} thread(s) each: phalanx {ot:.0} \
-         tokens/s, {what} {tt:.0}: {:.2}x; final train loss {ol:.4} vs {tl:.4} ({:+.4})",
+         tokens/s, {what} {tt:.0}: {:.2}x (median of the runs' ratios {paired:.2}x); final \
+         train loss {ol:.4} vs {tl:.4} ({:+.4})",
         v.runs,
         v.steps,
         v.world,
