@@ -161,8 +161,10 @@ fn sigstop_rank_is_fenced_on(hosts: Hosts) {
             "20:1",
             "--stop-for-ms",
             "2500",
-            "train.max_steps=1500",
-            "optim.decay_steps=1500",
+            // Long enough that the job still runs when the stopped rank wakes (2.5 s in): two
+            // ranks of this model took 1.2-1.7 ms a step here, 1500 steps ended before it.
+            "train.max_steps=5000",
+            "optim.decay_steps=5000",
         ],
     );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
@@ -546,7 +548,9 @@ fn woken_worker_rejoins_as_a_spare() {
             bin()
                 .args(["worker", "--coordinator", &url, "--config"])
                 .arg(&cfg)
-                .args(["train.max_steps=600", "optim.decay_steps=600"])
+                // The survivor alone must still be training when the spare comes back (its
+                // micro-batches side by side, 550 steps took 0.8 s here).
+                .args(["train.max_steps=3000", "optim.decay_steps=3000"])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(d.path().join(format!("{name}.log"))).unwrap()),
         )
