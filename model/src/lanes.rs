@@ -180,47 +180,24 @@ mod tests {
     // Lanes take what threads and micro-batches allow, and share the threads out.
     #[test]
     fn a_plan_shares_threads_among_lanes() {
-        assert_eq!(
-            Plan::of(2, 4, true),
-            Plan {
-                lanes: 2,
-                intra_threads: 1
-            }
-        );
-        assert_eq!(
-            Plan::of(2, 1, true),
-            Plan {
-                lanes: 1,
-                intra_threads: 2
-            }
-        );
-        assert_eq!(
-            Plan::of(4, 2, true),
-            Plan {
-                lanes: 2,
-                intra_threads: 2
-            }
-        );
-        assert_eq!(
-            Plan::of(2, 4, false),
-            Plan {
-                lanes: 1,
-                intra_threads: 2
-            }
-        );
-        assert_eq!(
-            Plan::of(0, 0, true),
-            Plan {
-                lanes: 1,
-                intra_threads: 1
-            }
-        );
-        assert_eq!(
-            Plan::of(3, 2, true),
-            Plan {
-                lanes: 2,
-                intra_threads: 1
-            }
-        );
+        // (threads, micro-batches, allowed) -> (lanes, libtorch threads per lane)
+        for ((threads, mbs, allowed), (lanes, intra_threads)) in [
+            ((2, 4, true), (2, 1)),
+            ((2, 1, true), (1, 2)),
+            ((4, 2, true), (2, 2)),
+            ((2, 4, false), (1, 2)),
+            ((0, 0, true), (1, 1)),
+            ((3, 2, true), (2, 1)),
+        ] {
+            let want = Plan {
+                lanes,
+                intra_threads,
+            };
+            assert_eq!(
+                Plan::of(threads, mbs, allowed),
+                want,
+                "{threads} {mbs} {allowed}"
+            );
+        }
     }
 }

@@ -286,17 +286,21 @@ mod tests {
     use super::*;
     use crate::config::ModelConfig;
 
-    fn trainer() -> Trainer {
-        let cfg = ModelConfig {
+    fn small(arch: crate::config::Arch) -> ModelConfig {
+        ModelConfig {
+            arch,
             vocab_size: 23,
             block_size: 8,
             n_layer: 1,
             n_head: 2,
             n_embd: 16,
             ..ModelConfig::preset("tiny").unwrap()
-        };
+        }
+    }
+
+    fn trainer() -> Trainer {
         Trainer::new(
-            Gpt::new(&cfg, Device::Cpu, 5).unwrap(),
+            Gpt::new(&small(crate::config::Arch::Gpt), Device::Cpu, 5).unwrap(),
             OptimConfig::default(),
         )
     }
@@ -386,15 +390,7 @@ mod tests {
     #[test]
     fn lanes_give_the_sequential_gradient_and_repeat_themselves() {
         for arch in [crate::config::Arch::Gpt, crate::config::Arch::Llama] {
-            let cfg = ModelConfig {
-                arch,
-                vocab_size: 23,
-                block_size: 8,
-                n_layer: 1,
-                n_head: 2,
-                n_embd: 16,
-                ..ModelConfig::preset("tiny").unwrap()
-            };
+            let cfg = small(arch);
             let fresh = |threads: usize| {
                 let mut t = Trainer::new(
                     Gpt::new(&cfg, Device::Cpu, 5).unwrap(),
