@@ -215,6 +215,7 @@ mod tests {
         let fps = std::fs::read_to_string(job.run_dir.join("fingerprints.jsonl"))?;
         let last: Vec<serde_json::Value> = fps
             .lines()
+            .filter(|l| !l.trim().is_empty())
             .map(serde_json::from_str)
             .collect::<Result<_, _>>()?;
         let final_gen = last.iter().filter_map(|f| f["generation"].as_u64()).max();

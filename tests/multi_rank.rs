@@ -1043,8 +1043,11 @@ fn assert_flagged_within_five_steps(events: &[Value]) -> Value {
     // The recent steps' last entry is the flagged step; the slowdown began at their first slow
     // step under the quota.
     let first = flagged_at + 1 - window.len() as u64;
+    // A step under the quota (12% of a core) takes 4-5x its peers'; this shared machine's noise
+    // alone has reached 1.8x (a CI run took such a step, just after the quota was set but before
+    // it bit, for the onset), so the onset is the first step past 2.5x.
     let onset = (0..window.len())
-        .find(|&i| first + i as u64 >= at && window[i] > 1.75 * peers)
+        .find(|&i| first + i as u64 >= at && window[i] > 2.5 * peers)
         .map(|i| first + i as u64)
         .unwrap_or_else(|| panic!("no slow step under the quota in the flag's window: {flag}"));
     // Recent steps that open on a slow step after the quota may not hold the slowdown's start.

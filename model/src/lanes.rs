@@ -1,5 +1,5 @@
 //! Micro-batches side by side: a rank's micro-batches cut into contiguous runs ("lanes"), each
-//! computed on a thread of its own with one libtorch thread, instead of one micro-batch after
+//! computed on a thread of its own with its share of libtorch's threads, instead of one after
 //! another with every operator split over the threads. A small model's operators split that
 //! way leave the other threads waiting at barriers for much of the step; whole micro-batches
 //! side by side keep every core on its own work.
@@ -63,9 +63,10 @@ impl Plan {
 }
 
 impl Lanes {
-    /// Forward and backward of `batches` (each loss weighted by `scale`) in `plan.lanes` lanes:
-    /// the first accumulates into `model`'s gradients here, the others' gradients are added to
-    /// them afterwards. Returns the summed loss. A panic in a lane is raised here.
+    /// Forward and backward of `batches` (each loss weighted by `scale`) in up to `plan.lanes`
+    /// lanes of as even a share as they allow: the first accumulates into `model`'s gradients
+    /// here, the others' gradients are added to them afterwards. Returns the summed loss. A
+    /// panic in any lane is raised here once every lane has answered.
     pub fn accumulate(
         &mut self,
         model: &Gpt,
@@ -73,14 +74,15 @@ impl Lanes {
         scale: f64,
         plan: Plan,
     ) -> Tensor {
-        let per = batches.len().div_ceil(plan.lanes.max(1)).max(1);
-        let (mine, rest) = batches.split_at(per.min(batches.len()));
-        let runs: Vec<&[(Tensor, Tensor)]> = rest.chunks(per).collect();
-        while self.workers.len() < runs.len() {
+        let runs = even_runs(batches, plan.lanes);
+        let (mine, others) = runs
+            .split_first()
+            .map_or((&[][..], &[][..]), |(m, o)| (*m, o));
+        while self.workers.len() < others.len() {
             self.workers.push(Worker::start());
         }
-        for (w, run) in self.workers.iter().zip(&runs) {
-            let job = Job {
+        for (w, run) in self.workers.iter_mut().zip(others) {
+            w.give(Job {
                 model: model.lane(),
                 batches: run
                     .iter()
@@ -88,30 +90,50 @@ impl Lanes {
                     .collect(),
                 scale,
                 intra_threads: plan.intra_threads as i32,
-            };
-            w.jobs
-                .send(job)
-                .expect("a lane thread outlives its trainer");
+            });
         }
-        let mut sum = Tensor::zeros([], (Kind::Float, model.device()));
-        for (x, y) in mine {
-            let loss = model.loss(x, y, true);
-            (&loss * scale).backward();
-            sum += loss.detach();
-        }
-        // Every lane is waited for before a panic is raised: none is left computing on
-        // parameters the caller goes on to change.
-        let results: Vec<Done> = self.workers[..runs.len()]
+        let here = catch_unwind(AssertUnwindSafe(|| {
+            let mut sum = Tensor::zeros([], (Kind::Float, model.device()));
+            for (x, y) in mine {
+                let loss = model.loss(x, y, true);
+                (&loss * scale).backward();
+                sum += loss.detach();
+            }
+            sum
+        }));
+        // Every lane answers before anything is raised: none is left computing on parameters
+        // the caller goes on to change, and no answer is left queued for the next step.
+        let theirs: Vec<Done> = self.workers[..others.len()]
             .iter()
-            .map(|w| w.done.recv().expect("a lane thread answers every job"))
+            .map(|w| {
+                w.done
+                    .recv()
+                    .unwrap_or_else(|_| Err(Box::new("a lane thread died")))
+            })
             .collect();
-        for r in results {
+        let mut sum = here.unwrap_or_else(|p| std::panic::resume_unwind(p));
+        for r in theirs {
             let (loss, grads) = r.unwrap_or_else(|p| std::panic::resume_unwind(p));
             sum += loss;
             add_grads(model, &grads);
         }
         sum
     }
+}
+
+/// `batches` cut into at most `lanes` consecutive runs whose lengths differ by one at most,
+/// the longer first.
+fn even_runs(batches: &[(Tensor, Tensor)], lanes: usize) -> Vec<&[(Tensor, Tensor)]> {
+    let lanes = lanes.clamp(1, batches.len().max(1));
+    let (base, extra) = (batches.len() / lanes, batches.len() % lanes);
+    let mut at = 0;
+    (0..lanes)
+        .map(|i| {
+            let n = base + usize::from(i < extra);
+            at += n;
+            &batches[at - n..at]
+        })
+        .collect()
 }
 
 /// Adds a lane's gradients into the parameters' own.
@@ -133,10 +155,14 @@ impl Worker {
         std::thread::Builder::new()
             .name("phalanx-lane".into())
             .spawn(move || {
-                // Ends when the trainer (the sender) is dropped.
+                // libtorch's thread count is this thread's own: set when it changes only.
+                let mut intra = 0;
                 while let Ok(job) = inbox.recv() {
-                    tch::set_num_threads(job.intra_threads);
                     let r = catch_unwind(AssertUnwindSafe(|| {
+                        if job.intra_threads != intra {
+                            tch::set_num_threads(job.intra_threads);
+                            intra = job.intra_threads;
+                        }
                         lane_grads(&job.model, &job.batches, job.scale)
                     }));
                     if outbox.send(r).is_err() {
@@ -147,35 +173,72 @@ impl Worker {
             .expect("cannot start a lane thread");
         Worker { jobs, done }
     }
+
+    /// Hands `job` to the lane's thread, started anew if it has gone.
+    fn give(&mut self, job: Job) {
+        if let Err(back) = self.jobs.send(job) {
+            *self = Worker::start();
+            let _ = self.jobs.send(back.0);
+        }
+    }
 }
 
 /// One lane's micro-batches: their summed loss and their gradient, kept apart from the
 /// parameters' own (the first lane accumulates into those meanwhile).
 fn lane_grads(model: &Gpt, batches: &[(Tensor, Tensor)], scale: f64) -> (Tensor, Vec<Tensor>) {
     let mut sum = Tensor::zeros([], (Kind::Float, model.device()));
-    let mut acc: Option<Vec<Tensor>> = None;
+    let mut acc: Vec<Tensor> = Vec::new();
     for (x, y) in batches {
         let loss = model.loss(x, y, true);
         let grads = Tensor::run_backward(&[&loss * scale], model.params.leaves(), false, false);
         sum += loss.detach();
-        acc = Some(match acc {
-            None => grads,
-            Some(mut a) => {
-                tch::no_grad(|| {
-                    for (a, g) in a.iter_mut().zip(&grads) {
-                        *a += g;
-                    }
-                });
-                a
+        if acc.is_empty() {
+            acc = grads;
+            continue;
+        }
+        // Out of place: a gradient autograd hands back may be a view that cannot take an
+        // in-place add; one that is undefined (a parameter the loss does not use) adds nothing.
+        tch::no_grad(|| {
+            for (a, g) in acc.iter_mut().zip(&grads) {
+                match (a.defined(), g.defined()) {
+                    (true, true) => *a = &*a + g,
+                    (false, true) => *a = g.shallow_clone(),
+                    _ => {}
+                }
             }
         });
     }
-    (sum, acc.unwrap_or_default())
+    (sum, acc)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Runs are consecutive, cover every micro-batch once, and differ in length by one at most
+    // (5 over 4 lanes: 2, 1, 1, 1, not 2, 2, 1 on 3 lanes with a thread idle).
+    #[test]
+    fn runs_are_even_and_in_order() {
+        let b: Vec<(Tensor, Tensor)> = (0..5)
+            .map(|i| (Tensor::from(i as i64), Tensor::from(0i64)))
+            .collect();
+        for (lanes, want) in [
+            (4, vec![2, 1, 1, 1]),
+            (2, vec![3, 2]),
+            (1, vec![5]),
+            (9, vec![1, 1, 1, 1, 1]),
+            (0, vec![5]),
+        ] {
+            let runs = even_runs(&b, lanes);
+            assert_eq!(runs.iter().map(|r| r.len()).collect::<Vec<_>>(), want);
+            let order: Vec<i64> = runs
+                .iter()
+                .flat_map(|r| r.iter().map(|(x, _)| x.int64_value(&[])))
+                .collect();
+            assert_eq!(order, vec![0, 1, 2, 3, 4]);
+        }
+        assert!(even_runs(&b[..0], 2).iter().all(|r| r.is_empty()));
+    }
 
     // Lanes take what threads and micro-batches allow, and share the threads out.
     #[test]

@@ -62,6 +62,8 @@ impl Setup {
         let model = Gpt::new(&mcfg, device, spec.seed as i64)?;
         let mut trainer = Trainer::new(model, spec.optim.clone());
         trainer.use_threads(threads, spec.lanes);
+        // One process computes them all; a rank of a job plans again for its group's shares.
+        trainer.plan_lanes(sampler.micro_batches_per_step());
         Ok(Setup {
             ds,
             trainer,

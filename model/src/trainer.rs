@@ -71,7 +71,9 @@ pub struct Trainer {
     threads: usize,
     lanes_allowed: bool,
     lanes: Lanes,
-    /// libtorch's threads now: a step with lanes runs everything at the lanes' count.
+    /// How micro-batches are spread over the threads until `plan_lanes` is called again.
+    plan: Plan,
+    /// libtorch's threads now: a step with lanes runs everything at the plan's count.
     intra: std::cell::Cell<usize>,
 }
 
@@ -91,28 +93,41 @@ impl Trainer {
             opt,
             optim,
             step: 0,
-            threads: 1,
+            threads: 0,
             lanes_allowed: false,
             lanes: Lanes::default(),
+            plan: Plan::of(1, 1, false),
             intra: std::cell::Cell::new(0),
         }
     }
 
     /// This rank's `threads` (libtorch's are set to them), and whether several micro-batches
-    /// may be computed at once, one lane per thread (`lanes`). A model with dropout runs one
-    /// lane: its masks come from libtorch's one generator, whose draws would interleave across
-    /// lanes, and a run would no longer repeat itself.
+    /// may be computed at once, one lane per thread or group of threads (`lanes`, on CPU only:
+    /// on a GPU the lanes would share one device and each hold its own activations). A model
+    /// with dropout runs one lane: its masks come from libtorch's one generator, whose draws
+    /// would interleave across lanes, and a run would no longer repeat itself.
     pub fn use_threads(&mut self, threads: usize, lanes: bool) {
         self.threads = threads.max(1);
-        self.lanes_allowed = lanes && self.model.cfg.dropout == 0.0;
-        self.set_intra(self.threads);
+        self.lanes_allowed =
+            lanes && self.model.cfg.dropout == 0.0 && self.model.device() == Device::Cpu;
+        self.plan_lanes(1);
+    }
+
+    /// Plans the lanes for up to `micro_batches` per step. Every rank of a group must plan for
+    /// the same count (the largest share of any): the plan sets the threads the optimizer runs
+    /// on, and the gradient norm and the update differ in their last bits between thread
+    /// counts, which would set replicas apart.
+    pub fn plan_lanes(&mut self, micro_batches: usize) {
+        self.plan = Plan::of(self.threads, micro_batches, self.lanes_allowed);
+        self.set_intra(self.plan.intra_threads);
     }
 
     /// Sets libtorch's threads only when they change: a change resizes its thread team, which
     /// measured here costs more per step than the lanes gain (and the optimizer's small passes
     /// run as fast on one thread as on two).
     fn set_intra(&self, n: usize) {
-        if self.intra.get() != n {
+        // A trainer never told its threads (`use_threads`) leaves libtorch's as they are.
+        if self.threads > 0 && self.intra.get() != n {
             tch::set_num_threads(n as i32);
             self.intra.set(n);
         }
@@ -127,12 +142,11 @@ impl Trainer {
     /// one lane per thread (`lanes`).
     pub fn accumulate(&mut self, batches: &[(Tensor, Tensor)], total_micro_batches: usize) -> f64 {
         let scale = 1.0 / total_micro_batches as f64;
-        let plan = Plan::of(self.threads, batches.len(), self.lanes_allowed);
-        if self.lanes_allowed {
-            self.set_intra(plan.intra_threads);
-        }
-        let sum = if plan.lanes > 1 {
-            self.lanes.accumulate(&self.model, batches, scale, plan)
+        // Evaluation may have run on every thread since.
+        self.set_intra(self.plan.intra_threads);
+        let sum = if self.plan.lanes > 1 && batches.len() > 1 {
+            self.lanes
+                .accumulate(&self.model, batches, scale, self.plan)
         } else {
             let mut sum = Tensor::zeros([], (Kind::Float, self.model.device()));
             for (x, y) in batches {
@@ -241,10 +255,8 @@ impl Trainer {
         ids: &[u64],
         micro_batch: usize,
     ) -> f64 {
-        if self.lanes_allowed {
-            // One micro-batch at a time: on every thread.
-            self.set_intra(self.threads);
-        }
+        // One micro-batch at a time: on every thread.
+        self.set_intra(self.threads);
         tch::no_grad(|| {
             ids.chunks(micro_batch.max(1))
                 .map(|c| {
@@ -384,19 +396,21 @@ mod tests {
         assert!(summed.allclose(&g_full, 1e-5, 1e-6, false));
     }
 
-    // D-3 with lanes: micro-batches computed side by side (4 over 2 lanes, 3 over 2, 5 over 3)
-    // give the one-after-another gradient and loss up to summation order, on both
-    // architectures, and the same lanes give the same bits run after run.
+    // D-3 with lanes: micro-batches computed side by side (4 over 2 lanes, 3 over 2, 5 over 3,
+    // 2 over 4 threads, 1 where the group's plan has 2) give the one-after-another gradient
+    // and loss up to summation order, on both architectures, and the same lanes give the same
+    // bits run after run.
     #[test]
     fn lanes_give_the_sequential_gradient_and_repeat_themselves() {
         for arch in [crate::config::Arch::Gpt, crate::config::Arch::Llama] {
             let cfg = small(arch);
-            let fresh = |threads: usize| {
+            let fresh = |threads: usize, planned: usize| {
                 let mut t = Trainer::new(
                     Gpt::new(&cfg, Device::Cpu, 5).unwrap(),
                     OptimConfig::default(),
                 );
                 t.use_threads(threads, true);
+                t.plan_lanes(planned);
                 t
             };
             let x = Tensor::arange(5 * 8, (Kind::Int64, Device::Cpu))
@@ -406,11 +420,12 @@ mod tests {
             let mb: Vec<_> = (0..5)
                 .map(|i| (x.narrow(0, i, 1), y.narrow(0, i, 1)))
                 .collect();
-            for (n, threads) in [(4, 2), (3, 2), (5, 3)] {
-                let mut one = fresh(1);
+            // (micro-batches here, threads, the group's largest share)
+            for (n, threads, planned) in [(4, 2, 4), (3, 2, 3), (5, 3, 5), (1, 2, 2), (2, 4, 4)] {
+                let mut one = fresh(1, n);
                 let l1 = one.accumulate(&mb[..n], 5);
                 let g1 = one.flat_grads().copy();
-                let mut side = fresh(threads);
+                let mut side = fresh(threads, planned);
                 let l2 = side.accumulate(&mb[..n], 5);
                 let g2 = side.flat_grads().copy();
                 assert!((l1 - l2).abs() < 1e-6, "{arch:?} {n}: loss {l1} vs {l2}");
@@ -418,7 +433,7 @@ mod tests {
                     g1.allclose(&g2, 1e-5, 1e-7, false),
                     "{arch:?} {n} micro-batches"
                 );
-                let mut again = fresh(threads);
+                let mut again = fresh(threads, planned);
                 again.accumulate(&mb[..n], 5);
                 assert!(
                     again.flat_grads().equal(&g2),

@@ -5,11 +5,13 @@ use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The lines of a finished JSONL file: it must exist and every line must parse.
+/// The lines of a finished JSONL file: it must exist and every line must parse (an empty one,
+/// left where a writer ended a line another was writing, is not a line).
 pub fn read_jsonl(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p)
         .unwrap()
         .lines()
+        .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }

@@ -109,6 +109,9 @@ impl<'a> Loop<'a> {
             .map(|r| split(r).map(|m| [m.start, m.end]))
             .collect::<Result<Vec<[usize; 2]>, _>>()?;
         let mine = split(rank.0 as usize)?;
+        // The same plan on every rank, from the largest share (see `plan_lanes`).
+        s.trainer
+            .plan_lanes(shares.iter().map(|r| r[1] - r[0]).max().unwrap_or(1));
         let plan = sh
             .loader
             .set_plan(rank.0 as usize, mine.clone(), s.trainer.step, p.max_steps);
