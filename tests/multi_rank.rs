@@ -1055,8 +1055,11 @@ fn assert_flagged_within_five_steps(events: &[Value]) -> Value {
         onset > first || first <= at,
         "the slowdown began before the flag's window: {flag}"
     );
+    // K-7's "within 5 steps": a quota that bites every other step (it refills each period)
+    // reaches straggler_severe_after_ms with its third slow step, the fifth after the first
+    // (a CI run: slow at steps 107, 110 and 112, flagged at 112).
     assert!(
-        flagged_at - onset < 5,
+        flagged_at - onset <= 5,
         "slowed from step {onset}, flagged at step {flagged_at}: {flag}"
     );
     assert!(
