@@ -92,15 +92,7 @@ impl Lanes {
                 intra_threads: plan.intra_threads as i32,
             });
         }
-        let here = catch_unwind(AssertUnwindSafe(|| {
-            let mut sum = Tensor::zeros([], (Kind::Float, model.device()));
-            for (x, y) in mine {
-                let loss = model.loss(x, y, true);
-                (&loss * scale).backward();
-                sum += loss.detach();
-            }
-            sum
-        }));
+        let here = catch_unwind(AssertUnwindSafe(|| backward_here(model, mine, scale)));
         // Every lane answers before anything is raised: none is left computing on parameters
         // the caller goes on to change, and no answer is left queued for the next step.
         let theirs: Vec<Done> = self.workers[..others.len()]
@@ -119,6 +111,18 @@ impl Lanes {
         }
         sum
     }
+}
+
+/// Forward and backward of `batches` one after another on this thread, accumulating into the
+/// parameters' gradients; their summed loss.
+pub fn backward_here(model: &Gpt, batches: &[(Tensor, Tensor)], scale: f64) -> Tensor {
+    let mut sum = Tensor::zeros([], (Kind::Float, model.device()));
+    for (x, y) in batches {
+        let loss = model.loss(x, y, true);
+        (&loss * scale).backward();
+        sum += loss.detach();
+    }
+    sum
 }
 
 /// `batches` cut into at most `lanes` consecutive runs whose lengths differ by one at most,

@@ -3,7 +3,7 @@
 
 use crate::data::TokenFile;
 use crate::gpt::Gpt;
-use crate::lanes::{Lanes, Plan};
+use crate::lanes::{backward_here, Lanes, Plan};
 use crate::optim::{AdamW, OptimConfig};
 use crate::sampler::{mix64, permute};
 use tch::{Device, Kind, Tensor};
@@ -148,13 +148,7 @@ impl Trainer {
             self.lanes
                 .accumulate(&self.model, batches, scale, self.plan)
         } else {
-            let mut sum = Tensor::zeros([], (Kind::Float, self.model.device()));
-            for (x, y) in batches {
-                let loss = self.model.loss(x, y, true);
-                (&loss * scale).backward();
-                sum += loss.detach();
-            }
-            sum
+            backward_here(&self.model, batches, scale)
         };
         sum.double_value(&[]) / batches.len().max(1) as f64
     }

@@ -118,6 +118,6 @@ pub fn in_turns(
 }
 
 /// The median over `runs` of one figure.
-pub fn median_of(runs: &[Run], f: fn(&Run) -> f64) -> f64 {
+pub fn median_of<T>(runs: &[T], f: fn(&T) -> f64) -> f64 {
     crate::train::median(&mut runs.iter().map(f).collect::<Vec<f64>>())
 }

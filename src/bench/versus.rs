@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::launched::median_of;
 use super::train::launch_failed;
 
 /// What one run reported: tokens/s over its median step, and its last training loss.
@@ -183,8 +184,7 @@ pub fn run(v: &Versus) -> Result<()> {
         ours.push(a);
         theirs.push(b);
     }
-    let med =
-        |v: &[Figures], f: fn(&Figures) -> f64| median(&mut v.iter().map(f).collect::<Vec<_>>());
+    let med = median_of::<Figures>;
     let (ot, tt) = (
         med(&ours, |f| f.tokens_per_s),
         med(&theirs, |f| f.tokens_per_s),
@@ -192,13 +192,8 @@ pub fn run(v: &Versus) -> Result<()> {
     let (ol, tl) = (med(&ours, |f| f.loss), med(&theirs, |f| f.loss));
     // Each run's two sides ran back to back: the median of their ratios is blind to the
     // machine's speed drifting between runs, which moves both medians here by up to a fifth.
-    let paired = median(
-        &mut ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| a.tokens_per_s / b.tokens_per_s)
-            .collect::<Vec<_>>(),
-    );
+    let pairs: Vec<(&Figures, &Figures)> = ours.iter().zip(&theirs).collect();
+    let paired = median_of(&pairs, |(a, b)| a.tokens_per_s / b.tokens_per_s);
     outln!(
         "median over {} runs of {} steps on {} rank(s), {} thread(s) each: phalanx {ot:.0} \
          tokens/s, {what} {tt:.0}: {:.2}x (median of the runs' ratios {paired:.2}x); final \
